@@ -1,0 +1,209 @@
+"""IR -> ``torch.fx.GraphModule``: one emitter per node kind.
+
+The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` and returns
+``(delta (T, d_out), aux)`` where ``aux`` is the site's summed aux loss (or ``None``).
+Its ``.code`` reads like the IR it came from.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ...errors import LoweringError
+from ...ir import (
+    AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, BlockRows, Columns, Concat, DenseSoftmax, Graph,
+    GroupedMix, Input, Jitter, Linear, OuterGate, ParamExpr, ParamRef, Pick, PoolMix, Route, SigmoidTopK,
+    SoftmaxTopK, TreeMix, TreePropagate, TreeRoute, format_expr,
+)
+from . import ops, ops_tree
+
+__all__ = ["lower", "counts_name"]
+
+
+def counts_name(balance: str) -> str:
+    """Name of the selection-count buffer of a balancing bias."""
+    return f"{balance}_counts"
+
+
+class _Ctx:
+    def __init__(self, graph: Graph):
+        self.ir = graph
+        self.g = fx.Graph()
+        self.env: dict[str, fx.Node] = {}
+        self.exprs: dict[ParamExpr, fx.Node] = {}
+        self.x = self.g.placeholder("x")
+        self.samples = self.g.placeholder("samples", default_value=None)
+        self._training: fx.Node | None = None
+        self._names: set[str] = set()
+
+    def call(self, fn: Callable, args: tuple, name: str) -> fx.Node:
+        base = name.replace(".", "_")
+        unique, i = base, 1
+        while unique in self._names:
+            unique, i = f"{base}_{i}", i + 1
+        self._names.add(unique)
+        return self.g.create_node("call_function", fn, args, {}, name=unique)
+
+    @property
+    def training(self) -> fx.Node:
+        if self._training is None:
+            self._training = self.g.get_attr("training")
+        return self._training
+
+    def item(self, node: fx.Node, i: int, name: str) -> fx.Node:
+        return self.call(operator.getitem, (node, i), name)
+
+    def expr(self, e: ParamExpr) -> fx.Node:
+        if e in self.exprs:
+            return self.exprs[e]
+        match e:
+            case ParamRef(name=n):
+                out = self.g.get_attr(n)
+            case BlockRows(src=s):
+                out = self.call(ops.block_rows, (self.expr(s),), f"rows_{format_expr(s)}")
+            case BlockColumns(src=s):
+                out = self.call(ops.block_columns, (self.expr(s),), f"cols_{format_expr(s)}")
+            case Pick(src=s, index=i):
+                out = self.item(self.expr(s), i, f"{format_expr(s)}_{i}")
+            case Concat(parts=ps, dim=d):
+                out = self.call(torch.cat, ([self.expr(p) for p in ps], d), "fused_weight")
+            case _:
+                raise LoweringError(f"no lowering for parameter expression {e!r}")
+        self.exprs[e] = out
+        return out
+
+    def opt(self, e: ParamExpr | None):
+        return None if e is None else self.expr(e)
+
+
+def _linear(c: _Ctx, n: Linear) -> fx.Node:
+    out = c.call(F.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
+    if n.scale != 1.0:
+        if n.bias is not None:
+            raise LoweringError(f"%{n.id}: a scaled linear with a bias is not lowered; fold the scale first")
+        out = c.call(operator.mul, (out, n.scale), f"{n.id}_scaled")
+    return out
+
+
+def _route(c: _Ctx, n: Route) -> fx.Node:
+    z = c.env[n.src]
+    g = n.gate
+    match g:
+        case SoftmaxTopK():
+            return c.call(ops.route_softmax_topk, (z, g.k, g.renormalize, g.temperature), n.id)
+        case DenseSoftmax():
+            return c.call(ops.route_dense, (z, g.temperature), n.id)
+        case SigmoidTopK():
+            return c.call(ops.route_sigmoid_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
+                                                   g.k, c.training), n.id)
+        case AbsTopK():
+            return c.call(ops.route_abs_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
+                                               g.k, c.training), n.id)
+    raise LoweringError(f"no lowering for gate {g!r}")
+
+
+def _gates(c: _Ctx, rid: str) -> fx.Node:
+    return c.item(c.env[rid], 0, f"{rid}_gates")
+
+
+def _pool(c: _Ctx, n) -> fx.Node:
+    args = (c.env[n.src], _gates(c, n.routing))
+    if isinstance(n, GroupedMix):
+        idx = c.item(c.env[n.routing], 2, f"{n.routing}_index")
+        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id)
+    return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
+
+
+def _tree_route(c: _Ctx, n: TreeRoute) -> fx.Node:
+    levels = [(c.expr(lv.keys), c.expr(lv.w1), c.expr(lv.b1), c.expr(lv.w2), c.expr(lv.b2), c.opt(lv.noise))
+              for lv in n.levels]
+    fanouts = [lv.fanout for lv in n.levels]
+    return c.call(ops_tree.tree_route, (c.env[n.src], levels, fanouts, n.gate, n.conventions,
+                                        n.query_activation, n.temperature, c.training,
+                                        c.g.get_attr("noise_generator")), n.id)
+
+
+def _tree(c: _Ctx, n) -> fx.Node:
+    route = c.env[n.routing]
+    if isinstance(n, TreeMix):
+        src = c.call(ops_tree.tree_down, (c.env[n.src], [c.expr(lv.a) for lv in n.levels],
+                                          [c.opt(lv.a_bias) for lv in n.levels]), f"{n.id}_down")
+    else:
+        src = c.env[n.src]
+    levels = [(c.expr(lv.b), c.opt(lv.b_bias), c.opt(lv.w), c.opt(lv.w_bias), lv.scale) for lv in n.levels]
+    return c.call(ops_tree.tree_propagate, (src, c.item(route, 0, f"{n.routing}_index"),
+                                            c.item(route, 1, f"{n.routing}_weights"), levels, n.activation), n.id)
+
+
+def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
+    route = c.env[n.routing]
+    if isinstance(c.ir.node(n.routing), TreeRoute):
+        parts = tuple(c.item(route, i, f"{n.id}_{i}") for i in range(3))
+        return c.call(ops_tree.tree_aux, parts + (n.kind, n.weight), n.id)
+    if n.kind == "switch_lb":
+        return c.call(ops.switch_lb, (_gates(c, n.routing), c.item(route, 1, f"{n.id}_probs"),
+                                      c.item(route, 2, f"{n.id}_index"), n.weight), n.id)
+    if n.kind == "cv2_importance_load":
+        return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight), n.id)
+    return c.call(ops.localized_balance, (c.item(route, 1, f"{n.id}_probs"), c.samples, n.weight,
+                                          n.delta, n.groups), n.id)
+
+
+_EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
+    Input: lambda c, n: c.x,
+    Linear: _linear,
+    Columns: lambda c, n: c.call(operator.getitem, (c.env[n.src], (slice(None), slice(n.start, n.stop))), n.id),
+    Add: lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id),
+    Jitter: lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training), n.id),
+    Route: _route,
+    PoolMix: _pool,
+    GroupedMix: _pool,
+    BlockGate: lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
+    OuterGate: lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id),
+    TreeRoute: _tree_route,
+    TreeMix: _tree,
+    TreePropagate: _tree,
+    AuxLoss: _aux,
+}
+
+
+class _Root(nn.Module):
+    """What the generated code reads through ``get_attr``: the stored tensors, the
+    selection-count buffers and the noise generator."""
+
+    def __init__(self, store: nn.Module, graph: Graph):
+        super().__init__()
+        for name, t in list(store.named_parameters(recurse=False)) + list(store.named_buffers(recurse=False)):
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(name, t)
+            else:
+                self.register_buffer(name, t)
+        for n in graph.nodes:
+            gate = getattr(n, "gate", None)
+            if isinstance(gate, (SigmoidTopK, AbsTopK)):
+                counts = torch.zeros(gate.balance.shape, dtype=torch.float32, device=getattr(store, gate.balance.name).device)
+                self.register_buffer(counts_name(gate.balance.name), counts, persistent=False)
+        self.noise_generator = None
+
+
+def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
+    """Emit ``graph`` as a GraphModule that reads its tensors from ``store``."""
+    c = _Ctx(graph)
+    for n in graph.nodes:
+        emit = _EMIT.get(type(n))
+        if emit is None:
+            raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "
+                                f"{graph.label}); supported: {', '.join(k.__name__ for k in _EMIT)}")
+        c.env[n.id] = emit(c, n)
+    aux = [c.env[a] for a in graph.aux]
+    total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))
+    c.g.output((c.env[graph.output], total))
+    root = _Root(store, graph)
+    gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
+    gm.noise_generator = None
+    return gm

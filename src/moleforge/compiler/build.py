@@ -1,0 +1,180 @@
+"""Spec -> IR: the graph of one adapter site, in its plain (unoptimised) form.
+
+Parameter names are stable and short (``A``, ``B``, ``router_w``, ``tree.A0`` ...): they are
+the keys of saved adapters, after the module path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import (
+    AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, DenseSoftmax, Graph, Input, Jitter, Linear,
+    ParamDecl, ParamRef, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeGateLevel, TreeLevelParams,
+    TreeMix, TreeRoute, BlockRows,
+)
+from ..specs import (
+    DenseRouter, ExpertPool, ImplicitTopKRouter, LoRA, RankPartition, ResidualTree, Shared,
+    SigmoidTopKRouter, SparseRandom, TopKRouter, lora_scale,
+)
+
+__all__ = ["SiteShape", "build_graph"]
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """What the compiler needs to know of a resolved site."""
+
+    label: str
+    d_in: int
+    d_out: int
+    experts: int | None = None
+    """Per-layer override of the pool size (MoLA)."""
+    rank: int | None = None
+
+
+class _Builder:
+    def __init__(self, shape: SiteShape):
+        self.shape = shape
+        self.nodes: list = [Input(id="x", width=shape.d_in, origin="input")]
+        self.params: list[ParamDecl] = []
+        self.aux: list[str] = []
+
+    def param(self, name: str, shape: tuple[int, ...], init: str, **kw) -> ParamRef:
+        self.params.append(ParamDecl(name=name, shape=tuple(shape), init=init, **kw))  # type: ignore[arg-type]
+        return ParamRef(name, tuple(shape))
+
+    def add(self, node) -> str:
+        self.nodes.append(node)
+        return node.id
+
+    def graph(self, output: str) -> Graph:
+        s = self.shape
+        return Graph(nodes=tuple(self.nodes), output=output, aux=tuple(self.aux), params=tuple(self.params),
+                     d_in=s.d_in, d_out=s.d_out, label=s.label)
+
+
+def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
+    """The plain IR of ``adapter`` on a linear of ``shape``."""
+    b = _Builder(shape)
+    match adapter:
+        case LoRA():
+            out = _lora(b, adapter, "", origin)
+        case RankPartition():
+            out = _pool(b, adapter.as_pool(), origin)
+        case ExpertPool():
+            out = _pool(b, adapter, origin)
+        case ResidualTree():
+            out = _tree(b, adapter, origin)
+        case _:
+            raise TypeError(f"no IR for adapter kind {type(adapter).__name__}")
+    return b.graph(out)
+
+
+def _lora(b: _Builder, spec: LoRA, prefix: str, origin: str) -> str:
+    d_in, d_out, r = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
+    A = b.param(f"{prefix}A", (r, d_in), "kaiming", fan_in=d_in)
+    B = b.param(f"{prefix}B", (d_out, r), "up")
+    h = b.add(Linear(id=f"{prefix}h", src="x", weight=A, origin=f"{origin}.down"))
+    s = lora_scale(spec.alpha, r, spec.scaling)
+    return b.add(Linear(id=f"{prefix}up", src=h, weight=B, scale=s, origin=f"{origin}.up"))
+
+
+def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
+    d_in, d_out = b.shape.d_in, b.shape.d_out
+    E = b.shape.experts or spec.experts
+    r = b.shape.rank or spec.rank
+    router = spec.router
+    k = getattr(router, "k", None)
+    active = (k or E) * r
+    scale = lora_scale(spec.alpha, r, spec.scaling, active=active, total=E * r)
+    Ea = 1 if isinstance(spec.down, Shared) else E
+    Eb = 1 if spec.up == "shared" else E
+    if isinstance(spec.down, SparseRandom):
+        A = b.param("A", (E, r, d_in), "sparse_random", trainable=False, buffer=True, density=spec.down.density)
+    else:
+        A = b.param("A", (Ea, r, d_in), "kaiming", fan_in=d_in)
+    B = b.param("B", (Eb, d_out, r), "up")
+    if isinstance(router, ImplicitTopKRouter):
+        # FlyLoRA: the down-projection output is the router input: no router GEMM.
+        bal = b.param("balance", (E,), "zero", trainable=False, buffer=True)
+        h = b.add(Linear(id="h", src="x", weight=BlockRows(A), origin=f"{origin}.down"))
+        route = b.add(Route(id="route", src=h, gate=AbsTopK(k=router.k, balance=bal), experts=E,
+                            origin=f"{origin}.router"))
+        g = b.add(BlockGate(id="gated", src=h, routing=route, rank=r, scale=scale, origin=origin))
+        out = b.add(Linear(id="mix", src=g, weight=BlockColumns(B), origin=f"{origin}.up"))
+    else:
+        route = _flat_router(b, router, E, origin)
+        out = b.add(PoolMix(id="mix", src="x", routing=route, a=A, b=B, scale=scale, origin=origin))
+    for i, aux in enumerate(spec.aux_losses):
+        b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
+                                   delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
+                                   origin=f"{origin}.aux_losses[{i}]")))
+    if spec.shared_expert is not None:
+        shared = _lora(b, spec.shared_expert, "shared_", f"{origin}.shared_expert")
+        out = b.add(Add(id="with_shared", srcs=(out, shared), origin=origin))
+    return out
+
+
+def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
+    d_in = b.shape.d_in
+    W = b.param("router_w", (E, d_in), "kaiming", fan_in=d_in)
+    src = "x"
+    if isinstance(router, TopKRouter) and router.jitter > 0:
+        src = b.add(Jitter(id="jitter", src="x", eps=router.jitter, origin=f"{origin}.router.jitter"))
+    logits = b.add(Linear(id="logits", src=src, weight=W, origin=f"{origin}.router"))
+    match router:
+        case TopKRouter():
+            gate = SoftmaxTopK(k=router.k, renormalize=router.renormalize, temperature=router.temperature)
+        case DenseRouter():
+            gate = DenseSoftmax(temperature=router.temperature)
+        case SigmoidTopKRouter():
+            gate = SigmoidTopK(k=router.k, balance=b.param("balance", (E,), "zero", trainable=False, buffer=True))
+        case _:
+            raise TypeError(router)
+    return b.add(Route(id="route", src=logits, gate=gate, experts=E, origin=f"{origin}.router"))
+
+
+def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
+    d_in, d_out = b.shape.d_in, b.shape.d_out
+    rt = spec.router
+    m, g = rt.down_dim, rt.key_dim
+    widths, fanouts, L = spec.widths(), spec.fanouts(), len(spec.levels)
+    bias = spec.bias
+    Wd = b.param("down_w", (m, d_in), "kaiming", fan_in=d_in)
+    bd = b.param("down_b", (m,), "bias") if bias else None
+    xd = b.add(Linear(id="x_down", src="x", weight=Wd, bias=bd, origin=f"{origin}.router.down_dim"))
+    gate_levels = []
+    for l, lv in enumerate(spec.levels):
+        in_l = m + (L - 1 - l) * g
+        gate_levels.append(TreeGateLevel(
+            experts=lv.experts, fanout=fanouts[l],
+            keys=b.param(f"keys{l}", (lv.experts, g), "keys", fan_in=g),
+            w1=b.param(f"query{l}_w1", (g, in_l), "kaiming", fan_in=in_l),
+            b1=b.param(f"query{l}_b1", (g,), "bias"),
+            w2=b.param(f"query{l}_w2", (g, g), "kaiming", fan_in=g),
+            b2=b.param(f"query{l}_b2", (g,), "bias"),
+            noise=b.param(f"noise{l}", (lv.experts, in_l), "zero") if rt.gate == "noisy_topk" else None))
+    route = b.add(TreeRoute(id="route", src=xd, levels=tuple(gate_levels), gate=rt.gate,
+                            conventions=spec.conventions, query_activation=rt.query_activation,
+                            temperature=rt.temperature, origin=f"{origin}.router"))
+    level_params = []
+    for l, lv in enumerate(spec.levels):
+        s, r, dn, dp = lv.experts, lv.rank, widths[l + 1], widths[l]
+        level_params.append(TreeLevelParams(
+            a=b.param(f"A{l}", (s, r, d_in), "kaiming", fan_in=d_in),
+            b=b.param(f"B{l}", (s, dn, r), "up"),
+            scale=lora_scale(lv.alpha, r, "alpha_over_rank") if lv.alpha is not None else 1.0,
+            a_bias=b.param(f"A{l}_bias", (s, r), "bias") if bias else None,
+            b_bias=b.param(f"B{l}_bias", (s, dn), "bias") if bias else None,
+            w=b.param(f"W{l}", (dn, dp), "kaiming", fan_in=dp) if l > 0 else None,
+            w_bias=b.param(f"W{l}_bias", (dn,), "bias") if (l > 0 and bias) else None))
+    hroot = b.add(TreeMix(id="tree", src="x", routing=route, levels=tuple(level_params),
+                          activation=spec.activation, origin=f"{origin}.levels"))
+    Wp = b.param("proj_w", (d_out, widths[-1]), "kaiming", fan_in=widths[-1])
+    bp = b.param("proj_b", (d_out,), "bias") if bias else None
+    out = b.add(Linear(id="proj", src=hroot, weight=Wp, bias=bp, origin=f"{origin}.final_projection"))
+    for i, aux in enumerate(spec.aux_losses):
+        b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
+                                   origin=f"{origin}.aux_losses[{i}]")))
+    return out

@@ -1,0 +1,321 @@
+"""The closed set of IR node kinds. Every node has a readable ``id``, the ids of the
+nodes it reads (``inputs()``, in order) and its spec path (``origin``) for messages.
+Values: ``T`` tokens; a tensor node yields ``(T, width)``; a router yields a routing
+(gates ``(T, E)`` zero outside the active set, router probabilities ``(T, E)``); a tree
+router yields a tree routing; an aux-loss node yields a scalar.
+
+Semantics are given per node as formulas; ``interpret.py`` is their executable form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from .params import ParamExpr, ParamRef
+
+__all__ = [
+    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "Gate",
+    "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
+    "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
+    "TreePropagate", "AuxLoss", "Node", "TENSOR_NODES",
+]
+
+Activation = Literal["tanh", "relu", "identity"]
+
+
+# ---- gates: how a router turns scores into gate values -------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SoftmaxTopK:
+    """``p = softmax(z/τ)``; keep the k largest p; renormalise them to sum 1 if asked."""
+
+    k: int
+    renormalize: bool = True
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class DenseSoftmax:
+    """``g = p = softmax(z/τ)``."""
+
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SigmoidTopK:
+    """SMoRA: ``u = σ(z) + b``; keep top-k of u; ``g = k · u_kept / Σ u_kept``."""
+
+    k: int
+    balance: ParamRef
+
+
+@dataclass(frozen=True, slots=True)
+class AbsTopK:
+    """FlyLoRA: binary mask of the k largest ``|z + d|``; ``g ∈ {0, 1}``."""
+
+    k: int
+    balance: ParamRef
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK]
+
+
+# ---- tensor nodes -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Input:
+    """The site's input ``x``: ``(T, width)``."""
+
+    id: str
+    width: int
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Linear:
+    """``y = scale · (src · Wᵀ) + b``; ``W`` is ``[out, in]``: ``(T, in) -> (T, out)``."""
+
+    id: str
+    src: str
+    weight: ParamExpr
+    bias: ParamExpr | None = None
+    scale: float = 1.0
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Columns:
+    """``y = src[:, start:stop]``: a slice of a fused GEMM's output."""
+
+    id: str
+    src: str
+    start: int
+    stop: int
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Add:
+    """``y = Σ srcs`` (equal widths)."""
+
+    id: str
+    srcs: tuple[str, ...]
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return self.srcs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Jitter:
+    """Training-time multiplicative noise ``src · U(1-ε, 1+ε)``; identity in evaluation."""
+
+    id: str
+    src: str
+    eps: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """A flat router: scores ``src (T, E)`` -> routing (gates, probabilities)."""
+
+    id: str
+    src: str
+    gate: Gate
+    experts: int
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolMix:
+    """``y = Σ_i g_i · scale · (x A_iᵀ) B_iᵀ`` with ``A: (E_a, r, d_in)``, ``B: (E_b, d_out, r)``;
+    ``E_a = 1`` (or ``E_b = 1``) means the factor is shared by all E experts."""
+
+    id: str
+    src: str
+    routing: str
+    a: ParamExpr
+    b: ParamExpr
+    scale: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupedMix:
+    """Same value as :class:`PoolMix`, computed only for each token's selected experts
+    (gather / grouped GEMM); for sparse top-k routing."""
+
+    id: str
+    src: str
+    routing: str
+    a: ParamExpr
+    b: ParamExpr
+    scale: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockGate:
+    """``y = h ⊙ repeat(scale · g, rank)``: ``h (T, E·r)`` gated block by block (SMoRA identity)."""
+
+    id: str
+    src: str
+    routing: str
+    rank: int
+    scale: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OuterGate:
+    """``y = scale · (g ⊗ h)`` flattened: ``h (T, r)``, ``g (T, E)`` -> ``(T, E·r)`` (HydraLoRA)."""
+
+    id: str
+    src: str
+    routing: str
+    scale: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+# ---- S'MoRE residual trees --------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TreeGateLevel:
+    """Router parameters of one pool: keys ``(s, g)``, query MLP ``w1 (g, in_l)``, ``b1``,
+    ``w2 (g, g)``, ``b2``; ``noise (s, in_l)`` for the noisy gate (training only)."""
+
+    experts: int
+    fanout: int
+    keys: ParamRef
+    w1: ParamRef
+    b1: ParamRef
+    w2: ParamRef
+    b2: ParamRef
+    noise: ParamRef | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeRoute:
+    """Top-down routing of a residual tree from ``src = x_down (T, m)``.
+
+    Pool l (``levels[l]``, l = 0 the leaves) routes every context (a path of chosen
+    positions from the top) with ``q = w2·act(w1·z + b1) + b2``, ``z = [x_down, keys of
+    the ancestors, top first]``; logits ``q·k_i`` (cosine for ``noisy_topk``) / τ.
+    Yields per pool indices and weights of shape ``(T, F_{l+1}, f_l)``."""
+
+    id: str
+    src: str
+    levels: tuple[TreeGateLevel, ...]
+    gate: Literal["switch", "dense", "noisy_topk"]
+    conventions: Literal["paper", "official"]
+    query_activation: Activation
+    temperature: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeLevelParams:
+    """Expert parameters of pool l: ``a (s, r, d_in)``, ``a_bias (s, r)``, ``b (s, d_{l+1}, r)``,
+    ``b_bias (s, d_{l+1})``, transform ``w (d_{l+1}, d_l)`` and ``w_bias`` (none at l = 0),
+    and the level scale ``c_l``."""
+
+    a: ParamRef
+    b: ParamRef
+    scale: float
+    a_bias: ParamRef | None = None
+    b_bias: ParamRef | None = None
+    w: ParamRef | None = None
+    w_bias: ParamRef | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeMix:
+    """Bottom-up propagation of a residual tree (METHODS.md §1.3, activation on the whole
+    message): ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a) + b)``; a leaf node is
+    ``Σ_p w_p σ(u_{0,e_p})``; a node of level l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``.
+    Yields the root hidden ``(T, d_L)``."""
+
+    id: str
+    src: str
+    routing: str
+    levels: tuple[TreeLevelParams, ...]
+    activation: Activation
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreePropagate:
+    """:class:`TreeMix` after its down-projections were computed for all experts at once:
+    ``src (T, Σ_l s_l r_l)`` holds ``A_{l,n} x + a_{l,n}`` for every pool and expert
+    (pool-major, expert-major); the level params' ``a``/``a_bias`` are not read."""
+
+    id: str
+    src: str
+    routing: str
+    levels: tuple[TreeLevelParams, ...]
+    activation: Activation
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+# ---- aux losses ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuxLoss:
+    """A weighted scalar loss on a routing (see ``specs.routing`` for each kind's formula).
+    Over a tree routing it is summed over pools."""
+
+    id: str
+    routing: str
+    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance"]
+    weight: float
+    delta: float = 0.0
+    groups: int = 1
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.routing,)
+
+
+Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
+             TreeRoute, TreeMix, TreePropagate, AuxLoss]
+
+TENSOR_NODES = (Input, Linear, Columns, Add, Jitter, PoolMix, GroupedMix, BlockGate, OuterGate,
+                TreeMix, TreePropagate)

@@ -1,0 +1,215 @@
+"""``verify(graph)``: a graph is valid when every id is defined once before it is used,
+every input has the kind its consumer expects, every parameter expression names a
+declared tensor of the right shape and fits the widths it meets, the output is a tensor
+of width ``d_out``, aux ids name aux losses, and every node is live. All violations are
+collected and raised once, with the printed graph."""
+
+from __future__ import annotations
+
+from .graph import Graph
+from .nodes import (
+    TENSOR_NODES, AbsTopK, Add, AuxLoss, BlockGate, Columns, GroupedMix, Input, Jitter, Linear,
+    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+)
+from .params import ParamExpr, ParamRef, expr_refs, expr_shape
+from ..errors import IRVerificationError
+
+__all__ = ["verify"]
+
+
+def verify(graph: Graph) -> Graph:
+    """Check every rule; return the graph unchanged, or raise :class:`IRVerificationError`."""
+    problems = _structure(graph)
+    if not problems:
+        for n in graph.nodes:
+            problems += [f"%{n.id}: {p}" for p in _node_rules(graph, n)]
+        problems += _outputs(graph)
+    if problems:
+        from .printer import print_graph
+        try:
+            text = print_graph(graph)
+        except Exception:  # noqa: BLE001 - a broken graph may not print; the problems still matter
+            text = "\n".join(repr(n) for n in graph.nodes)
+        raise IRVerificationError(
+            f"graph {graph.label!r} failed verification:\n  - " + "\n  - ".join(problems) + f"\n{text}")
+    return graph
+
+
+def _structure(g: Graph) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    for n in g.nodes:
+        if n.id in seen:
+            out.append(f"%{n.id} is defined twice")
+        for i in n.inputs():
+            if i not in seen:
+                out.append(f"%{n.id} reads %{i} before it is defined; nodes must be topologically ordered")
+        seen.add(n.id)
+    inputs = [n for n in g.nodes if isinstance(n, Input)]
+    if len(inputs) != 1:
+        out.append(f"expected exactly one input node, found {len(inputs)}")
+    elif inputs[0].width != g.d_in:
+        out.append(f"input width {inputs[0].width} != d_in {g.d_in}")
+    names = [p.name for p in g.params]
+    if len(set(names)) != len(names):
+        out.append(f"parameter names are not unique: {names}")
+    return out
+
+
+def _is_tensor(g: Graph, nid: str) -> bool:
+    return isinstance(g.node(nid), TENSOR_NODES)
+
+
+def _expr(g: Graph, e: ParamExpr, what: str) -> list[str]:
+    out = []
+    for ref in expr_refs(e):
+        decl = g.param_decls.get(ref.name)
+        if decl is None:
+            out.append(f"{what} reads undeclared parameter {ref.name!r}")
+        elif tuple(decl.shape) != tuple(ref.shape):
+            out.append(f"{what} expects {ref.name} of shape {ref.shape}, declared {decl.shape}")
+    if not out:
+        try:
+            expr_shape(e)
+        except (ValueError, TypeError, IndexError) as exc:
+            out.append(f"{what}: malformed expression ({exc})")
+    return out
+
+
+def _need_tensor(g: Graph, nid: str, what: str) -> list[str]:
+    return [] if _is_tensor(g, nid) else [f"{what} %{nid} is not a tensor"]
+
+
+def _need_route(g: Graph, nid: str, kinds: tuple[type, ...] = (Route,)) -> list[str]:
+    return [] if isinstance(g.node(nid), kinds) else [f"%{nid} is not a {'/'.join(k.__name__ for k in kinds)}"]
+
+
+def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kind
+    w = g.width
+    match n:
+        case Input():
+            return []
+        case Linear():
+            p = _need_tensor(g, n.src, "source") + _expr(g, n.weight, "weight")
+            if n.bias is not None:
+                p += _expr(g, n.bias, "bias")
+            if p:
+                return p
+            ws = expr_shape(n.weight)
+            if len(ws) != 2 or ws[1] != w(n.src):
+                p.append(f"weight shape {ws} does not read width {w(n.src)}")
+            if n.bias is not None and expr_shape(n.bias) != (ws[0],):
+                p.append(f"bias shape {expr_shape(n.bias)} != ({ws[0]},)")
+            return p
+        case Columns():
+            p = _need_tensor(g, n.src, "source")
+            if not p and not (0 <= n.start < n.stop <= w(n.src)):
+                p.append(f"columns [{n.start}:{n.stop}] outside width {w(n.src)}")
+            return p
+        case Add():
+            p = [x for s in n.srcs for x in _need_tensor(g, s, "term")]
+            if not p and len({w(s) for s in n.srcs}) != 1:
+                p.append(f"terms have different widths {[w(s) for s in n.srcs]}")
+            return p
+        case Jitter():
+            return _need_tensor(g, n.src, "source")
+        case Route():
+            p = _need_tensor(g, n.src, "scores")
+            if not p and w(n.src) != n.experts:
+                p.append(f"scores have width {w(n.src)}, router has {n.experts} experts")
+            k = getattr(n.gate, "k", None)
+            if k is not None and not (1 <= k <= n.experts):
+                p.append(f"k = {k} outside 1..{n.experts}")
+            if isinstance(n.gate, (SigmoidTopK, AbsTopK)):
+                p += _expr(g, n.gate.balance, "balance bias")
+            return p
+        case PoolMix() | GroupedMix():
+            return _pool_rules(g, n)
+        case BlockGate():
+            p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+            if not p and w(n.src) != w(n.routing) * n.rank:
+                p.append(f"width {w(n.src)} != experts {w(n.routing)} x rank {n.rank}")
+            return p
+        case OuterGate():
+            return _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+        case TreeRoute():
+            return _need_tensor(g, n.src, "source") + [
+                x for lv in n.levels for r in (lv.keys, lv.w1, lv.b1, lv.w2, lv.b2)
+                for x in _expr(g, r, f"router of pool with {lv.experts} experts")]
+        case TreeMix() | TreePropagate():
+            return _tree_rules(g, n)
+        case AuxLoss():
+            p = _need_route(g, n.routing, (Route, TreeRoute))
+            if not p and isinstance(g.node(n.routing), Route):
+                gate = g.node(n.routing).gate
+                if n.kind == "switch_lb" and not isinstance(gate, SoftmaxTopK):
+                    p.append("switch_lb needs a softmax top-k router")
+            return p
+    return [f"unknown node kind {type(n).__name__}"]
+
+
+def _pool_rules(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
+    if p:
+        return p
+    a, b = expr_shape(n.a), expr_shape(n.b)
+    E = g.width(n.routing)
+    if len(a) != 3 or len(b) != 3:
+        return [f"A {a} and B {b} must be stacked (E, r, d_in) / (E, d_out, r)"]
+    if a[0] not in (1, E) or b[0] not in (1, E):
+        p.append(f"A has {a[0]} and B {b[0]} experts; router has {E} (1 means shared)")
+    if a[2] != g.width(n.src):
+        p.append(f"A reads width {a[2]}, source has {g.width(n.src)}")
+    if a[1] != b[2]:
+        p.append(f"rank of A ({a[1]}) != rank of B ({b[2]})")
+    if isinstance(n, GroupedMix) and not isinstance(g.node(n.routing).gate, (SoftmaxTopK, SigmoidTopK, AbsTopK)):
+        p.append("grouped_mix needs a sparse (top-k) router")
+    return p
+
+
+def _tree_rules(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing, (TreeRoute,))
+    if p:
+        return p
+    route = g.node(n.routing)
+    if len(route.levels) != len(n.levels):
+        return [f"router has {len(route.levels)} pools, tree has {len(n.levels)}"]
+    d_prev, total = 0, 0
+    for l, lv in enumerate(n.levels):
+        refs: list[ParamRef] = [r for r in (lv.a, lv.b, lv.a_bias, lv.b_bias, lv.w, lv.w_bias) if r is not None]
+        for r in refs:
+            p += _expr(g, r, f"pool {l}")
+        s, d_next, r = lv.b.shape
+        if s != route.levels[l].experts:
+            p.append(f"pool {l} has {s} experts, its router {route.levels[l].experts}")
+        if d_next != d_prev + s * r:
+            p.append(f"pool {l} width {d_next} != d_l + s*r = {d_prev + s * r}")
+        if (lv.w is None) != (l == 0):
+            p.append(f"pool {l}: a level transform W exists exactly for l >= 1")
+        elif lv.w is not None and lv.w.shape != (d_next, d_prev):
+            p.append(f"pool {l}: W shape {lv.w.shape} != {(d_next, d_prev)}")
+        total += s * r
+        d_prev = d_next
+    want = g.width(n.src) if isinstance(n, TreePropagate) else n.levels[0].a.shape[2]
+    if isinstance(n, TreePropagate) and want != total:
+        p.append(f"source width {want} != total rank {total}")
+    if isinstance(n, TreeMix) and want != g.width(n.src):
+        p.append(f"A reads width {want}, source has {g.width(n.src)}")
+    return p
+
+
+def _outputs(g: Graph) -> list[str]:
+    out: list[str] = []
+    if g.output not in g.by_id:
+        return [f"output %{g.output} is not defined"]
+    if not _is_tensor(g, g.output):
+        out.append(f"output %{g.output} is not a tensor")
+    elif g.width(g.output) != g.d_out:
+        out.append(f"output width {g.width(g.output)} != d_out {g.d_out}")
+    for a in g.aux:
+        if not isinstance(g.by_id.get(a), AuxLoss):
+            out.append(f"aux %{a} is not an aux loss")
+    dead = [n.id for n in g.nodes if n.id not in g.live_ids()]
+    if dead:
+        out.append(f"dead nodes (nothing reads them): {', '.join('%' + d for d in dead)}")
+    return out

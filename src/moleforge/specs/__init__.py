@@ -1,0 +1,34 @@
+"""The spec language: pure data (pydantic v2, frozen, ``extra="forbid"``), no torch."""
+
+from .adapters import (
+    ExpertPool,
+    Init,
+    LoRA,
+    PerExpert,
+    RankPartition,
+    ResidualTree,
+    Shared,
+    SparseRandom,
+    TreeLevel,
+    TreeRouter,
+    lora_scale,
+)
+from .base import SpecModel
+from .routing import (
+    CV2ImportanceLoad,
+    DenseRouter,
+    ImplicitTopKRouter,
+    LocalizedBalance,
+    SigmoidTopKRouter,
+    SwitchLoadBalance,
+    TopKRouter,
+)
+from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
+
+__all__ = [
+    "AdapterSpec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
+    "LoRA", "ExpertPool", "RankPartition", "ResidualTree", "TreeLevel", "TreeRouter",
+    "PerExpert", "Shared", "SparseRandom", "lora_scale",
+    "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter",
+    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
+]

@@ -1,0 +1,240 @@
+"""What sits at one adapted linear: a plain LoRA, a routed expert pool, a rank partition
+or an S'MoRE residual tree. Row layout throughout: ``x ∈ R^{d_in}``, ``A_i ∈ R^{d_in×r}``,
+``B_i ∈ R^{r×d_out}``; parameters are stored as PyTorch does (``[out, in]``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import SpecModel
+from .routing import (
+    AuxLoss,
+    CV2ImportanceLoad,
+    DenseRouter,
+    ImplicitTopKRouter,
+    Router,
+    SigmoidTopKRouter,
+    SwitchLoadBalance,
+    TopKRouter,
+)
+
+__all__ = [
+    "Scaling",
+    "Init",
+    "LoRA",
+    "PerExpert",
+    "Shared",
+    "SparseRandom",
+    "ExpertPool",
+    "RankPartition",
+    "TreeLevel",
+    "TreeRouter",
+    "ResidualTree",
+    "Adapter",
+    "lora_scale",
+]
+
+Scaling = Literal["alpha_over_rank", "rslora", "alpha_over_active_rank", "alpha_over_total_rank"]
+"""``alpha/r`` (LoRA; r the rank of one expert), ``alpha/sqrt(r)`` (rsLoRA), ``alpha/k_active``
+(SMoRA: the number of ranks a token activates), ``alpha/(E·r)`` (FlyLoRA: the pool's total rank)."""
+
+
+def lora_scale(alpha: float | None, rank: int, scaling: str, active: int | None = None,
+               total: int | None = None) -> float:
+    """The scale ``s`` of a low-rank update; ``alpha=None`` means ``alpha = rank`` (s = 1 for
+    ``alpha_over_rank``)."""
+    a = float(rank) if alpha is None else alpha
+    if scaling == "rslora":
+        return a / math.sqrt(rank)
+    if scaling == "alpha_over_active_rank":
+        return a / float(active if active is not None else rank)
+    if scaling == "alpha_over_total_rank":
+        return a / float(total if total is not None else rank)
+    return a / rank
+
+
+class Init(SpecModel):
+    """How new adapter parameters start. ``up="zero"`` (the default) makes a fresh adapter
+    a no-op; ``"normal"`` gives every up-projection N(0, std²), for tests and for
+    checking that save/load and export carry real values."""
+
+    up: Literal["zero", "normal"] = "zero"
+    std: float = Field(0.02, gt=0)
+    seed: int | None = None
+    """Seed of the parameter initialisation (``None``: torch's global generator)."""
+
+
+class LoRA(SpecModel):
+    """One always-on low-rank update ``s · (x A) B``."""
+
+    kind: Literal["lora"] = "lora"
+    rank: PositiveInt = 8
+    alpha: float | None = Field(None, gt=0)
+    """``None``: alpha = rank."""
+    scaling: Literal["alpha_over_rank", "rslora"] = "alpha_over_rank"
+
+
+class PerExpert(SpecModel):
+    """Every expert has its own factor."""
+
+    kind: Literal["per_expert"] = "per_expert"
+
+
+class Shared(SpecModel):
+    """One factor shared by all experts (HydraLoRA's shared A)."""
+
+    kind: Literal["shared"] = "shared"
+
+
+class SparseRandom(SpecModel):
+    """FlyLoRA's frozen sparse random down-projection: each rank reads ``density · d_in``
+    input features with weights N(0, 1/r²); never trained."""
+
+    kind: Literal["sparse_random"] = "sparse_random"
+    density: float = Field(0.25, gt=0, le=1)
+
+
+Factor = Annotated[Union[PerExpert, Shared, SparseRandom], Field(discriminator="kind")]
+
+
+class ExpertPool(SpecModel):
+    """``Δy = Σ_i g_i(x) · s · (x A_i) B_i`` (+ an optional always-on shared expert)."""
+
+    kind: Literal["pool"] = "pool"
+    experts: PositiveInt = 8
+    rank: PositiveInt = 8
+    alpha: float | None = Field(None, gt=0)
+    scaling: Scaling = "alpha_over_rank"
+    down: Factor = PerExpert()
+    up: Literal["per_expert", "shared"] = "per_expert"
+    router: Router = TopKRouter()
+    aux_losses: list[AuxLoss] = []
+    shared_expert: LoRA | None = None
+    """An always-on LoRA added to the routed mixture (DeepSeek-style shared expert)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExpertPool":
+        r = self.router
+        if isinstance(r, (TopKRouter, SigmoidTopKRouter, ImplicitTopKRouter)) and r.k > self.experts:
+            raise ValueError(
+                f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
+        if isinstance(self.down, SparseRandom) != isinstance(r, ImplicitTopKRouter):
+            raise ValueError(
+                "down.kind = 'sparse_random' and router.kind = 'implicit_topk' go together (FlyLoRA): "
+                "the frozen random down-projection is the router")
+        if isinstance(r, ImplicitTopKRouter) and self.rank != 1:
+            raise ValueError(f"an implicit_topk router routes single ranks: set rank = 1 (got {self.rank})")
+        if isinstance(self.down, Shared) and self.up == "shared":
+            raise ValueError("down and up cannot both be shared: the experts would be identical")
+        return self
+
+
+class RankPartition(SpecModel):
+    """SMoRA: a LoRA of total rank ``rank`` whose ranks are experts, grouped in blocks of
+    ``block`` ranks; the same as a pool of ``rank / block`` experts of rank ``block``."""
+
+    kind: Literal["rank_partition"] = "rank_partition"
+    rank: PositiveInt = 64
+    block: PositiveInt = 1
+    alpha: float | None = Field(None, gt=0)
+    scaling: Scaling = "alpha_over_active_rank"
+    router: Router = SigmoidTopKRouter()
+    aux_losses: list[AuxLoss] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> "RankPartition":
+        if self.rank % self.block:
+            raise ValueError(f"rank = {self.rank} is not a multiple of block = {self.block}")
+        if isinstance(self.router, ImplicitTopKRouter):
+            raise ValueError("an implicit_topk router needs a frozen sparse_random pool; use kind 'pool'")
+        k = getattr(self.router, "k", None)
+        if k is not None and k > self.rank // self.block:
+            raise ValueError(f"router.k = {k} exceeds the {self.rank // self.block} blocks")
+        return self
+
+    def as_pool(self) -> ExpertPool:
+        return ExpertPool(experts=self.rank // self.block, rank=self.block, alpha=self.alpha,
+                          scaling=self.scaling, router=self.router, aux_losses=self.aux_losses)
+
+
+class TreeLevel(SpecModel):
+    """One S'MoRE pool: ``experts`` residual experts of rank ``rank``; every node of the
+    level above picks ``fanout`` children from it (``None``: all, for the dense gate)."""
+
+    experts: PositiveInt = 4
+    rank: PositiveInt = 8
+    fanout: PositiveInt | None = 2
+    alpha: float | None = Field(None, gt=0)
+    """Per-level scale ``c_l = alpha / rank``; ``None``: ``c_l = 1`` (the official default)."""
+
+
+class TreeRouter(SpecModel):
+    """S'MoRE's hierarchical key-query router (top-down, ancestor-conditioned)."""
+
+    gate: Literal["switch", "dense", "noisy_topk"] = "switch"
+    down_dim: PositiveInt = 32
+    """Width m of the router's down-projection ``x_down = x W_down + b``."""
+    key_dim: PositiveInt = 32
+    """Width of expert keys and queries (the official ``gate_dims``)."""
+    query_activation: Literal["relu", "tanh", "identity"] = "relu"
+    temperature: float = Field(1.0, gt=0)
+    """Divides the logits (cosine logits for noisy_topk) before the softmax."""
+
+
+class ResidualTree(SpecModel):
+    """S'MoRE: residual experts in levels (listed bottom/leaf first), routed top-down and
+    propagated bottom-up (METHODS.md §1). Hidden widths ``d_{l+1} = d_l + s_l r_l``."""
+
+    kind: Literal["residual_tree"] = "residual_tree"
+    levels: list[TreeLevel] = Field(default_factory=lambda: [TreeLevel(), TreeLevel()], min_length=1)
+    activation: Literal["tanh", "relu", "identity"] = "tanh"
+    router: TreeRouter = TreeRouter()
+    bias: bool = True
+    """Biases on A, B, the level transforms W_l and the final projection (as the official layer)."""
+    conventions: Literal["paper", "official"] = "paper"
+    """Where the official code departs from the paper. ``paper``: top-f weights always
+    renormalised (weight 1 at fanout 1), dense respects the fanout rule f = s.
+    ``official``: switch weights not renormalised at fanout 1, noisy-top-k raw cosine at
+    fanout 1, dense takes all children whatever the fanout."""
+    aux_losses: list[AuxLoss] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResidualTree":
+        for i, lv in enumerate(self.levels):
+            f = lv.fanout
+            if self.router.gate == "dense":
+                if f is not None and f != lv.experts and self.conventions == "paper":
+                    raise ValueError(
+                        f"levels[{i}].fanout = {f}: the dense gate uses every child (fanout = experts "
+                        f"= {lv.experts}); set fanout to {lv.experts} or null, or conventions = 'official'")
+            elif f is None:
+                raise ValueError(f"levels[{i}].fanout is required for the {self.router.gate} gate")
+            elif f > lv.experts:
+                raise ValueError(f"levels[{i}].fanout = {f} exceeds experts = {lv.experts}")
+        for a in self.aux_losses:
+            if not isinstance(a, (SwitchLoadBalance, CV2ImportanceLoad)):
+                raise ValueError(f"aux loss {a.kind!r} is not defined for residual trees; "
+                                 "use switch_lb or cv2_importance_load")
+        return self
+
+    def fanouts(self) -> list[int]:
+        """Children per node at each level (``experts`` for the dense gate)."""
+        if self.router.gate == "dense":
+            return [lv.experts for lv in self.levels]
+        return [lv.fanout or lv.experts for lv in self.levels]
+
+    def widths(self) -> list[int]:
+        """Hidden widths ``[d_0 = 0, d_1, ..., d_L]``."""
+        d = [0]
+        for lv in self.levels:
+            d.append(d[-1] + lv.experts * lv.rank)
+        return d
+
+
+Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree], Field(discriminator="kind")]
+
+# re-exported for presets written in Python
+_ROUTERS = (TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter)

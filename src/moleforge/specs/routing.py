@@ -1,0 +1,109 @@
+"""Routers and auxiliary losses of flat expert pools.
+
+Every router maps a token to a gate vector ``g ∈ R^E`` (zero outside the active set).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveInt
+
+from .base import SpecModel
+
+__all__ = [
+    "TopKRouter",
+    "DenseRouter",
+    "SigmoidTopKRouter",
+    "ImplicitTopKRouter",
+    "Router",
+    "SwitchLoadBalance",
+    "CV2ImportanceLoad",
+    "LocalizedBalance",
+    "AuxLoss",
+]
+
+
+class TopKRouter(SpecModel):
+    """``g = renorm(topk_k(softmax(x W_g / τ)))`` (MoLA, MixLoRA, Mixtral)."""
+
+    kind: Literal["topk"] = "topk"
+    k: PositiveInt = 2
+    """Number of experts each token uses."""
+    renormalize: bool = True
+    """Rescale the kept probabilities to sum to 1 (``False``: keep the raw softmax values)."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature τ."""
+    jitter: float = Field(0.0, ge=0, lt=1)
+    """Training-time multiplicative input noise ``x·U(1-ε, 1+ε)`` of the router input (MixLoRA)."""
+
+
+class DenseRouter(SpecModel):
+    """``g = softmax(x W_g / τ)``: every expert active (HydraLoRA, LoRAMoE)."""
+
+    kind: Literal["dense"] = "dense"
+    temperature: float = Field(1.0, gt=0)
+
+
+class SigmoidTopKRouter(SpecModel):
+    """SMoRA: ``u = sigmoid(x W_g)``; keep the top-k of ``u + b`` (``b`` a non-trainable
+    balancing bias); gates are the kept ``u + b`` renormalised to sum to 1, times k.
+    After each optimizer step ``b_j += rate · sign(mean(c) - c_j)`` with ``c_j`` the
+    number of tokens that selected expert j since the last update."""
+
+    kind: Literal["sigmoid_topk"] = "sigmoid_topk"
+    k: PositiveInt = 8
+    bias_update_rate: float = Field(1e-5, ge=0)
+
+
+class ImplicitTopKRouter(SpecModel):
+    """FlyLoRA: the pool's frozen down-projection is the router. ``h = x A``; a binary mask
+    keeps the k ranks with the largest ``|h + d|`` (``d`` a non-trainable balancing bias,
+    updated like SMoRA's). No router parameters. Needs a rank-1 pool."""
+
+    kind: Literal["implicit_topk"] = "implicit_topk"
+    k: PositiveInt = 8
+    bias_update_rate: float = Field(1e-3, ge=0)
+
+
+Router = Annotated[
+    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter],
+    Field(discriminator="kind"),
+]
+
+
+class SwitchLoadBalance(SpecModel):
+    """Switch/Mixtral load balance ``weight · E · Σ_i f_i P_i``; ``f_i`` the fraction of
+    (token, slot) assignments to expert i (sums to k), ``P_i`` the mean router probability."""
+
+    kind: Literal["switch_lb"] = "switch_lb"
+    weight: float = Field(0.01, ge=0)
+
+
+class CV2ImportanceLoad(SpecModel):
+    """Shazeer's ``weight · (CV²(importance) + CV²(load))``: importance = summed gate values,
+    load = number of tokens with a non-zero gate, ``CV²(v) = Var(v) / (Mean(v)² + 1e-10)``
+    with the unbiased variance."""
+
+    kind: Literal["cv2_importance_load"] = "cv2_importance_load"
+    weight: float = Field(0.01, ge=0)
+
+
+class LocalizedBalance(SpecModel):
+    """LoRAMoE's localized balancing constraint ``weight · CV²(vec(I ⊙ Q))``.
+
+    ``Q[m, i]`` sums expert i's router probability over the tokens of sample m; experts
+    are split into ``groups`` consecutive groups, and ``I[m, i] = 1 + delta`` when expert
+    i's group equals sample m's type label (set with ``handle.sample_types(...)``),
+    ``1 - delta`` otherwise. Without type labels every ``I`` is 1."""
+
+    kind: Literal["localized_balance"] = "localized_balance"
+    weight: float = Field(0.1, ge=0)
+    delta: float = Field(0.1, ge=0, lt=1)
+    groups: PositiveInt = 2
+
+
+AuxLoss = Annotated[
+    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance],
+    Field(discriminator="kind"),
+]
