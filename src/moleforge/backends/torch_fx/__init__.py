@@ -1,0 +1,1 @@
+"""The torch backend: IR -> torch.fx GraphModules, injected into HF models."""

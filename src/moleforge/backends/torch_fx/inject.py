@@ -1,0 +1,116 @@
+"""Put generated site modules into a HuggingFace model, reversibly and atomically.
+
+``AdaptedLinear`` wraps the original ``nn.Linear`` / GPT-2 ``Conv1D`` (kept as
+``base_layer``, untouched) and adds the site's ``Δy``. ``swap_modules`` replaces modules
+by name and puts every one back if any replacement fails.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from ...errors import InjectionError
+
+__all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent"]
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D``; ``None`` otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        w = module.weight  # Conv1D stores (in, out)
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+class AuxCollector:
+    """Collects the aux losses of one model forward (reset by a pre-hook on the model)."""
+
+    def __init__(self) -> None:
+        self.terms: list[torch.Tensor] = []
+        self.samples: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.sample_types: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.terms = []
+
+    def total(self) -> torch.Tensor | None:
+        if not self.terms:
+            return None
+        out = self.terms[0]
+        for t in self.terms[1:]:
+            out = out + t.to(out.device)
+        return out
+
+
+class AdaptedLinear(nn.Module):
+    """``y = base_layer(x) + Δy(x)``, ``Δy`` computed by the generated ``site`` module."""
+
+    def __init__(self, base_layer: nn.Module, site: fx.GraphModule, collector: AuxCollector,
+                 uses_samples: bool = False):
+        super().__init__()
+        dims = linear_dims(base_layer)
+        if dims is None:
+            raise InjectionError(f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and Conv1D")
+        self.in_features, self.out_features = dims
+        self.base_layer = base_layer
+        self.site = site
+        self._collector = collector
+        self._uses_samples = uses_samples
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        p = next(self.site.parameters(), None)
+        dtype = p.dtype if p is not None else x.dtype
+        flat = x.reshape(-1, self.in_features).to(dtype)  # (T, d_in)
+        samples = self._samples(x) if self._uses_samples else None
+        delta, aux = self.site(flat, samples)
+        if aux is not None:
+            self._collector.terms.append(aux)
+        return out + delta.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
+
+    def _samples(self, x: torch.Tensor):
+        # sample index per token for (batch, seq, d) inputs; one sample otherwise
+        B = x.shape[0] if x.dim() == 3 else 1
+        per = x.numel() // (x.shape[-1] * B)
+        idx = torch.arange(B, device=x.device).repeat_interleave(per)
+        types = self._collector.sample_types
+        if types is not None:
+            if types.numel() != B:
+                raise InjectionError(f"sample types have {types.numel()} entries for a batch of {B}")
+            types = types.to(x.device).repeat_interleave(per)
+        return idx, types
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def swap_modules(model: nn.Module, replacements: dict[str, nn.Module],
+                 check: Callable[[str, nn.Module], None] | None = None) -> dict[str, nn.Module]:
+    """Replace each named module; return the originals. All or nothing."""
+    done: dict[str, nn.Module] = {}
+    try:
+        for name, new in replacements.items():
+            parent, child = get_submodule_parent(model, name)
+            old = getattr(parent, child)
+            if check is not None:
+                check(name, old)
+            setattr(parent, child, new)
+            done[name] = old
+    except Exception as e:
+        for name, old in done.items():
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, old)
+        if isinstance(e, InjectionError):
+            raise
+        raise InjectionError(f"could not replace module {name!r}: {e}; the model was left as it was") from e
+    return done

@@ -1,0 +1,1 @@
+"""Triton kernels for fused routed low-rank nodes and residual-tree steps."""

@@ -1,0 +1,152 @@
+"""The handle ``mf.compile`` returns: the injected adapter, its parameters, its aux loss,
+and ``remove()``."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..backends.torch_fx.inject import AdaptedLinear, AuxCollector, get_submodule_parent
+from ..backends.torch_fx.lower import counts_name
+from ..ir import AbsTopK, Graph, Route, SigmoidTopK, print_graph
+from ..specs import AdapterSpec
+
+__all__ = ["AdapterHandle"]
+
+
+class AdapterHandle:
+    """A compiled adapter living inside ``model``.
+
+    Attributes:
+        model: the user's model (still a ``PreTrainedModel``; modules replaced in place).
+        spec: the spec it was compiled from.
+        modules: ``{module name: AdaptedLinear}``.
+        graphs: ``{module name: optimised IR graph}``.
+    """
+
+    def __init__(self, model: nn.Module, spec: AdapterSpec, modules: dict[str, AdaptedLinear],
+                 graphs: dict[str, Graph], originals: dict[str, nn.Module], collector: AuxCollector,
+                 requires_grad: dict[str, bool], site_of: dict[str, int], plain: dict[str, Graph] | None = None):
+        self.model = model
+        self.spec = spec
+        self.modules = modules
+        self.graphs = graphs
+        self.plain_graphs = plain or graphs
+        self.site_of = site_of
+        self._originals = originals
+        self._collector = collector
+        self._requires_grad = requires_grad
+        self._hooks = [model.register_forward_pre_hook(self._pre_hook),
+                       model.register_forward_hook(self._post_hook)]
+        self._last_aux: torch.Tensor | None = None
+        self.active = True
+
+    # ---- training ----------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The adapter's trainable parameters (what an optimizer should get)."""
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, mod in self.modules.items():
+            for pname, p in mod.site.named_parameters():
+                if p.requires_grad:
+                    yield f"{name}.{pname}", p
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's weighted aux loss (times ``spec.aux_loss_coef``), or ``None``."""
+        return self._last_aux
+
+    def _pre_hook(self, module, args):
+        self._collector.reset()
+
+    def _post_hook(self, module, args, output):
+        total = self._collector.total()
+        if total is None:
+            self._last_aux = None
+            return output
+        total = total * self.spec.aux_loss_coef
+        self._last_aux = total
+        loss = getattr(output, "loss", None)
+        if loss is not None:
+            output["loss"] = loss + total.to(loss.dtype)
+        if hasattr(output, "keys"):
+            output["aux_loss"] = total
+        return output
+
+    @contextmanager
+    def sample_types(self, types: torch.Tensor):
+        """Per-sample type labels ``(batch,)`` for localized balancing (LoRAMoE) during the block."""
+        prev = self._collector.sample_types
+        self._collector.sample_types = torch.as_tensor(types)
+        try:
+            yield
+        finally:
+            self._collector.sample_types = prev
+
+    def update_balancing(self) -> None:
+        """Apply the aux-loss-free balancing update of SMoRA / FlyLoRA routers from the
+        selections counted since the last call: ``b_j += rate · sign(mean(c) - c_j)``.
+        Call after each optimizer step (the Trainer callback does)."""
+        with torch.no_grad():
+            for name, mod in self.modules.items():
+                graph = self.graphs[name]
+                spec_router = self.spec.sites[self.site_of[name]].adapter.router  # type: ignore[union-attr]
+                rate = getattr(spec_router, "bias_update_rate", 0.0)
+                for n in graph.nodes:
+                    if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
+                        bias = getattr(mod.site, n.gate.balance.name)
+                        counts = getattr(mod.site, counts_name(n.gate.balance.name))
+                        if counts.sum() > 0:
+                            bias += rate * torch.sign(counts.mean() - counts)
+                        counts.zero_()
+
+    def seed_noise(self, seed: int | None) -> None:
+        """Draw routing noise (noisy top-k gates) from a generator seeded with ``seed``."""
+        for mod in self.modules.values():
+            dev = next(mod.site.parameters()).device
+            gen = None if seed is None else torch.Generator(device=dev).manual_seed(seed)
+            mod.site.noise_generator = gen
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{module.param: tensor}`` of every declared tensor (trainable or buffer)."""
+        out = {}
+        for name, mod in self.modules.items():
+            for decl in self.graphs[name].params:
+                out[f"{name}.{decl.name}"] = getattr(mod.site, decl.name)
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v.to(own[k].dtype))
+
+    def explain(self) -> str:
+        """The IR of every site, as text."""
+        return "\n\n".join(print_graph(g) for g in self.graphs.values())
+
+    # ---- removal -------------------------------------------------------------------------
+    def remove(self) -> nn.Module:
+        """Put the original modules back and restore every ``requires_grad`` flag: the model is
+        bit-for-bit the one ``compile`` received. Returns the model."""
+        if not self.active:
+            return self.model
+        for name, orig in self._originals.items():
+            parent, child = get_submodule_parent(self.model, name)
+            setattr(parent, child, orig)
+        for pname, p in self.model.named_parameters():
+            if pname in self._requires_grad:
+                p.requires_grad_(self._requires_grad[pname])
+        for h in self._hooks:
+            h.remove()
+        self.active = False
+        return self.model
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.trainable_parameters())
+        return f"AdapterHandle({self.spec.name!r}, {len(self.modules)} sites, {n:,} trainable parameters)"
