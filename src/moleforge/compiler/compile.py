@@ -92,6 +92,7 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
             raise InjectionError(f"could not build the adapter for module {s.name!r}: {e}") from e
         uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graphs[s.name].nodes)
         replacements[s.name] = AdaptedLinear(base, gm, collector, uses_samples=uses_samples)
+        replacements[s.name].site_name = s.name
         site_of[s.name] = s.site_index
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     originals = swap_modules(model, dict(replacements))

@@ -13,6 +13,7 @@ from ..backends.torch_fx.inject import AdaptedLinear, AuxCollector, get_submodul
 from ..backends.torch_fx.lower import counts_name
 from ..ir import AbsTopK, Graph, Route, SigmoidTopK, print_graph
 from ..specs import AdapterSpec
+from .routing_log import RoutingLog
 
 __all__ = ["AdapterHandle"]
 
@@ -86,6 +87,18 @@ class AdapterHandle:
             yield
         finally:
             self._collector.sample_types = prev
+
+    @contextmanager
+    def record_routing(self):
+        """Record every site's routing during the block; yields a :class:`RoutingLog`
+        (``expert_load()``, ``entropy()``)."""
+        log = RoutingLog()
+        prev = self._collector.routing_log
+        self._collector.routing_log = log.entries
+        try:
+            yield log
+        finally:
+            self._collector.routing_log = prev
 
     def update_balancing(self) -> None:
         """Apply the aux-loss-free balancing update of SMoRA / FlyLoRA routers from the

@@ -32,8 +32,9 @@ class AuxCollector:
 
     def __init__(self) -> None:
         self.terms: list[torch.Tensor] = []
-        self.samples: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.sample_types: torch.Tensor | None = None
+        self.routing_log: list[tuple[str, dict]] | None = None
+        """When a list, every site appends ``(module name, routes)`` of each forward."""
 
     def reset(self) -> None:
         self.terms = []
@@ -61,6 +62,7 @@ class AdaptedLinear(nn.Module):
         self.site = site
         self._collector = collector
         self._uses_samples = uses_samples
+        self.site_name = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -68,9 +70,11 @@ class AdaptedLinear(nn.Module):
         dtype = p.dtype if p is not None else x.dtype
         flat = x.reshape(-1, self.in_features).to(dtype)  # (T, d_in)
         samples = self._samples(x) if self._uses_samples else None
-        delta, aux = self.site(flat, samples)
+        delta, aux, routes = self.site(flat, samples)
         if aux is not None:
             self._collector.terms.append(aux)
+        if self._collector.routing_log is not None and routes:
+            self._collector.routing_log.append((self.site_name, _detach(routes)))
         return out + delta.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
 
     def _samples(self, x: torch.Tensor):
@@ -87,6 +91,16 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _detach(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_detach(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _detach(x) for k, x in v.items()}
+    return v
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -1,7 +1,9 @@
 """IR -> ``torch.fx.GraphModule``: one emitter per node kind.
 
 The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` and returns
-``(delta (T, d_out), aux)`` where ``aux`` is the site's summed aux loss (or ``None``).
+``(delta (T, d_out), aux, routes)``: ``aux`` is the site's summed aux loss (or ``None``),
+``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
+``(indices, weights, probs)`` per pool) for routing statistics.
 Its ``.code`` reads like the IR it came from.
 """
 
@@ -202,7 +204,8 @@ def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
         c.env[n.id] = emit(c, n)
     aux = [c.env[a] for a in graph.aux]
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))
-    c.g.output((c.env[graph.output], total))
+    routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, (Route, TreeRoute))}
+    c.g.output((c.env[graph.output], total, routes))
     root = _Root(store, graph)
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None

@@ -1,0 +1,54 @@
+"""Routing statistics of recorded forwards: expert load and gate entropy per site."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["RoutingLog"]
+
+
+@dataclass
+class RoutingLog:
+    """What ``handle.record_routing()`` collected: ``entries`` of ``(module, {router id: routing})``.
+
+    A flat routing is ``(gates (T, E), probs (T, E), index (T, k) | None)``; a tree routing is
+    ``(indices, weights, probs)``, tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
+    """
+
+    entries: list = field(default_factory=list)
+
+    def expert_load(self) -> dict[str, list[torch.Tensor]]:
+        """``{module: [load per router or tree pool]}``: the fraction of routing slots each expert
+        received (sums to 1), over every recorded forward."""
+        acc: dict[str, list[torch.Tensor]] = {}
+        for module, routes in self.entries:
+            loads = []
+            for value in routes.values():
+                loads.extend(_loads(value))
+            prev = acc.get(module)
+            acc[module] = loads if prev is None else [a + b for a, b in zip(prev, loads)]
+        return {m: [v / v.sum().clamp_min(1e-12) for v in loads] for m, loads in acc.items()}
+
+    def entropy(self) -> dict[str, list[float]]:
+        """``{module: [mean entropy (nats) of the router probabilities per router or pool]}``."""
+        acc: dict[str, list[list[float]]] = {}
+        for module, routes in self.entries:
+            ent = []
+            for value in routes.values():
+                probs = value[2] if isinstance(value[0], tuple) else (value[1],)
+                for p in probs:
+                    p = p.reshape(-1, p.shape[-1]).float()
+                    ent.append(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()))
+            acc.setdefault(module, []).append(ent)
+        return {m: [sum(col) / len(col) for col in zip(*rows)] for m, rows in acc.items()}
+
+
+def _loads(value) -> list[torch.Tensor]:
+    if isinstance(value[0], tuple):  # tree: per pool counts of selected experts, weighted by nothing
+        indices, _, probs = value
+        return [torch.bincount(idx.reshape(-1), minlength=p.shape[-1]).float() for idx, p in zip(indices, probs)]
+    gates = value[0]
+    return [(gates > 0).float().sum(0) if value[2] is None else
+            torch.bincount(value[2].reshape(-1), minlength=gates.shape[-1]).float()]
