@@ -18,6 +18,39 @@ from .routing_log import RoutingLog
 __all__ = ["AdapterHandle"]
 
 
+def _shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss predicts ``labels[..., 1:]`` (causal LMs), as the HF Trainer counts
+    ``num_items_in_batch``."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return False
+    config = getattr(model, "config", None)
+    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def _token_share(kwargs: dict, shifts_labels: bool) -> torch.Tensor | None:
+    """``n / N``: this batch's counted label tokens over ``num_items_in_batch``; ``None`` without both."""
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        if labels is not None and shifts_labels:
+            labels = labels[..., 1:]
+    if total is None or labels is None:
+        return None
+    return labels.ne(-100).sum() / total
+
+
+def _install_save_pretrained(model: nn.Module, handle: "AdapterHandle") -> bool:
+    """Shadow ``save_pretrained`` on this model instance only (not its class), undone by ``remove()``."""
+    if not callable(getattr(model, "save_pretrained", None)) or "save_pretrained" in vars(model):
+        return False
+    model.save_pretrained = handle._save_pretrained  # type: ignore[method-assign]
+    return True
+
+
 class AdapterHandle:
     """A compiled adapter living inside ``model``.
 
@@ -40,9 +73,12 @@ class AdapterHandle:
         self._originals = originals
         self._collector = collector
         self._requires_grad = requires_grad
-        self._hooks = [model.register_forward_pre_hook(self._pre_hook),
+        self._hooks = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                        model.register_forward_hook(self._post_hook)]
         self._last_aux: torch.Tensor | None = None
+        self._share: torch.Tensor | None = None
+        self._shifts_labels = _shifts_labels(model)
+        self._own_save = _install_save_pretrained(model, self)
         self.active = True
 
     # ---- training ----------------------------------------------------------------------
@@ -61,10 +97,18 @@ class AdapterHandle:
         """The last forward's weighted aux loss (times ``spec.aux_loss_coef``), or ``None``."""
         return self._last_aux
 
-    def _pre_hook(self, module, args):
+    def _pre_hook(self, module, args, kwargs):
         self._collector.reset()
+        self._share = _token_share(kwargs, self._shifts_labels)
 
     def _post_hook(self, module, args, output):
+        """``loss += coef · aux`` (times the batch's share of ``num_items_in_batch``); ``aux_loss = coef · aux``.
+
+        With ``num_items_in_batch`` (the HF Trainer under gradient accumulation) the model's loss is
+        ``Σ_tokens ℓ / N`` over the whole accumulated batch, so each micro-batch's aux loss enters
+        weighted by its share ``n / N`` of the counted label tokens: summed over the micro-batches
+        this is the token-weighted mean of their aux losses, as without accumulation.
+        """
         total = self._collector.total()
         if total is None:
             self._last_aux = None
@@ -73,7 +117,8 @@ class AdapterHandle:
         self._last_aux = total
         loss = getattr(output, "loss", None)
         if loss is not None:
-            output["loss"] = loss + total.to(loss.dtype)
+            weighted = total if self._share is None else total * self._share
+            output["loss"] = loss + weighted.to(loss.dtype)
         if hasattr(output, "keys"):
             output["aux_loss"] = total
         return output
@@ -107,7 +152,7 @@ class AdapterHandle:
         with torch.no_grad():
             for name, mod in self.modules.items():
                 graph = self.graphs[name]
-                spec_router = self.spec.sites[self.site_of[name]].adapter.router  # type: ignore[union-attr]
+                spec_router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
                 rate = getattr(spec_router, "bias_update_rate", 0.0)
                 for n in graph.nodes:
                     if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
@@ -157,8 +202,18 @@ class AdapterHandle:
                 p.requires_grad_(self._requires_grad[pname])
         for h in self._hooks:
             h.remove()
+        if self._own_save and vars(self.model).get("save_pretrained") == self._save_pretrained:
+            del self.model.save_pretrained
         self.active = False
         return self.model
+
+    def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+        """``model.save_pretrained`` while the adapter is injected (what ``Trainer.save_model`` calls):
+        writes the moleforge adapter (``mf.save``), not the full state dict, as PEFT does for its
+        models. Full merged weights: ``mf.export_merged``."""
+        from .checkpoint import save
+        if is_main_process:
+            save(self, save_directory)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.trainable_parameters())

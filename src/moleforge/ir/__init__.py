@@ -5,8 +5,8 @@ from .graph import Graph, width_of
 from .interpret import Result, eval_expr, interpret
 from .nodes import (
     AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, Gate, GroupedMix, Input, Jitter, Linear,
-    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeGateLevel, TreeLevelParams, TreeMix,
-    TreePropagate, TreeRoute,
+    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, StaticGate, TreeGateLevel, TreeLevelParams,
+    TreeMix, TreePropagate, TreeRoute,
 )
 from .params import (
     BlockColumns, BlockRows, Concat, ParamDecl, ParamExpr, ParamRef, Pick, expr_refs, expr_shape, format_expr,
@@ -18,7 +18,7 @@ __all__ = [
     "Graph", "width_of", "Result", "interpret", "eval_expr", "verify", "print_graph", "format_node",
     "Node", "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix", "BlockGate",
     "OuterGate", "TreeRoute", "TreeGateLevel", "TreeLevelParams", "TreeMix", "TreePropagate", "AuxLoss",
-    "Gate", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK",
+    "Gate", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate",
     "ParamRef", "BlockRows", "BlockColumns", "Pick", "Concat", "ParamExpr", "ParamDecl",
     "expr_refs", "expr_shape", "format_expr",
 ]

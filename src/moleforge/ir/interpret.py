@@ -23,7 +23,7 @@ from torch import Tensor
 from .graph import Graph
 from .nodes import (
     AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, GroupedMix, Input, Jitter, Linear,
-    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, StaticGate, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 
@@ -140,6 +140,11 @@ def _route(n: Route, z: Tensor, p, fixed) -> dict:
     if isinstance(g, DenseSoftmax):
         probs = torch.softmax(z / g.temperature, dim=1)
         return {"gates": probs, "probs": probs, "index": None, "margin": math.inf}
+    if isinstance(g, StaticGate):
+        w = p[g.weights.name]  # (E,); z is the site input, read only for T
+        gates = w.expand(T, n.experts)  # (T, E): the same weights for every token
+        probs = (w.abs() / w.abs().sum().clamp_min(1e-12)).expand(T, n.experts)  # (T, E)
+        return {"gates": gates, "probs": probs, "index": None, "margin": math.inf}
     probs = torch.softmax(z / g.temperature, 1) if isinstance(g, SoftmaxTopK) else torch.sigmoid(z)
     if isinstance(g, SoftmaxTopK):
         score = probs

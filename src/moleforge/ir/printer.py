@@ -12,7 +12,7 @@ from __future__ import annotations
 from .graph import Graph
 from .nodes import (
     AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, GroupedMix, Input, Jitter, Linear,
-    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, StaticGate, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import format_expr
 
@@ -29,6 +29,8 @@ def _gate(g) -> str:
             return f"sigmoid_topk(k={k}, bias={b.name})"
         case AbsTopK(k=k, balance=b):
             return f"abs_topk(k={k}, bias={b.name})"
+        case StaticGate(weights=w):
+            return f"static(w={w.name})"
     raise TypeError(g)
 
 

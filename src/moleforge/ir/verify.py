@@ -9,7 +9,7 @@ from __future__ import annotations
 from .graph import Graph
 from .nodes import (
     TENSOR_NODES, AbsTopK, Add, AuxLoss, BlockGate, Columns, GroupedMix, Input, Jitter, Linear,
-    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, StaticGate, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import ParamExpr, ParamRef, expr_refs, expr_shape
 from ..errors import IRVerificationError
@@ -113,6 +113,11 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
             return p
         case Jitter():
             return _need_tensor(g, n.src, "source")
+        case Route() if isinstance(n.gate, StaticGate):
+            p = _need_tensor(g, n.src, "token source") + _expr(g, n.gate.weights, "static weights")
+            if not p and expr_shape(n.gate.weights) != (n.experts,):
+                p.append(f"static weights have shape {expr_shape(n.gate.weights)}, router has {n.experts} experts")
+            return p
         case Route():
             p = _need_tensor(g, n.src, "scores")
             if not p and w(n.src) != n.experts:

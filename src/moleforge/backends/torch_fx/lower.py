@@ -20,7 +20,7 @@ from ...errors import LoweringError
 from ...ir import (
     AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, BlockRows, Columns, Concat, DenseSoftmax, Graph,
     GroupedMix, Input, Jitter, Linear, OuterGate, ParamExpr, ParamRef, Pick, PoolMix, Route, SigmoidTopK,
-    SoftmaxTopK, TreeMix, TreePropagate, TreeRoute, format_expr,
+    SoftmaxTopK, StaticGate, TreeMix, TreePropagate, TreeRoute, format_expr,
 )
 from . import ops, ops_tree
 
@@ -100,6 +100,8 @@ def _route(c: _Ctx, n: Route) -> fx.Node:
             return c.call(ops.route_softmax_topk, (z, g.k, g.renormalize, g.temperature), n.id)
         case DenseSoftmax():
             return c.call(ops.route_dense, (z, g.temperature), n.id)
+        case StaticGate():
+            return c.call(ops.route_static, (z, c.expr(g.weights)), n.id)
         case SigmoidTopK():
             return c.call(ops.route_sigmoid_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
                                                    g.k, c.training), n.id)
