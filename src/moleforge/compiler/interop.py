@@ -277,7 +277,7 @@ def export_merged(handle: AdapterHandle, path: PathLike, *, static_only: bool = 
         raise CheckpointError(f"{out} holds a moleforge adapter ({CONFIG_NAME}); a fully merged model there would "
                               "be loaded with it again: choose another directory or delete those files")
     tensors = _merged_state(handle, merge)
-    write_hf_model(out, tensors, _json_files(handle.model), max_shard_size)
+    write_hf_model(out, tensors, _json_files(handle.model, tensors), max_shard_size)
     if kept_sites:
         _save_rest(handle, kept_sites, out)
     return out
@@ -308,9 +308,12 @@ def _merged_state(handle: AdapterHandle, merge: Mapping[str, LowRank]) -> dict[s
     return dedupe_shared(state)
 
 
-def _json_files(model: nn.Module) -> dict[str, str]:
+def _json_files(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    if floats:  # from_pretrained(dtype="auto") loads the weights in the dtype they were saved in
+        config.dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.")
     files = {"config.json": config.to_json_string()}
     gen = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)

@@ -92,6 +92,9 @@ def reduce_site(graph: Graph, params: Mapping[str, Tensor]) -> LowRank:
             node kind without a low-rank rule.
     """
     needed = nx.ancestors(graph.dag(), graph.output) | {graph.output}
+    for n in graph.nodes:  # name the router first: it is the reason, whatever feeds it
+        if n.id in needed and (isinstance(n, TreeRoute) or (isinstance(n, Route) and not isinstance(n.gate, StaticGate))):
+            raise _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
     env: dict[str, object] = {}
     for n in graph.nodes:
         if n.id in needed:

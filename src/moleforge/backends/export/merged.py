@@ -47,7 +47,7 @@ def fold_delta(weight: torch.Tensor, delta: torch.Tensor, transposed: bool) -> t
     d = delta.T if transposed else delta
     if tuple(d.shape) != tuple(weight.shape):
         raise ValueError(f"delta {tuple(d.shape)} does not fit weight {tuple(weight.shape)}")
-    return (weight.detach().to(torch.float64) + d.to(torch.float64, device=weight.device)).to(weight.dtype)
+    return (weight.detach().to(torch.float64) + d.to(device=weight.device, dtype=torch.float64)).to(weight.dtype)
 
 
 def dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
