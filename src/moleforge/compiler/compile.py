@@ -91,14 +91,14 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         except Exception as e:  # noqa: BLE001 - name the module in the message
             raise InjectionError(f"could not build the adapter for module {s.name!r}: {e}") from e
         uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graphs[s.name].nodes)
-        replacements[s.name] = AdaptedLinear(base, gm, collector, uses_samples=uses_samples)
-        replacements[s.name].site_name = s.name
+        adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples).train(base.training)
+        adapted.site_name = s.name
+        replacements[s.name] = adapted
         site_of[s.name] = s.site_index
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     originals = swap_modules(model, dict(replacements))
-    for n, p in model.named_parameters():
-        if n in requires_grad:
-            p.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
     for mod in replacements.values():
         for p in mod.site.parameters():
             p.requires_grad_(True)

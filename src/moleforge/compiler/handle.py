@@ -106,11 +106,10 @@ class AdapterHandle:
         Call after each optimizer step (the Trainer callback does)."""
         with torch.no_grad():
             for name, mod in self.modules.items():
-                graph = self.graphs[name]
-                spec_router = self.spec.sites[self.site_of[name]].adapter.router  # type: ignore[union-attr]
-                rate = getattr(spec_router, "bias_update_rate", 0.0)
-                for n in graph.nodes:
+                for n in self.graphs[name].nodes:
                     if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
+                        router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
+                        rate = getattr(router, "bias_update_rate", 0.0)
                         bias = getattr(mod.site, n.gate.balance.name)
                         counts = getattr(mod.site, counts_name(n.gate.balance.name))
                         if counts.sum() > 0:
