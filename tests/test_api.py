@@ -150,7 +150,8 @@ def test_injection_is_atomic(monkeypatch):
 
 
 def test_gpt2_conv1d_and_bert_linears_get_adapters():
-    h = mf.compile("lora", tiny("gpt2"))
+    with pytest.warns(UserWarning, match="gate"):
+        h = mf.compile("lora", tiny("gpt2"))
     names = sorted(h.modules)
     assert "transformer.h.0.attn.c_attn" in names and "transformer.h.0.mlp.c_proj" in names
     assert h.modules["transformer.h.0.attn.c_attn"].out_features == 96
@@ -238,3 +239,16 @@ def test_update_balancing_moves_the_bias_toward_balance():
     moved = site.balance
     over = counts > counts.mean()
     assert torch.all(moved[over] < 0) and torch.all(site.balance_counts == 0)
+
+
+def test_attach_updates_balancing_after_each_optimizer_step():
+    model = tiny("llama")
+    h = mf.compile("flylora", model)
+    opt = torch.optim.SGD(h.trainable_parameters(), lr=0.1)
+    h.attach(opt)
+    model.train()
+    site = next(iter(h.modules.values())).site
+    model(input_ids=batch(), labels=batch()).loss.backward()
+    assert site.balance_counts.sum() > 0
+    opt.step()
+    assert site.balance_counts.sum() == 0 and site.balance.abs().sum() > 0

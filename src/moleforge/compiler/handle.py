@@ -116,6 +116,11 @@ class AdapterHandle:
                             bias += rate * torch.sign(counts.mean() - counts)
                         counts.zero_()
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run :meth:`update_balancing` after every ``optimizer.step()`` (a post-step hook on
+        that optimizer only; removed by :meth:`remove`)."""
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.update_balancing()))
+
     def seed_noise(self, seed: int | None) -> None:
         """Draw routing noise (noisy top-k gates) from a generator seeded with ``seed``."""
         for mod in self.modules.values():
