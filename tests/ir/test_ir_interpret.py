@@ -9,7 +9,15 @@ import torch
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret
 from moleforge.specs import (
-    DenseRouter, ExpertPool, LoRA, ResidualTree, Shared, SwitchLoadBalance, TopKRouter, TreeLevel, TreeRouter,
+    DenseRouter,
+    ExpertPool,
+    LoRA,
+    ResidualTree,
+    Shared,
+    SwitchLoadBalance,
+    TopKRouter,
+    TreeLevel,
+    TreeRouter,
 )
 from strategies import make_params
 from tolerances import assert_close

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 import moleforge as mf
 from moleforge.errors import SpecError
@@ -76,5 +77,5 @@ def test_unknown_preset_lists_available():
 
 def test_specs_are_frozen():
     spec = mf.presets.load("lora")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.name = "x"  # type: ignore[misc]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Sequence
 
@@ -16,7 +15,7 @@ from ..errors import InjectionError, MoleforgeError, SpecError
 from ..ir import AuxLoss, Graph, verify
 from ..passes import DEFAULT_PIPELINE, Pass, run_pipeline
 from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
-from .build import SiteShape, build_graph
+from .build import build_graph
 from .handle import AdapterHandle
 from .sites import ResolvedSite, resolve_sites
 
@@ -160,7 +159,3 @@ def structural_flexibility(spec: Any) -> int | dict[str, int]:
                 values[f"sites[{i}].overrides[{j}]"] = _gamma(site.adapter, ov.experts)
     distinct = set(values.values())
     return distinct.pop() if len(distinct) == 1 else values
-
-
-def spec_json(spec: AdapterSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=True)
