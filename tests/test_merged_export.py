@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moleforge as mf
-from conftest import assert_close
+from tolerances import assert_close
 from models import batch, tiny
 from moleforge.backends.export.lowrank import NotReducibleError, reduce_site
 from moleforge.compiler.build import SiteShape, build_graph

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moleforge as mf
-from conftest import assert_close
+from tolerances import assert_close
 from models import tiny
 from peft_helpers import logits, make_peft_adapter, peft_logits
 

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 
 import moleforge as mf
-from conftest import assert_close
+from tolerances import assert_close
 from models import tiny
 from peft_helpers import logits, make_peft_adapter, peft_logits
 

@@ -11,13 +11,38 @@ from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
 from .compiler.interop import export_merged, export_peft, from_peft
 from .errors import (
-    CheckpointError, InjectionError, IRVerificationError, LoweringError, MoleforgeError, NotMergeableError,
-    PassError, SpecError,
+    CheckpointError,
+    InjectionError,
+    IRVerificationError,
+    LoweringError,
+    MoleforgeError,
+    NotMergeableError,
+    PassError,
+    SpecError,
 )
 from .specs import (
-    AdapterSpec, CV2ImportanceLoad, DenseRouter, ExpertPool, ImplicitTopKRouter, Init, LayerOverride,
-    LocalizedBalance, LoRA, RankPartition, ResidualTree, Shared, SigmoidTopKRouter, Site, SparseRandom,
-    StaticRouter, SwitchLoadBalance, Target, TopKRouter, TreeLevel, TreeRouter, presets,
+    AdapterSpec,
+    CV2ImportanceLoad,
+    DenseRouter,
+    ExpertPool,
+    ImplicitTopKRouter,
+    Init,
+    LayerOverride,
+    LocalizedBalance,
+    LoRA,
+    RankPartition,
+    ResidualTree,
+    Shared,
+    SigmoidTopKRouter,
+    Site,
+    SparseRandom,
+    StaticRouter,
+    SwitchLoadBalance,
+    Target,
+    TopKRouter,
+    TreeLevel,
+    TreeRouter,
+    presets,
 )
 
 __version__ = "0.1.0"
