@@ -19,16 +19,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moleforge as mf
-from tolerances import assert_close
 from models import batch, tiny
 from moleforge.backends.export.lowrank import NotReducibleError, reduce_site
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import (
-    BlockColumns, BlockGate, BlockRows, Graph, Input, Linear, OuterGate, ParamDecl, ParamRef, Route, StaticGate,
-    interpret, verify,
+    BlockColumns,
+    BlockGate,
+    BlockRows,
+    Graph,
+    Input,
+    Linear,
+    OuterGate,
+    ParamDecl,
+    ParamRef,
+    Route,
+    StaticGate,
+    interpret,
+    verify,
 )
 from peft_helpers import logits
 from strategies import loras, make_params, pools, trees
+from tolerances import assert_close
 
 
 @st.composite

@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moleforge as mf
-from tolerances import assert_close
 from models import tiny
 from peft_helpers import logits, make_peft_adapter, peft_logits
+from tolerances import assert_close
 
 
 def _lora_spec(down_roles, other_roles) -> mf.AdapterSpec:
@@ -88,7 +88,8 @@ def test_imported_adapter_round_trips_unchanged(tmp_path):
                             rank_pattern={"o_proj": 2}, alpha_pattern={"k_proj": 2})
     handle = mf.from_peft(tiny("llama"), src)
     mf.export_peft(handle, tmp_path / "out")
-    before, after = load_file(str(src / "adapter_model.safetensors")), load_file(str(tmp_path / "out/adapter_model.safetensors"))
+    before = load_file(str(src / "adapter_model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert_close(peft_logits("llama", tmp_path / "out"), peft_logits("llama", src), "save_load")
 

@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel
 
 import moleforge as mf
-from tolerances import assert_close
 from models import tiny
 from peft_helpers import logits, make_peft_adapter, peft_logits
+from tolerances import assert_close
 
 SINGLE = {
     "llama-patterns": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],

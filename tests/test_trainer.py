@@ -9,9 +9,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moleforge as mf
-from tolerances import assert_close
 from models import VOCAB, batch, tiny
 from peft_helpers import logits
+from tolerances import assert_close
 
 
 def _spec(coef: float = 1.0) -> mf.AdapterSpec:

@@ -117,7 +117,8 @@ def _lora_spec(ad: PeftLoRA, names: dict[str, str], label: str):
     for peft_name, lora in ad.modules.items():
         groups.setdefault((lora.rank, lora.alpha, lora.rslora), []).append(names[peft_name])
         tensors[f"{names[peft_name]}.A"], tensors[f"{names[peft_name]}.B"] = lora.a, lora.b
-    sites = [Site(target=_targets(mods), adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank"))
+    sites = [Site(target=_targets(mods),
+                  adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank"))
              for (r, alpha, rs), mods in sorted(groups.items())]
     return AdapterSpec(name=label, description=f"imported from the PEFT LoRA {ad.path}", sites=sites), tensors
 

@@ -31,8 +31,21 @@ from torch import Tensor
 
 from ...errors import NotMergeableError
 from ...ir import (
-    Add, BlockGate, Columns, Graph, GroupedMix, Input, Jitter, Linear, OuterGate, PoolMix, Route, StaticGate,
-    TreeRoute, eval_expr, format_node,
+    Add,
+    BlockGate,
+    Columns,
+    Graph,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    OuterGate,
+    PoolMix,
+    Route,
+    StaticGate,
+    TreeRoute,
+    eval_expr,
+    format_node,
 )
 
 __all__ = ["LowRank", "NotReducibleError", "reduce_site"]
@@ -93,7 +106,8 @@ def reduce_site(graph: Graph, params: Mapping[str, Tensor]) -> LowRank:
     """
     needed = nx.ancestors(graph.dag(), graph.output) | {graph.output}
     for n in graph.nodes:  # name the router first: it is the reason, whatever feeds it
-        if n.id in needed and (isinstance(n, TreeRoute) or (isinstance(n, Route) and not isinstance(n.gate, StaticGate))):
+        routed = isinstance(n, TreeRoute) or (isinstance(n, Route) and not isinstance(n.gate, StaticGate))
+        if routed and n.id in needed:
             raise _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
     env: dict[str, object] = {}
     for n in graph.nodes:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -120,8 +119,11 @@ def _text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: Path(p).write_text(text))
 
 
+def _is_weights_file(name: str) -> bool:
+    return name in (WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD.match(name))
+
+
 def _remove_stale(d: Path, keep: set[str]) -> None:
-    stale: Callable[[str], bool] = lambda n: n in (WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD.match(n))
     for p in d.iterdir():
-        if p.is_file() and stale(p.name) and p.name not in keep:
+        if p.is_file() and _is_weights_file(p.name) and p.name not in keep:
             p.unlink()

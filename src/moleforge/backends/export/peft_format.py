@@ -136,7 +136,8 @@ def read_peft_lora(directory: str | os.PathLike) -> PeftLoRA:
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
             raise CheckpointError(f"{d}: module {name!r} has factors {sorted(ab)} with shapes "
-                                  f"{[tuple(v.shape) for v in ab.values()]}; expected lora_A (r, d_in), lora_B (d_out, r)")
+                                  f"{[tuple(v.shape) for v in ab.values()]}; expected lora_A (r, d_in), "
+                                  "lora_B (d_out, r)")
         alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         modules[name] = ModuleLoRA(a=ab["A"], b=ab["B"], alpha=float(alpha), rslora=bool(config.get("use_rslora")))
     if not modules:
