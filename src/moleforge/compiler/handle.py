@@ -54,6 +54,10 @@ def _install_save_pretrained(model: nn.Module, handle: "AdapterHandle") -> bool:
 class AdapterHandle:
     """A compiled adapter living inside ``model``.
 
+    While it is injected, the model's forward adds the aux losses to ``outputs.loss`` (see
+    ``_post_hook``), and ``model.save_pretrained(dir)`` (so ``Trainer.save_model``) writes this
+    adapter as ``mf.save`` does; ``remove()`` undoes both.
+
     Attributes:
         model: the user's model (still a ``PreTrainedModel``; modules replaced in place).
         spec: the spec it was compiled from.

@@ -196,7 +196,7 @@ def _refusal(handle: AdapterHandle, refused: Mapping[str, NotReducibleError], wh
     for i, mods in sorted(by_site.items()):
         e = refused[mods[0]]
         more = f" (and {len(mods) - 1} more modules of sites[{i}])" if len(mods) > 1 else ""
-        lines.append(f"module {mods[0]!r}{more}, router %{e.node}: {e}")
+        lines.append(f"module {mods[0]!r}{more}: {e}")
     dep = any(e.input_dependent for e in refused.values())
     why = "depend on the input (token-level routing)" if dep else "are not a fixed low-rank update"
     return f"cannot {what}: these sites {why}:\n  - " + "\n  - ".join(lines) + f"\n{instead}"

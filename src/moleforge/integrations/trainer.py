@@ -41,6 +41,8 @@ class MoleforgeTrainerCallback(TrainerCallback):
     and into ``trainer.state.log_history``; ``history`` keeps every site's load vector and
     entropies per logged step, for plots.
 
+    With this callback, do not also ``handle.attach(optimizer)``: the biases would move twice a step.
+
     Args:
         handle: the compiled adapter being trained.
         routing_stats: record routing on logged steps (costs one detached copy of each site's

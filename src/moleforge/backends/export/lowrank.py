@@ -122,8 +122,8 @@ def reduce_site(graph: Graph, params: Mapping[str, Tensor]) -> LowRank:
 
 def _refuse(graph: Graph, n, why: str, input_dependent: bool) -> NotReducibleError:
     line = format_node(n, graph.width(n.id))
-    where = f" ({n.origin})" if n.origin else ""
-    return NotReducibleError(f"{line}{where}: {why}", node=n.id, origin=n.origin, input_dependent=input_dependent)
+    where = f"{n.origin} " if n.origin else ""
+    return NotReducibleError(f"{where}`{line}` {why}", node=n.id, origin=n.origin, input_dependent=input_dependent)
 
 
 def _reduce(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):  # noqa: C901 - one case per node kind
