@@ -125,6 +125,14 @@ def test_activation_checkpointing_counts_the_aux_once():
         assert_close(grads_ck[k], grads[k], "float32_model", msg=k)
 
 
+def test_reentrant_checkpointing_that_drops_the_aux_gradient_is_reported():
+    model = tiny("llama").train()
+    mf.compile(_spec(), model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.warns(UserWarning, match="use_reentrant=False"):
+        model(batch(), labels=batch())
+
+
 def test_save_model_writes_the_moleforge_adapter(tmp_path):
     trainer, handle, _ = _train(tmp_path / "run", _Rows(batch(seed=6, B=4)), batch_size=2, accumulation=1, steps=2)
     trainer.save_model(str(tmp_path / "final"))

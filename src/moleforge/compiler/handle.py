@@ -3,6 +3,7 @@ and ``remove()``."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -81,6 +82,7 @@ class AdapterHandle:
                        model.register_forward_hook(self._post_hook)]
         self._last_aux: torch.Tensor | None = None
         self._share: torch.Tensor | None = None
+        self._warned = False
         self._shifts_labels = _shifts_labels(model)
         self._own_save = _install_save_pretrained(model, self)
         self.active = True
@@ -119,6 +121,11 @@ class AdapterHandle:
             return output
         total = total * self.spec.aux_loss_coef
         self._last_aux = total
+        if module.training and torch.is_grad_enabled() and not total.requires_grad and not self._warned:
+            self._warned = True
+            warnings.warn("the adapter's aux loss carries no gradient: the adapted layers ran without autograd in "
+                          "this forward (activation checkpointing with use_reentrant=True does that); use "
+                          "use_reentrant=False, the default of activation_checkpointing_enable()", stacklevel=2)
         loss = getattr(output, "loss", None)
         if loss is not None:
             weighted = total if self._share is None else total * self._share

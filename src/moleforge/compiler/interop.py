@@ -234,7 +234,7 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
             "or mf.save(handle, path) to keep the whole adapter."))
     factors, ranks, alphas = {}, {}, {}
     for name, lr in done.items():
-        dtype = getattr(handle.modules[name].site, handle.graphs[name].params[0].name).dtype
+        dtype = next(t.dtype for t in handle.modules[name].site.state_dict().values() if t.is_floating_point())
         factors[name] = (lr.a.to(dtype), lr.b.to(dtype))
         ranks[name], alphas[name] = lr.rank, lr.scale * lr.rank
     conv1d = any(not isinstance(handle.modules[n].base_layer, nn.Linear) for n in done)

@@ -3,7 +3,11 @@ balancing-bias update once per optimizer step.
 
 The Trainer itself needs nothing else: the compiled model stays the user's ``PreTrainedModel``,
 its ``outputs.loss`` already holds ``spec.aux_loss_coef · aux`` (scaled for gradient accumulation
-through ``num_items_in_batch``), and ``trainer.save_model`` writes the moleforge adapter.
+through ``num_items_in_batch``), and ``trainer.save_model`` writes the moleforge adapter. Two
+Trainer settings compute the loss outside the model and so leave the aux loss out unless the
+user adds ``outputs["aux_loss"]``: ``compute_loss_func`` and ``label_smoothing_factor``. The
+Trainer's ``resume_from_checkpoint`` reloads only weight files it knows (``model.safetensors``,
+PEFT adapters); restore a moleforge checkpoint with ``mf.load`` instead.
 
     handle = mf.compile("molora", model)
     trainer = Trainer(model=model, args=args, train_dataset=ds,
