@@ -21,7 +21,10 @@ from hypothesis import strategies as st
 import moleforge as mf
 from models import batch, tiny
 from moleforge.backends.export.lowrank import NotReducibleError, reduce_site
+from moleforge.backends.torch_fx.init import ParamStore
+from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
+from moleforge.errors import IRVerificationError
 from moleforge.ir import (
     BlockColumns,
     BlockGate,
@@ -35,6 +38,7 @@ from moleforge.ir import (
     Route,
     StaticGate,
     interpret,
+    print_graph,
     verify,
 )
 from peft_helpers import logits
@@ -95,6 +99,57 @@ def test_token_routed_sites_are_not_reducible(adapter, seed):
     with pytest.raises(NotReducibleError) as info:
         reduce_site(graph, make_params(graph, seed))
     assert info.value.input_dependent and "router" in info.value.origin
+
+
+# ---- the static gate: interpreter, verifier, printer, lowering ----------------------------
+
+def test_static_pool_is_the_weighted_sum_of_its_experts():
+    pool = mf.ExpertPool(experts=3, rank=2, alpha=6.0, router=mf.StaticRouter())
+    graph = build_graph(pool, SiteShape(label="site", d_in=5, d_out=4))
+    params = make_params(graph, 1)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    A, B, w = params["A"], params["B"], params["router_w"]
+    expected = sum(w[i] * 3.0 * (x @ A[i].T) @ B[i].T for i in range(3))
+    assert_close(interpret(graph, params, x).output, expected)
+    assert "route %x static(w=router_w) E=3" in print_graph(graph)
+
+
+def test_verifier_rejects_static_weights_of_the_wrong_length():
+    graph = build_graph(mf.ExpertPool(experts=3, rank=2, router=mf.StaticRouter()), SiteShape("site", 5, 4))
+    bad_gate = StaticGate(weights=ParamRef("router_w", (2,)))
+    nodes = tuple(n if not isinstance(n, Route) else Route(id=n.id, src=n.src, gate=bad_gate, experts=3)
+                  for n in graph.nodes)
+    params = tuple(d if d.name != "router_w" else ParamDecl(name="router_w", shape=(2,), init="one")
+                   for d in graph.params)
+    with pytest.raises(IRVerificationError, match="static weights have shape"):
+        verify(graph.replace(nodes=nodes, params=params))
+
+
+def test_static_router_takes_no_aux_loss():
+    with pytest.raises(mf.SpecError, match="static router"):
+        mf.ExpertPool(router=mf.StaticRouter(), aux_losses=[mf.CV2ImportanceLoad()])
+
+
+@given(adapter=static_pools(), seed=st.integers(0, 2**16), T=st.integers(1, 6))
+def test_lowered_static_pool_matches_the_interpreter_with_gradients(adapter, seed, T):
+    graph = build_graph(adapter, SiteShape(label="site", d_in=6, d_out=5))
+    params = make_params(graph, seed)
+    store = ParamStore(graph.params, dtype=torch.float64)
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(store, name).copy_(value)
+    site = lower(graph, store)
+    x = torch.randn(T, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    ref = interpret(graph, leaves, x).output
+    probe = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    (ref * probe).sum().backward()
+    out = site(x)[0]
+    (out * probe).sum().backward()
+    assert_close(out.detach(), ref.detach())
+    for name, p in site.named_parameters():
+        assert_close(p.grad, leaves[name].grad, msg=name)
+    assert {n for n, _ in site.named_parameters()} == {d.name for d in graph.params if d.trainable}
 
 
 # ---- whole models, loaded back by plain transformers -------------------------------------
