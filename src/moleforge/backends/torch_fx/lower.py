@@ -139,14 +139,14 @@ def _tree(c: _Ctx, n) -> fx.Node:
         src = c.env[n.src]
     levels = [(c.expr(lv.b), c.opt(lv.b_bias), c.opt(lv.w), c.opt(lv.w_bias), lv.scale) for lv in n.levels]
     return c.call(ops_tree.tree_propagate, (src, c.item(route, 0, f"{n.routing}_index"),
-                                            c.item(route, 1, f"{n.routing}_weights"), levels, n.activation), n.id)
+                                            c.item(route, 1, f"{n.routing}_weights"), levels, n.activation,
+                                            n.position), n.id)
 
 
 def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
     route = c.env[n.routing]
     if isinstance(c.ir.node(n.routing), TreeRoute):
-        parts = tuple(c.item(route, i, f"{n.id}_{i}") for i in range(3))
-        return c.call(ops_tree.tree_aux, parts + (n.kind, n.weight), n.id)
+        return c.call(ops_tree.tree_aux, (route, n.kind, n.weight), n.id)
     if n.kind == "switch_lb":
         return c.call(ops.switch_lb, (_gates(c, n.routing), c.item(route, 1, f"{n.id}_probs"),
                                       c.item(route, 2, f"{n.id}_index"), n.weight), n.id)
