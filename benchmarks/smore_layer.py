@@ -1,8 +1,8 @@
 """Layer-level speed of moleforge's S'MoRE against a same-rank LoRA and the frozen linear.
 
 One adapted linear ``d_in -> d_out`` (both directions of an FFN: 512->1408 and 1408->512),
-1024 tokens, float32, forward + backward (input and adapter parameters need gradients;
-the base weight is frozen). Variants, timed interleaved in every repetition after a
+1024 tokens as a (4, 256, d_in) batch like inside a model, float32, forward + backward
+(input and adapter parameters need gradients; the base weight is frozen). Variants, timed interleaved in every repetition after a
 warm-up, medians reported:
 
 - ``frozen``: the base ``nn.Linear`` alone;
@@ -81,7 +81,7 @@ def check_outputs(handle, model: Holder, x: torch.Tensor) -> float:
     site = handle.modules["proj"]
     graph = handle.graphs["proj"]
     params = {d.name: getattr(site.site, d.name).detach() for d in graph.params}
-    xs = x[:64].detach()
+    xs = x.detach().reshape(-1, x.shape[-1])[:64]
     with torch.no_grad():
         got = model.proj(xs) - site.base_layer(xs)
     ref = interpret(graph, params, xs).output
@@ -97,8 +97,8 @@ def bench_shape(d_in: int, d_out: int, tokens: int, reps: int, warmup: int) -> d
     handle = mf.compile(tree_spec("switch"), model)
     model.train()
     lora = LoRALayer(base, rank=64)
-    x = torch.randn(tokens, d_in, requires_grad=True)
-    grad = torch.randn(tokens, d_out)
+    x = torch.randn(4, tokens // 4, d_in, requires_grad=True)
+    grad = torch.randn(4, tokens // 4, d_out)
     variants = {
         "frozen": (base, []),
         "lora": (lora, [lora.A, lora.B]),
@@ -127,7 +127,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, reps: int, warmup: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "smore_layer.json"))

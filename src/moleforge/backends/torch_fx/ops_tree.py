@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_propagate", "tree_aux"]
+from .serial import one_thread, serial_call
+
+__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_propagate", "tree_aux"]
 
 
 class TreeRouting(tuple):
@@ -39,7 +41,16 @@ def _act(name: str, v: Tensor) -> Tensor:
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
                generator: torch.Generator | None = None) -> TreeRouting:
-    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`).
+    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`), on one
+    intra-op thread (``serial.py``)."""
+    return serial_call(_route, xd, levels, fanouts, gate, conventions, query_activation, temperature,
+                       training, generator)
+
+
+def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
+           query_activation: str, temperature: float, training: bool,
+           generator: torch.Generator | None) -> TreeRouting:
+    """The routing of :func:`tree_route`.
 
     The query MLP's first layer reads ``z = [x_down, ancestor keys]``; it is applied
     blockwise, ``W1 z = W1[:, :m] x_down + Σ_j (K_j W1[:, slot_j]ᵀ)[e_j]``: one GEMM on the
@@ -118,64 +129,113 @@ def _smooth_load(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor, f: int)
     return torch.where(noisy > thr_in, p_in, p_out).sum((0, 1))
 
 
+def _rows(weights: list[Tensor], d: int) -> Tensor:
+    """Row blocks stacked into one ``(Σ rows, d)`` matrix (copied on one thread)."""
+    if len(weights) == 1:
+        return weights[0].reshape(-1, d)
+    with one_thread():
+        return torch.cat([w.reshape(-1, d) for w in weights])
+
+
+def _bias(weights: list[Tensor], biases: list[Tensor | None], d: int) -> Tensor | None:
+    """The biases of :func:`_rows` (a missing one counts as zero; none at all: ``None``)."""
+    if all(b is None for b in biases):
+        return None
+    parts = [b.reshape(-1) if b is not None else w.new_zeros(w.numel() // d) for w, b in zip(weights, biases)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def tree_down(x: Tensor, a_list: list[Tensor], a_bias: list[Tensor | None]) -> Tensor:
     """Every pool's and expert's down-projection in one GEMM: ``(T, Σ_l s_l r_l)``,
     pool-major, expert-major, ``A_{l,n} x + a_{l,n}``."""
     d = x.shape[-1]
-    A = torch.cat([a.reshape(-1, d) for a in a_list]) if len(a_list) > 1 else a_list[0].reshape(-1, d)
-    if any(ab is None for ab in a_bias):
-        return F.linear(x, A)
-    bias = torch.cat([ab.reshape(-1) for ab in a_bias]) if len(a_bias) > 1 else a_bias[0].reshape(-1)
-    return F.linear(x, A, bias)
+    return F.linear(x, _rows(a_list, d), _bias(a_list, a_bias, d))
 
 
-def _residuals(h: Tensor, B: Tensor, b_bias: Tensor | None, scale: float) -> Tensor:
-    """``u = c (B_n h_n + b_n)`` for every expert at once: ``h (T, s·r)`` times the block
-    diagonal of the ``B_nᵀ`` (one GEMM) -> ``(T, s, d)``."""
-    s, d, r = B.shape
-    M = torch.block_diag(*B.transpose(1, 2).unbind(0)) if s > 1 else B[0].T  # (s·r, s·d)
-    bias = None if b_bias is None else b_bias.reshape(-1)
-    if scale != 1.0:
-        M = M * scale
-        bias = None if bias is None else bias * scale
-    u = torch.addmm(bias, h, M) if bias is not None else h @ M
-    return u.view(h.shape[0], s, d)
+def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
+    """``x [W_down; A_0; ...; A_{L-1}]ᵀ`` ``(T, m + Σ s_l r_l)``: the router's down-projection
+    and every expert's down-projection from one GEMM, without biases (:func:`tree_block`
+    adds them)."""
+    return x @ _rows([down_w, *a_list], x.shape[-1]).T
+
+
+def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
+               levels: list, activation: str, position: str) -> tuple[TreeRouting, Tensor]:
+    """Routing and propagation from :func:`tree_inputs` ``both``, on one intra-op thread:
+    ``x_down = both[:, :m] + b``, ``h_all = both[:, m:] + a``; ``route`` holds the arguments of
+    :func:`tree_route` after ``xd``, ``levels`` those of :func:`tree_propagate`. Returns
+    ``(routing, root hidden (T, d_L))``."""
+    return serial_call(_block, both, m, down_b, a_bias, route, levels, activation, position)
+
+
+def _block(both, m, down_b, a_bias, route, levels, activation, position):
+    xd, h_all = both[:, :m], both[:, m:]
+    if down_b is not None:
+        xd = xd + down_b
+    if any(ab is not None for ab in a_bias):
+        h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else lv[0].new_zeros(lv[0].shape[0] * lv[0].shape[2])
+                                   for ab, lv in zip(a_bias, levels)])
+    routing = _route(xd, *route)
+    return routing, _propagate(h_all, routing[0], routing[1], levels, activation, position)
+
+
+def _node_inputs(h: Tensor, idx: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """Per tree node ``(T, C·f)``: the pool's down-projections ``h (T, s·r)`` with every block
+    but the node's expert zeroed ``(T, C·f, s·r)``, and the expert's one-hot ``(T, C·f, s)``."""
+    T, C, f = idx.shape
+    onehot = F.one_hot(idx.reshape(T, C * f), s).to(h.dtype)
+    masked = h.view(T, 1, s, -1) * onehot.unsqueeze(-1)  # (T, C·f, s, r)
+    return masked.view(T, C * f, -1), onehot
+
+
+def _mix(w: Tensor, msg: Tensor) -> Tensor:
+    """``Σ_p w_p msg_p``: ``w (T, C, f)``, ``msg (T, C·f, d)`` -> ``(T, C, d)``. A broadcast
+    product and a sum: batched matmuls of ``f``-long rows are far slower on CPU."""
+    T, C, f = w.shape
+    return (w.unsqueeze(-1) * msg.view(T, C, f, msg.shape[-1])).sum(2)
 
 
 def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
                    position: str = "all") -> Tensor:
+    """:func:`_propagate` on one intra-op thread (``serial.py``)."""
+    return serial_call(_propagate, h_all, indices, weights, levels, activation, position)
+
+
+def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
+               position: str) -> Tensor:
     """Bottom-up propagation from all down-projections ``h_all (T, Σ s_l r_l)``; returns the
     root hidden ``(T, d_L)``.
 
-    ``levels``: per pool ``(B (s, d_{l+1}, r), b_bias, W or None, W_bias, scale)``. Every
-    expert's residual is computed once per token, so duplicated tree nodes cost nothing.
-    At the leaves the message does not depend on the node: each node is the batched
-    product of its dense gate row ``(C, s)`` with the activated residuals ``(s, d_1)``.
+    ``levels``: per pool ``(B (s, d_{l+1}, r), b_bias, W or None, W_bias, scale)``. Each
+    level is one GEMM over its tree nodes: a node's input row is ``[h ⊙ mask_e, onehot_e,
+    h_child]`` (its expert's down-projection block, the expert's one-hot, the child's
+    hidden) and the weight ``[c B_nᵀ stacked; c b_n + w; Wᵀ]``, so ``u_{l,e} + W h_child + w``
+    comes out of one product, without gathering per-expert results.
     """
     T = h_all.shape[0]
     off, h = 0, h_all
     for l, (B, b_bias, W, W_bias, scale) in enumerate(levels):
         s, dn, r = B.shape
-        u = _residuals(h_all[:, off:off + s * r], B, b_bias, scale)  # (T, s, dn)
-        off += s * r
         idx, w = indices[l], weights[l]  # (T, C, f)
-        C, f = idx.shape[1], idx.shape[2]
-        if l == 0:
-            gates = w.new_zeros(T, C, s).scatter(2, idx, w)  # (T, C, s)
-            h = torch.bmm(gates, _act(activation, u) if position == "all" else u)  # (T, C, dn)
-            continue
-        u_sel = u.gather(1, idx.reshape(T, C * f, 1).expand(T, C * f, dn))  # (T, C·f, dn)
-        wrow = w.reshape(T * C, 1, f)
-        if position == "child":
-            kids = _act(activation, h).reshape(T, C, f, -1).sum(2)  # (T, C, d_l)
-            own = torch.bmm(wrow, u_sel.reshape(T * C, f, dn)).reshape(T, C, dn)
-            h = own + F.linear(kids, W, None if W_bias is None else W_bias * f)
-            continue
-        child = h if position == "all" else _act(activation, h)  # (T, C·f, d_l)
-        msg = F.linear(child, W, W_bias) + u_sel  # (T, C·f, dn)
-        if position == "all":
-            msg = _act(activation, msg)
-        h = torch.bmm(wrow, msg.reshape(T * C, f, dn)).reshape(T, C, dn)
+        masked, onehot = _node_inputs(h_all[:, off:off + s * r], idx, s)
+        off += s * r
+        xs, ws = [masked], [B.transpose(1, 2).reshape(s * r, dn) * scale]
+        node_bias = None if b_bias is None else b_bias * scale  # (s, dn)
+        if l > 0 and position != "child" and W_bias is not None:
+            node_bias = W_bias.expand(s, dn) if node_bias is None else node_bias + W_bias
+        if node_bias is not None:
+            xs.append(onehot)
+            ws.append(node_bias)
+        if l > 0 and position != "child":
+            xs.append(h if position == "all" else _act(activation, h))  # (T, C·f, d_l)
+            ws.append(W.T)
+        pre = torch.cat(xs, -1) @ torch.cat(ws, 0)  # (T, C·f, dn)
+        if l > 0 and position == "child":
+            C, f = idx.shape[1], idx.shape[2]
+            kids = _act(activation, h).view(T, C, f, -1).sum(2)  # (T, C, d_l)
+            h = _mix(w, pre) + F.linear(kids, W, None if W_bias is None else W_bias * f)
+        else:
+            h = _mix(w, _act(activation, pre) if position == "all" else pre)  # (T, C, dn)
     return h.reshape(T, -1)  # one root context
 
 
