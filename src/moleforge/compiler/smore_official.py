@@ -255,6 +255,8 @@ def import_smore_official(model: nn.Module, path_or_state_dict: Any, config: Any
                               + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
     handle.load_state_dict({f"{name}.{d.name}": tensors[name][official_name(d.name)]
                             for name in tensors for d in handle.graphs[name].params})
+    for mod in handle.modules.values():
+        mod.train(mod.base_layer.training)  # an eval-mode model gets eval-mode (noise-free) gates
     return handle
 
 
