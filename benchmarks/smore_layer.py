@@ -2,8 +2,8 @@
 
 One adapted linear ``d_in -> d_out`` (both directions of an FFN: 512->1408 and 1408->512),
 1024 tokens as a (4, 256, d_in) batch like inside a model, float32, forward + backward
-(input and adapter parameters need gradients; the base weight is frozen). Variants, timed interleaved in every repetition after a
-warm-up, medians reported:
+(input and adapter parameters need gradients; the base weight is frozen). Variants, timed
+interleaved in every repetition after a warm-up, medians reported:
 
 - ``frozen``: the base ``nn.Linear`` alone;
 - ``lora``: base + a rank-``E·r`` LoRA (rank 64 for the default tree: the same total rank
@@ -136,7 +136,8 @@ def main() -> None:
     results = [bench_shape(di, do, args.tokens, args.reps, args.warmup) for di, do in SHAPES]
     for r in results:
         m = r["median_ms"]
-        print(f"{r['d_in']:>5} -> {r['d_out']:<5} frozen {m['frozen']:7.2f} ms   lora-64 {m['lora']:7.2f} ms   "
+        print(f"{r['d_in']:>5} -> {r['d_out']:<5} frozen {m['frozen']:7.2f} ms   "
+              f"lora-64 {m['lora']:7.2f} ms   "
               f"smore {m['smore']:7.2f} ms   smore/lora {r['ratio_smore_over_lora']:.2f}x   "
               f"smore/frozen {r['ratio_smore_over_frozen']:.2f}x   "
               f"max err vs interpreter {r['max_abs_err_vs_float64_interpreter']:.1e}")

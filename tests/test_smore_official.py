@@ -162,7 +162,8 @@ def test_many_modules_of_a_model():
     own = handle.state_dict()
     for key, value in ckpt.items():
         name, _, off = key.removeprefix("base_model.model.").partition(".moe_")
-        mine = next(k for k in own if k.startswith(name + ".") and official_name(k[len(name) + 1:]) == "moe_" + off)
+        mine = next(k for k in own
+                    if k.startswith(name + ".") and official_name(k[len(name) + 1:]) == "moe_" + off)
         assert torch.equal(own[mine], value)
     for name in names:
         assert handle.graphs[name].param_decls["down_w"].shape == (shapes[name], shapes[name])
@@ -176,7 +177,8 @@ def _small_checkpoint() -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _assert_untouched(model: Holder):
-    assert isinstance(model.proj, nn.Linear) and not any(isinstance(m, AdaptedLinear) for m in model.modules())
+    assert isinstance(model.proj, nn.Linear)
+    assert not any(isinstance(m, AdaptedLinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("field,value", [("gate_arch", "bottom_up"), ("is_shared_expert_pool", True),
@@ -199,7 +201,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed():
     with pytest.raises(mf.CheckpointError) as e:
         mf.import_smore_official(model, ckpt, cfg)
     msg = str(e.value)
-    assert "moe_W.1 is missing" in msg and "moe_A.0 has shape" in msg and "unexpected moe_expert_act_param.0" in msg
+    assert "moe_W.1 is missing" in msg and "moe_A.0 has shape" in msg
+    assert "unexpected moe_expert_act_param.0" in msg
     _assert_untouched(model)
 
 

@@ -37,7 +37,14 @@ from torch import nn
 
 from ..errors import CheckpointError, MoleforgeError
 from ..specs import (
-    AdapterSpec, CV2ImportanceLoad, ResidualTree, Site, SwitchLoadBalance, Target, TreeLevel, TreeRouter,
+    AdapterSpec,
+    CV2ImportanceLoad,
+    ResidualTree,
+    Site,
+    SwitchLoadBalance,
+    Target,
+    TreeLevel,
+    TreeRouter,
 )
 from .compile import compile
 from .handle import AdapterHandle
@@ -128,7 +135,8 @@ def _split(key: str) -> tuple[str, str, str | None] | None:
     return None
 
 
-def _group(tensors: Mapping[str, torch.Tensor], adapter_name: str | None) -> dict[str, dict[str, torch.Tensor]]:
+def _group(tensors: Mapping[str, torch.Tensor],
+           adapter_name: str | None) -> dict[str, dict[str, torch.Tensor]]:
     """``{module path: {official name: tensor}}`` of one adapter."""
     split = {k: _split(k) for k in tensors}
     names = {s[2] for s in split.values() if s is not None and s[2] is not None}
@@ -140,7 +148,8 @@ def _group(tensors: Mapping[str, torch.Tensor], adapter_name: str | None) -> dic
             continue
         out.setdefault(s[0], {})[s[1]] = tensors[key]
     if not out:
-        raise CheckpointError("no S'MoRE parameters (keys with moe_A, moe_B, moe_gate, ...) in the checkpoint")
+        raise CheckpointError("no S'MoRE parameters (keys with moe_A, moe_B, moe_gate, ...) in the "
+                              "checkpoint")
     return out
 
 
@@ -169,7 +178,8 @@ def smore_spec_from_official(config: Any, d_in: int | None = None) -> ResidualTr
         s, f, r = list(cfg["num_experts"]), list(cfg["num_active"]), list(cfg["expert_dims"])
         g = list(cfg.get("gate_dims") or [32] * len(s))
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"HieRMoEConfig needs num_experts, num_active and expert_dims lists ({e})") from None
+        raise CheckpointError(f"HieRMoEConfig needs num_experts, num_active and expert_dims lists "
+                              f"({e})") from None
     alpha = cfg.get("lora_alpha")
     alpha = [None] * len(s) if alpha is None else list(alpha)
     if not len(s) == len(f) == len(r) == len(g) == len(alpha):
@@ -198,8 +208,9 @@ def _resolve(model: nn.Module, path: str, module: str | None) -> str:
             return module
         linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
         if len(linears) != 1:
-            raise CheckpointError("the checkpoint's keys carry no module path (e.g. 'moe_A.default.0') and the "
-                                  f"model has {len(linears)} linears; pass module='name.of.the.linear'")
+            raise CheckpointError("the checkpoint's keys carry no module path (e.g. 'moe_A.default.0') "
+                                  f"and the model has {len(linears)} linears; pass "
+                                  "module='name.of.the.linear'")
         return linears[0]
     return path
 

@@ -54,7 +54,10 @@ def _gate(n: TreeRoute, l: int, z: Tensor, p, fixed_sel, eps: Tensor | None) -> 
     if n.gate == "dense":
         return out | {"sel": torch.arange(lv.experts), "w": probs}
     score = probs if n.gate == "switch" else logits
-    sel, margin = (torch.as_tensor(fixed_sel), math.inf) if fixed_sel is not None else stable_top(score, lv.fanout)
+    if fixed_sel is not None:
+        sel, margin = torch.as_tensor(fixed_sel), math.inf
+    else:
+        sel, margin = stable_top(score, lv.fanout)
     f, raw = lv.fanout, n.conventions == "official" and lv.fanout == 1
     if n.gate == "switch":
         w = probs[sel] if raw else probs[sel] / probs[sel].sum()
@@ -65,7 +68,8 @@ def _gate(n: TreeRoute, l: int, z: Tensor, p, fixed_sel, eps: Tensor | None) -> 
         chosen[sel] = True
         thr_in, thr_out = logits[~chosen].max(), logits[sel].min()
         normal = torch.distributions.Normal(torch.zeros((), dtype=F64), torch.ones((), dtype=F64))
-        out["load"] = torch.where(chosen, normal.cdf((clean - thr_in) / std), normal.cdf((clean - thr_out) / std))
+        out["load"] = torch.where(chosen, normal.cdf((clean - thr_in) / std),
+                                  normal.cdf((clean - thr_out) / std))
     return out | {"sel": sel, "w": w, "margin": margin}
 
 
@@ -101,51 +105,55 @@ def tree_route(n: TreeRoute, xd: Tensor, p, fixed, noise) -> dict:
 
 def tree_mix(n, src: Tensor, route: dict, p) -> Tensor:
     """Bottom-up propagation, token by token (see :class:`~moleforge.ir.nodes.TreeMix`)."""
-    levels = n.levels
     offsets, off = [], 0
-    for lv in levels:
+    for lv in n.levels:
         offsets.append(off)
         off += lv.b.shape[0] * lv.b.shape[2]
-    outs = []
-    for t in range(src.shape[0]):
+    tok = _Token(n, p, route, offsets)
+    return torch.stack([tok.node(t, src[t], len(n.levels) - 1, 0) for t in range(src.shape[0])])
 
-        def down(l: int, e: int) -> Tensor:
-            lv = levels[l]
-            if isinstance(n, TreePropagate):
-                r = lv.b.shape[2]
-                return src[t, offsets[l] + e * r: offsets[l] + (e + 1) * r]
-            v = p[lv.a.name][e] @ src[t]
-            return v + p[lv.a_bias.name][e] if lv.a_bias is not None else v
 
-        def residual(l: int, e: int) -> Tensor:
-            lv = levels[l]
-            u = p[lv.b.name][e] @ down(l, e)
-            u = u + p[lv.b_bias.name][e] if lv.b_bias is not None else u
-            return lv.scale * u
+class _Token:
+    """The tree of one token."""
 
-        def node(l: int, ctx: int) -> Tensor:
-            """Hidden of the node at level l+1 whose children come from pool l, context ctx."""
-            lv = levels[l]
-            sel, w = route["index"][l][t, ctx], route["weights"][l][t, ctx]
-            f = sel.shape[0]
-            h = torch.zeros(lv.b.shape[1], dtype=F64)
-            for pos in range(f):
-                u = residual(l, int(sel[pos]))
-                if l == 0:
-                    h = h + w[pos] * (_act(n.activation, u) if n.position == "all" else u)
-                    continue
-                child = node(l - 1, ctx * f + pos)
-                wb = p[lv.w_bias.name] if lv.w_bias is not None else 0.0
-                if n.position == "all":
-                    h = h + w[pos] * _act(n.activation, u + p[lv.w.name] @ child + wb)
-                elif n.position == "child":
-                    h = h + w[pos] * u + p[lv.w.name] @ _act(n.activation, child) + wb
-                else:
-                    h = h + w[pos] * (u + p[lv.w.name] @ _act(n.activation, child) + wb)
-            return h
+    def __init__(self, n, p, route: dict, offsets: list[int]):
+        self.n, self.p, self.route, self.offsets = n, p, route, offsets
 
-        outs.append(node(len(levels) - 1, 0))
-    return torch.stack(outs)
+    def residual(self, x: Tensor, l: int, e: int) -> Tensor:
+        """``u_{l,e} = c_l (B (A x + a) + b)``; ``x`` is the token (TreeMix) or its
+        down-projections (TreePropagate)."""
+        lv, p = self.n.levels[l], self.p
+        if isinstance(self.n, TreePropagate):
+            r = lv.b.shape[2]
+            down = x[self.offsets[l] + e * r: self.offsets[l] + (e + 1) * r]
+        else:
+            down = p[lv.a.name][e] @ x
+            down = down + p[lv.a_bias.name][e] if lv.a_bias is not None else down
+        u = p[lv.b.name][e] @ down
+        u = u + p[lv.b_bias.name][e] if lv.b_bias is not None else u
+        return lv.scale * u
+
+    def node(self, t: int, x: Tensor, l: int, ctx: int) -> Tensor:
+        """Hidden of the node at level l+1 whose children come from pool l, context ctx."""
+        n, p = self.n, self.p
+        lv = n.levels[l]
+        sel, w = self.route["index"][l][t, ctx], self.route["weights"][l][t, ctx]
+        f = sel.shape[0]
+        h = torch.zeros(lv.b.shape[1], dtype=F64)
+        for pos in range(f):
+            u = self.residual(x, l, int(sel[pos]))
+            if l == 0:
+                h = h + w[pos] * (_act(n.activation, u) if n.position == "all" else u)
+                continue
+            child = self.node(t, x, l - 1, ctx * f + pos)
+            wb = p[lv.w_bias.name] if lv.w_bias is not None else 0.0
+            if n.position == "all":
+                h = h + w[pos] * _act(n.activation, u + p[lv.w.name] @ child + wb)
+            elif n.position == "child":
+                h = h + w[pos] * u + p[lv.w.name] @ _act(n.activation, child) + wb
+            else:
+                h = h + w[pos] * (u + p[lv.w.name] @ _act(n.activation, child) + wb)
+        return h
 
 
 def _cv2(v: Tensor) -> Tensor:

@@ -27,8 +27,8 @@ def _fusable_mix(ir: Graph, route: TreeRoute) -> TreeMix | None:
         return None
     if any(lin.id in n.inputs() for n in ir.nodes if n.id != route.id):
         return None
-    return next((n for n in ir.nodes if isinstance(n, TreeMix) and n.routing == route.id and n.src == lin.src),
-                None)
+    mixes = (n for n in ir.nodes if isinstance(n, TreeMix) and n.routing == route.id and n.src == lin.src)
+    return next(mixes, None)
 
 
 def emit_tree_route(c, n: TreeRoute) -> fx.Node:
@@ -40,8 +40,8 @@ def emit_tree_route(c, n: TreeRoute) -> fx.Node:
     if mix is None:
         return c.call(ops_tree.tree_route, (c.env[n.src], *args), n.id)
     lin = c.ir.node(n.src)
-    both = c.call(ops_tree.tree_inputs, (c.env[mix.src], c.expr(lin.weight), [c.expr(lv.a) for lv in mix.levels]),
-                  f"{mix.id}_inputs")
+    a_list = [c.expr(lv.a) for lv in mix.levels]
+    both = c.call(ops_tree.tree_inputs, (c.env[mix.src], c.expr(lin.weight), a_list), f"{mix.id}_inputs")
     block = c.call(ops_tree.tree_block, (both, expr_shape(lin.weight)[0], c.opt(lin.bias),
                                          [c.opt(lv.a_bias) for lv in mix.levels], args, _levels(c, mix),
                                          mix.activation, mix.position), f"{mix.id}_block")
@@ -65,9 +65,9 @@ def emit_tree(c, n) -> fx.Node:
                                           [c.opt(lv.a_bias) for lv in n.levels]), f"{n.id}_down")
     else:
         src = c.env[n.src]
-    return c.call(ops_tree.tree_propagate, (src, c.item(route, 0, f"{n.routing}_index"),
-                                            c.item(route, 1, f"{n.routing}_weights"), _levels(c, n), n.activation,
-                                            n.position), n.id)
+    index, weights = c.item(route, 0, f"{n.routing}_index"), c.item(route, 1, f"{n.routing}_weights")
+    args = (src, index, weights, _levels(c, n), n.activation, n.position)
+    return c.call(ops_tree.tree_propagate, args, n.id)
 
 
 def emit_tree_aux(c, n) -> fx.Node:

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .serial import one_thread, serial_call
 
-__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_propagate", "tree_aux"]
+__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_propagate",
+           "tree_aux"]
 
 
 class TreeRouting(tuple):
@@ -173,8 +174,8 @@ def _block(both, m, down_b, a_bias, route, levels, activation, position):
     if down_b is not None:
         xd = xd + down_b
     if any(ab is not None for ab in a_bias):
-        h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else lv[0].new_zeros(lv[0].shape[0] * lv[0].shape[2])
-                                   for ab, lv in zip(a_bias, levels)])
+        h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
+                                   for ab, (B, *_) in zip(a_bias, levels)])
     routing = _route(xd, *route)
     return routing, _propagate(h_all, routing[0], routing[1], levels, activation, position)
 
