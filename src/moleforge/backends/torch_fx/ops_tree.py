@@ -31,6 +31,15 @@ class TreeRouting(tuple):
         return self
 
 
+def _act_(name: str, v: Tensor) -> Tensor:
+    """:func:`_act` in place (on a fresh tensor nothing else reads)."""
+    if name == "tanh":
+        return v.tanh_()
+    if name == "relu":
+        return v.relu_()
+    return v
+
+
 def _act(name: str, v: Tensor) -> Tensor:
     if name == "tanh":
         return torch.tanh(v)
@@ -55,9 +64,10 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
 
     The query MLP's first layer reads ``z = [x_down, ancestor keys]``; it is applied
     blockwise, ``W1 z = W1[:, :m] x_down + Σ_j (K_j W1[:, slot_j]ᵀ)[e_j]``: one GEMM on the
-    tokens plus a gather from an ``(s_j, g)`` table per ancestor, no ``(T, C, in_l)``
-    router input is built. For switch/dense, ``K (W2 h + b2) = (K W2) h + K b2``. The
-    noisy gate's noise projection rides in the same GEMM as extra output rows.
+    tokens for every pool at once plus a gather from an ``(s_j, g)`` table per ancestor; no
+    ``(T, C, in_l)`` router input is built. The noisy gate's noise projection rides in the
+    same GEMM as extra rows. For switch/dense, ``K (W2 h + b2) = (K W2) h + K b2``. Logits
+    are kept expert-major ``(s, T·C)``: softmax and top-k over a short last axis are slow.
 
     Args:
         xd: ``(T, m)`` router input.
@@ -66,68 +76,76 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
         generator: draws the training noise ``ε``, pool by pool from the top, ``(T, C_l, s_l)``.
     """
     L, (T, m) = len(levels), xd.shape
-    noisy, official = gate == "noisy_topk", conventions == "official"
+    noisy = gate == "noisy_topk"
     kvec = [F.normalize(lv[0], dim=-1, eps=1e-12) if noisy else lv[0] for lv in levels]
-    ancestors: list[tuple[int, Tensor]] = []  # (pool j, its chosen expert per current context (T, C))
-    idx_out: list = [None] * L
-    w_out: list = [None] * L
-    p_out: list = [None] * L
-    loads: list = [None] * L
-    for l in reversed(range(L)):
-        keys, w1, b1, w2, b2, noise = levels[l]
-        s, g = keys.shape
-        f = fanouts[l]
+    w_in, b_in = [], []
+    for keys, w1, b1, _, _, noise in levels:
         with_noise = training and noisy and noise is not None
-        w_in, b_in = (torch.cat([w1, noise]), torch.cat([b1, b1.new_zeros(s)])) if with_noise else (w1, b1)
-        pre = F.linear(xd, w_in[:, :m], b_in).unsqueeze(1)  # (T, 1, g [+ s])
+        w_in.append(torch.cat([w1, noise]) if with_noise else w1)  # (g [+ s], in_l)
+        b_in.append(torch.cat([b1, b1.new_zeros(keys.shape[0])]) if with_noise else b1)
+    token_part = F.linear(xd, torch.cat([w[:, :m] for w in w_in]), torch.cat(b_in))  # (T, Σ g_l [+ s_l])
+    starts = [sum(w.shape[0] for w in w_in[:l]) for l in range(L)]
+    ancestors: list[tuple[int, Tensor]] = []  # (pool j, its chosen expert per current context (T, C))
+    out: list = [[None] * L for _ in range(4)]  # indices, weights, probs, smooth loads
+    for l in reversed(range(L)):
+        keys, _, _, w2, b2, _ = levels[l]
+        s, g = keys.shape
+        pre = token_part[:, starts[l]:starts[l] + w_in[l].shape[0]].unsqueeze(1)  # (T, 1, g [+ s])
         off = m
         for j, e in ancestors:
             gj = kvec[j].shape[1]
-            pre = pre + F.embedding(e, kvec[j] @ w_in[:, off:off + gj].T)  # (T, C, g [+ s])
+            pre = pre + F.embedding(e, kvec[j] @ w_in[l][:, off:off + gj].T)  # (T, C, g [+ s])
             off += gj
-        h = _act(query_activation, pre[..., :g] if with_noise else pre)  # (T, C, g)
+        C = pre.shape[1]
+        h = _act(query_activation, pre[..., :g]).reshape(T * C, g)
         if noisy:
-            clean = F.normalize(F.linear(h, w2, b2), dim=-1, eps=1e-12) @ kvec[l].T  # (T, C, s)
+            q = F.normalize(F.linear(h, w2, b2), dim=-1, eps=1e-12)
+            clean = kvec[l] @ q.T  # (s, T·C)
         else:
-            clean = F.linear(h, keys @ w2, keys @ b2)  # (T, C, s)
+            clean = torch.addmm((keys @ b2).unsqueeze(1), keys @ w2, h.T)  # (s, T·C)
         if temperature != 1.0:
             clean = clean / temperature
-        logits, std = clean, None
-        if with_noise:
-            std = F.softplus(pre[..., g:]) + 0.01  # (T, C, s)
-            eps = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-            logits = clean + eps * std
-        probs = torch.softmax(logits, dim=-1)  # (T, C, s)
-        C = probs.shape[1]
-        raw = official and f == 1
-        if gate == "dense":
-            index = torch.arange(s, device=xd.device).expand(T, C, s)
-            weights = probs
-        elif gate == "switch":
-            top, index = probs.topk(f, dim=-1)  # (T, C, f)
-            weights = top if raw else top / top.sum(-1, keepdim=True)
+        std = None
+        if pre.shape[-1] > g:  # training noise
+            std = (F.softplus(pre[..., g:]) + 0.01).reshape(T * C, s).T
+            eps = torch.randn((T, C, s), generator=generator, device=xd.device, dtype=clean.dtype)
+            logits = clean + eps.reshape(T * C, s).T * std
         else:
-            smooth = std is not None and f < s
-            top, index = logits.topk(f + 1 if smooth else f, dim=-1)
-            if smooth:
-                loads[l] = _smooth_load(clean, logits, std, top, f)
-                top, index = top[..., :f], index[..., :f]
-            weights = top if raw else torch.softmax(top, dim=-1)
-        idx_out[l], w_out[l], p_out[l] = index, weights, probs
+            logits = clean
+        sel = _select(gate, logits, clean, std, fanouts[l], conventions == "official" and fanouts[l] == 1)
+        for k, v in enumerate(sel):
+            out[k][l] = None if v is None else v.T.reshape(T, C, -1) if v.dim() == 2 else v
         if l > 0:
-            fl = index.shape[-1]
+            fl = out[0][l].shape[-1]
             ancestors = [(j, e.repeat_interleave(fl, dim=1)) for j, e in ancestors]
-            ancestors.append((l, index.reshape(T, C * fl)))
-    return TreeRouting((tuple(idx_out), tuple(w_out), tuple(p_out)), gate, tuple(loads))
+            ancestors.append((l, out[0][l].reshape(T, C * fl)))
+    return TreeRouting(tuple(tuple(o) for o in out[:3]), gate, tuple(out[3]))
+
+
+def _select(gate: str, logits: Tensor, clean: Tensor, std: Tensor | None, f: int, raw: bool):
+    """One pool's gate on expert-major logits ``(s, N)``: ``(index (f, N), weights (f, N),
+    probs (s, N), smooth load (s,) or None)``; ``raw``: the official unnormalised fanout-1 weight."""
+    s, N = logits.shape
+    probs = torch.softmax(logits, dim=0)
+    if gate == "dense":
+        return torch.arange(s, device=logits.device).unsqueeze(1).expand(s, N), probs, probs, None
+    if gate == "switch":
+        top, index = probs.topk(f, dim=0)
+        return index, top if raw else top / top.sum(0, keepdim=True), probs, None
+    smooth = std is not None and f < s
+    top, index = logits.topk(f + 1 if smooth else f, dim=0)
+    load = _smooth_load(clean, logits, std, top, f) if smooth else None
+    top, index = top[:f], index[:f]
+    return index, top if raw else torch.softmax(top, dim=0), probs, load
 
 
 def _smooth_load(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor, f: int) -> Tensor:
-    """Shazeer's smooth load ``(s,)``: for each expert the probability, over a fresh noise
-    draw, of being selected given the other experts' noisy logits."""
-    thr_in, thr_out = top[..., f:f + 1], top[..., f - 1:f]  # (f+1)-th and f-th noisy logit
+    """Shazeer's smooth load ``(s,)`` from expert-major ``(s, N)`` logits: for each expert the
+    probability, over a fresh noise draw, of being selected given the others' noisy logits."""
+    thr_in, thr_out = top[f:f + 1], top[f - 1:f]  # (f+1)-th and f-th noisy logit
     p_in = torch.special.ndtr((clean - thr_in) / std)
     p_out = torch.special.ndtr((clean - thr_out) / std)
-    return torch.where(noisy > thr_in, p_in, p_out).sum((0, 1))
+    return torch.where(noisy > thr_in, p_in, p_out).sum(1)
 
 
 def _rows(weights: list[Tensor], d: int) -> Tensor:
@@ -236,7 +254,7 @@ def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, acti
             kids = _act(activation, h).view(T, C, f, -1).sum(2)  # (T, C, d_l)
             h = _mix(w, pre) + F.linear(kids, W, None if W_bias is None else W_bias * f)
         else:
-            h = _mix(w, _act(activation, pre) if position == "all" else pre)  # (T, C, dn)
+            h = _mix(w, _act_(activation, pre) if position == "all" else pre)  # (T, C, dn)
     return h.reshape(T, -1)  # one root context
 
 
