@@ -178,6 +178,9 @@ def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``."""
     c = _Ctx(graph)
     for n in graph.nodes:
+        if n.id in c.fused:  # already emitted as part of a fused group (lower_tree)
+            c.env[n.id] = c.fused[n.id]
+            continue
         emit = _EMIT.get(type(n))
         if emit is None:
             raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "

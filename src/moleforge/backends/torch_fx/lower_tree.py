@@ -5,10 +5,14 @@ When a tree's router down-projection ``x_down = Linear(x)`` and its ``TreeMix`` 
 same input, both projections are emitted as one GEMM (``ops_tree.tree_inputs``): the
 rows of ``W_down`` and of every ``A_{l,n}`` stacked, so ``x`` is read once and its
 gradient comes from one product instead of two plus a sum; routing and propagation then
-run as one single-threaded block (``ops_tree.tree_block``) that also adds the biases.
+run as one single-threaded block (``ops_tree.tree_block``) that also adds the biases, and
+the final projection that alone reads the root hidden folds its bias into its GEMM
+(``ops_tree.tree_project``).
 """
 
 from __future__ import annotations
+
+import operator
 
 from torch import fx
 
@@ -42,14 +46,29 @@ def emit_tree_route(c, n: TreeRoute) -> fx.Node:
     lin = c.ir.node(n.src)
     a_list = [c.expr(lv.a) for lv in mix.levels]
     both = c.call(ops_tree.tree_inputs, (c.env[mix.src], c.expr(lin.weight), a_list), f"{mix.id}_inputs")
+    proj = _projection(c.ir, mix)
     block = c.call(ops_tree.tree_block, (both, expr_shape(lin.weight)[0], c.opt(lin.bias),
                                          [c.opt(lv.a_bias) for lv in mix.levels], args, _levels(c, mix),
-                                         mix.activation, mix.position), f"{mix.id}_block")
+                                         mix.activation, mix.position, proj is not None), f"{mix.id}_block")
     old = c.env[n.src]
     if not old.users:
         c.g.erase_node(old)
-    c.fused[mix.id] = c.item(block, 1, mix.id)
+    hidden = c.item(block, 1, mix.id)
+    if proj is None:
+        c.fused[mix.id] = hidden
+    else:
+        c.fused[mix.id] = c.call(operator.getitem, (hidden, (slice(None), slice(None, -1))), f"{mix.id}_root")
+        c.fused[proj.id] = c.call(ops_tree.tree_project, (hidden, c.expr(proj.weight), c.expr(proj.bias)), proj.id)
     return c.item(block, 0, n.id)
+
+
+def _projection(ir: Graph, mix: TreeMix) -> Linear | None:
+    """The biased, unscaled linear that alone reads the tree's root hidden (the final
+    projection), emitted with the block as :func:`ops_tree.tree_project`."""
+    users = [n for n in ir.nodes if mix.id in n.inputs()]
+    if len(users) == 1 and isinstance(users[0], Linear) and users[0].scale == 1.0 and users[0].bias is not None:
+        return users[0]
+    return None
 
 
 def _levels(c, n) -> list:
@@ -57,8 +76,6 @@ def _levels(c, n) -> list:
 
 
 def emit_tree(c, n) -> fx.Node:
-    if n.id in c.fused:
-        return c.fused[n.id]
     route = c.env[n.routing]
     if isinstance(n, TreeMix):
         src = c.call(ops_tree.tree_down, (c.env[n.src], [c.expr(lv.a) for lv in n.levels],

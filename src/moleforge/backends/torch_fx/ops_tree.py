@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .serial import one_thread, serial_call
 
-__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_propagate",
-           "tree_aux"]
+__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
+           "tree_propagate", "tree_aux"]
 
 
 class TreeRouting(tuple):
@@ -84,13 +84,13 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
         w_in.append(torch.cat([w1, noise]) if with_noise else w1)  # (g [+ s], in_l)
         b_in.append(torch.cat([b1, b1.new_zeros(keys.shape[0])]) if with_noise else b1)
     token_part = F.linear(xd, torch.cat([w[:, :m] for w in w_in]), torch.cat(b_in))  # (T, Σ g_l [+ s_l])
-    starts = [sum(w.shape[0] for w in w_in[:l]) for l in range(L)]
+    token_parts = token_part.split([w.shape[0] for w in w_in], dim=1)
     ancestors: list[tuple[int, Tensor]] = []  # (pool j, its chosen expert per current context (T, C))
     out: list = [[None] * L for _ in range(4)]  # indices, weights, probs, smooth loads
     for l in reversed(range(L)):
         keys, _, _, w2, b2, _ = levels[l]
         s, g = keys.shape
-        pre = token_part[:, starts[l]:starts[l] + w_in[l].shape[0]].unsqueeze(1)  # (T, 1, g [+ s])
+        pre = token_parts[l].unsqueeze(1)  # (T, 1, g [+ s])
         off = m
         for j, e in ancestors:
             gj = kvec[j].shape[1]
@@ -179,15 +179,16 @@ def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
 
 
 def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
-               levels: list, activation: str, position: str) -> tuple[TreeRouting, Tensor]:
+               levels: list, activation: str, position: str, ones: bool = False) -> tuple[TreeRouting, Tensor]:
     """Routing and propagation from :func:`tree_inputs` ``both``, on one intra-op thread:
     ``x_down = both[:, :m] + b``, ``h_all = both[:, m:] + a``; ``route`` holds the arguments of
     :func:`tree_route` after ``xd``, ``levels`` those of :func:`tree_propagate`. Returns
-    ``(routing, root hidden (T, d_L))``."""
-    return serial_call(_block, both, m, down_b, a_bias, route, levels, activation, position)
+    ``(routing, root hidden (T, d_L))``; with ``ones`` the hidden gets a last column of ones
+    ``(T, d_L + 1)`` for :func:`tree_project`."""
+    return serial_call(_block, both, m, down_b, a_bias, route, levels, activation, position, ones)
 
 
-def _block(both, m, down_b, a_bias, route, levels, activation, position):
+def _block(both, m, down_b, a_bias, route, levels, activation, position, ones):
     xd, h_all = both[:, :m], both[:, m:]
     if down_b is not None:
         xd = xd + down_b
@@ -195,7 +196,36 @@ def _block(both, m, down_b, a_bias, route, levels, activation, position):
         h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
                                    for ab, (B, *_) in zip(a_bias, levels)])
     routing = _route(xd, *route)
-    return routing, _propagate(h_all, routing[0], routing[1], levels, activation, position)
+    h = _propagate(h_all, routing[0], routing[1], levels, activation, position)
+    return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
+
+
+class _Project(torch.autograd.Function):
+    """``h1 [W, b]ᵀ``: a biased linear as one GEMM each way (the bias is the weight of the
+    ones column of ``h1``), with no separate bias broadcast or reduction."""
+
+    @staticmethod
+    def forward(ctx, h1: Tensor, w: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        with one_thread():
+            wb = torch.cat([w, b.unsqueeze(1)], 1)  # (d_out, d + 1)
+        ctx.save_for_backward(h1, wb)
+        return h1 @ wb.T
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        h1, wb = ctx.saved_tensors
+        gh = g @ wb if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gwb = g.T @ h1  # (d_out, d + 1)
+            with one_thread():
+                gw, gb = gwb[:, :-1].contiguous(), gwb[:, -1].contiguous()
+        return gh, gw, gb
+
+
+def tree_project(h1: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``Δy = h W_projᵀ + b_proj`` from ``h1 = [h, 1] (T, d_L + 1)`` (see :class:`_Project`)."""
+    return _Project.apply(h1, w, b)
 
 
 def _node_inputs(h: Tensor, idx: Tensor, s: int) -> tuple[Tensor, Tensor]:
