@@ -10,6 +10,7 @@ adapters inside HuggingFace models.
 from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
 from .compiler.interop import export_merged, export_peft, from_peft
+from .compiler.smore_official import import_smore_official
 from .errors import (
     CheckpointError,
     InjectionError,

@@ -169,17 +169,22 @@ def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
 
 
 def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
+    """S'MoRE: router down-projection, top-down tree router, bottom-up propagation, final
+    projection. Parameter names (official names in docs/smore_conventions.md): ``down_w/b``,
+    ``keys{l}``, ``query{l}_w1/b1/w2/b2``, ``noise{l}``, ``A{l}``, ``A{l}_bias``, ``B{l}``,
+    ``B{l}_bias``, ``W{l}``, ``W{l}_bias`` (l >= 1), ``proj_w``, ``proj_b``; all ``[out, in]``."""
     d_in, d_out = b.shape.d_in, b.shape.d_out
     rt = spec.router
-    m, g = rt.down_dim, rt.key_dim
-    widths, fanouts, L = spec.widths(), spec.fanouts(), len(spec.levels)
+    m = rt.down_dim or d_in
+    widths, fanouts, keys = spec.widths(), spec.fanouts(), spec.key_dims()
     bias = spec.bias
     Wd = b.param("down_w", (m, d_in), "kaiming", fan_in=d_in)
     bd = b.param("down_b", (m,), "bias") if bias else None
     xd = b.add(Linear(id="x_down", src="x", weight=Wd, bias=bd, origin=f"{origin}.router.down_dim"))
     gate_levels = []
     for l, lv in enumerate(spec.levels):
-        in_l = m + (L - 1 - l) * g
+        g = keys[l]
+        in_l = m + sum(keys[l + 1:])
         gate_levels.append(TreeGateLevel(
             experts=lv.experts, fanout=fanouts[l],
             keys=b.param(f"keys{l}", (lv.experts, g), "keys", fan_in=g),
@@ -203,7 +208,8 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
             w=b.param(f"W{l}", (dn, dp), "kaiming", fan_in=dp) if l > 0 else None,
             w_bias=b.param(f"W{l}_bias", (dn,), "bias") if (l > 0 and bias) else None))
     hroot = b.add(TreeMix(id="tree", src="x", routing=route, levels=tuple(level_params),
-                          activation=spec.activation, origin=f"{origin}.levels"))
+                          activation=spec.activation, position=spec.activation_position,
+                          origin=f"{origin}.levels"))
     Wp = b.param("proj_w", (d_out, widths[-1]), "kaiming", fan_in=widths[-1])
     bp = b.param("proj_b", (d_out,), "bias") if bias else None
     out = b.add(Linear(id="proj", src=hroot, weight=Wp, bias=bp, origin=f"{origin}.final_projection"))

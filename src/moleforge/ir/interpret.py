@@ -42,6 +42,7 @@ from .nodes import (
     TreePropagate,
     TreeRoute,
 )
+from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 
 __all__ = ["interpret", "Result", "eval_expr"]
@@ -86,27 +87,30 @@ def eval_expr(e: ParamExpr, params: Mapping[str, Tensor]) -> Tensor:
 
 def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
               routing: Mapping[str, object] | None = None,
-              samples: tuple[Tensor, Tensor | None] | None = None) -> Result:
+              samples: tuple[Tensor, Tensor | None] | None = None,
+              noise: Mapping[str, tuple[Tensor, ...]] | None = None) -> Result:
     """Run ``graph`` on ``x (T, d_in)`` in float64 (autograd flows to ``params`` and ``x``).
 
     Args:
         params: every declared tensor by name.
         routing: fixed-routing mode, ``{router id: indices}``.
         samples: ``(sample index (T,), sample type (T,) or None)`` for localized balancing.
+        noise: training mode of noisy tree gates, ``{tree router id: (ε_0, ..., ε_{L-1})}``,
+            ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`).
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
     env: dict[str, object] = {}
     fixed = dict(routing or {})
     for n in graph.nodes:
-        env[n.id] = _run(n, env, p, x.to(F64), fixed, res, samples)
+        env[n.id] = _run(n, env, p, x.to(F64), fixed, res, samples, dict(noise or {}))
     res.output = env[graph.output]  # type: ignore[assignment]
     res.aux = {a: env[a] for a in graph.aux}  # type: ignore[misc]
     res.values = env
     return res
 
 
-def _run(n, env, p, x, fixed, res: Result, samples):  # noqa: C901 - one case per node kind
+def _run(n, env, p, x, fixed, res: Result, samples, noise):  # noqa: C901 - one case per node kind
     match n:
         case Input():
             return x
@@ -132,22 +136,14 @@ def _run(n, env, p, x, fixed, res: Result, samples):  # noqa: C901 - one case pe
             g, h = env[n.routing]["gates"], env[n.src]
             return torch.cat([g[:, i:i + 1] * h for i in range(g.shape[1])], 1) * n.scale
         case TreeRoute():
-            r = _tree_route(n, env[n.src], p, fixed.get(n.id))
+            r = tree_route(n, env[n.src], p, fixed.get(n.id), noise.get(n.id))
             res.routes[n.id], res.margins[n.id] = r["index"], r["margin"]
             return r
         case TreeMix() | TreePropagate():
-            return _tree_mix(n, env[n.src], env[n.routing], p)
+            return tree_mix(n, env[n.src], env[n.routing], p)
         case AuxLoss():
             return _aux(n, env[n.routing], samples)
     raise TypeError(f"the interpreter has no rule for {type(n).__name__}")
-
-
-def _stable_top(scores: Tensor, k: int) -> tuple[Tensor, float]:
-    """Indices of the k largest (ties to the lower index) and the selection margin."""
-    scores = scores.detach()
-    order = torch.sort(scores, descending=True, stable=True).indices
-    margin = math.inf if k >= scores.numel() else float(scores[order[k - 1]] - scores[order[k]])
-    return order[:k], margin
 
 
 def _route(n: Route, z: Tensor, p, fixed) -> dict:
@@ -174,7 +170,7 @@ def _route(n: Route, z: Tensor, p, fixed) -> dict:
         if fixed is not None:
             sel = torch.as_tensor(fixed[t])
         else:
-            sel, m = _stable_top(score[t], g.k)
+            sel, m = stable_top(score[t], g.k)
             margin = min(margin, m)
         index.append(sel)
         row = gates[t].clone()
@@ -201,113 +197,6 @@ def _pool(x: Tensor, gates: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
     return out
 
 
-def _act(name: str, v: Tensor) -> Tensor:
-    return torch.tanh(v) if name == "tanh" else torch.relu(v) if name == "relu" else v
-
-
-# ---- residual trees --------------------------------------------------------------------
-
-def _tree_gate(n: TreeRoute, l: int, z: Tensor, p, fixed_sel) -> tuple[Tensor, Tensor, Tensor, float]:
-    """One context at pool l: (selected experts, their weights, all probabilities, margin)."""
-    lv = n.levels[l]
-    h = _act(n.query_activation, p[lv.w1.name] @ z + p[lv.b1.name])
-    q = p[lv.w2.name] @ h + p[lv.b2.name]
-    K = p[lv.keys.name]
-    if n.gate == "noisy_topk":
-        qn = q / torch.clamp(q.norm(), min=1e-12)
-        Kn = K / torch.clamp(K.norm(dim=1, keepdim=True), min=1e-12)
-        logits = (Kn @ qn) / n.temperature
-    else:
-        logits = (K @ q) / n.temperature
-    probs = torch.softmax(logits, 0)
-    if n.gate == "dense":
-        return torch.arange(lv.experts), probs, probs, math.inf
-    score = probs if n.gate == "switch" else logits
-    if fixed_sel is not None:
-        sel, margin = torch.as_tensor(fixed_sel), math.inf
-    else:
-        sel, margin = _stable_top(score, lv.fanout)
-    f, official = lv.fanout, n.conventions == "official"
-    if n.gate == "switch":
-        w = probs[sel] if (official and f == 1) else probs[sel] / probs[sel].sum()
-    else:
-        w = logits[sel] if (official and f == 1) else torch.softmax(logits[sel], 0)
-    return sel, w, probs, margin
-
-
-def _tree_route(n: TreeRoute, xd: Tensor, p, fixed) -> dict:
-    """Route every token top-down; record per pool index/weight ``(T, F_{l+1}, f_l)``."""
-    L = len(n.levels)
-    idx = [[] for _ in range(L)]
-    wts = [[] for _ in range(L)]
-    probs = [[] for _ in range(L)]
-    margin = math.inf
-    for t in range(xd.shape[0]):
-        contexts = [xd[t]]  # router inputs of the contexts at the current pool, top-major order
-        for l in reversed(range(L)):
-            K = p[n.levels[l].keys.name]
-            rows_i, rows_w, rows_p, nxt = [], [], [], []
-            for c, z in enumerate(contexts):
-                fs = None if fixed is None else fixed[l][t][c]
-                sel, w, pr, m = _tree_gate(n, l, z, p, fs)
-                margin = min(margin, m)
-                rows_i.append(sel)
-                rows_w.append(w)
-                rows_p.append(pr)
-                for e in sel.tolist():
-                    key = K[e] / torch.clamp(K[e].norm(), min=1e-12) if n.gate == "noisy_topk" else K[e]
-                    nxt.append(torch.cat([z, key]))
-            idx[l].append(torch.stack(rows_i))
-            wts[l].append(torch.stack(rows_w))
-            probs[l].append(torch.stack(rows_p))
-            contexts = nxt
-    index = tuple(torch.stack(i) for i in idx)
-    return {"index": index, "weights": tuple(torch.stack(w) for w in wts),
-            "probs": tuple(torch.stack(q) for q in probs), "margin": margin}
-
-
-def _tree_mix(n, src: Tensor, route: dict, p) -> Tensor:
-    """Bottom-up propagation, token by token."""
-    levels = n.levels
-    offsets, off = [], 0
-    for lv in levels:
-        offsets.append(off)
-        off += lv.b.shape[0] * lv.b.shape[2]
-    outs = []
-    for t in range(src.shape[0]):
-
-        def down(l: int, e: int) -> Tensor:
-            lv = levels[l]
-            if isinstance(n, TreePropagate):
-                r = lv.b.shape[2]
-                return src[t, offsets[l] + e * r: offsets[l] + (e + 1) * r]
-            v = p[lv.a.name][e] @ src[t]
-            return v + p[lv.a_bias.name][e] if lv.a_bias is not None else v
-
-        def residual(l: int, e: int) -> Tensor:
-            lv = levels[l]
-            u = p[lv.b.name][e] @ down(l, e)
-            u = u + p[lv.b_bias.name][e] if lv.b_bias is not None else u
-            return lv.scale * u
-
-        def node(l: int, ctx: int) -> Tensor:
-            """Hidden of the node at level l+1 whose children come from pool l, context ctx."""
-            lv = levels[l]
-            sel, w = route["index"][l][t, ctx], route["weights"][l][t, ctx]
-            f = sel.shape[0]
-            h = torch.zeros(lv.b.shape[1], dtype=F64)
-            for pos in range(f):
-                u = residual(l, int(sel[pos]))
-                if l > 0:
-                    u = u + p[lv.w.name] @ node(l - 1, ctx * f + pos)
-                    u = u + p[lv.w_bias.name] if lv.w_bias is not None else u
-                h = h + w[pos] * _act(n.activation, u)
-            return h
-
-        outs.append(node(len(levels) - 1, 0))
-    return torch.stack(outs)
-
-
 # ---- aux losses --------------------------------------------------------------------
 
 def _cv2(v: Tensor) -> Tensor:
@@ -317,8 +206,8 @@ def _cv2(v: Tensor) -> Tensor:
 
 
 def _aux(n: AuxLoss, route: dict, samples) -> Tensor:
-    if isinstance(route.get("index"), tuple) or "weights" in route:
-        return _tree_aux(n, route)
+    if "weights" in route:
+        return tree_aux(n, route)
     gates, probs = route["gates"], route["probs"]
     T, E = gates.shape
     if n.kind == "switch_lb":
@@ -338,20 +227,3 @@ def _aux(n: AuxLoss, route: dict, samples) -> Tensor:
         same = group[None, :] == mtype[:, None]
         coef = torch.where(same, 1.0 + n.delta, 1.0 - n.delta).to(F64)
     return n.weight * _cv2((coef * Q).reshape(-1))
-
-
-def _tree_aux(n: AuxLoss, route: dict) -> Tensor:
-    total = torch.zeros((), dtype=F64)
-    for idx, w, probs in zip(route["index"], route["weights"], route["probs"]):
-        T, C, f = idx.shape
-        s = probs.shape[-1]
-        if f == s and n.kind == "switch_lb":
-            continue  # dense pools carry no balance loss
-        if n.kind == "switch_lb":
-            counts = torch.bincount(idx.reshape(-1), minlength=s).to(F64)
-            total = total + n.weight * s * torch.sum(counts / (T * C) * probs.reshape(-1, s).mean(0))
-        else:
-            dense = torch.zeros(T * C, s, dtype=F64).scatter(1, idx.reshape(T * C, f), w.reshape(T * C, f))
-            load = (dense > 0).to(F64).sum(0)
-            total = total + n.weight * (_cv2(dense.sum(0)) + _cv2(load))
-    return total

@@ -237,9 +237,20 @@ class TreeRoute:
     """Top-down routing of a residual tree from ``src = x_down (T, m)``.
 
     Pool l (``levels[l]``, l = 0 the leaves) routes every context (a path of chosen
-    positions from the top) with ``q = w2·act(w1·z + b1) + b2``, ``z = [x_down, keys of
-    the ancestors, top first]``; logits ``q·k_i`` (cosine for ``noisy_topk``) / τ.
-    Yields per pool indices and weights of shape ``(T, F_{l+1}, f_l)``."""
+    positions from the top; context ``c`` of pool l+1 with position ``p`` is context
+    ``c·f_{l+1} + p`` of pool l) with ``q = w2·act(w1·z + b1) + b2``, ``z = [x_down, keys of
+    the ancestors, top first]`` (noisy_topk: L2-normalised keys); logits ``q·k_i``, or for
+    ``noisy_topk`` the cosine ``q̂·k̂_i``, divided by τ. Gates (``official``: see ResidualTree):
+
+    - switch: ``p = softmax(logits)``; the top-f of p; ``w = p_top / Σ p_top`` (official,
+      f = 1: ``w = p_top``);
+    - dense: every expert in index order, ``w = softmax(logits)``;
+    - noisy_topk: the top-f logits; ``w = softmax(top)`` (official, f = 1: the logit). In
+      training, first ``logits += ε ⊙ (softplus(noise·z) + 0.01)`` with ``ε (T, C_l, s_l)``
+      standard normal, drawn pool by pool from the top from the site's noise generator.
+
+    Yields per pool indices and weights ``(T, C_l, f_l)`` and probabilities
+    ``softmax(logits) (T, C_l, s_l)``, ``C_l = Π_{j>l} f_j``."""
 
     id: str
     src: str
@@ -271,9 +282,11 @@ class TreeLevelParams:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TreeMix:
-    """Bottom-up propagation of a residual tree (METHODS.md §1.3, activation on the whole
-    message): ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a) + b)``; a leaf node is
-    ``Σ_p w_p σ(u_{0,e_p})``; a node of level l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``.
+    """Bottom-up propagation of a residual tree (METHODS.md §1.3):
+    ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a) + b)``; with ``position = "all"`` a leaf node is
+    ``Σ_p w_p σ(u_{0,e_p})`` and a node of level l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``;
+    ``"child"``: ``Σ_p (w_p u_{l,e_p} + W_l σ(h_child(p)) + w_l)``; ``"child_v2"``:
+    ``Σ_p w_p (u_{l,e_p} + W_l σ(h_child(p)) + w_l)`` (both: leaves ``Σ_p w_p u_{0,e_p}``).
     Yields the root hidden ``(T, d_L)``."""
 
     id: str
@@ -281,6 +294,7 @@ class TreeMix:
     routing: str
     levels: tuple[TreeLevelParams, ...]
     activation: Activation
+    position: Literal["all", "child", "child_v2"] = "all"
     origin: str = ""
 
     def inputs(self) -> tuple[str, ...]:
@@ -298,6 +312,7 @@ class TreePropagate:
     routing: str
     levels: tuple[TreeLevelParams, ...]
     activation: Activation
+    position: Literal["all", "child", "child_v2"] = "all"
     origin: str = ""
 
     def inputs(self) -> tuple[str, ...]:

@@ -178,55 +178,99 @@ class TreeLevel(SpecModel):
     fanout: PositiveInt | None = 2
     alpha: float | None = Field(None, gt=0)
     """Per-level scale ``c_l = alpha / rank``; ``None``: ``c_l = 1`` (the official default)."""
+    key_dim: PositiveInt | None = None
+    """Width of this pool's keys and queries (the official ``gate_dims[l]``); ``None``:
+    ``router.key_dim``."""
 
 
 class TreeRouter(SpecModel):
     """S'MoRE's hierarchical key-query router (top-down, ancestor-conditioned)."""
 
     gate: Literal["switch", "dense", "noisy_topk"] = "switch"
-    down_dim: PositiveInt = 32
-    """Width m of the router's down-projection ``x_down = x W_down + b``."""
+    down_dim: PositiveInt | None = 32
+    """Width m of the router's down-projection ``x_down = W_down x + b`` (``None``: the
+    site's ``d_in``, as the official code does for ``dim_downproj_x <= 0``)."""
     key_dim: PositiveInt = 32
-    """Width of expert keys and queries (the official ``gate_dims``)."""
+    """Width of expert keys and queries (the official ``gate_dims``) of every level that
+    does not set its own ``key_dim``."""
     query_activation: Literal["relu", "tanh", "identity"] = "relu"
     temperature: float = Field(1.0, gt=0)
-    """Divides the logits (cosine logits for noisy_topk) before the softmax."""
+    """Divides the logits (cosine logits for noisy_topk) before selection and softmax;
+    the official code has none (``conventions = "official"`` needs 1.0)."""
 
 
 class ResidualTree(SpecModel):
     """S'MoRE: residual experts in levels (listed bottom/leaf first), routed top-down and
-    propagated bottom-up (METHODS.md §1). Hidden widths ``d_{l+1} = d_l + s_l r_l``."""
+    propagated bottom-up (METHODS.md §1). Hidden widths ``d_{l+1} = d_l + s_l r_l``.
+
+    Per token, with column vectors and ``[out, in]`` matrices: ``x_down = W_down x + b``;
+    pool l routes every context (a path of chosen experts from the top) with the query
+    ``q = W2 act(W1 z + b1) + b2``, ``z = [x_down, keys of the ancestors, top first]``;
+    the residual of expert n is ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a_{l,n}) + b_{l,n})``
+    (``c_l`` scales both biases); a leaf node is ``Σ_p w_p σ(u_{0,e_p})``, a node of level
+    l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``; ``Δy = W_proj h_root + b_proj``.
+
+    Where the official code (ZimpleX/SMoRE-LLM) departs from the paper, ``conventions``
+    picks the form; everything else is the same in both (docs/smore_conventions.md):
+
+    ==================================  ===============================  ==================================
+    aspect                              ``conventions = "paper"``        ``conventions = "official"``
+    ==================================  ===============================  ==================================
+    switch gate, fanout 1               weight renormalised: ``w = 1``   raw probability ``w = p_top < 1``
+    noisy_topk gate, fanout 1           softmax of one logit: ``w = 1``  raw cosine logit (may be < 0)
+    dense gate                          fanout must equal experts        fanout ignored: every child
+    temperature                         divides (cosine) logits          none (must be 1.0)
+    ==================================  ===============================  ==================================
+
+    The same in both: switch ``w = softmax`` of the top-f renormalised (f > 1); noisy_topk:
+    cosine logits, ``softmax`` over the top-f (f > 1), in training the noise
+    ``ε · (softplus(W_noise z) + 0.01)``, ``ε ~ N(0, 1)`` from the site's noise generator
+    (``handle.seed_noise``), and the smooth (normal-CDF) load of its CV² loss; dense:
+    ``w = softmax`` over all experts, no aux loss. Noisy-gate keys are L2-normalised
+    before they join the router input of the pool below.
+    """
 
     kind: Literal["residual_tree"] = "residual_tree"
     levels: list[TreeLevel] = Field(default_factory=lambda: [TreeLevel(), TreeLevel()], min_length=1)
     activation: Literal["tanh", "relu", "identity"] = "tanh"
+    activation_position: Literal["all", "child", "child_v2"] = "all"
+    """Where σ acts (the official ``activation_position``). ``all``: on the whole message,
+    ``Σ_p w_p σ(u + W h_child + w)`` (the paper; leaves ``Σ_p w_p σ(u)``). ``child``:
+    ``Σ_p (w_p u + W σ(h_child) + w)``; ``child_v2``: ``Σ_p w_p (u + W σ(h_child) + w)``
+    (the paper's S'MoRE*); in both, leaves are ``Σ_p w_p u`` and the root is not activated."""
     router: TreeRouter = TreeRouter()
     bias: bool = True
     """Biases on A, B, the level transforms W_l and the final projection (as the official layer)."""
     conventions: Literal["paper", "official"] = "paper"
-    """Where the official code departs from the paper. ``paper``: top-f weights always
-    renormalised (weight 1 at fanout 1), dense respects the fanout rule f = s.
-    ``official``: switch weights not renormalised at fanout 1, noisy-top-k raw cosine at
-    fanout 1, dense takes all children whatever the fanout."""
+    """Where the official code departs from the paper (see the table above)."""
     aux_losses: list[AuxLoss] = []
+    """``switch_lb`` (official with the switch gate) or ``cv2_importance_load`` (official with
+    noisy_topk), summed over pools; the dense gate takes none."""
 
     @model_validator(mode="after")
     def _check(self) -> "ResidualTree":
+        gate, official = self.router.gate, self.conventions == "official"
         for i, lv in enumerate(self.levels):
             f = lv.fanout
-            if self.router.gate == "dense":
-                if f is not None and f != lv.experts and self.conventions == "paper":
+            if gate == "dense":
+                if f is not None and f != lv.experts and not official:
                     raise ValueError(
                         f"levels[{i}].fanout = {f}: the dense gate uses every child (fanout = experts "
                         f"= {lv.experts}); set fanout to {lv.experts} or null, or conventions = 'official'")
             elif f is None:
-                raise ValueError(f"levels[{i}].fanout is required for the {self.router.gate} gate")
+                raise ValueError(f"levels[{i}].fanout is required for the {gate} gate")
             elif f > lv.experts:
                 raise ValueError(f"levels[{i}].fanout = {f} exceeds experts = {lv.experts}")
+        if official and self.router.temperature != 1.0:
+            raise ValueError(f"router.temperature = {self.router.temperature}: the official gates have no "
+                             "temperature; set it to 1.0 or use conventions = 'paper'")
         for a in self.aux_losses:
             if not isinstance(a, (SwitchLoadBalance, CV2ImportanceLoad)):
                 raise ValueError(f"aux loss {a.kind!r} is not defined for residual trees; "
                                  "use switch_lb or cv2_importance_load")
+            if gate == "dense":
+                raise ValueError(f"aux loss {a.kind!r}: the dense gate selects every child and carries no "
+                                 "balance loss; remove it or use the switch or noisy_topk gate")
         return self
 
     def fanouts(self) -> list[int]:
@@ -234,6 +278,10 @@ class ResidualTree(SpecModel):
         if self.router.gate == "dense":
             return [lv.experts for lv in self.levels]
         return [lv.fanout or lv.experts for lv in self.levels]
+
+    def key_dims(self) -> list[int]:
+        """Key/query width ``g_l`` of each level."""
+        return [lv.key_dim or self.router.key_dim for lv in self.levels]
 
     def widths(self) -> list[int]:
         """Hidden widths ``[d_0 = 0, d_1, ..., d_L]``."""

@@ -46,7 +46,8 @@ from ...ir import (
     TreeRoute,
     format_expr,
 )
-from . import ops, ops_tree
+from . import ops
+from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
 
 __all__ = ["lower", "counts_name"]
 
@@ -66,6 +67,8 @@ class _Ctx:
         self.samples = self.g.placeholder("samples", default_value=None)
         self._training: fx.Node | None = None
         self._names: set[str] = set()
+        self.fused: dict[str, fx.Node] = {}
+        """Node id -> an input another emitter already computed for it (lower_tree)."""
 
     def call(self, fn: Callable, args: tuple, name: str) -> fx.Node:
         base = name.replace(".", "_")
@@ -147,32 +150,10 @@ def _pool(c: _Ctx, n) -> fx.Node:
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
-def _tree_route(c: _Ctx, n: TreeRoute) -> fx.Node:
-    levels = [(c.expr(lv.keys), c.expr(lv.w1), c.expr(lv.b1), c.expr(lv.w2), c.expr(lv.b2), c.opt(lv.noise))
-              for lv in n.levels]
-    fanouts = [lv.fanout for lv in n.levels]
-    return c.call(ops_tree.tree_route, (c.env[n.src], levels, fanouts, n.gate, n.conventions,
-                                        n.query_activation, n.temperature, c.training,
-                                        c.g.get_attr("noise_generator")), n.id)
-
-
-def _tree(c: _Ctx, n) -> fx.Node:
-    route = c.env[n.routing]
-    if isinstance(n, TreeMix):
-        src = c.call(ops_tree.tree_down, (c.env[n.src], [c.expr(lv.a) for lv in n.levels],
-                                          [c.opt(lv.a_bias) for lv in n.levels]), f"{n.id}_down")
-    else:
-        src = c.env[n.src]
-    levels = [(c.expr(lv.b), c.opt(lv.b_bias), c.opt(lv.w), c.opt(lv.w_bias), lv.scale) for lv in n.levels]
-    return c.call(ops_tree.tree_propagate, (src, c.item(route, 0, f"{n.routing}_index"),
-                                            c.item(route, 1, f"{n.routing}_weights"), levels, n.activation), n.id)
-
-
 def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
     route = c.env[n.routing]
     if isinstance(c.ir.node(n.routing), TreeRoute):
-        parts = tuple(c.item(route, i, f"{n.id}_{i}") for i in range(3))
-        return c.call(ops_tree.tree_aux, parts + (n.kind, n.weight), n.id)
+        return emit_tree_aux(c, n)
     if n.kind == "switch_lb":
         return c.call(ops.switch_lb, (_gates(c, n.routing), c.item(route, 1, f"{n.id}_probs"),
                                       c.item(route, 2, f"{n.id}_index"), n.weight), n.id)
@@ -193,9 +174,9 @@ _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     GroupedMix: _pool,
     BlockGate: lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
     OuterGate: lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id),
-    TreeRoute: _tree_route,
-    TreeMix: _tree,
-    TreePropagate: _tree,
+    TreeRoute: emit_tree_route,
+    TreeMix: emit_tree,
+    TreePropagate: emit_tree,
     AuxLoss: _aux,
 }
 
@@ -223,6 +204,9 @@ def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``."""
     c = _Ctx(graph)
     for n in graph.nodes:
+        if n.id in c.fused:  # already emitted as part of a fused group (lower_tree)
+            c.env[n.id] = c.fused[n.id]
+            continue
         emit = _EMIT.get(type(n))
         if emit is None:
             raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "

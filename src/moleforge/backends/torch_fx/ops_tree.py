@@ -1,6 +1,11 @@
-"""Runtime ops of S'MoRE residual trees: vectorised top-down routing, and bottom-up
-propagation that computes every expert's residual once and gathers per tree node
-(METHODS.md §20.7)."""
+"""Runtime ops of S'MoRE residual trees: vectorised top-down routing, bottom-up
+propagation that computes every expert's residual once per token (METHODS.md §20.7),
+and the tree aux losses. The semantics are those of ``ir/interpret_tree.py``.
+
+Shapes: ``T`` tokens; pool l routes ``C_l = Π_{j>l} f_j`` contexts per token, each
+picking ``f_l`` of ``s_l`` experts; context ``c`` with position ``p`` becomes context
+``c·f_l + p`` of pool l-1.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["tree_route", "tree_down", "tree_propagate", "tree_aux"]
+from .serial import one_thread, serial_call
+
+__all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
+           "tree_propagate", "tree_aux"]
+
+
+class TreeRouting(tuple):
+    """``(indices, weights, probs)``, tuples over pools of ``(T, C_l, f_l)``, ``(T, C_l, f_l)``
+    and ``(T, C_l, s_l)``; ``gate`` names the gate and ``smooth_load`` holds, per pool, the
+    training-mode smooth load ``(s_l,)`` of the noisy gate (``None`` elsewhere)."""
+
+    def __new__(cls, parts=(), gate: str = "switch", smooth_load: tuple = ()):
+        self = super().__new__(cls, parts)
+        self.gate = gate
+        self.smooth_load = tuple(smooth_load)
+        return self
+
+
+def _act_(name: str, v: Tensor) -> Tensor:
+    """:func:`_act` in place (on a fresh tensor nothing else reads)."""
+    if name == "tanh":
+        return v.tanh_()
+    if name == "relu":
+        return v.relu_()
+    return v
 
 
 def _act(name: str, v: Tensor) -> Tensor:
@@ -21,113 +50,266 @@ def _act(name: str, v: Tensor) -> Tensor:
 
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
-               generator: torch.Generator | None = None):
-    """Route all tokens top-down.
+               generator: torch.Generator | None = None) -> TreeRouting:
+    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`), on one
+    intra-op thread (``serial.py``)."""
+    return serial_call(_route, xd, levels, fanouts, gate, conventions, query_activation, temperature,
+                       training, generator)
+
+
+def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
+           query_activation: str, temperature: float, training: bool,
+           generator: torch.Generator | None) -> TreeRouting:
+    """The routing of :func:`tree_route`.
+
+    The query MLP's first layer reads ``z = [x_down, ancestor keys]``; it is applied
+    blockwise, ``W1 z = W1[:, :m] x_down + Σ_j (K_j W1[:, slot_j]ᵀ)[e_j]``: one GEMM on the
+    tokens for every pool at once plus a gather from an ``(s_j, g)`` table per ancestor; no
+    ``(T, C, in_l)`` router input is built. The noisy gate's noise projection rides in the
+    same GEMM as extra rows. For switch/dense, ``K (W2 h + b2) = (K W2) h + K b2``. Logits
+    are kept expert-major ``(s, T·C)``: softmax and top-k over a short last axis are slow.
 
     Args:
         xd: ``(T, m)`` router input.
-        levels: per pool ``(keys (s, g), w1, b1, w2, b2, noise or None)``, pool 0 first.
-    Returns:
-        ``(indices, weights, probs)``, tuples over pools of ``(T, F_{l+1}, f_l)``,
-        ``(T, F_{l+1}, f_l)`` and ``(T, F_{l+1}, s_l)``.
+        levels: per pool ``(keys (s, g), w1 (g, in_l), b1, w2, b2, noise (s, in_l) or None)``.
+        fanouts: ``f_l`` per pool (``s_l`` for the dense gate).
+        generator: draws the training noise ``ε``, pool by pool from the top, ``(T, C_l, s_l)``.
     """
-    L = len(levels)
-    T = xd.shape[0]
-    z = xd.unsqueeze(1)  # (T, 1, m): one context per token at the top
-    idx_out: list = [None] * L
-    w_out: list = [None] * L
-    p_out: list = [None] * L
-    official = conventions == "official"
+    L, (T, m) = len(levels), xd.shape
+    noisy = gate == "noisy_topk"
+    kvec = [F.normalize(lv[0], dim=-1, eps=1e-12) if noisy else lv[0] for lv in levels]
+    w_in, b_in = [], []
+    for keys, w1, b1, _, _, noise in levels:
+        with_noise = training and noisy and noise is not None
+        w_in.append(torch.cat([w1, noise]) if with_noise else w1)  # (g [+ s], in_l)
+        b_in.append(torch.cat([b1, b1.new_zeros(keys.shape[0])]) if with_noise else b1)
+    token_part = F.linear(xd, torch.cat([w[:, :m] for w in w_in]), torch.cat(b_in))  # (T, Σ g_l [+ s_l])
+    token_parts = token_part.split([w.shape[0] for w in w_in], dim=1)
+    ancestors: list[tuple[int, Tensor]] = []  # (pool j, its chosen expert per current context (T, C))
+    out: list = [[None] * L for _ in range(4)]  # indices, weights, probs, smooth loads
     for l in reversed(range(L)):
-        keys, w1, b1, w2, b2, noise = levels[l]
-        s, f = keys.shape[0], fanouts[l]
-        C = z.shape[1]
-        q = F.linear(_act(query_activation, F.linear(z, w1, b1)), w2, b2)  # (T, C, g)
-        if gate == "noisy_topk":
-            kvec = F.normalize(keys, dim=-1, eps=1e-12)  # (s, g)
-            logits = F.normalize(q, dim=-1, eps=1e-12) @ kvec.T / temperature  # (T, C, s)
-            if training and noise is not None:
-                std = F.softplus(F.linear(z, noise)) + 0.01  # (T, C, s)
-                eps = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-                logits = logits + eps * std
+        keys, _, _, w2, b2, _ = levels[l]
+        s, g = keys.shape
+        pre = token_parts[l].unsqueeze(1)  # (T, 1, g [+ s])
+        off = m
+        for j, e in ancestors:
+            gj = kvec[j].shape[1]
+            pre = pre + F.embedding(e, kvec[j] @ w_in[l][:, off:off + gj].T)  # (T, C, g [+ s])
+            off += gj
+        C = pre.shape[1]
+        h = _act(query_activation, pre[..., :g]).reshape(T * C, g)
+        if noisy:
+            q = F.normalize(F.linear(h, w2, b2), dim=-1, eps=1e-12)
+            clean = kvec[l] @ q.T  # (s, T·C)
         else:
-            kvec = keys
-            logits = q @ keys.T / temperature  # (T, C, s)
-        probs = torch.softmax(logits, dim=-1)  # (T, C, s)
-        if gate == "dense":
-            index = torch.arange(s, device=xd.device).expand(T, C, s)  # (T, C, s)
-            weights = probs
-        elif gate == "switch":
-            top, index = probs.topk(f, dim=-1)  # (T, C, f)
-            weights = top if (official and f == 1) else top / top.sum(-1, keepdim=True)
+            clean = torch.addmm((keys @ b2).unsqueeze(1), keys @ w2, h.T)  # (s, T·C)
+        if temperature != 1.0:
+            clean = clean / temperature
+        std = None
+        if pre.shape[-1] > g:  # training noise
+            std = (F.softplus(pre[..., g:]) + 0.01).reshape(T * C, s).T
+            eps = torch.randn((T, C, s), generator=generator, device=xd.device, dtype=clean.dtype)
+            logits = clean + eps.reshape(T * C, s).T * std
         else:
-            top, index = logits.topk(f, dim=-1)  # (T, C, f)
-            weights = top if (official and f == 1) else torch.softmax(top, dim=-1)
-        idx_out[l], w_out[l], p_out[l] = index, weights, probs
+            logits = clean
+        sel = _select(gate, logits, clean, std, fanouts[l], conventions == "official" and fanouts[l] == 1)
+        for k, v in enumerate(sel):
+            out[k][l] = None if v is None else v.T.reshape(T, C, -1) if v.dim() == 2 else v
         if l > 0:
-            fl = index.shape[-1]
-            chosen = kvec[index]  # (T, C, f, g)
-            z = torch.cat([z.unsqueeze(2).expand(T, C, fl, z.shape[-1]), chosen], dim=-1)  # (T, C, f, in+g)
-            z = z.reshape(T, C * fl, -1)  # (T, C*f, in+g): children of context c at c*f + p
-    return tuple(idx_out), tuple(w_out), tuple(p_out)
+            fl = out[0][l].shape[-1]
+            ancestors = [(j, e.repeat_interleave(fl, dim=1)) for j, e in ancestors]
+            ancestors.append((l, out[0][l].reshape(T, C * fl)))
+    return TreeRouting(tuple(tuple(o) for o in out[:3]), gate, tuple(out[3]))
+
+
+def _select(gate: str, logits: Tensor, clean: Tensor, std: Tensor | None, f: int, raw: bool):
+    """One pool's gate on expert-major logits ``(s, N)``: ``(index (f, N), weights (f, N),
+    probs (s, N), smooth load (s,) or None)``; ``raw``: the official unnormalised fanout-1 weight."""
+    s, N = logits.shape
+    probs = torch.softmax(logits, dim=0)
+    if gate == "dense":
+        return torch.arange(s, device=logits.device).unsqueeze(1).expand(s, N), probs, probs, None
+    if gate == "switch":
+        top, index = probs.topk(f, dim=0)
+        return index, top if raw else top / top.sum(0, keepdim=True), probs, None
+    smooth = std is not None and f < s
+    top, index = logits.topk(f + 1 if smooth else f, dim=0)
+    load = _smooth_load(clean, logits, std, top, f) if smooth else None
+    top, index = top[:f], index[:f]
+    return index, top if raw else torch.softmax(top, dim=0), probs, load
+
+
+def _smooth_load(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor, f: int) -> Tensor:
+    """Shazeer's smooth load ``(s,)`` from expert-major ``(s, N)`` logits: for each expert the
+    probability, over a fresh noise draw, of being selected given the others' noisy logits."""
+    thr_in, thr_out = top[f:f + 1], top[f - 1:f]  # (f+1)-th and f-th noisy logit
+    p_in = torch.special.ndtr((clean - thr_in) / std)
+    p_out = torch.special.ndtr((clean - thr_out) / std)
+    return torch.where(noisy > thr_in, p_in, p_out).sum(1)
+
+
+def _rows(weights: list[Tensor], d: int) -> Tensor:
+    """Row blocks stacked into one ``(Σ rows, d)`` matrix (copied on one thread)."""
+    if len(weights) == 1:
+        return weights[0].reshape(-1, d)
+    with one_thread():
+        return torch.cat([w.reshape(-1, d) for w in weights])
+
+
+def _bias(weights: list[Tensor], biases: list[Tensor | None], d: int) -> Tensor | None:
+    """The biases of :func:`_rows` (a missing one counts as zero; none at all: ``None``)."""
+    if all(b is None for b in biases):
+        return None
+    parts = [b.reshape(-1) if b is not None else w.new_zeros(w.numel() // d) for w, b in zip(weights, biases)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def tree_down(x: Tensor, a_list: list[Tensor], a_bias: list[Tensor | None]) -> Tensor:
-    """Per-pool down-projections, concatenated: ``(T, Σ_l s_l r_l)`` (the unfused form)."""
-    outs = []
-    for a, ab in zip(a_list, a_bias):
-        s, r, d = a.shape
-        h = F.linear(x, a.reshape(s * r, d))  # (T, s*r)
-        outs.append(h + ab.reshape(s * r) if ab is not None else h)
-    return torch.cat(outs, dim=-1)
+    """Every pool's and expert's down-projection in one GEMM: ``(T, Σ_l s_l r_l)``,
+    pool-major, expert-major, ``A_{l,n} x + a_{l,n}``."""
+    d = x.shape[-1]
+    return F.linear(x, _rows(a_list, d), _bias(a_list, a_bias, d))
 
 
-def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str) -> Tensor:
-    """Bottom-up propagation from all down-projections ``h_all (T, Σ s_l r_l)``.
+def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
+    """``x [W_down; A_0; ...; A_{L-1}]ᵀ`` ``(T, m + Σ s_l r_l)``: the router's down-projection
+    and every expert's down-projection from one GEMM, without biases (:func:`tree_block`
+    adds them)."""
+    return x @ _rows([down_w, *a_list], x.shape[-1]).T
 
-    ``levels``: per pool ``(B (s, d_{l+1}, r), b_bias, W or None, W_bias, scale)``.
-    Every expert's residual ``u_{l,n}`` is computed once per token (a batched GEMM over
-    experts), then gathered by the routing indices: duplicated tree nodes cost nothing.
+
+def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
+               levels: list, activation: str, position: str, ones: bool = False) -> tuple[TreeRouting, Tensor]:
+    """Routing and propagation from :func:`tree_inputs` ``both``, on one intra-op thread:
+    ``x_down = both[:, :m] + b``, ``h_all = both[:, m:] + a``; ``route`` holds the arguments of
+    :func:`tree_route` after ``xd``, ``levels`` those of :func:`tree_propagate`. Returns
+    ``(routing, root hidden (T, d_L))``; with ``ones`` the hidden gets a last column of ones
+    ``(T, d_L + 1)`` for :func:`tree_project`."""
+    return serial_call(_block, both, m, down_b, a_bias, route, levels, activation, position, ones)
+
+
+def _block(both, m, down_b, a_bias, route, levels, activation, position, ones):
+    xd, h_all = both[:, :m], both[:, m:]
+    if down_b is not None:
+        xd = xd + down_b
+    if any(ab is not None for ab in a_bias):
+        h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
+                                   for ab, (B, *_) in zip(a_bias, levels)])
+    routing = _route(xd, *route)
+    h = _propagate(h_all, routing[0], routing[1], levels, activation, position)
+    return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
+
+
+class _Project(torch.autograd.Function):
+    """``h1 [W, b]ᵀ``: a biased linear as one GEMM each way (the bias is the weight of the
+    ones column of ``h1``), with no separate bias broadcast or reduction."""
+
+    @staticmethod
+    def forward(ctx, h1: Tensor, w: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        with one_thread():
+            wb = torch.cat([w, b.unsqueeze(1)], 1)  # (d_out, d + 1)
+        ctx.save_for_backward(h1, wb)
+        return h1 @ wb.T
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        h1, wb = ctx.saved_tensors
+        gh = g @ wb if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            gwb = g.T @ h1  # (d_out, d + 1)
+            with one_thread():
+                gw, gb = gwb[:, :-1].contiguous(), gwb[:, -1].contiguous()
+        return gh, gw, gb
+
+
+def tree_project(h1: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``Δy = h W_projᵀ + b_proj`` from ``h1 = [h, 1] (T, d_L + 1)`` (see :class:`_Project`)."""
+    return _Project.apply(h1, w, b)
+
+
+def _node_inputs(h: Tensor, idx: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """Per tree node ``(T, C·f)``: the pool's down-projections ``h (T, s·r)`` with every block
+    but the node's expert zeroed ``(T, C·f, s·r)``, and the expert's one-hot ``(T, C·f, s)``."""
+    T, C, f = idx.shape
+    onehot = F.one_hot(idx.reshape(T, C * f), s).to(h.dtype)
+    masked = h.view(T, 1, s, -1) * onehot.unsqueeze(-1)  # (T, C·f, s, r)
+    return masked.view(T, C * f, -1), onehot
+
+
+def _mix(w: Tensor, msg: Tensor) -> Tensor:
+    """``Σ_p w_p msg_p``: ``w (T, C, f)``, ``msg (T, C·f, d)`` -> ``(T, C, d)``. A broadcast
+    product and a sum: batched matmuls of ``f``-long rows are far slower on CPU."""
+    T, C, f = w.shape
+    return (w.unsqueeze(-1) * msg.view(T, C, f, msg.shape[-1])).sum(2)
+
+
+def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
+                   position: str = "all") -> Tensor:
+    """:func:`_propagate` on one intra-op thread (``serial.py``)."""
+    return serial_call(_propagate, h_all, indices, weights, levels, activation, position)
+
+
+def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
+               position: str) -> Tensor:
+    """Bottom-up propagation from all down-projections ``h_all (T, Σ s_l r_l)``; returns the
+    root hidden ``(T, d_L)``.
+
+    ``levels``: per pool ``(B (s, d_{l+1}, r), b_bias, W or None, W_bias, scale)``. Each
+    level is one GEMM over its tree nodes: a node's input row is ``[h ⊙ mask_e, onehot_e,
+    h_child]`` (its expert's down-projection block, the expert's one-hot, the child's
+    hidden) and the weight ``[c B_nᵀ stacked; c b_n + w; Wᵀ]``, so ``u_{l,e} + W h_child + w``
+    comes out of one product, without gathering per-expert results.
     """
     T = h_all.shape[0]
-    ar = torch.arange(T, device=h_all.device)[:, None, None]  # (T, 1, 1)
-    off = 0
-    h = None
+    off, h = 0, h_all
     for l, (B, b_bias, W, W_bias, scale) in enumerate(levels):
         s, dn, r = B.shape
-        down = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
-        off += s * r
-        u = torch.bmm(down, B.transpose(1, 2)).transpose(0, 1)  # (T, s, dn)
-        if b_bias is not None:
-            u = u + b_bias
-        if scale != 1.0:
-            u = u * scale
         idx, w = indices[l], weights[l]  # (T, C, f)
-        C, f = idx.shape[1], idx.shape[2]
-        sel = u[ar, idx]  # (T, C, f, dn)
-        if W is not None:
-            child = h.reshape(T, C, f, h.shape[-1])  # (T, C, f, d_l)
-            sel = sel + F.linear(child, W, W_bias)  # (T, C, f, dn)
-        h = (w.unsqueeze(-1) * _act(activation, sel)).sum(2)  # (T, C, dn)
-    return h.reshape(T, -1)  # (T, d_L): one root context
+        masked, onehot = _node_inputs(h_all[:, off:off + s * r], idx, s)
+        off += s * r
+        xs, ws = [masked], [B.transpose(1, 2).reshape(s * r, dn) * scale]
+        node_bias = None if b_bias is None else b_bias * scale  # (s, dn)
+        if l > 0 and position != "child" and W_bias is not None:
+            node_bias = W_bias.expand(s, dn) if node_bias is None else node_bias + W_bias
+        if node_bias is not None:
+            xs.append(onehot)
+            ws.append(node_bias)
+        if l > 0 and position != "child":
+            xs.append(h if position == "all" else _act(activation, h))  # (T, C·f, d_l)
+            ws.append(W.T)
+        pre = torch.cat(xs, -1) @ torch.cat(ws, 0)  # (T, C·f, dn)
+        if l > 0 and position == "child":
+            C, f = idx.shape[1], idx.shape[2]
+            kids = _act(activation, h).view(T, C, f, -1).sum(2)  # (T, C, d_l)
+            h = _mix(w, pre) + F.linear(kids, W, None if W_bias is None else W_bias * f)
+        else:
+            h = _mix(w, _act_(activation, pre) if position == "all" else pre)  # (T, C, dn)
+    return h.reshape(T, -1)  # one root context
 
 
 def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10) if v.numel() > 1 else v.sum() * 0.0
 
 
-def tree_aux(indices: tuple, weights: tuple, probs: tuple, kind: str, weight: float) -> Tensor:
-    """Sum over pools of the switch load balance or the CV² importance+load loss."""
+def tree_aux(route: TreeRouting, kind: str, weight: float) -> Tensor:
+    """Sum over pools of the switch load balance or the CV² importance + load loss
+    (training noisy gate: the smooth load). Dense trees carry none (zero)."""
+    indices, weights, probs = route[0], route[1], route[2]
     total = probs[0].new_zeros(())
-    for idx, w, p in zip(indices, weights, probs):
+    if route.gate == "dense":
+        return total
+    smooth = route.smooth_load or (None,) * len(indices)
+    for idx, w, p, load in zip(indices, weights, probs, smooth):
         T, C, f = idx.shape
         s = p.shape[-1]
+        flat = idx.reshape(-1)
         if kind == "switch_lb":
-            if f == s:
-                continue  # a dense pool carries no balance loss
-            counts = torch.bincount(idx.reshape(-1), minlength=s).to(p.dtype)  # (s,)
-            total = total + weight * s * torch.sum(counts / (T * C) * p.reshape(-1, s).mean(0))
+            counts = torch.bincount(flat, minlength=s).to(p.dtype)  # (s,)
+            total = total + (weight * s / (T * C)) * (counts @ p.reshape(-1, s).mean(0))
         else:
-            dense = p.new_zeros(T * C, s).scatter(1, idx.reshape(T * C, f), w.reshape(T * C, f))
-            total = total + weight * (_cv2(dense.sum(0)) + _cv2((dense > 0).to(p.dtype).sum(0)))
+            importance = p.new_zeros(s).index_add(0, flat, w.reshape(-1))
+            if load is None:
+                load = torch.bincount(flat[w.reshape(-1) > 0], minlength=s).to(p.dtype)
+            total = total + weight * (_cv2(importance) + _cv2(load))
     return total
