@@ -107,7 +107,7 @@ class AdapterHandle:
         with torch.no_grad():
             for name, mod in self.modules.items():
                 graph = self.graphs[name]
-                spec_router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)  # LoRA has none
+                spec_router = self.spec.sites[self.site_of[name]].adapter.router  # type: ignore[union-attr]
                 rate = getattr(spec_router, "bias_update_rate", 0.0)
                 for n in graph.nodes:
                     if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
