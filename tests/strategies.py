@@ -10,9 +10,22 @@ from moleforge.backends.torch_fx.init import init_tensor
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import Graph
 from moleforge.specs import (
-    CV2ImportanceLoad, DenseRouter, ExpertPool, ImplicitTopKRouter, LocalizedBalance, LoRA, PerExpert,
-    RankPartition, ResidualTree, Shared, SigmoidTopKRouter, SparseRandom, SwitchLoadBalance, TopKRouter,
-    TreeLevel, TreeRouter,
+    CV2ImportanceLoad,
+    DenseRouter,
+    ExpertPool,
+    ImplicitTopKRouter,
+    LocalizedBalance,
+    LoRA,
+    PerExpert,
+    RankPartition,
+    ResidualTree,
+    Shared,
+    SigmoidTopKRouter,
+    SparseRandom,
+    SwitchLoadBalance,
+    TopKRouter,
+    TreeLevel,
+    TreeRouter,
 )
 
 small = st.integers(1, 6)

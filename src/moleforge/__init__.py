@@ -10,13 +10,37 @@ adapters inside HuggingFace models.
 from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
 from .errors import (
-    CheckpointError, InjectionError, IRVerificationError, LoweringError, MoleforgeError, NotMergeableError,
-    PassError, SpecError,
+    CheckpointError,
+    InjectionError,
+    IRVerificationError,
+    LoweringError,
+    MoleforgeError,
+    NotMergeableError,
+    PassError,
+    SpecError,
 )
 from .specs import (
-    AdapterSpec, CV2ImportanceLoad, DenseRouter, ExpertPool, ImplicitTopKRouter, Init, LayerOverride,
-    LocalizedBalance, LoRA, RankPartition, ResidualTree, Shared, SigmoidTopKRouter, Site, SparseRandom,
-    SwitchLoadBalance, Target, TopKRouter, TreeLevel, TreeRouter, presets,
+    AdapterSpec,
+    CV2ImportanceLoad,
+    DenseRouter,
+    ExpertPool,
+    ImplicitTopKRouter,
+    Init,
+    LayerOverride,
+    LocalizedBalance,
+    LoRA,
+    RankPartition,
+    ResidualTree,
+    Shared,
+    SigmoidTopKRouter,
+    Site,
+    SparseRandom,
+    SwitchLoadBalance,
+    Target,
+    TopKRouter,
+    TreeLevel,
+    TreeRouter,
+    presets,
 )
 
 __version__ = "0.1.0"

@@ -9,13 +9,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import (
-    AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, DenseSoftmax, Graph, Input, Jitter, Linear,
-    ParamDecl, ParamRef, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeGateLevel, TreeLevelParams,
-    TreeMix, TreeRoute, BlockRows,
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockColumns,
+    BlockGate,
+    BlockRows,
+    DenseSoftmax,
+    Graph,
+    Input,
+    Jitter,
+    Linear,
+    ParamDecl,
+    ParamRef,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeGateLevel,
+    TreeLevelParams,
+    TreeMix,
+    TreeRoute,
 )
 from ..specs import (
-    DenseRouter, ExpertPool, ImplicitTopKRouter, LoRA, RankPartition, ResidualTree, Shared,
-    SigmoidTopKRouter, SparseRandom, TopKRouter, lora_scale,
+    DenseRouter,
+    ExpertPool,
+    ImplicitTopKRouter,
+    LoRA,
+    RankPartition,
+    ResidualTree,
+    Shared,
+    SigmoidTopKRouter,
+    SparseRandom,
+    TopKRouter,
+    lora_scale,
 )
 
 __all__ = ["SiteShape", "build_graph"]

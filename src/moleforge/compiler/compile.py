@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Sequence
 
@@ -16,7 +15,7 @@ from ..errors import InjectionError, MoleforgeError, SpecError
 from ..ir import AuxLoss, Graph, verify
 from ..passes import DEFAULT_PIPELINE, Pass, run_pipeline
 from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
-from .build import SiteShape, build_graph
+from .build import build_graph
 from .handle import AdapterHandle
 from .sites import ResolvedSite, resolve_sites
 
@@ -91,14 +90,14 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         except Exception as e:  # noqa: BLE001 - name the module in the message
             raise InjectionError(f"could not build the adapter for module {s.name!r}: {e}") from e
         uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graphs[s.name].nodes)
-        replacements[s.name] = AdaptedLinear(base, gm, collector, uses_samples=uses_samples)
-        replacements[s.name].site_name = s.name
+        adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples).train(base.training)
+        adapted.site_name = s.name
+        replacements[s.name] = adapted
         site_of[s.name] = s.site_index
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     originals = swap_modules(model, dict(replacements))
-    for n, p in model.named_parameters():
-        if n in requires_grad:
-            p.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
     for mod in replacements.values():
         for p in mod.site.parameters():
             p.requires_grad_(True)
@@ -160,7 +159,3 @@ def structural_flexibility(spec: Any) -> int | dict[str, int]:
                 values[f"sites[{i}].overrides[{j}]"] = _gamma(site.adapter, ov.experts)
     distinct = set(values.values())
     return distinct.pop() if len(distinct) == 1 else values
-
-
-def spec_json(spec: AdapterSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=True)

@@ -106,16 +106,20 @@ class AdapterHandle:
         Call after each optimizer step (the Trainer callback does)."""
         with torch.no_grad():
             for name, mod in self.modules.items():
-                graph = self.graphs[name]
-                spec_router = self.spec.sites[self.site_of[name]].adapter.router  # type: ignore[union-attr]
-                rate = getattr(spec_router, "bias_update_rate", 0.0)
-                for n in graph.nodes:
+                for n in self.graphs[name].nodes:
                     if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
+                        router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
+                        rate = getattr(router, "bias_update_rate", 0.0)
                         bias = getattr(mod.site, n.gate.balance.name)
                         counts = getattr(mod.site, counts_name(n.gate.balance.name))
                         if counts.sum() > 0:
                             bias += rate * torch.sign(counts.mean() - counts)
                         counts.zero_()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Run :meth:`update_balancing` after every ``optimizer.step()`` (a post-step hook on
+        that optimizer only; removed by :meth:`remove`)."""
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.update_balancing()))
 
     def seed_noise(self, seed: int | None) -> None:
         """Draw routing noise (noisy top-k gates) from a generator seeded with ``seed``."""

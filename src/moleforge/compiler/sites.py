@@ -131,4 +131,4 @@ def _check_coverage(spec: AdapterSpec, model: nn.Module, seen: dict[int, set[str
         missing = [r for r in site.target.roles if r not in seen[i]]
         if missing:
             warnings.warn(f"sites[{i}]: {arch} has no linear for role(s) {', '.join(missing)}; "
-                          "those are left without adapters", stacklevel=3)
+                          "those are left without adapters", stacklevel=5)

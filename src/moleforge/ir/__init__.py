@@ -4,12 +4,40 @@ reference interpreter that defines the semantics."""
 from .graph import Graph, width_of
 from .interpret import Result, eval_expr, interpret
 from .nodes import (
-    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, Gate, GroupedMix, Input, Jitter, Linear,
-    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeGateLevel, TreeLevelParams, TreeMix,
-    TreePropagate, TreeRoute,
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockGate,
+    Columns,
+    DenseSoftmax,
+    Gate,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    Node,
+    OuterGate,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeGateLevel,
+    TreeLevelParams,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
 )
 from .params import (
-    BlockColumns, BlockRows, Concat, ParamDecl, ParamExpr, ParamRef, Pick, expr_refs, expr_shape, format_expr,
+    BlockColumns,
+    BlockRows,
+    Concat,
+    ParamDecl,
+    ParamExpr,
+    ParamRef,
+    Pick,
+    expr_refs,
+    expr_shape,
+    format_expr,
 )
 from .printer import format_node, print_graph
 from .verify import verify

@@ -11,8 +11,25 @@ from __future__ import annotations
 
 from .graph import Graph
 from .nodes import (
-    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, GroupedMix, Input, Jitter, Linear,
-    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockGate,
+    Columns,
+    DenseSoftmax,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    Node,
+    OuterGate,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
 )
 from .params import format_expr
 

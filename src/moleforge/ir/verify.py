@@ -6,13 +6,29 @@ collected and raised once, with the printed graph."""
 
 from __future__ import annotations
 
+from ..errors import IRVerificationError
 from .graph import Graph
 from .nodes import (
-    TENSOR_NODES, AbsTopK, Add, AuxLoss, BlockGate, Columns, GroupedMix, Input, Jitter, Linear,
-    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+    TENSOR_NODES,
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockGate,
+    Columns,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    OuterGate,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
 )
 from .params import ParamExpr, ParamRef, expr_refs, expr_shape
-from ..errors import IRVerificationError
 
 __all__ = ["verify"]
 

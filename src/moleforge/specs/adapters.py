@@ -13,7 +13,6 @@ from .base import SpecModel
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
-    DenseRouter,
     ImplicitTopKRouter,
     Router,
     SigmoidTopKRouter,
@@ -235,6 +234,3 @@ class ResidualTree(SpecModel):
 
 
 Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree], Field(discriminator="kind")]
-
-# re-exported for presets written in Python
-_ROUTERS = (TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter)

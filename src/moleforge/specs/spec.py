@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from .adapters import Adapter, ExpertPool, Init, LoRA, RankPartition, ResidualTree
+from .adapters import Adapter, ExpertPool, Init, LoRA, ResidualTree
 from .base import SpecModel
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
@@ -124,5 +124,3 @@ class AdapterSpec(SpecModel):
         """The same spec with every site's initialisation replaced (tests use ``up='normal'``)."""
         return self.model_copy(update={"sites": [s.model_copy(update={"init": init}) for s in self.sites]})
 
-
-_KINDS = (LoRA, ExpertPool, RankPartition, ResidualTree)

@@ -18,9 +18,32 @@ from torch import fx, nn
 
 from ...errors import LoweringError
 from ...ir import (
-    AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, BlockRows, Columns, Concat, DenseSoftmax, Graph,
-    GroupedMix, Input, Jitter, Linear, OuterGate, ParamExpr, ParamRef, Pick, PoolMix, Route, SigmoidTopK,
-    SoftmaxTopK, TreeMix, TreePropagate, TreeRoute, format_expr,
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockColumns,
+    BlockGate,
+    BlockRows,
+    Columns,
+    Concat,
+    DenseSoftmax,
+    Graph,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    OuterGate,
+    ParamExpr,
+    ParamRef,
+    Pick,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
+    format_expr,
 )
 from . import ops, ops_tree
 

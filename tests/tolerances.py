@@ -1,0 +1,20 @@
+"""The one tolerance table. Tests take tolerances from here only; a new entry needs a reason."""
+
+from __future__ import annotations
+
+import torch
+
+# The one tolerance table: (atol, rtol, reason). Tests take tolerances from here only.
+TOLERANCES: dict[str, tuple[float, float, str]] = {
+    "float64": (1e-10, 1e-9, "same math in float64; only summation order differs"),
+    "float32": (2e-5, 1e-4, "float32 accumulation over d_in <= 512 terms"),
+    "float32_model": (2e-5, 1e-4, "whole tiny HF model in float32"),
+    "save_load": (1e-6, 0.0, "save -> load must reproduce logits (api contract bound)"),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str = "float64", msg: str = "") -> None:
+    atol, rtol, _ = TOLERANCES[kind]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol, msg=msg or None)
+
+
