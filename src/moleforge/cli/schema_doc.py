@@ -3,12 +3,13 @@ one section per spec object, one table row per field (type, default, constraints
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 __all__ = ["render_reference"]
 
 _BOUNDS = (("minimum", ">= {}"), ("exclusiveMinimum", "> {}"), ("maximum", "<= {}"), ("exclusiveMaximum", "< {}"),
-           ("minItems", "at least {} items"), ("maxItems", "at most {} items"), ("pattern", "matches `{}`"))
+           ("minItems", "at least {} item(s)"), ("maxItems", "at most {} item(s)"), ("pattern", "matches `{}`"))
 
 
 def _ref_name(ref: str) -> str:
@@ -23,7 +24,7 @@ def _type(s: dict[str, Any]) -> str:
     if "const" in s:
         return f'`"{s["const"]}"`'
     if "enum" in s:
-        return " \\| ".join(f'`{v!r}`'.replace("'", '"') for v in s["enum"])
+        return " \\| ".join(f"`{json.dumps(v)}`" for v in s["enum"])
     for key in ("anyOf", "oneOf"):
         if key in s:
             return " \\| ".join(_type(x) for x in s[key])
@@ -52,8 +53,7 @@ def _default(field: dict[str, Any], required: bool) -> str:
         return "**required**"
     if "default" not in field:
         return ""
-    v = field["default"]
-    return "`" + (str(v).lower() if isinstance(v, bool) or v is None else repr(v).replace("'", '"')) + "`"
+    return "`" + json.dumps(field["default"], ensure_ascii=False) + "`"
 
 
 def _section(name: str, s: dict[str, Any]) -> list[str]:
