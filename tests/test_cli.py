@@ -239,3 +239,31 @@ def test_train_fp16_without_a_gpu_is_refused(model_dir, data_file, tmp_path, mon
     result = run("train", "lora", "--model", model_dir, "--data", data_file, "--out", tmp_path / "r",
                  "--precision", "fp16")
     assert result.exit_code == 2 and "fp16 needs a CUDA GPU" in result.output
+
+
+# ---- the README's examples ----------------------------------------------------------------------
+
+def _blocks(lang: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_spec_examples_agree_and_its_records_parse():
+    spec_json = next(b for b in _blocks("json") if '"sites"' in b)
+    python = next(b for b in _blocks("python") if "mf.AdapterSpec(" in b)
+    scope: dict = {"mf": mf}
+    exec(python, scope)  # noqa: S102 - the README's own example
+    assert scope["spec"] == mf.AdapterSpec.model_validate_json(spec_json)
+    records = [json.loads(line) for line in next(b for b in _blocks("json") if '"prompt"' in b).splitlines()]
+    tok = make_tokenizer()
+    ids_record = next(r for r in records if "input_ids" in r)
+    prompt_record = next(r for r in records if "prompt" in r)
+    from moleforge.data import encode
+    assert encode(prompt_record, tok, 64).input_ids == ids_record["input_ids"]
+
+
+def test_readme_commands_are_the_ci_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    setup, demo, tests = (b.strip() for b in _blocks("bash")[:3])
+    assert setup.replace("pip install ", "pip install -q ") in ci and tests in ci
+    assert demo == ".venv/bin/moleforge demo"

@@ -12,8 +12,27 @@ from __future__ import annotations
 import math
 
 from ..ir import (
-    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, Graph, GroupedMix, Input, Jitter, Linear,
-    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute, expr_shape,
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockGate,
+    Columns,
+    DenseSoftmax,
+    Graph,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    Node,
+    OuterGate,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
+    expr_shape,
 )
 
 __all__ = ["flops_per_token", "node_flops", "base_flops_per_token"]

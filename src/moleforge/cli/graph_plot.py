@@ -11,8 +11,22 @@ from matplotlib.figure import Figure
 
 from ..backends.export.atomic import atomic_write
 from ..ir import (
-    Add, AuxLoss, BlockGate, Columns, Graph, GroupedMix, Input, Jitter, Linear, OuterGate, PoolMix, Route,
-    TreeMix, TreePropagate, TreeRoute, format_node,
+    Add,
+    AuxLoss,
+    BlockGate,
+    Columns,
+    Graph,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    OuterGate,
+    PoolMix,
+    Route,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
+    format_node,
 )
 
 __all__ = ["draw_graph"]

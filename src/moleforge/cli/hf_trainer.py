@@ -95,7 +95,8 @@ class AdapterTrainer(Trainer):
             raise CheckpointError(f"{resume_from_checkpoint} holds an adapter of another spec "
                                   f"({config.get('spec', {}).get('name')!r}); resume with the spec it was trained "
                                   "with, or choose another --out")
-        problems = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+        problems = sorted(set(own) ^ set(tensors))
+        problems += [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
         if problems:
             raise CheckpointError(f"{resume_from_checkpoint} does not fit this model: {', '.join(problems[:5])}"
                                   + (" ..." if len(problems) > 5 else ""))
