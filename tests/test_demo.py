@@ -102,3 +102,12 @@ def test_tasks_count_on_by_their_step():
     for row in batch.tolist():
         tag, start, *answer = [VOCAB[i] for i in row[1:-1]]
         assert [int(a) for a in answer] == solve(PRETRAIN_TASKS[tag], int(start))
+
+
+def test_importing_moleforge_loads_neither_the_command_nor_the_demo():
+    import subprocess
+    import sys
+    code = ("import sys, moleforge; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('matplotlib', 'click') or m.startswith(('moleforge.demo', 'moleforge.cli'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
