@@ -7,6 +7,7 @@ so ``moleforge --help`` answers at once.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -88,8 +89,9 @@ def demo_cmd(out_dir: str, steps: int, pretrain_steps: int, seed: int, quiet: bo
     width = max(map(len, paths))
     for what, path in paths.items():
         click.echo(f"  {what:<{width}}  {path}")
-    click.echo(f"\nnext: moleforge inspect smore --model {paths['base model']}\n"
-               f"      moleforge train smore --model {paths['base model']} --data {paths['training data']} "
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "moleforge" else "moleforge"
+    click.echo(f"\nnext: {prog} inspect smore --model {paths['base model']}\n"
+               f"      {prog} train smore --model {paths['base model']} --data {paths['training data']} "
                f"--out {out / 'my-smore'}")
 
 

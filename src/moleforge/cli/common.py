@@ -4,6 +4,7 @@ errors into one clear message instead of a traceback."""
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -17,15 +18,22 @@ __all__ = ["load_spec", "load_model", "load_tokenizer", "friendly_errors"]
 F = TypeVar("F", bound=Callable)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
 def friendly_errors(fn: F) -> F:
     """Run a command body; a :class:`MoleforgeError` (spec, data, checkpoint ...) becomes a
-    ``click.ClickException`` carrying its message, so the user sees ``Error: ...``."""
+    ``click.ClickException`` carrying its message, so the user sees ``Error: ...``; Python
+    warnings print as one ``Warning: ...`` line."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MoleforgeError as e:
-            raise click.ClickException(str(e)) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return fn(*args, **kwargs)
+            except MoleforgeError as e:
+                raise click.ClickException(str(e)) from None
     return wrapper  # type: ignore[return-value]
 
 

@@ -132,5 +132,5 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
                "final_loss": losses[-1] if losses else None, "train_runtime_s": result.metrics.get("train_runtime"),
                "log_history": trainer.state.log_history}
     atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    click.echo(f"done: {trainer.state.global_step} steps, last logged loss "
-               f"{summary['final_loss'] if losses else 'n/a'}; adapter saved to {path}")
+    last_loss = f"{losses[-1]:.4f}" if losses else "n/a"
+    click.echo(f"done: {trainer.state.global_step} steps, last logged loss {last_loss}; adapter saved to {path}")
