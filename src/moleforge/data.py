@@ -59,6 +59,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             has none of the known shapes (the message names the line).
     """
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{str(p)!r} is a directory; give a JSON Lines file")
     if not p.is_file():
         raise DataError(f"data file {str(p)!r} does not exist")
     records = []
