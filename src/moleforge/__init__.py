@@ -9,6 +9,7 @@ adapters inside HuggingFace models.
 
 from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
+from .compiler.interop import export_merged, export_peft, from_peft
 from .errors import (
     CheckpointError,
     InjectionError,
@@ -35,6 +36,7 @@ from .specs import (
     SigmoidTopKRouter,
     Site,
     SparseRandom,
+    StaticRouter,
     SwitchLoadBalance,
     Target,
     TopKRouter,
@@ -52,4 +54,13 @@ __all__ = [
     "SigmoidTopKRouter", "ImplicitTopKRouter", "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
     "MoleforgeError", "SpecError", "IRVerificationError", "PassError", "LoweringError", "InjectionError",
     "NotMergeableError", "CheckpointError", "specs", "__version__",
+    "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer callback imports transformers' trainer machinery (seconds): load it on first use.
+    if name == "MoleforgeTrainerCallback":
+        from .integrations.trainer import MoleforgeTrainerCallback
+        return MoleforgeTrainerCallback
+    raise AttributeError(f"module 'moleforge' has no attribute {name!r}")

@@ -26,6 +26,7 @@ from ..ir import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeGateLevel,
     TreeLevelParams,
     TreeMix,
@@ -41,6 +42,7 @@ from ..specs import (
     Shared,
     SigmoidTopKRouter,
     SparseRandom,
+    StaticRouter,
     TopKRouter,
     lora_scale,
 )
@@ -117,11 +119,12 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     scale = lora_scale(spec.alpha, r, spec.scaling, active=active, total=E * r)
     Ea = 1 if isinstance(spec.down, Shared) else E
     Eb = 1 if spec.up == "shared" else E
+    learn = not spec.frozen_experts
     if isinstance(spec.down, SparseRandom):
         A = b.param("A", (E, r, d_in), "sparse_random", trainable=False, buffer=True, density=spec.down.density)
     else:
-        A = b.param("A", (Ea, r, d_in), "kaiming", fan_in=d_in)
-    B = b.param("B", (Eb, d_out, r), "up")
+        A = b.param("A", (Ea, r, d_in), "kaiming", fan_in=d_in, trainable=learn, buffer=not learn)
+    B = b.param("B", (Eb, d_out, r), "up", trainable=learn, buffer=not learn)
     if isinstance(router, ImplicitTopKRouter):
         # FlyLoRA: the down-projection output is the router input: no router GEMM.
         bal = b.param("balance", (E,), "zero", trainable=False, buffer=True)
@@ -145,6 +148,9 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
 
 def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
     d_in = b.shape.d_in
+    if isinstance(router, StaticRouter):
+        w = b.param("router_w", (E,), "one", trainable=router.trainable, buffer=not router.trainable)
+        return b.add(Route(id="route", src="x", gate=StaticGate(weights=w), experts=E, origin=f"{origin}.router"))
     W = b.param("router_w", (E, d_in), "kaiming", fan_in=d_in)
     src = "x"
     if isinstance(router, TopKRouter) and router.jitter > 0:

@@ -3,6 +3,7 @@ and ``remove()``."""
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,8 +19,45 @@ from .routing_log import RoutingLog
 __all__ = ["AdapterHandle"]
 
 
+def _shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss predicts ``labels[..., 1:]`` (causal LMs), as the HF Trainer counts
+    ``num_items_in_batch``."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return False
+    config = getattr(model, "config", None)
+    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def _token_share(kwargs: dict, shifts_labels: bool) -> torch.Tensor | None:
+    """``n / N``: this batch's counted label tokens over ``num_items_in_batch``; ``None`` without both."""
+    total = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None:
+        labels = kwargs.get("labels")
+        if labels is not None and shifts_labels:
+            labels = labels[..., 1:]
+    if total is None or labels is None:
+        return None
+    return labels.ne(-100).sum() / total
+
+
+def _install_save_pretrained(model: nn.Module, handle: "AdapterHandle") -> bool:
+    """Shadow ``save_pretrained`` on this model instance only (not its class), undone by ``remove()``."""
+    if not callable(getattr(model, "save_pretrained", None)) or "save_pretrained" in vars(model):
+        return False
+    model.save_pretrained = handle._save_pretrained  # type: ignore[method-assign]
+    return True
+
+
 class AdapterHandle:
     """A compiled adapter living inside ``model``.
+
+    While it is injected, the model's forward adds the aux losses to ``outputs.loss`` (see
+    ``_post_hook``), and ``model.save_pretrained(dir)`` (so ``Trainer.save_model``) writes this
+    adapter as ``mf.save`` does; ``remove()`` undoes both.
 
     Attributes:
         model: the user's model (still a ``PreTrainedModel``; modules replaced in place).
@@ -40,9 +78,13 @@ class AdapterHandle:
         self._originals = originals
         self._collector = collector
         self._requires_grad = requires_grad
-        self._hooks = [model.register_forward_pre_hook(self._pre_hook),
+        self._hooks = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                        model.register_forward_hook(self._post_hook)]
         self._last_aux: torch.Tensor | None = None
+        self._share: torch.Tensor | None = None
+        self._warned = False
+        self._shifts_labels = _shifts_labels(model)
+        self._own_save = _install_save_pretrained(model, self)
         self.active = True
 
     # ---- training ----------------------------------------------------------------------
@@ -61,19 +103,33 @@ class AdapterHandle:
         """The last forward's weighted aux loss (times ``spec.aux_loss_coef``), or ``None``."""
         return self._last_aux
 
-    def _pre_hook(self, module, args):
+    def _pre_hook(self, module, args, kwargs):
         self._collector.reset()
+        self._share = _token_share(kwargs, self._shifts_labels)
 
     def _post_hook(self, module, args, output):
+        """``loss += coef · aux`` (times the batch's share of ``num_items_in_batch``); ``aux_loss = coef · aux``.
+
+        With ``num_items_in_batch`` (the HF Trainer under gradient accumulation) the model's loss is
+        ``Σ_tokens ℓ / N`` over the whole accumulated batch, so each micro-batch's aux loss enters
+        weighted by its share ``n / N`` of the counted label tokens: summed over the micro-batches
+        this is the token-weighted mean of their aux losses, as without accumulation.
+        """
         total = self._collector.total()
         if total is None:
             self._last_aux = None
             return output
         total = total * self.spec.aux_loss_coef
         self._last_aux = total
+        if module.training and torch.is_grad_enabled() and not total.requires_grad and not self._warned:
+            self._warned = True
+            warnings.warn("the adapter's aux loss carries no gradient: the adapted layers ran without autograd in "
+                          "this forward (activation checkpointing with use_reentrant=True does that); use "
+                          "use_reentrant=False, the default of activation_checkpointing_enable()", stacklevel=2)
         loss = getattr(output, "loss", None)
         if loss is not None:
-            output["loss"] = loss + total.to(loss.dtype)
+            weighted = total if self._share is None else total * self._share
+            output["loss"] = loss + weighted.to(loss.dtype)
         if hasattr(output, "keys"):
             output["aux_loss"] = total
         return output
@@ -161,8 +217,18 @@ class AdapterHandle:
                 p.requires_grad_(self._requires_grad[pname])
         for h in self._hooks:
             h.remove()
+        if self._own_save and vars(self.model).get("save_pretrained") == self._save_pretrained:
+            del self.model.save_pretrained
         self.active = False
         return self.model
+
+    def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+        """``model.save_pretrained`` while the adapter is injected (what ``Trainer.save_model`` calls):
+        writes the moleforge adapter (``mf.save``), not the full state dict, as PEFT does for its
+        models. Full merged weights: ``mf.export_merged``."""
+        from .checkpoint import save
+        if is_main_process:
+            save(self, save_directory)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.trainable_parameters())

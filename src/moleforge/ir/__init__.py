@@ -21,6 +21,7 @@ from .nodes import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeGateLevel,
     TreeLevelParams,
     TreeMix,
@@ -46,7 +47,7 @@ __all__ = [
     "Graph", "width_of", "Result", "interpret", "eval_expr", "verify", "print_graph", "format_node",
     "Node", "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix", "BlockGate",
     "OuterGate", "TreeRoute", "TreeGateLevel", "TreeLevelParams", "TreeMix", "TreePropagate", "AuxLoss",
-    "Gate", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK",
+    "Gate", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate",
     "ParamRef", "BlockRows", "BlockColumns", "Pick", "Concat", "ParamExpr", "ParamDecl",
     "expr_refs", "expr_shape", "format_expr",
 ]

@@ -37,6 +37,7 @@ from .nodes import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeMix,
     TreePropagate,
     TreeRoute,
@@ -156,6 +157,11 @@ def _route(n: Route, z: Tensor, p, fixed) -> dict:
     if isinstance(g, DenseSoftmax):
         probs = torch.softmax(z / g.temperature, dim=1)
         return {"gates": probs, "probs": probs, "index": None, "margin": math.inf}
+    if isinstance(g, StaticGate):
+        w = p[g.weights.name]  # (E,); z is the site input, read only for T
+        gates = w.expand(T, n.experts)  # (T, E): the same weights for every token
+        probs = (w.abs() / w.abs().sum().clamp_min(1e-12)).expand(T, n.experts)  # (T, E)
+        return {"gates": gates, "probs": probs, "index": None, "margin": math.inf}
     probs = torch.softmax(z / g.temperature, 1) if isinstance(g, SoftmaxTopK) else torch.sigmoid(z)
     if isinstance(g, SoftmaxTopK):
         score = probs

@@ -15,7 +15,7 @@ from typing import Literal, Union
 from .params import ParamExpr, ParamRef
 
 __all__ = [
-    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "Gate",
+    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "AuxLoss", "Node", "TENSOR_NODES",
@@ -58,7 +58,16 @@ class AbsTopK:
     balance: ParamRef
 
 
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK]
+@dataclass(frozen=True, slots=True)
+class StaticGate:
+    """Input-independent gates: ``g_t = w`` for every token t, ``w (E,)`` a stored tensor; the
+    router's scores are not read (its ``src`` only gives the token count). Router probabilities
+    (for statistics) are ``|w| / Σ|w|``."""
+
+    weights: ParamRef
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate]
 
 
 # ---- tensor nodes -----------------------------------------------------------------------

@@ -64,7 +64,7 @@ class ParamDecl:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys"]
+    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one"]
     trainable: bool = True
     buffer: bool = False
     fan_in: int = 0

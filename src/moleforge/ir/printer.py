@@ -27,6 +27,7 @@ from .nodes import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeMix,
     TreePropagate,
     TreeRoute,
@@ -46,6 +47,8 @@ def _gate(g) -> str:
             return f"sigmoid_topk(k={k}, bias={b.name})"
         case AbsTopK(k=k, balance=b):
             return f"abs_topk(k={k}, bias={b.name})"
+        case StaticGate(weights=w):
+            return f"static(w={w.name})"
     raise TypeError(g)
 
 

@@ -24,6 +24,7 @@ from .nodes import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeMix,
     TreePropagate,
     TreeRoute,
@@ -129,6 +130,11 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
             return p
         case Jitter():
             return _need_tensor(g, n.src, "source")
+        case Route() if isinstance(n.gate, StaticGate):
+            p = _need_tensor(g, n.src, "token source") + _expr(g, n.gate.weights, "static weights")
+            if not p and expr_shape(n.gate.weights) != (n.experts,):
+                p.append(f"static weights have shape {expr_shape(n.gate.weights)}, router has {n.experts} experts")
+            return p
         case Route():
             p = _need_tensor(g, n.src, "scores")
             if not p and w(n.src) != n.experts:

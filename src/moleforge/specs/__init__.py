@@ -20,6 +20,7 @@ from .routing import (
     ImplicitTopKRouter,
     LocalizedBalance,
     SigmoidTopKRouter,
+    StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
 )
@@ -29,6 +30,6 @@ __all__ = [
     "AdapterSpec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
     "LoRA", "ExpertPool", "RankPartition", "ResidualTree", "TreeLevel", "TreeRouter",
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
-    "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter",
+    "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
 ]

@@ -16,6 +16,7 @@ from .routing import (
     ImplicitTopKRouter,
     Router,
     SigmoidTopKRouter,
+    StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
 )
@@ -113,6 +114,10 @@ class ExpertPool(SpecModel):
     aux_losses: list[AuxLoss] = []
     shared_expert: LoRA | None = None
     """An always-on LoRA added to the routed mixture (DeepSeek-style shared expert)."""
+    frozen_experts: bool = False
+    """Keep the experts' A and B fixed (pre-trained adapters imported with ``mf.from_peft``:
+    X-LoRA, MeteoRA, CAT, LoRA-Mixer's plug-and-play mode); only the router (and a shared
+    expert) train."""
 
     @model_validator(mode="after")
     def _check(self) -> "ExpertPool":
@@ -128,6 +133,9 @@ class ExpertPool(SpecModel):
             raise ValueError(f"an implicit_topk router routes single ranks: set rank = 1 (got {self.rank})")
         if isinstance(self.down, Shared) and self.up == "shared":
             raise ValueError("down and up cannot both be shared: the experts would be identical")
+        if isinstance(r, StaticRouter) and self.aux_losses:
+            raise ValueError("a static router gives every token the same weights: there is no routing to "
+                             "balance; remove aux_losses or use a token-level router (topk, dense)")
         return self
 
 
@@ -149,6 +157,8 @@ class RankPartition(SpecModel):
             raise ValueError(f"rank = {self.rank} is not a multiple of block = {self.block}")
         if isinstance(self.router, ImplicitTopKRouter):
             raise ValueError("an implicit_topk router needs a frozen sparse_random pool; use kind 'pool'")
+        if isinstance(self.router, StaticRouter) and self.aux_losses:
+            raise ValueError("a static router has no routing to balance; remove aux_losses")
         k = getattr(self.router, "k", None)
         if k is not None and k > self.rank // self.block:
             raise ValueError(f"router.k = {k} exceeds the {self.rank // self.block} blocks")

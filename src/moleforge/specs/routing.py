@@ -16,6 +16,7 @@ __all__ = [
     "DenseRouter",
     "SigmoidTopKRouter",
     "ImplicitTopKRouter",
+    "StaticRouter",
     "Router",
     "SwitchLoadBalance",
     "CV2ImportanceLoad",
@@ -66,8 +67,20 @@ class ImplicitTopKRouter(SpecModel):
     bias_update_rate: float = Field(1e-3, ge=0)
 
 
+class StaticRouter(SpecModel):
+    """Learned input-independent weights: ``g = w`` for every token, ``w ∈ R^E`` one vector per
+    adapted module, starting at 1 (the sum of the experts). CAT / LoRA Soups' per-layer
+    concatenation weights; X-LoRA with frozen scalings. A pool with a static router is a
+    fixed low-rank update, so it merges into the base weights and exports as one PEFT LoRA
+    of rank ``E·r``."""
+
+    kind: Literal["static"] = "static"
+    trainable: bool = True
+    """``False`` keeps the weights fixed (a buffer), e.g. a fixed sum of imported adapters."""
+
+
 Router = Annotated[
-    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter],
+    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter],
     Field(discriminator="kind"),
 ]
 

@@ -1,1 +1,25 @@
-"""The torch backend: IR -> torch.fx GraphModules, injected into HF models."""
+"""The torch backend: IR -> torch.fx GraphModules, injected into HF models.
+
+``torch.compile`` of an adapted model
+-------------------------------------
+The generated site modules are plain tensor code with static shapes wherever the spec allows
+it, so ``torch.compile(model, fullgraph=True)`` traces the whole forward, adapters included,
+as one graph and gives the eager outputs and gradients. Guaranteed (tested, training mode,
+forward and backward):
+
+- ``lora`` sites (any scaling);
+- ``pool`` / ``rank_partition`` sites whose router is ``dense`` or ``static``, with per-expert or
+  shared factors, a shared expert, frozen experts, and no aux loss or ``cv2_importance_load``;
+- the block-gated and outer-gated forms of pools (``BlockGate``, ``OuterGate``);
+- ``residual_tree`` sites with the ``dense`` gate.
+
+Top-k routers (``topk``, ``sigmoid_topk``, ``implicit_topk``, switch / noisy tree gates) and
+``switch_lb`` also trace as one graph with current PyTorch, but their selection counts
+(``bincount``) have data-dependent sizes, which makes compilation slow and is not guaranteed.
+Data-dependent code is allowed to break the graph, and does: the grouped per-expert form
+(``GroupedMix``: each expert runs on the tokens that chose it) and ``localized_balance`` (its
+number of samples is read from the data). Dynamo then splits the graph there and the result
+is still the eager one.
+
+The model's forward hooks (aux-loss collection) are traced as their own small frames.
+"""

@@ -17,7 +17,7 @@ def init_tensor(decl: ParamDecl, up: str, std: float, generator: torch.Generator
     """A new tensor for ``decl``.
 
     ``kaiming``: U(-1/√fan_in, 1/√fan_in) (PyTorch's Linear default, as PEFT's lora_A);
-    ``up``/``bias``: zeros, or N(0, std²) when ``up == "normal"``; ``keys``: U(-1/√g, 1/√g);
+    ``up``/``bias``: zeros, or N(0, std²) when ``up == "normal"``; ``one``: ones; ``keys``: U(-1/√g, 1/√g);
     ``sparse_random``: each row keeps ``density·d_in`` random inputs with N(0, 1/R²) weights,
     R the number of rows (FlyLoRA).
     """
@@ -40,6 +40,8 @@ def init_tensor(decl: ParamDecl, up: str, std: float, generator: torch.Generator
                 rows[i, cols] = torch.randn(nnz, generator=generator, dtype=dtype) / R
         case "zero":
             pass
+        case "one":
+            t.fill_(1.0)
         case other:
             raise ValueError(f"unknown initialisation {other!r} for {decl.name}")
     return t

@@ -70,11 +70,20 @@ class AdaptedLinear(nn.Module):
         dtype = p.dtype if p is not None else x.dtype
         flat = x.reshape(-1, self.in_features).to(dtype)  # (T, d_in)
         samples = self._samples(x) if self._uses_samples else None
-        delta, aux, routes = self.site(flat, samples)
-        if aux is not None:
-            self._collector.terms.append(aux)
-        if self._collector.routing_log is not None and routes:
-            self._collector.routing_log.append((self.site_name, _detach(routes)))
+        if _in_backward():
+            # Activation checkpointing recomputes this forward during backward: the aux loss
+            # and routing of this token batch were already collected, and the selection counts
+            # of balancing routers already incremented; keep them counted once.
+            counts = [(b, b.clone()) for n, b in self.site.named_buffers() if n.endswith(_COUNTS_SUFFIX)]
+            delta, _, _ = self.site(flat, samples)
+            for b, before in counts:
+                b.copy_(before)
+        else:
+            delta, aux, routes = self.site(flat, samples)
+            if aux is not None:
+                self._collector.terms.append(aux)
+            if self._collector.routing_log is not None and routes:
+                self._collector.routing_log.append((self.site_name, _detach(routes)))
         return out + delta.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
 
     def _samples(self, x: torch.Tensor):
@@ -91,6 +100,18 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+_COUNTS_SUFFIX = "_counts"
+"""Suffix of the selection-count buffers of balancing routers (``lower.counts_name``)."""
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointed forwards are recomputed).
+    A compiled graph replays its side effects once per forward, so tracing never counts as one."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def _detach(v):

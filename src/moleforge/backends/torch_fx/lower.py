@@ -40,6 +40,7 @@ from ...ir import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeMix,
     TreePropagate,
     TreeRoute,
@@ -123,6 +124,8 @@ def _route(c: _Ctx, n: Route) -> fx.Node:
             return c.call(ops.route_softmax_topk, (z, g.k, g.renormalize, g.temperature), n.id)
         case DenseSoftmax():
             return c.call(ops.route_dense, (z, g.temperature), n.id)
+        case StaticGate():
+            return c.call(ops.route_static, (z, c.expr(g.weights)), n.id)
         case SigmoidTopK():
             return c.call(ops.route_sigmoid_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
                                                    g.k, c.training), n.id)

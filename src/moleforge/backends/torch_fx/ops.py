@@ -12,7 +12,7 @@ from torch import Tensor
 
 __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
-    "route_abs_topk", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "switch_lb",
+    "route_abs_topk", "route_static", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "switch_lb",
     "cv2_importance_load", "localized_balance", "add_aux",
 ]
 
@@ -72,6 +72,15 @@ def route_abs_topk(h: Tensor, balance: Tensor, counts: Tensor, k: int, training:
     gates = torch.zeros_like(h).scatter(1, index, 1.0)  # (T, E)
     _count(counts, index, training)
     return gates, gates, index
+
+
+def route_static(x: Tensor, weights: Tensor):
+    """Input-independent gates ``g_t = w``: ``x (T, ·)`` gives only T. -> (gates, probs, None)."""
+    T, E = x.shape[0], weights.shape[0]
+    gates = weights.unsqueeze(0).expand(T, E)  # (T, E)
+    a = weights.abs()  # (E,)
+    probs = (a / a.sum().clamp_min(1e-12)).unsqueeze(0).expand(T, E)  # (T, E)
+    return gates, probs, None
 
 
 def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:

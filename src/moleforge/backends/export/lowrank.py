@@ -1,0 +1,232 @@
+"""Reduce an adapter site to one low-rank update, when its ``Δy`` does not depend on the input
+except linearly: ``Δy(x) = s · (x Aᵀ) Bᵀ`` with ``A (R, d_in)``, ``B (d_out, R)``.
+
+That holds when every router the output reads is static (``StaticGate``: the same gates for
+every token) and every node is linear in its tensor input: plain LoRA, static-gated pools
+(CAT, X-LoRA with fixed scalings), their shared experts, and the block/outer-gated forms the
+passes rewrite pools into (METHODS.md §20.1, §20.3, §20.5). The result feeds both exports: a
+merged weight ``W + s·B·A`` and a PEFT LoRA of rank R.
+
+The reduction walks the graph once, carrying for each tensor node a factored linear map
+``v(x) = s · x aᵀ bᵀ`` (``a = None``: the identity on ``x``; ``b = None``: no right factor):
+
+- ``Linear(W, scale c)``: ``b ← W b`` (``b = None``: ``b ← W``), ``s ← c s``;
+- ``PoolMix`` with static gates ``g``: ``a ← [A_1 M; …; A_E M]``, ``b ← [g_1 B_1, …, g_E B_E]``
+  with ``M`` the source's map (a shared A or B collapses to rank r: ``Σ g_i B_i`` / ``Σ g_i A_i``);
+- ``BlockGate``: ``b ← diag(repeat(c g, r)) b``; ``OuterGate``: ``b ← [c g_1 b; …; c g_E b]``;
+- ``Add``: factors side by side; ``Columns``: rows of ``b``; ``Jitter``: identity (evaluation).
+
+Whenever the right factor has fewer rows than the rank, it is folded into ``a`` (the rank never
+exceeds the widths it passes through). Plain LoRA keeps its own tensors: ``a = A``, ``b = B``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from ...errors import NotMergeableError
+from ...ir import (
+    Add,
+    BlockGate,
+    Columns,
+    Graph,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    OuterGate,
+    PoolMix,
+    Route,
+    StaticGate,
+    TreeRoute,
+    eval_expr,
+    format_node,
+)
+
+__all__ = ["LowRank", "NotReducibleError", "reduce_site"]
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``Δy(x) = scale · (x aᵀ) bᵀ``: ``a (R, d_in)``, ``b (d_out, R)``."""
+
+    scale: float
+    a: Tensor
+    b: Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def delta_weight(self) -> Tensor:
+        """``ΔW = scale · b a`` as ``[d_out, d_in]``, in float64."""
+        return self.scale * (self.b.to(F64) @ self.a.to(F64))
+
+
+class NotReducibleError(NotMergeableError):
+    """A site's ``Δy`` is not a fixed low-rank map. ``node`` names the IR node (a router that reads
+    the input, or a kind with no low-rank rule), ``origin`` its spec path, ``input_dependent``
+    whether the cause is routing on the input."""
+
+    def __init__(self, message: str, *, node: str, origin: str, input_dependent: bool):
+        super().__init__(message)
+        self.node, self.origin, self.input_dependent = node, origin, input_dependent
+
+
+@dataclass(frozen=True)
+class _Map:
+    """``v(x) = s · x aᵀ bᵀ``; ``a = None`` is the identity (then ``b`` is None too)."""
+
+    s: float
+    a: Tensor | None
+    b: Tensor | None
+
+
+@dataclass(frozen=True)
+class _Gates:
+    g: Tensor  # (E,)
+
+
+def reduce_site(graph: Graph, params: Mapping[str, Tensor]) -> LowRank:
+    """The site's ``Δy`` as one low-rank update.
+
+    Args:
+        graph: the site's IR graph.
+        params: its tensors by declared name.
+    Raises:
+        NotReducibleError: the output reads a router that depends on the input (naming it), or a
+            node kind without a low-rank rule.
+    """
+    needed = nx.ancestors(graph.dag(), graph.output) | {graph.output}
+    for n in graph.nodes:  # name the router first: it is the reason, whatever feeds it
+        routed = isinstance(n, TreeRoute) or (isinstance(n, Route) and not isinstance(n.gate, StaticGate))
+        if routed and n.id in needed:
+            raise _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
+    env: dict[str, object] = {}
+    for n in graph.nodes:
+        if n.id in needed:
+            env[n.id] = _reduce(graph, n, env, params)
+    m = env[graph.output]
+    assert isinstance(m, _Map)
+    a = m.a if m.a is not None else torch.eye(graph.d_in, dtype=F64)
+    b = m.b if m.b is not None else torch.eye(a.shape[0], dtype=a.dtype)
+    return LowRank(scale=m.s, a=a, b=b)
+
+
+def _refuse(graph: Graph, n, why: str, input_dependent: bool) -> NotReducibleError:
+    line = format_node(n, graph.width(n.id))
+    where = f"{n.origin} " if n.origin else ""
+    return NotReducibleError(f"{where}`{line}` {why}", node=n.id, origin=n.origin, input_dependent=input_dependent)
+
+
+def _reduce(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):  # noqa: C901 - one case per node kind
+    match n:
+        case Input():
+            return _Map(1.0, None, None)
+        case Jitter():
+            return env[n.src]
+        case Linear():
+            if n.bias is not None:
+                raise _refuse(graph, n, "adds a bias: an affine map, not a low-rank update", False)
+            return _linear(env[n.src], eval_expr(n.weight, params), n.scale)
+        case Columns():
+            return _columns(env[n.src], n.start, n.stop, graph.d_in)
+        case Add():
+            return _add([env[s] for s in n.srcs], graph.d_in)
+        case Route() if isinstance(n.gate, StaticGate):
+            return _Gates(eval_expr(n.gate.weights, params))
+        case Route() | TreeRoute():
+            raise _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
+        case PoolMix() | GroupedMix():
+            return _pool(env[n.src], env[n.routing].g, eval_expr(n.a, params), eval_expr(n.b, params), n.scale)
+        case BlockGate():
+            d = torch.repeat_interleave(env[n.routing].g.to(F64) * n.scale, n.rank)  # (E·r,)
+            return _scale_rows(env[n.src], d)
+        case OuterGate():
+            return _outer(env[n.src], env[n.routing].g, n.scale, graph.d_in)
+    raise _refuse(graph, n, f"{type(n).__name__} has no low-rank rule", False)
+
+
+def _compact(m: _Map) -> _Map:
+    """Fold ``b`` into ``a`` when it has fewer rows than the rank (``v = s x (b a)ᵀ``)."""
+    if m.a is not None and m.b is not None and m.b.shape[0] < m.b.shape[1]:
+        return _Map(m.s, m.b.to(F64) @ m.a.to(F64), None)
+    return m
+
+
+def _linear(m: _Map, w: Tensor, scale: float) -> _Map:
+    s = m.s * scale
+    if m.a is None:
+        return _Map(s, w, None)
+    if m.b is None:
+        return _compact(_Map(s, m.a, w))
+    return _compact(_Map(s, m.a, w.to(F64) @ m.b.to(F64)))
+
+
+def _columns(m: _Map, start: int, stop: int, d_in: int) -> _Map:
+    if m.a is None:
+        return _Map(m.s, torch.eye(d_in, dtype=F64)[start:stop], None)
+    if m.b is None:
+        return _Map(m.s, m.a[start:stop], None)
+    return _compact(_Map(m.s, m.a, m.b[start:stop]))
+
+
+def _dense(m: _Map, d_in: int) -> tuple[Tensor, Tensor]:
+    a = m.a if m.a is not None else torch.eye(d_in, dtype=F64)
+    b = m.b if m.b is not None else torch.eye(a.shape[0], dtype=F64)
+    return a.to(F64), b.to(F64)
+
+
+def _add(terms: list[_Map], d_in: int) -> _Map:
+    s = terms[0].s
+    parts = [_dense(t, d_in) for t in terms]
+    a = torch.cat([p[0] for p in parts], 0)  # (ΣR, d_in)
+    b = torch.cat([p[1] * (t.s / s) for p, t in zip(parts, terms)], 1)  # (d_out, ΣR)
+    return _compact(_Map(s, a, b))
+
+
+def _through(m: _Map, a_i: Tensor) -> Tensor:
+    """``A_i`` applied after the source map: ``(r, d_in)`` (the source's scale stays outside)."""
+    if m.a is None:
+        return a_i
+    inner = a_i.to(F64) if m.b is None else a_i.to(F64) @ m.b.to(F64)  # (r, R)
+    return inner @ m.a.to(F64)  # (r, d_in)
+
+
+def _pool(m: _Map, g: Tensor, A: Tensor, B: Tensor, scale: float) -> _Map:
+    """``Σ_i g_i · scale · (v A_iᵀ) B_iᵀ`` with ``A (E_a, r, ·)``, ``B (E_b, d_out, r)``."""
+    E = g.shape[0]
+    s = m.s * scale
+    g64 = g.to(F64)
+    if A.shape[0] == 1:  # shared down-projection: Σ g_i B_i
+        b = sum(g64[i] * B[min(i, B.shape[0] - 1)].to(F64) for i in range(E))
+        return _compact(_Map(s, _through(m, A[0]), b))
+    if B.shape[0] == 1:  # shared up-projection: Σ g_i A_i
+        a = sum(g64[i] * _through(m, A[i]).to(F64) for i in range(E))
+        return _compact(_Map(s, a, B[0]))
+    a = torch.cat([_through(m, A[i]) for i in range(E)], 0)  # (E·r, d_in)
+    b = torch.cat([g64[i] * B[i].to(F64) for i in range(E)], 1)  # (d_out, E·r)
+    return _compact(_Map(s, a, b))
+
+
+def _scale_rows(m: _Map, d: Tensor) -> _Map:
+    """``v ⊙ d`` on the output columns: ``diag(d)`` applied after ``b`` (or ``a``)."""
+    if m.a is None:
+        return _Map(m.s, torch.diag(d), None)
+    if m.b is None:
+        return _Map(m.s, d[:, None] * m.a.to(F64), None)
+    return _Map(m.s, m.a, d[:, None] * m.b.to(F64))
+
+
+def _outer(m: _Map, g: Tensor, scale: float, d_in: int) -> _Map:
+    """``scale · [g_1 v, …, g_E v]``: ``(T, w) -> (T, E·w)``."""
+    a, b = _dense(m, d_in)
+    b = torch.cat([scale * g.to(F64)[i] * b for i in range(g.shape[0])], 0)  # (E·w, R)
+    return _compact(_Map(m.s, a, b))

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (imported on first use: they import those frameworks)."""
