@@ -19,9 +19,10 @@ from moleforge.cli import main
 from moleforge.cli.flops import base_flops_per_token, flops_per_token
 from moleforge.cli.schema_doc import render_reference
 from moleforge.demo.tasks import make_tokenizer, task_records
+from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("presets", "schema", "inspect", "train", "demo")
+COMMANDS = ("presets", "schema", "inspect", "train", "export", "demo")
 
 
 def run(*args: str):
@@ -267,3 +268,57 @@ def test_readme_commands_are_the_ci_commands():
     setup, demo, tests = (b.strip() for b in _blocks("bash")[:3])
     assert setup.replace("pip install ", "pip install -q ") in ci and tests in ci
     assert demo == ".venv/bin/moleforge demo"
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_run(model_dir, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora-run")
+    result = run("train", "lora", "--model", model_dir, "--data", data_file, "--out", out, "--steps", "3",
+                 "--lr", "1e-2")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_export_merged_and_peft_give_the_adapted_logits(lora_run, model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run("export", lora_run, "--merged", tmp_path / "merged", "--peft", tmp_path / "peft")
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([[1, 8, 19, 21, 13, 15, 17, 2]])
+    adapted = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    mf.load(adapted, lora_run / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                     tmp_path / "peft")
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+        assert_close(merged(input_ids=ids).logits, want, "float32_model")
+        assert_close(peft(input_ids=ids).logits, want, "float32_model")
+
+
+def test_export_refuses_a_routed_adapter_with_the_reason(model_dir, tmp_path):
+    model = tiny("llama")
+    mf.save(mf.compile("smore", model), tmp_path / "smore")
+    result = run("export", tmp_path / "smore", "--model", model_dir, "--merged", tmp_path / "m")
+    assert result.exit_code == 1
+    assert "routes each token on its input" in result.output and "--static-only" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{run}"], "say what to write: --merged OUT, --peft OUT, or both"),
+    (["{run}", "--peft", "x", "--static-only"], "--static-only goes with --merged"),
+    (["no/such/run", "--peft", "x"], "'no/such/run' does not exist"),
+    (["{empty}", "--peft", "x"], "holds no saved adapter"),
+    (["{bare}", "--peft", "x"], "no base model recorded"),
+])
+def test_export_bad_arguments_give_one_clear_error(args, message, lora_run, tmp_path):
+    bare = tmp_path / "bare"
+    mf.save(mf.compile("lora", tiny("llama")), bare)
+    args = [a.format(run=lora_run, empty=tmp_path / "empty", bare=bare) for a in args]
+    (tmp_path / "empty").mkdir()
+    result = run("export", *args)
+    assert result.exit_code == 2
+    assert message in result.output

@@ -111,3 +111,19 @@ def test_importing_moleforge_loads_neither_the_command_nor_the_demo():
             "('matplotlib', 'click') or m.startswith(('moleforge.demo', 'moleforge.cli'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_lora_is_exported_merged_and_smore_is_not(demo):
+    out, printed = demo
+    from transformers import AutoModelForCausalLM
+
+    report = json.loads((out / "report.json").read_text())
+    lora = next(v for k, v in report["methods"].items() if k.startswith("lora"))
+    assert report["methods"]["smore"]["merged"].startswith("not mergeable")
+    merged = AutoModelForCausalLM.from_pretrained(lora["merged"], dtype=torch.float32)
+    adapted = AutoModelForCausalLM.from_pretrained(out / "base_model", dtype=torch.float32)
+    mf.load(adapted, lora["adapter"])
+    ids = _batches(task_records(), make_tokenizer(), 0)["+2"]["input_ids"]
+    with torch.no_grad():
+        assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, "float32_model")
+    assert (Path(lora["merged"]) / "tokenizer.json").is_file()

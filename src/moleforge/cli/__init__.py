@@ -1,4 +1,4 @@
-"""The ``moleforge`` command: presets, schema, inspect, train, demo.
+"""The ``moleforge`` command: presets, schema, inspect, train, export, demo.
 
 Heavy imports (transformers, matplotlib) happen inside the subcommands that need them,
 so ``moleforge --help`` answers at once.
@@ -14,6 +14,7 @@ import click
 
 from .. import __version__
 from .common import friendly_errors
+from .export_cmd import export_cmd
 from .inspect_cmd import inspect_cmd
 from .train_cmd import train_cmd
 
@@ -32,6 +33,7 @@ def main() -> None:
       moleforge presets                   the methods that ship as presets
       moleforge inspect smore --model M   where a spec goes in model M and what it costs
       moleforge train smore --model M --data train.jsonl --out run
+      moleforge export run --merged run-merged     (LoRA-reducible adapters)
     """
 
 
@@ -97,3 +99,4 @@ def demo_cmd(out_dir: str, steps: int, pretrain_steps: int, seed: int, quiet: bo
 
 main.add_command(inspect_cmd)
 main.add_command(train_cmd)
+main.add_command(export_cmd)

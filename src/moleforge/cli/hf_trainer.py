@@ -1,20 +1,20 @@
 """The HF ``Trainer`` pieces ``moleforge train`` uses: a dataset of encoded examples, a
-padding collator, and a Trainer that logs the aux loss, steps balancing biases, and
-checkpoints only the adapter (``mf.save`` format), so resuming reloads just that."""
+padding collator, and a Trainer that resumes from checkpoints holding only the adapter.
+Aux-loss and routing logs and the balancing update come from ``mf.MoleforgeTrainerCallback``."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from ..backends.export import read_adapter
-from ..compiler import AdapterHandle, save
+from ..compiler import AdapterHandle
 from ..data import Example, collate
 from ..errors import CheckpointError
 
-__all__ = ["ExampleDataset", "PadCollator", "AdapterTrainer", "BalancingCallback"]
+__all__ = ["ExampleDataset", "PadCollator", "AdapterTrainer", "checkpoint_dirs"]
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -40,53 +40,14 @@ class PadCollator:
         return collate(batch, self.pad_id)
 
 
-class BalancingCallback(TrainerCallback):
-    """Step the SMoRA / FlyLoRA balancing biases once per optimizer step."""
-
-    def __init__(self, handle: AdapterHandle):
-        self.handle = handle
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.handle.update_balancing()
-
-
 class AdapterTrainer(Trainer):
-    """``Trainer`` for a model holding a compiled adapter ``handle``.
-
-    - logs ``aux_loss``: the mean weighted aux loss of the training forwards since the
-      last log (``out.loss`` already includes it; this shows its share);
-    - ``_save`` writes the adapter with ``mf.save`` (``moleforge_config.json`` +
-      ``moleforge_model.safetensors``) instead of the whole model;
-    - ``_load_from_checkpoint`` loads those tensors back into the adapter on resume.
-    """
+    """``Trainer`` for a model holding a compiled adapter ``handle``: resuming reloads the
+    adapter from a ``checkpoint-N`` folder (which ``save_model`` wrote in ``mf.save`` format,
+    through the model's ``save_pretrained``), after checking it belongs to the same spec."""
 
     def __init__(self, *args, handle: AdapterHandle, **kwargs):
         super().__init__(*args, **kwargs)
         self.handle = handle
-        self._aux_sum = 0.0
-        self._aux_count = 0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
-        if aux is not None and model.training:
-            self._aux_sum += float(aux.detach())
-            self._aux_count += 1
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._aux_count and "loss" in logs:
-            logs["aux_loss"] = round(self._aux_sum / self._aux_count, 6)
-            self._aux_sum, self._aux_count = 0.0, 0
-        super().log(logs, start_time)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        save(self.handle, output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         config, tensors = read_adapter(resume_from_checkpoint)

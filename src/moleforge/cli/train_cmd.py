@@ -93,7 +93,8 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
     _check_vocab(examples, model.get_input_embeddings().num_embeddings, data_path)
     click.echo(f"data: {len(examples)} sequences from {data_path}")
     _train(spec_obj, model, tokenizer, examples, out, last, flags,
-           dict(steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps or max(1, steps // 4), seed=seed))
+           dict(steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps or max(1, steps // 4), seed=seed,
+                model=str(Path(model_dir).resolve())))
 
 
 def _pad_id(tokenizer) -> int:
@@ -109,7 +110,8 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     from transformers import TrainingArguments
 
     from .. import compiler
-    from .hf_trainer import AdapterTrainer, BalancingCallback, ExampleDataset, PadCollator
+    from ..integrations.trainer import MoleforgeTrainerCallback
+    from .hf_trainer import AdapterTrainer, ExampleDataset, PadCollator
 
     handle = compiler.compile(spec, model)
     n = sum(p.numel() for p in handle.trainable_parameters())
@@ -120,17 +122,17 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
         logging_steps=max(1, opts["steps"] // 20), logging_first_step=True, save_strategy="steps",
         save_steps=opts["save_steps"], save_total_limit=2, report_to="none", remove_unused_columns=False,
         seed=opts["seed"], dataloader_num_workers=0, **flags)
-    trainer = AdapterTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
-                             data_collator=PadCollator(_pad_id(tokenizer)), callbacks=[BalancingCallback(handle)],
-                             handle=handle)
+    collator = PadCollator(_pad_id(tokenizer))
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=ExampleDataset(examples), handle=handle,
+                             data_collator=collator, callbacks=[MoleforgeTrainerCallback(handle)])
     if last is not None:
         click.echo(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
     path = compiler.save(handle, out / "adapter")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {"spec": spec.name, "steps": trainer.state.global_step, "trainable_parameters": n,
-               "final_loss": losses[-1] if losses else None, "train_runtime_s": result.metrics.get("train_runtime"),
-               "log_history": trainer.state.log_history}
+    summary = {"spec": spec.name, "model": opts["model"], "steps": trainer.state.global_step,
+               "trainable_parameters": n, "final_loss": losses[-1] if losses else None,
+               "train_runtime_s": result.metrics.get("train_runtime"), "log_history": trainer.state.log_history}
     atomic_write(out / "train_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     last_loss = f"{losses[-1]:.4f}" if losses else "n/a"
     click.echo(f"done: {trainer.state.global_step} steps, last logged loss {last_loss}; adapter saved to {path}")

@@ -41,6 +41,8 @@ def render(cfg, pre, base_scores, runs, seconds: float) -> str:
         _row("final training loss", [f"{final_loss(r.curve.loss):.4f}" for r in runs]),
         _row("final aux loss", [f"{final_loss(r.curve.aux):.4f}" if any(r.curve.aux) else "-" for r in runs]),
         _row("time per step", [f"{r.curve.ms_per_step:.1f} ms" for r in runs]),
+        _row("merged export", ["merged/" + r.merged.name if isinstance(r.merged, Path) else "no" for r in runs]),
+        *[f"  ({r.name} is {r.merged}; it stays a moleforge adapter)" for r in runs if not isinstance(r.merged, Path)],
         "",
         "per task: loss per answer token / prompts answered exactly right",
         _row("", ["base model"] + names),
@@ -66,7 +68,7 @@ def write(out: Path, text: str, cfg, pre, base_scores, runs) -> Path:
         "base_model": {t: asdict(s) for t, s in base_scores.items()},
         "methods": {r.name: {"spec": r.spec.name, "parameters": r.parameters, "gamma": r.gamma,
                              "final_loss": final_loss(r.curve.loss), "final_aux_loss": final_loss(r.curve.aux),
-                             "ms_per_step": r.curve.ms_per_step, "adapter": str(r.adapter_dir),
+                             "ms_per_step": r.curve.ms_per_step, "adapter": str(r.adapter_dir), "merged": str(r.merged),
                              "scores": {t: asdict(s) for t, s in r.scores.items()}, "loss": r.curve.loss}
                     for r in runs},
     }

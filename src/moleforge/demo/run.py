@@ -18,7 +18,9 @@ from torch import nn
 
 from .. import compiler
 from ..backends.export.atomic import atomic_write
+from ..compiler.interop import export_merged
 from ..data import collate, encode_all
+from ..errors import NotMergeableError
 from ..specs import AdapterSpec, presets
 from . import plots, report
 from .loop import Curve, TaskScore, evaluate, finetune, pretrain
@@ -49,6 +51,8 @@ class MethodRun:
     curve: Curve
     scores: dict[str, TaskScore]
     adapter_dir: Path
+    merged: Path | str
+    """The merged model's folder, or why the adapter cannot be merged."""
 
 
 def build_model() -> nn.Module:
@@ -87,6 +91,16 @@ def matched_lora(reference: AdapterSpec, model: nn.Module) -> tuple[AdapterSpec,
 def _batches(records: list[dict], tokenizer, pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
     """One collated batch per task."""
     return {t: collate(encode_all([r for r in records if r["task"] == t], tokenizer, 64), pad_id) for t in TASKS}
+
+
+def _export_merged(handle, path: Path, tokenizer) -> Path | str:
+    """A merged HF model folder (with the tokenizer), or why the adapter does not merge."""
+    try:
+        export_merged(handle, path)
+    except NotMergeableError:
+        return "not mergeable: its routers choose experts per token"
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -147,14 +161,17 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
             routing = plots.record_task_routing(handle, batches)
         adapter_dir = out / "adapters" / spec.name
         compiler.save(handle, adapter_dir)
+        merged = _export_merged(handle, out / "merged" / spec.name, tokenizer)
         handle.remove()
-        runs.append(MethodRun(name, spec, n, gamma, curve, scores, adapter_dir))
+        runs.append(MethodRun(name, spec, n, gamma, curve, scores, adapter_dir, merged))
 
     paths["loss curves"] = plots.loss_curves(out / "loss_curves.png", pre, runs, base_scores)
     paths["expert load"] = plots.expert_load(out / "expert_load.png", routing)
     paths["routing trees"] = plots.routing_trees(out / "routing_trees.png", routing)
     for r in runs:
         paths[f"adapter {r.name}"] = r.adapter_dir
+        if isinstance(r.merged, Path):
+            paths[f"merged model {r.name}"] = r.merged
     text = report.render(cfg, pre, base_scores, runs, time.perf_counter() - t_start)
     paths["report"] = report.write(out, text, cfg, pre, base_scores, runs)
     echo("")
