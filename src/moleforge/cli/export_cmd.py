@@ -78,6 +78,8 @@ def export_cmd(adapter_path: str, merged_out: str | None, peft_out: str | None, 
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         click.echo(f"merged model written to {path}  (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
+        if (Path(path) / CONFIG_NAME).is_file():
+            click.echo(f"the routed sites stay a moleforge adapter in the same folder (mf.load(model, {str(path)!r}))")
     if peft_out is not None:
         path = mf.export_peft(handle, peft_out)
         click.echo(f"PEFT adapter written to {path}  (PeftModel.from_pretrained(base_model, {str(path)!r}))")
