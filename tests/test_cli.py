@@ -1,0 +1,324 @@
+"""The ``moleforge`` command as a user meets it: help everywhere, the listing commands, inspect
+on a small local model, train with checkpoints and resume, and one clear line (never a
+traceback) for bad arguments, missing files and bad data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.flop_counter import FlopCounterMode
+
+import moleforge as mf
+from models import VOCAB, tiny
+from moleforge.cli import main
+from moleforge.cli.flops import base_flops_per_token, flops_per_token
+from moleforge.cli.schema_doc import render_reference
+from moleforge.demo.tasks import make_tokenizer, task_records
+from tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("presets", "schema", "inspect", "train", "export", "demo")
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """tiny("llama") saved with save_pretrained, plus the demo's word-level tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_model_dir(tmp_path_factory) -> Path:
+    """tiny("llama") without a tokenizer."""
+    path = tmp_path_factory.mktemp("bare-llama")
+    tiny("llama").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in task_records()))
+    return path
+
+
+# ---- help and listings ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ("",) + COMMANDS)
+def test_every_command_has_help(command):
+    result = run(*([command] if command else []), "--help")
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: ")
+    if not command:
+        assert all(c in result.output for c in COMMANDS)
+
+
+def test_presets_lists_every_preset_on_one_line():
+    lines = run("presets").output.splitlines()
+    described = mf.presets.describe()
+    assert len(lines) == len(described)
+    for line, (name, text) in zip(lines, described.items()):
+        assert line.split()[0] == name and line.endswith(text)
+
+
+def test_schema_prints_the_json_schema():
+    assert json.loads(run("schema").output) == mf.AdapterSpec.model_json_schema()
+
+
+def test_spec_reference_doc_is_up_to_date():
+    committed = (ROOT / "docs" / "spec_reference.md").read_text(encoding="utf-8")
+    assert committed == render_reference(mf.AdapterSpec.model_json_schema()), \
+        "docs/spec_reference.md is stale: run python scripts/gen_spec_reference.py"
+    assert run("schema", "--markdown").output == committed
+
+
+# ---- FLOPs from IR shapes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", mf.presets.names())
+def test_flops_from_ir_match_what_torch_counts(preset):
+    """The IR count equals the GEMM FLOPs torch's counter sees when the lowered site runs."""
+    model = tiny("llama")
+    handle = mf.compile(preset, model)
+    for name, module in handle.modules.items():
+        graph = handle.graphs[name]
+        T = 5
+        x = torch.randn(T, graph.d_in)
+        module.site.eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module.site(x, None)
+        assert counter.get_total_flops() == T * flops_per_token(graph), name
+        assert base_flops_per_token(graph) == 2 * graph.d_in * graph.d_out
+
+
+def test_flops_of_lora_and_a_pool_follow_their_formulas():
+    model = tiny("llama")
+    lora = mf.compile("lora", model)
+    g = lora.graphs["model.layers.0.mlp.up_proj"]  # 32 -> 64, rank 8
+    assert flops_per_token(g) == 2 * 8 * (32 + 64)
+    lora.remove()
+    pool = mf.compile("molora", model)
+    g = pool.graphs["model.layers.0.mlp.up_proj"]  # 8 experts of rank 8 run densely, plus the router
+    assert flops_per_token(g) == 8 * 2 * 8 * (32 + 64) + 2 * 8 * 32
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+
+def test_inspect_reports_sites_parameters_gamma_and_ir(model_dir, tmp_path):
+    png = tmp_path / "graph.png"
+    result = run("inspect", "smore", "--model", model_dir, "--graph", png)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    n = mf.count_parameters("smore", tiny("llama"))
+    assert f"{n:,} trainable" in out
+    assert "Γ           216" in out
+    for role, dims in (("gate_proj", "32 -> 64"), ("up_proj", "32 -> 64"), ("down_proj", "64 -> 32")):
+        assert re.search(rf"model\.layers\.\*\.mlp\.{role} +2 +0-1 +{dims}", out), role
+    assert "tree_route %x_down gate=switch" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_one_site(model_dir):
+    out = run("inspect", "lora", "--model", model_dir, "--site", "model.layers.1.self_attn.v_proj").output
+    assert "IR of model.layers.1.self_attn.v_proj" in out
+    assert out.count("\ngraph ") == 1
+
+
+def test_inspect_a_spec_file(model_dir, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"name": "mine", "sites": [{"target": {"roles": ["q", "v"]},
+                                                           "adapter": {"kind": "lora", "rank": 4}}]}))
+    out = run("inspect", spec, "--model", model_dir).output
+    assert "spec        mine" in out and "4 linears get the adapter" in out
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["nosuch", "--model", "{model}"], 2, "neither a preset nor a JSON file; presets: flylora"),
+    (["missing/spec.json", "--model", "{model}"], 2, "spec file 'missing/spec.json' does not exist"),
+    (["smore", "--model", "no/such/dir"], 2, "model directory 'no/such/dir' does not exist"),
+    (["smore", "--model", "{empty}"], 2, "has no config.json"),
+    (["smore", "--model", "{model}", "--site", "lm_head"], 2, "'lm_head' is not an adapted module"),
+    (["smore"], 2, "Missing option '--model'"),
+])
+def test_inspect_bad_arguments_give_one_clear_error(args, code, message, model_dir, tmp_path):
+    args = [a.format(model=model_dir, empty=tmp_path) for a in args]
+    result = run("inspect", *args)
+    assert result.exit_code == code
+    assert message in result.output
+
+
+def test_inspect_invalid_spec_file_names_the_field(model_dir, tmp_path):
+    spec = tmp_path / "bad.json"
+    spec.write_text(json.dumps({"sites": [{"target": {"roles": ["gate"]}, "adapter": {"kind": "lora", "rank": 0}}]}))
+    result = run("inspect", spec, "--model", model_dir)
+    assert result.exit_code == 1
+    assert "sites[0].adapter.lora.rank" in result.output
+
+
+# ---- train ----------------------------------------------------------------------------------------
+
+def test_train_saves_a_loadable_adapter_and_resumes(model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    common = ["smore", "--model", model_dir, "--data", data_file, "--out", out, "--batch-size", "4", "--lr", "1e-2"]
+    result = run("train", *common, "--steps", "4", "--save-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "aux_loss" in result.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["trainable_parameters"] == mf.count_parameters("smore", tiny("llama"))
+    model = tiny("llama")
+    handle = mf.load(model, out / "adapter")
+    assert any(t.abs().sum() > 0 for k, t in handle.state_dict().items() if k.endswith(".B0"))
+
+    again = run("train", *common, "--steps", "6")
+    assert again.exit_code == 2 and "pass --resume" in again.output
+    resumed = run("train", *common, "--steps", "6", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output and "checkpoint-4" in resumed.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6
+    assert [h["step"] for h in summary["log_history"] if "loss" in h][:4] == [1, 2, 3, 4]
+
+    other = run("train", "lora", *common[1:], "--steps", "8", "--resume")
+    assert other.exit_code == 1 and "holds an adapter of another spec ('smore')" in other.output
+
+
+def test_train_token_id_records_need_no_tokenizer(bare_model_dir, tmp_path):
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [1, 5 + i % 7, 9, 12, 2]}) + "\n" for i in range(6)))
+    result = run("train", "lora", "--model", bare_model_dir, "--data", data, "--out", tmp_path / "run", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "adapter" / "moleforge_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "a b"}'], "text records need a tokenizer"),
+    (['{"input_ids": [1, 2, 999]}'], f"token id 999 is outside the model's vocabulary of {VOCAB} ids"),
+    (['{"input_ids": [1, 2]}', "not json"], ":2: not valid JSON"),
+    (['{"prompt": "a"}'], "match no record shape"),
+    ([], "holds no records"),
+])
+def test_train_bad_data_gives_one_clear_error(lines, message, bare_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines))
+    result = run("train", "lora", "--model", bare_model_dir, "--data", data, "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    assert message in result.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "Invalid value for '--steps'"),
+    (["--precision", "fp8"], "Invalid value for '--precision'"),
+    (["--lr", "0"], "Invalid value for '--lr'"),
+    (["--tokenizer", "no/such/dir"], "holds no tokenizer"),
+    (["--resume"], "holds no checkpoint-N folder"),
+])
+def test_train_bad_arguments_give_one_clear_error(extra, message, model_dir, data_file, tmp_path):
+    result = run("train", "lora", "--model", model_dir, "--data", data_file, "--out", tmp_path / "run", *extra)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_train_missing_data_file(model_dir, tmp_path):
+    result = run("train", "lora", "--model", model_dir, "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "nope.jsonl' does not exist" in result.output
+
+
+def test_train_fp16_without_a_gpu_is_refused(model_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run("train", "lora", "--model", model_dir, "--data", data_file, "--out", tmp_path / "r",
+                 "--precision", "fp16")
+    assert result.exit_code == 2 and "fp16 needs a CUDA GPU" in result.output
+
+
+# ---- the README's examples ----------------------------------------------------------------------
+
+def _blocks(lang: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_spec_examples_agree_and_its_records_parse():
+    spec_json = next(b for b in _blocks("json") if '"sites"' in b)
+    python = next(b for b in _blocks("python") if "mf.AdapterSpec(" in b)
+    scope: dict = {"mf": mf}
+    exec(python, scope)  # noqa: S102 - the README's own example
+    assert scope["spec"] == mf.AdapterSpec.model_validate_json(spec_json)
+    records = [json.loads(line) for line in next(b for b in _blocks("json") if '"prompt"' in b).splitlines()]
+    tok = make_tokenizer()
+    ids_record = next(r for r in records if "input_ids" in r)
+    prompt_record = next(r for r in records if "prompt" in r)
+    from moleforge.data import encode
+    assert encode(prompt_record, tok, 64).input_ids == ids_record["input_ids"]
+
+
+def test_readme_commands_are_the_ci_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    setup, demo, tests = (b.strip() for b in _blocks("bash")[:3])
+    assert setup.replace("pip install ", "pip install -q ") in ci and tests in ci
+    assert demo == ".venv/bin/moleforge demo"
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_run(model_dir, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora-run")
+    result = run("train", "lora", "--model", model_dir, "--data", data_file, "--out", out, "--steps", "3",
+                 "--lr", "1e-2")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_export_merged_and_peft_give_the_adapted_logits(lora_run, model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run("export", lora_run, "--merged", tmp_path / "merged", "--peft", tmp_path / "peft")
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([[1, 8, 19, 21, 13, 15, 17, 2]])
+    adapted = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    mf.load(adapted, lora_run / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                     tmp_path / "peft")
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+        assert_close(merged(input_ids=ids).logits, want, "float32_model")
+        assert_close(peft(input_ids=ids).logits, want, "float32_model")
+
+
+def test_export_refuses_a_routed_adapter_with_the_reason(model_dir, tmp_path):
+    model = tiny("llama")
+    mf.save(mf.compile("smore", model), tmp_path / "smore")
+    result = run("export", tmp_path / "smore", "--model", model_dir, "--merged", tmp_path / "m")
+    assert result.exit_code == 1
+    assert "routes each token on its input" in result.output and "--static-only" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{run}"], "say what to write: --merged OUT, --peft OUT, or both"),
+    (["{run}", "--peft", "x", "--static-only"], "--static-only goes with --merged"),
+    (["no/such/run", "--peft", "x"], "'no/such/run' does not exist"),
+    (["{empty}", "--peft", "x"], "holds no saved adapter"),
+    (["{bare}", "--peft", "x"], "no base model recorded"),
+])
+def test_export_bad_arguments_give_one_clear_error(args, message, lora_run, tmp_path):
+    bare = tmp_path / "bare"
+    mf.save(mf.compile("lora", tiny("llama")), bare)
+    args = [a.format(run=lora_run, empty=tmp_path / "empty", bare=bare) for a in args]
+    (tmp_path / "empty").mkdir()
+    result = run("export", *args)
+    assert result.exit_code == 2
+    assert message in result.output
