@@ -97,7 +97,8 @@ def trees(draw, max_leaves: int = 8):
     return ResidualTree(levels=levels, activation=draw(st.sampled_from(["tanh", "relu", "identity"])),
                         router=TreeRouter(gate=gate, down_dim=draw(st.integers(2, 5)), key_dim=draw(st.integers(2, 4)),
                                           query_activation=draw(st.sampled_from(["relu", "tanh", "identity"])),
-                                          temperature=draw(st.sampled_from([1.0, 0.5]))),
+                                          temperature=1.0 if conventions == "official"
+                                          else draw(st.sampled_from([1.0, 0.5]))),
                         bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
 
 

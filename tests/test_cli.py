@@ -89,7 +89,10 @@ def test_spec_reference_doc_is_up_to_date():
 
 @pytest.mark.parametrize("preset", mf.presets.names())
 def test_flops_from_ir_match_what_torch_counts(preset):
-    """The IR count equals the GEMM FLOPs torch's counter sees when the lowered site runs."""
+    """The IR count equals the GEMM FLOPs torch's counter sees when the lowered site runs.
+    Residual trees are the exception: their runtime runs each level as one GEMM over masked
+    node inputs (fewer, larger kernels), which spends more multiply-adds than the IR's
+    algorithmic count; there the IR count must bound the measured one from below, within 3x."""
     model = tiny("llama")
     handle = mf.compile(preset, model)
     for name, module in handle.modules.items():
@@ -99,7 +102,11 @@ def test_flops_from_ir_match_what_torch_counts(preset):
         module.site.eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             module.site(x, None)
-        assert counter.get_total_flops() == T * flops_per_token(graph), name
+        measured, counted = counter.get_total_flops(), T * flops_per_token(graph)
+        if any(type(n).__name__ in ("TreeMix", "TreePropagate") for n in graph.nodes):
+            assert counted <= measured <= 3 * counted, (name, measured, counted)
+        else:
+            assert measured == counted, name
         assert base_flops_per_token(graph) == 2 * graph.d_in * graph.d_out
 
 

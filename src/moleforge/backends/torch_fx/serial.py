@@ -24,6 +24,9 @@ __all__ = ["serial_call", "one_thread"]
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Intra-op parallelism off for the block (restored after)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -104,6 +107,8 @@ class _Serial(torch.autograd.Function):
 def serial_call(fn: Callable, *args: Any) -> Any:
     """``fn(*args)`` on one intra-op thread, its backward too. ``args`` and the result may
     nest tensors in tuples and lists (tuple subclasses keep their attributes)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)  # a compiled graph schedules its own kernels; thread switches would break it
     flat: list[Tensor] = []
     spec = _flatten(args, flat)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in flat):
