@@ -9,6 +9,7 @@ adapters inside HuggingFace models.
 
 from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
+from .compiler.mixlora_import import import_mixlora
 from .errors import (
     CheckpointError, InjectionError, IRVerificationError, LoweringError, MoleforgeError, NotMergeableError,
     PassError, SpecError,

@@ -64,7 +64,8 @@ class ParamDecl:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys"]
+    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "frozen"]
+    """``frozen``: a frozen input (``Graph.frozen``), bound to the model's own tensor, never initialised."""
     trainable: bool = True
     buffer: bool = False
     fan_in: int = 0

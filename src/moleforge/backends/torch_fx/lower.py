@@ -1,6 +1,7 @@
 """IR -> ``torch.fx.GraphModule``: one emitter per node kind.
 
-The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` and returns
+The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` (and, for graphs
+with frozen inputs, ``frozen``: ``{name: tensor}`` of the model's tensors) and returns
 ``(delta (T, d_out), aux, routes)``: ``aux`` is the site's summed aux loss (or ``None``),
 ``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
 ``(indices, weights, probs)`` per pool) for routing statistics.
@@ -18,11 +19,12 @@ from torch import fx, nn
 
 from ...errors import LoweringError
 from ...ir import (
-    AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, BlockRows, Columns, Concat, DenseSoftmax, Graph,
-    GroupedMix, Input, Jitter, Linear, OuterGate, ParamExpr, ParamRef, Pick, PoolMix, Route, SigmoidTopK,
-    SoftmaxTopK, TreeMix, TreePropagate, TreeRoute, format_expr,
+    AbsTopK, Add, AuxLoss, BlockColumns, BlockGate, BlockRows, Columns, Concat, DenseSoftmax, ExpertFFN,
+    ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum, Graph, GroupedMix, Input, Jitter, Linear, OuterGate,
+    ParamExpr, ParamRef, Pick, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
+    format_expr,
 )
-from . import ops, ops_tree
+from . import ops, ops_block, ops_tree
 
 __all__ = ["lower", "counts_name"]
 
@@ -40,6 +42,9 @@ class _Ctx:
         self.exprs: dict[ParamExpr, fx.Node] = {}
         self.x = self.g.placeholder("x")
         self.samples = self.g.placeholder("samples", default_value=None)
+        self.frozen_names = {d.name for d in graph.frozen}
+        self.frozen = self.g.placeholder("frozen", default_value=None) if graph.frozen else None
+        self.plans: dict[str, fx.Node] = {}
         self._training: fx.Node | None = None
         self._names: set[str] = set()
 
@@ -57,13 +62,15 @@ class _Ctx:
             self._training = self.g.get_attr("training")
         return self._training
 
-    def item(self, node: fx.Node, i: int, name: str) -> fx.Node:
+    def item(self, node: fx.Node, i: int | str, name: str) -> fx.Node:
         return self.call(operator.getitem, (node, i), name)
 
     def expr(self, e: ParamExpr) -> fx.Node:
         if e in self.exprs:
             return self.exprs[e]
         match e:
+            case ParamRef(name=n) if n in self.frozen_names:
+                out = self.item(self.frozen, n, n)  # type: ignore[arg-type]
             case ParamRef(name=n):
                 out = self.g.get_attr(n)
             case BlockRows(src=s):
@@ -156,6 +163,28 @@ def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
                                           n.delta, n.groups), n.id)
 
 
+def _plan(c: _Ctx, rid: str) -> fx.Node:
+    """The routing's slots sorted by expert, computed once per router."""
+    if rid not in c.plans:
+        c.plans[rid] = c.call(ops_block.slot_plan, (_gates(c, rid), c.item(c.env[rid], 2, f"{rid}_index")),
+                              f"{rid}_slots")
+    return c.plans[rid]
+
+
+def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
+    if lin is None:
+        return None
+    return (c.expr(lin.weight), c.opt(lin.bias), c.opt(lin.a), c.opt(lin.b), lin.scale)
+
+
+def _expert_block(c: _Ctx, n) -> fx.Node:
+    base = (None if n.up_base is None else c.env[n.up_base], None if n.gate_base is None else c.env[n.gate_base])
+    head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
+    if isinstance(n, ExpertFFN):
+        return c.call(ops_block.expert_ffn, head + (_expert_linear(c, n.down),) + base + (n.activation,), n.id)
+    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
+
+
 _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     Input: lambda c, n: c.x,
     Linear: _linear,
@@ -171,6 +200,11 @@ _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     TreeMix: _tree,
     TreePropagate: _tree,
     AuxLoss: _aux,
+    ExpertFFN: _expert_block,
+    ExpertHidden: _expert_block,
+    ExpertSum: lambda c, n: c.call(ops_block.expert_sum, (c.env[n.src], _plan(c, n.routing)), n.id),
+    ExpertLoRA: lambda c, n: c.call(ops_block.expert_lora, (c.env[n.src], _plan(c, n.routing), c.expr(n.a),
+                                                            c.expr(n.b), n.scale), n.id),
 }
 
 
