@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from ..backends.torch_fx.block_module import MoleforgeBlock, build_block_module, frozen_names
-from ..backends.torch_fx.ffn_block import TracedBlock, trace_block
+from ..backends.torch_fx.ffn_block import BlockLinear, TracedBlock, trace_block
 from ..backends.torch_fx.init import ParamStore
 from ..backends.torch_fx.inject import AuxCollector, linear_dims
 from ..backends.torch_fx.lower import lower
@@ -161,19 +161,20 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: set[str] = froz
     return out
 
 
-def build_block_graph(pool: ExpertPool, tb: TracedBlock, roles: Sequence[str], shape: SiteShape,
-                      origin: str = "adapter") -> Graph:
-    """The plain IR of ``pool`` as experts over the block ``tb``: a router, one
-    :class:`~moleforge.ir.ExpertFFN` and the pool's aux losses. ``A_<role> (E, r, d_in)`` and
-    ``B_<role> (E, d_out, r)`` on the linears in ``roles``; frozen inputs ``W_<role>``, ``b_<role>``."""
+def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activation: str, roles: Sequence[str],
+                      shape: SiteShape, origin: str = "adapter") -> Graph:
+    """The plain IR of ``pool`` as experts over an FFN block with ``linears`` (``gate``, ``up``,
+    ``down``) and ``activation``: a router, one :class:`~moleforge.ir.ExpertFFN` and the pool's
+    aux losses. ``A_<role> (E, r, d_in)`` and ``B_<role> (E, d_out, r)`` on the linears in
+    ``roles``; frozen inputs ``W_<role>`` and ``b_<role>``."""
     b = _Builder(shape)
     E, r = shape.experts or pool.experts, shape.rank or pool.rank
     route = _flat_router(b, pool.router, E, origin)
     k = getattr(pool.router, "k", None)
     scale = lora_scale(pool.alpha, r, pool.scaling, active=(k or E) * r, total=E * r)
     frozen: list[ParamDecl] = []
-    linears: dict[str, ExpertLinear] = {}
-    for role, info in tb.linears.items():
+    experts: dict[str, ExpertLinear] = {}
+    for role, info in linears.items():
         w_name, b_name = frozen_names(role)
         frozen.append(ParamDecl(name=w_name, shape=(info.d_out, info.d_in), init="frozen", trainable=False))
         bias = None
@@ -184,10 +185,10 @@ def build_block_graph(pool: ExpertPool, tb: TracedBlock, roles: Sequence[str], s
         if role in roles:
             a = b.param(f"A_{role}", (E, r, info.d_in), "kaiming", fan_in=info.d_in)
             up = b.param(f"B_{role}", (E, info.d_out, r), "up")
-        linears[role] = ExpertLinear(weight=ParamRef(w_name, (info.d_out, info.d_in)), bias=bias, a=a, b=up,
+        experts[role] = ExpertLinear(weight=ParamRef(w_name, (info.d_out, info.d_in)), bias=bias, a=a, b=up,
                                      scale=scale)
-    out = b.add(ExpertFFN(id="experts", src="x", routing=route, up=linears["up"], gate=linears.get("gate"),
-                          down=linears["down"], activation=tb.activation, origin=origin))  # type: ignore[arg-type]
+    out = b.add(ExpertFFN(id="experts", src="x", routing=route, up=experts["up"], gate=experts.get("gate"),
+                          down=experts["down"], activation=activation, origin=origin))  # type: ignore[arg-type]
     for j, aux in enumerate(pool.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{j}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
@@ -204,8 +205,8 @@ def prepare_blocks(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] |
     plain, optimised = {}, {}
     for blk in blocks:
         pool = spec.sites[blk.site_index].adapter
-        g = verify(build_block_graph(pool, blk.traced, blk.roles, blk.shape,  # type: ignore[arg-type]
-                                     origin=f"sites[{blk.site_index}].adapter"))
+        g = verify(build_block_graph(pool, blk.traced.linears, blk.traced.activation, blk.roles,  # type: ignore
+                                     blk.shape, origin=f"sites[{blk.site_index}].adapter"))
         plain[blk.name] = g
         optimised[blk.name] = run_pipeline(g, pipeline)
     return blocks, plain, optimised
@@ -241,7 +242,8 @@ def count_block_parameters(spec: AdapterSpec, model: nn.Module) -> dict[str, int
     """Trainable parameters of the ``ffn_block`` sites by parameter name (nothing injected)."""
     per: dict[str, int] = {}
     for blk in resolve_blocks(spec, model):
-        g = build_block_graph(spec.sites[blk.site_index].adapter, blk.traced, blk.roles, blk.shape)  # type: ignore
+        g = build_block_graph(spec.sites[blk.site_index].adapter, blk.traced.linears,  # type: ignore[arg-type]
+                              blk.traced.activation, blk.roles, blk.shape)
         for p in g.params:
             if p.trainable:
                 per[p.name] = per.get(p.name, 0) + math.prod(p.shape)

@@ -14,7 +14,6 @@ import operator
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ...errors import LoweringError
@@ -24,7 +23,7 @@ from ...ir import (
     ParamExpr, ParamRef, Pick, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
     format_expr,
 )
-from . import ops, ops_block, ops_tree
+from . import ops, ops_block, ops_linear, ops_tree
 
 __all__ = ["lower", "counts_name"]
 
@@ -91,7 +90,7 @@ class _Ctx:
 
 
 def _linear(c: _Ctx, n: Linear) -> fx.Node:
-    out = c.call(F.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
+    out = c.call(ops_linear.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
     if n.scale != 1.0:
         if n.bias is not None:
             raise LoweringError(f"%{n.id}: a scaled linear with a bias is not lowered; fold the scale first")

@@ -1,0 +1,134 @@
+"""Autograd functions of routed FFN-block experts over sorted slots (``ops_block.SlotPlan``):
+each expert's low-rank products run on its own contiguous segment of slots, written in place,
+with hand-written backwards that keep few tensors and make few passes over the
+``(S, d_ff)`` slot tensors, in the GEMM orientation CPU BLAS runs fast.
+
+Shapes: ``S`` slots sorted by expert, ``counts[e]`` of them for expert e; ``token (S,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["SegmentMatmul", "SlotHidden", "SlotSum"]
+
+
+def _segments(counts: list[int]):
+    """``(expert, start, stop)`` of every non-empty segment."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+        start += n
+
+
+def _mm_few_columns(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y`` for a result with few columns, computed as ``(yᵀ xᵀ)ᵀ`` (CPU BLAS runs the
+    few-columns shape several times slower)."""
+    return (y.T @ x.T).T
+
+
+class SegmentMatmul(torch.autograd.Function):
+    """``y[seg_e] = u[seg_e] @ w[e]ᵀ``: ``u (S, i)``, ``w (E, o, i)`` -> ``(S, o)``, for a small ``o``
+    (a rank)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+        ctx.save_for_backward(u, w)
+        ctx.counts = counts
+        y = u.new_zeros(u.shape[0], w.shape[1])
+        for e, a, b in _segments(counts):
+            y[a:b] = _mm_few_columns(u[a:b], w[e].T)  # (n_e, o)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        u, w = ctx.saved_tensors
+        gu = u.new_zeros(u.shape) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for e, a, b in _segments(ctx.counts):
+            if gu is not None:
+                torch.mm(gy[a:b], w[e], out=gu[a:b])  # (n_e, i)
+            if gw is not None:
+                gw[e] = gy[a:b].T @ u[a:b]  # (o, i)
+        return gu, gw, None
+
+
+def _pre_activation(token: Tensor, counts: list[int], base: Tensor, z: Tensor | None, b: Tensor | None,
+                    scale: float) -> Tensor:
+    """``base[token] + scale · z_e b_eᵀ`` per segment: ``(T, F), (S, r), (E, F, r) -> (S, F)``."""
+    out = base.index_select(0, token)  # (S, F)
+    if z is not None:
+        for e, lo, hi in _segments(counts):
+            out[lo:hi].addmm_(z[lo:hi], b[e].T, alpha=scale)  # (n_e, F)
+    return out
+
+
+def _pre_activation_grad(needs: tuple[bool, ...], token: Tensor, counts: list[int], d: Tensor, z: Tensor | None,
+                         b: Tensor | None, scale: float, T: int):
+    d_base = d_z = d_b = None
+    if needs[0]:
+        d_base = d.new_zeros(T, d.shape[1]).index_add_(0, token, d)  # (T, F)
+    if z is not None and (needs[1] or needs[2]):
+        d_z, d_b = torch.zeros_like(z), torch.zeros_like(b)
+        for e, lo, hi in _segments(counts):
+            d_z[lo:hi] = _mm_few_columns(d[lo:hi], b[e]) * scale  # (n_e, r)
+            d_b[e] = (z[lo:hi].T @ d[lo:hi]).T * scale  # (F, r)
+    return d_base, d_z, d_b
+
+
+class SlotHidden(torch.autograd.Function):
+    """``h = act(G) ⊙ U`` (``act(U)`` without a gate) for every slot, with
+    ``U = up_base[token] + s_u · z_u B_uᵀ`` (expert by expert) and ``G`` alike: ``(S, d_ff)``.
+    Saves ``U``, ``G`` and ``act(G)``."""
+
+    @staticmethod
+    def forward(ctx, token: Tensor, counts: list[int], act: Callable[[Tensor], Tensor], up_base: Tensor,
+                up_z: Tensor | None, up_b: Tensor | None, up_scale: float, gate_base: Tensor | None,
+                gate_z: Tensor | None, gate_b: Tensor | None, gate_scale: float) -> Tensor:
+        U = _pre_activation(token, counts, up_base, up_z, up_b, up_scale)
+        ctx.act, ctx.counts, ctx.scales, ctx.T = act, counts, (up_scale, gate_scale), up_base.shape[0]
+        if gate_base is None:
+            ctx.save_for_backward(token, U, None, None, up_z, up_b, None, None)
+            return act(U)
+        G = _pre_activation(token, counts, gate_base, gate_z, gate_b, gate_scale)
+        a = act(G)
+        ctx.save_for_backward(token, U, G, a, up_z, up_b, gate_z, gate_b)
+        return a * U
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        token, U, G, a, up_z, up_b, gate_z, gate_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        pre = (U if G is None else G).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = ctx.act(pre)
+        if G is None:
+            dU, dG = torch.autograd.grad(out, pre, dh)[0], None
+        else:
+            dU = dh * a
+            dG = torch.autograd.grad(out, pre, dh * U)[0]
+        up = _pre_activation_grad(needs[3:6], token, ctx.counts, dU, up_z, up_b, ctx.scales[0], ctx.T)
+        gate = (None, None, None) if G is None else _pre_activation_grad(
+            needs[7:10], token, ctx.counts, dG, gate_z, gate_b, ctx.scales[1], ctx.T)
+        return (None, None, None, *up, None, *gate, None)
+
+
+class SlotSum(torch.autograd.Function):
+    """``y[t] = Σ_{slots s of token t} g_s h_s``: ``h (S, F)``, ``gate (S,)`` -> ``(T, F)``."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, gate: Tensor, token: Tensor, T: int) -> Tensor:
+        ctx.save_for_backward(h, gate, token)
+        return h.new_zeros(T, h.shape[1]).index_add_(0, token, h * gate[:, None])
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        h, gate, token = ctx.saved_tensors
+        rows = gy.index_select(0, token)  # (S, F)
+        d_gate = torch.linalg.vecdot(rows, h) if ctx.needs_input_grad[1] else None  # (S,)
+        d_h = rows.mul_(gate[:, None]) if ctx.needs_input_grad[0] else None
+        return d_h, d_gate, None, None
