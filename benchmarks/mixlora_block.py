@@ -49,7 +49,8 @@ def write_adapter(directory: Path) -> None:
     config = dict(peft_type="MIXLORA", task_type="CAUSAL_LM", base_model_name_or_path="benchmark", r=R,
                   lora_alpha=ALPHA, lora_dropout=0.05, routing_strategy="mixlora", num_experts=E, top_k=K,
                   act_fn="silu", router_aux_loss_coef=0.01,
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                  "down_proj"])
     (directory / "adapter_config.json").write_text(json.dumps(config))
     gen = torch.Generator().manual_seed(1)
     attn = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN),
@@ -58,8 +59,9 @@ def write_adapter(directory: Path) -> None:
     w = {}
     for i in range(LAYERS):
         for p, (d_in, d_out) in attn.items():
-            w[f"mixlora.layers.{i}.self_attn.{p}.lora_A.weight"] = torch.randn(R, d_in, generator=gen) / d_in ** 0.5
-            w[f"mixlora.layers.{i}.self_attn.{p}.lora_B.weight"] = torch.randn(d_out, R, generator=gen) * 0.02
+            key = f"mixlora.layers.{i}.self_attn.{p}"
+            w[f"{key}.lora_A.weight"] = torch.randn(R, d_in, generator=gen) / d_in ** 0.5
+            w[f"{key}.lora_B.weight"] = torch.randn(d_out, R, generator=gen) * 0.02
         for p, (d_in, d_out) in mlp.items():
             for e in range(E):
                 key = f"mixlora.layers.{i}.mlp.{p}.experts.{e}"
@@ -122,8 +124,8 @@ def main() -> None:
     ratios = {k: med[k] / med["frozen_base"] for k in med}
     result = {
         "benchmark": "mixlora_block", "what": "forward+backward train step, median seconds",
-        "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "intermediate": FFN, "vocab": args.vocab,
-                  "tokens": BATCH * SEQ, "batch": BATCH, "seq": SEQ, "dtype": "float32"},
+        "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "intermediate": FFN,
+                  "vocab": args.vocab, "tokens": BATCH * SEQ, "batch": BATCH, "seq": SEQ, "dtype": "float32"},
         "adapter": {"experts": E, "top_k": K, "rank": R, "alpha": ALPHA, "attention_lora": "q,k,v,o r=8"},
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
         "median_s": med, "ratio_to_frozen_base": ratios, "all_s": times,

@@ -8,14 +8,13 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from models import ARCHS, batch, tiny
-from strategies import make_params
 from torch import nn
 
 import moleforge as mf
+from conftest import assert_close
+from models import ARCHS, batch, tiny
 from moleforge.backends.torch_fx import ops_linear
 from moleforge.backends.torch_fx.block_module import BlockInput, MoleforgeBlock
 from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES, BlockLinear
@@ -27,6 +26,7 @@ from moleforge.ir import ExpertFFN, ExpertHidden, Graph, interpret, print_graph,
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down
 from moleforge.passes.share_frozen_projections import share_frozen_projections
 from moleforge.specs import DenseRouter, ExpertPool, SwitchLoadBalance, TopKRouter
+from strategies import make_params
 
 F64 = torch.float64
 
@@ -50,7 +50,8 @@ def block_graphs(draw) -> Graph:
     else:
         router, aux = DenseRouter(), []
     pool = ExpertPool(experts=E, rank=draw(st.integers(1, 3)), alpha=draw(st.sampled_from([None, 4.0])),
-                      scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router, aux_losses=aux)
+                      scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router,
+                      aux_losses=aux)
     graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
                               SiteShape(label="block", d_in=d, d_out=d_out))
     return verify(graph)
@@ -77,7 +78,7 @@ def _interpret_grads(graph: Graph, params, x, w, routing=None):
     loss = (res.output * w).sum() + res.aux_total
     names = [d.name for d in graph.params]
     grads = torch.autograd.grad(loss, [xl] + [leaves[n] for n in names], allow_unused=True)
-    return res, dict(zip(["x"] + names, grads))
+    return res, dict(zip(["x"] + names, grads, strict=True))
 
 
 def _fixed(res) -> dict:
@@ -125,9 +126,11 @@ def test_rewrites_produce_the_hoisted_form():
 
 
 def test_hoisting_needs_gates_summing_to_one_when_down_has_a_bias():
-    linears = {"up": BlockLinear("up", "u", 3, 4, False, False), "down": BlockLinear("down", "d", 4, 3, True, False)}
-    graph = build_block_graph(ExpertPool(experts=3, rank=2, router=TopKRouter(k=2, renormalize=False)), linears,
-                              "relu", ["up", "down"], SiteShape(label="block", d_in=3, d_out=3))
+    linears = {"up": BlockLinear("up", "u", 3, 4, False, False),
+               "down": BlockLinear("down", "d", 4, 3, True, False)}
+    pool = ExpertPool(experts=3, rank=2, router=TopKRouter(k=2, renormalize=False))
+    shape = SiteShape(label="block", d_in=3, d_out=3)
+    graph = build_block_graph(pool, linears, "relu", ["up", "down"], shape)
     assert hoist_frozen_down(graph) is graph
 
 
@@ -152,7 +155,7 @@ def test_lowered_block_matches_interpreter(graph, seed, T, rewrite):
     loss = (out * w).sum() + (aux if aux is not None else 0.0)
     names = [d.name for d in g.params if d.trainable]
     grads = torch.autograd.grad(loss, [xl] + [getattr(gm, n) for n in names], allow_unused=True)
-    for name, got in zip(["x"] + names, grads):
+    for name, got in zip(["x"] + names, grads, strict=True):
         want = ref_grads[name]
         assert_close(got if got is not None else torch.zeros_like(want), want, msg=f"gradient of {name}")
 
@@ -169,17 +172,19 @@ def test_narrow_linear_matches_linear(T, d_in, d_out, bias, seed):
         leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
         y = fn(*leaves) if bias else fn(*leaves, None)
         results.append((y, *torch.autograd.grad(y, leaves, gy)))
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         assert_close(got, want)
 
 
 # ---- blocks inside HF models ---------------------------------------------------------------------
 
-POOL = ExpertPool(experts=3, rank=2, alpha=4.0, router=TopKRouter(k=2), aux_losses=[SwitchLoadBalance(weight=0.1)])
+POOL = ExpertPool(experts=3, rank=2, alpha=4.0, router=TopKRouter(k=2),
+                  aux_losses=[SwitchLoadBalance(weight=0.1)])
 ACTIVATION_OF = {"llama": "silu", "qwen2": "silu", "mistral": "silu", "gpt2": "gelu_tanh", "bert": "gelu"}
 
 
-def block_spec(init: mf.Init = mf.Init()) -> mf.AdapterSpec:
+def block_spec(init: mf.Init | None = None) -> mf.AdapterSpec:
+    init = init or mf.Init()
     return mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["gate", "up", "down"]), scope="ffn_block",
                                          adapter=POOL, init=init)])
 
@@ -200,7 +205,8 @@ def test_fresh_block_computes_the_model_ffn(arch):
             if isinstance(n, (ExpertFFN, ExpertHidden))} == {ACTIVATION_OF[arch]}
     assert_close(model(ids).logits, base, "float32_model")
     if arch == "bert":
-        assert all(isinstance(model.get_submodule(f"bert.encoder.layer.{i}.intermediate"), BlockInput) for i in (0, 1))
+        passthrough = [model.get_submodule(f"bert.encoder.layer.{i}.intermediate") for i in (0, 1)]
+        assert all(isinstance(m, BlockInput) for m in passthrough)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -294,8 +300,8 @@ graph model.layers.0.mlp (d_in=32, d_out=32)
   %route = route %logits softmax_topk(k=2, renorm=True, tau=1) E=8
   %experts_gate_base = linear %x W=W_gate b=- -> 64
   %experts_up_base = linear %x W=W_up b=- -> 64
-  %experts_hidden = expert_hidden %x by %route act=silu gate=[%experts_gate_base + A=A_gate B=B_gate scale=2] \
-up=[%experts_up_base + A=A_up B=B_up scale=2] -> 64
+  %experts_hidden = expert_hidden %x by %route act=silu \
+gate=[%experts_gate_base + A=A_gate B=B_gate scale=2] up=[%experts_up_base + A=A_up B=B_up scale=2] -> 64
   %experts_sum = expert_sum %experts_hidden by %route -> 64
   %experts_down = linear %experts_sum W=W_down b=- -> 32
   %experts_down_lora = expert_lora %experts_hidden by %route A=A_down B=B_down scale=2 -> 32
@@ -348,7 +354,8 @@ class _SineMLP(_BranchyMLP):
 def test_untraceable_or_unknown_block_is_named_and_the_model_untouched(mlp, message):
     model = _Model(mlp())
     before = copy.deepcopy(model.state_dict())
-    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["up", "down"]), scope="ffn_block", adapter=POOL)])
+    site = mf.Site(target=mf.Target(roles=["up", "down"]), scope="ffn_block", adapter=POOL)
+    spec = mf.AdapterSpec(sites=[site])
     with pytest.raises(mf.InjectionError, match=message) as err:
         mf.compile(spec, model)
     assert "layers.0.mlp" in str(err.value)

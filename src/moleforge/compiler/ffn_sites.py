@@ -69,7 +69,7 @@ def _is_ffn(name: str) -> bool:
 def _common_parent(names: list[str]) -> str:
     parts = [n.split(".")[:-1] for n in names]
     common = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):
         if len(set(level)) != 1:
             break
         common.append(level[0])
@@ -79,8 +79,9 @@ def _common_parent(names: list[str]) -> str:
 def _check_pool(i: int, site: Site) -> ExpertPool:
     a = site.adapter
     if not isinstance(a, ExpertPool):
-        raise InjectionError(f"sites[{i}]: scope 'ffn_block' routes whole FFN blocks and needs an adapter of kind "
-                             f"'pool' (got {a.kind!r}); a plain LoRA on every FFN linear is scope 'linear'")
+        raise InjectionError(f"sites[{i}]: scope 'ffn_block' routes whole FFN blocks and needs an adapter "
+                             f"of kind 'pool' (got {a.kind!r}); a plain LoRA on every FFN linear is scope "
+                             "'linear'")
     if not isinstance(a.down, PerExpert) or a.up != "per_expert" or a.shared_expert is not None:
         raise InjectionError(f"sites[{i}].adapter: FFN-block experts have their own A and B on each linear; "
                              "shared factors and shared experts are not defined for scope 'ffn_block'")
@@ -114,7 +115,8 @@ def _override(site: Site, layer: int | None, n_layers: int) -> tuple[int | None,
     return experts, rank
 
 
-def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: set[str] = frozenset()) -> list[ResolvedBlock]:
+def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: frozenset[str] | set[str] = frozenset()
+                   ) -> list[ResolvedBlock]:
     """Every FFN block an ``ffn_block`` site asks for, traced and recognised.
 
     Args:
@@ -126,8 +128,8 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: set[str] = froz
     """
     for name, module in model.named_modules():
         if isinstance(module, MoleforgeBlock):
-            raise InjectionError(f"module {name!r} already is a routed FFN block; call remove() on its handle "
-                                 "before compiling another spec into this model")
+            raise InjectionError(f"module {name!r} already is a routed FFN block; call remove() on its "
+                                 "handle before compiling another spec into this model")
     out: list[ResolvedBlock] = []
     n_layers = num_layers(model)
     taken: dict[str, int] = {}
@@ -144,13 +146,13 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: set[str] = froz
             by_name = {tb.full_name(r): r for r in tb.linears}
             stray = [t for t in targets if t not in by_name]
             if stray:
-                raise InjectionError(f"sites[{i}] targets {stray}, which are not linears of the FFN block {tb.name!r} "
-                                     f"(its linears: {by_name})")
+                raise InjectionError(f"sites[{i}] targets {stray}, which are not linears of the FFN block "
+                                     f"{tb.name!r} (its linears: {by_name})")
             for t in by_name:
                 if t in claimed or t in taken:
                     who = "a 'linear' site" if t in claimed else f"sites[{taken[t]}]"
-                    raise InjectionError(f"module {t!r} is in the FFN block of sites[{i}] and also adapted by {who}; "
-                                         "a linear takes one adapter: narrow the targets")
+                    raise InjectionError(f"module {t!r} is in the FFN block of sites[{i}] and also adapted "
+                                         f"by {who}; a linear takes one adapter: narrow the targets")
                 taken[t] = i
             layer = key if isinstance(key, int) else None
             experts, rank = _override(site, layer, n_layers)
@@ -161,8 +163,8 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: set[str] = froz
     return out
 
 
-def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activation: str, roles: Sequence[str],
-                      shape: SiteShape, origin: str = "adapter") -> Graph:
+def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activation: str,
+                      roles: Sequence[str], shape: SiteShape, origin: str = "adapter") -> Graph:
     """The plain IR of ``pool`` as experts over an FFN block with ``linears`` (``gate``, ``up``,
     ``down``) and ``activation``: a router, one :class:`~moleforge.ir.ExpertFFN` and the pool's
     aux losses. ``A_<role> (E, r, d_in)`` and ``B_<role> (E, d_out, r)`` on the linears in
@@ -212,8 +214,8 @@ def prepare_blocks(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] |
     return blocks, plain, optimised
 
 
-def make_block_modules(spec: AdapterSpec, model: nn.Module, blocks: list[ResolvedBlock], graphs: dict[str, Graph],
-                       collector: AuxCollector, generator: torch.Generator | None
+def make_block_modules(spec: AdapterSpec, model: nn.Module, blocks: list[ResolvedBlock],
+                       graphs: dict[str, Graph], collector: AuxCollector, generator: torch.Generator | None
                        ) -> tuple[dict[str, fx.GraphModule], dict[str, nn.Module]]:
     """``({block name: MoleforgeBlock}, {module name: replacement})``; the second also holds
     the pass-throughs of split FFNs."""

@@ -41,7 +41,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "qkv_proj")
 _FFN = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "gate_up_proj")
 # transformers' ACT2FN names the package accepts as ``act_fn``, in moleforge's vocabulary.
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu", "quick_gelu": "quick_gelu"}
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
+                "quick_gelu": "quick_gelu"}
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -57,10 +58,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     if config.get("peft_type") != "MIXLORA":
         problems.append(f"peft_type = {config.get('peft_type')!r}, expected 'MIXLORA'")
     if config.get("routing_strategy", "mixlora") != "mixlora":
-        problems.append(f"routing_strategy = {config.get('routing_strategy')!r}: only 'mixlora' (top-k) is defined "
-                        "in this format")
+        problems.append(f"routing_strategy = {config.get('routing_strategy')!r}: only 'mixlora' (top-k) is "
+                        "defined in this format")
     if config.get("use_dora", False):
-        problems.append("use_dora = true: DoRA experts are not supported; import a LoRA-based MixLoRA adapter")
+        problems.append("use_dora = true: DoRA experts are not supported; import a LoRA-based MixLoRA "
+                        "adapter")
     for key in ("r", "lora_alpha", "num_experts", "target_modules"):
         if key not in config:
             problems.append(f"missing field {key!r}")
@@ -84,9 +86,10 @@ def mixlora_spec(config: dict[str, Any]) -> AdapterSpec:
     ffn = sorted(n for n in names if n in _FFN)
     attention = sorted(n for n in names if n in _ATTENTION)
     if not ffn:
-        raise CheckpointError(f"target_modules {sorted(names)} names no FFN projection; MixLoRA experts live on "
-                              f"{', '.join(_FFN)}")
-    router = TopKRouter(k=int(config.get("top_k", 2)), renormalize=True, jitter=float(config.get("jitter_noise", 0.0)))
+        raise CheckpointError(f"target_modules {sorted(names)} names no FFN projection; MixLoRA experts live "
+                              f"on {', '.join(_FFN)}")
+    router = TopKRouter(k=int(config.get("top_k", 2)), renormalize=True,
+                        jitter=float(config.get("jitter_noise", 0.0)))
     aux = [SwitchLoadBalance(weight=float(config.get("router_aux_loss_coef", 0.001)))] \
         if config.get("router_loss", True) else []
     sites = [Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.mlp\.({'|'.join(ffn)})"]), scope="ffn_block",
@@ -112,7 +115,8 @@ def _check_activation(handle: AdapterHandle, config: dict[str, Any]) -> None:
                                   f"({found}); the experts would not compute the model's FFN")
 
 
-def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Our state-dict keys filled from the package's keys; the package keys never read or missing."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -176,7 +180,8 @@ def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequenc
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no adapter_model.bin next to adapter_config.json") from None
     except Exception as e:  # noqa: BLE001 - a damaged or unsafe pickle
-        raise CheckpointError(f"{path / 'adapter_model.bin'} cannot be read with weights_only=True: {e}") from None
+        raise CheckpointError(f"{path / 'adapter_model.bin'} cannot be read with weights_only=True: "
+                              f"{e}") from None
     handle = compile(mixlora_spec(config), model, passes=passes)
     try:
         _check_activation(handle, config)
@@ -185,8 +190,8 @@ def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequenc
         problems += [f"{k}: shape {tuple(v.shape)}, this model needs {tuple(shapes[k].shape)}"
                      for k, v in tensors.items() if tuple(v.shape) != tuple(shapes[k].shape)]
         if problems:
-            raise CheckpointError(f"the MixLoRA adapter in {path} does not fit this {type(model).__name__}:\n  - "
-                                  + "\n  - ".join(problems[:20])
+            raise CheckpointError(f"the MixLoRA adapter in {path} does not fit this "
+                                  f"{type(model).__name__}:\n  - " + "\n  - ".join(problems[:20])
                                   + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
         handle.load_state_dict(tensors)
     except Exception:

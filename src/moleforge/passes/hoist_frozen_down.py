@@ -51,7 +51,8 @@ def _hoisted(n: ExpertFFN, taken: set[str]) -> list:
     total = ExpertSum(id=_fresh(taken, f"{n.id}_sum"), src=hidden.id, routing=n.routing, origin=n.origin)
     d = n.down
     if d.a is None:
-        return [hidden, total, Linear(id=n.id, src=total.id, weight=d.weight, bias=d.bias, origin=f"{n.origin}.down")]
+        down = Linear(id=n.id, src=total.id, weight=d.weight, bias=d.bias, origin=f"{n.origin}.down")
+        return [hidden, total, down]
     down = Linear(id=_fresh(taken, f"{n.id}_down"), src=total.id, weight=d.weight, bias=d.bias,
                   origin=f"{n.origin}.down.frozen")
     lora = ExpertLoRA(id=_fresh(taken, f"{n.id}_down_lora"), src=hidden.id, routing=n.routing, a=d.a, b=d.b,

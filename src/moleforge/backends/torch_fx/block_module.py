@@ -132,7 +132,8 @@ def _attr(root: nn.Module, target: str):
 
 
 def build_block_module(tb: TracedBlock, site: fx.GraphModule, collector: AuxCollector, *,
-                       uses_samples: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+                       uses_samples: bool = False, dtype: torch.dtype = torch.float32
+                       ) -> dict[str, nn.Module]:
     """The modules to put into the model: ``{tb.name: MoleforgeBlock}`` plus a
     :class:`BlockInput` for each pass-through path of a split FFN."""
     g = fx.Graph()

@@ -131,8 +131,8 @@ def trace_block(model: nn.Module, parent: str, linears: list[str]) -> TracedBloc
     try:
         graph = _Tracer().trace(root)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds; name the block
-        error = InjectionError(f"FFN block {parent!r} ({type(root).__name__}) cannot be traced with torch.fx: "
-                               f"{type(e).__name__}: {e}")
+        error = InjectionError(f"FFN block {parent!r} ({type(root).__name__}) cannot be traced with "
+                               f"torch.fx: {type(e).__name__}: {e}")
     else:
         x = next((n for n in graph.nodes if n.op == "placeholder"), None)
         try:
@@ -173,8 +173,8 @@ def _trace_split(parent: str, root: nn.Module, owners: list[str], error: Injecti
         return _recognise(join(second), parent, root, graph, x, (join(first),))
     raise InjectionError(
         f"{error}\nIts FFN linears sit in the children {owners} of {parent!r}, and no method of "
-        f"{type(root).__name__} that torch.fx can trace calls exactly those two one after the other; target the "
-        "linears of one MLP module, or use scope 'linear'")
+        f"{type(root).__name__} that torch.fx can trace calls exactly those two one after the other; "
+        "target the linears of one MLP module, or use scope 'linear'")
 
 
 def _take_signature(graph: fx.Graph, x: fx.Node, module: nn.Module, position: int) -> None:
@@ -218,7 +218,9 @@ def _two_call_chain(graph: fx.Graph, owners: list[str]) -> tuple[str, str, int] 
     first, second = calls
     if sorted((first.target, second.target)) != owners or first.args != (places[0],) or first.kwargs:
         return None
-    if second.kwargs or first not in second.args or any(a is not first and a is not places[0] for a in second.args):
+    if second.kwargs or first not in second.args:
+        return None
+    if any(a is not first and a is not places[0] for a in second.args):
         return None
     if len(first.users) != 1:
         return None
@@ -234,7 +236,8 @@ def _linear_info(root: nn.Module, node: fx.Node, role: str) -> BlockLinear:
                        bias=getattr(m, "bias", None) is not None, transposed=not isinstance(m, nn.Linear))
 
 
-def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: fx.Node, passthrough: tuple[str, ...]) -> TracedBlock:
+def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: fx.Node,
+               passthrough: tuple[str, ...]) -> TracedBlock:
     def fail(why: str) -> InjectionError:
         return InjectionError(f"FFN block {name!r} ({type(root).__name__}) is not a supported FFN: {why}. "
                               f"Traced graph:\n{graph}")
@@ -252,7 +255,8 @@ def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: f
     if len(readers) == 2:
         direct = [a for a in h.args if a in readers] if product else []
         if len(direct) != 1:
-            raise fail("two linears read the block input, but the down projection does not read act(gate(x)) * up(x)")
+            raise fail("two linears read the block input, but the down projection does not read "
+                       "act(gate(x)) * up(x)")
         up = direct[0]
         gate = next(r for r in readers if r is not up)
         act_region = _unary_region(gate, next(a for a in h.args if a is not up), fail)
@@ -266,8 +270,8 @@ def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: f
     _check_closed(region, down, fail)
     activation = _identify(root, linears.get("gate", up), act_region, fail)
     info = {role: _linear_info(root, n, role) for role, n in linears.items()}
-    return TracedBlock(name=name, root_path=root_path, root=root, graph=graph, linears=info, activation=activation, x=x,
-                       region=region, down=down, passthrough=passthrough)
+    return TracedBlock(name=name, root_path=root_path, root=root, graph=graph, linears=info,
+                       activation=activation, x=x, region=region, down=down, passthrough=passthrough)
 
 
 def _unary_region(start: fx.Node, end: fx.Node, fail) -> list[fx.Node]:
@@ -291,7 +295,8 @@ def _check_closed(region: list[fx.Node], down: fx.Node, fail) -> None:
     inside = set(region)
     for n in region:
         if n is not down and any(u not in inside for u in n.users):
-            raise fail(f"{n.name} is also read outside the FFN ({[u.name for u in n.users if u not in inside]})")
+            outside = [u.name for u in n.users if u not in inside]
+            raise fail(f"{n.name} is also read outside the FFN ({outside})")
 
 
 def _identify(root: nn.Module, start: fx.Node, region: list[fx.Node], fail) -> str:

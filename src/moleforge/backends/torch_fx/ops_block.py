@@ -70,7 +70,8 @@ def _segments(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
 
     ``split`` / ``unbind`` (not slicing) so that autograd joins the gradients with one ``cat`` /
     ``stack`` instead of one zero-filled full-size tensor per segment."""
-    parts = [ue @ we.T for ue, we, n in zip(u.split(counts), w.unbind(0), counts) if n]  # (n_e, o)
+    pieces = zip(u.split(counts), w.unbind(0), counts, strict=True)
+    parts = [ue @ we.T for ue, we, n in pieces if n]  # (n_e, o)
     if not parts:
         return u.new_zeros(0, w.shape[1])
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -87,7 +88,10 @@ def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None
     """``base[t] + s (x_t A_eᵀ) B_eᵀ`` per slot ``(t, e)`` (plain autograd ops)."""
     W, bias, A, B, scale = lin
     # without a precomputed base the frozen GEMM runs per slot (the unshared form)
-    out = F.linear(x.index_select(0, plan.token), W, bias) if base is None else base.index_select(0, plan.token)
+    if base is None:
+        out = F.linear(x.index_select(0, plan.token), W, bias)  # (S, out)
+    else:
+        out = base.index_select(0, plan.token)  # (S, out)
     if A is None:
         return out
     return out + _segments(_expert_z(x, plan, A), B, plan.counts) * scale  # (S, out)
@@ -140,7 +144,8 @@ def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
     tokens, weighted and scattered back: ``(T, d_out)``."""
     act = ACTIVATIONS[activation]
     out = x.new_zeros(plan.T, down[0].shape[0])  # (T, d_out)
-    for e, (tok, g) in enumerate(zip(plan.token.split(plan.counts), plan.gate.split(plan.counts))):
+    slots = zip(plan.token.split(plan.counts), plan.gate.split(plan.counts), strict=True)
+    for e, (tok, g) in enumerate(slots):
         if tok.numel() == 0:
             continue
         xe = x.index_select(0, tok)  # (n, d_in)
@@ -148,6 +153,7 @@ def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
         if gate is None:
             h = act(u)
         else:
-            h = act(_expert_linear(xe, gate, e, None if gate_base is None else gate_base.index_select(0, tok))) * u
+            g_base = None if gate_base is None else gate_base.index_select(0, tok)
+            h = act(_expert_linear(xe, gate, e, g_base)) * u
         out = out.index_add(0, tok, _expert_linear(h, down, e, None) * g[:, None])  # (T, d_out)
     return out

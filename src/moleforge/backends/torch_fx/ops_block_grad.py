@@ -67,8 +67,8 @@ def _pre_activation(token: Tensor, counts: list[int], base: Tensor, z: Tensor | 
     return out
 
 
-def _pre_activation_grad(needs: tuple[bool, ...], token: Tensor, counts: list[int], d: Tensor, z: Tensor | None,
-                         b: Tensor | None, scale: float, T: int):
+def _pre_activation_grad(needs: tuple[bool, ...], token: Tensor, counts: list[int], d: Tensor,
+                         z: Tensor | None, b: Tensor | None, scale: float, T: int):
     d_base = d_z = d_b = None
     if needs[0]:
         d_base = d.new_zeros(T, d.shape[1]).index_add_(0, token, d)  # (T, F)
