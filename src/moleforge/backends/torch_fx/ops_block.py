@@ -1,9 +1,9 @@
 """Runtime ops of routed FFN-block experts (MixLoRA): the lowered forms of ``expert_ffn``,
 ``expert_hidden``, ``expert_sum`` and ``expert_lora``.
 
-A routing of T tokens to k experts each has S = T·k (token, expert) slots. ``slot_plan``
-sorts them by expert once per router (:class:`SlotPlan`); the block ops read that plan, so
-each expert's low-rank factors run on its own contiguous segment of slots only. Values of
+A routing of T tokens to k experts each has T·k (token, expert) slots. ``slot_plan`` groups
+them by expert once per router (:class:`SlotPlan`); the block ops read that plan, so each
+expert's low-rank factors run on its own contiguous segment of slots only. Values of
 ``expert_hidden`` are ``(S, d_ff)`` in plan order.
 They must agree with the reference interpreter (``moleforge.ir.interpret``).
 """
@@ -66,10 +66,9 @@ def slot_plan(gates: Tensor, index: Tensor | None) -> SlotPlan:
 
 
 def _segments(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-    """``u[seg_e] @ w[e]ᵀ`` for each expert's segment (plain autograd ops): ``(S, i), (E, o, i) -> (S, o)``.
-
-    ``split`` / ``unbind`` (not slicing) so that autograd joins the gradients with one ``cat`` /
-    ``stack`` instead of one zero-filled full-size tensor per segment."""
+    """``u[seg_e] @ w[e]ᵀ`` for each expert's segment (plain autograd ops, the unshared form):
+    ``(S, i), (E, o, i) -> (S, o)``. ``split`` / ``unbind`` (not slicing) so that autograd joins the
+    gradients with one ``cat`` / ``stack`` instead of a zero-filled full-size tensor per segment."""
     pieces = zip(u.split(counts), w.unbind(0), counts, strict=True)
     parts = [ue @ we.T for ue, we, n in pieces if n]  # (n_e, o)
     if not parts:

@@ -3,7 +3,9 @@ each expert's low-rank products run on its own contiguous segment of slots, writ
 with hand-written backwards that keep few tensors and make few passes over the
 ``(S, d_ff)`` slot tensors, in the GEMM orientation CPU BLAS runs fast.
 
-Shapes: ``S`` slots sorted by expert, ``counts[e]`` of them for expert e; ``token (S,)``.
+Shapes: ``S`` slots sorted by expert, ``counts[e]`` of them for expert e; ``token (S,)``. With
+equal counts (a dense router) every grouped product is one batched GEMM; otherwise one GEMM
+per expert.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["SegmentMatmul", "SlotHidden", "SlotSum"]
+__all__ = ["SegmentMatmul", "SlotHidden", "SlotSum", "grouped_mm", "grouped_mm_t", "grouped_outer",
+           "grouped_addmm_"]
 
 
 def _segments(counts: list[int]):
@@ -25,10 +28,59 @@ def _segments(counts: list[int]):
         start += n
 
 
+def _uniform(counts: list[int]) -> bool:
+    """Equal segments (every expert sees every token under a dense router): each grouped
+    product is one batched GEMM."""
+    return len(set(counts)) == 1
+
+
 def _mm_few_columns(x: Tensor, y: Tensor) -> Tensor:
-    """``x @ y`` for a result with few columns, computed as ``(yᵀ xᵀ)ᵀ`` (CPU BLAS runs the
-    few-columns shape several times slower)."""
-    return (y.T @ x.T).T
+    """``x @ y`` (batched or not) for a result with few columns, as ``(yᵀ xᵀ)ᵀ``: CPU BLAS runs
+    the tall, narrow shape several times slower."""
+    return (y.transpose(-1, -2) @ x.transpose(-1, -2)).transpose(-1, -2)
+
+
+def grouped_mm_t(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+    """``y[seg_e] = u[seg_e] @ w[e]ᵀ`` with few output columns: ``(S, i), (E, o, i) -> (S, o)``."""
+    E, o, _ = w.shape
+    if _uniform(counts):
+        return _mm_few_columns(u.view(E, counts[0], -1), w.transpose(1, 2)).reshape(-1, o)
+    y = u.new_zeros(u.shape[0], o)
+    for e, lo, hi in _segments(counts):
+        y[lo:hi] = _mm_few_columns(u[lo:hi], w[e].T)  # (n_e, o)
+    return y
+
+
+def grouped_mm(g: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+    """``y[seg_e] = g[seg_e] @ w[e]``: ``(S, o), (E, o, i) -> (S, i)``."""
+    E, _, i = w.shape
+    if _uniform(counts):
+        return torch.bmm(g.view(E, counts[0], -1), w).reshape(-1, i)
+    y = g.new_zeros(g.shape[0], i)
+    for e, lo, hi in _segments(counts):
+        torch.mm(g[lo:hi], w[e], out=y[lo:hi])  # (n_e, i)
+    return y
+
+
+def grouped_outer(g: Tensor, u: Tensor, counts: list[int]) -> Tensor:
+    """``y[e] = g[seg_e]ᵀ @ u[seg_e]``: ``(S, o), (S, i) -> (E, o, i)``; E = ``len(counts)``."""
+    E = len(counts)
+    if _uniform(counts):
+        return torch.bmm(g.view(E, counts[0], -1).transpose(1, 2), u.view(E, counts[0], -1))
+    y = g.new_zeros(E, g.shape[1], u.shape[1])
+    for e, lo, hi in _segments(counts):
+        y[e] = g[lo:hi].T @ u[lo:hi]  # (o, i)
+    return y
+
+
+def grouped_addmm_(out: Tensor, z: Tensor, b: Tensor, counts: list[int], alpha: float) -> None:
+    """``out[seg_e] += alpha · z[seg_e] @ b[e]ᵀ`` in place: ``(S, F), (S, r), (E, F, r)``."""
+    E = b.shape[0]
+    if _uniform(counts):
+        out.view(E, counts[0], -1).baddbmm_(z.view(E, counts[0], -1), b.transpose(1, 2), alpha=alpha)
+        return
+    for e, lo, hi in _segments(counts):
+        out[lo:hi].addmm_(z[lo:hi], b[e].T, alpha=alpha)  # (n_e, F)
 
 
 class SegmentMatmul(torch.autograd.Function):
@@ -39,21 +91,13 @@ class SegmentMatmul(torch.autograd.Function):
     def forward(ctx, u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
         ctx.save_for_backward(u, w)
         ctx.counts = counts
-        y = u.new_zeros(u.shape[0], w.shape[1])
-        for e, a, b in _segments(counts):
-            y[a:b] = _mm_few_columns(u[a:b], w[e].T)  # (n_e, o)
-        return y
+        return grouped_mm_t(u, w, counts)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         u, w = ctx.saved_tensors
-        gu = u.new_zeros(u.shape) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        for e, a, b in _segments(ctx.counts):
-            if gu is not None:
-                torch.mm(gy[a:b], w[e], out=gu[a:b])  # (n_e, i)
-            if gw is not None:
-                gw[e] = gy[a:b].T @ u[a:b]  # (o, i)
+        gu = grouped_mm(gy, w, ctx.counts) if ctx.needs_input_grad[0] else None  # (S, i)
+        gw = grouped_outer(gy, u, ctx.counts) if ctx.needs_input_grad[1] else None  # (E, o, i)
         return gu, gw, None
 
 
@@ -62,8 +106,7 @@ def _pre_activation(token: Tensor, counts: list[int], base: Tensor, z: Tensor | 
     """``base[token] + scale · z_e b_eᵀ`` per segment: ``(T, F), (S, r), (E, F, r) -> (S, F)``."""
     out = base.index_select(0, token)  # (S, F)
     if z is not None:
-        for e, lo, hi in _segments(counts):
-            out[lo:hi].addmm_(z[lo:hi], b[e].T, alpha=scale)  # (n_e, F)
+        grouped_addmm_(out, z, b, counts, scale)
     return out
 
 
@@ -73,10 +116,8 @@ def _pre_activation_grad(needs: tuple[bool, ...], token: Tensor, counts: list[in
     if needs[0]:
         d_base = d.new_zeros(T, d.shape[1]).index_add_(0, token, d)  # (T, F)
     if z is not None and (needs[1] or needs[2]):
-        d_z, d_b = torch.zeros_like(z), torch.zeros_like(b)
-        for e, lo, hi in _segments(counts):
-            d_z[lo:hi] = _mm_few_columns(d[lo:hi], b[e]) * scale  # (n_e, r)
-            d_b[e] = (z[lo:hi].T @ d[lo:hi]).T * scale  # (F, r)
+        d_z = grouped_mm_t(d, b.transpose(1, 2), counts) * scale  # (S, r)
+        d_b = grouped_outer(z, d, counts).transpose(1, 2) * scale  # (E, F, r)
     return d_base, d_z, d_b
 
 
