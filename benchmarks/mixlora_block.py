@@ -8,8 +8,9 @@ tokens, float32, 2 threads, evaluation mode (no dropout). Adapter: MixLoRA E = 8
 r = 8, alpha 16 on gate/up/down of every FFN block, plain LoRA r = 8 on q/k/v/o, written in
 the package's format with random non-zero weights and loaded by both. The frozen base
 back-propagates to its input embeddings, and so do the adapted models, so the three do the
-same backward through the frozen base. Steps of the three variants are interleaved; the medians and their ratios to the frozen base are
-printed and written to ``benchmarks/results/mixlora_block.json``.
+same backward through the frozen base. Steps of the three variants are interleaved; the
+medians and their ratios to the frozen base are printed and written to
+``benchmarks/results/mixlora_block.json``.
 """
 
 from __future__ import annotations
