@@ -1,10 +1,10 @@
 """``linear`` for the narrow GEMMs of low-rank adapters and routers.
 
-CPU BLAS runs a product whose result has many rows and few columns (``x Aᵀ`` with a rank-8
-``A``, or LoRA's ``∂B = gyᵀ h``) several times slower than the same product transposed. For
-a weight with at most ``NARROW`` rows or columns, :class:`NarrowLinear` computes each of the
-three products (forward, and both gradients) in the fast orientation; the value is the
-same product, only the summation order may differ.
+CPU BLAS runs a product whose result has many rows and few columns (LoRA's ``∂B = gyᵀ h``
+with a rank-8 ``h``, or ``∂h = gy B``) several times slower than the same product transposed.
+For a weight with at most ``NARROW`` rows or columns, :class:`NarrowLinear` computes both
+gradients in the fast orientation (the same products, only the summation order may differ);
+the forward is ``F.linear`` itself.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
 
 
 class NarrowLinear(torch.autograd.Function):
-    """``y = x Wᵀ + b`` for 2-D ``x``, each GEMM in its fast orientation."""
+    """``y = x Wᵀ + b`` for 2-D ``x``; both gradient GEMMs in their fast orientation."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        y = _mm(x, w.T)  # (T, out)
-        return y + b if b is not None else y
+        # the forward stays F.linear: the same rounding as nn.Linear (and PEFT / mixlora) gives
+        return F.linear(x, w, b)  # (T, out)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
