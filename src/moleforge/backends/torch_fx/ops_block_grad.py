@@ -28,6 +28,14 @@ def _segments(counts: list[int]):
         start += n
 
 
+def _bounds(counts: list[int]):
+    """``(start, stop)`` of every segment, empty ones included."""
+    start = 0
+    for n in counts:
+        yield start, start + n
+        start += n
+
+
 def _uniform(counts: list[int]) -> bool:
     """Equal segments (every expert sees every token under a dense router): each grouped
     product is one batched GEMM."""
@@ -45,10 +53,8 @@ def grouped_mm_t(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     E, o, _ = w.shape
     if _uniform(counts):
         return _mm_few_columns(u.view(E, counts[0], -1), w.transpose(1, 2)).reshape(-1, o)
-    y = u.new_zeros(u.shape[0], o)
-    for e, lo, hi in _segments(counts):
-        y[lo:hi] = _mm_few_columns(u[lo:hi], w[e].T)  # (n_e, o)
-    return y
+    parts = [_mm_few_columns(u[lo:hi], w[e].T) for e, lo, hi in _segments(counts)]  # (n_e, o)
+    return torch.cat(parts) if parts else u.new_zeros(0, o)
 
 
 def grouped_mm(g: Tensor, w: Tensor, counts: list[int]) -> Tensor:
@@ -56,10 +62,8 @@ def grouped_mm(g: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     E, _, i = w.shape
     if _uniform(counts):
         return torch.bmm(g.view(E, counts[0], -1), w).reshape(-1, i)
-    y = g.new_zeros(g.shape[0], i)
-    for e, lo, hi in _segments(counts):
-        torch.mm(g[lo:hi], w[e], out=y[lo:hi])  # (n_e, i)
-    return y
+    parts = [g[lo:hi] @ w[e] for e, lo, hi in _segments(counts)]  # (n_e, i)
+    return torch.cat(parts) if parts else g.new_zeros(0, i)
 
 
 def grouped_outer(g: Tensor, u: Tensor, counts: list[int]) -> Tensor:
@@ -67,10 +71,9 @@ def grouped_outer(g: Tensor, u: Tensor, counts: list[int]) -> Tensor:
     E = len(counts)
     if _uniform(counts):
         return torch.bmm(g.view(E, counts[0], -1).transpose(1, 2), u.view(E, counts[0], -1))
-    y = g.new_zeros(E, g.shape[1], u.shape[1])
-    for e, lo, hi in _segments(counts):
-        y[e] = g[lo:hi].T @ u[lo:hi]  # (o, i)
-    return y
+    zero = g.new_zeros(g.shape[1], u.shape[1])
+    return torch.stack([g[lo:hi].T @ u[lo:hi] if hi > lo else zero  # (o, i)
+                        for lo, hi in _bounds(counts)])
 
 
 def grouped_addmm_(out: Tensor, z: Tensor, b: Tensor, counts: list[int], alpha: float) -> None:
