@@ -11,32 +11,17 @@ They must agree with the reference interpreter (``moleforge.ir.interpret``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops_block_grad import SegmentMatmul, SlotHidden, SlotSum
+from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotHidden, SlotSum
 
 __all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "expert_sum", "expert_lora", "expert_ffn"]
 
 LinearArgs = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
 """``(W [out, in], b, A (E, r, in), B (E, out, r), scale)`` of one block linear."""
-
-
-def _quick_gelu(v: Tensor) -> Tensor:
-    return v * torch.sigmoid(1.702 * v)
-
-
-def _gelu_tanh(v: Tensor) -> Tensor:
-    return F.gelu(v, approximate="tanh")
-
-
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "quick_gelu": _quick_gelu,
-}
-"""Torch forms of ``moleforge.ir.BlockActivation``."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +89,7 @@ def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | 
     act = ACTIVATIONS[activation]
     if up_base is not None and (gate is None or gate_base is not None):
         zu = None if up[2] is None else _expert_z(x, plan, up[2])
-        args = (plan.token, plan.counts, act, up_base, zu, up[3], up[4])
+        args = (plan.token, plan.counts, activation, up_base, zu, up[3], up[4])
         if gate is None:
             return SlotHidden.apply(*args, None, None, None, 1.0)
         zg = None if gate[2] is None else _expert_z(x, plan, gate[2])

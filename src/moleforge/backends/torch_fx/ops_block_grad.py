@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SegmentMatmul", "SlotHidden", "SlotSum", "grouped_mm", "grouped_mm_t", "grouped_outer",
-           "grouped_addmm_"]
+__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotHidden", "SlotSum", "grouped_mm",
+           "grouped_mm_t", "grouped_outer", "grouped_addmm_"]
 
 
 def _segments(counts: list[int]):
@@ -124,17 +125,50 @@ def _pre_activation_grad(needs: tuple[bool, ...], token: Tensor, counts: list[in
     return d_base, d_z, d_b
 
 
+def _quick_gelu(v: Tensor) -> Tensor:
+    return v * torch.sigmoid(1.702 * v)
+
+
+def _gelu_tanh(v: Tensor) -> Tensor:
+    return F.gelu(v, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "quick_gelu": _quick_gelu,
+}
+"""Torch forms of ``moleforge.ir.BlockActivation``."""
+
+
+def activation_backward(name: str, grad: Tensor, x: Tensor) -> Tensor:
+    """``grad ⊙ act'(x)`` in one fused pass where ATen has the kernel."""
+    match name:
+        case "silu":
+            return torch.ops.aten.silu_backward(grad, x)
+        case "gelu":
+            return torch.ops.aten.gelu_backward(grad, x)
+        case "gelu_tanh":
+            return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+        case "relu":
+            return torch.ops.aten.threshold_backward(grad, x, 0)
+    pre = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = ACTIVATIONS[name](pre)
+    return torch.autograd.grad(out, pre, grad)[0]
+
+
 class SlotHidden(torch.autograd.Function):
     """``h = act(G) ⊙ U`` (``act(U)`` without a gate) for every slot, with
     ``U = up_base[token] + s_u · z_u B_uᵀ`` (expert by expert) and ``G`` alike: ``(S, d_ff)``.
     Saves ``U``, ``G`` and ``act(G)``."""
 
     @staticmethod
-    def forward(ctx, token: Tensor, counts: list[int], act: Callable[[Tensor], Tensor], up_base: Tensor,
-                up_z: Tensor | None, up_b: Tensor | None, up_scale: float, gate_base: Tensor | None,
-                gate_z: Tensor | None, gate_b: Tensor | None, gate_scale: float) -> Tensor:
+    def forward(ctx, token: Tensor, counts: list[int], activation: str, up_base: Tensor, up_z: Tensor | None,
+                up_b: Tensor | None, up_scale: float, gate_base: Tensor | None, gate_z: Tensor | None,
+                gate_b: Tensor | None, gate_scale: float) -> Tensor:
         U = _pre_activation(token, counts, up_base, up_z, up_b, up_scale)
-        ctx.act, ctx.counts, ctx.scales, ctx.T = act, counts, (up_scale, gate_scale), up_base.shape[0]
+        ctx.activation, ctx.counts, ctx.T = activation, counts, up_base.shape[0]
+        ctx.scales = (up_scale, gate_scale)
+        act = ACTIVATIONS[activation]
         if gate_base is None:
             ctx.save_for_backward(token, U, None, None, up_z, up_b, None, None)
             return act(U)
@@ -147,14 +181,11 @@ class SlotHidden(torch.autograd.Function):
     def backward(ctx, dh: Tensor):
         token, U, G, a, up_z, up_b, gate_z, gate_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        pre = (U if G is None else G).detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = ctx.act(pre)
         if G is None:
-            dU, dG = torch.autograd.grad(out, pre, dh)[0], None
+            dU, dG = activation_backward(ctx.activation, dh, U), None
         else:
             dU = dh * a
-            dG = torch.autograd.grad(out, pre, dh * U)[0]
+            dG = activation_backward(ctx.activation, dh * U, G)
         up = _pre_activation_grad(needs[3:6], token, ctx.counts, dU, up_z, up_b, ctx.scales[0], ctx.T)
         gate = (None, None, None) if G is None else _pre_activation_grad(
             needs[7:10], token, ctx.counts, dG, gate_z, gate_b, ctx.scales[1], ctx.T)
