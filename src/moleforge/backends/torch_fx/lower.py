@@ -44,6 +44,7 @@ class _Ctx:
         self.frozen_names = {d.name for d in graph.frozen}
         self.frozen = self.g.placeholder("frozen", default_value=None) if graph.frozen else None
         self.plans: dict[str, fx.Node] = {}
+        self.fused: dict[str, fx.Node] = {}
         self._training: fx.Node | None = None
         self._names: set[str] = set()
 
@@ -177,11 +178,32 @@ def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
 
 
 def _expert_block(c: _Ctx, n) -> fx.Node:
-    base = (None if n.up_base is None else c.env[n.up_base], None if n.gate_base is None else c.env[n.gate_base])
+    base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
     if isinstance(n, ExpertFFN):
-        return c.call(ops_block.expert_ffn, head + (_expert_linear(c, n.down),) + base + (n.activation,), n.id)
+        down = (_expert_linear(c, n.down),)
+        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id)
     return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
+
+
+def _expert_sum(c: _Ctx, n: ExpertSum) -> fx.Node:
+    """With one not yet emitted ``expert_lora`` on the same hidden states and routing, both
+    share one op (``expert_mix``): its down-projections come out of the sum's pass over them."""
+    loras = [m for m in c.ir.users(n.src) if isinstance(m, ExpertLoRA) and m.routing == n.routing]
+    plan = _plan(c, n.routing)
+    if len(loras) != 1 or loras[0].id in c.env:
+        return c.call(ops_block.expert_sum, (c.env[n.src], plan), n.id)
+    mix = c.call(ops_block.expert_mix, (c.env[n.src], plan, c.expr(loras[0].a)), f"{n.id}_mix")
+    c.fused[loras[0].id] = c.item(mix, 1, f"{loras[0].id}_z")
+    return c.item(mix, 0, n.id)
+
+
+def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:
+    plan = _plan(c, n.routing)
+    z = c.fused.get(n.id)
+    if z is None:
+        z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
+    return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
 
 
 _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
@@ -201,9 +223,8 @@ _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     AuxLoss: _aux,
     ExpertFFN: _expert_block,
     ExpertHidden: _expert_block,
-    ExpertSum: lambda c, n: c.call(ops_block.expert_sum, (c.env[n.src], _plan(c, n.routing)), n.id),
-    ExpertLoRA: lambda c, n: c.call(ops_block.expert_lora, (c.env[n.src], _plan(c, n.routing), c.expr(n.a),
-                                                            c.expr(n.b), n.scale), n.id),
+    ExpertSum: _expert_sum,
+    ExpertLoRA: _expert_lora,
 }
 
 

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotHidden, SlotSum
+from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotHidden, SlotMix, SlotSum
 
-__all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "expert_sum", "expert_lora", "expert_ffn"]
+__all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "expert_sum", "expert_mix", "expert_lora",
+           "expert_lora_down", "expert_lora_up", "expert_ffn"]
 
 LinearArgs = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
 """``(W [out, in], b, A (E, r, in), B (E, out, r), scale)`` of one block linear."""
@@ -105,13 +106,28 @@ def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:
     return SlotSum.apply(h, plan.gate, plan.token, plan.T)
 
 
-def expert_lora(h: Tensor, plan: SlotPlan, a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``Σ_i g_i s (h_i A_iᵀ) B_iᵀ``: per-expert down-projections of the slots, placed in their
-    expert's block of a ``(T, E·r)`` matrix, then one GEMM with the stacked B: ``(T, d_out)``."""
-    E, r, _ = a.shape
-    z = SegmentMatmul.apply(h, a, plan.counts) * (plan.gate * scale)[:, None]  # (S, r)
+def expert_mix(h: Tensor, plan: SlotPlan, a: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`expert_sum` and :func:`expert_lora_down` of the same hidden states, in one op."""
+    return SlotMix.apply(h, plan.gate, plan.token, plan.T, plan.counts, a)
+
+
+def expert_lora_down(h: Tensor, plan: SlotPlan, a: Tensor) -> Tensor:
+    """Each slot's own expert's down-projection ``h_s A_eᵀ``: ``(S, r)``."""
+    return SegmentMatmul.apply(h, a, plan.counts)
+
+
+def expert_lora_up(z: Tensor, plan: SlotPlan, b: Tensor, scale: float) -> Tensor:
+    """``Σ_i g_i s z_i B_iᵀ``: the gated down-projections placed in their expert's block of a
+    ``(T, E·r)`` matrix, then one GEMM with the stacked B: ``(T, d_out)``."""
+    E, d_out, r = b.shape
+    z = z * (plan.gate * scale)[:, None]  # (S, r)
     Z = z.new_zeros(plan.T, E, r).index_put((plan.token, plan.expert), z, accumulate=True)  # (T, E, r)
-    return F.linear(Z.view(plan.T, E * r), b.permute(1, 0, 2).reshape(b.shape[1], E * r))  # (T, d_out)
+    return F.linear(Z.view(plan.T, E * r), b.permute(1, 0, 2).reshape(d_out, E * r))  # (T, d_out)
+
+
+def expert_lora(h: Tensor, plan: SlotPlan, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``Σ_i g_i s (h_i A_iᵀ) B_iᵀ``: ``(T, d_out)``."""
+    return expert_lora_up(expert_lora_down(h, plan, a), plan, b, scale)
 
 
 def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None) -> Tensor:

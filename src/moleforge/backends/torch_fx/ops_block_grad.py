@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotHidden", "SlotSum", "grouped_mm",
-           "grouped_mm_t", "grouped_outer", "grouped_addmm_"]
+__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotHidden", "SlotSum", "SlotMix",
+           "grouped_mm", "grouped_mm_t", "grouped_outer", "grouped_addmm_"]
 
 
 def _segments(counts: list[int]):
@@ -207,3 +207,26 @@ class SlotSum(torch.autograd.Function):
         d_gate = torch.linalg.vecdot(rows, h) if ctx.needs_input_grad[1] else None  # (S,)
         d_h = rows.mul_(gate[:, None]) if ctx.needs_input_grad[0] else None
         return d_h, d_gate, None, None
+
+
+class SlotMix(torch.autograd.Function):
+    """:class:`SlotSum` and the experts' own down-projections of the same slots in one function:
+    ``(Σ_s g_s h_s per token (T, F), z (S, r))`` with ``z[seg_e] = h[seg_e] @ a[e]ᵀ``. The backward
+    builds ``∂h`` in one buffer (gathered ``∂y`` times the gate, plus ``∂z a_e`` in place)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, gate: Tensor, token: Tensor, T: int, counts: list[int], a: Tensor):
+        ctx.save_for_backward(h, gate, token, a)
+        ctx.counts = counts
+        y = h.new_zeros(T, h.shape[1]).index_add_(0, token, h * gate[:, None])  # (T, F)
+        return y, grouped_mm_t(h, a, counts)  # (S, r)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, gz: Tensor):
+        h, gate, token, a = ctx.saved_tensors
+        rows = gy.index_select(0, token)  # (S, F)
+        d_gate = torch.linalg.vecdot(rows, h) if ctx.needs_input_grad[1] else None  # (S,)
+        d_h = rows.mul_(gate[:, None])
+        grouped_addmm_(d_h, gz, a.transpose(1, 2), ctx.counts, 1.0)  # += gz[seg_e] a[e]
+        d_a = grouped_outer(gz, h, ctx.counts) if ctx.needs_input_grad[5] else None  # (E, r, F)
+        return d_h, d_gate, None, None, None, d_a
