@@ -148,8 +148,11 @@ def test_hoisting_needs_gates_summing_to_one_when_down_has_a_bias():
 
 # ---- lowering against the interpreter ----------------------------------------------------------
 
+LOWERED_FORMS = ["none", "share_frozen_projections", "hoist_frozen_down", "both", "lora_first"]
+
+
 @given(graph=block_graphs(), seed=st.integers(0, 2**16), T=st.integers(1, 6),
-       rewrite=st.sampled_from(["none", "share_frozen_projections", "hoist_frozen_down", "both", "lora_first"]))
+       rewrite=st.sampled_from(LOWERED_FORMS))
 def test_lowered_block_matches_interpreter(graph, seed, T, rewrite):
     rewrites = {**REWRITES, "none": lambda g: g, "lora_first": _lora_first}
     g = rewrites[rewrite](graph)
