@@ -116,6 +116,7 @@ def main() -> None:
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
     variants = {"frozen_base": frozen, "moleforge_mixlora": ours, "mixlora_package": theirs}
+    load_before = os.getloadavg()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for i in range(args.warmup + args.steps):
         for name, model in variants.items():
@@ -130,6 +131,7 @@ def main() -> None:
                   "vocab": args.vocab, "tokens": BATCH * SEQ, "batch": BATCH, "seq": SEQ, "dtype": "float32"},
         "adapter": {"experts": E, "top_k": K, "rank": R, "alpha": ALPHA, "attention_lora": "q,k,v,o r=8"},
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0], "cpus": os.cpu_count()},
         "median_s": med, "ratio_to_frozen_base": ratios, "all_s": times,
         "max_abs_logit_diff_moleforge_vs_package": diff,
         "trainable_parameters_moleforge": sum(p.numel() for p in handle.trainable_parameters()),
@@ -138,6 +140,8 @@ def main() -> None:
     for k in med:
         print(f"{k:>20}: {med[k] * 1000:8.1f} ms  x{ratios[k]:.2f}")
     print(f"max |logits(moleforge) - logits(package)| = {diff:.2e}")
+    print(f"load average (1 min) {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs: "
+          "other processes on the machine slow the step, the many small ops of adapters most")
     os.makedirs(Path(args.out).parent, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
