@@ -10,6 +10,7 @@ TOLERANCES: dict[str, tuple[float, float, str]] = {
     "float32": (2e-5, 1e-4, "float32 accumulation over d_in <= 512 terms"),
     "float32_model": (2e-5, 1e-4, "whole tiny HF model in float32"),
     "save_load": (1e-6, 0.0, "save -> load must reproduce logits (api contract bound)"),
+    "mixlora_package": (1e-5, 0.0, "logits of an imported MixLoRA adapter against the mixlora package, float32"),
 }
 
 

@@ -11,6 +11,7 @@ from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
 from .compiler.interop import export_merged, export_peft, from_peft
 from .compiler.smore_official import import_smore_official
+from .compiler.mixlora_import import import_mixlora
 from .errors import (
     CheckpointError,
     InjectionError,
@@ -56,6 +57,7 @@ __all__ = [
     "MoleforgeError", "SpecError", "IRVerificationError", "PassError", "LoweringError", "InjectionError",
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
+    "import_smore_official", "import_mixlora",
 ]
 
 

@@ -18,6 +18,11 @@ from ..ir import (
     BlockGate,
     Columns,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     Graph,
     GroupedMix,
     Input,
@@ -29,6 +34,7 @@ from ..ir import (
     Route,
     SigmoidTopK,
     SoftmaxTopK,
+    StaticGate,
     TreeMix,
     TreePropagate,
     TreeRoute,
@@ -55,7 +61,7 @@ def _active(graph: Graph, routing: str) -> int:
     match node.gate:
         case SoftmaxTopK(k=k) | SigmoidTopK(k=k) | AbsTopK(k=k):
             return k
-        case DenseSoftmax():
+        case DenseSoftmax() | StaticGate():
             return node.experts
     raise TypeError(node.gate)
 
@@ -96,6 +102,25 @@ def _tree(graph: Graph, n: TreeMix | TreePropagate) -> int:
     return total
 
 
+def _expert_linear(lin: ExpertLinear, hoisted: bool) -> int:
+    """One expert's pass through an FFN-block linear: the frozen GEMM unless it was computed
+    once for all experts (``hoisted``), plus the expert's LoRA."""
+    out, d_in = lin.weight.shape
+    base = 0 if hoisted else 2 * out * d_in
+    lora = 0 if lin.a is None else 2 * lin.a.shape[1] * (d_in + out)
+    return base + lora
+
+
+def _block(graph: Graph, n: ExpertFFN | ExpertHidden) -> int:
+    """Active experts each run their LoRAs (and the frozen GEMMs not hoisted out of the experts)."""
+    per = _expert_linear(n.up, n.up_base is not None)
+    if n.gate is not None:
+        per += _expert_linear(n.gate, n.gate_base is not None)
+    if isinstance(n, ExpertFFN):
+        per += _expert_linear(n.down, False)
+    return _active(graph, n.routing) * per
+
+
 def node_flops(graph: Graph, n: Node) -> int:
     """Matmul FLOPs one token spends in node ``n``."""
     match n:
@@ -107,6 +132,12 @@ def node_flops(graph: Graph, n: Node) -> int:
             return _tree_route(n)
         case TreeMix() | TreePropagate():
             return _tree(graph, n)
+        case ExpertFFN() | ExpertHidden():
+            return _block(graph, n)
+        case ExpertLoRA(a=a, b=b):
+            return _active(graph, n.routing) * 2 * a.shape[1] * (a.shape[2] + b.shape[1])
+        case ExpertSum():
+            return 0
         case Input() | Columns() | Add() | Jitter() | Route() | BlockGate() | OuterGate() | AuxLoss():
             return 0
     raise TypeError(f"no FLOP count for node kind {type(n).__name__}")

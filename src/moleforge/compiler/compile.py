@@ -16,6 +16,7 @@ from ..ir import AuxLoss, Graph, verify
 from ..passes import DEFAULT_PIPELINE, Pass, run_pipeline
 from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
 from .build import build_graph
+from .ffn_sites import count_block_parameters, make_block_modules, prepare_blocks
 from .handle import AdapterHandle
 from .sites import ResolvedSite, resolve_sites
 
@@ -71,6 +72,7 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     """
     spec = as_spec(spec)
     sites, plain, graphs = build_site_graphs(spec, model, passes)
+    blocks, block_plain, block_graphs = prepare_blocks(spec, model, passes, {s.name for s in sites})
     collector = AuxCollector()
     gen = None
     seeds = {s.init.seed for s in spec.sites} - {None}
@@ -94,14 +96,19 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         adapted.site_name = s.name
         replacements[s.name] = adapted
         site_of[s.name] = s.site_index
+    # ffn_block sites: routed GraphModules replacing whole MLP blocks (see ffn_sites)
+    block_modules, block_swaps = make_block_modules(spec, model, blocks, block_graphs, collector, gen)
+    site_of.update({b.name: b.site_index for b in blocks})
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    originals = swap_modules(model, dict(replacements))
+    originals = swap_modules(model, {**replacements, **block_swaps})
     for p in model.parameters():
         p.requires_grad_(False)
-    for mod in replacements.values():
+    modules = {**replacements, **block_modules}
+    for mod in modules.values():
         for p in mod.site.parameters():
             p.requires_grad_(True)
-    return AdapterHandle(model, spec, replacements, graphs, originals, collector, requires_grad, site_of, plain)
+    return AdapterHandle(model, spec, modules, {**graphs, **block_graphs}, originals, collector,  # type: ignore[arg-type]
+                         requires_grad, site_of, {**plain, **block_plain})
 
 
 # ---- structural facts -------------------------------------------------------------------
@@ -120,6 +127,8 @@ def count_parameters(spec: Any, model: nn.Module, *, breakdown: bool = False) ->
         for p in g.params:
             if p.trainable:
                 per[p.name] = per.get(p.name, 0) + math.prod(p.shape)
+    for name, n in count_block_parameters(spec, model).items():
+        per[name] = per.get(name, 0) + n
     return per if breakdown else sum(per.values())
 
 

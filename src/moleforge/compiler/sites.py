@@ -101,6 +101,8 @@ def resolve_sites(spec: AdapterSpec, model: nn.Module) -> list[ResolvedSite]:
         if dims is None:
             continue
         for i, site in enumerate(spec.sites):
+            if site.scope != "linear":  # ffn_block sites are resolved by ffn_sites
+                continue
             roles = _matches(site, name)
             if roles is None:
                 continue
@@ -123,6 +125,8 @@ def resolve_sites(spec: AdapterSpec, model: nn.Module) -> list[ResolvedSite]:
 def _check_coverage(spec: AdapterSpec, model: nn.Module, seen: dict[int, set[str]]) -> None:
     arch = type(model).__name__
     for i, site in enumerate(spec.sites):
+        if site.scope != "linear":
+            continue
         if not seen[i]:
             what = ", ".join(list(site.target.roles) + [repr(m) for m in site.target.modules])
             raise InjectionError(

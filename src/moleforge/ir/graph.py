@@ -16,6 +16,10 @@ from .nodes import (
     AuxLoss,
     BlockGate,
     Columns,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLoRA,
+    ExpertSum,
     GroupedMix,
     Input,
     Jitter,
@@ -44,6 +48,8 @@ class Graph:
         params: the tensors the site stores.
         d_in, d_out: widths of the adapted linear.
         label: a readable name (the module path, once resolved).
+        frozen: frozen inputs: tensors of the model the graph reads but never stores or
+            trains (an FFN block's own weights); bound by the backend at run time.
     """
 
     nodes: tuple[Node, ...]
@@ -53,6 +59,7 @@ class Graph:
     d_in: int
     d_out: int
     label: str = "site"
+    frozen: tuple[ParamDecl, ...] = ()
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @cached_property
@@ -65,6 +72,11 @@ class Graph:
     @cached_property
     def param_decls(self) -> dict[str, ParamDecl]:
         return {p.name: p for p in self.params}
+
+    @cached_property
+    def all_decls(self) -> dict[str, ParamDecl]:
+        """Stored parameters and frozen inputs by name."""
+        return {p.name: p for p in (*self.params, *self.frozen)}
 
     def dag(self) -> "nx.DiGraph":
         """The dataflow as a networkx DiGraph (edges producer -> consumer)."""
@@ -130,6 +142,14 @@ def width_of(graph: Graph, nid: str) -> int:
             out = len(lv)
         case AuxLoss():
             out = 0
+        case ExpertFFN(down=d):
+            out = d.weight.shape[0]
+        case ExpertLoRA(b=b):
+            out = b.shape[1]
+        case ExpertHidden(up=u):
+            out = u.weight.shape[0]
+        case ExpertSum(src=s):
+            out = width_of(graph, s)
         case _:
             raise TypeError(f"unknown node kind {type(n).__name__}")
     cache[nid] = out

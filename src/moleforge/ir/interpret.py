@@ -28,6 +28,11 @@ from .nodes import (
     BlockGate,
     Columns,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     GroupedMix,
     Input,
     Jitter,
@@ -45,7 +50,7 @@ from .nodes import (
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 
-__all__ = ["interpret", "Result", "eval_expr"]
+__all__ = ["interpret", "Result", "eval_expr", "block_activation"]
 
 F64 = torch.float64
 
@@ -143,6 +148,16 @@ def _run(n, env, p, x, fixed, res: Result, samples, noise):  # noqa: C901 - one 
             return tree_mix(n, env[n.src], env[n.routing], p)
         case AuxLoss():
             return _aux(n, env[n.routing], samples)
+        case ExpertFFN():
+            return _expert_ffn(n, env, p)
+        case ExpertHidden():
+            return _expert_hidden(n, env, p)
+        case ExpertSum():
+            g, h = env[n.routing]["gates"], env[n.src]  # (T, E), (E, T, d_ff)
+            return sum(g[:, i:i + 1] * h[i] for i in range(g.shape[1]))
+        case ExpertLoRA():
+            g, h, A, B = env[n.routing]["gates"], env[n.src], p[n.a.name], p[n.b.name]
+            return sum(g[:, i:i + 1] * n.scale * ((h[i] @ A[i].T) @ B[i].T) for i in range(g.shape[1]))
     raise TypeError(f"the interpreter has no rule for {type(n).__name__}")
 
 
@@ -194,6 +209,56 @@ def _pool(x: Tensor, gates: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
     for i in range(gates.shape[1]):
         a, b = A[i if A.shape[0] > 1 else 0], B[i if B.shape[0] > 1 else 0]
         out = out + gates[:, i:i + 1] * scale * ((x @ a.T) @ b.T)
+    return out
+
+
+# ---- FFN-block experts --------------------------------------------------------------------
+
+def block_activation(name: str, v: Tensor) -> Tensor:
+    """The closed set of FFN activations (``nodes.BlockActivation``), elementwise."""
+    match name:
+        case "silu":
+            return v * torch.sigmoid(v)
+        case "gelu":
+            return 0.5 * v * (1.0 + torch.erf(v / math.sqrt(2.0)))
+        case "gelu_tanh":
+            return 0.5 * v * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+        case "relu":
+            return torch.relu(v)
+        case "quick_gelu":
+            return v * torch.sigmoid(1.702 * v)
+    raise ValueError(f"unknown block activation {name!r}")
+
+
+def _expert_linear(lin: ExpertLinear, i: int, u: Tensor, p, base: Tensor | None = None) -> Tensor:
+    """Expert i's ``u Wᵀ + b + s (u A_iᵀ) B_iᵀ`` (``base`` replaces the frozen ``u Wᵀ + b``)."""
+    if base is None:
+        base = u @ p[lin.weight.name].T
+        base = base + p[lin.bias.name] if lin.bias is not None else base
+    if lin.a is None:
+        return base
+    return base + lin.scale * ((u @ p[lin.a.name][i].T) @ p[lin.b.name][i].T)
+
+
+def _hidden(n, i: int, env, p) -> Tensor:
+    x = env[n.src]
+    up = _expert_linear(n.up, i, x, p, None if n.up_base is None else env[n.up_base])
+    if n.gate is None:
+        return block_activation(n.activation, up)
+    gate = _expert_linear(n.gate, i, x, p, None if n.gate_base is None else env[n.gate_base])
+    return block_activation(n.activation, gate) * up
+
+
+def _expert_hidden(n: ExpertHidden, env, p) -> Tensor:
+    E = env[n.routing]["gates"].shape[1]
+    return torch.stack([_hidden(n, i, env, p) for i in range(E)])  # (E, T, d_ff)
+
+
+def _expert_ffn(n: ExpertFFN, env, p) -> Tensor:
+    g = env[n.routing]["gates"]  # (T, E)
+    out = 0.0
+    for i in range(g.shape[1]):
+        out = out + g[:, i:i + 1] * _expert_linear(n.down, i, _hidden(n, i, env, p), p)
     return out
 
 

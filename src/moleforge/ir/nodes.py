@@ -18,10 +18,15 @@ __all__ = [
     "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
-    "TreePropagate", "AuxLoss", "Node", "TENSOR_NODES",
+    "TreePropagate", "AuxLoss", "BlockActivation", "ExpertLinear", "ExpertFFN", "ExpertHidden", "ExpertSum",
+    "ExpertLoRA", "Node", "TENSOR_NODES",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
+
+BlockActivation = Literal["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]
+"""Activations of FFN blocks: ``silu(v) = v·σ(v)``, ``gelu`` (erf form), ``gelu_tanh`` (the tanh
+approximation, GPT-2's ``gelu_new``), ``relu``, ``quick_gelu(v) = v·σ(1.702 v)``."""
 
 
 # ---- gates: how a router turns scores into gate values -------------------------------
@@ -338,8 +343,100 @@ class AuxLoss:
         return (self.routing,)
 
 
+# ---- FFN-block experts (MixLoRA) -------------------------------------------------------
+# The frozen weights of a block are frozen inputs of the graph (``Graph.frozen``): the IR
+# references the model's own tensors and never copies them.
+
+@dataclass(frozen=True, slots=True)
+class ExpertLinear:
+    """One linear of an FFN block with a LoRA per expert: expert i computes
+    ``L_i(u) = u Wᵀ + b + scale · (u A_iᵀ) B_iᵀ``. ``W [out, in]`` and ``b`` are frozen
+    inputs; ``A (E, r, in)`` and ``B (E, out, r)`` the experts' factors, ``None`` when this
+    linear carries no adapter (then ``L_i(u) = u Wᵀ + b``)."""
+
+    weight: ParamRef
+    bias: ParamRef | None = None
+    a: ParamRef | None = None
+    b: ParamRef | None = None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpertFFN:
+    """Routed FFN-block experts sharing the frozen block (MixLoRA, METHODS.md §5):
+    ``h_i = act(G_i(x)) ⊙ U_i(x)`` (gated block) or ``act(U_i(x))`` (``gate=None``),
+    ``y = Σ_i g_i(x) · D_i(h_i)``: ``(T, d_in) -> (T, d_out)``; the block's output, not a delta.
+
+    ``gate_base`` / ``up_base`` (optional) name nodes holding the frozen projections
+    ``x W_gᵀ + b_g`` / ``x W_uᵀ + b_u``; then ``G_i(x) = gate_base + s (x A_iᵀ) B_iᵀ``."""
+
+    id: str
+    src: str
+    routing: str
+    up: ExpertLinear
+    down: ExpertLinear
+    gate: ExpertLinear | None = None
+    activation: BlockActivation = "silu"
+    gate_base: str | None = None
+    up_base: str | None = None
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing) + tuple(b for b in (self.gate_base, self.up_base) if b is not None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpertHidden:
+    """The experts' hidden states ``h_i (T, d_ff)`` of an :class:`ExpertFFN` without its down
+    projection: a per-expert value, read only through the routing's gates (consumers weight
+    ``h_i`` by ``g_i``, so backends may compute it only where ``g_i ≠ 0``)."""
+
+    id: str
+    src: str
+    routing: str
+    up: ExpertLinear
+    gate: ExpertLinear | None = None
+    activation: BlockActivation = "silu"
+    gate_base: str | None = None
+    up_base: str | None = None
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing) + tuple(b for b in (self.gate_base, self.up_base) if b is not None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpertSum:
+    """``y = Σ_i g_i h_i``: ``h`` an :class:`ExpertHidden` over the same routing -> ``(T, d_ff)``."""
+
+    id: str
+    src: str
+    routing: str
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpertLoRA:
+    """``y = Σ_i g_i · scale · (h_i A_iᵀ) B_iᵀ``: each expert's low-rank update of its own
+    hidden state, ``A (E, r, d_ff)``, ``B (E, d_out, r)`` -> ``(T, d_out)``."""
+
+    id: str
+    src: str
+    routing: str
+    a: ParamRef
+    b: ParamRef
+    scale: float
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src, self.routing)
+
+
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
-             TreeRoute, TreeMix, TreePropagate, AuxLoss]
+             TreeRoute, TreeMix, TreePropagate, AuxLoss, ExpertFFN, ExpertHidden, ExpertSum, ExpertLoRA]
 
 TENSOR_NODES = (Input, Linear, Columns, Add, Jitter, PoolMix, GroupedMix, BlockGate, OuterGate,
-                TreeMix, TreePropagate)
+                TreeMix, TreePropagate, ExpertFFN, ExpertSum, ExpertLoRA)

@@ -64,7 +64,9 @@ class ParamDecl:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one"]
+    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen"]
+    """``frozen``: a frozen input (``Graph.frozen``), bound to the model's own tensor, never initialised;
+    ``one``: ones."""
     trainable: bool = True
     buffer: bool = False
     fan_in: int = 0

@@ -17,6 +17,11 @@ from .nodes import (
     BlockGate,
     Columns,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     GroupedMix,
     Input,
     Jitter,
@@ -50,6 +55,22 @@ def _gate(g) -> str:
         case StaticGate(weights=w):
             return f"static(w={w.name})"
     raise TypeError(g)
+
+
+def _expert_linear(role: str, lin: ExpertLinear | None, base: str | None) -> str:
+    if lin is None:
+        return ""
+    frozen = f"%{base}" if base is not None else f"W={format_expr(lin.weight)} b={format_expr(lin.bias)}"
+    lora = f" + A={format_expr(lin.a)} B={format_expr(lin.b)} scale={lin.scale:g}" if lin.a is not None else ""
+    return f" {role}=[{frozen}{lora}]"
+
+
+def _expert_block(n, width: int) -> str:
+    kind = "expert_ffn" if isinstance(n, ExpertFFN) else "expert_hidden"
+    parts = _expert_linear("gate", n.gate, n.gate_base) + _expert_linear("up", n.up, n.up_base)
+    if isinstance(n, ExpertFFN):
+        parts += _expert_linear("down", n.down, None)
+    return f"%{n.id} = {kind} %{n.src} by %{n.routing} act={n.activation}{parts} -> {width}"
 
 
 def format_node(n: Node, width: int) -> str:
@@ -87,6 +108,13 @@ def format_node(n: Node, width: int) -> str:
         case AuxLoss():
             extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
             return f"%{n.id} = aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
+        case ExpertFFN() | ExpertHidden():
+            return _expert_block(n, width)
+        case ExpertSum():
+            return f"%{n.id} = expert_sum %{n.src} by %{n.routing} -> {width}"
+        case ExpertLoRA():
+            return (f"%{n.id} = expert_lora %{n.src} by %{n.routing} A={format_expr(n.a)} B={format_expr(n.b)} "
+                    f"scale={n.scale:g} -> {width}")
     raise TypeError(f"unknown node kind {type(n).__name__}")
 
 
@@ -96,6 +124,8 @@ def print_graph(graph: Graph) -> str:
     for p in graph.params:
         flags = "trainable" if p.trainable else ("buffer" if p.buffer else "frozen")
         lines.append(f"  param {p.name} {tuple(p.shape)} init={p.init} {flags}")
+    for p in graph.frozen:
+        lines.append(f"  frozen {p.name} {tuple(p.shape)}")
     for n in graph.nodes:
         lines.append("  " + format_node(n, graph.width(n.id)))
     aux = " ; aux " + " ".join(f"%{a}" for a in graph.aux) if graph.aux else ""

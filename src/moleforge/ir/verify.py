@@ -15,6 +15,11 @@ from .nodes import (
     AuxLoss,
     BlockGate,
     Columns,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     GroupedMix,
     Input,
     Jitter,
@@ -67,9 +72,9 @@ def _structure(g: Graph) -> list[str]:
         out.append(f"expected exactly one input node, found {len(inputs)}")
     elif inputs[0].width != g.d_in:
         out.append(f"input width {inputs[0].width} != d_in {g.d_in}")
-    names = [p.name for p in g.params]
+    names = [p.name for p in (*g.params, *g.frozen)]
     if len(set(names)) != len(names):
-        out.append(f"parameter names are not unique: {names}")
+        out.append(f"parameter and frozen input names are not unique: {names}")
     return out
 
 
@@ -80,7 +85,7 @@ def _is_tensor(g: Graph, nid: str) -> bool:
 def _expr(g: Graph, e: ParamExpr, what: str) -> list[str]:
     out = []
     for ref in expr_refs(e):
-        decl = g.param_decls.get(ref.name)
+        decl = g.all_decls.get(ref.name)
         if decl is None:
             out.append(f"{what} reads undeclared parameter {ref.name!r}")
         elif tuple(decl.shape) != tuple(ref.shape):
@@ -160,6 +165,15 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
                 for x in _expr(g, r, f"router of pool with {lv.experts} experts")]
         case TreeMix() | TreePropagate():
             return _tree_rules(g, n)
+        case ExpertFFN() | ExpertHidden():
+            return _expert_block_rules(g, n)
+        case ExpertSum():
+            return _expert_value_rules(g, n)
+        case ExpertLoRA():
+            p = _expert_value_rules(g, n) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
+            if not p:
+                p = _expert_factor_rules(g, n.a.shape, n.b.shape, g.width(n.routing), g.width(n.src), "A/B")
+            return p
         case AuxLoss():
             p = _need_route(g, n.routing, (Route, TreeRoute))
             if not p and isinstance(g.node(n.routing), Route):
@@ -217,6 +231,80 @@ def _tree_rules(g: Graph, n) -> list[str]:
         p.append(f"source width {want} != total rank {total}")
     if isinstance(n, TreeMix) and want != g.width(n.src):
         p.append(f"A reads width {want}, source has {g.width(n.src)}")
+    return p
+
+
+def _expert_factor_rules(g: Graph, a: tuple, b: tuple, E: int, d_in: int, what: str) -> list[str]:
+    if len(a) != 3 or len(b) != 3:
+        return [f"{what}: A {a} and B {b} must be stacked (E, r, d_in) / (E, d_out, r)"]
+    p = []
+    if a[0] != E or b[0] != E:
+        p.append(f"{what}: A has {a[0]} and B {b[0]} experts; the router has {E}")
+    if a[2] != d_in:
+        p.append(f"{what}: A reads width {a[2]}, its input has {d_in}")
+    if a[1] != b[2]:
+        p.append(f"{what}: rank of A ({a[1]}) != rank of B ({b[2]})")
+    return p
+
+
+def _expert_linear_rules(g: Graph, lin: ExpertLinear, d_in: int, E: int, what: str) -> list[str]:
+    """Frozen W/b declared frozen and fitting ``d_in``; A and B both or neither, trainable, stacked."""
+    p = []
+    for ref in (lin.weight, lin.bias):
+        if ref is not None and ref.name not in {d.name for d in g.frozen}:
+            p.append(f"{what}: {ref.name!r} must be a frozen input (declared in graph.frozen)")
+    p += _expr(g, lin.weight, f"{what} weight") + (_expr(g, lin.bias, f"{what} bias") if lin.bias else [])
+    if (lin.a is None) != (lin.b is None):
+        p.append(f"{what}: give both expert factors A and B, or neither")
+    if p:
+        return p
+    w = lin.weight.shape
+    if len(w) != 2 or w[1] != d_in:
+        p.append(f"{what}: weight {w} does not read width {d_in}")
+    elif lin.bias is not None and lin.bias.shape != (w[0],):
+        p.append(f"{what}: bias {lin.bias.shape} != ({w[0]},)")
+    if lin.a is not None and lin.b is not None:
+        p += _expr(g, lin.a, f"{what} A") + _expr(g, lin.b, f"{what} B")
+        p += [] if p else _expert_factor_rules(g, lin.a.shape, lin.b.shape, E, d_in, what)
+        if not p and lin.b.shape[1] != w[0]:
+            p.append(f"{what}: B writes width {lin.b.shape[1]}, the frozen weight {w[0]}")
+    return p
+
+
+def _expert_block_rules(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+    if p:
+        return p
+    E, d_in = g.width(n.routing), g.width(n.src)
+    p = _expert_linear_rules(g, n.up, d_in, E, "up")
+    if n.gate is not None:
+        p += _expert_linear_rules(g, n.gate, d_in, E, "gate")
+    if p:
+        return p
+    d_ff = n.up.weight.shape[0]
+    if n.gate is not None and n.gate.weight.shape[0] != d_ff:
+        p.append(f"gate width {n.gate.weight.shape[0]} != up width {d_ff}")
+    if isinstance(n, ExpertFFN):
+        p += _expert_linear_rules(g, n.down, d_ff, E, "down")
+    for base, lin in ((n.gate_base, n.gate), (n.up_base, n.up)):
+        if base is None:
+            continue
+        if lin is None:
+            p.append(f"%{base} is a frozen gate projection but the block has no gate")
+        else:
+            p += _need_tensor(g, base, "frozen projection")
+            if not p and g.width(base) != d_ff:
+                p.append(f"frozen projection %{base} has width {g.width(base)}, expected {d_ff}")
+    return p
+
+
+def _expert_value_rules(g: Graph, n) -> list[str]:
+    p = _need_route(g, n.routing)
+    src = g.node(n.src)
+    if not isinstance(src, ExpertHidden):
+        p.append(f"%{n.src} is not an expert_hidden value")
+    elif src.routing != n.routing:
+        p.append(f"%{n.src} is routed by %{src.routing}, this node by %{n.routing}")
     return p
 
 

@@ -1,6 +1,7 @@
 """IR -> ``torch.fx.GraphModule``: one emitter per node kind.
 
-The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` and returns
+The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` (and, for graphs
+with frozen inputs, ``frozen``: ``{name: tensor}`` of the model's tensors) and returns
 ``(delta (T, d_out), aux, routes)``: ``aux`` is the site's summed aux loss (or ``None``),
 ``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
 ``(indices, weights, probs)`` per pool) for routing statistics.
@@ -13,7 +14,6 @@ import operator
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ...errors import LoweringError
@@ -27,6 +27,11 @@ from ...ir import (
     Columns,
     Concat,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     Graph,
     GroupedMix,
     Input,
@@ -46,7 +51,7 @@ from ...ir import (
     TreeRoute,
     format_expr,
 )
-from . import ops
+from . import ops, ops_block, ops_linear
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
 
 __all__ = ["lower", "counts_name"]
@@ -65,6 +70,10 @@ class _Ctx:
         self.exprs: dict[ParamExpr, fx.Node] = {}
         self.x = self.g.placeholder("x")
         self.samples = self.g.placeholder("samples", default_value=None)
+        self.frozen_names = {d.name for d in graph.frozen}
+        self.frozen = self.g.placeholder("frozen", default_value=None) if graph.frozen else None
+        self.plans: dict[str, fx.Node] = {}
+        self.fused: dict[str, fx.Node] = {}
         self._training: fx.Node | None = None
         self._names: set[str] = set()
         self.fused: dict[str, fx.Node] = {}
@@ -84,13 +93,15 @@ class _Ctx:
             self._training = self.g.get_attr("training")
         return self._training
 
-    def item(self, node: fx.Node, i: int, name: str) -> fx.Node:
+    def item(self, node: fx.Node, i: int | str, name: str) -> fx.Node:
         return self.call(operator.getitem, (node, i), name)
 
     def expr(self, e: ParamExpr) -> fx.Node:
         if e in self.exprs:
             return self.exprs[e]
         match e:
+            case ParamRef(name=n) if n in self.frozen_names:
+                out = self.item(self.frozen, n, n)  # type: ignore[arg-type]
             case ParamRef(name=n):
                 out = self.g.get_attr(n)
             case BlockRows(src=s):
@@ -111,7 +122,7 @@ class _Ctx:
 
 
 def _linear(c: _Ctx, n: Linear) -> fx.Node:
-    out = c.call(F.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
+    out = c.call(ops_linear.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
     if n.scale != 1.0:
         if n.bias is not None:
             raise LoweringError(f"%{n.id}: a scaled linear with a bias is not lowered; fold the scale first")
@@ -163,6 +174,49 @@ def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
                                           n.delta, n.groups), n.id)
 
 
+def _plan(c: _Ctx, rid: str) -> fx.Node:
+    """The routing's slots sorted by expert, computed once per router."""
+    if rid not in c.plans:
+        c.plans[rid] = c.call(ops_block.slot_plan, (_gates(c, rid), c.item(c.env[rid], 2, f"{rid}_index")),
+                              f"{rid}_slots")
+    return c.plans[rid]
+
+
+def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
+    if lin is None:
+        return None
+    return (c.expr(lin.weight), c.opt(lin.bias), c.opt(lin.a), c.opt(lin.b), lin.scale)
+
+
+def _expert_block(c: _Ctx, n) -> fx.Node:
+    base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
+    head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
+    if isinstance(n, ExpertFFN):
+        down = (_expert_linear(c, n.down),)
+        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id)
+    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
+
+
+def _expert_sum(c: _Ctx, n: ExpertSum) -> fx.Node:
+    """With one not yet emitted ``expert_lora`` on the same hidden states and routing, both
+    share one op (``expert_mix``): its down-projections come out of the sum's pass over them."""
+    loras = [m for m in c.ir.users(n.src) if isinstance(m, ExpertLoRA) and m.routing == n.routing]
+    plan = _plan(c, n.routing)
+    if len(loras) != 1 or loras[0].id in c.env:
+        return c.call(ops_block.expert_sum, (c.env[n.src], plan), n.id)
+    mix = c.call(ops_block.expert_mix, (c.env[n.src], plan, c.expr(loras[0].a)), f"{n.id}_mix")
+    c.fused[loras[0].id] = c.item(mix, 1, f"{loras[0].id}_z")
+    return c.item(mix, 0, n.id)
+
+
+def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:
+    plan = _plan(c, n.routing)
+    z = c.fused.get(n.id)
+    if z is None:
+        z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
+    return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
+
+
 _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     Input: lambda c, n: c.x,
     Linear: _linear,
@@ -178,6 +232,10 @@ _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     TreeMix: emit_tree,
     TreePropagate: emit_tree,
     AuxLoss: _aux,
+    ExpertFFN: _expert_block,
+    ExpertHidden: _expert_block,
+    ExpertSum: _expert_sum,
+    ExpertLoRA: _expert_lora,
 }
 
 

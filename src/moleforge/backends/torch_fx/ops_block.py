@@ -1,0 +1,159 @@
+"""Runtime ops of routed FFN-block experts (MixLoRA): the lowered forms of ``expert_ffn``,
+``expert_hidden``, ``expert_sum`` and ``expert_lora``.
+
+A routing of T tokens to k experts each has T·k (token, expert) slots. ``slot_plan`` groups
+them by expert once per router (:class:`SlotPlan`); the block ops read that plan, so each
+expert's low-rank factors run on its own contiguous segment of slots only. Values of
+``expert_hidden`` are ``(S, d_ff)`` in plan order.
+They must agree with the reference interpreter (``moleforge.ir.interpret``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotHidden, SlotMix, SlotSum
+
+__all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "expert_sum", "expert_mix", "expert_lora",
+           "expert_lora_down", "expert_lora_up", "expert_ffn"]
+
+LinearArgs = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
+"""``(W [out, in], b, A (E, r, in), B (E, out, r), scale)`` of one block linear."""
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """The routed (token, expert) slots sorted by expert, built once per router: ``token``,
+    ``expert`` and ``gate`` are ``(S,)``; expert e owns ``counts[e]`` consecutive slots."""
+
+    T: int
+    counts: list[int]
+    token: Tensor
+    expert: Tensor
+    gate: Tensor
+
+
+def slot_plan(gates: Tensor, index: Tensor | None) -> SlotPlan:
+    """Sort the routed slots by expert; ``index=None`` (dense router) makes every expert a slot."""
+    T, E = gates.shape
+    if index is None:
+        index = torch.arange(E, device=gates.device).expand(T, E)
+    k = index.shape[1]
+    flat = index.reshape(-1)  # (S,)
+    order = torch.argsort(flat, stable=True)  # (S,)
+    token = torch.div(order, k, rounding_mode="floor")  # (S,)
+    gate = gates.gather(1, index).reshape(-1).index_select(0, order)  # (S,)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    return SlotPlan(T=T, counts=counts, token=token, expert=flat.index_select(0, order), gate=gate)
+
+
+def _segments(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
+    """``u[seg_e] @ w[e]ᵀ`` for each expert's segment (plain autograd ops, the unshared form):
+    ``(S, i), (E, o, i) -> (S, o)``. ``split`` / ``unbind`` (not slicing) so that autograd joins the
+    gradients with one ``cat`` / ``stack`` instead of a zero-filled full-size tensor per segment."""
+    pieces = zip(u.split(counts), w.unbind(0), counts, strict=True)
+    parts = [ue @ we.T for ue, we, n in pieces if n]  # (n_e, o)
+    if not parts:
+        return u.new_zeros(0, w.shape[1])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _expert_z(x: Tensor, plan: SlotPlan, A: Tensor) -> Tensor:
+    """Each slot's ``x_t A_eᵀ``: every expert's down-projection in one GEMM, then gathered ``(S, r)``."""
+    E, r, d = A.shape
+    z = F.linear(x, A.reshape(E * r, d)).view(plan.T, E, r)  # (T, E, r)
+    return z[plan.token, plan.expert]  # (S, r)
+
+
+def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None) -> Tensor:
+    """``base[t] + s (x_t A_eᵀ) B_eᵀ`` per slot ``(t, e)`` (plain autograd ops)."""
+    W, bias, A, B, scale = lin
+    # without a precomputed base the frozen GEMM runs per slot (the unshared form)
+    if base is None:
+        out = F.linear(x.index_select(0, plan.token), W, bias)  # (S, out)
+    else:
+        out = base.index_select(0, plan.token)  # (S, out)
+    if A is None:
+        return out
+    return out + _segments(_expert_z(x, plan, A), B, plan.counts) * scale  # (S, out)
+
+
+def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor | None,
+                  gate_base: Tensor | None, activation: str) -> Tensor:
+    """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``.
+
+    With shared frozen projections this is one fused autograd function (``SlotHidden``)."""
+    act = ACTIVATIONS[activation]
+    if up_base is not None and (gate is None or gate_base is not None):
+        zu = None if up[2] is None else _expert_z(x, plan, up[2])
+        args = (plan.token, plan.counts, activation, up_base, zu, up[3], up[4])
+        if gate is None:
+            return SlotHidden.apply(*args, None, None, None, 1.0)
+        zg = None if gate[2] is None else _expert_z(x, plan, gate[2])
+        return SlotHidden.apply(*args, gate_base, zg, gate[3], gate[4])
+    u = _slot_linear(x, plan, up, up_base)
+    if gate is None:
+        return act(u)
+    return act(_slot_linear(x, plan, gate, gate_base)) * u
+
+
+def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:
+    """``Σ_i g_i h_i``: weighted scatter-add of the slots onto their tokens, ``(T, d_ff)``."""
+    return SlotSum.apply(h, plan.gate, plan.token, plan.T)
+
+
+def expert_mix(h: Tensor, plan: SlotPlan, a: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`expert_sum` and :func:`expert_lora_down` of the same hidden states, in one op."""
+    return SlotMix.apply(h, plan.gate, plan.token, plan.T, plan.counts, a)
+
+
+def expert_lora_down(h: Tensor, plan: SlotPlan, a: Tensor) -> Tensor:
+    """Each slot's own expert's down-projection ``h_s A_eᵀ``: ``(S, r)``."""
+    return SegmentMatmul.apply(h, a, plan.counts)
+
+
+def expert_lora_up(z: Tensor, plan: SlotPlan, b: Tensor, scale: float) -> Tensor:
+    """``Σ_i g_i s z_i B_iᵀ``: the gated down-projections placed in their expert's block of a
+    ``(T, E·r)`` matrix, then one GEMM with the stacked B: ``(T, d_out)``."""
+    E, d_out, r = b.shape
+    z = z * (plan.gate * scale)[:, None]  # (S, r)
+    Z = z.new_zeros(plan.T, E, r).index_put((plan.token, plan.expert), z, accumulate=True)  # (T, E, r)
+    return F.linear(Z.view(plan.T, E * r), b.permute(1, 0, 2).reshape(d_out, E * r))  # (T, d_out)
+
+
+def expert_lora(h: Tensor, plan: SlotPlan, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``Σ_i g_i s (h_i A_iᵀ) B_iᵀ``: ``(T, d_out)``."""
+    return expert_lora_up(expert_lora_down(h, plan, a), plan, b, scale)
+
+
+def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None) -> Tensor:
+    W, bias, A, B, scale = lin
+    y = F.linear(u, W, bias) if base is None else base
+    if A is None:
+        return y
+    return y + F.linear(F.linear(u, A[e]), B[e]) * scale
+
+
+def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, down: LinearArgs,
+               up_base: Tensor | None, gate_base: Tensor | None, activation: str) -> Tensor:
+    """The plain form: every expert runs its whole FFN (frozen GEMMs included) on its own
+    tokens, weighted and scattered back: ``(T, d_out)``."""
+    act = ACTIVATIONS[activation]
+    out = x.new_zeros(plan.T, down[0].shape[0])  # (T, d_out)
+    slots = zip(plan.token.split(plan.counts), plan.gate.split(plan.counts), strict=True)
+    for e, (tok, g) in enumerate(slots):
+        if tok.numel() == 0:
+            continue
+        xe = x.index_select(0, tok)  # (n, d_in)
+        u = _expert_linear(xe, up, e, None if up_base is None else up_base.index_select(0, tok))
+        if gate is None:
+            h = act(u)
+        else:
+            g_base = None if gate_base is None else gate_base.index_select(0, tok)
+            h = act(_expert_linear(xe, gate, e, g_base)) * u
+        out = out.index_add(0, tok, _expert_linear(h, down, e, None) * g[:, None])  # (T, d_out)
+    return out

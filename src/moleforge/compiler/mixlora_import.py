@@ -1,0 +1,200 @@
+"""Import adapters in the format of the ``mixlora`` package (TUDB-Labs/MixLoRA, 0.2.x).
+
+A MixLoRA adapter directory holds ``adapter_config.json`` (``peft_type: "MIXLORA"``) and a
+pickled ``adapter_model.bin`` with the keys
+
+    mixlora.layers.{i}.self_attn.{proj}.lora_{A,B}.weight           attention LoRA
+    mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{A,B}.weight       expert e's LoRA on an FFN linear
+    mixlora.layers.{i}.mlp.moe_gate.weight                           the block's router (E, d)
+
+``import_mixlora`` compiles the equivalent moleforge spec (an ``ffn_block`` expert pool plus
+plain LoRA on the attention projections) and loads the tensors, so the model computes what
+the package's own injection computes in evaluation mode. As in the package, every LoRA
+(experts included) uses the top-level ``r`` / ``lora_alpha`` / ``use_rslora``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..backends.torch_fx.block_module import MoleforgeBlock
+from ..errors import CheckpointError
+from ..ir import ExpertFFN, ExpertHidden
+from ..passes import Pass
+from ..specs import AdapterSpec, ExpertPool, LoRA, Site, SwitchLoadBalance, Target, TopKRouter
+from .compile import compile
+from .handle import AdapterHandle
+from .sites import layer_of
+
+__all__ = ["import_mixlora", "mixlora_spec"]
+
+# The projection names the package injects (mixlora/config.py ``lora_target_modules``).
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "qkv_proj")
+_FFN = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "gate_up_proj")
+# transformers' ACT2FN names the package accepts as ``act_fn``, in moleforge's vocabulary.
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu",
+                "quick_gelu": "quick_gelu"}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no adapter_config.json; a MixLoRA adapter directory holds "
+                              "adapter_config.json and adapter_model.bin") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    problems = []
+    if config.get("peft_type") != "MIXLORA":
+        problems.append(f"peft_type = {config.get('peft_type')!r}, expected 'MIXLORA'")
+    if config.get("routing_strategy", "mixlora") != "mixlora":
+        problems.append(f"routing_strategy = {config.get('routing_strategy')!r}: only 'mixlora' (top-k) is "
+                        "defined in this format")
+    if config.get("use_dora", False):
+        problems.append("use_dora = true: DoRA experts are not supported; import a LoRA-based MixLoRA "
+                        "adapter")
+    for key in ("r", "lora_alpha", "num_experts", "target_modules"):
+        if key not in config:
+            problems.append(f"missing field {key!r}")
+    if problems:
+        raise CheckpointError(f"{file} is not a MixLoRA adapter config this importer reads:\n  - "
+                              + "\n  - ".join(problems))
+    return config
+
+
+def _targets(config: dict[str, Any]) -> set[str]:
+    t = config["target_modules"]
+    names = {k for k, on in t.items() if on} if isinstance(t, dict) else set(t)
+    return names & set(_ATTENTION + _FFN)
+
+
+def mixlora_spec(config: dict[str, Any]) -> AdapterSpec:
+    """The moleforge spec of a MixLoRA ``adapter_config.json`` (as a dict)."""
+    names = _targets(config)
+    scaling = "rslora" if config.get("use_rslora", False) else "alpha_over_rank"
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    ffn = sorted(n for n in names if n in _FFN)
+    attention = sorted(n for n in names if n in _ATTENTION)
+    if not ffn:
+        raise CheckpointError(f"target_modules {sorted(names)} names no FFN projection; MixLoRA experts live "
+                              f"on {', '.join(_FFN)}")
+    router = TopKRouter(k=int(config.get("top_k", 2)), renormalize=True,
+                        jitter=float(config.get("jitter_noise", 0.0)))
+    aux = [SwitchLoadBalance(weight=float(config.get("router_aux_loss_coef", 0.001)))] \
+        if config.get("router_loss", True) else []
+    sites = [Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.mlp\.({'|'.join(ffn)})"]), scope="ffn_block",
+                  adapter=ExpertPool(experts=int(config["num_experts"]), rank=r, alpha=alpha, scaling=scaling,
+                                     router=router, aux_losses=aux))]
+    if attention:
+        sites.append(Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.self_attn\.({'|'.join(attention)})"]),
+                          adapter=LoRA(rank=r, alpha=alpha, scaling=scaling)))
+    return AdapterSpec(name="mixlora-import", description="imported from a MixLoRA (mixlora package) adapter",
+                       sites=sites)
+
+
+def _check_activation(handle: AdapterHandle, config: dict[str, Any]) -> None:
+    act = config.get("act_fn")
+    if not act:
+        return
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"act_fn = {act!r} is not one of {sorted(_ACTIVATIONS)}")
+    for name, graph in handle.graphs.items():
+        found = next((n.activation for n in graph.nodes if isinstance(n, (ExpertFFN, ExpertHidden))), None)
+        if found is not None and found != _ACTIVATIONS[act]:
+            raise CheckpointError(f"act_fn = {act!r} differs from the activation of the FFN block {name!r} "
+                                  f"({found}); the experts would not compute the model's FFN")
+
+
+def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our state-dict keys filled from the package's keys; the package keys never read or missing."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+
+    def take(key: str) -> torch.Tensor | None:
+        if key not in weights:
+            missing.append(key)
+            return None
+        used.add(key)
+        return weights[key]
+
+    for name, graph in handle.graphs.items():
+        i = layer_of(name)
+        module = handle.modules[name]
+        if isinstance(module, MoleforgeBlock):
+            out[f"{name}.router_w"] = take(f"mixlora.layers.{i}.mlp.moe_gate.weight")
+            for decl in graph.params:
+                m = re.fullmatch(r"([AB])_(\w+)", decl.name)
+                if m is None:
+                    continue
+                proj = module.linears[m.group(2)].rsplit(".", 1)[-1]
+                parts = [take(f"mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{m.group(1)}.weight")
+                         for e in range(decl.shape[0])]
+                out[f"{name}.{decl.name}"] = None if any(p is None for p in parts) else torch.stack(parts)
+        else:
+            proj = name.rsplit(".", 1)[-1]
+            out[f"{name}.A"] = take(f"mixlora.layers.{i}.self_attn.{proj}.lora_A.weight")
+            out[f"{name}.B"] = take(f"mixlora.layers.{i}.self_attn.{proj}.lora_B.weight")
+    unread = sorted(set(weights) - used)
+    return {k: v for k, v in out.items() if v is not None}, missing + [f"unread: {k}" for k in unread]
+
+
+def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequence[Pass] | None = None
+                   ) -> AdapterHandle:
+    """Compile a MixLoRA adapter (``mixlora`` package format) into ``model``.
+
+    Args:
+        model: the base model the adapter was trained on (Llama, Qwen2, Mistral, Gemma, ...).
+        path: a directory with ``adapter_config.json`` and ``adapter_model.bin``.
+        passes: block rewrites (default: ``ffn_sites.BLOCK_PIPELINE``).
+
+    Returns:
+        The handle; the model's logits equal those of ``mixlora.inject_adapter_in_model``
+        with the same adapter in evaluation mode.
+
+    Raises:
+        CheckpointError: the files are missing, not MixLoRA, or do not fit the model (every
+            missing or unread tensor is listed); the model is left as it was.
+
+    Example:
+        >>> handle = mf.import_mixlora(model, "path/to/mixlora-adapter")  # doctest: +SKIP
+    """
+    path = Path(path)
+    config = _read_config(path)
+    if config.get("expert_lora"):
+        warnings.warn(f"{path}: 'expert_lora' is ignored, as the mixlora package does: every expert uses the "
+                      "top-level r and lora_alpha", stacklevel=2)
+    try:
+        weights = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no adapter_model.bin next to adapter_config.json") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or unsafe pickle
+        raise CheckpointError(f"{path / 'adapter_model.bin'} cannot be read with weights_only=True: "
+                              f"{e}") from None
+    handle = compile(mixlora_spec(config), model, passes=passes)
+    try:
+        _check_activation(handle, config)
+        tensors, problems = _tensors(handle, weights)
+        shapes = handle.state_dict()
+        problems += [f"{k}: shape {tuple(v.shape)}, this model needs {tuple(shapes[k].shape)}"
+                     for k, v in tensors.items() if tuple(v.shape) != tuple(shapes[k].shape)]
+        if problems:
+            raise CheckpointError(f"the MixLoRA adapter in {path} does not fit this "
+                                  f"{type(model).__name__}:\n  - " + "\n  - ".join(problems[:20])
+                                  + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        handle.load_state_dict(tensors)
+    except Exception:
+        handle.remove()
+        raise
+    return handle

@@ -1,0 +1,134 @@
+"""``mf.import_mixlora`` against the real ``mixlora`` package: adapters written in the package's
+format (random non-zero weights) give the same logits as the package's own injection."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import mixlora
+import pytest
+import torch
+from mixlora.model import inject_adapter_in_model, load_adapter_weights
+
+import moleforge as mf
+from conftest import assert_close
+from models import batch, tiny
+from moleforge.backends.torch_fx.block_module import MoleforgeBlock
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(path, model, *, experts=4, top_k=2, r=4, alpha=8, targets=ATTENTION + FFN, rslora=False,
+                  act_fn="silu", seed=0):
+    """A MixLoRA adapter as the package writes it: its config class's ``export()`` and a
+    ``torch.save``d dict of tensors (every tensor random, non-zero)."""
+    config = mixlora.MixLoraConfig(base_model_="tiny", task_type_="CAUSAL_LM", peft_type_="MIXLORA",
+                                   use_rslora_=rslora, lora_r_=r, lora_alpha_=alpha, lora_dropout_=0.05,
+                                   target_modules_={t: True for t in targets}, routing_strategy_="mixlora",
+                                   num_experts_=experts, top_k_=top_k, act_fn_=act_fn)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config.export()))
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in targets:
+            parent = layer.self_attn if name in ATTENTION else layer.mlp
+            lin = getattr(parent, name)
+            keys = [f"mixlora.layers.{i}.self_attn.{name}"] if name in ATTENTION else \
+                [f"mixlora.layers.{i}.mlp.{name}.experts.{e}" for e in range(experts)]
+            for key in keys:
+                weights[f"{key}.lora_A.weight"] = torch.randn(r, lin.in_features, generator=gen) * 0.3
+                weights[f"{key}.lora_B.weight"] = torch.randn(lin.out_features, r, generator=gen) * 0.3
+        weights[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = torch.randn(experts, model.config.hidden_size,
+                                                                         generator=gen) * 0.5
+    torch.save(weights, path / "adapter_model.bin")
+    return path
+
+
+def package_logits(model, path, ids):
+    config, weights = load_adapter_weights(str(path), device="cpu")
+    inject_adapter_in_model(model, config, weights)
+    model.eval()
+    for layer in model.model.layers:  # the package keeps its experts outside the module tree
+        for moe in layer.mlp.mixlora_moes.values():
+            for expert in moe.experts_.values():
+                expert.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+CASES = [
+    ("llama", {}), ("qwen2", {}), ("mistral", {}),
+    ("llama", {"top_k": 1, "rslora": True, "targets": ("q_proj", "v_proj", "up_proj", "down_proj"),
+               "seed": 5}),
+    ("qwen2", {"experts": 6, "top_k": 3, "r": 2, "alpha": 16, "targets": FFN, "seed": 7}),
+    ("mistral", {"experts": 2, "top_k": 2, "targets": ("o_proj", "gate_proj"), "seed": 9}),
+]
+
+
+@pytest.mark.parametrize("arch, options", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_import_matches_the_package(arch, options, tmp_path):
+    ids = batch(seed=3, B=3, S=11)
+    model_seed = 11 + len(options)
+    path = write_adapter(tmp_path / "adapter", tiny(arch, seed=model_seed), **options)
+    base = tiny(arch, seed=model_seed)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    want = package_logits(tiny(arch, seed=model_seed), path, ids)
+    assert (want - base_logits).abs().max() > 1e-2, "the adapter must change the logits"
+    for passes in (None, ()):
+        model = tiny(arch, seed=model_seed)
+        handle = mf.import_mixlora(model, path, passes=passes)
+        with torch.no_grad():
+            assert_close(model(ids).logits, want, "mixlora_package", msg=f"passes={passes}")
+        assert len({n for n, m in model.named_modules() if isinstance(m, MoleforgeBlock)}) == 2
+        handle.remove()
+
+
+def test_missing_act_fn_uses_the_block_activation(tmp_path):
+    ids = batch()
+    path = write_adapter(tmp_path / "a", tiny("llama"))
+    config = json.loads((path / "adapter_config.json").read_text())
+    want = package_logits(tiny("llama"), path, ids)
+    del config["act_fn"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    model = tiny("llama")
+    mf.import_mixlora(model, path)
+    with torch.no_grad():
+        assert_close(model(ids).logits, want, "mixlora_package")
+
+
+def _edit(path, **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peft_type": "LORA"}, "peft_type = 'LORA'"),
+    ({"use_dora": True}, "DoRA"),
+    ({"act_fn": "gelu"}, "differs from the activation"),
+    ({"target_modules": ["q_proj"]}, "names no FFN projection"),
+])
+def test_bad_configs_are_refused_and_the_model_untouched(tmp_path, change, message):
+    model = tiny("llama")
+    path = write_adapter(tmp_path / "a", model)
+    _edit(path, **change)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mf.CheckpointError, match=message):
+        mf.import_mixlora(model, path)
+    assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_missing_tensors_are_listed(tmp_path):
+    model = tiny("llama")
+    path = write_adapter(tmp_path / "a", model)
+    weights = torch.load(path / "adapter_model.bin", weights_only=True)
+    del weights["mixlora.layers.1.mlp.up_proj.experts.2.lora_B.weight"]
+    torch.save(weights, path / "adapter_model.bin")
+    with pytest.raises(mf.CheckpointError, match=r"layers\.1\.mlp\.up_proj\.experts\.2\.lora_B"):
+        mf.import_mixlora(model, path)
+    assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())
