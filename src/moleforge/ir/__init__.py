@@ -4,10 +4,9 @@ reference interpreter that defines the semantics."""
 from .graph import Graph, width_of
 from .interpret import Result, block_activation, eval_expr, interpret
 from .nodes import (
-    AbsTopK, Add, AuxLoss, BlockActivation, BlockGate, Columns, DenseSoftmax, ExpertFFN, ExpertHidden, ExpertLinear,
-    ExpertLoRA, ExpertSum, Gate, GroupedMix, Input, Jitter, Linear,
-    Node, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeGateLevel, TreeLevelParams, TreeMix,
-    TreePropagate, TreeRoute,
+    AbsTopK, Add, AuxLoss, BlockActivation, BlockGate, Columns, DenseSoftmax, ExpertFFN, ExpertHidden,
+    ExpertLinear, ExpertLoRA, ExpertSum, Gate, GroupedMix, Input, Jitter, Linear, Node, OuterGate, PoolMix,
+    Route, SigmoidTopK, SoftmaxTopK, TreeGateLevel, TreeLevelParams, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import (
     BlockColumns, BlockRows, Concat, ParamDecl, ParamExpr, ParamRef, Pick, expr_refs, expr_shape, format_expr,
@@ -19,7 +18,8 @@ __all__ = [
     "Graph", "width_of", "Result", "interpret", "eval_expr", "verify", "print_graph", "format_node",
     "Node", "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix", "BlockGate",
     "OuterGate", "TreeRoute", "TreeGateLevel", "TreeLevelParams", "TreeMix", "TreePropagate", "AuxLoss",
-    "ExpertLinear", "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "BlockActivation", "block_activation",
+    "ExpertLinear", "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "BlockActivation",
+    "block_activation",
     "Gate", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK",
     "ParamRef", "BlockRows", "BlockColumns", "Pick", "Concat", "ParamExpr", "ParamDecl",
     "expr_refs", "expr_shape", "format_expr",

@@ -12,8 +12,8 @@ from functools import cached_property
 import networkx as nx
 
 from .nodes import (
-    Add, AuxLoss, BlockGate, Columns, ExpertFFN, ExpertHidden, ExpertLoRA, ExpertSum, GroupedMix, Input, Jitter,
-    Linear, Node, OuterGate, PoolMix, Route, TreeMix, TreePropagate, TreeRoute,
+    Add, AuxLoss, BlockGate, Columns, ExpertFFN, ExpertHidden, ExpertLoRA, ExpertSum, GroupedMix, Input,
+    Jitter, Linear, Node, OuterGate, PoolMix, Route, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import ParamDecl, expr_shape
 

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from .graph import Graph
 from .nodes import (
-    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA,
-    ExpertSum, GroupedMix, Input, Jitter, Linear, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix,
-    TreePropagate, TreeRoute,
+    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, ExpertFFN, ExpertHidden, ExpertLinear,
+    ExpertLoRA, ExpertSum, GroupedMix, Input, Jitter, Linear, OuterGate, PoolMix, Route, SigmoidTopK,
+    SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 

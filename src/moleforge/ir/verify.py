@@ -9,8 +9,8 @@ from __future__ import annotations
 from .graph import Graph
 from .nodes import (
     TENSOR_NODES, AbsTopK, Add, AuxLoss, BlockGate, Columns, ExpertFFN, ExpertHidden, ExpertLinear,
-    ExpertLoRA, ExpertSum, GroupedMix, Input, Jitter, Linear, OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK,
-    TreeMix, TreePropagate, TreeRoute,
+    ExpertLoRA, ExpertSum, GroupedMix, Input, Jitter, Linear, OuterGate, PoolMix, Route, SigmoidTopK,
+    SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import ParamExpr, ParamRef, expr_refs, expr_shape
 from ..errors import IRVerificationError
