@@ -132,3 +132,20 @@ def test_missing_tensors_are_listed(tmp_path):
     with pytest.raises(mf.CheckpointError, match=r"layers\.1\.mlp\.up_proj\.experts\.2\.lora_B"):
         mf.import_mixlora(model, path)
     assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())
+
+
+def test_targets_the_model_lacks_are_skipped_as_the_package_does(tmp_path):
+    ids = batch()
+    path = write_adapter(tmp_path / "a", tiny("llama"))
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["target_modules"] = config["target_modules"] + ["dense", "fc1"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    weights = torch.load(path / "adapter_model.bin", weights_only=True)
+    weights["mixlora.layers.0.self_attn.dense.lora_A.weight"] = torch.ones(4, 32)
+    torch.save(weights, path / "adapter_model.bin")
+    want = package_logits(tiny("llama"), path, ids)
+    model = tiny("llama")
+    with pytest.warns(UserWarning, match="ignored"):
+        mf.import_mixlora(model, path)
+    with torch.no_grad():
+        assert_close(model(ids).logits, want, "mixlora_package")

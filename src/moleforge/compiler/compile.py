@@ -107,8 +107,8 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     for mod in modules.values():
         for p in mod.site.parameters():
             p.requires_grad_(True)
-    return AdapterHandle(model, spec, modules, {**graphs, **block_graphs}, originals, collector,  # type: ignore[arg-type]
-                         requires_grad, site_of, {**plain, **block_plain})
+    return AdapterHandle(model, spec, modules, {**graphs, **block_graphs},  # type: ignore[arg-type]
+                         originals, collector, requires_grad, site_of, {**plain, **block_plain})
 
 
 # ---- structural facts -------------------------------------------------------------------

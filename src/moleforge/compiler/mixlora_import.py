@@ -78,9 +78,21 @@ def _targets(config: dict[str, Any]) -> set[str]:
     return names & set(_ATTENTION + _FFN)
 
 
-def mixlora_spec(config: dict[str, Any]) -> AdapterSpec:
-    """The moleforge spec of a MixLoRA ``adapter_config.json`` (as a dict)."""
-    names = _targets(config)
+def _present(model: nn.Module, names: set[str]) -> set[str]:
+    """The target names the package would inject into this model: ``self_attn.<name>`` for
+    attention projections, ``mlp.<name>`` for FFN ones, where such modules exist."""
+    found = set()
+    for m, _ in model.named_modules():
+        hit = re.search(r"(?:^|\.)(self_attn|mlp)\.(\w+)$", m)
+        if hit and hit.group(2) in (_ATTENTION if hit.group(1) == "self_attn" else _FFN):
+            found.add(hit.group(2))
+    return names & found
+
+
+def mixlora_spec(config: dict[str, Any], model: nn.Module | None = None) -> AdapterSpec:
+    """The moleforge spec of a MixLoRA ``adapter_config.json`` (as a dict); with ``model``, limited
+    to the projections the model has, as the package does."""
+    names = _targets(config) if model is None else _present(model, _targets(config))
     scaling = "rslora" if config.get("use_rslora", False) else "alpha_over_rank"
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     ffn = sorted(n for n in names if n in _FFN)
@@ -147,7 +159,10 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]
             out[f"{name}.A"] = take(f"mixlora.layers.{i}.self_attn.{proj}.lora_A.weight")
             out[f"{name}.B"] = take(f"mixlora.layers.{i}.self_attn.{proj}.lora_B.weight")
     unread = sorted(set(weights) - used)
-    return {k: v for k, v in out.items() if v is not None}, missing + [f"unread: {k}" for k in unread]
+    if unread:
+        warnings.warn(f"{len(unread)} tensor(s) of the adapter belong to no module of this model and are "
+                      f"ignored, as the mixlora package ignores them: {unread[:5]}", stacklevel=3)
+    return {k: v for k, v in out.items() if v is not None}, missing
 
 
 def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequence[Pass] | None = None
@@ -165,7 +180,8 @@ def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequenc
 
     Raises:
         CheckpointError: the files are missing, not MixLoRA, or do not fit the model (every
-            missing or unread tensor is listed); the model is left as it was.
+            missing tensor is listed); the model is left as it was. Tensors of modules the
+            model does not have are ignored with a warning, as the package ignores them.
 
     Example:
         >>> handle = mf.import_mixlora(model, "path/to/mixlora-adapter")  # doctest: +SKIP
@@ -182,7 +198,7 @@ def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequenc
     except Exception as e:  # noqa: BLE001 - a damaged or unsafe pickle
         raise CheckpointError(f"{path / 'adapter_model.bin'} cannot be read with weights_only=True: "
                               f"{e}") from None
-    handle = compile(mixlora_spec(config), model, passes=passes)
+    handle = compile(mixlora_spec(config, model), model, passes=passes)
     try:
         _check_activation(handle, config)
         tensors, problems = _tensors(handle, weights)

@@ -61,7 +61,7 @@ def _expert_linear(role: str, lin: ExpertLinear | None, base: str | None) -> str
     if lin is None:
         return ""
     frozen = f"%{base}" if base is not None else f"W={format_expr(lin.weight)} b={format_expr(lin.bias)}"
-    lora = f" + A={format_expr(lin.a)} B={format_expr(lin.b)} scale={lin.scale:g}" if lin.a is not None else ""
+    lora = "" if lin.a is None else f" + A={format_expr(lin.a)} B={format_expr(lin.b)} scale={lin.scale:g}"
     return f" {role}=[{frozen}{lora}]"
 
 
@@ -113,8 +113,8 @@ def format_node(n: Node, width: int) -> str:
         case ExpertSum():
             return f"%{n.id} = expert_sum %{n.src} by %{n.routing} -> {width}"
         case ExpertLoRA():
-            return (f"%{n.id} = expert_lora %{n.src} by %{n.routing} A={format_expr(n.a)} B={format_expr(n.b)} "
-                    f"scale={n.scale:g} -> {width}")
+            return (f"%{n.id} = expert_lora %{n.src} by %{n.routing} A={format_expr(n.a)} "
+                    f"B={format_expr(n.b)} scale={n.scale:g} -> {width}")
     raise TypeError(f"unknown node kind {type(n).__name__}")
 
 

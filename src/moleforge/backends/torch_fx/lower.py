@@ -73,7 +73,8 @@ class _Ctx:
         self.frozen_names = {d.name for d in graph.frozen}
         self.frozen = self.g.placeholder("frozen", default_value=None) if graph.frozen else None
         self.plans: dict[str, fx.Node] = {}
-        self.fused: dict[str, fx.Node] = {}
+        self.partial: dict[str, fx.Node] = {}
+        """Node id -> an intermediate another emitter computed for it (the low-rank ``z`` of an ExpertLoRA)."""
         self._training: fx.Node | None = None
         self._names: set[str] = set()
         self.fused: dict[str, fx.Node] = {}
@@ -205,13 +206,13 @@ def _expert_sum(c: _Ctx, n: ExpertSum) -> fx.Node:
     if len(loras) != 1 or loras[0].id in c.env:
         return c.call(ops_block.expert_sum, (c.env[n.src], plan), n.id)
     mix = c.call(ops_block.expert_mix, (c.env[n.src], plan, c.expr(loras[0].a)), f"{n.id}_mix")
-    c.fused[loras[0].id] = c.item(mix, 1, f"{loras[0].id}_z")
+    c.partial[loras[0].id] = c.item(mix, 1, f"{loras[0].id}_z")
     return c.item(mix, 0, n.id)
 
 
 def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:
     plan = _plan(c, n.routing)
-    z = c.fused.get(n.id)
+    z = c.partial.get(n.id)
     if z is None:
         z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
     return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
