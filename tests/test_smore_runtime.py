@@ -134,7 +134,8 @@ def test_per_level_key_widths_and_down_dim_follow_the_spec():
 def test_no_tokens(gate):
     """An empty batch gives an empty output and a backward pass, in training and evaluation."""
     tree = mf.ResidualTree(levels=[mf.TreeLevel(experts=3, rank=2, fanout=3 if gate == "dense" else 2)] * 2,
-                           router=mf.TreeRouter(gate=gate, down_dim=3, key_dim=2), activation_position="child")
+                           router=mf.TreeRouter(gate=gate, down_dim=3, key_dim=2),
+                           activation_position="child")
     model, _ = compile_tree(tree, 4, 3, seed=0)
     for training in (True, False):
         model.train(training)

@@ -21,11 +21,27 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
-from .nodes import (
-    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, GroupedMix, Input, Jitter, Linear,
-    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
-)
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
+from .nodes import (
+    AbsTopK,
+    Add,
+    AuxLoss,
+    BlockGate,
+    Columns,
+    DenseSoftmax,
+    GroupedMix,
+    Input,
+    Jitter,
+    Linear,
+    OuterGate,
+    PoolMix,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
+)
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 
 __all__ = ["interpret", "Result", "eval_expr"]

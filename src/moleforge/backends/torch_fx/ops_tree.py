@@ -179,7 +179,8 @@ def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
 
 
 def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
-               levels: list, activation: str, position: str, ones: bool = False) -> tuple[TreeRouting, Tensor]:
+               levels: list, activation: str, position: str,
+               ones: bool = False) -> tuple[TreeRouting, Tensor]:
     """Routing and propagation from :func:`tree_inputs` ``both``, on one intra-op thread:
     ``x_down = both[:, :m] + b``, ``h_all = both[:, m:] + a``; ``route`` holds the arguments of
     :func:`tree_route` after ``xd``, ``levels`` those of :func:`tree_propagate`. Returns
