@@ -23,24 +23,8 @@ from torch import Tensor
 from .graph import Graph
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import (
-    AbsTopK,
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    DenseSoftmax,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    OuterGate,
-    PoolMix,
-    Route,
-    SigmoidTopK,
-    SoftmaxTopK,
-    TreeMix,
-    TreePropagate,
-    TreeRoute,
+    AbsTopK, Add, AuxLoss, BlockGate, Columns, DenseSoftmax, GroupedMix, Input, Jitter, Linear,
+    OuterGate, PoolMix, Route, SigmoidTopK, SoftmaxTopK, TreeMix, TreePropagate, TreeRoute,
 )
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 
