@@ -128,3 +128,18 @@ def test_per_level_key_widths_and_down_dim_follow_the_spec():
     assert decls["down_w"].shape == (6, 6)
     assert decls["keys0"].shape == (2, 3) and decls["keys1"].shape == (2, 5)
     assert decls["query0_w1"].shape == (3, 6 + 5) and decls["query1_w1"].shape == (5, 6)
+
+
+@pytest.mark.parametrize("gate", ["switch", "dense", "noisy_topk"])
+def test_no_tokens(gate):
+    """An empty batch gives an empty output and a backward pass, in training and evaluation."""
+    tree = mf.ResidualTree(levels=[mf.TreeLevel(experts=3, rank=2, fanout=3 if gate == "dense" else 2)] * 2,
+                           router=mf.TreeRouter(gate=gate, down_dim=3, key_dim=2),
+                           activation_position="child")
+    model, _ = compile_tree(tree, 4, 3, seed=0)
+    for training in (True, False):
+        model.train(training)
+        x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+        y = model(x)
+        assert y.shape == (0, 3)
+        y.sum().backward()

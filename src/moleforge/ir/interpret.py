@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .graph import Graph
+from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import (
     AbsTopK,
     Add,
@@ -47,7 +48,6 @@ from .nodes import (
     TreePropagate,
     TreeRoute,
 )
-from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 
 __all__ = ["interpret", "Result", "eval_expr", "block_activation"]

@@ -58,7 +58,8 @@ def emit_tree_route(c, n: TreeRoute) -> fx.Node:
         c.fused[mix.id] = hidden
     else:
         c.fused[mix.id] = c.call(operator.getitem, (hidden, (slice(None), slice(None, -1))), f"{mix.id}_root")
-        c.fused[proj.id] = c.call(ops_tree.tree_project, (hidden, c.expr(proj.weight), c.expr(proj.bias)), proj.id)
+        args = (hidden, c.expr(proj.weight), c.expr(proj.bias))
+        c.fused[proj.id] = c.call(ops_tree.tree_project, args, proj.id)
     return c.item(block, 0, n.id)
 
 
@@ -66,9 +67,9 @@ def _projection(ir: Graph, mix: TreeMix) -> Linear | None:
     """The biased, unscaled linear that alone reads the tree's root hidden (the final
     projection), emitted with the block as :func:`ops_tree.tree_project`."""
     users = [n for n in ir.nodes if mix.id in n.inputs()]
-    if len(users) == 1 and isinstance(users[0], Linear) and users[0].scale == 1.0 and users[0].bias is not None:
-        return users[0]
-    return None
+    if len(users) != 1 or not isinstance(users[0], Linear):
+        return None
+    return users[0] if users[0].scale == 1.0 and users[0].bias is not None else None
 
 
 def _levels(c, n) -> list:

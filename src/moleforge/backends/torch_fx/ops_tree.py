@@ -114,7 +114,7 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
             logits = clean
         sel = _select(gate, logits, clean, std, fanouts[l], conventions == "official" and fanouts[l] == 1)
         for k, v in enumerate(sel):
-            out[k][l] = None if v is None else v.T.reshape(T, C, -1) if v.dim() == 2 else v
+            out[k][l] = None if v is None else v.T.reshape(T, C, v.shape[0]) if v.dim() == 2 else v
         if l > 0:
             fl = out[0][l].shape[-1]
             ancestors = [(j, e.repeat_interleave(fl, dim=1)) for j, e in ancestors]
@@ -179,7 +179,8 @@ def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
 
 
 def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
-               levels: list, activation: str, position: str, ones: bool = False) -> tuple[TreeRouting, Tensor]:
+               levels: list, activation: str, position: str,
+               ones: bool = False) -> tuple[TreeRouting, Tensor]:
     """Routing and propagation from :func:`tree_inputs` ``both``, on one intra-op thread:
     ``x_down = both[:, :m] + b``, ``h_all = both[:, m:] + a``; ``route`` holds the arguments of
     :func:`tree_route` after ``xd``, ``levels`` those of :func:`tree_propagate`. Returns
@@ -233,8 +234,8 @@ def _node_inputs(h: Tensor, idx: Tensor, s: int) -> tuple[Tensor, Tensor]:
     but the node's expert zeroed ``(T, C·f, s·r)``, and the expert's one-hot ``(T, C·f, s)``."""
     T, C, f = idx.shape
     onehot = F.one_hot(idx.reshape(T, C * f), s).to(h.dtype)
-    masked = h.view(T, 1, s, -1) * onehot.unsqueeze(-1)  # (T, C·f, s, r)
-    return masked.view(T, C * f, -1), onehot
+    masked = h.view(T, 1, s, h.shape[1] // s) * onehot.unsqueeze(-1)  # (T, C·f, s, r)
+    return masked.view(T, C * f, h.shape[1]), onehot
 
 
 def _mix(w: Tensor, msg: Tensor) -> Tensor:
@@ -281,11 +282,11 @@ def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, acti
         pre = torch.cat(xs, -1) @ torch.cat(ws, 0)  # (T, C·f, dn)
         if l > 0 and position == "child":
             C, f = idx.shape[1], idx.shape[2]
-            kids = _act(activation, h).view(T, C, f, -1).sum(2)  # (T, C, d_l)
+            kids = _act(activation, h).view(T, C, f, h.shape[-1]).sum(2)  # (T, C, d_l)
             h = _mix(w, pre) + F.linear(kids, W, None if W_bias is None else W_bias * f)
         else:
             h = _mix(w, _act_(activation, pre) if position == "all" else pre)  # (T, C, dn)
-    return h.reshape(T, -1)  # one root context
+    return h.reshape(T, h.shape[1] * h.shape[2])  # one root context
 
 
 def _cv2(v: Tensor) -> Tensor:
