@@ -28,6 +28,7 @@ from .nodes import (
     BlockGate,
     Columns,
     DenseSoftmax,
+    GateBias,
     GroupedMix,
     Input,
     Jitter,
@@ -35,9 +36,11 @@ from .nodes import (
     OuterGate,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
 )
@@ -112,6 +115,14 @@ def _run(n, env, p, x, fixed, res: Result, samples):  # noqa: C901 - one case pe
         case Linear():
             out = n.scale * (env[n.src] @ eval_expr(n.weight, p).T)
             return out + eval_expr(n.bias, p) if n.bias is not None else out
+        case SiblingLinear():
+            out = env[n.src] @ eval_expr(n.weight, p).T
+            return out + eval_expr(n.bias, p) if n.bias is not None else out
+        case GateBias():
+            g, bias = env[n.routing]["gates"], eval_expr(n.bias, p)
+            return n.scale * (g @ bias if bias.dim() == 2 else g.sum(1, keepdim=True) * bias)
+        case TreePathGates():
+            return _path_gates(env[n.routing], n.level)
         case Columns():
             return env[n.src][:, n.start:n.stop]
         case Add():
@@ -193,6 +204,23 @@ def _pool(x: Tensor, gates: Tensor, A: Tensor, B: Tensor, scale: float) -> Tenso
         a, b = A[i if A.shape[0] > 1 else 0], B[i if B.shape[0] > 1 else 0]
         out = out + gates[:, i:i + 1] * scale * ((x @ a.T) @ b.T)
     return out
+
+
+def _path_gates(route: dict, level: int) -> dict:
+    """``ĝ (T, s_l)``: per expert of pool ``level``, the sum over its tree nodes of the product
+    of the weights on the path from the root (the context of pool l is the slot
+    ``c·f_{l+1} + p`` of pool l+1)."""
+    index, weights = route["index"], route["weights"]
+    T = index[level].shape[0]
+    path = torch.ones(T, 1, dtype=F64)  # (T, contexts of the top pool)
+    for l in reversed(range(level, len(index))):
+        path = (path.unsqueeze(-1) * weights[l]).reshape(T, -1)  # (T, F_l): weight of every slot
+    s = route["probs"][level].shape[-1]
+    gates = torch.zeros(T, s, dtype=F64)
+    for t in range(T):
+        for slot, e in enumerate(index[level][t].reshape(-1).tolist()):
+            gates[t, e] = gates[t, e] + path[t, slot]
+    return {"gates": gates, "probs": gates, "index": None, "margin": math.inf}
 
 
 def _act(name: str, v: Tensor) -> Tensor:

@@ -5,12 +5,15 @@ The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` and re
 ``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
 ``(indices, weights, probs)`` per pool) for routing statistics.
 Its ``.code`` reads like the IR it came from.
+
+A :class:`SiblingLinear` whose group is given to :func:`lower` reads its columns of the group's
+one GEMM (``siblings.SiblingGroup``); without its group it is a plain linear.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from ...ir import (
     Columns,
     Concat,
     DenseSoftmax,
+    GateBias,
     Graph,
     GroupedMix,
     Input,
@@ -38,14 +42,17 @@ from ...ir import (
     Pick,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
     format_expr,
 )
 from . import ops, ops_tree
+from .siblings import SiblingGroup
 
 __all__ = ["lower", "counts_name"]
 
@@ -56,7 +63,8 @@ def counts_name(balance: str) -> str:
 
 
 class _Ctx:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, groups: Mapping[str, SiblingGroup]):
+        self.groups = groups
         self.ir = graph
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -113,6 +121,12 @@ def _linear(c: _Ctx, n: Linear) -> fx.Node:
             raise LoweringError(f"%{n.id}: a scaled linear with a bias is not lowered; fold the scale first")
         out = c.call(operator.mul, (out, n.scale), f"{n.id}_scaled")
     return out
+
+
+def _sibling(c: _Ctx, n: SiblingLinear) -> fx.Node:
+    if n.group not in c.groups:
+        return c.call(F.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
+    return c.call(ops.sibling_linear, (c.env[n.src], c.g.get_attr("sibling_group"), n.start, n.stop), n.id)
 
 
 def _route(c: _Ctx, n: Route) -> fx.Node:
@@ -190,6 +204,11 @@ _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     GroupedMix: _pool,
     BlockGate: lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
     OuterGate: lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id),
+    GateBias: lambda c, n: c.call(ops.gate_bias, (_gates(c, n.routing), c.expr(n.bias), n.scale), n.id),
+    TreePathGates: lambda c, n: c.call(ops.tree_path_gates, (
+        c.item(c.env[n.routing], 0, f"{n.routing}_index"), c.item(c.env[n.routing], 1, f"{n.routing}_weights"),
+        n.level, c.ir.width(n.id)), n.id),
+    SiblingLinear: _sibling,
     TreeRoute: _tree_route,
     TreeMix: _tree,
     TreePropagate: _tree,
@@ -216,9 +235,14 @@ class _Root(nn.Module):
         self.noise_generator = None
 
 
-def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
-    """Emit ``graph`` as a GraphModule that reads its tensors from ``store``."""
-    c = _Ctx(graph)
+def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None) -> fx.GraphModule:
+    """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
+
+    Args:
+        groups: runtime sibling groups by name; the module joins the group its
+            :class:`SiblingLinear` names (if that group is given).
+    """
+    c = _Ctx(graph, groups or {})
     for n in graph.nodes:
         emit = _EMIT.get(type(n))
         if emit is None:
@@ -230,6 +254,10 @@ def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
     routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, (Route, TreeRoute))}
     c.g.output((c.env[graph.output], total, routes))
     root = _Root(store, graph)
+    joined = [n for n in graph.nodes if isinstance(n, SiblingLinear) and n.group in c.groups]
+    root.sibling_group = c.groups[joined[0].group] if joined else None
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None
+    for n in joined:
+        c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
     return gm
