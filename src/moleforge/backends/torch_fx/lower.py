@@ -235,6 +235,19 @@ class _Root(nn.Module):
         self.noise_generator = None
 
 
+def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> None:
+    """Every declared tensor stays on the module, read by the code or not (a folded router, a
+    factor a sibling group reads): state dicts and checkpoints do not depend on the passes."""
+    for decl in graph.params:
+        if hasattr(gm, decl.name):
+            continue
+        t = getattr(root, decl.name)
+        if isinstance(t, nn.Parameter):
+            gm.register_parameter(decl.name, t)
+        else:
+            gm.register_buffer(decl.name, t)
+
+
 def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None) -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
 
@@ -258,6 +271,8 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     root.sibling_group = c.groups[joined[0].group] if joined else None
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None
+    gm.sibling_group = root.sibling_group
+    _keep_unread_tensors(gm, root, graph)
     for n in joined:
         c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
     return gm

@@ -3,8 +3,10 @@ input GEMMs as one, ``x · cat(W_1, …, W_n)ᵀ``, and each reads its columns.
 
 The IR carries the group as :class:`~moleforge.ir.SiblingLinear` nodes; this object is where
 the members meet at run time. The first member called with a tensor ``x`` computes the fused
-GEMM; the others called with that same tensor (same object, unchanged since: its version
-counter; same grad mode and weights) take their slices of it. Any other call computes afresh,
+GEMM; the others called with that same tensor take their slices of it. "The same tensor" is
+the same view of the same base object (each adapted module reshapes its input, so members
+see distinct view objects of one hidden state), unchanged since (version counter), under the
+same grad mode and with the same weights (their version counters). Any other call computes afresh,
 so the result is always exactly the member's own linear. The fused output is released once
 every member has read it. Under ``torch.compile`` each member computes its own linear.
 """
@@ -49,9 +51,11 @@ class SiblingGroup:
         self.name = name
         self._members: list[tuple[nn.Module, ParamExpr, ParamExpr | None, int, int]] = []
         self._key: tuple | None = None
-        self._x: Tensor | None = None
+        self._base: Tensor | None = None
         self._out: Tensor | None = None
         self._unread: set[int] = set()
+        self.gemms = 0
+        """Fused GEMMs computed so far (one per input shared by the members)."""
 
     def join(self, module: nn.Module, weight: ParamExpr, bias: ParamExpr | None, start: int, stop: int) -> None:
         """Add a member whose linear is columns ``[start:stop]`` of the group's GEMM."""
@@ -66,16 +70,18 @@ class SiblingGroup:
         """The member's linear of ``x``: ``(T, stop - start)``."""
         if torch.compiler.is_compiling():
             return self._own(x, start)
-        key = (x._version, torch.is_grad_enabled(), self._weight_versions())
-        if self._x is not x or self._key != key or start not in self._unread:
-            self._fuse(x, key)
+        base = x if x._base is None else x._base
+        key = (x.storage_offset(), tuple(x.shape), x.stride(), x._version, torch.is_grad_enabled(),
+               self._weight_versions())
+        if self._base is not base or self._key != key or start not in self._unread:
+            self._fuse(x, base, key)
         out = self._out[:, start:stop]  # type: ignore[index]
         self._unread.discard(start)
         if not self._unread:
-            self._x = self._out = self._key = None
+            self._base = self._out = self._key = None
         return out
 
-    def _fuse(self, x: Tensor, key: tuple) -> None:
+    def _fuse(self, x: Tensor, base: Tensor, key: tuple) -> None:
         weights, biases = [], []
         for module, w, b, start, stop in self._members:
             weights.append(param_value(w, module))
@@ -84,7 +90,8 @@ class SiblingGroup:
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
         self._out = F.linear(x, torch.cat(weights), bias)  # (T, width)
-        self._x, self._key = x, key
+        self.gemms += 1
+        self._base, self._key = base, key
         self._unread = {m[3] for m in self._members}
 
     def _own(self, x: Tensor, start: int) -> Tensor:
