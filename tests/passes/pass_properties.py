@@ -74,15 +74,16 @@ def _same_grads(got: dict, want: dict) -> None:
         assert_close(zeros if g is None else g, zeros if w is None else w, msg=f"gradient of {k}")
 
 
-def check_pass(pass_fn, graph: Graph, seed: int, x: torch.Tensor) -> Graph:
-    """Assert the four properties of ``pass_fn`` on ``graph``; return the rewritten graph."""
+def check_pass(pass_fn, graph: Graph, seed: int, x: torch.Tensor, params: dict | None = None) -> Graph:
+    """Assert the four properties of ``pass_fn`` on ``graph``; return the rewritten graph.
+    Parameters are drawn from ``seed`` unless given."""
     verify(graph)
     text, snapshot = print_graph(graph), copy.deepcopy(graph)
     out = pass_fn(graph)
     verify(out)                                                             # 1. verifies
     assert pass_fn(out) == out, "the pass is not idempotent"                # 3. idempotent
     assert print_graph(graph) == text and graph == snapshot, "the pass mutated its input"  # 4.
-    params = make_params(graph, seed)
+    params = make_params(graph, seed) if params is None else params
     ref = interpret(graph, params, x)
     fixed = interpret(out, params, x, routing=ref.routes)                   # 2. same meaning
     assert_close(fixed.output, ref.output, msg="interpreter output after the pass")

@@ -110,7 +110,9 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     for mod in replacements.values():
         for p in mod.site.parameters():
             p.requires_grad_(True)
-    return AdapterHandle(model, spec, replacements, graphs, originals, collector, requires_grad, site_of, plain)
+    pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
+    return AdapterHandle(model, spec, replacements, graphs, originals, collector, requires_grad, site_of, plain,
+                         pipeline)
 
 
 # ---- structural facts -------------------------------------------------------------------

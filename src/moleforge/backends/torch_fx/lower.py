@@ -123,6 +123,29 @@ def _linear(c: _Ctx, n: Linear) -> fx.Node:
     return out
 
 
+def _tiling(graph: Graph, src: str) -> list[Columns] | None:
+    """The column slices of ``src`` when they cover it exactly, in order (a fused GEMM's parts)."""
+    parts = sorted((u for u in graph.users(src) if isinstance(u, Columns)), key=lambda u: u.start)
+    if len(parts) < 2 or len(parts) != len(graph.users(src)):
+        return None
+    bounds = [0] + [p.stop for p in parts]
+    if [p.start for p in parts] != bounds[:-1] or bounds[-1] != graph.width(src):
+        return None
+    return parts
+
+
+def _columns(c: _Ctx, n: Columns) -> fx.Node:
+    """A slice; when the slices tile their source, one ``split`` for all of them, whose backward
+    is one concatenation instead of a zero-filled full-width gradient per slice."""
+    parts = _tiling(c.ir, n.src)
+    if parts is None:
+        return c.call(operator.getitem, (c.env[n.src], (slice(None), slice(n.start, n.stop))), n.id)
+    key = f"{n.src}_parts"
+    if key not in c.env:
+        c.env[key] = c.call(torch.split, (c.env[n.src], [p.stop - p.start for p in parts], 1), key)
+    return c.item(c.env[key], [p.id for p in parts].index(n.id), n.id)
+
+
 def _sibling(c: _Ctx, n: SiblingLinear) -> fx.Node:
     if n.group not in c.groups:
         return c.call(F.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
@@ -196,7 +219,7 @@ def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
 _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     Input: lambda c, n: c.x,
     Linear: _linear,
-    Columns: lambda c, n: c.call(operator.getitem, (c.env[n.src], (slice(None), slice(n.start, n.stop))), n.id),
+    Columns: _columns,
     Add: lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id),
     Jitter: lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training), n.id),
     Route: _route,

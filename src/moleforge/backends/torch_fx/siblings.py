@@ -52,7 +52,7 @@ class SiblingGroup:
         self._members: list[tuple[nn.Module, ParamExpr, ParamExpr | None, int, int]] = []
         self._key: tuple | None = None
         self._base: Tensor | None = None
-        self._out: Tensor | None = None
+        self._parts: dict[int, Tensor] = {}
         self._unread: set[int] = set()
         self.gemms = 0
         """Fused GEMMs computed so far (one per input shared by the members)."""
@@ -75,10 +75,10 @@ class SiblingGroup:
                self._weight_versions())
         if self._base is not base or self._key != key or start not in self._unread:
             self._fuse(x, base, key)
-        out = self._out[:, start:stop]  # type: ignore[index]
+        out = self._parts[start]
         self._unread.discard(start)
         if not self._unread:
-            self._base = self._out = self._key = None
+            self._base, self._key, self._parts = None, None, {}
         return out
 
     def _fuse(self, x: Tensor, base: Tensor, key: tuple) -> None:
@@ -89,8 +89,11 @@ class SiblingGroup:
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        self._out = F.linear(x, torch.cat(weights), bias)  # (T, width)
+        out = F.linear(x, torch.cat(weights), bias)  # (T, width)
         self.gemms += 1
+        sizes = [m[4] - m[3] for m in self._members]
+        # one split: its backward is one concatenation of the members' gradients
+        self._parts = dict(zip((m[3] for m in self._members), torch.split(out, sizes, dim=1)))
         self._base, self._key = base, key
         self._unread = {m[3] for m in self._members}
 
