@@ -50,10 +50,17 @@ def route_dense(z: Tensor, temperature: float):
     return probs, probs, None
 
 
+def _counts(index: Tensor, E: int, dtype: torch.dtype) -> Tensor:
+    """Selections per expert, ``(E,)``: a fixed-shape scatter-add (``bincount``'s output shape
+    depends on the data, which breaks ``torch.compile`` graphs)."""
+    flat = index.reshape(-1)
+    return torch.zeros(E, dtype=dtype, device=index.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 def _count(counts: Tensor, index: Tensor, training: bool) -> None:
     if training:
         with torch.no_grad():
-            counts += torch.bincount(index.reshape(-1), minlength=counts.numel()).to(counts.dtype)
+            counts += _counts(index, counts.numel(), counts.dtype)
 
 
 def route_sigmoid_topk(z: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool):
@@ -98,7 +105,7 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
     tokens = order // k  # (T*k,) token of each sorted pair
     w = gates.gather(1, index).reshape(-1)[order] * scale  # (T*k,)
-    counts = torch.bincount(flat, minlength=E)  # (E,)
+    counts = _counts(flat, E, torch.long)  # (E,)
     xs = x.index_select(0, tokens)  # (T*k, d_in)
     if _grouped_mm_fits(x, a, b):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
@@ -180,7 +187,7 @@ def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float)
     if index is None:
         counts = (gates > 0).to(probs.dtype).sum(0)  # (E,)
     else:
-        counts = torch.bincount(index.reshape(-1), minlength=E).to(probs.dtype)  # (E,)
+        counts = _counts(index, E, probs.dtype)  # (E,)
     return weight * E * torch.sum(counts / T * probs.mean(0))
 
 
