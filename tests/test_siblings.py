@@ -68,3 +68,13 @@ def test_fused_siblings_give_the_unfused_logits_and_gradients(tmp_path):
     fused.remove()
     with torch.no_grad():
         assert torch.equal(fused_model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_under_torch_compile_each_member_computes_its_own_linear():
+    model = tiny("llama")
+    mf.compile(SPEC, model)
+    ids = batch()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, backend="eager")(input_ids=ids).logits
+    assert_close(compiled, eager, "float32_model")

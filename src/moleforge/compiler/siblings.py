@@ -50,8 +50,17 @@ def find_siblings(model: nn.Module, names: Sequence[str], method: Literal["hooks
     except Exception as e:  # noqa: BLE001 - discovery is an optimisation; say why it was skipped
         return SiblingReport(note=f"tracing {type(model).__name__} with its dummy_inputs failed: {e}")
     order = {n: i for i, n in enumerate(names)}
-    groups = [sorted(set(g), key=order.__getitem__) for g in seen]
+    groups = [part for g in seen for part in _same_placement(model, sorted(set(g), key=order.__getitem__))]
     return SiblingReport(groups=sorted((g for g in groups if len(g) > 1), key=lambda g: order[g[0]]))
+
+
+def _same_placement(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Split a group by the device and dtype of its weights (one GEMM needs one of each)."""
+    parts: dict[tuple, list[str]] = defaultdict(list)
+    for n in names:
+        w = model.get_submodule(n).weight
+        parts[(w.device, w.dtype)].append(n)
+    return list(parts.values())
 
 
 def _in_features(module: nn.Module) -> int:

@@ -147,9 +147,10 @@ def _columns(c: _Ctx, n: Columns) -> fx.Node:
 
 
 def _sibling(c: _Ctx, n: SiblingLinear) -> fx.Node:
+    own = (c.env[n.src], c.expr(n.weight), c.opt(n.bias))
     if n.group not in c.groups:
-        return c.call(F.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
-    return c.call(ops.sibling_linear, (c.env[n.src], c.g.get_attr("sibling_group"), n.start, n.stop), n.id)
+        return c.call(F.linear, own, n.id)
+    return c.call(ops.sibling_linear, own + (c.g.get_attr("sibling_group"), n.start, n.stop), n.id)
 
 
 def _route(c: _Ctx, n: Route) -> fx.Node:

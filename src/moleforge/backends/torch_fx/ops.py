@@ -169,9 +169,11 @@ def tree_path_gates(indices: tuple, weights: tuple, level: int, experts: int):
     return gates, gates, None
 
 
-def sibling_linear(x: Tensor, group, start: int, stop: int) -> Tensor:
-    """Columns ``[start:stop]`` of the sibling group's one GEMM of ``x``: ``(T, stop - start)``."""
-    return group.columns(x, start, stop)
+def sibling_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group, start: int, stop: int) -> Tensor:
+    """``x Wᵀ + b`` as columns ``[start:stop]`` of the sibling group's one GEMM of ``x``:
+    ``(T, stop - start)``. The member's own ``weight``/``bias`` serve when the group cannot
+    (under ``torch.compile``, or ``x`` on another device than the group's weights)."""
+    return group.columns(x, start, stop, weight, bias)
 
 
 # ---- aux losses --------------------------------------------------------------------------

@@ -8,7 +8,8 @@ the same view of the same base object (each adapted module reshapes its input, s
 see distinct view objects of one hidden state), unchanged since (version counter), under the
 same grad mode and with the same weights (their version counters). Any other call computes afresh,
 so the result is always exactly the member's own linear. The fused output is released once
-every member has read it. Under ``torch.compile`` each member computes its own linear.
+every member has read it. Under ``torch.compile``, or for an input on another device than the
+group's weights (a replica), the member computes its own linear from its own weights.
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ class SiblingGroup:
     def width(self) -> int:
         return self._members[-1][4] if self._members else 0
 
-    def columns(self, x: Tensor, start: int, stop: int) -> Tensor:
-        """The member's linear of ``x``: ``(T, stop - start)``."""
-        if torch.compiler.is_compiling():
-            return self._own(x, start)
+    def columns(self, x: Tensor, start: int, stop: int, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The member's linear of ``x`` (its own ``weight``, ``bias``): ``(T, stop - start)``."""
+        if torch.compiler.is_compiling() or x.device != self._device():
+            return F.linear(x, weight, bias)
         base = x if x._base is None else x._base
         key = (x.storage_offset(), tuple(x.shape), x.stride(), x._version, torch.is_grad_enabled(),
                self._weight_versions())
@@ -97,9 +98,9 @@ class SiblingGroup:
         self._base, self._key = base, key
         self._unread = {m[3] for m in self._members}
 
-    def _own(self, x: Tensor, start: int) -> Tensor:
-        module, w, b, _, _ = next(m for m in self._members if m[3] == start)
-        return F.linear(x, param_value(w, module), param_value(b, module) if b is not None else None)
+    def _device(self) -> torch.device:
+        module, w, _, _, _ = self._members[0]
+        return getattr(module, expr_refs(w)[0].name).device
 
     def _weight_versions(self) -> int:
         return sum(getattr(module, r.name)._version for module, w, b, _, _ in self._members
