@@ -8,7 +8,7 @@ adapters inside HuggingFace models.
 """
 
 from . import specs
-from .compiler import AdapterHandle, compile, count_parameters, load, save, structural_flexibility
+from .compiler import AdapterHandle, compile, count_parameters, explain, load, save, structural_flexibility
 from .compiler.interop import export_merged, export_peft, from_peft
 from .compiler.smore_official import import_smore_official
 from .compiler.mixlora_import import import_mixlora
@@ -50,7 +50,7 @@ from .specs import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "save", "load", "presets", "count_parameters", "structural_flexibility", "AdapterHandle",
+    "compile", "explain", "save", "load", "presets", "count_parameters", "structural_flexibility", "AdapterHandle",
     "AdapterSpec", "Site", "Target", "LayerOverride", "Init", "LoRA", "ExpertPool", "RankPartition",
     "ResidualTree", "TreeLevel", "TreeRouter", "Shared", "SparseRandom", "TopKRouter", "DenseRouter",
     "SigmoidTopKRouter", "ImplicitTopKRouter", "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",

@@ -11,13 +11,15 @@ from torch import nn
 from ..backends.torch_fx.init import ParamStore
 from ..backends.torch_fx.inject import AdaptedLinear, AuxCollector, swap_modules
 from ..backends.torch_fx.lower import lower
+from ..backends.torch_fx.siblings import SiblingGroup
 from ..errors import InjectionError, MoleforgeError, SpecError
-from ..ir import AuxLoss, Graph, verify
-from ..passes import DEFAULT_PIPELINE, Pass, run_pipeline
+from ..ir import AuxLoss, Graph, SiblingLinear, verify
+from ..passes import DEFAULT_PIPELINE, Pass, fuse_sibling_sites, run_pipeline
 from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
 from .build import build_graph
 from .ffn_sites import count_block_parameters, make_block_modules, prepare_blocks
 from .handle import AdapterHandle
+from .siblings import find_siblings
 from .sites import ResolvedSite, resolve_sites
 
 __all__ = ["compile", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
@@ -38,9 +40,10 @@ def as_spec(spec: Any) -> AdapterSpec:
     raise SpecError(f"expected an AdapterSpec, a dict, JSON text or a preset name, got {type(spec).__name__}")
 
 
-def build_site_graphs(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] | None = None
-                      ) -> tuple[list[ResolvedSite], dict[str, Graph], dict[str, Graph]]:
-    """Resolve sites and build each one's plain and optimised graph."""
+def build_site_graphs(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] | None = None,
+                      siblings: bool | None = None) -> tuple[list[ResolvedSite], dict[str, Graph], dict[str, Graph]]:
+    """Resolve sites and build each one's plain and optimised graph; with ``siblings`` (default:
+    when the default pipeline runs) sites that read the same tensor share their input GEMM."""
     sites = resolve_sites(spec, model)
     plain, optimised = {}, {}
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
@@ -48,6 +51,8 @@ def build_site_graphs(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass
         g = verify(build_graph(spec.sites[s.site_index].adapter, s.shape, origin=f"sites[{s.site_index}].adapter"))
         plain[s.name] = g
         optimised[s.name] = run_pipeline(g, pipeline)
+    if (passes is None) if siblings is None else siblings:
+        optimised = fuse_sibling_sites(optimised, find_siblings(model, list(optimised)).groups)
     return sites, plain, optimised
 
 
@@ -56,7 +61,8 @@ def _adapter_dtype(base: nn.Module) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None) -> AdapterHandle:  # noqa: A001
+def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None,  # noqa: A001
+            siblings: bool | None = None) -> AdapterHandle:
     """Compile ``spec`` into ``model`` in place and return the handle.
 
     The model's own parameters are frozen; the adapter's are trainable. On any error
@@ -66,12 +72,15 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         spec: an :class:`AdapterSpec`, a dict, JSON text or a preset name.
         model: a HuggingFace model (or any module with ``nn.Linear`` / ``Conv1D`` children).
         passes: optimisation passes (default: ``moleforge.passes.DEFAULT_PIPELINE``; ``()`` for none).
+        siblings: give sites that read the same tensor (q/k/v, gate/up) one input GEMM
+            (default: with the default pipeline).
 
     Example:
         >>> handle = mf.compile(mf.presets.load("smore"), model)  # doctest: +SKIP
     """
     spec = as_spec(spec)
-    sites, plain, graphs = build_site_graphs(spec, model, passes)
+    sites, plain, graphs = build_site_graphs(spec, model, passes, siblings)
+    groups = {n.group: SiblingGroup(n.group) for g in graphs.values() for n in g.nodes if isinstance(n, SiblingLinear)}
     blocks, block_plain, block_graphs = prepare_blocks(spec, model, passes, {s.name for s in sites})
     collector = AuxCollector()
     gen = None
@@ -86,7 +95,7 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         try:
             store = ParamStore(graphs[s.name].params, up=init.up, std=init.std, generator=gen,
                                dtype=_adapter_dtype(base))
-            gm = lower(graphs[s.name], store).to(base.weight.device)
+            gm = lower(graphs[s.name], store, groups).to(base.weight.device)
         except MoleforgeError:
             raise
         except Exception as e:  # noqa: BLE001 - name the module in the message
@@ -107,8 +116,9 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     for mod in modules.values():
         for p in mod.site.parameters():
             p.requires_grad_(True)
+    pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
     return AdapterHandle(model, spec, modules, {**graphs, **block_graphs},  # type: ignore[arg-type]
-                         originals, collector, requires_grad, site_of, {**plain, **block_plain})
+                         originals, collector, requires_grad, site_of, {**plain, **block_plain}, pipeline)
 
 
 # ---- structural facts -------------------------------------------------------------------

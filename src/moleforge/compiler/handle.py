@@ -12,7 +12,7 @@ from torch import nn
 
 from ..backends.torch_fx.inject import AdaptedLinear, AuxCollector, get_submodule_parent
 from ..backends.torch_fx.lower import counts_name
-from ..ir import AbsTopK, Graph, Route, SigmoidTopK, print_graph
+from ..ir import AbsTopK, Graph, Route, SigmoidTopK
 from ..specs import AdapterSpec
 from .routing_log import RoutingLog
 
@@ -68,12 +68,15 @@ class AdapterHandle:
 
     def __init__(self, model: nn.Module, spec: AdapterSpec, modules: dict[str, AdaptedLinear],
                  graphs: dict[str, Graph], originals: dict[str, nn.Module], collector: AuxCollector,
-                 requires_grad: dict[str, bool], site_of: dict[str, int], plain: dict[str, Graph] | None = None):
+                 requires_grad: dict[str, bool], site_of: dict[str, int], plain: dict[str, Graph] | None = None,
+                 pipeline: tuple = ()):
         self.model = model
         self.spec = spec
         self.modules = modules
         self.graphs = graphs
         self.plain_graphs = plain or graphs
+        self.pipeline = pipeline
+        """The passes the graphs went through (``handle.explain()`` retraces them)."""
         self.site_of = site_of
         self._originals = originals
         self._collector = collector
@@ -199,9 +202,13 @@ class AdapterHandle:
             for k, v in tensors.items():
                 own[k].copy_(v.to(own[k].dtype))
 
-    def explain(self) -> str:
-        """The IR of every site, as text."""
-        return "\n\n".join(print_graph(g) for g in self.graphs.values())
+    def explain(self, ir: str = "diff") -> str:
+        """What the compiler built, per group of identical sites: adapter, parameters, FLOPs per
+        token, kernel, siblings, Γ and the IR through the passes (see :func:`moleforge.explain`)."""
+        from .explain import explain_graphs, site_rows
+
+        rows = site_rows(self.modules, self.plain_graphs, self.graphs)
+        return explain_graphs(self.spec.name or "adapter", type(self.model).__name__, rows, self.pipeline, ir=ir)
 
     # ---- removal -------------------------------------------------------------------------
     def remove(self) -> nn.Module:

@@ -20,6 +20,7 @@ from .nodes import (
     ExpertHidden,
     ExpertLoRA,
     ExpertSum,
+    GateBias,
     GroupedMix,
     Input,
     Jitter,
@@ -28,7 +29,9 @@ from .nodes import (
     OuterGate,
     PoolMix,
     Route,
+    SiblingLinear,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
 )
@@ -120,7 +123,7 @@ def width_of(graph: Graph, nid: str) -> int:
     match n:
         case Input(width=w):
             out = w
-        case Linear(weight=wt):
+        case Linear(weight=wt) | SiblingLinear(weight=wt):
             out = expr_shape(wt)[0]
         case Columns(start=a, stop=b):
             out = b - a
@@ -140,6 +143,11 @@ def width_of(graph: Graph, nid: str) -> int:
             out = lv[-1].b.shape[1]
         case TreeRoute(levels=lv):
             out = len(lv)
+        case TreePathGates(routing=r, level=l):
+            levels = getattr(graph.node(r), "levels", ())
+            out = levels[l].experts if 0 <= l < len(levels) else 0
+        case GateBias(bias=b):
+            out = expr_shape(b)[-1]
         case AuxLoss():
             out = 0
         case ExpertFFN(down=d):

@@ -34,6 +34,7 @@ from .nodes import (
     ExpertLinear,
     ExpertLoRA,
     ExpertSum,
+    GateBias,
     GroupedMix,
     Input,
     Jitter,
@@ -41,10 +42,12 @@ from .nodes import (
     OuterGate,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
 )
@@ -122,6 +125,14 @@ def _run(n, env, p, x, fixed, res: Result, samples, noise):  # noqa: C901 - one 
         case Linear():
             out = n.scale * (env[n.src] @ eval_expr(n.weight, p).T)
             return out + eval_expr(n.bias, p) if n.bias is not None else out
+        case SiblingLinear():
+            out = env[n.src] @ eval_expr(n.weight, p).T
+            return out + eval_expr(n.bias, p) if n.bias is not None else out
+        case GateBias():
+            g, bias = env[n.routing]["gates"], eval_expr(n.bias, p)
+            return n.scale * (g @ bias if bias.dim() == 2 else g.sum(1, keepdim=True) * bias)
+        case TreePathGates():
+            return _path_gates(env[n.routing], n.level)
         case Columns():
             return env[n.src][:, n.start:n.stop]
         case Add():
@@ -228,6 +239,24 @@ def block_activation(name: str, v: Tensor) -> Tensor:
         case "quick_gelu":
             return v * torch.sigmoid(1.702 * v)
     raise ValueError(f"unknown block activation {name!r}")
+
+
+def _path_gates(route: dict, level: int) -> dict:
+    """``ĝ (T, s_l)``: per expert of pool ``level``, the sum over its tree nodes of the product
+    of the weights on the path from the root (the context of pool l is the slot
+    ``c·f_{l+1} + p`` of pool l+1)."""
+    index, weights = route["index"], route["weights"]
+    T = index[level].shape[0]
+    path = torch.ones(T, 1, dtype=F64)  # (T, contexts of the top pool)
+    for l in reversed(range(level, len(index))):
+        path = (path.unsqueeze(-1) * weights[l]).reshape(T, -1)  # (T, F_l): weight of every slot
+    s = route["probs"][level].shape[-1]
+    gates = torch.zeros(T, s, dtype=F64)
+    for t in range(T):
+        for slot, e in enumerate(index[level][t].reshape(-1).tolist()):
+            gates[t, e] = gates[t, e] + path[t, slot]
+    return {"gates": gates, "probs": gates, "index": None, "margin": math.inf}
+
 
 
 def _expert_linear(lin: ExpertLinear, i: int, u: Tensor, p, base: Tensor | None = None) -> Tensor:

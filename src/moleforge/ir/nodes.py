@@ -18,8 +18,8 @@ __all__ = [
     "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
-    "TreePropagate", "AuxLoss", "BlockActivation", "ExpertLinear", "ExpertFFN", "ExpertHidden", "ExpertSum",
-    "ExpertLoRA", "Node", "TENSOR_NODES",
+    "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
+    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node", "TENSOR_NODES", "ROUTING_NODES",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -324,6 +324,56 @@ class TreePropagate:
         return (self.src, self.routing)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreePathGates:
+    """The path-aggregated gates of pool ``level`` of a tree routing, as a flat routing:
+    ``ĝ_e = Σ_{tree nodes of expert e in pool l} Π (weights on the path from the root)``,
+    ``(T, s_l)``. With an identity activation the tree is a flat pool under these gates
+    (METHODS.md §20.6)."""
+
+    id: str
+    routing: str
+    level: int
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.routing,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateBias:
+    """A gated bias: ``y = scale · Σ_e g_e · bias_e`` = ``scale · g @ bias`` for a per-expert
+    ``bias (E, d)``; a shared ``bias (d,)`` gives ``scale · (Σ_e g_e) · bias``. ``(T, d)``."""
+
+    id: str
+    routing: str
+    bias: ParamExpr
+    scale: float = 1.0
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.routing,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiblingLinear:
+    """The value of :class:`Linear` (``y = src · Wᵀ + b``), computed as columns ``[start:stop]``
+    of one GEMM shared by the sibling sites of ``group`` that read the same tensor:
+    ``src · [W_1; …; W_n]ᵀ``. Lowered without its group it is a plain linear."""
+
+    id: str
+    src: str
+    weight: ParamExpr
+    bias: ParamExpr | None = None
+    group: str
+    start: int
+    stop: int
+    origin: str = ""
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+
 # ---- aux losses ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -436,7 +486,11 @@ class ExpertLoRA:
 
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
-             TreeRoute, TreeMix, TreePropagate, AuxLoss, ExpertFFN, ExpertHidden, ExpertSum, ExpertLoRA]
+             TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
+             ExpertHidden, ExpertSum, ExpertLoRA]
 
 TENSOR_NODES = (Input, Linear, Columns, Add, Jitter, PoolMix, GroupedMix, BlockGate, OuterGate,
-                TreeMix, TreePropagate, ExpertFFN, ExpertSum, ExpertLoRA)
+                TreeMix, TreePropagate, GateBias, SiblingLinear, ExpertFFN, ExpertSum, ExpertLoRA)
+
+ROUTING_NODES = (Route, TreePathGates)
+"""Nodes whose value is a flat routing (gates ``(T, E)``) that gated mixes can read."""

@@ -22,6 +22,7 @@ from .nodes import (
     ExpertLinear,
     ExpertLoRA,
     ExpertSum,
+    GateBias,
     GroupedMix,
     Input,
     Jitter,
@@ -30,10 +31,12 @@ from .nodes import (
     OuterGate,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
 )
@@ -105,6 +108,14 @@ def format_node(n: Node, width: int) -> str:
             kind = "tree_mix" if isinstance(n, TreeMix) else "tree_propagate"
             lv = ", ".join(f"{p.b.shape[0]}x{p.b.shape[2]}->{p.b.shape[1]} c={p.scale:g}" for p in n.levels)
             return f"%{n.id} = {kind} %{n.src} by %{n.routing} act={n.activation} levels=[{lv}] -> {width}"
+        case SiblingLinear():
+            return (f"%{n.id} = sibling_linear %{n.src} W={format_expr(n.weight)} b={format_expr(n.bias)} "
+                    f"group={n.group} [{n.start}:{n.stop}] -> {width}")
+        case GateBias():
+            sc = f" scale={n.scale:g}" if n.scale != 1.0 else ""
+            return f"%{n.id} = gate_bias by %{n.routing} b={format_expr(n.bias)}{sc} -> {width}"
+        case TreePathGates():
+            return f"%{n.id} = tree_path_gates %{n.routing} level={n.level} E={width}"
         case AuxLoss():
             extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
             return f"%{n.id} = aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"

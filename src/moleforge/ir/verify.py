@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..errors import IRVerificationError
 from .graph import Graph
 from .nodes import (
+    ROUTING_NODES,
     TENSOR_NODES,
     AbsTopK,
     Add,
@@ -20,6 +21,7 @@ from .nodes import (
     ExpertLinear,
     ExpertLoRA,
     ExpertSum,
+    GateBias,
     GroupedMix,
     Input,
     Jitter,
@@ -27,10 +29,12 @@ from .nodes import (
     OuterGate,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
 )
@@ -111,7 +115,7 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
     match n:
         case Input():
             return []
-        case Linear():
+        case Linear() | SiblingLinear():
             p = _need_tensor(g, n.src, "source") + _expr(g, n.weight, "weight")
             if n.bias is not None:
                 p += _expr(g, n.bias, "bias")
@@ -122,6 +126,8 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
                 p.append(f"weight shape {ws} does not read width {w(n.src)}")
             if n.bias is not None and expr_shape(n.bias) != (ws[0],):
                 p.append(f"bias shape {expr_shape(n.bias)} != ({ws[0]},)")
+            if isinstance(n, SiblingLinear) and n.stop - n.start != ws[0]:
+                p.append(f"group columns [{n.start}:{n.stop}] do not hold the {ws[0]} outputs of the weight")
             return p
         case Columns():
             p = _need_tensor(g, n.src, "source")
@@ -153,12 +159,24 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
         case PoolMix() | GroupedMix():
             return _pool_rules(g, n)
         case BlockGate():
-            p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+            p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing, ROUTING_NODES)
             if not p and w(n.src) != w(n.routing) * n.rank:
                 p.append(f"width {w(n.src)} != experts {w(n.routing)} x rank {n.rank}")
             return p
         case OuterGate():
-            return _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+            return _need_tensor(g, n.src, "source") + _need_route(g, n.routing, ROUTING_NODES)
+        case GateBias():
+            p = _need_route(g, n.routing, ROUTING_NODES) + _expr(g, n.bias, "bias")
+            if not p:
+                shape = expr_shape(n.bias)
+                if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != w(n.routing)):
+                    p.append(f"bias shape {shape} is neither ({w(n.routing)}, d) nor (d,)")
+            return p
+        case TreePathGates():
+            p = _need_route(g, n.routing, (TreeRoute,))
+            if not p and not 0 <= n.level < len(g.node(n.routing).levels):
+                p.append(f"level {n.level} outside the router's {len(g.node(n.routing).levels)} pools")
+            return p
         case TreeRoute():
             return _need_tensor(g, n.src, "source") + [
                 x for lv in n.levels for r in (lv.keys, lv.w1, lv.b1, lv.w2, lv.b2)
@@ -185,7 +203,8 @@ def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kin
 
 
 def _pool_rules(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
+    kinds = (Route,) if isinstance(n, GroupedMix) else ROUTING_NODES
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing, kinds) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
     if p:
         return p
     a, b = expr_shape(n.a), expr_shape(n.b)

@@ -6,14 +6,18 @@ with frozen inputs, ``frozen``: ``{name: tensor}`` of the model's tensors) and r
 ``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
 ``(indices, weights, probs)`` per pool) for routing statistics.
 Its ``.code`` reads like the IR it came from.
+
+A :class:`SiblingLinear` whose group is given to :func:`lower` reads its columns of the group's
+one GEMM (``siblings.SiblingGroup``); without its group it is a plain linear.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ...errors import LoweringError
@@ -32,6 +36,7 @@ from ...ir import (
     ExpertLinear,
     ExpertLoRA,
     ExpertSum,
+    GateBias,
     Graph,
     GroupedMix,
     Input,
@@ -43,16 +48,19 @@ from ...ir import (
     Pick,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
     format_expr,
 )
 from . import ops, ops_block, ops_linear
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
+from .siblings import SiblingGroup
 
 __all__ = ["lower", "counts_name"]
 
@@ -63,7 +71,8 @@ def counts_name(balance: str) -> str:
 
 
 class _Ctx:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, groups: Mapping[str, SiblingGroup]):
+        self.groups = groups
         self.ir = graph
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -129,6 +138,36 @@ def _linear(c: _Ctx, n: Linear) -> fx.Node:
             raise LoweringError(f"%{n.id}: a scaled linear with a bias is not lowered; fold the scale first")
         out = c.call(operator.mul, (out, n.scale), f"{n.id}_scaled")
     return out
+
+
+def _tiling(graph: Graph, src: str) -> list[Columns] | None:
+    """The column slices of ``src`` when they cover it exactly, in order (a fused GEMM's parts)."""
+    parts = sorted((u for u in graph.users(src) if isinstance(u, Columns)), key=lambda u: u.start)
+    if len(parts) < 2 or len(parts) != len(graph.users(src)):
+        return None
+    bounds = [0] + [p.stop for p in parts]
+    if [p.start for p in parts] != bounds[:-1] or bounds[-1] != graph.width(src):
+        return None
+    return parts
+
+
+def _columns(c: _Ctx, n: Columns) -> fx.Node:
+    """A slice; when the slices tile their source, one ``split`` for all of them, whose backward
+    is one concatenation instead of a zero-filled full-width gradient per slice."""
+    parts = _tiling(c.ir, n.src)
+    if parts is None:
+        return c.call(operator.getitem, (c.env[n.src], (slice(None), slice(n.start, n.stop))), n.id)
+    key = f"{n.src}_parts"
+    if key not in c.env:
+        c.env[key] = c.call(torch.split, (c.env[n.src], [p.stop - p.start for p in parts], 1), key)
+    return c.item(c.env[key], [p.id for p in parts].index(n.id), n.id)
+
+
+def _sibling(c: _Ctx, n: SiblingLinear) -> fx.Node:
+    own = (c.env[n.src], c.expr(n.weight), c.opt(n.bias))
+    if n.group not in c.groups:
+        return c.call(F.linear, own, n.id)
+    return c.call(ops.sibling_linear, own + (c.g.get_attr("sibling_group"), n.start, n.stop), n.id)
 
 
 def _route(c: _Ctx, n: Route) -> fx.Node:
@@ -221,7 +260,7 @@ def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:
 _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     Input: lambda c, n: c.x,
     Linear: _linear,
-    Columns: lambda c, n: c.call(operator.getitem, (c.env[n.src], (slice(None), slice(n.start, n.stop))), n.id),
+    Columns: _columns,
     Add: lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id),
     Jitter: lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training), n.id),
     Route: _route,
@@ -229,6 +268,11 @@ _EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
     GroupedMix: _pool,
     BlockGate: lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
     OuterGate: lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id),
+    GateBias: lambda c, n: c.call(ops.gate_bias, (_gates(c, n.routing), c.expr(n.bias), n.scale), n.id),
+    TreePathGates: lambda c, n: c.call(ops.tree_path_gates, (
+        c.item(c.env[n.routing], 0, f"{n.routing}_index"), c.item(c.env[n.routing], 1, f"{n.routing}_weights"),
+        n.level, c.ir.width(n.id)), n.id),
+    SiblingLinear: _sibling,
     TreeRoute: emit_tree_route,
     TreeMix: emit_tree,
     TreePropagate: emit_tree,
@@ -259,9 +303,27 @@ class _Root(nn.Module):
         self.noise_generator = None
 
 
-def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
-    """Emit ``graph`` as a GraphModule that reads its tensors from ``store``."""
-    c = _Ctx(graph)
+def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> None:
+    """Every declared tensor stays on the module, read by the code or not (a folded router, a
+    factor a sibling group reads): state dicts and checkpoints do not depend on the passes."""
+    for decl in graph.params:
+        if hasattr(gm, decl.name):
+            continue
+        t = getattr(root, decl.name)
+        if isinstance(t, nn.Parameter):
+            gm.register_parameter(decl.name, t)
+        else:
+            gm.register_buffer(decl.name, t)
+
+
+def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None) -> fx.GraphModule:
+    """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
+
+    Args:
+        groups: runtime sibling groups by name; the module joins the group its
+            :class:`SiblingLinear` names (if that group is given).
+    """
+    c = _Ctx(graph, groups or {})
     for n in graph.nodes:
         if n.id in c.fused:  # already emitted as part of a fused group (lower_tree)
             c.env[n.id] = c.fused[n.id]
@@ -276,6 +338,12 @@ def lower(graph: Graph, store: nn.Module) -> fx.GraphModule:
     routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, (Route, TreeRoute))}
     c.g.output((c.env[graph.output], total, routes))
     root = _Root(store, graph)
+    joined = [n for n in graph.nodes if isinstance(n, SiblingLinear) and n.group in c.groups]
+    root.sibling_group = c.groups[joined[0].group] if joined else None
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None
+    gm.sibling_group = root.sibling_group
+    _keep_unread_tensors(gm, root, graph)
+    for n in joined:
+        c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
     return gm

@@ -12,8 +12,8 @@ from torch import Tensor
 
 __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
-    "route_abs_topk", "route_static", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "switch_lb",
-    "cv2_importance_load", "localized_balance", "add_aux",
+    "route_abs_topk", "route_static", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "gate_bias",
+    "tree_path_gates", "sibling_linear", "switch_lb", "cv2_importance_load", "localized_balance", "add_aux",
 ]
 
 
@@ -50,10 +50,17 @@ def route_dense(z: Tensor, temperature: float):
     return probs, probs, None
 
 
+def _counts(index: Tensor, E: int, dtype: torch.dtype) -> Tensor:
+    """Selections per expert, ``(E,)``: a fixed-shape scatter-add (``bincount``'s output shape
+    depends on the data, which breaks ``torch.compile`` graphs)."""
+    flat = index.reshape(-1)
+    return torch.zeros(E, dtype=dtype, device=index.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+
+
 def _count(counts: Tensor, index: Tensor, training: bool) -> None:
     if training:
         with torch.no_grad():
-            counts += torch.bincount(index.reshape(-1), minlength=counts.numel()).to(counts.dtype)
+            counts += _counts(index, counts.numel(), counts.dtype)
 
 
 def route_sigmoid_topk(z: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool):
@@ -94,26 +101,51 @@ def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) 
 
 
 def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """Sparse pool: each expert runs only on the tokens that selected it (gather, two small
-    GEMMs, weighted scatter-add): FLOPs ``T·k·r·(d_in + d_out)``."""
+    """Sparse pool: each expert runs only on the tokens that selected it. The ``T·k`` (token,
+    slot) pairs are sorted by expert; one grouped GEMM gives every pair's ``h = A_e x``, a second
+    ``B_e (s·g·h)``; a scatter-add sums each token's k results. FLOPs ``T·k·r·(d_in + d_out)``.
+
+    ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)``, ``a (E|1, r, d_in)``, ``b (E|1, d_out, r)``.
+    """
     T, k = index.shape
     E = gates.shape[1]
+    a, b = _per_expert(a, E), _per_expert(b, E)
     flat = index.reshape(-1)  # (T*k,)
-    order = torch.argsort(flat, stable=True)  # (T*k,)
-    tokens = order // k  # (T*k,) token of each sorted slot
-    counts = torch.bincount(flat, minlength=E).tolist()
-    w = gates.gather(1, index).reshape(-1)[order]  # (T*k,)
-    out = x.new_zeros(T, b.shape[1])  # (T, d_out)
-    start = 0
+    order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
+    tokens = order // k  # (T*k,) token of each sorted pair
+    w = gates.gather(1, index).reshape(-1)[order] * scale  # (T*k,)
+    counts = _counts(flat, E, torch.long)  # (E,)
+    xs = x.index_select(0, tokens)  # (T*k, d_in)
+    if _grouped_mm_fits(x, a, b):
+        offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        hs = F.grouped_mm(xs, a.transpose(1, 2), offs=offs)  # (T*k, r)
+        ys = F.grouped_mm(hs * w[:, None], b.transpose(1, 2), offs=offs)  # (T*k, d_out)
+    else:
+        ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (T*k, d_out)
+    return x.new_zeros(T, b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
+
+
+def _per_expert(t: Tensor, E: int) -> Tensor:
+    """A factor stored once (leading dim 1) repeated for each expert."""
+    return t if t.shape[0] == E else t.expand(E, *t.shape[1:]).contiguous()
+
+
+def _grouped_mm_fits(x: Tensor, a: Tensor, b: Tensor) -> bool:
+    """``F.grouped_mm`` runs on CPU for float32/bfloat16/float16 with 16-byte aligned rows."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    per_row = 16 // x.element_size()
+    return all(n % per_row == 0 for n in (a.shape[1], a.shape[2], b.shape[1]))
+
+
+def _expert_loop(xs: Tensor, w: Tensor, counts: list[int], a: Tensor, b: Tensor) -> Tensor:
+    """The grouped GEMMs as one pair of GEMMs per expert over its (contiguous) rows."""
+    parts, start = [], 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        tok = tokens[start:start + n]
-        ae, be = a[e if a.shape[0] > 1 else 0], b[e if b.shape[0] > 1 else 0]
-        ye = F.linear(F.linear(x.index_select(0, tok), ae), be)  # (n, d_out)
-        out = out.index_add(0, tok, ye * w[start:start + n, None])
+        rows = slice(start, start + n)
+        parts.append(F.linear(F.linear(xs[rows], a[e]) * w[rows, None], b[e]))  # (n, d_out)
         start += n
-    return out * scale
+    return torch.cat(parts)
 
 
 def block_gate(h: Tensor, gates: Tensor, rank: int, scale: float) -> Tensor:
@@ -126,6 +158,31 @@ def outer_gate(h: Tensor, gates: Tensor, scale: float) -> Tensor:
     """``scale · (g ⊗ h)``: ``(T, r), (T, E) -> (T, E·r)``."""
     T, E = gates.shape
     return (gates.unsqueeze(-1) * (h * scale).unsqueeze(1)).reshape(T, E * h.shape[1])
+
+
+def gate_bias(gates: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """``scale · g @ bias`` for ``bias (E, d)``; ``scale · (Σ g) · bias`` for ``bias (d,)``: ``(T, d)``."""
+    out = gates @ bias if bias.dim() == 2 else gates.sum(-1, keepdim=True) * bias
+    return out if scale == 1.0 else out * scale
+
+
+def tree_path_gates(indices: tuple, weights: tuple, level: int, experts: int):
+    """Path-aggregated gates of one pool of a tree routing, as a flat routing
+    ``(gates (T, s_l), gates, None)``: per expert, the sum over its tree nodes of the product of
+    the weights on the path from the root."""
+    T = indices[level].shape[0]
+    path = weights[-1].new_ones(T, 1)  # (T, 1): the root
+    for l in reversed(range(level, len(indices))):
+        path = (path.unsqueeze(-1) * weights[l]).reshape(T, -1)  # (T, F_l): every slot of pool l
+    gates = path.new_zeros(T, experts).scatter_add(1, indices[level].reshape(T, -1), path)  # (T, s_l)
+    return gates, gates, None
+
+
+def sibling_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group, start: int, stop: int) -> Tensor:
+    """``x Wᵀ + b`` as columns ``[start:stop]`` of the sibling group's one GEMM of ``x``:
+    ``(T, stop - start)``. The member's own ``weight``/``bias`` serve when the group cannot
+    (under ``torch.compile``, or ``x`` on another device than the group's weights)."""
+    return group.columns(x, start, stop, weight, bias)
 
 
 # ---- aux losses --------------------------------------------------------------------------
@@ -141,7 +198,7 @@ def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float)
     if index is None:
         counts = (gates > 0).to(probs.dtype).sum(0)  # (E,)
     else:
-        counts = torch.bincount(index.reshape(-1), minlength=E).to(probs.dtype)  # (E,)
+        counts = _counts(index, E, probs.dtype)  # (E,)
     return weight * E * torch.sum(counts / T * probs.mean(0))
 
 

@@ -1,0 +1,242 @@
+"""Train-step time of a small Llama with each adapter, as ratios to the frozen base.
+
+One forward + backward step (``model(input_ids, labels=input_ids).loss.backward()``) of a Llama
+built from ``LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+num_attention_heads=8)`` (every other field at its default: vocabulary 32000, 8 key/value
+heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurations:
+
+- ``frozen_base``: the model alone;
+- ``peft_lora_r16``: PEFT LoRA r = 16 on all 7 projections;
+- ``molora_passes_off`` / ``molora_passes_on``: moleforge ``molora`` (E = 8, k = 2, r = 8, all 7
+  projections) compiled with ``passes=()`` and with the default pipeline;
+- ``naive_loop_molora``: the same topology as a plain per-expert Python loop (the way most
+  MoE-LoRA code is written), defined below;
+- ``hydralora`` (4 heads, r = 8, FFN) and ``peft_lora_ffn_same_params``: PEFT LoRA on the same
+  FFN projections with the rank that gives the same number of trainable parameters;
+- ``smore`` (2 levels x 4 experts, fanout 2-2, rank 8, FFN) and ``peft_lora_ffn_r64``: a LoRA
+  of S'MoRE's total rank d_L = 64 on the same projections.
+
+Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
+the frozen base then has a backward pass, and all configurations do the same base work.
+Configurations are interleaved round by round (the starting one rotating); each reports the
+median of ``--rounds`` steps after ``--warmup`` untimed ones. The machine may be shared:
+compare ratios measured in one run, not across runs.
+
+    python benchmarks/train_step.py                 # writes benchmarks/results/train_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import moleforge as mf  # noqa: E402
+from moleforge.backends.export.atomic import atomic_write  # noqa: E402
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FFN = ["gate_proj", "up_proj", "down_proj"]
+
+
+class NaiveMoLoRA(nn.Module):
+    """MoE-LoRA around a frozen linear, written the usual way: a softmax top-k router, then a
+    Python loop over experts, each gathering its tokens, running its two small linears and
+    scattering the gated result back; plus the Switch load-balancing loss."""
+
+    def __init__(self, base: nn.Linear, experts: int = 8, k: int = 2, rank: int = 8, alpha: float = 16,
+                 aux_weight: float = 0.01, sink: list | None = None):
+        super().__init__()
+        self.base, self.k, self.scale, self.aux_weight = base, k, alpha / rank, aux_weight
+        self.router = nn.Linear(base.in_features, experts, bias=False)
+        self.lora_a = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(experts))
+        self.lora_b = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(experts))
+        for b in self.lora_b:
+            nn.init.normal_(b.weight, std=0.02)
+        self.sink = sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        probs = torch.softmax(self.router(flat), dim=-1)  # (T, E)
+        top, index = probs.topk(self.k, dim=-1)  # (T, k)
+        top = top / top.sum(-1, keepdim=True)
+        out = self.base(flat)  # (T, d_out)
+        for e, (a, b) in enumerate(zip(self.lora_a, self.lora_b)):
+            token, slot = torch.where(index == e)
+            if token.numel() == 0:
+                continue
+            y = b(a(flat[token])) * (top[token, slot, None] * self.scale)  # (n_e, d_out)
+            out = out.index_add(0, token, y)
+        if self.sink is not None:
+            E = probs.shape[-1]
+            counts = torch.bincount(index.reshape(-1), minlength=E).to(probs.dtype)
+            self.sink.append(self.aux_weight * E * torch.sum(counts / flat.shape[0] * probs.mean(0)))
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class NaiveModel(nn.Module):
+    """The base model with :class:`NaiveMoLoRA` on every projection; aux losses added to the loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.sink = model, []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in list(model.named_modules()):
+            for child in PROJECTIONS:
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    setattr(module, child, NaiveMoLoRA(getattr(module, child), sink=self.sink))
+
+    def forward(self, **kwargs):
+        self.sink.clear()
+        out = self.model(**kwargs)
+        out["loss"] = out.loss + sum(self.sink)
+        return out
+
+    def enable_input_require_grads(self):
+        self.model.enable_input_require_grads()
+
+
+def build_base(vocab: int) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                            vocab_size=vocab)
+    model = tf.LlamaForCausalLM(config).float()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _peft(base: nn.Module, rank: int, targets: list[str]) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                     target_modules=targets, lora_dropout=0.0))
+
+
+def _moleforge(base: nn.Module, preset: str, **kw) -> nn.Module:
+    model = copy.deepcopy(base)
+    spec = mf.presets.load(preset).with_init(mf.Init(up="normal", std=0.02, seed=0))
+    mf.compile(spec, model, **kw)
+    return model
+
+
+def _same_params_rank(base: nn.Module) -> int:
+    """Rank of a LoRA on the FFN projections with hydralora's number of trainable parameters."""
+    hydra = mf.count_parameters("hydralora", base)
+    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
+                   if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in FFN)
+    return max(1, round(hydra / per_rank))
+
+
+def build_configs(base: nn.Module, only: set[str] | None) -> dict[str, nn.Module]:
+    makers = {
+        "frozen_base": lambda: copy.deepcopy(base),
+        "peft_lora_r16": lambda: _peft(base, 16, PROJECTIONS),
+        "molora_passes_off": lambda: _moleforge(base, "molora", passes=()),
+        "molora_passes_on": lambda: _moleforge(base, "molora"),
+        "naive_loop_molora": lambda: NaiveModel(copy.deepcopy(base)),
+        "hydralora": lambda: _moleforge(base, "hydralora"),
+        "peft_lora_ffn_same_params": lambda: _peft(base, _same_params_rank(base), FFN),
+        "smore": lambda: _moleforge(base, "smore"),
+        "peft_lora_ffn_r64": lambda: _peft(base, 64, FFN),
+    }
+    out = {}
+    for name, make in makers.items():
+        if only is None or name in only or name == "frozen_base":
+            model = make()
+            model.enable_input_require_grads()
+            out[name] = model.train()
+    return out
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def step(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
+    """One forward + backward; returns (wall seconds, process CPU seconds)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    model(input_ids=ids, labels=ids).loss.backward()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    for p in model.parameters():
+        p.grad = None
+    return wall, cpu
+
+
+def measure(configs: dict[str, nn.Module], ids: torch.Tensor, rounds: int, warmup: int) -> dict[str, dict]:
+    names = list(configs)
+    samples = {n: {"wall": [], "cpu": []} for n in names}
+    for r in range(warmup + rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            wall, cpu = step(configs[name], ids)
+            if r >= warmup:
+                samples[name]["wall"].append(wall)
+                samples[name]["cpu"].append(cpu)
+    return samples
+
+
+def report(configs, samples, args, load_before) -> dict:
+    base_wall = statistics.median(samples["frozen_base"]["wall"])
+    base_cpu = statistics.median(samples["frozen_base"]["cpu"])
+    results = {}
+    print(f"\n{'configuration':28s} {'median ms':>10s} {'ratio':>7s} {'cpu ratio':>9s} {'trainable':>11s}")
+    for name, s in samples.items():
+        wall, cpu = statistics.median(s["wall"]), statistics.median(s["cpu"])
+        results[name] = {"median_ms": wall * 1e3, "ratio_to_frozen_base": wall / base_wall,
+                         "cpu_ratio_to_frozen_base": cpu / base_cpu, "trainable_parameters": trainable(configs[name]),
+                         "wall_ms": [t * 1e3 for t in s["wall"]], "cpu_ms": [t * 1e3 for t in s["cpu"]]}
+        print(f"{name:28s} {wall * 1e3:10.1f} {wall / base_wall:6.3f}x {cpu / base_cpu:8.3f}x "
+              f"{trainable(configs[name]):11,d}")
+    return {
+        "benchmark": "train_step", "config": {
+            "model": "LlamaForCausalLM", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+            "num_attention_heads": 8, "vocab_size": args.vocab, "batch": args.batch, "seq": args.seq,
+            "dtype": "float32", "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup},
+        "ratio": "median step time / median frozen-base step time, measured interleaved in one run",
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "load_average_before": load_before, "load_average_after": list(os.getloadavg())},
+        "results": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (LlamaConfig default 32000)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--only", nargs="*", help="configurations to run (the frozen base always runs)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = list(os.getloadavg())
+    base = build_base(args.vocab)
+    configs = build_configs(base, set(args.only) if args.only else None)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    samples = measure(configs, ids, args.rounds, args.warmup)
+    result = report(configs, samples, args, load_before)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
