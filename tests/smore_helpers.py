@@ -56,11 +56,11 @@ def trees(draw, max_leaves: int = 8):
         bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
 
 
-def compile_tree(tree: mf.ResidualTree, d_in: int, d_out: int, seed: int, dtype=torch.float64):
+def compile_tree(tree: mf.ResidualTree, d_in: int, d_out: int, seed: int, dtype=torch.float64, passes=()):
     """``(model, handle)`` with every adapter tensor random and non-zero."""
     model = Holder(d_in, d_out, dtype)
     spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(modules=["proj"]), adapter=tree)])
-    handle = mf.compile(spec, model)
+    handle = mf.compile(spec, model, passes=passes)  # the tree runtime on the plain IR (passes tested apart)
     graph = handle.graphs["proj"]
     handle.load_state_dict({f"proj.{k}": v for k, v in make_params(graph, seed).items()})
     return model, handle

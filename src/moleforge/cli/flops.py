@@ -23,6 +23,7 @@ from ..ir import (
     ExpertLinear,
     ExpertLoRA,
     ExpertSum,
+    GateBias,
     Graph,
     GroupedMix,
     Input,
@@ -32,10 +33,12 @@ from ..ir import (
     OuterGate,
     PoolMix,
     Route,
+    SiblingLinear,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
     expr_shape,
@@ -124,7 +127,7 @@ def _block(graph: Graph, n: ExpertFFN | ExpertHidden) -> int:
 def node_flops(graph: Graph, n: Node) -> int:
     """Matmul FLOPs one token spends in node ``n``."""
     match n:
-        case Linear(weight=w):
+        case Linear(weight=w) | SiblingLinear(weight=w):
             return 2 * math.prod(expr_shape(w))
         case PoolMix() | GroupedMix():
             return _pool(graph, n)
@@ -136,7 +139,7 @@ def node_flops(graph: Graph, n: Node) -> int:
             return _block(graph, n)
         case ExpertLoRA(a=a, b=b):
             return _active(graph, n.routing) * 2 * a.shape[1] * (a.shape[2] + b.shape[1])
-        case ExpertSum():
+        case ExpertSum() | GateBias() | TreePathGates():
             return 0
         case Input() | Columns() | Add() | Jitter() | Route() | BlockGate() | OuterGate() | AuxLoss():
             return 0

@@ -73,7 +73,7 @@ def _level(n: TreeMix, l: int, prev: str | None, ids) -> list:
 
 
 def _collapse(n, graph, ids):
-    if not isinstance(n, TreeMix) or n.activation != "identity":
+    if not isinstance(n, TreeMix) or n.activation != "identity" or n.position != "all":
         return None
     if len({lv.a_bias is None for lv in n.levels}) > 1:
         return None

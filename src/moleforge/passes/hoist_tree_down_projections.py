@@ -37,7 +37,7 @@ def _hoist(n, graph, ids):
     bias = None if biases[0] is None else flat_concat([flat_bias(b) for b in biases])
     down = Linear(id=ids.new(f"{n.id}_down"), src=n.src, weight=weight, bias=bias, origin=n.origin)
     return (down, TreePropagate(id=n.id, src=down.id, routing=n.routing, levels=n.levels,
-                                activation=n.activation, origin=n.origin))
+                                activation=n.activation, position=n.position, origin=n.origin))
 
 
 def hoist_tree_down_projections(graph):
