@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops_block_fused import RoutedFFN
+from .ops_block_fused import CHUNK, RoutedFFN
 from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
 
 __all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "routed_ffn", "expert_sum", "expert_lora",
@@ -94,7 +94,8 @@ def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | 
 
 
 def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
-               gate_base: Tensor | None, activation: str, down_a: Tensor | None) -> tuple[Tensor, Tensor]:
+               gate_base: Tensor | None, activation: str, down_a: Tensor | None, chunk: int = CHUNK
+               ) -> tuple[Tensor, Tensor]:
     """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a``) :func:`expert_lora_down`
     of it, expert by expert in cache (``RoutedFFN``): ``((T, d_ff), (S, r))``. Needs the shared
     frozen projections."""
@@ -102,7 +103,7 @@ def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
     zg = None if gate is None or gate[2] is None else _expert_z(x, plan, gate[2])
     g = (None, None, 1.0) if gate is None else (zg, gate[3], gate[4])
     return RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
-                           gate_base, *g, down_a)
+                           gate_base, *g, down_a, chunk)
 
 
 def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:

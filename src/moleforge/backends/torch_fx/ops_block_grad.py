@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotSum", "segments", "grouped_mm",
-           "grouped_mm_t", "grouped_outer"]
+__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotSum", "segments", "bounds",
+           "grouped_mm", "grouped_mm_t", "grouped_outer"]
 
 
 def segments(counts: list[int]):
@@ -29,7 +29,7 @@ def segments(counts: list[int]):
         start += n
 
 
-def _bounds(counts: list[int]):
+def bounds(counts: list[int]):
     """``(start, stop)`` of every segment, empty ones included."""
     start = 0
     for n in counts:
@@ -74,7 +74,7 @@ def grouped_outer(g: Tensor, u: Tensor, counts: list[int]) -> Tensor:
         return torch.bmm(g.view(E, counts[0], -1).transpose(1, 2), u.view(E, counts[0], -1))
     zero = g.new_zeros(g.shape[1], u.shape[1])
     return torch.stack([g[lo:hi].T @ u[lo:hi] if hi > lo else zero  # (o, i)
-                        for lo, hi in _bounds(counts)])
+                        for lo, hi in bounds(counts)])
 
 
 class SegmentMatmul(torch.autograd.Function):
