@@ -1,7 +1,8 @@
-"""Autograd functions of routed FFN-block experts over sorted slots (``ops_block.SlotPlan``):
-each expert's low-rank products run on its own contiguous segment of slots, written in place,
-with hand-written backwards that keep few tensors and make few passes over the
-``(S, d_ff)`` slot tensors, in the GEMM orientation CPU BLAS runs fast.
+"""Pieces of routed FFN-block experts over sorted slots (``ops_block.SlotPlan``): the block
+activations and their fused backwards, and the autograd functions of the node-by-node ops
+(each expert's low-rank product on its own contiguous segment of slots, in the GEMM
+orientation CPU BLAS runs fast; the weighted sum with a gather-based backward). The fused
+form of a whole block is ``ops_block_fused.RoutedFFN``.
 
 Shapes: ``S`` slots sorted by expert, ``counts[e]`` of them for expert e; ``token (S,)``. With
 equal counts (a dense router) every grouped product is one batched GEMM; otherwise one GEMM
