@@ -419,3 +419,34 @@ def test_fused_experts_match_the_node_by_node_ops(seed, T, E, gated, lora, chunk
             assert got is None or not got.any()
         else:
             assert_close(got, want)
+
+
+class _DropoutMLP(_BranchyMLP):
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.down_proj(self.dropout(torch.relu(self.up_proj(x))))
+
+
+class _MethodMulMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.down_proj(self.up_proj(x).mul(torch.nn.functional.gelu(self.gate_proj(x))))
+
+
+def test_dropout_inside_the_ffn_is_refused_and_method_products_recognised():
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["gate", "up", "down"]), scope="ffn_block",
+                                         adapter=POOL)])
+    with pytest.raises(mf.InjectionError, match="dropout"):
+        mf.compile(spec, _Model(_DropoutMLP()))
+    model, x = _Model(_MethodMulMLP()), torch.randn(2, 3, 4)
+    base = model(x)
+    handle = mf.compile(spec, model)
+    graph = handle.graphs["layers.0.mlp"]
+    assert {n.activation for n in graph.nodes if isinstance(n, ExpertHidden)} == {"gelu"}
+    assert_close(model(x), base, "float32")
