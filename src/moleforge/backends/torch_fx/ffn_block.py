@@ -250,8 +250,9 @@ def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: f
                    f"{[n.target for n in readers]} reading it and {[n.target for n in others]} not")
     down = others[0]
     h = down.args[0]
-    product = (isinstance(h, fx.Node) and h.op == "call_function" and h.target in _MUL and len(h.args) == 2
-               and all(isinstance(a, fx.Node) for a in h.args))
+    product = (isinstance(h, fx.Node) and len(h.args) == 2 and all(isinstance(a, fx.Node) for a in h.args)
+               and ((h.op == "call_function" and h.target in _MUL)
+                    or (h.op == "call_method" and h.target == "mul")))
     if len(readers) == 2:
         direct = [a for a in h.args if a in readers] if product else []
         if len(direct) != 1:
@@ -259,13 +260,13 @@ def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: f
                        "act(gate(x)) * up(x)")
         up = direct[0]
         gate = next(r for r in readers if r is not up)
-        act_region = _unary_region(gate, next(a for a in h.args if a is not up), fail)
+        act_region = _unary_region(root, gate, next(a for a in h.args if a is not up), fail)
         region, linears = [gate, up, *act_region, h, down], {"gate": gate, "up": up, "down": down}
     else:
         if len(readers) != 1:
             raise fail(f"{len(readers)} linears read the block input; an FFN has one (up) or two (gate, up)")
         up = readers[0]
-        act_region = _unary_region(up, h, fail)
+        act_region = _unary_region(root, up, h, fail)
         region, linears = [up, *act_region, down], {"up": up, "down": down}
     _check_closed(region, down, fail)
     activation = _identify(root, linears.get("gate", up), act_region, fail)
@@ -274,7 +275,7 @@ def _recognise(name: str, root_path: str, root: nn.Module, graph: fx.Graph, x: f
                        activation=activation, x=x, region=region, down=down, passthrough=passthrough)
 
 
-def _unary_region(start: fx.Node, end: fx.Node, fail) -> list[fx.Node]:
+def _unary_region(root: nn.Module, start: fx.Node, end: fx.Node, fail) -> list[fx.Node]:
     """The nodes computing ``end`` from ``start`` alone (the activation), in graph order."""
     region, frontier = [], [end]
     while frontier:
@@ -283,6 +284,8 @@ def _unary_region(start: fx.Node, end: fx.Node, fail) -> list[fx.Node]:
             continue
         if n.op not in ("call_function", "call_method", "call_module"):
             raise fail(f"the activation reads {n.op} {n.target!r}, not only the linear {start.target!r}")
+        if n.op == "call_module" and isinstance(root.get_submodule(n.target), nn.modules.dropout._DropoutNd):
+            raise fail(f"dropout ({n.target}) inside the FFN: routed experts are defined without it")
         region.append(n)
         frontier.extend(a for a in n.all_input_nodes)
     if not region:

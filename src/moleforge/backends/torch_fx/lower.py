@@ -229,6 +229,8 @@ def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
 
 
 def _expert_block(c: _Ctx, n) -> fx.Node:
+    if isinstance(n, ExpertHidden) and _fusable(c, n):
+        return _routed_ffn(c, n)
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
     if isinstance(n, ExpertFFN):
@@ -237,16 +239,33 @@ def _expert_block(c: _Ctx, n) -> fx.Node:
     return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
 
 
+def _fusable(c: _Ctx, n: ExpertHidden) -> bool:
+    """Hidden states with shared frozen projections, read by one ``expert_sum`` and at most one
+    ``expert_lora`` of the same routing, lower to one op (``routed_ffn``)."""
+    users = c.ir.users(n.id)
+    sums = [u for u in users if isinstance(u, ExpertSum) and u.routing == n.routing]
+    loras = [u for u in users if isinstance(u, ExpertLoRA) and u.routing == n.routing]
+    shared = n.up_base is not None and (n.gate is None or n.gate_base is not None)
+    return shared and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
+
+
+def _routed_ffn(c: _Ctx, n: ExpertHidden) -> fx.Node:
+    users = c.ir.users(n.id)
+    total = next(u for u in users if isinstance(u, ExpertSum))
+    lora = next((u for u in users if isinstance(u, ExpertLoRA)), None)
+    base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
+    args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
+    out = c.call(ops_block.routed_ffn, args + (n.activation, None if lora is None else c.expr(lora.a)), n.id)
+    c.fused[total.id] = c.item(out, 0, total.id)
+    if lora is not None:
+        c.partial[lora.id] = c.item(out, 1, f"{lora.id}_z")
+    return out
+
+
 def _expert_sum(c: _Ctx, n: ExpertSum) -> fx.Node:
-    """With one not yet emitted ``expert_lora`` on the same hidden states and routing, both
-    share one op (``expert_mix``): its down-projections come out of the sum's pass over them."""
-    loras = [m for m in c.ir.users(n.src) if isinstance(m, ExpertLoRA) and m.routing == n.routing]
-    plan = _plan(c, n.routing)
-    if len(loras) != 1 or loras[0].id in c.env:
-        return c.call(ops_block.expert_sum, (c.env[n.src], plan), n.id)
-    mix = c.call(ops_block.expert_mix, (c.env[n.src], plan, c.expr(loras[0].a)), f"{n.id}_mix")
-    c.partial[loras[0].id] = c.item(mix, 1, f"{loras[0].id}_z")
-    return c.item(mix, 0, n.id)
+    if n.id in c.fused:
+        return c.fused[n.id]
+    return c.call(ops_block.expert_sum, (c.env[n.src], _plan(c, n.routing)), n.id)
 
 
 def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:

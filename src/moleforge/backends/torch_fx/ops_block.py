@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotHidden, SlotMix, SlotSum
+from .ops_block_fused import CHUNK, RoutedFFN
+from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
 
-__all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "expert_sum", "expert_mix", "expert_lora",
+__all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "routed_ffn", "expert_sum", "expert_lora",
            "expert_lora_down", "expert_lora_up", "expert_ffn"]
 
 LinearArgs = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
@@ -84,31 +85,30 @@ def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None
 
 def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor | None,
                   gate_base: Tensor | None, activation: str) -> Tensor:
-    """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``.
-
-    With shared frozen projections this is one fused autograd function (``SlotHidden``)."""
+    """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``."""
     act = ACTIVATIONS[activation]
-    if up_base is not None and (gate is None or gate_base is not None):
-        zu = None if up[2] is None else _expert_z(x, plan, up[2])
-        args = (plan.token, plan.counts, activation, up_base, zu, up[3], up[4])
-        if gate is None:
-            return SlotHidden.apply(*args, None, None, None, 1.0)
-        zg = None if gate[2] is None else _expert_z(x, plan, gate[2])
-        return SlotHidden.apply(*args, gate_base, zg, gate[3], gate[4])
     u = _slot_linear(x, plan, up, up_base)
     if gate is None:
         return act(u)
     return act(_slot_linear(x, plan, gate, gate_base)) * u
 
 
+def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
+               gate_base: Tensor | None, activation: str, down_a: Tensor | None, chunk: int = CHUNK
+               ) -> tuple[Tensor, Tensor]:
+    """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a``) :func:`expert_lora_down`
+    of it, expert by expert in cache (``RoutedFFN``): ``((T, d_ff), (S, r))``. Needs the shared
+    frozen projections."""
+    zu = None if up[2] is None else _expert_z(x, plan, up[2])
+    zg = None if gate is None or gate[2] is None else _expert_z(x, plan, gate[2])
+    g = (None, None, 1.0) if gate is None else (zg, gate[3], gate[4])
+    return RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
+                           gate_base, *g, down_a, chunk)
+
+
 def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:
     """``Σ_i g_i h_i``: weighted scatter-add of the slots onto their tokens, ``(T, d_ff)``."""
     return SlotSum.apply(h, plan.gate, plan.token, plan.T)
-
-
-def expert_mix(h: Tensor, plan: SlotPlan, a: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`expert_sum` and :func:`expert_lora_down` of the same hidden states, in one op."""
-    return SlotMix.apply(h, plan.gate, plan.token, plan.T, plan.counts, a)
 
 
 def expert_lora_down(h: Tensor, plan: SlotPlan, a: Tensor) -> Tensor:

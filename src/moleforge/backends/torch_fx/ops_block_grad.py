@@ -1,7 +1,8 @@
-"""Autograd functions of routed FFN-block experts over sorted slots (``ops_block.SlotPlan``):
-each expert's low-rank products run on its own contiguous segment of slots, written in place,
-with hand-written backwards that keep few tensors and make few passes over the
-``(S, d_ff)`` slot tensors, in the GEMM orientation CPU BLAS runs fast.
+"""Pieces of routed FFN-block experts over sorted slots (``ops_block.SlotPlan``): the block
+activations and their fused backwards, and the autograd functions of the node-by-node ops
+(each expert's low-rank product on its own contiguous segment of slots, in the GEMM
+orientation CPU BLAS runs fast; the weighted sum with a gather-based backward). The fused
+form of a whole block is ``ops_block_fused.RoutedFFN``.
 
 Shapes: ``S`` slots sorted by expert, ``counts[e]`` of them for expert e; ``token (S,)``. With
 equal counts (a dense router) every grouped product is one batched GEMM; otherwise one GEMM
@@ -16,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotHidden", "SlotSum", "SlotMix",
-           "grouped_mm", "grouped_mm_t", "grouped_outer", "grouped_addmm_"]
+__all__ = ["ACTIVATIONS", "activation_backward", "SegmentMatmul", "SlotSum", "segments", "bounds",
+           "grouped_mm", "grouped_mm_t", "grouped_outer"]
 
 
-def _segments(counts: list[int]):
+def segments(counts: list[int]):
     """``(expert, start, stop)`` of every non-empty segment."""
     start = 0
     for e, n in enumerate(counts):
@@ -29,7 +30,7 @@ def _segments(counts: list[int]):
         start += n
 
 
-def _bounds(counts: list[int]):
+def bounds(counts: list[int]):
     """``(start, stop)`` of every segment, empty ones included."""
     start = 0
     for n in counts:
@@ -54,7 +55,7 @@ def grouped_mm_t(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     E, o, _ = w.shape
     if _uniform(counts):
         return _mm_few_columns(u.view(E, counts[0], -1), w.transpose(1, 2)).reshape(-1, o)
-    parts = [_mm_few_columns(u[lo:hi], w[e].T) for e, lo, hi in _segments(counts)]  # (n_e, o)
+    parts = [_mm_few_columns(u[lo:hi], w[e].T) for e, lo, hi in segments(counts)]  # (n_e, o)
     return torch.cat(parts) if parts else u.new_zeros(0, o)
 
 
@@ -63,7 +64,7 @@ def grouped_mm(g: Tensor, w: Tensor, counts: list[int]) -> Tensor:
     E, _, i = w.shape
     if _uniform(counts):
         return torch.bmm(g.view(E, counts[0], -1), w).reshape(-1, i)
-    parts = [g[lo:hi] @ w[e] for e, lo, hi in _segments(counts)]  # (n_e, i)
+    parts = [g[lo:hi] @ w[e] for e, lo, hi in segments(counts)]  # (n_e, i)
     return torch.cat(parts) if parts else g.new_zeros(0, i)
 
 
@@ -74,17 +75,7 @@ def grouped_outer(g: Tensor, u: Tensor, counts: list[int]) -> Tensor:
         return torch.bmm(g.view(E, counts[0], -1).transpose(1, 2), u.view(E, counts[0], -1))
     zero = g.new_zeros(g.shape[1], u.shape[1])
     return torch.stack([g[lo:hi].T @ u[lo:hi] if hi > lo else zero  # (o, i)
-                        for lo, hi in _bounds(counts)])
-
-
-def grouped_addmm_(out: Tensor, z: Tensor, b: Tensor, counts: list[int], alpha: float) -> None:
-    """``out[seg_e] += alpha · z[seg_e] @ b[e]ᵀ`` in place: ``(S, F), (S, r), (E, F, r)``."""
-    E = b.shape[0]
-    if _uniform(counts):
-        out.view(E, counts[0], -1).baddbmm_(z.view(E, counts[0], -1), b.transpose(1, 2), alpha=alpha)
-        return
-    for e, lo, hi in _segments(counts):
-        out[lo:hi].addmm_(z[lo:hi], b[e].T, alpha=alpha)  # (n_e, F)
+                        for lo, hi in bounds(counts)])
 
 
 class SegmentMatmul(torch.autograd.Function):
@@ -103,26 +94,6 @@ class SegmentMatmul(torch.autograd.Function):
         gu = grouped_mm(gy, w, ctx.counts) if ctx.needs_input_grad[0] else None  # (S, i)
         gw = grouped_outer(gy, u, ctx.counts) if ctx.needs_input_grad[1] else None  # (E, o, i)
         return gu, gw, None
-
-
-def _pre_activation(token: Tensor, counts: list[int], base: Tensor, z: Tensor | None, b: Tensor | None,
-                    scale: float) -> Tensor:
-    """``base[token] + scale · z_e b_eᵀ`` per segment: ``(T, F), (S, r), (E, F, r) -> (S, F)``."""
-    out = base.index_select(0, token)  # (S, F)
-    if z is not None:
-        grouped_addmm_(out, z, b, counts, scale)
-    return out
-
-
-def _pre_activation_grad(needs: tuple[bool, ...], token: Tensor, counts: list[int], d: Tensor,
-                         z: Tensor | None, b: Tensor | None, scale: float, T: int):
-    d_base = d_z = d_b = None
-    if needs[0]:
-        d_base = d.new_zeros(T, d.shape[1]).index_add_(0, token, d)  # (T, F)
-    if z is not None and (needs[1] or needs[2]):
-        d_z = grouped_mm_t(d, b.transpose(1, 2), counts) * scale  # (S, r)
-        d_b = grouped_outer(z, d, counts).transpose(1, 2) * scale  # (E, F, r)
-    return d_base, d_z, d_b
 
 
 def _quick_gelu(v: Tensor) -> Tensor:
@@ -156,42 +127,6 @@ def activation_backward(name: str, grad: Tensor, x: Tensor) -> Tensor:
     return torch.autograd.grad(out, pre, grad)[0]
 
 
-class SlotHidden(torch.autograd.Function):
-    """``h = act(G) ⊙ U`` (``act(U)`` without a gate) for every slot, with
-    ``U = up_base[token] + s_u · z_u B_uᵀ`` (expert by expert) and ``G`` alike: ``(S, d_ff)``.
-    Saves ``U``, ``G`` and ``act(G)``."""
-
-    @staticmethod
-    def forward(ctx, token: Tensor, counts: list[int], activation: str, up_base: Tensor, up_z: Tensor | None,
-                up_b: Tensor | None, up_scale: float, gate_base: Tensor | None, gate_z: Tensor | None,
-                gate_b: Tensor | None, gate_scale: float) -> Tensor:
-        U = _pre_activation(token, counts, up_base, up_z, up_b, up_scale)
-        ctx.activation, ctx.counts, ctx.T = activation, counts, up_base.shape[0]
-        ctx.scales = (up_scale, gate_scale)
-        act = ACTIVATIONS[activation]
-        if gate_base is None:
-            ctx.save_for_backward(token, U, None, None, up_z, up_b, None, None)
-            return act(U)
-        G = _pre_activation(token, counts, gate_base, gate_z, gate_b, gate_scale)
-        a = act(G)
-        ctx.save_for_backward(token, U, G, a, up_z, up_b, gate_z, gate_b)
-        return a * U
-
-    @staticmethod
-    def backward(ctx, dh: Tensor):
-        token, U, G, a, up_z, up_b, gate_z, gate_b = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if G is None:
-            dU, dG = activation_backward(ctx.activation, dh, U), None
-        else:
-            dU = dh * a
-            dG = activation_backward(ctx.activation, dh * U, G)
-        up = _pre_activation_grad(needs[3:6], token, ctx.counts, dU, up_z, up_b, ctx.scales[0], ctx.T)
-        gate = (None, None, None) if G is None else _pre_activation_grad(
-            needs[7:10], token, ctx.counts, dG, gate_z, gate_b, ctx.scales[1], ctx.T)
-        return (None, None, None, *up, None, *gate, None)
-
-
 class SlotSum(torch.autograd.Function):
     """``y[t] = Σ_{slots s of token t} g_s h_s``: ``h (S, F)``, ``gate (S,)`` -> ``(T, F)``."""
 
@@ -208,25 +143,3 @@ class SlotSum(torch.autograd.Function):
         d_h = rows.mul_(gate[:, None]) if ctx.needs_input_grad[0] else None
         return d_h, d_gate, None, None
 
-
-class SlotMix(torch.autograd.Function):
-    """:class:`SlotSum` and the experts' own down-projections of the same slots in one function:
-    ``(Σ_s g_s h_s per token (T, F), z (S, r))`` with ``z[seg_e] = h[seg_e] @ a[e]ᵀ``. The backward
-    builds ``∂h`` in one buffer (gathered ``∂y`` times the gate, plus ``∂z a_e`` in place)."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, gate: Tensor, token: Tensor, T: int, counts: list[int], a: Tensor):
-        ctx.save_for_backward(h, gate, token, a)
-        ctx.counts = counts
-        y = h.new_zeros(T, h.shape[1]).index_add_(0, token, h * gate[:, None])  # (T, F)
-        return y, grouped_mm_t(h, a, counts)  # (S, r)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor, gz: Tensor):
-        h, gate, token, a = ctx.saved_tensors
-        rows = gy.index_select(0, token)  # (S, F)
-        d_gate = torch.linalg.vecdot(rows, h) if ctx.needs_input_grad[1] else None  # (S,)
-        d_h = rows.mul_(gate[:, None])
-        grouped_addmm_(d_h, gz, a.transpose(1, 2), ctx.counts, 1.0)  # += gz[seg_e] a[e]
-        d_a = grouped_outer(gz, h, ctx.counts) if ctx.needs_input_grad[5] else None  # (E, r, F)
-        return d_h, d_gate, None, None, None, d_a
