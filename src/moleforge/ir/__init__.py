@@ -4,6 +4,7 @@ reference interpreter that defines the semantics."""
 from .graph import Graph, width_of
 from .interpret import Result, eval_expr, interpret
 from .nodes import (
+    ROUTING_NODES,
     AbsTopK,
     Add,
     AuxLoss,
@@ -19,7 +20,6 @@ from .nodes import (
     Node,
     OuterGate,
     PoolMix,
-    ROUTING_NODES,
     Route,
     SiblingLinear,
     SigmoidTopK,
