@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ class NaiveModel(nn.Module):
         self.model, self.sink = model, []
         for p in model.parameters():
             p.requires_grad_(False)
-        for name, module in list(model.named_modules()):
+        for module in list(model.modules()):
             for child in PROJECTIONS:
                 if isinstance(getattr(module, child, None), nn.Linear):
                     setattr(module, child, NaiveMoLoRA(getattr(module, child), sink=self.sink))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from hypothesis import given
+from pass_properties import check_pass
+from pass_strategies import build, cases, pool_graphs, tokens
 
 from moleforge.ir import BlockGate, GroupedMix, OuterGate, PoolMix
 from moleforge.passes import ChoosePoolKernels, choose_pool_kernels, pool_cost
 from moleforge.specs import DenseRouter, ExpertPool, Shared, TopKRouter
-from pass_properties import check_pass
-from pass_strategies import build, cases, pool_graphs, tokens
 
 
 @given(case=cases(pool_graphs()))

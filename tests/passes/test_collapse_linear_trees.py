@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from pass_properties import check_pass
+from pass_strategies import build, cases, identity_trees, tokens
 
 from moleforge.ir import GateBias, TreeMix, TreePathGates, interpret
 from moleforge.passes import collapse_linear_trees
 from moleforge.specs import ResidualTree, TreeLevel, TreeRouter
-from pass_properties import check_pass
-from pass_strategies import build, cases, identity_trees, tokens
 from strategies import graphs, make_params
 from tolerances import assert_close
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from pass_properties import check_pass
+from pass_strategies import build, cases, one_expert_pools, tokens
 
 from moleforge.ir import BlockGate, GroupedMix, Linear, PoolMix, Route, print_graph
 from moleforge.passes import fold_static_gates
 from moleforge.specs import DenseRouter, ExpertPool, SwitchLoadBalance, TopKRouter
-from pass_properties import check_pass
-from pass_strategies import build, cases, one_expert_pools, tokens
 from strategies import graphs
 
 

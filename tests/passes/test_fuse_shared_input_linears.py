@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from hypothesis import given
+from pass_properties import check_pass
+from pass_strategies import build, cases, pipeline_prefix
 
 from moleforge.ir import Columns, Linear, print_graph
 from moleforge.passes import choose_pool_kernels, fuse_shared_input_linears, run_pipeline
 from moleforge.specs import ExpertPool, LoRA, TopKRouter
-from pass_properties import check_pass
-from pass_strategies import build, cases, pipeline_prefix
 from strategies import graphs
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 from hypothesis import given
+from pass_properties import check_pass, lowered
+from pass_strategies import build, cases, pool_graphs
 
 from moleforge.ir import GroupedMix, interpret
 from moleforge.passes import group_pools
 from moleforge.specs import DenseRouter, ExpertPool, SigmoidTopKRouter, TopKRouter
-from pass_properties import check_pass, lowered
-from pass_strategies import build, cases, pool_graphs
 from strategies import make_params
 from tolerances import assert_close
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from hypothesis import given
+from pass_properties import check_pass
+from pass_strategies import build, cases, tree_graphs
 
 from moleforge.ir import Linear, TreeMix, TreePropagate, expr_shape, print_graph
 from moleforge.passes import hoist_tree_down_projections
 from moleforge.specs import presets
-from pass_properties import check_pass
-from pass_strategies import build, cases, tree_graphs
 
 
 @given(case=cases(tree_graphs()))

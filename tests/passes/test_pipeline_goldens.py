@@ -43,6 +43,7 @@ def test_printed_ir_before_and_after_every_pass(preset):
 @pytest.mark.parametrize("preset", presets.names())
 def test_pipeline_keeps_every_preset_exact(preset):
     from pass_properties import check_pass
+
     from moleforge.passes import run_pipeline as run
 
     graph = build_graph(presets.load(preset).sites[0].adapter, SiteShape("site", 12, 10))

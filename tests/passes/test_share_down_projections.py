@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from hypothesis import given
+from pass_properties import check_pass
+from pass_strategies import build, cases, pool_graphs
 
 from moleforge.ir import OuterGate, PoolMix, print_graph
 from moleforge.passes import share_down_projections
 from moleforge.specs import presets
-from pass_properties import check_pass
-from pass_strategies import build, cases, pool_graphs
 
 
 @given(case=cases(pool_graphs()))

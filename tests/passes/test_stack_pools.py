@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from hypothesis import given
+from pass_properties import check_pass
+from pass_strategies import build, cases, pool_graphs
 
 from moleforge.ir import BlockGate, PoolMix, print_graph
 from moleforge.passes import stack_pools
 from moleforge.specs import ExpertPool, TopKRouter
-from pass_properties import check_pass
-from pass_strategies import build, cases, pool_graphs
 
 
 @given(case=cases(pool_graphs()))

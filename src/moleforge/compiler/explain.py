@@ -35,7 +35,15 @@ from ..ir import (
     TreeRoute,
     print_graph,
 )
-from ..passes import DEFAULT_PIPELINE, ChoosePoolKernels, Pass, group_pools, pool_cost, run_pipeline
+from ..passes import (
+    DEFAULT_PIPELINE,
+    ChoosePoolKernels,
+    Pass,
+    fuse_sibling_sites,
+    group_pools,
+    pool_cost,
+    run_pipeline,
+)
 from .flops import forward_flops
 from .siblings import find_siblings
 
@@ -68,11 +76,12 @@ def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     from .compile import as_spec, build_site_graphs
 
     spec = as_spec(spec)
-    sites, plain, final = build_site_graphs(spec, model, passes, siblings)
+    sites, plain, final = build_site_graphs(spec, model, passes, siblings=False)
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
     note = ""
     if (passes is None) if siblings is None else siblings:
-        note = find_siblings(model, list(final)).note
+        found = find_siblings(model, list(final))
+        final, note = fuse_sibling_sites(final, found.groups), found.note
     rows = site_rows([s.name for s in sites], plain, final)
     return explain_graphs(spec.name or "adapter", type(model).__name__, rows, pipeline, note, ir)
 
@@ -211,7 +220,9 @@ def _describe(g: Graph) -> str:
     pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate))), None)
     rank = pool.a.shape[1] if isinstance(pool, (PoolMix, GroupedMix)) else getattr(pool, "rank", "?")
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
-    return f"pool of {route.experts} experts of rank {rank}{shared}, {_router_text(route)}{tail}"
+    always = g.param_decls.get("shared_A")
+    extra = f", plus an always-on shared LoRA of rank {always.shape[0]}" if always is not None else ""
+    return f"pool of {route.experts} experts of rank {rank}{shared}, {_router_text(route)}{extra}{tail}"
 
 
 def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:

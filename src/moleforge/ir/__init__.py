@@ -4,6 +4,7 @@ reference interpreter that defines the semantics."""
 from .graph import Graph, width_of
 from .interpret import Result, block_activation, eval_expr, interpret
 from .nodes import (
+    ROUTING_NODES,
     AbsTopK,
     Add,
     AuxLoss,
@@ -25,7 +26,6 @@ from .nodes import (
     Node,
     OuterGate,
     PoolMix,
-    ROUTING_NODES,
     Route,
     SiblingLinear,
     SigmoidTopK,

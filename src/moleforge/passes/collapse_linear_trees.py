@@ -25,6 +25,8 @@ are left unchanged (pure code-size choice; the math does not need it).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..ir import (
     Add,
     BlockColumns,
@@ -82,9 +84,7 @@ def _collapse(n, graph, ids):
     for l in range(len(n.levels)):
         out += _level(n, l, prev, ids)
         prev = out[-1].id
-    last = out[-1]
-    renamed = type(last)(**{**{f: getattr(last, f) for f in last.__dataclass_fields__}, "id": n.id})
-    return out[:-1] + [renamed]
+    return out[:-1] + [replace(out[-1], id=n.id)]
 
 
 def collapse_linear_trees(graph):

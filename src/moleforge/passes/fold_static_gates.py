@@ -38,8 +38,7 @@ def _fold(n, graph, ids):
             return (h, Linear(id=n.id, src=h.id, weight=Pick(n.b, 0), scale=n.scale, origin=n.origin))
         case BlockGate() | OuterGate() if _static(graph, n.routing) and _scalable_consumer(graph, n.id):
             return ()
-        case Linear() if _folded_gate(graph, n.src) is not None:
-            gate = _folded_gate(graph, n.src)
+        case Linear() if (gate := _folded_gate(graph, n.src)) is not None:
             return (Linear(id=n.id, src=gate.src, weight=n.weight, bias=n.bias, scale=n.scale * gate.scale,
                            origin=n.origin),)
     return None

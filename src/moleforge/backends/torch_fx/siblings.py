@@ -84,7 +84,7 @@ class SiblingGroup:
 
     def _fuse(self, x: Tensor, base: Tensor, key: tuple) -> None:
         weights, biases = [], []
-        for module, w, b, start, stop in self._members:
+        for module, w, b, _, _ in self._members:
             weights.append(param_value(w, module))
             biases.append(param_value(b, module) if b is not None else None)
         bias = None
