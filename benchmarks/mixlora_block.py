@@ -1,10 +1,11 @@
 """MixLoRA train step (forward + backward) on a small Llama: moleforge's routed FFN blocks
 against the ``mixlora`` package's injection of the same adapter, and the frozen base.
 
-    python benchmarks/mixlora_block.py [--steps 7] [--vocab 4096]
+    python benchmarks/mixlora_block.py [--steps 7] [--vocab 32000]
 
-Model: Llama from a config (hidden 512, 4 layers, 8 heads, intermediate 1408), batch 4 × 256
-tokens, float32, 2 threads, evaluation mode (no dropout). Adapter: MixLoRA E = 8, top-2,
+Model: the Llama of ``benchmarks/train_step.py``, from ``LlamaConfig(hidden_size=512,
+intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)`` (vocabulary 32000),
+batch 4 × 256 tokens, float32, 2 threads, evaluation mode (no dropout). Adapter: MixLoRA E = 8, top-2,
 r = 8, alpha 16 on gate/up/down of every FFN block, plain LoRA r = 8 on q/k/v/o, written in
 the package's format with random non-zero weights and loaded by both. The frozen base
 back-propagates to its input embeddings, and so do the adapted models, so the three do the
@@ -38,8 +39,7 @@ E, K, R, ALPHA = 8, 2, 8, 16
 def base_model(vocab: int) -> tf.LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=vocab,
-                         max_position_embeddings=SEQ)
+                         num_attention_heads=HEADS, vocab_size=vocab)
     model = tf.LlamaForCausalLM(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -110,7 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32000,
+                    help="LlamaConfig's default, as benchmarks/train_step.py")
     ap.add_argument("--cpu-steps", type=int, default=5,
                     help="then also time this many steps as CPU time on 1 thread (0: skip)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "mixlora_block.json"))
@@ -125,7 +126,7 @@ def main() -> None:
         handle = mf.import_mixlora(ours, tmp)
         theirs = package_model(args.vocab, Path(tmp))
     for model in (frozen, ours, theirs):  # the same backward through the whole frozen base for all three
-        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        model.enable_input_require_grads()
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
     variants = {"frozen_base": frozen, "moleforge_mixlora": ours, "mixlora_package": theirs}
