@@ -9,8 +9,8 @@ runs of experts' slots (a few MB per tensor) through the whole chain while they 
     U = up_base[t] + s_u z_u B_uᵀ,  G = gate_base[t] + s_g z_g B_gᵀ,  h = act(G) ⊙ U,
     y[t] += g h,  z = h A_eᵀ,
 
-keeping ``U`` and ``G`` for the backward, which recomputes ``act(G)`` and ``h`` run by run
-and never materialises ``∂h``. Same values as the node-by-node ops (summation order
+keeping ``U``, ``G`` and ``act(G)`` for the backward, which recomputes ``h`` run by run and
+never materialises ``∂h``. Same values as the node-by-node ops (summation order
 aside).
 """
 
@@ -111,7 +111,7 @@ class RoutedFFN(torch.autograd.Function):
                 gate_z: Tensor | None, gate_b: Tensor | None, gate_scale: float, down_a: Tensor | None,
                 chunk: int = CHUNK):
         S, F = token.shape[0], up_base.shape[1]
-        U = up_base.new_empty(S, F)
+        U, act = up_base.new_empty(S, F), up_base.new_empty(S, F)
         G = None if gate_base is None else up_base.new_empty(S, F)
         y = up_base.new_zeros(T, F)
         z = up_base.new_empty(S, 0 if down_a is None else down_a.shape[1])
@@ -121,20 +121,20 @@ class RoutedFFN(torch.autograd.Function):
             tok, span, h = token[lo:hi], slice(lo, hi), buf[:hi - lo]
             _pre_into(U[span], up_base, tok, up_z, up_b, parts, up_scale)
             if G is None:
-                _act_into(activation, U[span], h)
+                h = _act_into(activation, U[span], act[span])
             else:
                 _pre_into(G[span], gate_base, tok, gate_z, gate_b, parts, gate_scale)
-                _act_into(activation, G[span], h).mul_(U[span])
+                h = torch.mul(_act_into(activation, G[span], act[span]), U[span], out=h)
             for e, a, b in parts if down_a is not None else ():
                 z[a:b] = _few_columns(h[a - lo:b - lo], down_a[e].T)  # (n_e, r)
-            y.index_add_(0, tok, h.mul_(gate[span, None]))
-        ctx.save_for_backward(token, gate, U, G, up_z, up_b, gate_z, gate_b, down_a)
+            y.index_add_(0, tok, torch.mul(h, gate[span, None], out=buf[:hi - lo]))
+        ctx.save_for_backward(token, gate, U, G, act, up_z, up_b, gate_z, gate_b, down_a)
         ctx.meta = (counts, T, activation, up_scale, gate_scale, chunk)
         return y, z
 
     @staticmethod
     def backward(ctx, gy: Tensor, gz: Tensor | None):
-        token, gate, U, G, up_z, up_b, gate_z, gate_b, down_a = ctx.saved_tensors
+        token, gate, U, G, act, up_z, up_b, gate_z, gate_b, down_a = ctx.saved_tensors
         counts, T, activation, up_scale, gate_scale, chunk = ctx.meta
         needs = ctx.needs_input_grad
         F = U.shape[1]
@@ -145,12 +145,11 @@ class RoutedFFN(torch.autograd.Function):
         d_a = _zeros_like(down_a, gz is not None)
         chunks = list(_chunks(counts, F, chunk))
         m = max((hi - lo for lo, hi, _ in chunks), default=0)
-        rows_buf, act_buf, h_buf = (U.new_empty(m, F) for _ in range(3))
+        rows_buf, h_buf = U.new_empty(m, F), U.new_empty(m, F)
         for lo, hi, parts in chunks:
             tok, span, n = token[lo:hi], slice(lo, hi), hi - lo
-            rows, a = rows_buf[:n], act_buf[:n]
+            rows, a = rows_buf[:n], act[span]
             torch.index_select(gy, 0, tok, out=rows)  # ∂y at each slot's token
-            _act_into(activation, U[span] if G is None else G[span], a)
             h = a if G is None else torch.mul(a, U[span], out=h_buf[:n])
             d_gate[span] = torch.linalg.vecdot(rows, h)
             dh = rows.mul_(gate[span, None])
@@ -161,7 +160,7 @@ class RoutedFFN(torch.autograd.Function):
                 dU = _act_grad_into(activation, dh, U[span], h_buf[:n])
             else:
                 dU = torch.mul(dh, a, out=h_buf[:n])
-                dG = _act_grad_into(activation, dh.mul_(U[span]), G[span], a)
+                dG = _act_grad_into(activation, dh.mul_(U[span]), G[span], dh)
                 _pre_grad(dG, tok, gate_z, gate_b, parts, lo, gate_scale, gate_grads)
             _pre_grad(dU, tok, up_z, up_b, parts, lo, up_scale, up_grads)
         return (None, d_gate, None, None, None, *up_grads, None, *gate_grads, None, d_a, None)
