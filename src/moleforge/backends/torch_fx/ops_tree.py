@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops_tree_prop import propagate_all
 from .serial import one_thread, serial_call
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
@@ -51,10 +52,11 @@ def _act(name: str, v: Tensor) -> Tensor:
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
                generator: torch.Generator | None = None) -> TreeRouting:
-    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`), on one
-    intra-op thread (``serial.py``)."""
-    return serial_call(_route, xd, levels, fanouts, gate, conventions, query_activation, temperature,
-                       training, generator)
+    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`). The forward
+    runs on one intra-op thread (``serial.py``); its backward is left to autograd, where
+    recording a private graph for it costs more than its small kernels gain."""
+    with one_thread():
+        return _route(xd, levels, fanouts, gate, conventions, query_activation, temperature, training, generator)
 
 
 def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
@@ -247,7 +249,10 @@ def _mix(w: Tensor, msg: Tensor) -> Tensor:
 
 def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
                    position: str = "all") -> Tensor:
-    """:func:`_propagate` on one intra-op thread (``serial.py``)."""
+    """:func:`_propagate` on one intra-op thread (``serial.py``; position ``all`` is one
+    autograd function, ``ops_tree_prop.py``, that switches threads itself)."""
+    if position == "all":
+        return propagate_all(h_all, indices, weights, levels, activation)
     return serial_call(_propagate, h_all, indices, weights, levels, activation, position)
 
 
@@ -262,6 +267,8 @@ def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, acti
     hidden) and the weight ``[c B_nᵀ stacked; c b_n + w; Wᵀ]``, so ``u_{l,e} + W h_child + w``
     comes out of one product, without gathering per-expert results.
     """
+    if position == "all":
+        return propagate_all(h_all, indices, weights, levels, activation)
     T = h_all.shape[0]
     off, h = 0, h_all
     for l, (B, b_bias, W, W_bias, scale) in enumerate(levels):
