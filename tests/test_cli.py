@@ -16,9 +16,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import moleforge as mf
 from models import VOCAB, tiny
 from moleforge.cli import main
-from moleforge.cli.flops import base_flops_per_token, flops_per_token
 from moleforge.cli.schema_doc import render_reference
+from moleforge.compiler import as_spec, build_site_graphs
+from moleforge.compiler.flops import base_flops_per_token, flops_per_token, node_flops
 from moleforge.demo.tasks import make_tokenizer, task_records
+from moleforge.ir import BlockGate, GateBias, GroupedMix, TreeMix, TreePropagate
+from moleforge.passes import group_pools, stack_pools
 from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +101,7 @@ def test_flops_from_ir_match_what_torch_counts(preset):
     for name, module in handle.modules.items():
         graph = handle.graphs[name]
         if graph.frozen:
-            continue  # ffn_block sites read the block's frozen weights: counted in test_block_flops
+            continue  # ffn_block sites read the block's frozen weights: test_flops_of_ffn_block_experts_*
         T = 5
         x = torch.randn(T, graph.d_in)
         module.site.eval()
@@ -112,15 +115,82 @@ def test_flops_from_ir_match_what_torch_counts(preset):
         assert base_flops_per_token(graph) == 2 * graph.d_in * graph.d_out
 
 
-def test_flops_of_lora_and_a_pool_follow_their_formulas():
-    model = tiny("llama")
-    lora = mf.compile("lora", model)
-    g = lora.graphs["model.layers.0.mlp.up_proj"]  # 32 -> 64, rank 8
-    assert flops_per_token(g) == 2 * 8 * (32 + 64)
-    lora.remove()
-    pool = mf.compile("molora", model)
-    g = pool.graphs["model.layers.0.mlp.up_proj"]  # 8 experts of rank 8 run densely, plus the router
-    assert flops_per_token(g) == 8 * 2 * 8 * (32 + 64) + 2 * 8 * 32
+def _graphs(spec, site: str, **kw):
+    """The plain and the optimised graph of one site of tiny("llama")."""
+    _, plain, final = build_site_graphs(as_spec(spec), tiny("llama"), **kw)
+    return plain[site], final[site]
+
+
+def test_flops_of_a_lora_follow_their_formula():
+    d_in, d_out, r = 32, 64, 8  # up_proj of tiny("llama"), the lora preset's rank
+    plain, final = _graphs("lora", "model.layers.0.mlp.up_proj", siblings=False)
+    assert flops_per_token(plain) == flops_per_token(final) == 2 * r * (d_in + d_out)
+    assert base_flops_per_token(final) == 2 * d_in * d_out
+
+
+def test_flops_of_a_molora_pool_stacked_and_grouped():
+    """E = 8 experts of rank r = 8, top-k = 2, on up_proj (32 -> 64): the router runs on every
+    token; the loop and the stacked (block-gated) kernel run all E experts, the grouped kernel the
+    k selected. The gate products of the stacked form are element-wise and not counted."""
+    E, k, r, d_in, d_out = 8, 2, 8, 32, 64
+    router = 2 * E * d_in
+    plain, _ = _graphs("molora", "model.layers.0.mlp.up_proj", passes=())
+    stacked, grouped = stack_pools(plain), group_pools(plain)
+    assert any(isinstance(n, BlockGate) for n in stacked.nodes)
+    assert any(isinstance(n, GroupedMix) for n in grouped.nodes)
+    assert flops_per_token(plain) == router + 2 * E * r * (d_in + d_out) == 12_800
+    assert flops_per_token(stacked) == router + 2 * E * r * (d_in + d_out)
+    assert flops_per_token(grouped) == router + 2 * k * r * (d_in + d_out) == 3_584
+
+
+def test_flops_of_an_smore_tree_follow_a_hand_count():
+    """The smore preset on up_proj (32 -> 64): router input x_down = down_w x (m = 32); pools
+    l = 0 (leaves) and 1 of s = 4 experts of rank 8, fanouts 2 and 2, query width g = 32,
+    key width 32; d_1 = 32 between the levels, d_2 = 64; W_1 (64, 32); proj (64, 64)."""
+    d_in, m, g, key, s, r, d1, d2 = 32, 32, 32, 32, 4, 8, 32, 64
+    x_down = 2 * m * d_in
+    # pool 1 (the top) routes 1 context from z = x_down; pool 0 routes f_1 = 2 contexts from
+    # z = [x_down, the chosen pool-1 key]: per context a query MLP (g x in, g x g) and s keys
+    route = 1 * 2 * (g * m + g * g + s * g) + 2 * 2 * (g * (m + key) + g * g + s * g)
+    # every expert's residual B (A x) once: pool 0 32 -> 8 -> d_1, pool 1 32 -> 8 -> d_2;
+    # W_1 at the F_1 = f_1 = 2 tree nodes drawn from pool 1
+    residuals = 2 * s * r * (d_in + d1) + 2 * s * r * (d_in + d2)
+    transforms = 2 * (2 * d2 * d1)
+    proj = 2 * d2 * d2
+    total = x_down + route + residuals + transforms + proj
+    plain, final = _graphs("smore", "model.layers.0.mlp.up_proj", siblings=False)
+    assert any(isinstance(n, TreeMix) for n in plain.nodes)
+    assert any(isinstance(n, TreePropagate) for n in final.nodes)  # its down-projections in one GEMM
+    assert flops_per_token(plain) == flops_per_token(final) == total == 45_824
+
+
+def test_flops_of_gated_biases_are_their_gemm():
+    """A collapsed linear tree adds its per-expert biases as ``g @ bias (E, d)``: a GEMM torch
+    counts; a shared bias ``(d,)`` is scaled element-wise and costs no GEMM."""
+    tree = mf.presets.load("smore").model_dump()
+    tree["sites"][0]["adapter"]["activation"] = "identity"
+    _, g = _graphs(tree, "model.layers.0.mlp.up_proj", siblings=False)
+    biases = {n.id: n for n in g.nodes if isinstance(n, GateBias)}
+    assert {i: node_flops(g, n) for i, n in biases.items()} == \
+        {"tree0_bbias": 2 * 4 * 32, "tree1_bbias": 2 * 4 * 64, "tree1_wbias": 0}
+    gates = torch.rand(5, 4)
+    with FlopCounterMode(display=False) as counter:
+        gates @ torch.randn(4, 64)
+    assert counter.get_total_flops() == 5 * node_flops(g, biases["tree1_bbias"])
+
+
+def test_flops_of_ffn_block_experts_follow_their_formulas():
+    """mixlora's FFN-block site (gate/up 32 -> 64, down 64 -> 32; 8 experts of rank 8, top-2):
+    the plain node runs the frozen GEMMs and the LoRAs of each selected expert; the block
+    rewrites compute the frozen GEMMs once. The base is the frozen block's three GEMMs."""
+    k, r, d, d_ff = 2, 8, 32, 64
+    router, frozen, lora = 2 * 8 * d, 2 * d * d_ff, 2 * r * (d + d_ff)
+    handle = mf.compile("mixlora", tiny("llama"))
+    name = "model.layers.0.mlp"
+    plain, final = handle.plain_graphs[name], handle.graphs[name]
+    assert flops_per_token(plain) == router + k * 3 * (frozen + lora) == 34_304
+    assert flops_per_token(final) == router + 3 * frozen + k * 3 * lora == 22_016
+    assert base_flops_per_token(final) == 3 * frozen
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -137,6 +207,21 @@ def test_inspect_reports_sites_parameters_gamma_and_ir(model_dir, tmp_path):
         assert re.search(rf"model\.layers\.\*\.mlp\.{role} +2 +0-1 +{dims}", out), role
     assert "tree_route %x_down gate=switch" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("preset", ["lora", "molora", "smore"])
+def test_inspect_and_explain_print_the_same_flops(preset, model_dir):
+    """Per kind of site, inspect's adapter and base-linear FLOPs are explain's optimised and base ones."""
+    out = run("inspect", preset, "--model", model_dir).output
+    table = {m[1]: (m[2], m[3]) for m in re.finditer(r"^  (model\.\S+) +([\d,]+) +([\d,]+) ", out, re.M)}
+    text = mf.explain(preset, tiny("llama"), ir="none")
+    explained = {}
+    for block in text.split("\n== ")[1:]:
+        where = re.sub(r"\{[\d,]+\}", "*", block.split()[0])
+        optimised = re.search(r"-> ([\d,]+) optimised", block)[1]
+        base = re.search(r"base FLOPs +([\d,]+) per token", block)[1]
+        explained[where] = (base, optimised)
+    assert table and table == explained
 
 
 def test_inspect_one_site(model_dir):

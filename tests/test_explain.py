@@ -16,8 +16,10 @@ def test_molora_on_llama_reads_as_seven_groups():
     assert "14 adapted linears in 7 groups of identical sites; 69,632 trainable parameters" in text
     assert "== model.layers.{0,1}.self_attn.q_proj  (2 sites, d_in 32 -> d_out 32)" in text
     assert "pool of 8 experts of rank 8, softmax top-2; aux switch_lb 0.01" in text
-    # router 2·8·32 + every expert 2·8·8·(32 + 32) FLOPs per token, before the passes
-    assert "FLOPs/token  forward 8.7K plain -> 8.8K optimised (the selected experts alone: 2.6K)" in text
+    # router 2·8·32 + every expert 2·8·8·(32 + 32) FLOPs per token, before and after the passes
+    # (the block-gated form's gate products are element-wise); the top-2 alone 2·8·32 + 2·2·8·(32 + 32)
+    assert "FLOPs/token  forward 8,704 plain -> 8,704 optimised (the selected experts alone: 2,560)" in text
+    assert "base FLOPs   2,048 per token in the frozen linear (the adapter runs beside it)" in text
     assert "kernel       dense block-gated LoRA of rank 64; cost model at 2,048 tokens" in text
     assert "siblings     one input GEMM for {q_proj,k_proj,v_proj}; this site reads its columns 72:144" in text
     assert "Γ            28 = C(8,2) expert sets per token" in text

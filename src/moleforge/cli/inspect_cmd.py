@@ -11,10 +11,10 @@ import click
 
 from .. import passes
 from ..compiler import build_site_graphs, count_parameters, structural_flexibility
+from ..compiler.flops import base_flops_per_token, flops_per_token
 from ..compiler.sites import ResolvedSite
 from ..ir import Graph, print_graph
 from .common import friendly_errors, load_model, load_spec
-from .flops import base_flops_per_token, flops_per_token
 
 __all__ = ["inspect_cmd", "group_sites"]
 

@@ -1,7 +1,8 @@
 """``mf.explain(spec, model)`` and ``handle.explain()``: what the compiler made of each site.
 
 For every group of identical sites (same plain IR, same optimised IR): where they are, the
-adapter, its parameters, forward FLOPs per token before and after the passes, the kernel the
+adapter, its parameters, forward FLOPs per token before and after the passes (next to the
+frozen module's; counted by :mod:`.flops`, as ``moleforge inspect`` counts them), the kernel the
 lowering runs (with the cost model's estimates for pools), the sibling sites it shares its
 input GEMM with, Γ (routing structures per token), and the IR: the plain graph, what each pass
 changed, and the final graph.
@@ -44,7 +45,7 @@ from ..passes import (
     pool_cost,
     run_pipeline,
 )
-from .flops import forward_flops
+from .flops import base_flops_per_token, flops_per_token
 from .siblings import find_siblings
 
 __all__ = ["explain", "explain_graphs", "site_rows"]
@@ -153,6 +154,7 @@ def _group(members: list[_Site], pipeline: Sequence[Pass], ir: IRView, same_as: 
     lines += _field("adapter", _describe(g))
     lines += _field("parameters", _parameters(g))
     lines += _field("FLOPs/token", _flops(g, final))
+    lines += _field("base FLOPs", _base_flops(final))
     lines += _field("kernel", _kernel(final, pipeline))
     sib = next((n for n in final.nodes if isinstance(n, SiblingLinear)), None)
     if sib is not None:
@@ -171,18 +173,20 @@ def _group(members: list[_Site], pipeline: Sequence[Pass], ir: IRView, same_as: 
 
 
 def _flops(plain: Graph, final: Graph) -> str:
-    text = f"forward {_si(forward_flops(plain))} plain -> {_si(forward_flops(final))} optimised"
+    """Forward FLOPs per token of the plain and the optimised graph, and of the plain graph with
+    its pools computed for the selected experts only."""
+    text = f"forward {flops_per_token(plain):,} plain -> {flops_per_token(final):,} optimised"
     sparse = group_pools(plain)
     if sparse is not plain:
-        text += f" (the selected experts alone: {_si(forward_flops(sparse))})"
+        text += f" (the selected experts alone: {flops_per_token(sparse):,})"
     return text
 
 
-def _si(v: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if v >= scale:
-            return f"{v / scale:.1f}{unit}"
-    return f"{v:.0f}"
+def _base_flops(final: Graph) -> str:
+    """Forward FLOPs per token of the frozen module the site adapts."""
+    where = ("in the frozen block (included above: the routed block replaces it)" if final.frozen
+             else "in the frozen linear (the adapter runs beside it)")
+    return f"{base_flops_per_token(final):,} per token {where}"
 
 
 def _parameters(g: Graph) -> str:

@@ -1,83 +1,177 @@
-"""Forward FLOPs per token of a site graph (2 per multiply-add of a GEMM, 1 per elementwise
-product), for ``explain``. Routing softmaxes, top-k and aux losses are not counted."""
+"""FLOPs per token of a site's IR graph, read off the node kinds and parameter shapes: the one
+count behind ``moleforge.explain`` / ``handle.explain()`` and ``moleforge inspect``.
+
+What is counted: one token's forward pass (evaluation mode), 2 FLOPs per multiply-add of every
+matrix product with a weight matrix that a node performs, as the node is defined in
+:mod:`moleforge.ir.nodes`, so that a graph before and after the passes is priced by the kernels
+it names:
+
+- ``Linear`` / ``SiblingLinear``: ``2·in·out`` (a sibling counts its own columns of the shared
+  GEMM);
+- ``PoolMix``: every one of the E experts, ``2·E·r·(d_in + d_out)``; ``GroupedMix``: only the
+  k selected, ``2·k·r·(d_in + d_out)`` (a dense router activates all E);
+- ``TreeRoute``: per pool l, every context (``Π_{j>l} f_j``) runs the query MLP and scores the
+  pool's ``s_l`` keys, ``2·(g·in_l + g·g + s_l·g)`` each;
+- ``TreeMix``: every expert's residual once, ``2·s_l·r_l·(d_in + d_{l+1})`` per pool, plus the
+  level transform ``W_l`` at each of the ``F_l = Π_{j≥l} f_j`` tree nodes drawn from pool l > 0,
+  ``2·F_l·d_l·d_{l+1}``; ``TreePropagate`` the same without the down-projections (their GEMM is
+  a ``Linear`` of the graph);
+- ``GateBias`` with per-expert biases ``(E, d)``: the product ``g @ bias``, ``2·E·d``;
+- FFN-block experts (``ExpertFFN`` / ``ExpertHidden`` / ``ExpertLoRA``): per active expert, its
+  LoRAs and the block's frozen GEMMs not computed once outside the experts.
+
+Not counted: element-wise work (the gate products of ``BlockGate`` / ``OuterGate``, the gated
+sums of pools, trees and ``ExpertSum``, activations, bias adds, ``Add``), routing softmaxes and
+top-k, aux losses, and training-only noise (``Jitter``, the noisy tree gate's projection). This is
+what ``torch.utils.flop_counter`` counts when the lowered site runs, except that the runtime
+computes tree routers and tree levels in other (algebraically equal) ways.
+"""
 
 from __future__ import annotations
 
 import math
 
 from ..ir import (
+    AbsTopK,
+    Add,
+    AuxLoss,
     BlockGate,
+    Columns,
+    DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     GateBias,
     Graph,
     GroupedMix,
+    Input,
+    Jitter,
     Linear,
+    Node,
     OuterGate,
     PoolMix,
+    Route,
     SiblingLinear,
+    SigmoidTopK,
+    SoftmaxTopK,
+    StaticGate,
     TreeMix,
+    TreePathGates,
     TreePropagate,
     TreeRoute,
     expr_shape,
 )
 
-__all__ = ["forward_flops"]
+__all__ = ["flops_per_token", "node_flops", "base_flops_per_token"]
 
 
-def forward_flops(graph: Graph) -> float:
-    """FLOPs of one token's forward pass through ``graph``."""
-    return sum(_node(graph, n) for n in graph.nodes)
+def flops_per_token(graph: Graph) -> int:
+    """Forward FLOPs one token spends in ``graph`` (the sum of :func:`node_flops`). For a linear
+    site this is the adapter alone (the frozen linear runs beside it); for an FFN-block site the
+    graph replaces the block, so its frozen GEMMs are included."""
+    return sum(node_flops(graph, n) for n in graph.nodes)
 
 
-def _node(g: Graph, n) -> float:  # noqa: C901 - one case per node kind
+def base_flops_per_token(graph: Graph) -> int:
+    """Forward FLOPs per token of the frozen module the graph adapts: ``2·d_in·d_out`` for a
+    linear; for an FFN block, ``2·out·in`` summed over the block's frozen weight matrices."""
+    weights = [p.shape for p in graph.frozen if len(p.shape) == 2]
+    if weights:
+        return sum(2 * math.prod(shape) for shape in weights)
+    return 2 * graph.d_in * graph.d_out
+
+
+def node_flops(graph: Graph, n: Node) -> int:
+    """Forward FLOPs one token spends in node ``n`` of ``graph`` (see the module docstring)."""
     match n:
-        case Linear() | SiblingLinear():
-            out, inp = expr_shape(n.weight)
-            return 2.0 * out * inp
-        case PoolMix():
-            E, (_, r, d_in), d_out = g.width(n.routing), expr_shape(n.a), g.width(n.id)
-            return 2.0 * E * r * (d_in + d_out)  # every expert, gated after the fact
-        case GroupedMix():
-            k = g.node(n.routing).gate.k  # type: ignore[union-attr]
-            _, r, d_in = expr_shape(n.a)
-            return 2.0 * k * r * (d_in + g.width(n.id))
-        case BlockGate() | OuterGate() | GateBias():
-            return float(g.width(n.id))
+        case Linear(weight=w) | SiblingLinear(weight=w):
+            return 2 * math.prod(expr_shape(w))
+        case PoolMix() | GroupedMix():
+            return _pool(graph, n)
         case TreeRoute():
-            return _router(n)
-        case TreeMix():
-            down = sum(2.0 * lv.a.shape[0] * lv.a.shape[1] * lv.a.shape[2] for lv in n.levels)
-            return down + _propagate(g, n)
-        case TreePropagate():
-            return _propagate(g, n)
-    return 0.0
+            return _tree_route(n)
+        case TreeMix() | TreePropagate():
+            return _tree(graph, n)
+        case GateBias(bias=bias):
+            shape = expr_shape(bias)
+            return 2 * math.prod(shape) if len(shape) == 2 else 0
+        case ExpertFFN() | ExpertHidden():
+            return _block(graph, n)
+        case ExpertLoRA(a=a, b=b):
+            _, r, d_hidden = a.shape
+            return _active(graph, n.routing) * 2 * r * (d_hidden + b.shape[1])
+        case BlockGate() | OuterGate() | ExpertSum() | TreePathGates():
+            return 0
+        case Input() | Columns() | Add() | Jitter() | Route() | AuxLoss():
+            return 0
+    raise TypeError(f"no FLOP count for node kind {type(n).__name__}")
 
 
-def _slots(route: TreeRoute) -> list[int]:
-    """Tree nodes drawn from each pool, ``F_l = Π_{j ≥ l} f_j``."""
-    out, F = [0] * len(route.levels), 1
-    for l in reversed(range(len(route.levels))):
-        F *= route.levels[l].fanout
-        out[l] = F
-    return out
+def _active(graph: Graph, routing: str) -> int:
+    """Experts a flat router activates per token: k for a top-k gate, all E otherwise."""
+    node = graph.node(routing)
+    assert isinstance(node, Route), f"%{routing} is not a flat router"
+    match node.gate:
+        case SoftmaxTopK(k=k) | SigmoidTopK(k=k) | AbsTopK(k=k):
+            return k
+        case DenseSoftmax() | StaticGate():
+            return node.experts
+    raise TypeError(node.gate)
 
 
-def _router(n: TreeRoute) -> float:
-    """Query MLP and key scores for every context of every pool."""
-    total, contexts = 0.0, 1
+def _pool(graph: Graph, n: PoolMix | GroupedMix) -> int:
+    """``a (E_a, r, d_in)``, ``b (E_b, d_out, r)``: one down and one up GEMM per computed expert
+    (every expert for ``PoolMix``, the active ones for ``GroupedMix``)."""
+    _, r, d_in = expr_shape(n.a)
+    _, d_out, _ = expr_shape(n.b)
+    experts = graph.width(n.routing) if isinstance(n, PoolMix) else _active(graph, n.routing)
+    return experts * 2 * r * (d_in + d_out)
+
+
+def _tree_route(n: TreeRoute) -> int:
+    """Per pool l, every context (``Π_{j>l} f_j`` of them) runs the query MLP
+    ``w1 (g, in_l)``, ``w2 (g, g)`` and scores the pool's ``s_l`` keys ``(s_l, g)``."""
+    total, contexts = 0, 1
     for lv in reversed(n.levels):
-        g, width = lv.w2.shape[0], lv.w1.shape[1]
-        total += 2.0 * contexts * (width * g + g * g + lv.experts * g)
+        g, in_l = lv.w1.shape
+        total += contexts * 2 * (g * in_l + g * g + g * lv.experts)
         contexts *= lv.fanout
     return total
 
 
-def _propagate(g: Graph, n) -> float:
-    """Every expert's residual ``B (A x)`` once, then the level transform per tree node."""
-    slots = _slots(g.node(n.routing))
-    total = 0.0
+def _tree(graph: Graph, n: TreeMix | TreePropagate) -> int:
+    """Every expert's up-projection once (and down-projection, for ``TreeMix``), plus ``W_l``
+    at each of the ``F_l`` tree nodes of pool l > 0."""
+    route = graph.node(n.routing)
+    assert isinstance(route, TreeRoute), f"%{n.routing} is not a tree router"
+    fanouts = [lv.fanout for lv in route.levels]
+    total = 0
     for l, lv in enumerate(n.levels):
         s, d_next, r = lv.b.shape
-        total += 2.0 * s * r * d_next
+        total += 2 * s * r * d_next
+        if isinstance(n, TreeMix):
+            total += 2 * s * r * lv.a.shape[2]
         if lv.w is not None:
-            total += 2.0 * slots[l] * math.prod(lv.w.shape)
+            total += math.prod(fanouts[l:]) * 2 * lv.w.shape[0] * lv.w.shape[1]
     return total
+
+
+def _expert_linear(lin: ExpertLinear, hoisted: bool) -> int:
+    """One expert's pass through an FFN-block linear: the frozen GEMM unless it was computed
+    once for all experts (``hoisted``), plus the expert's LoRA."""
+    out, d_in = lin.weight.shape
+    base = 0 if hoisted else 2 * out * d_in
+    lora = 0 if lin.a is None else 2 * lin.a.shape[1] * (d_in + out)
+    return base + lora
+
+
+def _block(graph: Graph, n: ExpertFFN | ExpertHidden) -> int:
+    """Active experts each run their LoRAs (and the frozen GEMMs not hoisted out of the experts)."""
+    per = _expert_linear(n.up, n.up_base is not None)
+    if n.gate is not None:
+        per += _expert_linear(n.gate, n.gate_base is not None)
+    if isinstance(n, ExpertFFN):
+        per += _expert_linear(n.down, False)
+    return _active(graph, n.routing) * per
