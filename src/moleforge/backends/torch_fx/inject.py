@@ -48,6 +48,20 @@ class AuxCollector:
         return out
 
 
+_OUTPUT_NOT_SAVED = frozenset({"MmBackward0", "AddmmBackward0", "UnsafeViewBackward0"})
+"""Backward functions of a frozen linear's output that do not read that output."""
+
+
+def _accumulable(out: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the site may add ``Δy`` into the frozen layer's output ``out`` in place: a
+    contiguous tensor of the adapter's dtype, not a view, that no backward reads."""
+    if torch.compiler.is_compiling():  # the compiled graph adds out of place (``linear_into``)
+        return out.dtype == dtype
+    if out.dtype != dtype or out._base is not None or not out.is_contiguous():
+        return False
+    return out.grad_fn is None or type(out.grad_fn).__name__ in _OUTPUT_NOT_SAVED
+
+
 class AdaptedLinear(nn.Module):
     """``y = base_layer(x) + Δy(x)``, ``Δy`` computed by the generated ``site`` module."""
 
@@ -70,21 +84,28 @@ class AdaptedLinear(nn.Module):
         dtype = p.dtype if p is not None else x.dtype
         flat = x.reshape(-1, self.in_features).to(dtype)  # (T, d_in)
         samples = self._samples(x) if self._uses_samples else None
+        if _accumulable(out, dtype):
+            return self._run(flat, samples, out)
+        delta = self._run(flat, samples, None)
+        return out + delta.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
+
+    def _run(self, flat: torch.Tensor, samples, acc: torch.Tensor | None) -> torch.Tensor:
+        """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
         if _in_backward():
             # Activation checkpointing recomputes this forward during backward: the aux loss
             # and routing of this token batch were already collected, and the selection counts
             # of balancing routers already incremented; keep them counted once.
             counts = [(b, b.clone()) for n, b in self.site.named_buffers() if n.endswith(_COUNTS_SUFFIX)]
-            delta, _, _ = self.site(flat, samples)
+            y, _, _ = self.site(flat, samples, acc=acc)
             for b, before in counts:
                 b.copy_(before)
         else:
-            delta, aux, routes = self.site(flat, samples)
+            y, aux, routes = self.site(flat, samples, acc=acc)
             if aux is not None:
                 self._collector.terms.append(aux)
             if self._collector.routing_log is not None and routes:
                 self._collector.routing_log.append((self.site_name, _detach(routes)))
-        return out + delta.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
+        return y
 
     def _samples(self, x: torch.Tensor):
         # sample index per token for (batch, seq, d) inputs; one sample otherwise

@@ -81,6 +81,7 @@ class _Ctx:
         self.samples = self.g.placeholder("samples", default_value=None)
         self.frozen_names = {d.name for d in graph.frozen}
         self.frozen = self.g.placeholder("frozen", default_value=None) if graph.frozen else None
+        self.acc = self.g.placeholder("acc", default_value=None)
         self.plans: dict[str, fx.Node] = {}
         self.partial: dict[str, fx.Node] = {}
         """Node id -> an intermediate another emitter computed for it (the low-rank ``z`` of an ExpertLoRA)."""
@@ -339,6 +340,11 @@ def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> N
 def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None) -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
 
+    The module's inputs are ``x (T, d_in)``, the optional per-token ``samples``, the frozen
+    tensors of block graphs, and ``acc``: the frozen layer's output. Without ``acc`` it returns
+    ``(Δy (T, d_out), aux, routes)``; with it, ``acc + Δy`` in ``acc``'s shape, accumulated in
+    place into ``acc`` when the last node is an unbiased linear.
+
     Args:
         groups: runtime sibling groups by name; the module joins the group its
             :class:`SiblingLinear` names (if that group is given).
@@ -352,7 +358,13 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
         if emit is None:
             raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "
                                 f"{graph.label}); supported: {', '.join(k.__name__ for k in _EMIT)}")
+        if n.id == graph.output and isinstance(n, Linear) and n.bias is None:
+            c.env[n.id] = c.call(ops_linear.linear_into, (c.acc, c.env[n.src], c.expr(n.weight), n.scale), n.id)
+            continue
         c.env[n.id] = emit(c, n)
+    out = graph.node(graph.output)
+    if not (isinstance(out, Linear) and out.bias is None and out.id not in c.fused):
+        c.env[graph.output] = c.call(ops_linear.add_into, (c.acc, c.env[graph.output]), "output")
     aux = [c.env[a] for a in graph.aux]
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))
     routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, (Route, TreeRoute))}

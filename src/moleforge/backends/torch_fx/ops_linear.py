@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NARROW", "linear", "NarrowLinear"]
+__all__ = ["NARROW", "linear", "NarrowLinear", "linear_into", "add_into"]
 
 NARROW = 32
 
@@ -49,3 +49,44 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if x.dim() == 2 and min(w.shape) <= NARROW:
         return NarrowLinear.apply(x, w, b)
     return F.linear(x, w, b)
+
+
+class _LinearInto(torch.autograd.Function):
+    """``acc += scale · h wᵀ`` in place (``acc (..., out)``, ``h (T, r)``): the adapter's last
+    GEMM accumulates into the frozen layer's output, so neither ``Δy`` nor its scaled copy is
+    materialised and no separate sum runs; gradients in the fast orientation of :func:`_mm`."""
+
+    @staticmethod
+    def forward(ctx, acc: Tensor, h: Tensor, w: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h, w)
+        ctx.scale = scale
+        acc.view(-1, w.shape[0]).addmm_(h, w.T, alpha=scale)
+        ctx.mark_dirty(acc)
+        return acc
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        h, w = ctx.saved_tensors
+        g2 = g.reshape(-1, w.shape[0])
+        gh = _mm(g2, w) if ctx.needs_input_grad[1] else None
+        gw = _mm(g2.T, h) if ctx.needs_input_grad[2] else None
+        if ctx.scale != 1.0:
+            gh = None if gh is None else gh * ctx.scale
+            gw = None if gw is None else gw * ctx.scale
+        return g, gh, gw, None
+
+
+def linear_into(acc: Tensor | None, h: Tensor, w: Tensor, scale: float) -> Tensor:
+    """``scale · h wᵀ`` (``(T, out)``), or with ``acc`` (the frozen layer's output, any shape
+    ending in ``out``, not read by any backward): ``acc`` plus it, accumulated in place."""
+    if acc is None:
+        out = linear(h, w)
+        return out if scale == 1.0 else out * scale
+    if torch.compiler.is_compiling():
+        return torch.addmm(acc.reshape(-1, w.shape[0]), h, w.T, alpha=scale).view(acc.shape)
+    return _LinearInto.apply(acc, h, w, scale)
+
+
+def add_into(acc: Tensor | None, delta: Tensor) -> Tensor:
+    """``delta (T, out)``, or with ``acc``: ``acc + delta`` in ``acc``'s shape."""
+    return delta if acc is None else acc + delta.view(acc.shape)
