@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from ...errors import InjectionError
+from .ops import in_backward
 
 __all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent"]
 
@@ -70,16 +71,10 @@ class AdaptedLinear(nn.Module):
         dtype = p.dtype if p is not None else x.dtype
         flat = x.reshape(-1, self.in_features).to(dtype)  # (T, d_in)
         samples = self._samples(x) if self._uses_samples else None
-        if _in_backward():
-            # Activation checkpointing recomputes this forward during backward: the aux loss
-            # and routing of this token batch were already collected, and the selection counts
-            # of balancing routers already incremented; keep them counted once.
-            counts = [(b, b.clone()) for n, b in self.site.named_buffers() if n.endswith(_COUNTS_SUFFIX)]
-            delta, _, _ = self.site(flat, samples)
-            for b, before in counts:
-                b.copy_(before)
-        else:
-            delta, aux, routes = self.site(flat, samples)
+        delta, aux, routes = self.site(flat, samples)
+        # Activation checkpointing recomputes this forward during backward: the aux loss and
+        # routing of this token batch were collected by the first run; keep them counted once.
+        if not in_backward():
             if aux is not None:
                 self._collector.terms.append(aux)
             if self._collector.routing_log is not None and routes:
@@ -100,18 +95,6 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
-
-
-_COUNTS_SUFFIX = "_counts"
-"""Suffix of the selection-count buffers of balancing routers (``lower.counts_name``)."""
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where checkpointed forwards are recomputed).
-    A compiled graph replays its side effects once per forward, so tracing never counts as one."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
 
 
 def _detach(v):
