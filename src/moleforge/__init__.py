@@ -10,8 +10,8 @@ adapters inside HuggingFace models.
 from . import specs
 from .compiler import AdapterHandle, compile, count_parameters, explain, load, save, structural_flexibility
 from .compiler.interop import export_merged, export_peft, from_peft
-from .compiler.smore_official import import_smore_official
 from .compiler.mixlora_import import import_mixlora
+from .compiler.smore_official import import_smore_official
 from .errors import (
     CheckpointError,
     InjectionError,

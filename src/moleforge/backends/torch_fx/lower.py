@@ -317,7 +317,8 @@ class _Root(nn.Module):
         for n in graph.nodes:
             gate = getattr(n, "gate", None)
             if isinstance(gate, (SigmoidTopK, AbsTopK)):
-                counts = torch.zeros(gate.balance.shape, dtype=torch.float32, device=getattr(store, gate.balance.name).device)
+                device = getattr(store, gate.balance.name).device
+                counts = torch.zeros(gate.balance.shape, dtype=torch.float32, device=device)
                 self.register_buffer(counts_name(gate.balance.name), counts, persistent=False)
         self.noise_generator = None
 
