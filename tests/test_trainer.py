@@ -125,6 +125,26 @@ def test_activation_checkpointing_counts_the_aux_once():
         assert_close(grads_ck[k], grads[k], "float32_model", msg=k)
 
 
+def test_activation_checkpointing_counts_selections_once_on_the_last_linear_of_a_layer():
+    """The recomputation in backward stops at the layer's last saved tensor (checkpoint early
+    stop), inside the down projection's adapter after its router selected: still counted once."""
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["down"]), adapter=mf.RankPartition(
+        rank=4, router=mf.SigmoidTopKRouter(k=2, bias_update_rate=0.01)))])
+    ids = batch(seed=5)
+    counts = []
+    for checkpointing in (False, True):
+        model = tiny("llama").train()
+        handle = mf.compile(spec, model)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        counts.append({n: m.site.balance_counts.clone() for n, m in handle.modules.items()})
+    plain, ckpt = counts
+    assert len(plain) == 2
+    for k in plain:
+        assert torch.equal(ckpt[k], plain[k]) and plain[k].sum() == ids.numel() * 2
+
+
 def test_reentrant_checkpointing_that_drops_the_aux_gradient_is_reported():
     model = tiny("llama").train()
     mf.compile(_spec(), model)

@@ -26,6 +26,7 @@ from torch import fx, nn
 from ...errors import InjectionError
 from .ffn_block import TracedBlock
 from .inject import AuxCollector
+from .ops import in_backward
 
 __all__ = ["MoleforgeBlock", "BlockInput", "build_block_module", "frozen_names", "flatten_tokens",
            "unflatten_tokens"]
@@ -61,6 +62,8 @@ class _Report(nn.Module):
         self.site_name = site_name
 
     def forward(self, aux, routes) -> None:
+        if in_backward():
+            return  # activation checkpointing recomputes the block: the first run reported it
         if aux is not None:
             self.collector.terms.append(aux)
         if self.collector.routing_log is not None and routes:

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from ...errors import InjectionError
+from .ops import in_backward
 
 __all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent"]
 
@@ -91,16 +92,10 @@ class AdaptedLinear(nn.Module):
 
     def _run(self, flat: torch.Tensor, samples, acc: torch.Tensor | None) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
-        if _in_backward():
-            # Activation checkpointing recomputes this forward during backward: the aux loss
-            # and routing of this token batch were already collected, and the selection counts
-            # of balancing routers already incremented; keep them counted once.
-            counts = [(b, b.clone()) for n, b in self.site.named_buffers() if n.endswith(_COUNTS_SUFFIX)]
-            y, _, _ = self.site(flat, samples, acc=acc)
-            for b, before in counts:
-                b.copy_(before)
-        else:
-            y, aux, routes = self.site(flat, samples, acc=acc)
+        y, aux, routes = self.site(flat, samples, acc=acc)
+        # Activation checkpointing recomputes this forward during backward: the aux loss and
+        # routing of this token batch were collected by the first run; keep them counted once.
+        if not in_backward():
             if aux is not None:
                 self._collector.terms.append(aux)
             if self._collector.routing_log is not None and routes:
@@ -121,18 +116,6 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
-
-
-_COUNTS_SUFFIX = "_counts"
-"""Suffix of the selection-count buffers of balancing routers (``lower.counts_name``)."""
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where checkpointed forwards are recomputed).
-    A compiled graph replays its side effects once per forward, so tracing never counts as one."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
 
 
 def _detach(v):

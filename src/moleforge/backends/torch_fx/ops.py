@@ -14,7 +14,17 @@ __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
     "route_abs_topk", "route_static", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "gate_bias",
     "tree_path_gates", "sibling_linear", "switch_lb", "cv2_importance_load", "localized_balance", "add_aux",
+    "in_backward",
 ]
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, where activation checkpointing recomputes
+    forwards. A compiled graph replays its side effects once per forward, so tracing never
+    counts as one."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def block_rows(a: Tensor) -> Tensor:
@@ -58,7 +68,11 @@ def _counts(index: Tensor, E: int, dtype: torch.dtype) -> Tensor:
 
 
 def _count(counts: Tensor, index: Tensor, training: bool) -> None:
-    if training:
+    """Add this forward's selections to ``counts``. A forward that activation checkpointing
+    recomputes in backward selects the same experts again and is not counted twice; the check
+    sits here, at the increment, because the recomputation may stop anywhere after it (early
+    stop ends it at the last tensor autograd saved)."""
+    if training and not in_backward():
         with torch.no_grad():
             counts += _counts(index, counts.numel(), counts.dtype)
 
