@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moleforge as mf
+from moleforge import presets
 from models import VOCAB, batch, tiny
 from peft_helpers import logits
 from tolerances import assert_close
@@ -143,6 +144,26 @@ def test_activation_checkpointing_counts_selections_once_on_the_last_linear_of_a
     assert len(plain) == 2
     for k in plain:
         assert torch.equal(ckpt[k], plain[k]) and plain[k].sum() == ids.numel() * 2
+
+
+def test_activation_checkpointing_replays_seeded_routing_noise():
+    """A seeded noisy gate draws from the site's own generator, which checkpointing does not
+    restore: the recomputation must still see the first run's noise (same gradients)."""
+    ids = batch(seed=7)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny("llama").train()
+        handle = mf.compile(presets.load("smore_noisy"), model)
+        handle.seed_noise(3)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in handle.model.named_parameters() if p.grad is not None})
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    assert any(p.abs().max() > 0 for p in plain.values())
+    for k in plain:
+        assert_close(ckpt[k], plain[k], "float32_model", msg=k)
 
 
 def test_reentrant_checkpointing_that_drops_the_aux_gradient_is_reported():

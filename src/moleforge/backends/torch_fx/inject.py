@@ -78,6 +78,8 @@ class AdaptedLinear(nn.Module):
         self._collector = collector
         self._uses_samples = uses_samples
         self.site_name = ""
+        self._noise_state: torch.Tensor | None = None
+        """State of the site's noise generator before the last forward (for recomputation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -92,10 +94,26 @@ class AdaptedLinear(nn.Module):
 
     def _run(self, flat: torch.Tensor, samples, acc: torch.Tensor | None) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
-        y, aux, routes = self.site(flat, samples, acc=acc)
-        # Activation checkpointing recomputes this forward during backward: the aux loss and
-        # routing of this token batch were collected by the first run; keep them counted once.
-        if not in_backward():
+        recompute = in_backward()
+        gen = getattr(self.site, "noise_generator", None)
+        if gen is None:
+            y, aux, routes = self.site(flat, samples, acc=acc)
+        elif not recompute:
+            self._noise_state = gen.get_state()
+            y, aux, routes = self.site(flat, samples, acc=acc)
+        else:
+            # Activation checkpointing recomputes this forward during backward: draw the same
+            # routing noise as the first run, then leave the generator where it was.
+            after = gen.get_state()
+            if self._noise_state is not None:
+                gen.set_state(self._noise_state)
+            try:
+                y, aux, routes = self.site(flat, samples, acc=acc)
+            finally:
+                gen.set_state(after)
+        # The aux loss and routing of this token batch were collected by the first run; keep
+        # them counted once.
+        if not recompute:
             if aux is not None:
                 self._collector.terms.append(aux)
             if self._collector.routing_log is not None and routes:
