@@ -9,7 +9,6 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moleforge as mf
-from moleforge import presets
 from models import VOCAB, batch, tiny
 from peft_helpers import logits
 from tolerances import assert_close
@@ -153,7 +152,7 @@ def test_activation_checkpointing_replays_seeded_routing_noise():
     grads = []
     for checkpointing in (False, True):
         model = tiny("llama").train()
-        handle = mf.compile(presets.load("smore_noisy"), model)
+        handle = mf.compile(mf.presets.load("smore_noisy"), model)
         handle.seed_noise(3)
         if checkpointing:
             model.activation_checkpointing_enable()

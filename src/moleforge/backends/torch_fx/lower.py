@@ -358,12 +358,13 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
         if emit is None:
             raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "
                                 f"{graph.label}); supported: {', '.join(k.__name__ for k in _EMIT)}")
-        if n.id == graph.output and isinstance(n, Linear) and n.bias is None:
-            c.env[n.id] = c.call(ops_linear.linear_into, (c.acc, c.env[n.src], c.expr(n.weight), n.scale), n.id)
+        if n.id == graph.output and isinstance(n, Linear) and (n.bias is None or n.scale == 1.0):
+            args = (c.acc, c.env[n.src], c.expr(n.weight), c.opt(n.bias), n.scale)
+            c.env[n.id] = c.call(ops_linear.linear_into, args, n.id)
             continue
         c.env[n.id] = emit(c, n)
     out = graph.node(graph.output)
-    if not (isinstance(out, Linear) and out.bias is None and out.id not in c.fused):
+    if not (isinstance(out, Linear) and (out.bias is None or out.scale == 1.0) and out.id not in c.fused):
         c.env[graph.output] = c.call(ops_linear.add_into, (c.acc, c.env[graph.output]), "output")
     aux = [c.env[a] for a in graph.aux]
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))

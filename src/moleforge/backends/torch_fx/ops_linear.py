@@ -52,15 +52,17 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 
 class _LinearInto(torch.autograd.Function):
-    """``acc += scale · h wᵀ`` in place (``acc (..., out)``, ``h (T, r)``): the adapter's last
-    GEMM accumulates into the frozen layer's output, so neither ``Δy`` nor its scaled copy is
+    """``acc += scale · h wᵀ (+ b)`` in place (``acc (..., out)``, ``h (T, r)``): the adapter's
+    last GEMM accumulates into the frozen layer's output, so neither ``Δy`` nor a scaled copy is
     materialised and no separate sum runs; gradients in the fast orientation of :func:`_mm`."""
 
     @staticmethod
-    def forward(ctx, acc: Tensor, h: Tensor, w: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, acc: Tensor, h: Tensor, w: Tensor, b: Tensor | None, scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(h, w)
         ctx.scale = scale
-        acc.view(-1, w.shape[0]).addmm_(h, w.T, alpha=scale)
+        flat = acc.view(-1, w.shape[0]).addmm_(h, w.T, alpha=scale)
+        if b is not None:
+            flat.add_(b)
         ctx.mark_dirty(acc)
         return acc
 
@@ -70,21 +72,24 @@ class _LinearInto(torch.autograd.Function):
         g2 = g.reshape(-1, w.shape[0])
         gh = _mm(g2, w) if ctx.needs_input_grad[1] else None
         gw = _mm(g2.T, h) if ctx.needs_input_grad[2] else None
+        gb = g2.sum(0) if ctx.needs_input_grad[3] else None
         if ctx.scale != 1.0:
             gh = None if gh is None else gh * ctx.scale
             gw = None if gw is None else gw * ctx.scale
-        return g, gh, gw, None
+        return g, gh, gw, gb, None
 
 
-def linear_into(acc: Tensor | None, h: Tensor, w: Tensor, scale: float) -> Tensor:
-    """``scale · h wᵀ`` (``(T, out)``), or with ``acc`` (the frozen layer's output, any shape
-    ending in ``out``, not read by any backward): ``acc`` plus it, accumulated in place."""
+def linear_into(acc: Tensor | None, h: Tensor, w: Tensor, b: Tensor | None, scale: float) -> Tensor:
+    """``scale · h wᵀ + b`` (``(T, out)``; ``b`` only with ``scale`` 1), or with ``acc`` (the frozen
+    layer's output, any shape ending in ``out``, that no backward reads): ``acc`` plus it,
+    accumulated in place."""
     if acc is None:
-        out = linear(h, w)
+        out = linear(h, w, b)
         return out if scale == 1.0 else out * scale
     if torch.compiler.is_compiling():
-        return torch.addmm(acc.reshape(-1, w.shape[0]), h, w.T, alpha=scale).view(acc.shape)
-    return _LinearInto.apply(acc, h, w, scale)
+        flat = torch.addmm(acc.reshape(-1, w.shape[0]), h, w.T, alpha=scale)
+        return (flat if b is None else flat + b).view(acc.shape)
+    return _LinearInto.apply(acc, h, w, b, scale)
 
 
 def add_into(acc: Tensor | None, delta: Tensor) -> Tensor:
