@@ -18,7 +18,13 @@ from models import VOCAB, tiny
 from moleforge.cli import main
 from moleforge.cli.schema_doc import render_reference
 from moleforge.compiler import as_spec, build_site_graphs
-from moleforge.compiler.flops import base_flops_per_token, flops_per_token, node_flops
+from moleforge.compiler.flops import (
+    adapter_flops_per_token,
+    base_flops_per_token,
+    flops_per_token,
+    frozen_flops_per_token,
+    node_flops,
+)
 from moleforge.demo.tasks import make_tokenizer, task_records
 from moleforge.ir import BlockGate, GateBias, GroupedMix, TreeMix, TreePropagate
 from moleforge.passes import group_pools, stack_pools
@@ -194,6 +200,8 @@ def test_flops_of_ffn_block_experts_follow_their_formulas():
     assert flops_per_token(plain) == router + k * 3 * (frozen + lora) == 34_304
     assert flops_per_token(final) == router + 3 * frozen + k * 3 * lora == 22_016
     assert base_flops_per_token(final) == 3 * frozen
+    assert (frozen_flops_per_token(plain), frozen_flops_per_token(final)) == (k * 3 * frozen, 3 * frozen)
+    assert adapter_flops_per_token(plain) == adapter_flops_per_token(final) == router + k * 3 * lora == 9_728
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -212,19 +220,50 @@ def test_inspect_reports_sites_parameters_gamma_and_ir(model_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("preset", ["lora", "molora", "smore"])
+@pytest.mark.parametrize("preset", ["lora", "molora", "smore", "mixlora"])
 def test_inspect_and_explain_print_the_same_flops(preset, model_dir):
-    """Per kind of site, inspect's adapter and base-linear FLOPs are explain's optimised and base ones."""
+    """Per kind of site, inspect's frozen-base and adapter FLOPs are explain's base and optimised
+    ones (for an FFN block, the optimised adapter part of the whole routed block)."""
     out = run("inspect", preset, "--model", model_dir).output
     table = {m[1]: (m[2], m[3]) for m in re.finditer(r"^  (model\.\S+) +([\d,]+) +([\d,]+) ", out, re.M)}
     text = mf.explain(preset, tiny("llama"), ir="none")
     explained = {}
-    for block in text.split("\n== ")[1:]:
-        where = re.sub(r"\{[\d,]+\}", "*", block.split()[0])
-        optimised = re.search(r"-> ([\d,]+) optimised", block)[1]
-        base = re.search(r"base FLOPs +([\d,]+) per token", block)[1]
-        explained[where] = (base, optimised)
+    for group in text.split("\n== ")[1:]:
+        where = re.sub(r"\{[\d,]+\}", "*", group.split()[0])
+        block = "FFN block" in group.splitlines()[0]
+        adapter = re.search(r"adapter [\d,]+ plain -> ([\d,]+) optimised" if block else r"-> ([\d,]+) optimised",
+                            group)[1]
+        base = re.search(r"base FLOPs +([\d,]+) per token", group)[1]
+        explained[where] = (base, adapter)
     assert table and table == explained
+
+
+def test_inspect_shows_ffn_blocks_next_to_the_linear_sites(model_dir):
+    """mixlora on tiny("llama"): per layer one routed block (gate/up 32 -> 64, down 64 -> 32; 8
+    experts of rank 8, top-2) and rank-8 LoRAs on q/k/v/o."""
+    out = run("inspect", "mixlora", "--model", model_dir).output
+    assert "Γ           sites[0] (ffn_block): 28, sites[1]: 1  (routing structures per token)" in out
+    assert "sites       8 linears and 2 FFN blocks get the adapter" in out
+    assert re.search(r"model\.layers\.\*\.self_attn\.k_proj +2 +0-1 +32 -> 16 +sites\[1\] \(k\)", out)
+    assert re.search(r"model\.layers\.\*\.mlp +2 +0-1 +32 -> 32 +sites\[0\] \(ffn_block: gate, up, down\)", out)
+    assert "== model.layers.{0,1}.mlp  (2 FFN blocks, d_in 32 -> d_ff 64 -> d_out 32)" in out
+    assert "recognised y = down_proj(silu(gate_proj(x)) * up_proj(x)), activation silu" in out
+    for line in ("gate model.layers.{0,1}.mlp.gate_proj (32 -> 64)", "up   model.layers.{0,1}.mlp.up_proj (32 -> 64)",
+                 "down model.layers.{0,1}.mlp.down_proj (64 -> 32)"):
+        assert line in out
+    assert "8 experts, softmax top-2 per block" in out and "routed FFN block: frozen gate_proj and up_proj" in out
+    assert f"{mf.count_parameters('mixlora', tiny('llama')):,} trainable" in out
+    # frozen base: three 32 x 64 GEMMs; adapter: router 2·8·32 + 2 experts x 3 LoRAs 2·8·(32 + 64)
+    base, adapter = 3 * 2 * 32 * 64, 2 * 8 * 32 + 2 * 3 * 2 * 8 * (32 + 64)
+    assert re.search(rf"^  model\.layers\.\*\.mlp +{base:,} +{adapter:,} +79\.2%$", out, re.M)
+    assert "IR of model.layers.0.mlp after the passes (share_frozen_projections -> hoist_frozen_down)" in out
+    assert "%experts_hidden = expert_hidden %x by %route act=silu" in out
+
+
+def test_inspect_one_block(model_dir):
+    out = run("inspect", "mixlora", "--model", model_dir, "--site", "model.layers.1.mlp").output
+    assert "IR of model.layers.1.mlp after the passes" in out
+    assert out.count("\ngraph ") == 1
 
 
 def test_inspect_one_site(model_dir):

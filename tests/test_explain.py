@@ -1,12 +1,16 @@
-"""mf.explain and handle.explain: per group of identical sites, the adapter, parameters, FLOPs,
-kernel, siblings, Γ and the IR through the passes; the model is left untouched."""
+"""mf.explain and handle.explain: per group of identical sites (adapted linears and routed FFN
+blocks), the adapter, parameters, FLOPs, kernel, siblings, Γ and the IR through the passes; the
+model is left untouched."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import moleforge as mf
 from models import tiny
+from moleforge.backends.torch_fx.block_module import MoleforgeBlock
+from moleforge.passes.share_frozen_projections import share_frozen_projections
 
 
 def test_molora_on_llama_reads_as_seven_groups():
@@ -47,3 +51,111 @@ def test_kernels_named_for_collapsed_trees_grouped_pools_and_no_passes():
     assert "grouped GEMMs over each token's top-2 experts (16 of 512 ranks)" in mf.explain(wide, tiny("llama"))
     plain = mf.explain("molora", tiny("llama"), passes=(), ir="none")
     assert "per-expert loop over all experts (no passes)" in plain and "siblings" not in plain
+
+
+# ---- FFN-block sites ------------------------------------------------------------------------------
+
+def _fields(text: str, heading: str) -> dict[str, str]:
+    """The fields of the group headed ``== heading``, each field's lines joined by spaces."""
+    group = next(g for g in text.split("\n\n") if g.startswith(f"== {heading}  "))
+    fields: dict[str, str] = {"": group.splitlines()[0]}
+    name = ""
+    for line in group.splitlines()[1:]:
+        if line.startswith("  IR"):
+            break
+        if line[:15].strip():
+            name = line[2:14].strip()
+            fields[name] = line[15:]
+        else:
+            fields[name] += " " + line[15:]
+    return fields
+
+
+def test_mixlora_blocks_read_as_routed_experts_next_to_the_attention_loras():
+    """mixlora on tiny("llama") (d = 32, d_ff = 64, 2 layers): an FFN block of 8 experts, top-2,
+    rank 8 on gate/up/down per layer, plus rank-8 LoRAs on q/k/v/o (k and v are 32 -> 16)."""
+    E, k, r, d, d_ff = 8, 2, 8, 32, 64
+    model = tiny("llama")
+    state = {key: v.clone() for key, v in model.state_dict().items()}
+    text = mf.explain("mixlora", model)
+    attention = 2 * (r * d + d * r) + 2 * (r * d + 16 * r)  # q, o; k, v
+    block = E * d + 3 * E * r * (d + d_ff)  # router_w; A and B on gate, up, down
+    trainable = 2 * (attention + block)
+    assert trainable == 40_960 == mf.count_parameters("mixlora", tiny("llama"))
+    assert f"8 adapted linears and 2 FFN blocks in 5 groups of identical sites; {trainable:,} trainable" in text
+    assert "  FFN-block passes: share_frozen_projections -> hoist_frozen_down\n" in text
+    assert _fields(text, "model.layers.{0,1}.self_attn.q_proj")["adapter"] == "LoRA of rank 8"
+
+    f = _fields(text, "model.layers.{0,1}.mlp")
+    assert f[""] == "== model.layers.{0,1}.mlp  (2 FFN blocks, d_in 32 -> d_ff 64 -> d_out 32)"
+    assert f["block"] == "recognised y = down_proj(silu(gate_proj(x)) * up_proj(x)), activation silu " \
+                         "replaced by routed experts (scope ffn_block)"
+    assert f["linears"] == "gate model.layers.{0,1}.mlp.gate_proj (32 -> 64) up   model.layers.{0,1}.mlp.up_proj " \
+                           "(32 -> 64) down model.layers.{0,1}.mlp.down_proj (64 -> 32)"
+    assert f["adapter"] == "8 experts, softmax top-2 per block; each expert is the frozen block with its own LoRA " \
+                           "of rank 8 on gate_proj, up_proj and down_proj; aux switch_lb 0.01"
+    assert f["parameters"].startswith(f"{block:,} trainable per site: router_w={E * d}, A_gate={E * r * d:,}, "
+                                      f"B_gate={E * d_ff * r:,}, A_up=2,048, B_up=4,096, A_down={E * r * d_ff:,}, "
+                                      f"B_down={E * d * r:,}; frozen inputs")
+    router, frozen, lora = 2 * E * d, 2 * d * d_ff, 2 * r * (d + d_ff)  # per GEMM of the block, per LoRA
+    plain, optimised = router + k * 3 * (frozen + lora), router + 3 * frozen + k * 3 * lora
+    adapter = router + k * 3 * lora
+    assert f["FLOPs/token"] == (f"forward {plain:,} plain -> {optimised:,} optimised (the whole routed block) "
+                                f"adapter {adapter:,} plain -> {adapter:,} optimised (router and expert LoRAs) "
+                                f"frozen block GEMMs {k * 3 * frozen:,} plain -> {3 * frozen:,} optimised")
+    assert (plain, optimised, adapter) == (34_304, 22_016, 9_728)
+    assert f["base FLOPs"].startswith(f"{3 * frozen:,} per token in the frozen block (gate_proj 4,096 + "
+                                      "up_proj 4,096 + down_proj 4,096); the routed block replaces it")
+    kernel = f["kernel"]
+    assert kernel.startswith("routed FFN block: frozen gate_proj and up_proj once per token, shared by all experts; "
+                             "each token's top-2 of 8 experts")
+    assert "frozen down_proj hoisted out of the experts: one GEMM on the gated sum" in kernel
+    assert "plus each selected expert's LoRA on down_proj" in kernel and "one fused op" in kernel
+    assert f["Γ"] == "28 = C(8,2) expert sets per token"
+    assert "+ %experts_down = linear %experts_sum W=W_down b=- -> 32" in text
+    assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())
+    assert all(torch.equal(v, state[key]) for key, v in model.state_dict().items())
+
+
+def test_handle_explains_its_blocks_as_explain_predicted():
+    predicted = mf.explain("mixlora", tiny("llama"))
+    handle = mf.compile("mixlora", tiny("llama"))
+    assert handle.explain() == predicted
+    assert "rank ?" not in predicted
+    assert "plain LoRA" not in _fields(predicted, "model.layers.{0,1}.mlp")["kernel"]
+
+
+@pytest.mark.parametrize("arch, block, linears, activation", [
+    ("bert", "bert.encoder.layer.{0,1}.output",
+     ("up   bert.encoder.layer.{0,1}.intermediate.dense (32 -> 64)", "down bert.encoder.layer.{0,1}.output.dense "
+      "(64 -> 32)"), "y = output.dense(gelu(intermediate.dense(x))), activation gelu"),
+    ("gpt2", "transformer.h.{0,1}.mlp",
+     ("up   transformer.h.{0,1}.mlp.c_fc (32 -> 128)", "down transformer.h.{0,1}.mlp.c_proj (128 -> 32)"),
+     "y = c_proj(gelu_tanh(c_fc(x))), activation gelu_tanh"),
+])
+def test_blocks_without_gate_name_their_linears_in_the_model(arch, block, linears, activation):
+    """llava_mole (3 experts of rank 32, top-1): BERT's FFN is split over two children of the layer,
+    GPT-2's is one MLP of Conv1D linears; the handle names the linears as explain does."""
+    predicted = mf.explain("llava_mole", tiny(arch), ir="none")
+    assert mf.compile("llava_mole", tiny(arch)).explain(ir="none") == predicted
+    f = _fields(predicted, block)
+    assert f["linears"] == " ".join(linears)
+    assert f["block"].startswith(f"recognised {activation}")
+    assert f["Γ"] == "3 = C(3,1) expert sets per token"
+
+
+def test_block_kernels_without_the_block_rewrites():
+    """With no passes each selected expert runs the whole block; with the frozen projections
+    shared only, the down projection stays per expert and the lowering has no fused op."""
+    none = _fields(mf.explain("mixlora", tiny("llama"), passes=(), ir="none"), "model.layers.{0,1}.mlp")
+    assert none["FLOPs/token"].startswith("forward 34,304 plain -> 34,304 optimised")
+    assert none["kernel"] == ("routed FFN block: each token's top-2 of 8 experts, on their tokens only (slots grouped "
+                              "by expert), run frozen gate_proj and up_proj and add their LoRAs on gate_proj and "
+                              "up_proj, h = silu(gate_proj(x)) * up_proj(x); each expert runs frozen down_proj plus "
+                              "its LoRA on its h, and the outputs are summed by gate")
+    shared = mf.compile("mixlora", tiny("llama"), passes=(share_frozen_projections,))
+    text = shared.explain(ir="none")
+    assert "FFN-block passes" not in text and "fused" not in text
+    assert "routed_ffn" not in shared.modules["model.layers.0.mlp"].site.code
+    fused = mf.compile("mixlora", tiny("llama"))
+    assert "routed_ffn" in fused.modules["model.layers.0.mlp"].site.code

@@ -6,6 +6,11 @@ frozen module's; counted by :mod:`.flops`, as ``moleforge inspect`` counts them)
 lowering runs (with the cost model's estimates for pools), the sibling sites it shares its
 input GEMM with, Γ (routing structures per token), and the IR: the plain graph, what each pass
 changed, and the final graph.
+
+FFN-block sites (``scope: "ffn_block"``) are described in the same fields, plus the block as
+recognised (its linears by their paths in the model, its activation) and the split of its FLOPs
+into the adapter's and the frozen block's; their IR goes through the block rewrites
+(:data:`~moleforge.compiler.ffn_sites.BLOCK_PIPELINE` by default).
 """
 
 from __future__ import annotations
@@ -15,14 +20,20 @@ import math
 import re
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from torch import nn
 
+from ..backends.torch_fx.block_module import MoleforgeBlock
 from ..ir import (
     AuxLoss,
     BlockGate,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    ExpertLinear,
+    ExpertLoRA,
+    ExpertSum,
     Graph,
     GroupedMix,
     Linear,
@@ -45,19 +56,27 @@ from ..passes import (
     pool_cost,
     run_pipeline,
 )
-from .flops import base_flops_per_token, flops_per_token
+from .ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
+from .flops import adapter_flops_per_token, base_flops_per_token, flops_per_token, frozen_flops_per_token
 from .siblings import find_siblings
 
-__all__ = ["explain", "explain_graphs", "site_rows"]
+__all__ = ["explain", "explain_graphs", "site_rows", "block_rows", "block_fields", "SiteRow"]
 
 IRView = Literal["diff", "full", "none"]
 
+_ROLES = ("gate", "up", "down")
+
 
 @dataclass(frozen=True)
-class _Site:
+class SiteRow:
+    """One adapted module as explained: its name, plain and optimised graph."""
+
     name: str
     plain: Graph
     final: Graph
+    linears: Mapping[str, str] | None = None
+    """For an FFN-block site, the model path of each linear of the block by role
+    (``gate``, ``up``, ``down``); ``None`` for a linear site."""
 
 
 def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None, siblings: bool | None = None,
@@ -71,6 +90,10 @@ def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         ir: ``"diff"`` the plain IR, each pass's changes and the final IR; ``"full"`` the whole
             IR after every pass; ``"none"`` no IR.
 
+    Sites of scope ``ffn_block`` are shown after the linear sites, one group per kind of block:
+    the linears and activation recognised, experts, router and rank, the routed-block kernel,
+    parameters, FLOPs (the whole routed block, the adapter's and the frozen GEMMs') and Γ.
+
     Example:
         >>> print(mf.explain("molora", model))  # doctest: +SKIP
     """
@@ -78,42 +101,101 @@ def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
 
     spec = as_spec(spec)
     sites, plain, final = build_site_graphs(spec, model, passes, siblings=False)
+    blocks, block_plain, block_final = prepare_blocks(spec, model, passes, {s.name for s in sites})
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
     note = ""
     if (passes is None) if siblings is None else siblings:
         found = find_siblings(model, list(final))
         final, note = fuse_sibling_sites(final, found.groups), found.note
-    rows = site_rows([s.name for s in sites], plain, final)
+    rows = site_rows([s.name for s in sites], plain, final) + block_rows(blocks, block_plain, block_final)
     return explain_graphs(spec.name or "adapter", type(model).__name__, rows, pipeline, note, ir)
 
 
-def site_rows(names, plain: dict[str, Graph], final: dict[str, Graph]) -> list[_Site]:
-    return [_Site(n, plain[n], final[n]) for n in names]
+def site_rows(modules: Iterable[str] | Mapping[str, nn.Module], plain: dict[str, Graph],
+              final: dict[str, Graph]) -> list[SiteRow]:
+    """One row per adapted module of ``modules`` (names, or ``{name: module}`` as a handle holds
+    them: its routed FFN blocks then give the paths of their linears)."""
+    found: Mapping[str, nn.Module] = modules if isinstance(modules, Mapping) else {}
+    rows = []
+    for name in modules:
+        module = found.get(name)
+        linears = _block_linears(name, module) if isinstance(module, MoleforgeBlock) else None
+        rows.append(SiteRow(name, plain[name], final[name], linears))
+    return rows
 
 
-def explain_graphs(spec_name: str, model_name: str, sites: list[_Site], pipeline: Sequence[Pass],
+def block_rows(blocks: Sequence[ResolvedBlock], plain: dict[str, Graph], final: dict[str, Graph]) -> list[SiteRow]:
+    """One row per resolved FFN block, with the model paths of its linears."""
+    return [SiteRow(b.name, plain[b.name], final[b.name], {r: b.traced.full_name(r) for r in b.traced.linears})
+            for b in blocks]
+
+
+def _block_linears(name: str, block: MoleforgeBlock) -> dict[str, str]:
+    """Model paths of a routed block's linears. ``block.linears`` holds their paths below the
+    traced root: the block itself, or, for an FFN split over two children of a layer (BERT's
+    ``intermediate`` and ``output``), the layer, the block being the child holding the down
+    projection."""
+    parent, _, child = name.rpartition(".")
+    root = parent if block.linears["down"].startswith(f"{child}.") else name
+    return {role: f"{root}.{target}" if root else target for role, target in block.linears.items()}
+
+
+def explain_graphs(spec_name: str, model_name: str, sites: list[SiteRow], pipeline: Sequence[Pass],
                    sibling_note: str = "", ir: IRView = "diff") -> str:
     """The explanation of already built graphs (what ``handle.explain()`` uses)."""
-    groups: dict[tuple[str, str], list[_Site]] = {}
+    groups: dict[tuple[str, str], list[SiteRow]] = {}
     for s in sites:
         groups.setdefault((_shape_text(s.plain), _shape_text(s.final)), []).append(s)
     trainable = sum(math.prod(p.shape) for s in sites for p in s.final.params if p.trainable)
-    names = " -> ".join(_pass_name(p) for p in pipeline) or "none"
+    block_pipeline = _block_pipeline(pipeline, [s for s in sites if _is_block(s)])
     head = [f"moleforge explain: {spec_name!r} on {model_name}",
-            f"  {len(sites)} adapted linears in {len(groups)} groups of identical sites; "
-            f"{trainable:,} trainable parameters",
-            f"  passes: {names}"]
+            f"  {_count_sites(sites)} in {len(groups)} groups of identical sites; {trainable:,} trainable parameters",
+            f"  passes: {_pass_names(pipeline)}"]
+    if block_pipeline is not None and block_pipeline != tuple(pipeline):
+        head.append(f"  FFN-block passes: {_pass_names(block_pipeline)}")
     if sibling_note:
         head.append(f"  sibling fusion: {sibling_note}")
-    blocks, shown = [], {}
+    texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])
-        blocks.append(_group(members, pipeline, ir, shown.get(structure)))
+        passes = block_pipeline if _is_block(members[0]) else pipeline
+        texts.append(_group(members, passes or (), ir, shown.get(structure)))
         shown.setdefault(structure, _where([m.name for m in members]))
-    return "\n".join(head) + "\n\n" + "\n\n".join(blocks) + "\n"
+    return "\n".join(head) + "\n\n" + "\n\n".join(texts) + "\n"
 
 
-def _structure(site: _Site) -> tuple[str, str]:
+def _is_block(site: SiteRow) -> bool:
+    return _block_node(site.plain) is not None
+
+
+def _block_node(g: Graph) -> ExpertFFN | ExpertHidden | None:
+    return next((n for n in g.nodes if isinstance(n, (ExpertFFN, ExpertHidden))), None)
+
+
+def _count_sites(sites: list[SiteRow]) -> str:
+    blocks = sum(_is_block(s) for s in sites)
+    if not blocks:
+        return f"{len(sites)} adapted linears"
+    text = f"{blocks} FFN block" + ("s" if blocks > 1 else "")
+    return f"{len(sites) - blocks} adapted linears and {text}" if len(sites) > blocks else text
+
+
+def _block_pipeline(pipeline: Sequence[Pass], blocks: list[SiteRow]) -> tuple[Pass, ...] | None:
+    """The passes the FFN-block sites went through (``None`` without any): ``compile`` and
+    ``explain`` run :data:`BLOCK_PIPELINE` on blocks when given no passes (a handle then records
+    ``DEFAULT_PIPELINE``), and the given passes otherwise."""
+    if not blocks:
+        return None
+    if tuple(pipeline) == tuple(DEFAULT_PIPELINE) and run_pipeline(blocks[0].plain, BLOCK_PIPELINE) == blocks[0].final:
+        return BLOCK_PIPELINE
+    return tuple(pipeline)
+
+
+def _pass_names(pipeline: Sequence[Pass]) -> str:
+    return " -> ".join(_pass_name(p) for p in pipeline) or "none"
+
+
+def _structure(site: SiteRow) -> tuple[str, str]:
     """The IR with every number masked: groups that differ only in widths show their IR once."""
     return tuple(re.sub(r"\d+", "#", _shape_text(g)) for g in (site.plain, site.final))  # type: ignore[return-value]
 
@@ -146,11 +228,32 @@ def _field(name: str, text: str) -> list[str]:
                          break_on_hyphens=False)
 
 
-def _group(members: list[_Site], pipeline: Sequence[Pass], ir: IRView, same_as: str | None) -> str:
+def _lines(name: str, texts: list[str]) -> list[str]:
+    """A field of several lines, each wrapped as :func:`_field` wraps one."""
+    return [line for i, text in enumerate(texts) for line in _field(name if i == 0 else "", text)]
+
+
+def _group(members: list[SiteRow], pipeline: Sequence[Pass], ir: IRView, same_as: str | None) -> str:
+    first = members[0]
+    lines = block_fields(members) if _is_block(first) else _linear_fields(members, pipeline)
+    if ir == "none":
+        return "\n".join(lines)
+    if same_as is not None:
+        lines.append(f"  IR           as for {same_as} above, with this site's widths")
+        return "\n".join(lines)
+    lines.append("  IR")
+    lines += _ir(first, pipeline, ir)
+    return "\n".join(lines)
+
+
+def _count(members: list[SiteRow]) -> str:
+    return f"{len(members)} sites" if len(members) > 1 else "1 site"
+
+
+def _linear_fields(members: list[SiteRow], pipeline: Sequence[Pass]) -> list[str]:
     first = members[0]
     g, final = first.plain, first.final
-    count = f"{len(members)} sites" if len(members) > 1 else "1 site"
-    lines = [f"== {_where([m.name for m in members])}  ({count}, d_in {g.d_in} -> d_out {g.d_out})"]
+    lines = [f"== {_where([m.name for m in members])}  ({_count(members)}, d_in {g.d_in} -> d_out {g.d_out})"]
     lines += _field("adapter", _describe(g))
     lines += _field("parameters", _parameters(g))
     lines += _field("FLOPs/token", _flops(g, final))
@@ -162,14 +265,7 @@ def _group(members: list[_Site], pipeline: Sequence[Pass], ir: IRView, same_as: 
         lines += _field("siblings", f"one input GEMM for {members_text}; this site reads its columns "
                                     f"{sib.start}:{sib.stop}")
     lines += _field("Γ", _gamma(g))
-    if ir == "none":
-        return "\n".join(lines)
-    if same_as is not None:
-        lines.append(f"  IR           as for {same_as} above, with this site's widths")
-        return "\n".join(lines)
-    lines.append("  IR")
-    lines += _ir(first, pipeline, ir)
-    return "\n".join(lines)
+    return lines
 
 
 def _flops(plain: Graph, final: Graph) -> str:
@@ -183,10 +279,8 @@ def _flops(plain: Graph, final: Graph) -> str:
 
 
 def _base_flops(final: Graph) -> str:
-    """Forward FLOPs per token of the frozen module the site adapts."""
-    where = ("in the frozen block (included above: the routed block replaces it)" if final.frozen
-             else "in the frozen linear (the adapter runs beside it)")
-    return f"{base_flops_per_token(final):,} per token {where}"
+    """Forward FLOPs per token of the frozen linear the site adapts."""
+    return f"{base_flops_per_token(final):,} per token in the frozen linear (the adapter runs beside it)"
 
 
 def _parameters(g: Graph) -> str:
@@ -197,6 +291,9 @@ def _parameters(g: Graph) -> str:
         text += ": " + ", ".join(f"{k}={v:,}" for k, v in trainable.items())
     if frozen:
         text += "; buffers " + ", ".join(f"{k}={v:,}" for k, v in frozen.items())
+    if g.frozen:
+        text += "; frozen inputs (the model's own weights, read in place) " + \
+            ", ".join(f"{p.name}={math.prod(p.shape):,}" for p in g.frozen)
     return text
 
 
@@ -278,11 +375,162 @@ def _gamma(g: Graph) -> str:
     return f"{math.comb(route.experts, k):,} = C({route.experts},{k}) expert sets per token"
 
 
+# ---- FFN-block sites ------------------------------------------------------------------------
+
+def block_fields(members: list[SiteRow], costs: bool = True) -> list[str]:
+    """The explanation of a group of identical FFN-block sites: a heading, then the block as
+    recognised, its linears, the adapter, parameters, FLOPs (whole block, adapter, frozen GEMMs),
+    the frozen block's FLOPs, the kernel and Γ; ``costs=False`` leaves out the parameters and
+    FLOPs (``moleforge inspect`` prints them in its own tables)."""
+    first = members[0]
+    g, final = first.plain, first.final
+    node = _block_node(g)
+    assert node is not None, f"{first.name} is not an FFN-block site"
+    short = _short_names(first)
+    d_ff = node.up.weight.shape[0]
+    blocks = f"{len(members)} FFN blocks" if len(members) > 1 else "1 FFN block"
+    lines = [f"== {_where([m.name for m in members])}  ({blocks}, d_in {g.d_in} -> d_ff {d_ff} -> d_out {g.d_out})"]
+    lines += _lines("block", [f"recognised y = {_formula(node, short)}, activation {node.activation}",
+                              "replaced by routed experts (scope ffn_block)"])
+    lines += _lines("linears", _linears_lines(members, node))
+    lines += _field("adapter", _describe_block(g, node, short))
+    if costs:
+        lines += _field("parameters", _parameters(g))
+        lines += _lines("FLOPs/token", _block_flops(g, final))
+        lines += _field("base FLOPs", _block_base_flops(final, short))
+    lines += _field("kernel", _block_kernel(final, short))
+    lines += _field("Γ", _gamma(g))
+    return lines
+
+
+def _short_names(site: SiteRow) -> dict[str, str]:
+    """Each linear's path below the closest module holding all of the block's linears
+    (``gate_proj``; BERT's ``intermediate.dense``), or its role when the paths are not known."""
+    if not site.linears:
+        return {role: role for role in _ROLES}
+    parts = [path.split(".") for path in site.linears.values()]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return {role: ".".join(path.split(".")[common:]) for role, path in site.linears.items()}
+
+
+def _expert_linears(node: ExpertFFN) -> dict[str, ExpertLinear]:
+    linears = {"gate": node.gate, "up": node.up, "down": node.down}
+    return {role: lin for role, lin in linears.items() if lin is not None}
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _hidden(node: ExpertFFN | ExpertHidden, short: Mapping[str, str]) -> str:
+    """The hidden state before the down projection: ``silu(gate_proj(x)) * up_proj(x)``."""
+    if node.gate is None:
+        return f"{node.activation}({short['up']}(x))"
+    return f"{node.activation}({short['gate']}(x)) * {short['up']}(x)"
+
+
+def _formula(node: ExpertFFN, short: Mapping[str, str]) -> str:
+    return f"{short['down']}({_hidden(node, short)})"
+
+
+def _linears_lines(members: list[SiteRow], node: ExpertFFN) -> list[str]:
+    """``gate model.layers.{0,1}.mlp.gate_proj (32 -> 64)``: each linear by role, path and widths."""
+    lines = []
+    for role, lin in _expert_linears(node).items():
+        out, d_in = lin.weight.shape
+        where = _where([m.linears[role] for m in members]) if members[0].linears else "(path not known)"
+        lines.append(f"{role:<4} {where} ({d_in} -> {out})")
+    return lines
+
+
+def _describe_block(g: Graph, node: ExpertFFN, short: Mapping[str, str]) -> str:
+    route = g.node(node.routing)
+    assert isinstance(route, Route), f"%{node.routing} is not a flat router"
+    linears = _expert_linears(node)
+    adapted = {role: lin.a.shape[1] for role, lin in linears.items() if lin.a is not None}
+    rank = next(iter(adapted.values()))  # one rank for the whole block (build_block_graph)
+    text = (f"{route.experts} experts, {_router_text(route)} per block; each expert is the frozen block with its "
+            f"own LoRA of rank {rank} on {_and([short[role] for role in adapted])}")
+    frozen = [short[role] for role in linears if role not in adapted]
+    if frozen:
+        text += f" ({_and(frozen)} without LoRA)"
+    aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
+    return text + (f"; aux {', '.join(aux)}" if aux else "")
+
+
+def _block_flops(plain: Graph, final: Graph) -> list[str]:
+    """The whole routed block's forward FLOPs per token, then its split into the adapter's (router
+    and expert LoRAs) and the frozen block GEMMs', each before and after the passes."""
+    return [f"forward {flops_per_token(plain):,} plain -> {flops_per_token(final):,} optimised (the whole "
+            "routed block)",
+            f"adapter {adapter_flops_per_token(plain):,} plain -> {adapter_flops_per_token(final):,} optimised "
+            "(router and expert LoRAs)",
+            f"frozen block GEMMs {frozen_flops_per_token(plain):,} plain -> {frozen_flops_per_token(final):,} "
+            "optimised"]
+
+
+def _block_base_flops(final: Graph, short: Mapping[str, str]) -> str:
+    weights = {p.name: p.shape for p in final.frozen}
+    parts = [f"{short[role]} {2 * math.prod(weights[f'W_{role}']):,}" for role in _ROLES if f"W_{role}" in weights]
+    return (f"{base_flops_per_token(final):,} per token in the frozen block ({' + '.join(parts)}); the routed "
+            "block replaces it (its frozen GEMMs are included above)")
+
+
+def _block_kernel(g: Graph, short: Mapping[str, str]) -> str:
+    """The routed block as lowered: the frozen GEMMs run once, what each selected expert runs on
+    its tokens, where the down projection goes, and whether one fused op runs the experts."""
+    node = _block_node(g)
+    assert node is not None, "not an FFN-block graph"
+    route = g.node(node.routing)
+    k = getattr(route.gate, "k", None)
+    who = f"each token's top-{k} of {route.experts} experts" if k is not None else f"all {route.experts} experts"
+    pairs = (("gate", node.gate, node.gate_base), ("up", node.up, node.up_base))
+    inner = [(role, lin, base) for role, lin, base in pairs if lin is not None]
+    once = [short[role] for role, _, base in inner if base is not None]
+    own = [short[role] for role, _, base in inner if base is None]
+    loras = [short[role] for role, lin, _ in inner if lin.a is not None]
+    work = ([f"run frozen {_and(own)}"] if own else []) + ([f"add their LoRAs on {_and(loras)}"] if loras else [])
+    steps = [f"frozen {_and(once)} once per token, shared by all experts"] if once else []
+    steps.append(f"{who}, on their tokens only (slots grouped by expert), {' and '.join(work)}, "
+                 f"h = {_hidden(node, short)}")
+    steps.append(_down_text(g, node, short))
+    if _fused(g, node):
+        parts = [f"LoRAs on {_and(loras)}"] if loras else []
+        steps.append(f"the experts run as one fused op, expert by expert in cache "
+                     f"({', '.join(parts + ['activation', 'gated sum'])})")
+    return "routed FFN block: " + "; ".join(steps)
+
+
+def _down_text(g: Graph, node: ExpertFFN | ExpertHidden, short: Mapping[str, str]) -> str:
+    down = short["down"]
+    if isinstance(node, ExpertFFN):
+        lora = " plus its LoRA" if node.down.a is not None else ""
+        return f"each expert runs frozen {down}{lora} on its h, and the outputs are summed by gate"
+    lora = any(isinstance(u, ExpertLoRA) for u in g.users(node.id))
+    text = f"frozen {down} hoisted out of the experts: one GEMM on the gated sum of their h"
+    return text + (f", plus each selected expert's LoRA on {down} of its own h" if lora else "")
+
+
+def _fused(g: Graph, node: ExpertFFN | ExpertHidden) -> bool:
+    """Whether the torch lowering runs the experts as one fused op (``routed_ffn``): hidden states
+    with shared frozen projections, read by one ``expert_sum`` and at most one ``expert_lora`` of
+    the same routing (the condition of ``backends/torch_fx/lower.py``)."""
+    if not isinstance(node, ExpertHidden):
+        return False
+    users = g.users(node.id)
+    sums = [u for u in users if isinstance(u, ExpertSum) and u.routing == node.routing]
+    loras = [u for u in users if isinstance(u, ExpertLoRA) and u.routing == node.routing]
+    shared = node.up_base is not None and (node.gate is None or node.gate_base is not None)
+    return shared and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
+
+
 def _node_lines(g: Graph) -> list[str]:
     return [ln for ln in print_graph(g).splitlines()[1:] if not ln.startswith("  param ")]
 
 
-def _ir(site: _Site, pipeline: Sequence[Pass], ir: IRView) -> list[str]:
+def _ir(site: SiteRow, pipeline: Sequence[Pass], ir: IRView) -> list[str]:
     trace: list = []
     run_pipeline(site.plain, pipeline, trace)
     if site.final != (trace[-1][1] if trace else site.plain):

@@ -20,6 +20,11 @@ it names:
 - FFN-block experts (``ExpertFFN`` / ``ExpertHidden`` / ``ExpertLoRA``): per active expert, its
   LoRAs and the block's frozen GEMMs not computed once outside the experts.
 
+An FFN-block graph replaces the block, so its count includes the block's frozen GEMMs;
+:func:`frozen_flops_per_token` is that part (the ``Linear`` nodes on frozen inputs, and the
+frozen GEMMs each expert repeats), and :func:`adapter_flops_per_token` the rest: the router and
+the experts' LoRAs, what the adapter itself adds.
+
 Not counted: element-wise work (the gate products of ``BlockGate`` / ``OuterGate``, the gated
 sums of pools, trees and ``ExpertSum``, activations, bias adds, ``Add``), routing softmaxes and
 top-k, aux losses, and training-only noise (``Jitter``, the noisy tree gate's projection). This is
@@ -51,6 +56,7 @@ from ..ir import (
     Linear,
     Node,
     OuterGate,
+    ParamRef,
     PoolMix,
     Route,
     SiblingLinear,
@@ -64,7 +70,8 @@ from ..ir import (
     expr_shape,
 )
 
-__all__ = ["flops_per_token", "node_flops", "base_flops_per_token"]
+__all__ = ["flops_per_token", "node_flops", "base_flops_per_token", "frozen_flops_per_token",
+           "adapter_flops_per_token"]
 
 
 def flops_per_token(graph: Graph) -> int:
@@ -83,6 +90,27 @@ def base_flops_per_token(graph: Graph) -> int:
     return 2 * graph.d_in * graph.d_out
 
 
+def frozen_flops_per_token(graph: Graph) -> int:
+    """Of :func:`flops_per_token`, the FLOPs spent on the frozen weights the graph reads
+    (``graph.frozen``): 0 for a linear site; for an FFN-block site the block's GEMMs, once each
+    where the rewrites share or hoist them, once per active expert where they do not."""
+    frozen = {p.name for p in graph.frozen}
+    total = 0
+    for n in graph.nodes:
+        match n:
+            case Linear(weight=ParamRef(name=name)) if name in frozen:
+                total += node_flops(graph, n)
+            case ExpertFFN() | ExpertHidden():
+                total += _block(graph, n)[0]
+    return total
+
+
+def adapter_flops_per_token(graph: Graph) -> int:
+    """Of :func:`flops_per_token`, the FLOPs of the adapter itself (routers, LoRAs, experts):
+    all of them for a linear site, all but :func:`frozen_flops_per_token` for an FFN block."""
+    return flops_per_token(graph) - frozen_flops_per_token(graph)
+
+
 def node_flops(graph: Graph, n: Node) -> int:
     """Forward FLOPs one token spends in node ``n`` of ``graph`` (see the module docstring)."""
     match n:
@@ -98,7 +126,7 @@ def node_flops(graph: Graph, n: Node) -> int:
             shape = expr_shape(bias)
             return 2 * math.prod(shape) if len(shape) == 2 else 0
         case ExpertFFN() | ExpertHidden():
-            return _block(graph, n)
+            return sum(_block(graph, n))
         case ExpertLoRA(a=a, b=b):
             _, r, d_hidden = a.shape
             return _active(graph, n.routing) * 2 * r * (d_hidden + b.shape[1])
@@ -158,20 +186,22 @@ def _tree(graph: Graph, n: TreeMix | TreePropagate) -> int:
     return total
 
 
-def _expert_linear(lin: ExpertLinear, hoisted: bool) -> int:
-    """One expert's pass through an FFN-block linear: the frozen GEMM unless it was computed
-    once for all experts (``hoisted``), plus the expert's LoRA."""
+def _expert_linear(lin: ExpertLinear, hoisted: bool) -> tuple[int, int]:
+    """One expert's pass through an FFN-block linear, ``(frozen, LoRA)``: the frozen GEMM unless
+    it was computed once for all experts (``hoisted``), and the expert's LoRA."""
     out, d_in = lin.weight.shape
     base = 0 if hoisted else 2 * out * d_in
     lora = 0 if lin.a is None else 2 * lin.a.shape[1] * (d_in + out)
-    return base + lora
+    return base, lora
 
 
-def _block(graph: Graph, n: ExpertFFN | ExpertHidden) -> int:
-    """Active experts each run their LoRAs (and the frozen GEMMs not hoisted out of the experts)."""
-    per = _expert_linear(n.up, n.up_base is not None)
+def _block(graph: Graph, n: ExpertFFN | ExpertHidden) -> tuple[int, int]:
+    """``(frozen, LoRA)``: active experts each run their LoRAs and the frozen GEMMs not hoisted
+    out of the experts."""
+    parts = [_expert_linear(n.up, n.up_base is not None)]
     if n.gate is not None:
-        per += _expert_linear(n.gate, n.gate_base is not None)
+        parts.append(_expert_linear(n.gate, n.gate_base is not None))
     if isinstance(n, ExpertFFN):
-        per += _expert_linear(n.down, False)
-    return _active(graph, n.routing) * per
+        parts.append(_expert_linear(n.down, False))
+    active = _active(graph, n.routing)
+    return active * sum(p[0] for p in parts), active * sum(p[1] for p in parts)
