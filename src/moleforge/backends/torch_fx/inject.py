@@ -82,15 +82,18 @@ class AdaptedLinear(nn.Module):
         """State of the site's noise generator before the last forward (for recomputation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        tokens = x.reshape(-1, self.in_features)
+        # on the token matrix, an nn.Linear's output is the GEMM's own tensor, not a view of it
+        out = self.base_layer(tokens) if isinstance(self.base_layer, nn.Linear) else self.base_layer(x)
         p = next(self.site.parameters(), None)
         dtype = p.dtype if p is not None else x.dtype
-        flat = x.reshape(-1, self.in_features).to(dtype)  # (T, d_in)
+        flat = tokens.to(dtype)  # (T, d_in)
         samples = self._samples(x) if self._uses_samples else None
+        shape = (*x.shape[:-1], self.out_features)
         if _accumulable(out, dtype):
-            return self._run(flat, samples, out)
+            return self._run(flat, samples, out).view(shape)
         delta = self._run(flat, samples, None)
-        return out + delta.reshape(*x.shape[:-1], self.out_features).to(out.dtype)
+        return out.view(shape) + delta.view(shape).to(out.dtype)
 
     def _run(self, flat: torch.Tensor, samples, acc: torch.Tensor | None) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""

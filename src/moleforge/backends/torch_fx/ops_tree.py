@@ -52,11 +52,8 @@ def _act(name: str, v: Tensor) -> Tensor:
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
                generator: torch.Generator | None = None) -> TreeRouting:
-    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`). The forward
-    runs on one intra-op thread (``serial.py``); its backward is left to autograd, where
-    recording a private graph for it costs more than its small kernels gain."""
-    with one_thread():
-        return _route(xd, levels, fanouts, gate, conventions, query_activation, temperature, training, generator)
+    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`)."""
+    return _route(xd, levels, fanouts, gate, conventions, query_activation, temperature, training, generator)
 
 
 def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
@@ -249,8 +246,8 @@ def _mix(w: Tensor, msg: Tensor) -> Tensor:
 
 def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
                    position: str = "all") -> Tensor:
-    """:func:`_propagate` on one intra-op thread (``serial.py``; position ``all`` is one
-    autograd function, ``ops_tree_prop.py``, that switches threads itself)."""
+    """:func:`_propagate`: position ``all`` as one autograd function (``ops_tree_prop.py``),
+    the others on one intra-op thread (``serial.py``)."""
     if position == "all":
         return propagate_all(h_all, indices, weights, levels, activation)
     return serial_call(_propagate, h_all, indices, weights, levels, activation, position)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .serial import one_thread
-
 __all__ = ["propagate_all"]
 
 
@@ -54,27 +52,26 @@ class _PropagateAll(torch.autograd.Function):
         T = h_all.shape[0]
         saved: list[Tensor | None] = [h_all]
         off, h = 0, None
-        with one_thread():
-            for l in range(L):
-                idx, weight, B, b, W, wb = per_pool[6 * l:6 * l + 6]
-                s, d, r = B.shape
-                C, f = idx.shape[1], idx.shape[2]
-                scale = scales[l]
-                hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
-                off += s * r
-                Bt = B.transpose(1, 2) if scale == 1.0 else B.transpose(1, 2) * scale  # (s, r, d)
-                U = torch.bmm(hl, Bt)  # (s, T, d)
-                bias = _node_bias(b, wb, scale, s, d, U)
-                if bias is not None:
-                    U += bias.unsqueeze(1)
-                flat = _expert_major(idx, T)  # (T·N,) rows of U viewed (s·T, d)
-                pre = U.view(s * T, d).index_select(0, flat)  # (T·N, d)
-                if l > 0 and W is not None:
-                    pre = torch.addmm(pre, h.reshape(T * C * f, -1), W.T)
-                a = _act_(activation, pre)
-                out = (weight.reshape(T * C, f, 1) * a.view(T * C, f, d)).sum(1)  # (T·C, d)
-                saved += [flat, a, h if l > 0 else None]
-                h = out.view(T, C, d)
+        for l in range(L):
+            idx, weight, B, b, W, wb = per_pool[6 * l:6 * l + 6]
+            s, d, r = B.shape
+            C, f = idx.shape[1], idx.shape[2]
+            scale = scales[l]
+            hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
+            off += s * r
+            Bt = B.transpose(1, 2) if scale == 1.0 else B.transpose(1, 2) * scale  # (s, r, d)
+            U = torch.bmm(hl, Bt)  # (s, T, d)
+            bias = _node_bias(b, wb, scale, s, d, U)
+            if bias is not None:
+                U += bias.unsqueeze(1)
+            flat = _expert_major(idx, T)  # (T·N,) rows of U viewed (s·T, d)
+            pre = U.view(s * T, d).index_select(0, flat)  # (T·N, d)
+            if l > 0 and W is not None:
+                pre = torch.addmm(pre, h.reshape(T * C * f, -1), W.T)
+            a = _act_(activation, pre)
+            out = (weight.reshape(T * C, f, 1) * a.view(T * C, f, d)).sum(1)  # (T·C, d)
+            saved += [flat, a, h if l > 0 else None]
+            h = out.view(T, C, d)
         ctx.L, ctx.activation, ctx.scales = L, activation, scales
         ctx.save_for_backward(*saved, *per_pool)
         return h.reshape(T, -1)
@@ -88,39 +85,38 @@ class _PropagateAll(torch.autograd.Function):
         T = h_all.shape[0]
         grads: list[Tensor | None] = [None] * len(per_pool)
         g_h_parts: list[Tensor] = []
-        with one_thread():
-            g_out = g_root
-            for l in reversed(range(L)):
-                flat, a, h_prev = saved[1 + 3 * l:4 + 3 * l]
-                idx, weight, B, b, W, wb = per_pool[6 * l:6 * l + 6]
-                s, d, r = B.shape
-                C, f = idx.shape[1], idx.shape[2]
-                scale = scales[l]
-                av = a.view(T * C, f, d)
-                go = g_out.reshape(T * C, 1, d)
-                if ctx.needs_input_grad[5 + 6 * l]:
-                    grads[6 * l + 1] = (av * go).sum(-1).view(T, C, f)
-                g_pre = _act_grad(activation, weight.reshape(T * C, f, 1) * go, av).reshape(T * C * f, d)
-                if l > 0 and W is not None:
-                    if ctx.needs_input_grad[8 + 6 * l]:
-                        grads[6 * l + 4] = g_pre.T @ h_prev.reshape(T * C * f, -1)
-                    g_out = (g_pre @ W).view(T, C * f, -1)
-                g_U = g_pre.new_zeros(s * T, d).index_add_(0, flat, g_pre).view(s, T, d)
-                if b is not None or wb is not None:
-                    g_bias = g_U.sum(1)  # (s, d)
-                    if b is not None and ctx.needs_input_grad[7 + 6 * l]:
-                        grads[6 * l + 3] = g_bias * scale if scale != 1.0 else g_bias
-                    if wb is not None and ctx.needs_input_grad[9 + 6 * l]:
-                        grads[6 * l + 5] = g_bias.sum(0)
-                off = sum(p.shape[0] * p.shape[2] for p in per_pool[2:6 * l:6])
-                hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
-                if ctx.needs_input_grad[6 + 6 * l]:
-                    gB = torch.bmm(g_U.transpose(1, 2), hl)  # (s, d, r)
-                    grads[6 * l + 2] = gB * scale if scale != 1.0 else gB
-                if ctx.needs_input_grad[0]:
-                    Bs = B if scale == 1.0 else B * scale
-                    g_h_parts.append(torch.bmm(g_U, Bs).transpose(0, 1).reshape(T, s * r))  # (T, s·r)
-            g_h_all = torch.cat(g_h_parts[::-1], 1) if g_h_parts else None
+        g_out = g_root
+        for l in reversed(range(L)):
+            flat, a, h_prev = saved[1 + 3 * l:4 + 3 * l]
+            idx, weight, B, b, W, wb = per_pool[6 * l:6 * l + 6]
+            s, d, r = B.shape
+            C, f = idx.shape[1], idx.shape[2]
+            scale = scales[l]
+            av = a.view(T * C, f, d)
+            go = g_out.reshape(T * C, 1, d)
+            if ctx.needs_input_grad[5 + 6 * l]:
+                grads[6 * l + 1] = (av * go).sum(-1).view(T, C, f)
+            g_pre = _act_grad(activation, weight.reshape(T * C, f, 1) * go, av).reshape(T * C * f, d)
+            if l > 0 and W is not None:
+                if ctx.needs_input_grad[8 + 6 * l]:
+                    grads[6 * l + 4] = g_pre.T @ h_prev.reshape(T * C * f, -1)
+                g_out = (g_pre @ W).view(T, C * f, -1)
+            g_U = g_pre.new_zeros(s * T, d).index_add_(0, flat, g_pre).view(s, T, d)
+            if b is not None or wb is not None:
+                g_bias = g_U.sum(1)  # (s, d)
+                if b is not None and ctx.needs_input_grad[7 + 6 * l]:
+                    grads[6 * l + 3] = g_bias * scale if scale != 1.0 else g_bias
+                if wb is not None and ctx.needs_input_grad[9 + 6 * l]:
+                    grads[6 * l + 5] = g_bias.sum(0)
+            off = sum(p.shape[0] * p.shape[2] for p in per_pool[2:6 * l:6])
+            hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
+            if ctx.needs_input_grad[6 + 6 * l]:
+                gB = torch.bmm(g_U.transpose(1, 2), hl)  # (s, d, r)
+                grads[6 * l + 2] = gB * scale if scale != 1.0 else gB
+            if ctx.needs_input_grad[0]:
+                Bs = B if scale == 1.0 else B * scale
+                g_h_parts.append(torch.bmm(g_U, Bs).transpose(0, 1).reshape(T, s * r))  # (T, s·r)
+        g_h_all = torch.cat(g_h_parts[::-1], 1) if g_h_parts else None
         return (g_h_all, None, None, None, *grads)
 
 
