@@ -12,7 +12,7 @@ interleaved in every repetition after a warm-up; medians (and minima) reported:
 
 Also checks that moleforge's output equals the float64 reference interpreter.
 
-    python benchmarks/smore_layer.py [--tokens 1024] [--reps 21] [--threads 2]
+    python benchmarks/smore_layer.py [--tokens 1024] [--reps 41] [--threads 2]
 
 Writes ``benchmarks/results/smore_layer.json``.
 """
@@ -131,7 +131,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, reps: int, warmup: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--reps", type=int, default=41)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "smore_layer.json"))

@@ -26,10 +26,13 @@ def _compare(mine, ref, names):
         assert_close(g, r, "float64", msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("passes", [(), None], ids=["plain", "default-pipeline"])
 @given(tree=trees(), d_in=st.integers(2, 6), d_out=st.integers(1, 5), T=st.integers(1, 5),
        seed=st.integers(0, 2**16))
-def test_runtime_equals_interpreter(tree, d_in, d_out, T, seed):
-    model, handle = compile_tree(tree, d_in, d_out, seed)
+def test_runtime_equals_interpreter(passes, tree, d_in, d_out, T, seed):
+    """Both lowerings: the plain IR (routing and propagation in one block) and the default
+    pipeline's (all down-projections in one GEMM, routing and propagation apart)."""
+    model, handle = compile_tree(tree, d_in, d_out, seed, passes=passes)
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(T, d_in, generator=gen, dtype=torch.float64)

@@ -5,6 +5,7 @@ of the same math by the interpreter."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,9 +68,10 @@ def test_noisy_training_equals_interpreter(fanout, conventions, seed):
     assert noise_grads and all(g.abs().max() > 0 for g in noise_grads), "the noise projection learns"
 
 
+@pytest.mark.parametrize("passes", [(), None], ids=["plain", "default-pipeline"])
 @given(tree=trees(), T=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_training_mode_equals_interpreter(tree, T, seed):
-    model, handle = compile_tree(tree, 4, 3, seed)
+def test_training_mode_equals_interpreter(passes, tree, T, seed):
+    model, handle = compile_tree(tree, 4, 3, seed, passes=passes)
     model.train()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, 4, generator=gen, dtype=torch.float64)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops_tree_prop import propagate_all
+from .ops_tree_route import route_switch_dense
 from .serial import one_thread, serial_call
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
@@ -52,7 +53,12 @@ def _act(name: str, v: Tensor) -> Tensor:
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
                generator: torch.Generator | None = None) -> TreeRouting:
-    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`)."""
+    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`); the switch and
+    dense gates as one autograd function (``ops_tree_route.py``)."""
+    if gate != "noisy_topk" and all(lv[1].shape[0] == lv[0].shape[1] for lv in levels):
+        idx, weights, probs = route_switch_dense(xd, levels, fanouts, gate, conventions, query_activation,
+                                                 temperature)
+        return TreeRouting((idx, weights, probs), gate)
     return _route(xd, levels, fanouts, gate, conventions, query_activation, temperature, training, generator)
 
 

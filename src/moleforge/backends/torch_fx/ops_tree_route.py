@@ -1,0 +1,172 @@
+"""Top-down routing of a residual tree with the switch or dense gate as one autograd
+function with a hand-written backward.
+
+Pool ``l`` routes ``C_l`` contexts per token. A context's query reads the token's router
+input and the keys its ancestors chose, ``z = [x_down, K_{L-1}[e_{L-1}], ...]``; the first
+query layer is applied blockwise, ``W1 z = W1[:, :m] x_down + Σ_j (K_j W1[:, slot_j]ᵀ)[e_j]``
+(one GEMM on the tokens for every pool, plus a gather from an ``(s_j, g)`` table per
+ancestor), and the scores fold the second layer into the keys, ``K (W2 q + b2) = (K W2) q +
+K b2``. The gate is a softmax over the pool's experts; switch keeps the top ``f``
+(renormalised, or raw at fanout 1 with the official conventions), dense keeps all.
+
+Each pool's weights depend on its own scores only (the ancestors' choices are discrete), so
+the backward runs pool by pool: through the renormalisation, the softmax, the folded keys,
+the query activation and the gathers, back to ``x_down`` and the router parameters. The
+semantics are those of ``ops_tree._route`` (and ``ir/interpret_tree.py``); the noisy gate
+uses that function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["route_switch_dense"]
+
+
+def _act(name: str, v: Tensor) -> Tensor:
+    if name == "tanh":
+        return v.tanh_()
+    if name == "relu":
+        return v.relu_()
+    return v
+
+
+def _act_grad(name: str, g: Tensor, out: Tensor) -> Tensor:
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(g, out)
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(g, out, 0)
+    return g
+
+
+class _Route(torch.autograd.Function):
+    """Inputs: ``xd (T, m)``, ``meta`` ``(fanouts, gate, official, query_activation,
+    temperature)``, then per pool ``keys (s, g)``, ``w1 (g, in_l)``, ``b1 (g,)``, ``w2 (g, g)``,
+    ``b2 (g,)``. Outputs, per pool: indices ``(T, C, f)``, then weights ``(T, C, f)``, then
+    probabilities ``(T, C, s)``."""
+
+    @staticmethod
+    def forward(ctx, xd: Tensor, meta: tuple, *params: Tensor):  # type: ignore[override]
+        fanouts, gate, official, qact, temperature = meta
+        L, (T, m) = len(fanouts), xd.shape
+        keys = params[0::5]
+        w1s, b1s, w2s, b2s = params[1::5], params[2::5], params[3::5], params[4::5]
+        widths = [k.shape[1] for k in keys]  # key widths: the ancestor slots of the query input
+        w_tok = torch.cat([w[:, :m] for w in w1s])
+        token_parts = F.linear(xd, w_tok, torch.cat(b1s)).split(widths, dim=1)  # (T, g_l) each
+        ancestors: list[tuple[int, Tensor]] = []  # (pool j, its expert per current context (T, C))
+        idx_out, w_out, p_out = [None] * L, [None] * L, [None] * L
+        saved: list = [None] * L
+        for l in reversed(range(L)):
+            s, g = keys[l].shape
+            pre = token_parts[l].unsqueeze(1)  # (T, 1, g)
+            off = m
+            for j, e in ancestors:
+                gj = widths[j]
+                pre = pre + F.embedding(e, keys[j] @ w1s[l][:, off:off + gj].T)  # (T, C, g)
+                off += gj
+            C = pre.shape[1]
+            h = _act(qact, pre.reshape(T * C, g))  # in place: pre is read by nothing else
+            kw2 = keys[l] @ w2s[l]  # (s, g)
+            logits = torch.addmm((keys[l] @ b2s[l]).unsqueeze(1), kw2, h.T)  # (s, N)
+            if temperature != 1.0:
+                logits = logits / temperature
+            probs = torch.softmax(logits, dim=0)
+            if gate == "dense":
+                index = torch.arange(s, device=xd.device).unsqueeze(1).expand(s, T * C)
+                weights, top_sum = probs, None
+            else:
+                top, index = probs.topk(fanouts[l], dim=0)
+                raw = official and fanouts[l] == 1
+                top_sum = None if raw else top.sum(0, keepdim=True)
+                weights = top if raw else top / top_sum
+            f = index.shape[0]
+            idx_out[l] = index.T.reshape(T, C, f)
+            w_out[l] = weights.T.reshape(T, C, f)
+            p_out[l] = probs.T.reshape(T, C, s)
+            saved[l] = (h, probs, index, weights, top_sum, kw2, [(j, e) for j, e in ancestors])
+            if l > 0:
+                ancestors = [(j, e.repeat_interleave(f, dim=1)) for j, e in ancestors]
+                ancestors.append((l, idx_out[l].reshape(T, C * f)))
+        ctx.meta, ctx.T, ctx.m, ctx.widths = meta, T, m, widths
+        ctx.pools = saved
+        ctx.save_for_backward(xd, *params)
+        ctx.mark_non_differentiable(*idx_out)
+        return (*idx_out, *w_out, *p_out)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+        fanouts, gate, official, qact, temperature = ctx.meta
+        T, m, widths = ctx.T, ctx.m, ctx.widths
+        xd, *params = ctx.saved_tensors
+        L = len(fanouts)
+        keys, w1s, w2s, b2s = params[0::5], params[1::5], params[3::5], params[4::5]
+        g_w_all, g_p_all = grads[L:2 * L], grads[2 * L:]
+        g_params: list[Tensor | None] = [None] * len(params)
+        g_keys = [torch.zeros_like(k) for k in keys]
+        g_w1 = [torch.zeros_like(w) for w in w1s]
+        g_tok: list[Tensor] = []
+        for l in range(L):
+            h, probs, index, weights, top_sum, kw2, ancestors = ctx.pools[l]
+            s, N = probs.shape
+            g = widths[l]
+            C = N // T
+            g_p, g_w = g_p_all[l], g_w_all[l]
+            g_probs = g_p.reshape(N, s).T.contiguous() if g_p is not None else probs.new_zeros(s, N)
+            if g_w is not None:
+                g_sel = g_w.reshape(N, -1).T  # (f, N)
+                if gate == "dense":
+                    g_probs += g_sel
+                else:
+                    if top_sum is not None:  # weights = top / Σ top
+                        g_sel = (g_sel - (g_sel * weights).sum(0, keepdim=True)) / top_sum
+                    g_probs.scatter_add_(0, index, g_sel)
+            g_logits = probs * (g_probs - (probs * g_probs).sum(0, keepdim=True))  # (s, N)
+            if temperature != 1.0:
+                g_logits = g_logits / temperature
+            g_kw2 = g_logits @ h  # (s, g)
+            g_kb2 = g_logits.sum(1)  # (s,)
+            g_pre = _act_grad(qact, g_logits.T @ kw2, h)  # (N, g)
+            g_keys[l] += g_kw2 @ w2s[l].T + torch.outer(g_kb2, b2s[l])
+            g_params[5 * l + 3] = keys[l].T @ g_kw2
+            g_params[5 * l + 4] = keys[l].T @ g_kb2
+            g_tok.append(g_pre.view(T, C, g).sum(1) if C > 1 else g_pre)
+            off = m
+            for j, e in ancestors:
+                gj = widths[j]
+                g_table = g_pre.new_zeros(keys[j].shape[0], g).index_add_(0, e.reshape(-1), g_pre)  # (s_j, g)
+                g_keys[j] += g_table @ w1s[l][:, off:off + gj]
+                g_w1[l][:, off:off + gj] = g_table.T @ keys[j]
+                off += gj
+        g_tok_all = torch.cat(g_tok, 1)  # (T, Σ g_l)
+        w_tok = torch.cat([w[:, :m] for w in w1s])
+        g_xd = g_tok_all @ w_tok if ctx.needs_input_grad[0] else None
+        g_w_tok = g_tok_all.T @ xd  # (Σ g_l, m)
+        g_b_tok = g_tok_all.sum(0)
+        for l, (a, b) in enumerate(_spans(widths)):
+            g_w1[l][:, :m] = g_w_tok[a:b]
+            g_params[5 * l] = g_keys[l]
+            g_params[5 * l + 1] = g_w1[l]
+            g_params[5 * l + 2] = g_b_tok[a:b]
+        return (g_xd, None, *g_params)
+
+
+def _spans(widths: list[int]) -> list[tuple[int, int]]:
+    out, a = [], 0
+    for w in widths:
+        out.append((a, a + w))
+        a += w
+    return out
+
+
+def route_switch_dense(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
+                       query_activation: str, temperature: float) -> tuple[tuple, tuple, tuple]:
+    """``(indices, weights, probs)`` per pool (see the module doc); ``levels`` per pool
+    ``(keys, w1, b1, w2, b2, _)``."""
+    params = [t for lv in levels for t in lv[:5]]
+    meta = (tuple(fanouts), gate, conventions == "official", query_activation, float(temperature))
+    out = _Route.apply(xd, meta, *params)
+    L = len(levels)
+    return tuple(out[:L]), tuple(out[L:2 * L]), tuple(out[2 * L:])
