@@ -5,7 +5,7 @@ When a tree's router down-projection ``x_down = Linear(x)`` and its ``TreeMix`` 
 same input, both projections are emitted as one GEMM (``ops_tree.tree_inputs``): the
 rows of ``W_down`` and of every ``A_{l,n}`` stacked, so ``x`` is read once and its
 gradient comes from one product instead of two plus a sum; routing and propagation then
-run as one single-threaded block (``ops_tree.tree_block``) that also adds the biases, and
+run as one block (``ops_tree.tree_block``) that also adds the biases, and
 the final projection that alone reads the root hidden folds its bias into its GEMM
 (``ops_tree.tree_project``).
 """

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from .ops_tree_prop import propagate_all
 from .ops_tree_route import route_switch_dense
-from .serial import one_thread, serial_call
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
            "tree_propagate", "tree_aux"]
@@ -154,11 +153,10 @@ def _smooth_load(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor, f: int)
 
 
 def _rows(weights: list[Tensor], d: int) -> Tensor:
-    """Row blocks stacked into one ``(Σ rows, d)`` matrix (copied on one thread)."""
+    """Row blocks stacked into one ``(Σ rows, d)`` matrix."""
     if len(weights) == 1:
         return weights[0].reshape(-1, d)
-    with one_thread():
-        return torch.cat([w.reshape(-1, d) for w in weights])
+    return torch.cat([w.reshape(-1, d) for w in weights])
 
 
 def _bias(weights: list[Tensor], biases: list[Tensor | None], d: int) -> Tensor | None:
@@ -186,23 +184,19 @@ def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
 def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
                levels: list, activation: str, position: str,
                ones: bool = False) -> tuple[TreeRouting, Tensor]:
-    """Routing and propagation from :func:`tree_inputs` ``both``, on one intra-op thread:
-    ``x_down = both[:, :m] + b``, ``h_all = both[:, m:] + a``; ``route`` holds the arguments of
-    :func:`tree_route` after ``xd``, ``levels`` those of :func:`tree_propagate`. Returns
-    ``(routing, root hidden (T, d_L))``; with ``ones`` the hidden gets a last column of ones
-    ``(T, d_L + 1)`` for :func:`tree_project`."""
-    return serial_call(_block, both, m, down_b, a_bias, route, levels, activation, position, ones)
-
-
-def _block(both, m, down_b, a_bias, route, levels, activation, position, ones):
+    """Routing and propagation from :func:`tree_inputs` ``both``: ``x_down = both[:, :m] + b``,
+    ``h_all = both[:, m:] + a``; ``route`` holds the arguments of :func:`tree_route` after
+    ``xd``, ``levels`` those of :func:`tree_propagate`. Returns ``(routing, root hidden
+    (T, d_L))``; with ``ones`` the hidden gets a last column of ones ``(T, d_L + 1)`` for
+    :func:`tree_project`."""
     xd, h_all = both[:, :m], both[:, m:]
     if down_b is not None:
         xd = xd + down_b
     if any(ab is not None for ab in a_bias):
         h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
                                    for ab, (B, *_) in zip(a_bias, levels)])
-    routing = _route(xd, *route)
-    h = _propagate(h_all, routing[0], routing[1], levels, activation, position)
+    routing = tree_route(xd, *route)
+    h = tree_propagate(h_all, routing[0], routing[1], levels, activation, position)
     return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
 
 
@@ -212,8 +206,7 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h1: Tensor, w: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
-        with one_thread():
-            wb = torch.cat([w, b.unsqueeze(1)], 1)  # (d_out, d + 1)
+        wb = torch.cat([w, b.unsqueeze(1)], 1)  # (d_out, d + 1)
         ctx.save_for_backward(h1, wb)
         return h1 @ wb.T
 
@@ -224,8 +217,7 @@ class _Project(torch.autograd.Function):
         gw = gb = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gwb = g.T @ h1  # (d_out, d + 1)
-            with one_thread():
-                gw, gb = gwb[:, :-1].contiguous(), gwb[:, -1].contiguous()
+            gw, gb = gwb[:, :-1].contiguous(), gwb[:, -1].contiguous()
         return gh, gw, gb
 
 
@@ -252,11 +244,10 @@ def _mix(w: Tensor, msg: Tensor) -> Tensor:
 
 def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
                    position: str = "all") -> Tensor:
-    """:func:`_propagate`: position ``all`` as one autograd function (``ops_tree_prop.py``),
-    the others on one intra-op thread (``serial.py``)."""
+    """:func:`_propagate`; position ``all`` as one autograd function (``ops_tree_prop.py``)."""
     if position == "all":
         return propagate_all(h_all, indices, weights, levels, activation)
-    return serial_call(_propagate, h_all, indices, weights, levels, activation, position)
+    return _propagate(h_all, indices, weights, levels, activation, position)
 
 
 def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
@@ -270,8 +261,6 @@ def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, acti
     hidden) and the weight ``[c B_nᵀ stacked; c b_n + w; Wᵀ]``, so ``u_{l,e} + W h_child + w``
     comes out of one product, without gathering per-expert results.
     """
-    if position == "all":
-        return propagate_all(h_all, indices, weights, levels, activation)
     T = h_all.shape[0]
     off, h = 0, h_all
     for l, (B, b_bias, W, W_bias, scale) in enumerate(levels):

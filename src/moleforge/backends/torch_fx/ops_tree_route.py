@@ -86,7 +86,7 @@ class _Route(torch.autograd.Function):
             idx_out[l] = index.T.reshape(T, C, f)
             w_out[l] = weights.T.reshape(T, C, f)
             p_out[l] = probs.T.reshape(T, C, s)
-            saved[l] = (h, probs, index, weights, top_sum, kw2, [(j, e) for j, e in ancestors])
+            saved[l] = (h, probs, index, weights, top_sum, kw2, [(j, e) for j, e in ancestors], C)
             if l > 0:
                 ancestors = [(j, e.repeat_interleave(f, dim=1)) for j, e in ancestors]
                 ancestors.append((l, idx_out[l].reshape(T, C * f)))
@@ -109,14 +109,13 @@ class _Route(torch.autograd.Function):
         g_w1 = [torch.zeros_like(w) for w in w1s]
         g_tok: list[Tensor] = []
         for l in range(L):
-            h, probs, index, weights, top_sum, kw2, ancestors = ctx.pools[l]
+            h, probs, index, weights, top_sum, kw2, ancestors, C = ctx.pools[l]
             s, N = probs.shape
             g = widths[l]
-            C = N // T
             g_p, g_w = g_p_all[l], g_w_all[l]
             g_probs = g_p.reshape(N, s).T.contiguous() if g_p is not None else probs.new_zeros(s, N)
             if g_w is not None:
-                g_sel = g_w.reshape(N, -1).T  # (f, N)
+                g_sel = g_w.reshape(N, index.shape[0]).T  # (f, N)
                 if gate == "dense":
                     g_probs += g_sel
                 else:
