@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops_tree_prop import propagate_all
+from .ops_tree_prop import act_, propagate_all
 from .ops_tree_route import route_switch_dense
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
@@ -30,15 +30,6 @@ class TreeRouting(tuple):
         self.gate = gate
         self.smooth_load = tuple(smooth_load)
         return self
-
-
-def _act_(name: str, v: Tensor) -> Tensor:
-    """:func:`_act` in place (on a fresh tensor nothing else reads)."""
-    if name == "tanh":
-        return v.tanh_()
-    if name == "relu":
-        return v.relu_()
-    return v
 
 
 def _act(name: str, v: Tensor) -> Tensor:
@@ -284,7 +275,7 @@ def _propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, acti
             kids = _act(activation, h).view(T, C, f, h.shape[-1]).sum(2)  # (T, C, d_l)
             h = _mix(w, pre) + F.linear(kids, W, None if W_bias is None else W_bias * f)
         else:
-            h = _mix(w, _act_(activation, pre) if position == "all" else pre)  # (T, C, dn)
+            h = _mix(w, act_(activation, pre) if position == "all" else pre)  # (T, C, dn)
     return h.reshape(T, h.shape[1] * h.shape[2])  # one root context
 
 

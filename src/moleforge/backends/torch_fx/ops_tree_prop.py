@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["propagate_all"]
+__all__ = ["propagate_all", "act_", "act_grad"]
 
 
-def _act_grad(activation: str, g: Tensor, a: Tensor) -> Tensor:
-    """``∂L/∂pre`` from ``∂L/∂a`` and the saved output ``a = act(pre)``."""
+def act_grad(activation: str, g: Tensor, a: Tensor) -> Tensor:
+    """``∂L/∂pre`` from ``∂L/∂a`` and the saved output ``a = act(pre)`` (tanh, relu, identity)."""
     if activation == "tanh":
         return torch.ops.aten.tanh_backward(g, a)
     if activation == "relu":
@@ -34,7 +34,8 @@ def _act_grad(activation: str, g: Tensor, a: Tensor) -> Tensor:
     return g
 
 
-def _act_(activation: str, v: Tensor) -> Tensor:
+def act_(activation: str, v: Tensor) -> Tensor:
+    """``act(v)`` in place (tanh, relu, identity), for a fresh ``v`` nothing else reads."""
     if activation == "tanh":
         return v.tanh_()
     if activation == "relu":
@@ -68,7 +69,7 @@ class _PropagateAll(torch.autograd.Function):
             pre = U.view(s * T, d).index_select(0, flat)  # (T·N, d)
             if l > 0 and W is not None:
                 pre = torch.addmm(pre, h.reshape(T * C * f, -1), W.T)
-            a = _act_(activation, pre)
+            a = act_(activation, pre)
             out = (weight.reshape(T * C, f, 1) * a.view(T * C, f, d)).sum(1)  # (T·C, d)
             saved += [flat, a, h if l > 0 else None]
             h = out.view(T, C, d)
@@ -96,7 +97,7 @@ class _PropagateAll(torch.autograd.Function):
             go = g_out.reshape(T * C, 1, d)
             if ctx.needs_input_grad[5 + 6 * l]:
                 grads[6 * l + 1] = (av * go).sum(-1).view(T, C, f)
-            g_pre = _act_grad(activation, weight.reshape(T * C, f, 1) * go, av).reshape(T * C * f, d)
+            g_pre = act_grad(activation, weight.reshape(T * C, f, 1) * go, av).reshape(T * C * f, d)
             if l > 0 and W is not None:
                 if ctx.needs_input_grad[8 + 6 * l]:
                     grads[6 * l + 4] = g_pre.T @ h_prev.reshape(T * C * f, -1)

@@ -22,23 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops_tree_prop import act_, act_grad
+
 __all__ = ["route_switch_dense"]
-
-
-def _act(name: str, v: Tensor) -> Tensor:
-    if name == "tanh":
-        return v.tanh_()
-    if name == "relu":
-        return v.relu_()
-    return v
-
-
-def _act_grad(name: str, g: Tensor, out: Tensor) -> Tensor:
-    if name == "tanh":
-        return torch.ops.aten.tanh_backward(g, out)
-    if name == "relu":
-        return torch.ops.aten.threshold_backward(g, out, 0)
-    return g
 
 
 class _Route(torch.autograd.Function):
@@ -68,7 +54,7 @@ class _Route(torch.autograd.Function):
                 pre = pre + F.embedding(e, keys[j] @ w1s[l][:, off:off + gj].T)  # (T, C, g)
                 off += gj
             C = pre.shape[1]
-            h = _act(qact, pre.reshape(T * C, g))  # in place: pre is read by nothing else
+            h = act_(qact, pre.reshape(T * C, g))  # in place: pre is read by nothing else
             kw2 = keys[l] @ w2s[l]  # (s, g)
             logits = torch.addmm((keys[l] @ b2s[l]).unsqueeze(1), kw2, h.T)  # (s, N)
             if temperature != 1.0:
@@ -127,7 +113,7 @@ class _Route(torch.autograd.Function):
                 g_logits = g_logits / temperature
             g_kw2 = g_logits @ h  # (s, g)
             g_kb2 = g_logits.sum(1)  # (s,)
-            g_pre = _act_grad(qact, g_logits.T @ kw2, h)  # (N, g)
+            g_pre = act_grad(qact, g_logits.T @ kw2, h)  # (N, g)
             g_keys[l] += g_kw2 @ w2s[l].T + torch.outer(g_kb2, b2s[l])
             g_params[5 * l + 3] = keys[l].T @ g_kw2
             g_params[5 * l + 4] = keys[l].T @ g_kb2
