@@ -34,21 +34,19 @@ DENSE = mf.AdapterSpec(aux_loss_coef=0.5, sites=[
 SPECS = {"dense-pools": DENSE, "smore_dense": mf.presets.load("smore_dense")}
 
 
-def _run(model, ids):
-    out = model(ids, labels=ids)
+def _run(model, ids, mask=None):
+    out = model(ids, attention_mask=mask, labels=ids)
     out.loss.backward()
     return out
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_compiled_model_equals_eager_without_graph_breaks(name):
-    ids = batch(seed=2)
+def _assert_compiled_equals_eager(spec: mf.AdapterSpec, ids: torch.Tensor, mask: torch.Tensor | None = None):
     runs = []
     for compiled in (False, True):
         model = tiny("llama").train()
-        handle = mf.compile(SPECS[name].with_init(mf.Init(up="normal", std=0.2, seed=3)), model)
+        handle = mf.compile(spec.with_init(mf.Init(up="normal", std=0.2, seed=3)), model)
         dynamo.reset()
-        out = _run(torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model, ids)
+        out = _run(torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model, ids, mask)
         runs.append((out, {k: p.grad for k, p in handle.named_parameters()}))
     (eager, eager_grads), (comp, comp_grads) = runs
     assert_close(comp.logits, eager.logits, "float32_model")
@@ -57,6 +55,20 @@ def test_compiled_model_equals_eager_without_graph_breaks(name):
         assert_close(comp.aux_loss, eager.aux_loss, "float32_model")
     for k in eager_grads:
         assert_close(comp_grads[k], eager_grads[k], "float32_model", msg=k)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_compiled_model_equals_eager_without_graph_breaks(name):
+    _assert_compiled_equals_eager(SPECS[name], batch(seed=2))
+
+
+def test_padded_batch_compiles_to_one_graph():
+    """With padding in ``attention_mask`` the aux losses count the real tokens (a fixed-shape
+    masked sum): still one graph, with the eager losses and gradients."""
+    ids = batch(seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    _assert_compiled_equals_eager(DENSE, ids, mask)
 
 
 @pytest.mark.parametrize("kind", ["block", "outer"])

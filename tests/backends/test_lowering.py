@@ -95,5 +95,5 @@ def test_every_preset_lowers_and_matches():
 def test_generated_code_is_readable_python():
     graph = build_graph(presets.load("molora").sites[0].adapter, SiteShape("site", 8, 8))
     code = _lowered(graph, make_params(graph, 0)).code
-    assert "def forward(self, x, samples = None, acc = None)" in code
+    assert "def forward(self, x, samples = None, acc = None, mask = None)" in code
     assert "route_softmax_topk" in code and "pool_mix" in code

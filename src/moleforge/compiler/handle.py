@@ -3,6 +3,7 @@ and ``remove()``."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,6 +45,37 @@ def _token_share(kwargs: dict, shifts_labels: bool) -> torch.Tensor | None:
     return labels.ne(-100).sum() / total
 
 
+def _attention_mask_position(model: nn.Module) -> int | None:
+    """Where ``attention_mask`` sits among the positional arguments of ``model.forward``
+    (``None``: the model takes none, or is an encoder-decoder, whose decoder sites see other
+    tokens than the encoder's mask covers)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("attention_mask") if "attention_mask" in names else None
+
+
+def _padding_mask(args: tuple, kwargs: dict, position: int | None) -> torch.Tensor | None:
+    """The call's ``attention_mask`` ``(batch, seq)`` as bool when it marks padding; ``None``
+    without one, for an all-ones mask (the exact unmasked path) and for masks of another shape
+    (4D attention masks). Under ``torch.compile`` the all-ones check (a data-dependent branch)
+    is skipped: the masked computation gives the same losses up to rounding."""
+    if position is None:
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > position:
+        mask = args[position]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    real = mask != 0
+    if not torch.compiler.is_compiling() and bool(real.all()):
+        return None
+    return real
+
+
 def _install_save_pretrained(model: nn.Module, handle: "AdapterHandle") -> bool:
     """Shadow ``save_pretrained`` on this model instance only (not its class), undone by ``remove()``."""
     if not callable(getattr(model, "save_pretrained", None)) or "save_pretrained" in vars(model):
@@ -58,6 +90,12 @@ class AdapterHandle:
     While it is injected, the model's forward adds the aux losses to ``outputs.loss`` (see
     ``_post_hook``), and ``model.save_pretrained(dir)`` (so ``Trainer.save_model``) writes this
     adapter as ``mf.save`` does; ``remove()`` undoes both.
+
+    Padding: when the model is called with an ``attention_mask`` ``(batch, seq)`` (1 = real
+    token, 0 = padding), the aux losses, the balancing routers' selection counts and the recorded
+    routing count the real tokens only, and equal their values on the real tokens alone; padding
+    tokens are still routed and the outputs do not depend on the mask. Sites whose tokens are not
+    the batch's positions (a decoding step with a cache) ignore it; so do encoder-decoder models.
 
     Attributes:
         model: the user's model (still a ``PreTrainedModel``; modules replaced in place).
@@ -87,6 +125,7 @@ class AdapterHandle:
         self._share: torch.Tensor | None = None
         self._warned = False
         self._shifts_labels = _shifts_labels(model)
+        self._mask_position = _attention_mask_position(model)
         self._own_save = _install_save_pretrained(model, self)
         self.active = True
 
@@ -107,7 +146,11 @@ class AdapterHandle:
         return self._last_aux
 
     def _pre_hook(self, module, args, kwargs):
+        """Start a forward: no aux terms yet; the call's padding mask (``attention_mask``, HF
+        convention: 1 = real token) for the sites, so that aux losses, balancing counts and
+        routing logs count the real tokens only."""
         self._collector.reset()
+        self._collector.padding_mask = _padding_mask(args, kwargs, self._mask_position)
         self._share = _token_share(kwargs, self._shifts_labels)
 
     def _post_hook(self, module, args, output):
@@ -118,6 +161,7 @@ class AdapterHandle:
         weighted by its share ``n / N`` of the counted label tokens: summed over the micro-batches
         this is the token-weighted mean of their aux losses, as without accumulation.
         """
+        self._collector.padding_mask = None  # it belongs to this call only
         total = self._collector.total()
         if total is None:
             self._last_aux = None
@@ -150,7 +194,7 @@ class AdapterHandle:
     @contextmanager
     def record_routing(self):
         """Record every site's routing during the block; yields a :class:`RoutingLog`
-        (``expert_load()``, ``entropy()``)."""
+        (``expert_load()``, ``entropy()``), of the real tokens only in padded batches."""
         log = RoutingLog()
         prev = self._collector.routing_log
         self._collector.routing_log = log.entries
@@ -161,7 +205,8 @@ class AdapterHandle:
 
     def update_balancing(self) -> None:
         """Apply the aux-loss-free balancing update of SMoRA / FlyLoRA routers from the
-        selections counted since the last call: ``b_j += rate · sign(mean(c) - c_j)``.
+        selections counted (of real tokens, in padded batches) since the last call:
+        ``b_j += rate · sign(mean(c) - c_j)``.
         Call after each optimizer step (the Trainer callback does)."""
         with torch.no_grad():
             for name, mod in self.modules.items():

@@ -15,6 +15,7 @@ class RoutingLog:
 
     A flat routing is ``(gates (T, E), probs (T, E), index (T, k) | None)``; a tree routing is
     ``(indices, weights, probs)``, tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
+    ``T`` counts the real tokens of a padded batch only (the model call's ``attention_mask``).
     """
 
     entries: list = field(default_factory=list)

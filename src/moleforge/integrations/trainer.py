@@ -3,9 +3,11 @@ balancing-bias update once per optimizer step.
 
 The Trainer itself needs nothing else: the compiled model stays the user's ``PreTrainedModel``,
 its ``outputs.loss`` already holds ``spec.aux_loss_coef · aux`` (scaled for gradient accumulation
-through ``num_items_in_batch``), and ``trainer.save_model`` writes the moleforge adapter. Two
-Trainer settings compute the loss outside the model and so leave the aux loss out unless the
-user adds ``outputs["aux_loss"]``: ``compute_loss_func`` and ``label_smoothing_factor``. The
+through ``num_items_in_batch``), and ``trainer.save_model`` writes the moleforge adapter. A
+padding collator needs nothing either: the batch's ``attention_mask`` makes the aux losses, the
+balancing counts and the routing statistics count the real tokens only. Two Trainer settings
+compute the loss outside the model and so leave the aux loss out unless the user adds
+``outputs["aux_loss"]``: ``compute_loss_func`` and ``label_smoothing_factor``. The
 Trainer's ``resume_from_checkpoint`` reloads only weight files it knows (``model.safetensors``,
 PEFT adapters); restore a moleforge checkpoint with ``mf.load`` instead.
 

@@ -1,6 +1,8 @@
 """Routers and auxiliary losses of flat expert pools.
 
-Every router maps a token to a gate vector ``g ∈ R^E`` (zero outside the active set).
+Every router maps a token to a gate vector ``g ∈ R^E`` (zero outside the active set). The aux
+losses and the balancing routers' selection counts run over the tokens of a forward; in a padded
+batch (the model call's ``attention_mask``) over its real tokens only.
 """
 
 from __future__ import annotations

@@ -22,4 +22,8 @@ number of samples is read from the data). Dynamo then splits the graph there and
 is still the eager one.
 
 The model's forward hooks (aux-loss collection) are traced as their own small frames.
+A padded batch (``attention_mask`` with zeros) keeps one graph: the aux losses and selection
+counts then weight the tokens by the mask with fixed shapes. Eagerly, an all-ones mask is
+treated as no mask (the exact unmasked computation); under ``torch.compile`` that check, a
+data-dependent branch, is skipped and such a mask takes the masked path (equal up to rounding).
 """

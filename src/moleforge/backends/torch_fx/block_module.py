@@ -7,8 +7,9 @@ For a Llama MLP the generated ``forward`` reads::
         flatten_tokens = moleforge_..._flatten_tokens(x, torch.float32)
         gate_proj_weight = self.gate_proj.weight
         ...
-        site = self.site(flatten_tokens, None, {'W_gate': gate_proj_weight, ...})
-        report = self.report(site[1], site[2])
+        token_mask = self.token_mask(x)
+        site = self.site(flatten_tokens, None, {'W_gate': gate_proj_weight, ...}, mask = token_mask)
+        report = self.report(site[1], site[2], token_mask)
         unflatten_tokens = moleforge_..._unflatten_tokens(site[0], x)
         return unflatten_tokens
 
@@ -25,7 +26,7 @@ from torch import fx, nn
 
 from ...errors import InjectionError
 from .ffn_block import TracedBlock
-from .inject import AuxCollector
+from .inject import AuxCollector, logged_routes
 from .ops import in_backward
 
 __all__ = ["MoleforgeBlock", "BlockInput", "build_block_module", "frozen_names", "flatten_tokens",
@@ -54,30 +55,55 @@ class BlockInput(nn.Module):
 
 
 class _Report(nn.Module):
-    """Hands a block's aux loss and routing to the model-wide collector."""
+    """Hands a block's aux loss and routing (its real tokens' rows, given a token mask) to the
+    model-wide collector."""
 
     def __init__(self, collector: AuxCollector, site_name: str):
         super().__init__()
         self.collector = collector
         self.site_name = site_name
 
-    def forward(self, aux, routes) -> None:
+    def forward(self, aux, routes, mask: torch.Tensor | None = None) -> None:
         if in_backward():
             return  # activation checkpointing recomputes the block: the first run reported it
         if aux is not None:
             self.collector.terms.append(aux)
         if self.collector.routing_log is not None and routes:
-            self.collector.routing_log.append((self.site_name, _detach(routes)))
+            self.collector.routing_log.append((self.site_name, logged_routes(routes, mask)))
 
 
-class _Samples(nn.Module):
-    """Sample index (and type labels) of each token of a ``(batch, seq, d)`` input."""
+class _TokenMask(nn.Module):
+    """Which tokens of the block input are real (:meth:`AuxCollector.token_mask`): ``(T,)``
+    bool or ``None``. Activation checkpointing recomputes the block after the model call ended;
+    the recomputation takes the first run's mask, so that it runs the same computation."""
 
     def __init__(self, collector: AuxCollector):
         super().__init__()
         self.collector = collector
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not in_backward():
+            self.last = self.collector.token_mask(x)
+        return self.last
+
+
+class _Samples(nn.Module):
+    """Sample index (and type labels) of each token of a ``(batch, seq, d)`` input. A
+    recomputation under activation checkpointing (after a ``sample_types`` block may have
+    ended) takes the first run's."""
+
+    def __init__(self, collector: AuxCollector):
+        super().__init__()
+        self.collector = collector
+        self.last: tuple | None = None
 
     def forward(self, x: torch.Tensor):
+        if not in_backward():
+            self.last = self._samples(x)
+        return self.last
+
+    def _samples(self, x: torch.Tensor):
         B = x.shape[0] if x.dim() == 3 else 1
         per = x.numel() // (x.shape[-1] * B)
         idx = torch.arange(B, device=x.device).repeat_interleave(per)
@@ -87,16 +113,6 @@ class _Samples(nn.Module):
                 raise InjectionError(f"sample types have {types.numel()} entries for a batch of {B}")
             types = types.to(x.device).repeat_interleave(per)
         return idx, types
-
-
-def _detach(v):
-    if isinstance(v, torch.Tensor):
-        return v.detach()
-    if isinstance(v, (tuple, list)):
-        return type(v)(_detach(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _detach(x) for k, x in v.items()}
-    return v
 
 
 def flatten_tokens(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -143,7 +159,8 @@ def build_block_module(tb: TracedBlock, site: fx.GraphModule, collector: AuxColl
     vmap: dict[fx.Node, fx.Node] = {}
     g.output(g.graph_copy(tb.graph, vmap))
     x, down = vmap[tb.x], vmap[tb.down]
-    extras = {"site": site, "report": _Report(collector, tb.name), "samples": _Samples(collector)}
+    extras = {"site": site, "report": _Report(collector, tb.name), "samples": _Samples(collector),
+              "token_mask": _TokenMask(collector)}
     clash = [k for k in extras if hasattr(tb.root, k)]
     if clash:
         raise InjectionError(f"FFN block {tb.name!r} already has attribute(s) {clash}; cannot route it")
@@ -151,10 +168,11 @@ def build_block_module(tb: TracedBlock, site: fx.GraphModule, collector: AuxColl
         flat = g.call_function(flatten_tokens, (x, dtype))
         frozen = _frozen_inputs(g, tb, dtype)
         samples = g.call_module("samples", (x,)) if uses_samples else None
-        result = g.call_module("site", (flat, samples, frozen))
+        mask = g.call_module("token_mask", (x,))
+        result = g.call_module("site", (flat, samples, frozen), {"mask": mask})
         mixed = g.call_function(operator.getitem, (result, 0))
         g.call_module("report", (g.call_function(operator.getitem, (result, 1)),
-                                 g.call_function(operator.getitem, (result, 2))))
+                                 g.call_function(operator.getitem, (result, 2)), mask))
         y = g.call_function(unflatten_tokens, (mixed, x))
     down.replace_all_uses_with(y)
     for n in reversed([vmap[n] for n in tb.region]):

@@ -15,7 +15,7 @@ from torch import fx, nn
 from ...errors import InjectionError
 from .ops import in_backward
 
-__all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent"]
+__all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent", "logged_routes"]
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -29,16 +29,36 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 class AuxCollector:
-    """Collects the aux losses of one model forward (reset by a pre-hook on the model)."""
+    """Collects the aux losses of one model forward (reset by a pre-hook on the model), and
+    holds that forward's padding mask for the sites."""
 
     def __init__(self) -> None:
         self.terms: list[torch.Tensor] = []
         self.sample_types: torch.Tensor | None = None
         self.routing_log: list[tuple[str, dict]] | None = None
         """When a list, every site appends ``(module name, routes)`` of each forward."""
+        self.padding_mask: torch.Tensor | None = None
+        """The model call's ``attention_mask`` as bool ``(batch, seq)`` (``True`` = real token)
+        while the call runs, when it marks padding; ``None`` otherwise (no mask, or no padding)."""
 
     def reset(self) -> None:
         self.terms = []
+
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which tokens of a site input ``x (..., d)`` are real, flattened as the site flattens
+        them: ``(T,)`` bool; ``None`` without padding.
+
+        The mask applies to the inputs whose tokens are the batch's positions: ``x`` of shape
+        ``(batch, seq, d)``, or ``(batch·seq, d)``. A site that sees other tokens (a decoding
+        step with a cache, packed or resampled sequences) gets ``None`` and counts all of them.
+        """
+        mask = self.padding_mask
+        if mask is None:
+            return None
+        lead = x.shape[:-1]
+        if lead != mask.shape and not (len(lead) == 1 and lead[0] == mask.numel()):
+            return None
+        return mask.reshape(-1).to(x.device)
 
     def total(self) -> torch.Tensor | None:
         if not self.terms:
@@ -80,6 +100,8 @@ class AdaptedLinear(nn.Module):
         self.site_name = ""
         self._noise_state: torch.Tensor | None = None
         """State of the site's noise generator before the last forward (for recomputation)."""
+        self._tokens: tuple = (None, None)
+        """``(samples, token mask)`` of the last forward (for recomputation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.in_features)
@@ -88,22 +110,28 @@ class AdaptedLinear(nn.Module):
         p = next(self.site.parameters(), None)
         dtype = p.dtype if p is not None else x.dtype
         flat = tokens.to(dtype)  # (T, d_in)
-        samples = self._samples(x) if self._uses_samples else None
         shape = (*x.shape[:-1], self.out_features)
+        recompute = in_backward()
+        if not recompute:
+            self._tokens = (self._samples(x) if self._uses_samples else None, self._collector.token_mask(x))
+        # Activation checkpointing recomputes this forward during backward, after the model call
+        # (and a ``sample_types`` block around it) ended: it must run the same computation, so it
+        # takes the first run's samples and mask.
+        samples, mask = self._tokens
         if _accumulable(out, dtype):
-            return self._run(flat, samples, out).view(shape)
-        delta = self._run(flat, samples, None)
+            return self._run(flat, samples, mask, out, recompute).view(shape)
+        delta = self._run(flat, samples, mask, None, recompute)
         return out.view(shape) + delta.view(shape).to(out.dtype)
 
-    def _run(self, flat: torch.Tensor, samples, acc: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, flat: torch.Tensor, samples, mask: torch.Tensor | None, acc: torch.Tensor | None,
+             recompute: bool) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
-        recompute = in_backward()
         gen = getattr(self.site, "noise_generator", None)
         if gen is None:
-            y, aux, routes = self.site(flat, samples, acc=acc)
+            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
         elif not recompute:
             self._noise_state = gen.get_state()
-            y, aux, routes = self.site(flat, samples, acc=acc)
+            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
         else:
             # Activation checkpointing recomputes this forward during backward: draw the same
             # routing noise as the first run, then leave the generator where it was.
@@ -111,7 +139,7 @@ class AdaptedLinear(nn.Module):
             if self._noise_state is not None:
                 gen.set_state(self._noise_state)
             try:
-                y, aux, routes = self.site(flat, samples, acc=acc)
+                y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
             finally:
                 gen.set_state(after)
         # The aux loss and routing of this token batch were collected by the first run; keep
@@ -120,7 +148,7 @@ class AdaptedLinear(nn.Module):
             if aux is not None:
                 self._collector.terms.append(aux)
             if self._collector.routing_log is not None and routes:
-                self._collector.routing_log.append((self.site_name, _detach(routes)))
+                self._collector.routing_log.append((self.site_name, logged_routes(routes, mask)))
         return y
 
     def _samples(self, x: torch.Tensor):
@@ -139,13 +167,20 @@ class AdaptedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _detach(v):
+def logged_routes(routes: dict, mask: torch.Tensor | None) -> dict:
+    """Detached copies of a site's routings for the routing log; with a token ``mask (T,)``,
+    of the real tokens' rows only (every routing tensor is token-major), so that the logged
+    statistics count real tokens."""
+    return _detach(routes, mask)
+
+
+def _detach(v, mask: torch.Tensor | None):
     if isinstance(v, torch.Tensor):
-        return v.detach()
+        return v.detach() if mask is None else v.detach()[mask]
     if isinstance(v, (tuple, list)):
-        return type(v)(_detach(x) for x in v)
+        return type(v)(_detach(x, mask) for x in v)
     if isinstance(v, dict):
-        return {k: _detach(x) for k, x in v.items()}
+        return {k: _detach(x, mask) for k, x in v.items()}
     return v
 
 

@@ -1,7 +1,7 @@
 """IR -> ``torch.fx.GraphModule``: one emitter per node kind.
 
-The generated module's ``forward(x, samples=None)`` takes ``x (T, d_in)`` (and, for graphs
-with frozen inputs, ``frozen``: ``{name: tensor}`` of the model's tensors) and returns
+The generated module's ``forward(x, samples=None, acc=None, mask=None)`` takes ``x (T, d_in)``
+(and, for graphs with frozen inputs, ``frozen``: ``{name: tensor}`` of the model's tensors) and returns
 ``(delta (T, d_out), aux, routes)``: ``aux`` is the site's summed aux loss (or ``None``),
 ``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
 ``(indices, weights, probs)`` per pool) for routing statistics.
@@ -82,6 +82,7 @@ class _Ctx:
         self.frozen_names = {d.name for d in graph.frozen}
         self.frozen = self.g.placeholder("frozen", default_value=None) if graph.frozen else None
         self.acc = self.g.placeholder("acc", default_value=None)
+        self.mask = self.g.placeholder("mask", default_value=None)
         self.plans: dict[str, fx.Node] = {}
         self.partial: dict[str, fx.Node] = {}
         """Node id -> an intermediate another emitter computed for it (the low-rank ``z`` of an ExpertLoRA)."""
@@ -183,10 +184,10 @@ def _route(c: _Ctx, n: Route) -> fx.Node:
             return c.call(ops.route_static, (z, c.expr(g.weights)), n.id)
         case SigmoidTopK():
             return c.call(ops.route_sigmoid_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
-                                                   g.k, c.training), n.id)
+                                                   g.k, c.training, c.mask), n.id)
         case AbsTopK():
             return c.call(ops.route_abs_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
-                                               g.k, c.training), n.id)
+                                               g.k, c.training, c.mask), n.id)
     raise LoweringError(f"no lowering for gate {g!r}")
 
 
@@ -208,11 +209,11 @@ def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
         return emit_tree_aux(c, n)
     if n.kind == "switch_lb":
         return c.call(ops.switch_lb, (_gates(c, n.routing), c.item(route, 1, f"{n.id}_probs"),
-                                      c.item(route, 2, f"{n.id}_index"), n.weight), n.id)
+                                      c.item(route, 2, f"{n.id}_index"), n.weight, c.mask), n.id)
     if n.kind == "cv2_importance_load":
-        return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight), n.id)
+        return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask), n.id)
     return c.call(ops.localized_balance, (c.item(route, 1, f"{n.id}_probs"), c.samples, n.weight,
-                                          n.delta, n.groups), n.id)
+                                          n.delta, n.groups, c.mask), n.id)
 
 
 def _plan(c: _Ctx, rid: str) -> fx.Node:
@@ -341,9 +342,12 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
 
     The module's inputs are ``x (T, d_in)``, the optional per-token ``samples``, the frozen
-    tensors of block graphs, and ``acc``: the frozen layer's output. Without ``acc`` it returns
+    tensors of block graphs, ``acc``: the frozen layer's output, and ``mask``: which tokens are
+    real (``(T,)`` bool, ``False`` on padding). Without ``acc`` it returns
     ``(Δy (T, d_out), aux, routes)``; with it, ``acc + Δy`` in ``acc``'s shape, accumulated in
-    place into ``acc`` when the last node is an unbiased linear.
+    place into ``acc`` when the last node is an unbiased linear. With ``mask`` the aux losses and
+    the balancing routers' selection counts count the real tokens only (``ops.py``); ``Δy`` and
+    the routing are the same with and without it.
 
     Args:
         groups: runtime sibling groups by name; the module joins the group its

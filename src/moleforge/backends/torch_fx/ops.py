@@ -2,6 +2,11 @@
 
 Vectorised; shapes are commented per line. They must agree with the reference
 interpreter (``moleforge.ir.interpret``) up to the tolerance table and top-k tie order.
+
+Padding: the aux losses and the balancing routers' selection counts take an optional token
+mask ``mask (T,)`` (``True`` = a real token, ``False`` = padding). With it they count the real
+tokens only and equal their value on the real tokens alone; routing and gates are computed for
+every token either way. ``mask=None`` is the unmasked computation, unchanged.
 """
 
 from __future__ import annotations
@@ -60,38 +65,45 @@ def route_dense(z: Tensor, temperature: float):
     return probs, probs, None
 
 
-def _counts(index: Tensor, E: int, dtype: torch.dtype) -> Tensor:
-    """Selections per expert, ``(E,)``: a fixed-shape scatter-add (``bincount``'s output shape
-    depends on the data, which breaks ``torch.compile`` graphs)."""
+def _counts(index: Tensor, E: int, dtype: torch.dtype, mask: Tensor | None = None) -> Tensor:
+    """Selections per expert of ``index (T, k)``, ``(E,)``, those of real tokens only with a
+    ``mask (T,)``: a fixed-shape scatter-add (``bincount``'s output shape depends on the data,
+    which breaks ``torch.compile`` graphs)."""
     flat = index.reshape(-1)
-    return torch.zeros(E, dtype=dtype, device=index.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+    if mask is None:
+        ones = torch.ones_like(flat, dtype=dtype)  # (T·k,)
+    else:
+        ones = mask.unsqueeze(1).expand(index.shape).reshape(-1).to(dtype)  # (T·k,) 0 on padding
+    return torch.zeros(E, dtype=dtype, device=index.device).scatter_add_(0, flat, ones)
 
 
-def _count(counts: Tensor, index: Tensor, training: bool) -> None:
-    """Add this forward's selections to ``counts``. A forward that activation checkpointing
-    recomputes in backward selects the same experts again and is not counted twice; the check
-    sits here, at the increment, because the recomputation may stop anywhere after it (early
-    stop ends it at the last tensor autograd saved)."""
+def _count(counts: Tensor, index: Tensor, training: bool, mask: Tensor | None) -> None:
+    """Add this forward's selections (of real tokens, with a ``mask``) to ``counts``. A forward
+    that activation checkpointing recomputes in backward selects the same experts again and is
+    not counted twice; the check sits here, at the increment, because the recomputation may
+    stop anywhere after it (early stop ends it at the last tensor autograd saved)."""
     if training and not in_backward():
         with torch.no_grad():
-            counts += _counts(index, counts.numel(), counts.dtype)
+            counts += _counts(index, counts.numel(), counts.dtype, mask)
 
 
-def route_sigmoid_topk(z: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool):
+def route_sigmoid_topk(z: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool,
+                       mask: Tensor | None = None):
     """SMoRA: top-k of ``σ(z) + b``; gates ``k · v / Σ v`` on the kept values."""
     u = torch.sigmoid(z)  # (T, E)
     score = u + balance  # (T, E)
     top, index = score.topk(k, dim=-1)  # (T, k)
     gates = torch.zeros_like(u).scatter(1, index, k * top / top.sum(-1, keepdim=True))
-    _count(counts, index, training)
+    _count(counts, index, training, mask)
     return gates, u, index
 
 
-def route_abs_topk(h: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool):
+def route_abs_topk(h: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool,
+                   mask: Tensor | None = None):
     """FlyLoRA: binary mask of the k largest ``|h + d|``."""
     index = (h.detach() + balance).abs().topk(k, dim=-1).indices  # (T, k)
     gates = torch.zeros_like(h).scatter(1, index, 1.0)  # (T, E)
-    _count(counts, index, training)
+    _count(counts, index, training, mask)
     return gates, gates, index
 
 
@@ -207,26 +219,52 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10)
 
 
-def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float) -> Tensor:
+def _token_sum(v: Tensor, mask: Tensor | None) -> Tensor:
+    """``Σ_t v[t]`` over the tokens of ``v (T, E)``, the real ones with a ``mask (T,)``: ``(E,)``.
+    ``where`` rather than a product, so that a padding token's non-finite value stays out."""
+    if mask is None:
+        return v.sum(0)
+    return torch.where(mask.unsqueeze(1), v, 0).sum(0)
+
+
+def _real_tokens(mask: Tensor) -> Tensor:
+    """The number of real tokens (at least 1, so that an all-padding batch gives a zero loss)."""
+    return mask.sum().clamp_min(1)
+
+
+def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float,
+              mask: Tensor | None = None) -> Tensor:
+    """``weight · E · Σ_i f_i P_i`` over the tokens (the real ones with a ``mask``)."""
     T, E = probs.shape
     if index is None:
-        counts = (gates > 0).to(probs.dtype).sum(0)  # (E,)
+        counts = _token_sum((gates > 0).to(probs.dtype), mask)  # (E,)
     else:
-        counts = _counts(index, E, probs.dtype)  # (E,)
-    return weight * E * torch.sum(counts / T * probs.mean(0))
+        counts = _counts(index, E, probs.dtype, mask)  # (E,)
+    if mask is None:
+        return weight * E * torch.sum(counts / T * probs.mean(0))
+    n = _real_tokens(mask).to(probs.dtype)
+    return weight * E * torch.sum(counts / n * (_token_sum(probs, mask) / n))
 
 
-def cv2_importance_load(gates: Tensor, weight: float) -> Tensor:
-    return weight * (_cv2(gates.sum(0)) + _cv2((gates > 0).to(gates.dtype).sum(0)))
+def cv2_importance_load(gates: Tensor, weight: float, mask: Tensor | None = None) -> Tensor:
+    """``weight · (CV²(importance) + CV²(load))`` over the tokens (the real ones with a ``mask``)."""
+    return weight * (_cv2(_token_sum(gates, mask)) + _cv2(_token_sum((gates > 0).to(gates.dtype), mask)))
 
 
 def localized_balance(probs: Tensor, samples: tuple[Tensor, Tensor | None] | None, weight: float,
-                      delta: float, groups: int) -> Tensor:
+                      delta: float, groups: int, mask: Tensor | None = None) -> Tensor:
+    """LoRAMoE's localized balance; with a ``mask``, that of the real tokens alone (their
+    probabilities, sample indices and types), as if the padding had never been there."""
     T, E = probs.shape
     if samples is None:
         sample_idx, types = torch.zeros(T, dtype=torch.long, device=probs.device), None
     else:
         sample_idx, types = samples
+    if mask is not None:  # its sample count is read from the data anyway, so selecting rows adds no sync
+        probs, sample_idx = probs[mask], sample_idx[mask]
+        types = None if types is None else types[mask]
+        if sample_idx.numel() == 0:
+            return probs.sum() * 0.0
     M = int(sample_idx.max()) + 1
     Q = probs.new_zeros(M, E).index_add(0, sample_idx, probs)  # (M, E)
     if types is None:

@@ -23,7 +23,8 @@ __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block"
 class TreeRouting(tuple):
     """``(indices, weights, probs)``, tuples over pools of ``(T, C_l, f_l)``, ``(T, C_l, f_l)``
     and ``(T, C_l, s_l)``; ``gate`` names the gate and ``smooth_load`` holds, per pool, the
-    training-mode smooth load ``(s_l,)`` of the noisy gate (``None`` elsewhere)."""
+    training-mode smooth load of the noisy gate per routed context, ``(s_l, T·C_l)``, summed
+    by :func:`tree_aux` (``None`` elsewhere)."""
 
     def __new__(cls, parts=(), gate: str = "switch", smooth_load: tuple = ()):
         self = super().__new__(cls, parts)
@@ -108,8 +109,9 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
         else:
             logits = clean
         sel = _select(gate, logits, clean, std, fanouts[l], conventions == "official" and fanouts[l] == 1)
-        for k, v in enumerate(sel):
-            out[k][l] = None if v is None else v.T.reshape(T, C, v.shape[0]) if v.dim() == 2 else v
+        for k, v in enumerate(sel[:3]):
+            out[k][l] = v.T.reshape(T, C, v.shape[0])  # (s or f, T·C) -> (T, C, s or f)
+        out[3][l] = sel[3]  # (s, T·C) or None
         if l > 0:
             fl = out[0][l].shape[-1]
             ancestors = [(j, e.repeat_interleave(fl, dim=1)) for j, e in ancestors]
@@ -119,7 +121,7 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
 
 def _select(gate: str, logits: Tensor, clean: Tensor, std: Tensor | None, f: int, raw: bool):
     """One pool's gate on expert-major logits ``(s, N)``: ``(index (f, N), weights (f, N),
-    probs (s, N), smooth load (s,) or None)``; ``raw``: the official unnormalised fanout-1 weight."""
+    probs (s, N), smooth load (s, N) or None)``; ``raw``: the official unnormalised fanout-1 weight."""
     s, N = logits.shape
     probs = torch.softmax(logits, dim=0)
     if gate == "dense":
@@ -135,12 +137,13 @@ def _select(gate: str, logits: Tensor, clean: Tensor, std: Tensor | None, f: int
 
 
 def _smooth_load(clean: Tensor, noisy: Tensor, std: Tensor, top: Tensor, f: int) -> Tensor:
-    """Shazeer's smooth load ``(s,)`` from expert-major ``(s, N)`` logits: for each expert the
-    probability, over a fresh noise draw, of being selected given the others' noisy logits."""
+    """Shazeer's smooth load per context ``(s, N)`` from expert-major ``(s, N)`` logits: for each
+    expert the probability, over a fresh noise draw, of being selected given the others' noisy
+    logits. The load of the pool is its sum over the contexts (of real tokens)."""
     thr_in, thr_out = top[f:f + 1], top[f - 1:f]  # (f+1)-th and f-th noisy logit
     p_in = torch.special.ndtr((clean - thr_in) / std)
     p_out = torch.special.ndtr((clean - thr_out) / std)
-    return torch.where(noisy > thr_in, p_in, p_out).sum(1)
+    return torch.where(noisy > thr_in, p_in, p_out)
 
 
 def _rows(weights: list[Tensor], d: int) -> Tensor:
@@ -283,15 +286,19 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10) if v.numel() > 1 else v.sum() * 0.0
 
 
-def tree_aux(route: TreeRouting, kind: str, weight: float) -> Tensor:
+def tree_aux(route: TreeRouting, kind: str, weight: float, mask: Tensor | None = None) -> Tensor:
     """Sum over pools of the switch load balance or the CV² importance + load loss
-    (training noisy gate: the smooth load). Dense trees carry none (zero)."""
+    (training noisy gate: the smooth load). Dense trees carry none (zero). With a token
+    ``mask (T,)`` the statistics count the real tokens' contexts only."""
     indices, weights, probs = route[0], route[1], route[2]
     total = probs[0].new_zeros(())
     if route.gate == "dense":
         return total
     smooth = route.smooth_load or (None,) * len(indices)
     for idx, w, p, load in zip(indices, weights, probs, smooth):
+        if mask is not None:
+            total = total + _pool_aux_masked(idx, w, p, load, kind, weight, mask)
+            continue
         T, C, f = idx.shape
         s = p.shape[-1]
         flat = idx.reshape(-1)
@@ -302,5 +309,29 @@ def tree_aux(route: TreeRouting, kind: str, weight: float) -> Tensor:
             importance = p.new_zeros(s).index_add(0, flat, w.reshape(-1))
             if load is None:
                 load = torch.bincount(flat[w.reshape(-1) > 0], minlength=s).to(p.dtype)
+            else:
+                load = load.sum(1)
             total = total + weight * (_cv2(importance) + _cv2(load))
     return total
+
+
+def _pool_aux_masked(idx: Tensor, w: Tensor, p: Tensor, load: Tensor | None, kind: str, weight: float,
+                     mask: Tensor) -> Tensor:
+    """One pool's term of :func:`tree_aux` over the contexts of the real tokens of ``mask (T,)``,
+    with fixed shapes: padding enters every sum with weight 0."""
+    T, C, f = idx.shape
+    s = p.shape[-1]
+    flat = idx.reshape(-1)  # (T·C·f,)
+    real = mask.view(T, 1, 1)
+    slot = real.expand(T, C, f).reshape(-1)  # (T·C·f,) whether a slot belongs to a real token
+    if kind == "switch_lb":
+        counts = p.new_zeros(s).index_add(0, flat, slot.to(p.dtype))  # (s,)
+        n = (mask.sum().clamp_min(1) * C).to(p.dtype)  # routed contexts of real tokens
+        mean_p = torch.where(real, p, 0).reshape(-1, s).sum(0) / n  # (s,)
+        return (weight * s / n) * (counts @ mean_p)
+    importance = p.new_zeros(s).index_add(0, flat, torch.where(real, w, 0).reshape(-1))  # (s,)
+    if load is None:
+        load = p.new_zeros(s).index_add(0, flat, ((w.reshape(-1) > 0) & slot).to(p.dtype))  # (s,)
+    else:
+        load = torch.where(mask.repeat_interleave(C), load, 0).sum(1)  # (s, T·C) -> (s,)
+    return weight * (_cv2(importance) + _cv2(load))
