@@ -18,9 +18,10 @@ heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurati
 
 Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
 the frozen base then has a backward pass, and all configurations do the same base work.
-Configurations are interleaved round by round (the starting one rotating); each reports the
-median of ``--rounds`` steps after ``--warmup`` untimed ones. The machine may be shared:
-compare ratios measured in one run, not across runs.
+Every step of a configuration runs right after a step of the frozen base, and its ratio is the
+median over ``--rounds`` rounds (after ``--warmup`` untimed ones) of its time over that
+paired base step; configurations rotate their order round by round. Pairing cancels the slow
+drifts of a shared machine's speed; still compare ratios measured in one run, not across runs.
 
     python benchmarks/train_step.py                 # writes benchmarks/results/train_step.json
 """
@@ -178,36 +179,46 @@ def step(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
 
 
 def measure(configs: dict[str, nn.Module], ids: torch.Tensor, rounds: int, warmup: int) -> dict[str, dict]:
-    names = list(configs)
-    samples = {n: {"wall": [], "cpu": []} for n in names}
+    """Steps of every configuration, each right after a step of the frozen base (kept as its
+    pair), the order of configurations rotating round by round."""
+    names = [n for n in configs if n != "frozen_base"]
+    samples = {"frozen_base": {"wall": [], "cpu": []}}
+    samples.update({n: {"wall": [], "cpu": [], "base_wall": [], "base_cpu": []} for n in names})
     for r in range(warmup + rounds):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
+            base_wall, base_cpu = step(configs["frozen_base"], ids)
             wall, cpu = step(configs[name], ids)
             if r >= warmup:
-                samples[name]["wall"].append(wall)
-                samples[name]["cpu"].append(cpu)
+                for key, value in (("wall", wall), ("cpu", cpu), ("base_wall", base_wall), ("base_cpu", base_cpu)):
+                    samples[name][key].append(value)
+                samples["frozen_base"]["wall"].append(base_wall)
+                samples["frozen_base"]["cpu"].append(base_cpu)
     return samples
 
 
+def _paired(s: dict, key: str) -> float:
+    """Median over rounds of a configuration's step time over its paired frozen-base step."""
+    if "base_" + key not in s:
+        return 1.0
+    return statistics.median(t / b for t, b in zip(s[key], s["base_" + key]))
+
+
 def report(configs, samples, args, load_before) -> dict:
-    base_wall = statistics.median(samples["frozen_base"]["wall"])
-    base_cpu = statistics.median(samples["frozen_base"]["cpu"])
     results = {}
     print(f"\n{'configuration':28s} {'median ms':>10s} {'ratio':>7s} {'cpu ratio':>9s} {'trainable':>11s}")
     for name, s in samples.items():
-        wall, cpu = statistics.median(s["wall"]), statistics.median(s["cpu"])
-        results[name] = {"median_ms": wall * 1e3, "ratio_to_frozen_base": wall / base_wall,
-                         "cpu_ratio_to_frozen_base": cpu / base_cpu, "trainable_parameters": trainable(configs[name]),
+        wall, ratio, cpu_ratio = statistics.median(s["wall"]), _paired(s, "wall"), _paired(s, "cpu")
+        results[name] = {"median_ms": wall * 1e3, "ratio_to_frozen_base": ratio,
+                         "cpu_ratio_to_frozen_base": cpu_ratio, "trainable_parameters": trainable(configs[name]),
                          "wall_ms": [t * 1e3 for t in s["wall"]], "cpu_ms": [t * 1e3 for t in s["cpu"]]}
-        print(f"{name:28s} {wall * 1e3:10.1f} {wall / base_wall:6.3f}x {cpu / base_cpu:8.3f}x "
-              f"{trainable(configs[name]):11,d}")
+        print(f"{name:28s} {wall * 1e3:10.1f} {ratio:6.3f}x {cpu_ratio:8.3f}x {trainable(configs[name]):11,d}")
     return {
         "benchmark": "train_step", "config": {
             "model": "LlamaForCausalLM", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
             "num_attention_heads": 8, "vocab_size": args.vocab, "batch": args.batch, "seq": args.seq,
             "dtype": "float32", "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup},
-        "ratio": "median step time / median frozen-base step time, measured interleaved in one run",
+        "ratio": "median over rounds of (step time / the frozen-base step run just before it), in one run",
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "load_average_before": load_before, "load_average_after": list(os.getloadavg())},
@@ -217,7 +228,7 @@ def report(configs, samples, args, load_before) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="timed steps per configuration (median)")
+    parser.add_argument("--rounds", type=int, default=11, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (LlamaConfig default 32000)")
