@@ -56,6 +56,7 @@ from ...ir import (
     TreePathGates,
     TreePropagate,
     TreeRoute,
+    expr_shape,
     format_expr,
 )
 from . import ops, ops_block, ops_linear
@@ -120,13 +121,38 @@ class _Ctx:
                 out = self.call(ops.block_rows, (self.expr(s),), f"rows_{format_expr(s)}")
             case BlockColumns(src=s):
                 out = self.call(ops.block_columns, (self.expr(s),), f"cols_{format_expr(s)}")
+            case Pick(src=s, index=i) if expr_shape(s)[0] == 1:  # a shared factor: a view, no copy back
+                out = self.call(torch.squeeze, (self.expr(s), 0), f"{format_expr(s)}_{i}")
             case Pick(src=s, index=i):
                 out = self.item(self.expr(s), i, f"{format_expr(s)}_{i}")
+            case Concat(parts=ps, dim=0):
+                out = self.call(torch.cat, (self._whole_rows(ps), 0), "fused_weight")
             case Concat(parts=ps, dim=d):
                 out = self.call(torch.cat, ([self.expr(p) for p in ps], d), "fused_weight")
             case _:
                 raise LoweringError(f"no lowering for parameter expression {e!r}")
         self.exprs[e] = out
+        return out
+
+    def _whole_rows(self, parts: tuple[ParamExpr, ...]) -> list[fx.Node]:
+        """The parts of a row concatenation, with each run ``Pick(p, 0), ..., Pick(p, E-1)`` that
+        covers all of ``p`` taken as ``p`` flattened to rows: the same values, and one view in
+        the backward instead of a zero-filled copy per slice."""
+        out, i = [], 0
+        while i < len(parts):
+            p = parts[i]
+            if isinstance(p, Pick) and p.index == 0:
+                n = expr_shape(p.src)[0]
+                run = parts[i:i + n]
+                if len(run) == n and all(isinstance(q, Pick) and q.src == p.src and q.index == k
+                                         for k, q in enumerate(run)):
+                    shape = expr_shape(p.src)
+                    rows = (n * shape[1], *shape[2:]) if len(shape) > 1 else (n,)
+                    out.append(self.call(torch.reshape, (self.expr(p.src), rows), f"{format_expr(p.src)}_rows"))
+                    i += n
+                    continue
+            out.append(self.expr(p))
+            i += 1
         return out
 
     def opt(self, e: ParamExpr | None):
