@@ -380,21 +380,23 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
             :class:`SiblingLinear` names (if that group is given).
     """
     c = _Ctx(graph, groups or {})
+    last = graph.node(graph.output)
+    into = isinstance(last, Linear) and (last.bias is None or last.scale == 1.0)
     for n in graph.nodes:
         if n.id in c.fused:  # already emitted as part of a fused group (lower_tree)
             c.env[n.id] = c.fused[n.id]
+            into = into and n is not last
             continue
         emit = _EMIT.get(type(n))
         if emit is None:
             raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "
                                 f"{graph.label}); supported: {', '.join(k.__name__ for k in _EMIT)}")
-        if n.id == graph.output and isinstance(n, Linear) and (n.bias is None or n.scale == 1.0):
+        if n is last and into:  # the last GEMM accumulates into the frozen output
             args = (c.acc, c.env[n.src], c.expr(n.weight), c.opt(n.bias), n.scale)
             c.env[n.id] = c.call(ops_linear.linear_into, args, n.id)
-            continue
-        c.env[n.id] = emit(c, n)
-    out = graph.node(graph.output)
-    if not (isinstance(out, Linear) and (out.bias is None or out.scale == 1.0) and out.id not in c.fused):
+        else:
+            c.env[n.id] = emit(c, n)
+    if not into:
         c.env[graph.output] = c.call(ops_linear.add_into, (c.acc, c.env[graph.output]), "output")
     aux = [c.env[a] for a in graph.aux]
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))

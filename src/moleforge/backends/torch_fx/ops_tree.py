@@ -44,39 +44,38 @@ def _act(name: str, v: Tensor) -> Tensor:
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
                generator: torch.Generator | None = None) -> TreeRouting:
-    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`); the switch and
-    dense gates as one autograd function (``ops_tree_route.py``)."""
-    if gate != "noisy_topk" and all(lv[1].shape[0] == lv[0].shape[1] for lv in levels):
+    """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`): the switch and
+    dense gates as one autograd function (``ops_tree_route.py``), the noisy gate by
+    :func:`_route_noisy`."""
+    if gate != "noisy_topk":
         idx, weights, probs = route_switch_dense(xd, levels, fanouts, gate, conventions, query_activation,
                                                  temperature)
         return TreeRouting((idx, weights, probs), gate)
-    return _route(xd, levels, fanouts, gate, conventions, query_activation, temperature, training, generator)
+    return _route_noisy(xd, levels, fanouts, conventions, query_activation, temperature, training, generator)
 
 
-def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
-           query_activation: str, temperature: float, training: bool,
-           generator: torch.Generator | None) -> TreeRouting:
-    """The routing of :func:`tree_route`.
+def _route_noisy(xd: Tensor, levels: list, fanouts: list[int], conventions: str, query_activation: str,
+                 temperature: float, training: bool, generator: torch.Generator | None) -> TreeRouting:
+    """The noisy top-k gate's routing (cosine scores, noise in training), through autograd.
 
     The query MLP's first layer reads ``z = [x_down, ancestor keys]``; it is applied
     blockwise, ``W1 z = W1[:, :m] x_down + Σ_j (K_j W1[:, slot_j]ᵀ)[e_j]``: one GEMM on the
     tokens for every pool at once plus a gather from an ``(s_j, g)`` table per ancestor; no
     ``(T, C, in_l)`` router input is built. The noisy gate's noise projection rides in the
-    same GEMM as extra rows. For switch/dense, ``K (W2 h + b2) = (K W2) h + K b2``. Logits
-    are kept expert-major ``(s, T·C)``: softmax and top-k over a short last axis are slow.
+    same GEMM as extra rows. Logits are kept expert-major ``(s, T·C)``: softmax and top-k over
+    a short last axis are slow.
 
     Args:
         xd: ``(T, m)`` router input.
         levels: per pool ``(keys (s, g), w1 (g, in_l), b1, w2, b2, noise (s, in_l) or None)``.
-        fanouts: ``f_l`` per pool (``s_l`` for the dense gate).
+        fanouts: ``f_l`` per pool.
         generator: draws the training noise ``ε``, pool by pool from the top, ``(T, C_l, s_l)``.
     """
     L, (T, m) = len(levels), xd.shape
-    noisy = gate == "noisy_topk"
-    kvec = [F.normalize(lv[0], dim=-1, eps=1e-12) if noisy else lv[0] for lv in levels]
+    kvec = [F.normalize(lv[0], dim=-1, eps=1e-12) for lv in levels]
     w_in, b_in = [], []
     for keys, w1, b1, _, _, noise in levels:
-        with_noise = training and noisy and noise is not None
+        with_noise = training and noise is not None
         w_in.append(torch.cat([w1, noise]) if with_noise else w1)  # (g [+ s], in_l)
         b_in.append(torch.cat([b1, b1.new_zeros(keys.shape[0])]) if with_noise else b1)
     token_part = F.linear(xd, torch.cat([w[:, :m] for w in w_in]), torch.cat(b_in))  # (T, Σ g_l [+ s_l])
@@ -94,11 +93,8 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
             off += gj
         C = pre.shape[1]
         h = _act(query_activation, pre[..., :g]).reshape(T * C, g)
-        if noisy:
-            q = F.normalize(F.linear(h, w2, b2), dim=-1, eps=1e-12)
-            clean = kvec[l] @ q.T  # (s, T·C)
-        else:
-            clean = torch.addmm((keys @ b2).unsqueeze(1), keys @ w2, h.T)  # (s, T·C)
+        q = F.normalize(F.linear(h, w2, b2), dim=-1, eps=1e-12)
+        clean = kvec[l] @ q.T  # (s, T·C)
         if temperature != 1.0:
             clean = clean / temperature
         std = None
@@ -108,7 +104,7 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
             logits = clean + eps.reshape(T * C, s).T * std
         else:
             logits = clean
-        sel = _select(gate, logits, clean, std, fanouts[l], conventions == "official" and fanouts[l] == 1)
+        sel = _select_noisy(logits, clean, std, fanouts[l], conventions == "official" and fanouts[l] == 1)
         for k, v in enumerate(sel[:3]):
             out[k][l] = v.T.reshape(T, C, v.shape[0])  # (s or f, T·C) -> (T, C, s or f)
         out[3][l] = sel[3]  # (s, T·C) or None
@@ -116,19 +112,15 @@ def _route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions:
             fl = out[0][l].shape[-1]
             ancestors = [(j, e.repeat_interleave(fl, dim=1)) for j, e in ancestors]
             ancestors.append((l, out[0][l].reshape(T, C * fl)))
-    return TreeRouting(tuple(tuple(o) for o in out[:3]), gate, tuple(out[3]))
+    return TreeRouting(tuple(tuple(o) for o in out[:3]), "noisy_topk", tuple(out[3]))
 
 
-def _select(gate: str, logits: Tensor, clean: Tensor, std: Tensor | None, f: int, raw: bool):
-    """One pool's gate on expert-major logits ``(s, N)``: ``(index (f, N), weights (f, N),
-    probs (s, N), smooth load (s, N) or None)``; ``raw``: the official unnormalised fanout-1 weight."""
-    s, N = logits.shape
+def _select_noisy(logits: Tensor, clean: Tensor, std: Tensor | None, f: int, raw: bool):
+    """One pool's noisy top-k gate on expert-major logits ``(s, N)``: ``(index (f, N), weights
+    (f, N), probs (s, N), smooth load (s, N) or None)``; ``raw``: the official unnormalised
+    fanout-1 weight."""
+    s = logits.shape[0]
     probs = torch.softmax(logits, dim=0)
-    if gate == "dense":
-        return torch.arange(s, device=logits.device).unsqueeze(1).expand(s, N), probs, probs, None
-    if gate == "switch":
-        top, index = probs.topk(f, dim=0)
-        return index, top if raw else top / top.sum(0, keepdim=True), probs, None
     smooth = std is not None and f < s
     top, index = logits.topk(f + 1 if smooth else f, dim=0)
     load = _smooth_load(clean, logits, std, top, f) if smooth else None

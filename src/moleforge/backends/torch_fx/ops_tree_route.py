@@ -76,7 +76,7 @@ class _Route(torch.autograd.Function):
             if l > 0:
                 ancestors = [(j, e.repeat_interleave(f, dim=1)) for j, e in ancestors]
                 ancestors.append((l, idx_out[l].reshape(T, C * f)))
-        ctx.meta, ctx.T, ctx.m, ctx.widths = meta, T, m, widths
+        ctx.meta, ctx.T, ctx.m, ctx.widths, ctx.w_tok = meta, T, m, widths, w_tok
         ctx.pools = saved
         ctx.save_for_backward(xd, *params)
         ctx.mark_non_differentiable(*idx_out)
@@ -126,8 +126,7 @@ class _Route(torch.autograd.Function):
                 g_w1[l][:, off:off + gj] = g_table.T @ keys[j]
                 off += gj
         g_tok_all = torch.cat(g_tok, 1)  # (T, Σ g_l)
-        w_tok = torch.cat([w[:, :m] for w in w1s])
-        g_xd = g_tok_all @ w_tok if ctx.needs_input_grad[0] else None
+        g_xd = g_tok_all @ ctx.w_tok if ctx.needs_input_grad[0] else None
         g_w_tok = g_tok_all.T @ xd  # (Σ g_l, m)
         g_b_tok = g_tok_all.sum(0)
         for l, (a, b) in enumerate(_spans(widths)):
