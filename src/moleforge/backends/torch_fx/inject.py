@@ -7,7 +7,8 @@ by name and puts every one back if any replacement fails.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -83,6 +84,21 @@ def _accumulable(out: torch.Tensor, dtype: torch.dtype) -> bool:
     return out.grad_fn is None or type(out.grad_fn).__name__ in _OUTPUT_NOT_SAVED
 
 
+@contextmanager
+def _drawing_from(gen: torch.Generator | None, state: torch.Tensor | None) -> Iterator[None]:
+    """Draws from ``gen`` as from ``state`` (a recomputation replays the first run's routing
+    noise), then leaves the generator where it was; nothing when either is ``None``."""
+    if gen is None or state is None:
+        yield
+        return
+    after = gen.get_state()
+    gen.set_state(state)
+    try:
+        yield
+    finally:
+        gen.set_state(after)
+
+
 class AdaptedLinear(nn.Module):
     """``y = base_layer(x) + Δy(x)``, ``Δy`` computed by the generated ``site`` module."""
 
@@ -98,10 +114,10 @@ class AdaptedLinear(nn.Module):
         self._collector = collector
         self._uses_samples = uses_samples
         self.site_name = ""
-        self._noise_state: torch.Tensor | None = None
-        """State of the site's noise generator before the last forward (for recomputation)."""
-        self._tokens: tuple = (None, None)
-        """``(samples, token mask)`` of the last forward (for recomputation)."""
+        self._first_run: tuple = (None, None, None)
+        """``(samples, token mask, noise generator state)`` of the last forward: activation
+        checkpointing recomputes the forward during backward, after the model call (and a
+        ``sample_types`` block around it) ended, and must run the same computation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.in_features)
@@ -111,37 +127,21 @@ class AdaptedLinear(nn.Module):
         dtype = p.dtype if p is not None else x.dtype
         flat = tokens.to(dtype)  # (T, d_in)
         shape = (*x.shape[:-1], self.out_features)
-        recompute = in_backward()
-        if not recompute:
-            self._tokens = (self._samples(x) if self._uses_samples else None, self._collector.token_mask(x))
-        # Activation checkpointing recomputes this forward during backward, after the model call
-        # (and a ``sample_types`` block around it) ended: it must run the same computation, so it
-        # takes the first run's samples and mask.
-        samples, mask = self._tokens
         if _accumulable(out, dtype):
-            return self._run(flat, samples, mask, out, recompute).view(shape)
-        delta = self._run(flat, samples, mask, None, recompute)
+            return self._run(x, flat, out).view(shape)
+        delta = self._run(x, flat, None)
         return out.view(shape) + delta.view(shape).to(out.dtype)
 
-    def _run(self, flat: torch.Tensor, samples, mask: torch.Tensor | None, acc: torch.Tensor | None,
-             recompute: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, flat: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
         gen = getattr(self.site, "noise_generator", None)
-        if gen is None:
+        recompute = in_backward()
+        if not recompute:
+            self._first_run = (self._samples(x) if self._uses_samples else None, self._collector.token_mask(x),
+                               None if gen is None else gen.get_state())
+        samples, mask, noise_state = self._first_run
+        with _drawing_from(gen, noise_state if recompute else None):
             y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
-        elif not recompute:
-            self._noise_state = gen.get_state()
-            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
-        else:
-            # Activation checkpointing recomputes this forward during backward: draw the same
-            # routing noise as the first run, then leave the generator where it was.
-            after = gen.get_state()
-            if self._noise_state is not None:
-                gen.set_state(self._noise_state)
-            try:
-                y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
-            finally:
-                gen.set_state(after)
         # The aux loss and routing of this token batch were collected by the first run; keep
         # them counted once.
         if not recompute:
