@@ -13,7 +13,8 @@ import click
 
 from .. import passes
 from ..compiler import build_site_graphs, count_parameters, structural_flexibility
-from ..compiler.explain import block_fields, block_rows
+from ..compiler.explain import block_rows
+from ..compiler.explain_blocks import block_fields
 from ..compiler.ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
 from ..compiler.flops import adapter_flops_per_token, base_flops_per_token
 from ..compiler.sites import ResolvedSite

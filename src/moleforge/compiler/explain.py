@@ -18,8 +18,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import textwrap
-from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from torch import nn
@@ -29,11 +27,6 @@ from ..ir import (
     AuxLoss,
     BlockGate,
     DenseSoftmax,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLinear,
-    ExpertLoRA,
-    ExpertSum,
     Graph,
     GroupedMix,
     Linear,
@@ -44,7 +37,6 @@ from ..ir import (
     TreeMix,
     TreePathGates,
     TreePropagate,
-    TreeRoute,
     print_graph,
 )
 from ..passes import (
@@ -56,27 +48,15 @@ from ..passes import (
     pool_cost,
     run_pipeline,
 )
+from .explain_blocks import block_fields
+from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
 from .ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
-from .flops import adapter_flops_per_token, base_flops_per_token, flops_per_token, frozen_flops_per_token
+from .flops import base_flops_per_token, flops_per_token
 from .siblings import find_siblings
 
-__all__ = ["explain", "explain_graphs", "site_rows", "block_rows", "block_fields", "SiteRow"]
+__all__ = ["explain", "explain_graphs", "site_rows", "block_rows"]
 
 IRView = Literal["diff", "full", "none"]
-
-_ROLES = ("gate", "up", "down")
-
-
-@dataclass(frozen=True)
-class SiteRow:
-    """One adapted module as explained: its name, plain and optimised graph."""
-
-    name: str
-    plain: Graph
-    final: Graph
-    linears: Mapping[str, str] | None = None
-    """For an FFN-block site, the model path of each linear of the block by role
-    (``gate``, ``up``, ``down``); ``None`` for a linear site."""
 
 
 def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None, siblings: bool | None = None,
@@ -160,16 +140,12 @@ def explain_graphs(spec_name: str, model_name: str, sites: list[SiteRow], pipeli
         structure = _structure(members[0])
         passes = block_pipeline if _is_block(members[0]) else pipeline
         texts.append(_group(members, passes or (), ir, shown.get(structure)))
-        shown.setdefault(structure, _where([m.name for m in members]))
+        shown.setdefault(structure, where([m.name for m in members]))
     return "\n".join(head) + "\n\n" + "\n\n".join(texts) + "\n"
 
 
 def _is_block(site: SiteRow) -> bool:
-    return _block_node(site.plain) is not None
-
-
-def _block_node(g: Graph) -> ExpertFFN | ExpertHidden | None:
-    return next((n for n in g.nodes if isinstance(n, (ExpertFFN, ExpertHidden))), None)
+    return block_node(site.plain) is not None
 
 
 def _count_sites(sites: list[SiteRow]) -> str:
@@ -211,28 +187,6 @@ def _shape_text(g: Graph) -> str:
     return re.sub(r"group=\S*?(\{[^}]*\})", r"group=\1", text)
 
 
-def _where(names: list[str]) -> str:
-    """``model.layers.{0,1,2,3}.self_attn.q_proj`` for names differing in one dotted part."""
-    parts = [n.split(".") for n in names]
-    if len(names) == 1 or len({len(p) for p in parts}) != 1:
-        return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
-    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
-    if len(differ) != 1:
-        return f"{names[0]} and {len(names) - 1} more"
-    i = differ[0]
-    return ".".join(parts[0][:i] + ["{" + ",".join(p[i] for p in parts) + "}"] + parts[0][i + 1:])
-
-
-def _field(name: str, text: str) -> list[str]:
-    return textwrap.wrap(text, 104, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15,
-                         break_on_hyphens=False)
-
-
-def _lines(name: str, texts: list[str]) -> list[str]:
-    """A field of several lines, each wrapped as :func:`_field` wraps one."""
-    return [line for i, text in enumerate(texts) for line in _field(name if i == 0 else "", text)]
-
-
 def _group(members: list[SiteRow], pipeline: Sequence[Pass], ir: IRView, same_as: str | None) -> str:
     first = members[0]
     lines = block_fields(members) if _is_block(first) else _linear_fields(members, pipeline)
@@ -253,18 +207,18 @@ def _count(members: list[SiteRow]) -> str:
 def _linear_fields(members: list[SiteRow], pipeline: Sequence[Pass]) -> list[str]:
     first = members[0]
     g, final = first.plain, first.final
-    lines = [f"== {_where([m.name for m in members])}  ({_count(members)}, d_in {g.d_in} -> d_out {g.d_out})"]
-    lines += _field("adapter", _describe(g))
-    lines += _field("parameters", _parameters(g))
-    lines += _field("FLOPs/token", _flops(g, final))
-    lines += _field("base FLOPs", _base_flops(final))
-    lines += _field("kernel", _kernel(final, pipeline))
+    lines = [f"== {where([m.name for m in members])}  ({_count(members)}, d_in {g.d_in} -> d_out {g.d_out})"]
+    lines += field("adapter", _describe(g))
+    lines += field("parameters", parameters_text(g))
+    lines += field("FLOPs/token", _flops(g, final))
+    lines += field("base FLOPs", _base_flops(final))
+    lines += field("kernel", _kernel(final, pipeline))
     sib = next((n for n in final.nodes if isinstance(n, SiblingLinear)), None)
     if sib is not None:
         members_text = sib.group[sib.group.find("{"):] if "{" in sib.group else sib.group
-        lines += _field("siblings", f"one input GEMM for {members_text}; this site reads its columns "
+        lines += field("siblings", f"one input GEMM for {members_text}; this site reads its columns "
                                     f"{sib.start}:{sib.stop}")
-    lines += _field("Γ", _gamma(g))
+    lines += field("Γ", gamma_text(g))
     return lines
 
 
@@ -281,28 +235,6 @@ def _flops(plain: Graph, final: Graph) -> str:
 def _base_flops(final: Graph) -> str:
     """Forward FLOPs per token of the frozen linear the site adapts."""
     return f"{base_flops_per_token(final):,} per token in the frozen linear (the adapter runs beside it)"
-
-
-def _parameters(g: Graph) -> str:
-    trainable = {p.name: math.prod(p.shape) for p in g.params if p.trainable}
-    frozen = {p.name: math.prod(p.shape) for p in g.params if not p.trainable}
-    text = f"{sum(trainable.values()):,} trainable per site"
-    if trainable:
-        text += ": " + ", ".join(f"{k}={v:,}" for k, v in trainable.items())
-    if frozen:
-        text += "; buffers " + ", ".join(f"{k}={v:,}" for k, v in frozen.items())
-    if g.frozen:
-        text += "; frozen inputs (the model's own weights, read in place) " + \
-            ", ".join(f"{p.name}={math.prod(p.shape):,}" for p in g.frozen)
-    return text
-
-
-def _router_text(route: Route) -> str:
-    gate = route.gate
-    kind = type(gate).__name__
-    words = {"SoftmaxTopK": "softmax top-{k}", "SigmoidTopK": "sigmoid top-{k} (balancing bias)",
-             "AbsTopK": "|h| top-{k} mask (FlyLoRA)", "DenseSoftmax": "dense softmax"}[kind]
-    return words.format(k=getattr(gate, "k", ""))
 
 
 def _describe(g: Graph) -> str:
@@ -323,7 +255,7 @@ def _describe(g: Graph) -> str:
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
     always = g.param_decls.get("shared_A")
     extra = f", plus an always-on shared LoRA of rank {always.shape[0]}" if always is not None else ""
-    return f"pool of {route.experts} experts of rank {rank}{shared}, {_router_text(route)}{extra}{tail}"
+    return f"pool of {route.experts} experts of rank {rank}{shared}, {router_text(route)}{extra}{tail}"
 
 
 def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
@@ -357,173 +289,6 @@ def _pool_kernel(g: Graph, n, tokens: int) -> str:
     cost = pool_cost(E, rank, g.d_in, g.d_out, k, tokens)
     return f"{form}; cost model at {tokens:,} tokens: dense {cost.dense / 1e6:.0f}M vs grouped " \
            f"{cost.grouped / 1e6:.0f}M multiply-add equivalents"
-
-
-def _gamma(g: Graph) -> str:
-    tree = next((n for n in g.nodes if isinstance(n, TreeRoute)), None)
-    if tree is not None:
-        value, F, terms = 1, 1, []
-        for lv in reversed(tree.levels):
-            value *= math.comb(lv.experts, lv.fanout) ** F
-            terms.append(f"C({lv.experts},{lv.fanout})^{F}")
-            F *= lv.fanout
-        return f"{value:,} = " + " x ".join(terms) + " routing structures per token"
-    route = next((n for n in g.nodes if isinstance(n, Route)), None)
-    k = getattr(getattr(route, "gate", None), "k", None)
-    if route is None or k is None:
-        return "1 (no top-k routing)"
-    return f"{math.comb(route.experts, k):,} = C({route.experts},{k}) expert sets per token"
-
-
-# ---- FFN-block sites ------------------------------------------------------------------------
-
-def block_fields(members: list[SiteRow], costs: bool = True) -> list[str]:
-    """The explanation of a group of identical FFN-block sites: a heading, then the block as
-    recognised, its linears, the adapter, parameters, FLOPs (whole block, adapter, frozen GEMMs),
-    the frozen block's FLOPs, the kernel and Γ; ``costs=False`` leaves out the parameters and
-    FLOPs (``moleforge inspect`` prints them in its own tables)."""
-    first = members[0]
-    g, final = first.plain, first.final
-    node = _block_node(g)
-    assert node is not None, f"{first.name} is not an FFN-block site"
-    short = _short_names(first)
-    d_ff = node.up.weight.shape[0]
-    blocks = f"{len(members)} FFN blocks" if len(members) > 1 else "1 FFN block"
-    lines = [f"== {_where([m.name for m in members])}  ({blocks}, d_in {g.d_in} -> d_ff {d_ff} -> d_out {g.d_out})"]
-    lines += _lines("block", [f"recognised y = {_formula(node, short)}, activation {node.activation}",
-                              "replaced by routed experts (scope ffn_block)"])
-    lines += _lines("linears", _linears_lines(members, node))
-    lines += _field("adapter", _describe_block(g, node, short))
-    if costs:
-        lines += _field("parameters", _parameters(g))
-        lines += _lines("FLOPs/token", _block_flops(g, final))
-        lines += _field("base FLOPs", _block_base_flops(final, short))
-    lines += _field("kernel", _block_kernel(final, short))
-    lines += _field("Γ", _gamma(g))
-    return lines
-
-
-def _short_names(site: SiteRow) -> dict[str, str]:
-    """Each linear's path below the closest module holding all of the block's linears
-    (``gate_proj``; BERT's ``intermediate.dense``), or its role when the paths are not known."""
-    if not site.linears:
-        return {role: role for role in _ROLES}
-    parts = [path.split(".") for path in site.linears.values()]
-    common = 0
-    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
-        common += 1
-    return {role: ".".join(path.split(".")[common:]) for role, path in site.linears.items()}
-
-
-def _expert_linears(node: ExpertFFN) -> dict[str, ExpertLinear]:
-    linears = {"gate": node.gate, "up": node.up, "down": node.down}
-    return {role: lin for role, lin in linears.items() if lin is not None}
-
-
-def _and(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def _hidden(node: ExpertFFN | ExpertHidden, short: Mapping[str, str]) -> str:
-    """The hidden state before the down projection: ``silu(gate_proj(x)) * up_proj(x)``."""
-    if node.gate is None:
-        return f"{node.activation}({short['up']}(x))"
-    return f"{node.activation}({short['gate']}(x)) * {short['up']}(x)"
-
-
-def _formula(node: ExpertFFN, short: Mapping[str, str]) -> str:
-    return f"{short['down']}({_hidden(node, short)})"
-
-
-def _linears_lines(members: list[SiteRow], node: ExpertFFN) -> list[str]:
-    """``gate model.layers.{0,1}.mlp.gate_proj (32 -> 64)``: each linear by role, path and widths."""
-    lines = []
-    for role, lin in _expert_linears(node).items():
-        out, d_in = lin.weight.shape
-        where = _where([m.linears[role] for m in members]) if members[0].linears else "(path not known)"
-        lines.append(f"{role:<4} {where} ({d_in} -> {out})")
-    return lines
-
-
-def _describe_block(g: Graph, node: ExpertFFN, short: Mapping[str, str]) -> str:
-    route = g.node(node.routing)
-    assert isinstance(route, Route), f"%{node.routing} is not a flat router"
-    linears = _expert_linears(node)
-    adapted = {role: lin.a.shape[1] for role, lin in linears.items() if lin.a is not None}
-    rank = next(iter(adapted.values()))  # one rank for the whole block (build_block_graph)
-    text = (f"{route.experts} experts, {_router_text(route)} per block; each expert is the frozen block with its "
-            f"own LoRA of rank {rank} on {_and([short[role] for role in adapted])}")
-    frozen = [short[role] for role in linears if role not in adapted]
-    if frozen:
-        text += f" ({_and(frozen)} without LoRA)"
-    aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
-    return text + (f"; aux {', '.join(aux)}" if aux else "")
-
-
-def _block_flops(plain: Graph, final: Graph) -> list[str]:
-    """The whole routed block's forward FLOPs per token, then its split into the adapter's (router
-    and expert LoRAs) and the frozen block GEMMs', each before and after the passes."""
-    return [f"forward {flops_per_token(plain):,} plain -> {flops_per_token(final):,} optimised (the whole "
-            "routed block)",
-            f"adapter {adapter_flops_per_token(plain):,} plain -> {adapter_flops_per_token(final):,} optimised "
-            "(router and expert LoRAs)",
-            f"frozen block GEMMs {frozen_flops_per_token(plain):,} plain -> {frozen_flops_per_token(final):,} "
-            "optimised"]
-
-
-def _block_base_flops(final: Graph, short: Mapping[str, str]) -> str:
-    weights = {p.name: p.shape for p in final.frozen}
-    parts = [f"{short[role]} {2 * math.prod(weights[f'W_{role}']):,}" for role in _ROLES if f"W_{role}" in weights]
-    return (f"{base_flops_per_token(final):,} per token in the frozen block ({' + '.join(parts)}); the routed "
-            "block replaces it (its frozen GEMMs are included above)")
-
-
-def _block_kernel(g: Graph, short: Mapping[str, str]) -> str:
-    """The routed block as lowered: the frozen GEMMs run once, what each selected expert runs on
-    its tokens, where the down projection goes, and whether one fused op runs the experts."""
-    node = _block_node(g)
-    assert node is not None, "not an FFN-block graph"
-    route = g.node(node.routing)
-    k = getattr(route.gate, "k", None)
-    who = f"each token's top-{k} of {route.experts} experts" if k is not None else f"all {route.experts} experts"
-    pairs = (("gate", node.gate, node.gate_base), ("up", node.up, node.up_base))
-    inner = [(role, lin, base) for role, lin, base in pairs if lin is not None]
-    once = [short[role] for role, _, base in inner if base is not None]
-    own = [short[role] for role, _, base in inner if base is None]
-    loras = [short[role] for role, lin, _ in inner if lin.a is not None]
-    work = ([f"run frozen {_and(own)}"] if own else []) + ([f"add their LoRAs on {_and(loras)}"] if loras else [])
-    steps = [f"frozen {_and(once)} once per token, shared by all experts"] if once else []
-    steps.append(f"{who}, on their tokens only (slots grouped by expert), {' and '.join(work)}, "
-                 f"h = {_hidden(node, short)}")
-    steps.append(_down_text(g, node, short))
-    if _fused(g, node):
-        parts = [f"LoRAs on {_and(loras)}"] if loras else []
-        steps.append(f"the experts run as one fused op, expert by expert in cache "
-                     f"({', '.join(parts + ['activation', 'gated sum'])})")
-    return "routed FFN block: " + "; ".join(steps)
-
-
-def _down_text(g: Graph, node: ExpertFFN | ExpertHidden, short: Mapping[str, str]) -> str:
-    down = short["down"]
-    if isinstance(node, ExpertFFN):
-        lora = " plus its LoRA" if node.down.a is not None else ""
-        return f"each expert runs frozen {down}{lora} on its h, and the outputs are summed by gate"
-    lora = any(isinstance(u, ExpertLoRA) for u in g.users(node.id))
-    text = f"frozen {down} hoisted out of the experts: one GEMM on the gated sum of their h"
-    return text + (f", plus each selected expert's LoRA on {down} of its own h" if lora else "")
-
-
-def _fused(g: Graph, node: ExpertFFN | ExpertHidden) -> bool:
-    """Whether the torch lowering runs the experts as one fused op (``routed_ffn``): hidden states
-    with shared frozen projections, read by one ``expert_sum`` and at most one ``expert_lora`` of
-    the same routing (the condition of ``backends/torch_fx/lower.py``)."""
-    if not isinstance(node, ExpertHidden):
-        return False
-    users = g.users(node.id)
-    sums = [u for u in users if isinstance(u, ExpertSum) and u.routing == node.routing]
-    loras = [u for u in users if isinstance(u, ExpertLoRA) and u.routing == node.routing]
-    shared = node.up_base is not None and (node.gate is None or node.gate_base is not None)
-    return shared and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
 
 
 def _node_lines(g: Graph) -> list[str]:

@@ -63,7 +63,7 @@ from . import ops, ops_block, ops_linear
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
 from .siblings import SiblingGroup
 
-__all__ = ["lower", "counts_name"]
+__all__ = ["lower", "counts_name", "runs_as_routed_ffn"]
 
 
 def counts_name(balance: str) -> str:
@@ -257,7 +257,7 @@ def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
 
 
 def _expert_block(c: _Ctx, n) -> fx.Node:
-    if isinstance(n, ExpertHidden) and _fusable(c, n):
+    if runs_as_routed_ffn(c.ir, n):
         return _routed_ffn(c, n)
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
@@ -267,10 +267,13 @@ def _expert_block(c: _Ctx, n) -> fx.Node:
     return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
 
 
-def _fusable(c: _Ctx, n: ExpertHidden) -> bool:
-    """Hidden states with shared frozen projections, read by one ``expert_sum`` and at most one
-    ``expert_lora`` of the same routing, lower to one op (``routed_ffn``)."""
-    users = c.ir.users(n.id)
+def runs_as_routed_ffn(graph: Graph, n) -> bool:
+    """Whether FFN-block node ``n`` lowers to one fused op (``routed_ffn``): hidden states with
+    shared frozen projections, read by one ``expert_sum`` and at most one ``expert_lora`` of the
+    same routing."""
+    if not isinstance(n, ExpertHidden):
+        return False
+    users = graph.users(n.id)
     sums = [u for u in users if isinstance(u, ExpertSum) and u.routing == n.routing]
     loras = [u for u in users if isinstance(u, ExpertLoRA) and u.routing == n.routing]
     shared = n.up_base is not None and (n.gate is None or n.gate_base is not None)

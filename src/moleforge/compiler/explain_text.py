@@ -1,0 +1,93 @@
+"""Shared pieces of the explanations of ``mf.explain`` / ``handle.explain()`` and ``moleforge
+inspect``: a site as explained, where a group of sites is, the terminal field layout, and the
+parameters, router and Γ of a graph."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..ir import ExpertFFN, ExpertHidden, Graph, Route, TreeRoute
+
+__all__ = ["ROLES", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text", "router_text",
+           "gamma_text"]
+
+ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One adapted module as explained: its name, plain and optimised graph."""
+
+    name: str
+    plain: Graph
+    final: Graph
+    linears: Mapping[str, str] | None = None
+    """For an FFN-block site, the model path of each linear of the block by role
+    (``gate``, ``up``, ``down``); ``None`` for a linear site."""
+
+
+def block_node(g: Graph) -> ExpertFFN | ExpertHidden | None:
+    return next((n for n in g.nodes if isinstance(n, (ExpertFFN, ExpertHidden))), None)
+
+
+def where(names: list[str]) -> str:
+    """``model.layers.{0,1,2,3}.self_attn.q_proj`` for names differing in one dotted part."""
+    parts = [n.split(".") for n in names]
+    if len(names) == 1 or len({len(p) for p in parts}) != 1:
+        return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    if len(differ) != 1:
+        return f"{names[0]} and {len(names) - 1} more"
+    i = differ[0]
+    return ".".join(parts[0][:i] + ["{" + ",".join(p[i] for p in parts) + "}"] + parts[0][i + 1:])
+
+
+def field(name: str, text: str) -> list[str]:
+    return textwrap.wrap(text, 104, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15,
+                         break_on_hyphens=False)
+
+
+def field_lines(name: str, texts: list[str]) -> list[str]:
+    """A field of several lines, each wrapped as :func:`field` wraps one."""
+    return [line for i, text in enumerate(texts) for line in field(name if i == 0 else "", text)]
+
+
+def parameters_text(g: Graph) -> str:
+    trainable = {p.name: math.prod(p.shape) for p in g.params if p.trainable}
+    frozen = {p.name: math.prod(p.shape) for p in g.params if not p.trainable}
+    text = f"{sum(trainable.values()):,} trainable per site"
+    if trainable:
+        text += ": " + ", ".join(f"{k}={v:,}" for k, v in trainable.items())
+    if frozen:
+        text += "; buffers " + ", ".join(f"{k}={v:,}" for k, v in frozen.items())
+    if g.frozen:
+        text += "; frozen inputs (the model's own weights, read in place) " + \
+            ", ".join(f"{p.name}={math.prod(p.shape):,}" for p in g.frozen)
+    return text
+
+
+def router_text(route: Route) -> str:
+    gate = route.gate
+    kind = type(gate).__name__
+    words = {"SoftmaxTopK": "softmax top-{k}", "SigmoidTopK": "sigmoid top-{k} (balancing bias)",
+             "AbsTopK": "|h| top-{k} mask (FlyLoRA)", "DenseSoftmax": "dense softmax"}[kind]
+    return words.format(k=getattr(gate, "k", ""))
+
+
+def gamma_text(g: Graph) -> str:
+    tree = next((n for n in g.nodes if isinstance(n, TreeRoute)), None)
+    if tree is not None:
+        value, F, terms = 1, 1, []
+        for lv in reversed(tree.levels):
+            value *= math.comb(lv.experts, lv.fanout) ** F
+            terms.append(f"C({lv.experts},{lv.fanout})^{F}")
+            F *= lv.fanout
+        return f"{value:,} = " + " x ".join(terms) + " routing structures per token"
+    route = next((n for n in g.nodes if isinstance(n, Route)), None)
+    k = getattr(getattr(route, "gate", None), "k", None)
+    if route is None or k is None:
+        return "1 (no top-k routing)"
+    return f"{math.comb(route.experts, k):,} = C({route.experts},{k}) expert sets per token"
