@@ -1,15 +1,29 @@
 """Shared by the FFN-block tests: a small routed expert pool, a spec putting it on every FFN
-block, and the routed blocks of a model."""
+block, the routed blocks of a model; random plain block graphs with their tensors, and the
+interpreter's outputs and gradients on them."""
 
 from __future__ import annotations
 
+import torch
+from hypothesis import strategies as st
 from torch import nn
 
 import moleforge as mf
 from moleforge.backends.torch_fx.block_module import MoleforgeBlock
-from moleforge.specs import ExpertPool, SwitchLoadBalance, TopKRouter
+from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES, BlockLinear
+from moleforge.compiler.build import SiteShape
+from moleforge.compiler.ffn_sites import build_block_graph
+from moleforge.ir import Graph, interpret, print_graph, verify
+from moleforge.passes.hoist_frozen_down import hoist_frozen_down
+from moleforge.passes.share_frozen_projections import share_frozen_projections
+from moleforge.specs import DenseRouter, ExpertPool, SwitchLoadBalance, TopKRouter
+from strategies import make_params
+from tolerances import assert_close
 
-__all__ = ["POOL", "block_spec", "routed_blocks"]
+__all__ = ["POOL", "block_spec", "routed_blocks", "block_graphs", "block_params", "block_inputs",
+           "interpret_grads", "fixed_routing", "F64", "REWRITES", "check_block_rewrite"]
+
+F64 = torch.float64
 
 POOL = ExpertPool(experts=3, rank=2, alpha=4.0, router=TopKRouter(k=2),
                   aux_losses=[SwitchLoadBalance(weight=0.1)])
@@ -26,3 +40,79 @@ def block_spec(init: mf.Init | None = None) -> mf.AdapterSpec:
 def routed_blocks(model: nn.Module) -> dict[str, MoleforgeBlock]:
     """``{module name: routed block}`` of every FFN block the model now runs as experts."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MoleforgeBlock)}
+
+
+@st.composite
+def block_graphs(draw) -> Graph:
+    """Plain IR of random FFN blocks: gated or not, any activation, biases, a router (top-k with
+    or without renormalisation, or dense), experts on a random non-empty subset of linears."""
+    d, d_ff, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 7)), draw(st.integers(1, 6))
+    E = draw(st.integers(1, 4))
+    linears = {"up": BlockLinear("up", "up", d, d_ff, draw(st.booleans()), False),
+               "down": BlockLinear("down", "down", d_ff, d_out, draw(st.booleans()), False)}
+    if draw(st.booleans()):
+        linears["gate"] = BlockLinear("gate", "gate", d, d_ff, draw(st.booleans()), False)
+    roles = draw(st.sets(st.sampled_from(sorted(linears)), min_size=1))
+    if draw(st.booleans()):
+        router = TopKRouter(k=draw(st.integers(1, E)), renormalize=draw(st.booleans()))
+        aux = [SwitchLoadBalance(weight=0.1)] if draw(st.booleans()) else []
+    else:
+        router, aux = DenseRouter(), []
+    pool = ExpertPool(experts=E, rank=draw(st.integers(1, 3)), alpha=draw(st.sampled_from([None, 4.0])),
+                      scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router,
+                      aux_losses=aux)
+    graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
+                              SiteShape(label="block", d_in=d, d_out=d_out))
+    return verify(graph)
+
+
+def block_params(graph: Graph, seed: int, dtype=F64) -> dict[str, torch.Tensor]:
+    """Every stored tensor random (non-zero B) plus random frozen block weights."""
+    params = make_params(graph, seed, dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for d in graph.frozen:
+        params[d.name] = torch.randn(d.shape, generator=gen, dtype=dtype) * 0.6
+    return params
+
+
+def block_inputs(graph: Graph, seed: int, T: int) -> torch.Tensor:
+    return torch.randn(T, graph.d_in, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def interpret_grads(graph: Graph, params, x, w, routing=None):
+    """Output, aux and the gradients of ``Σ out ⊙ w + aux`` wrt x and the stored tensors."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    xl = x.clone().requires_grad_(True)
+    res = interpret(graph, leaves, xl, routing=routing)
+    loss = (res.output * w).sum() + res.aux_total
+    names = [d.name for d in graph.params]
+    grads = torch.autograd.grad(loss, [xl] + [leaves[n] for n in names], allow_unused=True)
+    return res, dict(zip(["x"] + names, grads, strict=True))
+
+
+def fixed_routing(res) -> dict:
+    return {rid: idx for rid, idx in res.routes.items() if idx is not None}
+
+
+REWRITES = {"share_frozen_projections": share_frozen_projections, "hoist_frozen_down": hoist_frozen_down,
+            "both": lambda g: hoist_frozen_down(share_frozen_projections(g))}
+"""The block rewrites alone and as the block pipeline runs them."""
+
+
+def check_block_rewrite(rewrite, graph: Graph, seed: int, T: int) -> None:
+    """The properties of a block rewrite on one graph: the output verifies, the input is not
+    mutated, the rewrite is idempotent, and the interpreter gives the same outputs, aux loss and
+    gradients (x and every stored tensor) under the original's routing."""
+    before = print_graph(graph)
+    out = verify(rewrite(graph))
+    assert print_graph(graph) == before, "the rewrite mutated its input"
+    assert rewrite(out) == out, "the rewrite is not idempotent"
+    params, x = block_params(graph, seed), block_inputs(graph, seed, T)
+    w = torch.randn(T, graph.d_out, generator=torch.Generator().manual_seed(seed + 2), dtype=F64)
+    ref, ref_grads = interpret_grads(graph, params, x, w)
+    got, got_grads = interpret_grads(out, params, x, w, routing=fixed_routing(ref))
+    assert_close(got.output, ref.output)
+    assert_close(got.aux_total, ref.aux_total)
+    for k, g in ref_grads.items():
+        if g is not None:
+            assert_close(got_grads[k], g, msg=f"gradient of {k}")
