@@ -36,8 +36,8 @@ def act_grad(activation: str, g: Tensor, a: Tensor) -> Tensor:
 
 def act_(activation: str, v: Tensor) -> Tensor:
     """``act(v)`` in place (tanh, relu, identity), for a fresh ``v`` nothing else reads."""
-    if activation == "tanh":
-        return v.tanh_()
+    if activation == "tanh":  # 2σ(2v) - 1: CPU sigmoid is several times faster than tanh
+        return v.mul_(2).sigmoid_().mul_(2).sub_(1)
     if activation == "relu":
         return v.relu_()
     return v
@@ -112,11 +112,12 @@ class _PropagateAll(torch.autograd.Function):
             off = sum(p.shape[0] * p.shape[2] for p in per_pool[2:6 * l:6])
             hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
             if ctx.needs_input_grad[6 + 6 * l]:
-                gB = torch.bmm(g_U.transpose(1, 2), hl)  # (s, d, r)
+                gB = torch.bmm(hl.transpose(1, 2), g_U).transpose(1, 2)  # (s, d, r)
                 grads[6 * l + 2] = gB * scale if scale != 1.0 else gB
             if ctx.needs_input_grad[0]:
                 Bs = B if scale == 1.0 else B * scale
-                g_h_parts.append(torch.bmm(g_U, Bs).transpose(0, 1).reshape(T, s * r))  # (T, s·r)
+                g_hT = torch.bmm(Bs.transpose(1, 2), g_U.transpose(1, 2))  # (s, r, T)
+                g_h_parts.append(g_hT.permute(2, 0, 1).reshape(T, s * r))  # (T, s·r)
         g_h_all = torch.cat(g_h_parts[::-1], 1) if g_h_parts else None
         return (g_h_all, None, None, None, *grads)
 
