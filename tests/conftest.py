@@ -8,6 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter; read when Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tolerances import TOLERANCES, assert_close  # noqa: F401  (re-exported for tests)
 
 settings.register_profile("dev", max_examples=15, deadline=None,

@@ -1,1 +1,35 @@
-"""Triton kernels for fused routed low-rank nodes and residual-tree steps."""
+"""Triton kernels for fused routed low-rank nodes and residual-tree steps.
+
+Layers, per kernel: the ``@triton.jit`` kernel, a launcher that validates shapes and picks
+the grid, a ``torch.library.custom_op`` with fake (meta) and autograd registrations, and the
+runtime op in ``backends/torch_fx`` that calls it when :func:`enabled` says so.
+
+Kernels run on CUDA tensors. On a CPU they run under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before Triton is imported), which is how the tests check them
+against the torch ops; ``MOLEFORGE_TRITON=1`` makes :func:`enabled` choose them on any device
+(for those tests), ``MOLEFORGE_TRITON=0`` never.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["available", "enabled"]
+
+
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether the runtime ops should run ``x``'s computation with the Triton kernels: on a
+    CUDA tensor when Triton is installed, unless ``MOLEFORGE_TRITON`` is ``0``; anywhere when
+    it is ``1``."""
+    flag = os.environ.get("MOLEFORGE_TRITON", "")
+    if flag == "0" or not available():
+        return False
+    return flag == "1" or x.is_cuda
