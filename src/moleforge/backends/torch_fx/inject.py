@@ -121,8 +121,11 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, self.in_features)
-        # on the token matrix, an nn.Linear's output is the GEMM's own tensor, not a view of it
-        out = self.base_layer(tokens) if isinstance(self.base_layer, nn.Linear) else self.base_layer(x)
+        # on the token matrix, an nn.Linear's output is the GEMM's own tensor, not a view of it;
+        # a GPT-2 Conv1D returns its GEMM's output under a view of the same shape
+        out = self.base_layer(tokens)
+        if out._base is not None and out._base.shape == out.shape and type(self.base_layer).__name__ == "Conv1D":
+            out = out._base
         p = next(self.site.parameters(), None)
         dtype = p.dtype if p is not None else x.dtype
         flat = tokens.to(dtype)  # (T, d_in)
