@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..triton import enabled as triton_enabled
+
 __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
     "route_abs_topk", "route_static", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "gate_bias",
@@ -135,6 +137,12 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     """
     T, k = index.shape
     E = gates.shape[1]
+    if triton_enabled(x):  # the pairs in token order; the kernels gather and scatter themselves
+        from ..triton.lowrank import routed_lowrank
+
+        row = torch.arange(T, device=x.device).repeat_interleave(k)  # (T*k,)
+        w = gates.gather(1, index).reshape(-1) * scale  # (T*k,)
+        return routed_lowrank(x, row, w, index.reshape(-1), a.expand(E, *a.shape[1:]), b.expand(E, *b.shape[1:]))
     a, b = _per_expert(a, E), _per_expert(b, E)
     flat = index.reshape(-1)  # (T*k,)
     order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
