@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..triton import enabled as triton_enabled
+
 __all__ = ["propagate_all", "act_", "act_grad"]
 
 
@@ -139,8 +141,32 @@ def _expert_major(idx: Tensor, T: int) -> Tensor:
 def propagate_all(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str) -> Tensor:
     """Root hidden ``(T, d_L)`` of the ``all``-position propagation (see the module doc);
     ``levels`` per pool ``(B (s, d, r), b or None, W or None, w or None, scale)``."""
+    if triton_enabled(h_all):
+        return _propagate_triton(h_all, indices, weights, levels, activation)
     per_pool: list = []
     for idx, w, (B, b, W, wb, _) in zip(indices, weights, levels):
         per_pool += [idx, w, B, b, W, wb]
     scales = tuple(float(lv[4]) for lv in levels)
     return _PropagateAll.apply(h_all, len(levels), activation, scales, *per_pool)
+
+
+def _propagate_triton(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str) -> Tensor:
+    """:func:`propagate_all` with each level's gather, activation and mix in the Triton node
+    kernel (``backends/triton/tree.py``); the GEMMs stay torch ops and autograd composes them."""
+    from ..triton.tree import node_mix
+
+    T = h_all.shape[0]
+    off, h = 0, None
+    for l, (idx, weight, (B, b, W, wb, scale)) in enumerate(zip(indices, weights, levels)):
+        s, d, r = B.shape
+        C, f = idx.shape[1], idx.shape[2]
+        hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
+        off += s * r
+        U = torch.bmm(hl, B.transpose(1, 2) * scale)  # (s, T, d)
+        bias = _node_bias(b, wb, scale, s, d, U)
+        if bias is not None:
+            U = U + bias.unsqueeze(1)
+        v = h.reshape(T * C * f, -1) @ W.T if l > 0 and W is not None else None  # (T·C·f, d)
+        h = node_mix(U.reshape(s * T, d), _expert_major(idx, T), v, weight.reshape(-1), f, activation)
+        h = h.view(T, C, d)
+    return h.reshape(T, -1)
