@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from moleforge.backends.torch_fx.init import init_tensor
+from moleforge.backends.torch_fx.init import ParamStore, init_tensor
+from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import Graph
 from moleforge.specs import (
@@ -135,3 +136,12 @@ def inputs_for(draw, graph: Graph, dtype=torch.float64):
     T = draw(st.integers(1, 6))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     return torch.randn(T, graph.d_in, generator=gen, dtype=dtype)
+
+
+def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None):
+    """``graph`` lowered to a GraphModule (float64, evaluation mode) holding ``params``."""
+    store = ParamStore(graph.params, dtype=torch.float64)
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(store, name).copy_(value)
+    return lower(graph, store, groups).eval()

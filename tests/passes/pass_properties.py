@@ -16,24 +16,14 @@ import torch
 from hypothesis import assume
 from hypothesis.control import currently_in_test_context
 
-from moleforge.backends.torch_fx.init import ParamStore
-from moleforge.backends.torch_fx.lower import lower
 from moleforge.ir import Graph, interpret, print_graph, verify
-from strategies import make_params
+from strategies import lowered, make_params  # noqa: F401  (lowered: re-exported for pass tests)
 from tolerances import assert_close
 
 MARGIN = 1e-7
 """Smallest top-k selection gap for which the lowered module (own routing) is compared."""
 
 __all__ = ["check_pass", "lowered", "reference_grads"]
-
-
-def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None):
-    store = ParamStore(graph.params, dtype=torch.float64)
-    with torch.no_grad():
-        for name, value in params.items():
-            getattr(store, name).copy_(value)
-    return lower(graph, store, groups).eval()
 
 
 def _probe(y: torch.Tensor) -> torch.Tensor:

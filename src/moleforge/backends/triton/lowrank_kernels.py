@@ -14,16 +14,22 @@ import triton.language as tl
 
 
 @triton.jit
-def gather_down_kernel(src, row, expert, m, out, P, K, r,
-                       s_src, s_me, s_mj, s_mk, s_out,
-                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
-    """``out[p, j] = Σ_k src[row[p], k] · m[e[p], j, k]``: ``(P, r)``."""
+def _pairs(row, expert, P, r, BLOCK_P: tl.constexpr, R: tl.constexpr):
+    """This program's pairs ``ps``, their mask, token rows and experts, and the rank lanes."""
     ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     p_ok = ps < P
     rows = tl.load(row + ps, mask=p_ok, other=0)
     es = tl.load(expert + ps, mask=p_ok, other=0)
     js = tl.arange(0, R)
-    j_ok = js < r
+    return ps, p_ok, rows, es, js, js < r
+
+
+@triton.jit
+def gather_down_kernel(src, row, expert, m, out, P, K, r,
+                       s_src, s_me, s_mj, s_mk, s_out,
+                       BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
+    """``out[p, j] = Σ_k src[row[p], k] · m[e[p], j, k]``: ``(P, r)``."""
+    ps, p_ok, rows, es, js, j_ok = _pairs(row, expert, P, r, BLOCK_P, R)
     acc_t = out.dtype.element_ty  # float32, or float64 for float64 inputs
     acc = tl.zeros((BLOCK_P, R), dtype=acc_t)
     for k0 in range(0, K, BLOCK_K):
@@ -41,13 +47,9 @@ def up_scatter_kernel(v, row, expert, m, dst, P, N, r,
                       s_v, s_me, s_mn, s_mj, s_dst,
                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
     """``dst[row[p], n] += Σ_j v[p, j] · m[e[p], n, j]`` (atomic adds in ``dst``'s dtype)."""
-    ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ps, p_ok, rows, es, js, j_ok = _pairs(row, expert, P, r, BLOCK_P, R)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok, n_ok = ps < P, ns < N
-    rows = tl.load(row + ps, mask=p_ok, other=0)
-    es = tl.load(expert + ps, mask=p_ok, other=0)
-    js = tl.arange(0, R)
-    j_ok = js < r
+    n_ok = ns < N
     h = tl.load(v + ps[:, None] * s_v + js[None, :], mask=p_ok[:, None] & j_ok[None, :], other=0.0)
     w_ptr = m + es[:, None, None] * s_me + ns[None, :, None] * s_mn + js[None, None, :] * s_mj
     w = tl.load(w_ptr, mask=p_ok[:, None, None] & n_ok[None, :, None] & j_ok[None, None, :], other=0.0)
@@ -62,13 +64,9 @@ def outer_scatter_kernel(src, row, v, expert, g, P, N, r,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
     """``g[e[p], n, j] += src[row[p], n] · v[p, j]``: per-expert factor gradients ``(E, N, r)``
     (atomic adds in ``g``'s dtype; ``g`` contiguous in its last dimension)."""
-    ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ps, p_ok, rows, es, js, j_ok = _pairs(row, expert, P, r, BLOCK_P, R)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_ok, n_ok = ps < P, ns < N
-    rows = tl.load(row + ps, mask=p_ok, other=0)
-    es = tl.load(expert + ps, mask=p_ok, other=0)
-    js = tl.arange(0, R)
-    j_ok = js < r
+    n_ok = ns < N
     s = tl.load(src + rows[:, None] * s_src + ns[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
     h = tl.load(v + ps[:, None] * s_v + js[None, :], mask=p_ok[:, None] & j_ok[None, :], other=0.0)
     acc_t = g.dtype.element_ty
