@@ -12,6 +12,7 @@ against the torch ops; ``MOLEFORGE_TRITON=1`` makes :func:`enabled` choose them 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -20,6 +21,7 @@ import torch
 __all__ = ["available", "enabled"]
 
 
+@functools.cache
 def available() -> bool:
     """Whether Triton can be imported."""
     return importlib.util.find_spec("triton") is not None
@@ -30,6 +32,6 @@ def enabled(x: torch.Tensor) -> bool:
     CUDA tensor when Triton is installed, unless ``MOLEFORGE_TRITON`` is ``0``; anywhere when
     it is ``1``."""
     flag = os.environ.get("MOLEFORGE_TRITON", "")
-    if flag == "0" or not available():
+    if flag == "0" or (flag != "1" and not x.is_cuda):
         return False
-    return flag == "1" or x.is_cuda
+    return available()
