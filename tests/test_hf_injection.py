@@ -81,3 +81,34 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     assert model.state_dict().keys() == base_state.keys()
     for k, v in model.state_dict().items():  # training changed adapter tensors only
         assert torch.equal(v, base_state[k]), f"base tensor {k} changed"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sites_add_into_the_frozen_output_in_place(arch, monkeypatch):
+    # nn.Linear and GPT-2 Conv1D sites add Δy into the frozen layer's own output tensor; the
+    # loss and every gradient equal the out-of-place sum's bit for bit.
+    from moleforge.backends.torch_fx import inject
+
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["q", "v", "up", "down"]), adapter=mf.LoRA(rank=4),
+                                         init=mf.Init(up="normal", std=0.1, seed=0))])
+    accumulable = inject._accumulable
+    runs = []
+    for in_place in (True, False):
+        decisions: list[bool] = []
+
+        def decide(out, dtype, in_place=in_place, decisions=decisions):
+            decisions.append(accumulable(out, dtype) if in_place else False)
+            return decisions[-1]
+
+        monkeypatch.setattr(inject, "_accumulable", decide)
+        model = tiny(arch)
+        handle = mf.compile(spec, model)
+        model.train()
+        loss = model(input_ids=batch(), labels=batch()).loss
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in handle.trainable_parameters()], decisions))
+    (loss_in, grads_in, dec_in), (loss_out, grads_out, _) = runs
+    assert dec_in and all(dec_in)
+    assert torch.equal(loss_in, loss_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads_in, grads_out))
+    assert any(g.abs().max() > 0 for g in grads_in)
