@@ -128,3 +128,9 @@ def test_model_with_kernels_matches_the_torch_path():
         adapter=mf.ExpertPool(experts=4, rank=2, alpha=4, router=mf.TopKRouter(k=2)),
         init=mf.Init(up="normal", std=0.2, seed=0))])
     kernel_choices_agree(spec, passes=[group_pools], code="grouped_mix")
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="routed_lowrank: the Triton kernels got a tensor on cpu.*TRITON_INTERPRET=1"):
+        routed_lowrank(**_pair_args())

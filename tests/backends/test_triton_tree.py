@@ -132,3 +132,9 @@ def test_model_with_kernels_matches_the_torch_path():
     spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["up", "down"]), adapter=_tree_spec(),
                                          init=mf.Init(up="normal", std=0.2, seed=0))])
     kernel_choices_agree(spec, code="tree_propagate")
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="tree_node_mix: the Triton kernels got a tensor on cpu.*TRITON_INTERPRET=1"):
+        node_mix(**_mix_args())

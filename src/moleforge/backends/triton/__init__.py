@@ -18,7 +18,7 @@ import os
 
 import torch
 
-__all__ = ["available", "enabled"]
+__all__ = ["available", "enabled", "check_device"]
 
 
 @functools.cache
@@ -35,3 +35,13 @@ def enabled(x: torch.Tensor) -> bool:
     if flag == "0" or (flag != "1" and not x.is_cuda):
         return False
     return available()
+
+
+def check_device(op: str, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` when ``x`` is on a device the kernels cannot run on: they need a
+    CUDA tensor, or Triton's CPU interpreter."""
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise ValueError(f"{op}: the Triton kernels got a tensor on {x.device}; they run on CUDA tensors, or on the "
+                     "CPU in Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported). Leave "
+                     "MOLEFORGE_TRITON unset (or 0) to run the torch ops instead")

@@ -18,6 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import check_device
 from . import lowrank_kernels as kernels
 
 __all__ = ["routed_lowrank", "check_inputs"]
@@ -145,4 +146,5 @@ def routed_lowrank(x: Tensor, row: Tensor, w: Tensor, expert: Tensor, a: Tensor,
     (int64) and ``w``; ``a (E, r, d_in)``, ``b (E, d_out, r)``, expanded (stride 0) factors
     allowed. Expert indices are not range-checked on the device (that would synchronise)."""
     check_inputs(x, row, w, expert, a, b)
+    check_device("routed_lowrank", x)
     return _routed_lowrank(x, row, w, expert, a, b)

@@ -20,6 +20,7 @@ import torch
 import triton
 from torch import Tensor
 
+from . import check_device
 from . import tree_kernels as kernels
 
 __all__ = ["node_mix", "check_inputs"]
@@ -116,4 +117,5 @@ def node_mix(u: Tensor, flat: Tensor, v: Tensor | None, weight: Tensor, f: int, 
     """``out (Q, d)`` of the module docstring; ``flat (Q·f,)`` int64 rows of ``u``, ``weight
     (Q·f,)``. Row indices are not range-checked on the device (that would synchronise)."""
     check_inputs(u, flat, v, weight, f, activation)
+    check_device("tree_node_mix", u)
     return _node_mix(u, flat, v, weight, f, activation)[0]
