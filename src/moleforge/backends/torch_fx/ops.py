@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moleforge.backends import triton as triton_backend
+
 __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
     "route_abs_topk", "route_static", "pool_mix_loop", "grouped_mix", "block_gate", "outer_gate", "gate_bias",
@@ -132,7 +134,11 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     ``B_e (s·g·h)``; a scatter-add sums each token's k results. FLOPs ``T·k·r·(d_in + d_out)``.
 
     ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)``, ``a (E|1, r, d_in)``, ``b (E|1, d_out, r)``.
+    When :func:`moleforge.backends.triton.enabled` says so (float32/16, bfloat16), one fused
+    Triton op does the sorted pairs' products and their scatter (``backends/triton/grouped.py``).
     """
+    if triton_backend.enabled(x) and x.dtype in _TRITON_DTYPES:
+        return _triton_grouped_mix(x, gates, index, a, b, scale)
     T, k = index.shape
     E = gates.shape[1]
     a, b = _per_expert(a, E), _per_expert(b, E)
@@ -149,6 +155,21 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     else:
         ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (T*k, d_out)
     return x.new_zeros(T, b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``grouped_mix`` by the Triton op; shared factors (leading dim 1) are passed as they are."""
+    from moleforge.backends.triton.grouped import grouped_lowrank  # imports Triton
+
+    T, k = index.shape
+    flat = index.reshape(-1)  # (T*k,)
+    order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
+    w = gates.gather(1, index).reshape(-1)[order] * scale  # (T*k,)
+    offs = _counts(flat, gates.shape[1], torch.long).cumsum(0)  # (E,) end of each expert's pairs
+    return grouped_lowrank(x, order // k, w.to(x.dtype), offs, a.to(x.dtype), b.to(x.dtype))  # (T, d_out)
 
 
 def _per_expert(t: Tensor, E: int) -> Tensor:
