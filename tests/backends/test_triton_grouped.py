@@ -88,6 +88,25 @@ def test_triton_path_equals_torch_path_with_gradients(case):
         assert_close(got, ref, "float32", msg=f"grad of {name}")
 
 
+def test_experts_with_several_blocks_of_pairs_and_columns(monkeypatch, launches):
+    # 40 tokens, k = 2 over 2 of 3 experts: each used expert owns 40 pairs, three blocks of BLOCK_P;
+    # d_in = 40 and d_out = 20 take several column blocks of 16
+    monkeypatch.setattr(grouped, "BLOCK_CAP", 16)
+    gen = torch.Generator().manual_seed(11)
+    gates, index = _routing(gen, 40, 3, 2, unused=True)
+    case = (torch.randn(40, 40, generator=gen), gates, index, torch.randn(3, 3, 40, generator=gen) * 0.3,
+            torch.randn(3, 20, 3, generator=gen) * 0.3, 0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOLEFORGE_TRITON", "0")
+        y_ref, g_ref = _mix_and_grads(*case)
+        mp.setenv("MOLEFORGE_TRITON", "1")
+        y, g = _mix_and_grads(*case)
+    assert launches == {"forward": 1, "backward": 1} and 40 > 2 * grouped.BLOCK_P
+    assert_close(y, y_ref, "float32")
+    for name, got, ref in zip(("x", "gates", "a", "b"), g, g_ref, strict=True):
+        assert_close(got, ref, "float32", msg=f"grad of {name}")
+
+
 def _op_args(shared_a: bool):
     gen = torch.Generator().manual_seed(5)
     T, E, k, d_in, d_out, r = 6, 3, 2, 8, 5, 2

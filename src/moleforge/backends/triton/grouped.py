@@ -26,6 +26,7 @@ __all__ = ["DTYPES", "grouped_lowrank", "grouped_lowrank_backward", "launch_forw
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 BLOCK_P = 16  # pairs per program; tl.dot needs every block dim >= 16
+BLOCK_CAP = 64  # the widest column block (of d_in, d_out, r)
 
 
 def _describe(t: Tensor) -> str:
@@ -56,8 +57,8 @@ def _check(x: Tensor, tokens: Tensor, w: Tensor, offs: Tensor, a: Tensor, b: Ten
              "b", b, f"({E} or 1, d_out, {r}) of {dt} on {dev}")
 
 
-def _block(n: int, cap: int = 64) -> int:
-    return min(cap, max(16, triton.next_power_of_2(n)))
+def _block(n: int) -> int:
+    return min(BLOCK_CAP, max(16, triton.next_power_of_2(n)))
 
 
 def _segments(offs: Tensor) -> tuple[Tensor, Tensor]:
