@@ -107,6 +107,16 @@ def test_experts_with_several_blocks_of_pairs_and_columns(monkeypatch, launches)
         assert_close(got, ref, "float32", msg=f"grad of {name}")
 
 
+def test_float64_keeps_the_torch_path(monkeypatch, launches):
+    monkeypatch.setenv("MOLEFORGE_TRITON", "1")
+    gen = torch.Generator().manual_seed(2)
+    gates, index = _routing(gen, 4, 2, 1, unused=False)
+    x, a, b = torch.randn(4, 3, generator=gen), torch.randn(2, 2, 3, generator=gen), torch.randn(2, 5, 2, generator=gen)
+    y = ops.grouped_mix(x.double(), gates.double(), index, a.double(), b.double(), 0.5)
+    assert y.dtype == torch.float64 and launches["forward"] == 0
+    assert_close(y, ops.pool_mix_loop(x.double(), gates.double(), a.double(), b.double(), 0.5))
+
+
 def _op_args(shared_a: bool):
     gen = torch.Generator().manual_seed(5)
     T, E, k, d_in, d_out, r = 6, 3, 2, 8, 5, 2
