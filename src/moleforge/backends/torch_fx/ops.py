@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..triton import enabled as triton_enabled
+from moleforge.backends import triton as triton_backend
 
 __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
@@ -134,15 +134,13 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     ``B_e (s·g·h)``; a scatter-add sums each token's k results. FLOPs ``T·k·r·(d_in + d_out)``.
 
     ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)``, ``a (E|1, r, d_in)``, ``b (E|1, d_out, r)``.
+    When :func:`moleforge.backends.triton.enabled` says so (float32/16, bfloat16), one fused
+    Triton op does the sorted pairs' products and their scatter (``backends/triton/grouped.py``).
     """
+    if triton_backend.enabled(x) and x.dtype in _TRITON_DTYPES:
+        return _triton_grouped_mix(x, gates, index, a, b, scale)
     T, k = index.shape
     E = gates.shape[1]
-    if triton_enabled(x):  # the pairs in token order; the kernels gather and scatter themselves
-        from ..triton.lowrank import routed_lowrank
-
-        row = torch.arange(T, device=x.device).repeat_interleave(k)  # (T*k,)
-        w = gates.gather(1, index).reshape(-1) * scale  # (T*k,)
-        return routed_lowrank(x, row, w, index.reshape(-1), a.expand(E, *a.shape[1:]), b.expand(E, *b.shape[1:]))
     a, b = _per_expert(a, E), _per_expert(b, E)
     flat = index.reshape(-1)  # (T*k,)
     order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
@@ -157,6 +155,21 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     else:
         ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (T*k, d_out)
     return x.new_zeros(T, b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``grouped_mix`` by the Triton op; shared factors (leading dim 1) are passed as they are."""
+    from moleforge.backends.triton.grouped import grouped_lowrank  # imports Triton
+
+    T, k = index.shape
+    flat = index.reshape(-1)  # (T*k,)
+    order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
+    w = gates.gather(1, index).reshape(-1)[order] * scale  # (T*k,)
+    offs = _counts(flat, gates.shape[1], torch.long).cumsum(0)  # (E,) end of each expert's pairs
+    return grouped_lowrank(x, order // k, w.to(x.dtype), offs, a.to(x.dtype), b.to(x.dtype))  # (T, d_out)
 
 
 def _per_expert(t: Tensor, E: int) -> Tensor:

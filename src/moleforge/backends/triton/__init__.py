@@ -8,6 +8,13 @@ Kernels run on CUDA tensors. On a CPU they run under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before Triton is imported), which is how the tests check them
 against the torch ops; ``MOLEFORGE_TRITON=1`` makes :func:`enabled` choose them on any device
 (for those tests), ``MOLEFORGE_TRITON=0`` never.
+
+Kernels: ``grouped`` (launchers, custom ops ``moleforge::grouped_lowrank`` and its backward) with
+``grouped_kernels`` (the ``@triton.jit`` code) for the sparse expert pool, which
+``ops.grouped_mix`` calls for float32, float16 and bfloat16; ``tree`` (custom op
+``moleforge::tree_node_mix``) with ``tree_kernels`` for a residual-tree level's node step, which
+``ops_tree_prop.propagate_all`` calls. Those modules import Triton; they are imported only once
+:func:`enabled` has said yes, so this package imports without it.
 """
 
 from __future__ import annotations
