@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import cpu as cpu_kernels
+from ..cpu.routed_ffn import token_routed_ffn
 from .ops_block_fused import CHUNK, RoutedFFN
 from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
 
@@ -29,13 +31,18 @@ LinearArgs = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
 @dataclass(frozen=True)
 class SlotPlan:
     """The routed (token, expert) slots sorted by expert, built once per router: ``token``,
-    ``expert`` and ``gate`` are ``(S,)``; expert e owns ``counts[e]`` consecutive slots."""
+    ``expert`` and ``gate`` are ``(S,)``; expert e owns ``counts[e]`` consecutive slots. The same
+    slots token by token: ``index`` and ``weights`` are ``(T, k)``, and sorted slot p is
+    token-major slot ``order[p]``."""
 
     T: int
     counts: list[int]
     token: Tensor
     expert: Tensor
     gate: Tensor
+    index: Tensor
+    weights: Tensor
+    order: Tensor
 
 
 def slot_plan(gates: Tensor, index: Tensor | None) -> SlotPlan:
@@ -47,9 +54,11 @@ def slot_plan(gates: Tensor, index: Tensor | None) -> SlotPlan:
     flat = index.reshape(-1)  # (S,)
     order = torch.argsort(flat, stable=True)  # (S,)
     token = torch.div(order, k, rounding_mode="floor")  # (S,)
-    gate = gates.gather(1, index).reshape(-1).index_select(0, order)  # (S,)
+    weights = gates.gather(1, index)  # (T, k)
+    gate = weights.reshape(-1).index_select(0, order)  # (S,)
     counts = torch.bincount(flat, minlength=E).tolist()
-    return SlotPlan(T=T, counts=counts, token=token, expert=flat.index_select(0, order), gate=gate)
+    return SlotPlan(T=T, counts=counts, token=token, expert=flat.index_select(0, order), gate=gate, index=index,
+                    weights=weights, order=order)
 
 
 def _segments(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
@@ -99,11 +108,32 @@ def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
     """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a``) :func:`expert_lora_down`
     of it, expert by expert in cache (``RoutedFFN``): ``((T, d_ff), (S, r))``. Needs the shared
     frozen projections."""
+    if cpu_kernels.enabled(up_base):
+        return _token_routed_ffn(x, plan, up, gate, up_base, gate_base, activation, down_a)
     zu = None if up[2] is None else _expert_z(x, plan, up[2])
     zg = None if gate is None or gate[2] is None else _expert_z(x, plan, gate[2])
     g = (None, None, 1.0) if gate is None else (zg, gate[3], gate[4])
     return RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
                            gate_base, *g, down_a, chunk)
+
+
+def _all_z(x: Tensor, A: Tensor | None) -> Tensor | None:
+    """Every expert's ``x_t A_eᵀ`` in one GEMM: ``(T, E, r)``."""
+    if A is None:
+        return None
+    E, r, d = A.shape
+    return F.linear(x, A.reshape(E * r, d)).view(x.shape[0], E, r)
+
+
+def _token_routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
+                      gate_base: Tensor | None, activation: str, down_a: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`routed_ffn` with the fused CPU kernel, which runs token by token; its ``z`` is
+    put back in the plan's sorted order."""
+    _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
+    y, zd = token_routed_ffn(plan.index, plan.weights, activation, up_base, _all_z(x, up[2]), up[3], up[4],
+                             gate_base, _all_z(x, ga), gb, gs, down_a)
+    T, k, r = zd.shape
+    return y, zd.view(T * k, r).index_select(0, plan.order)
 
 
 def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:

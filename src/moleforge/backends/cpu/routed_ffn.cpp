@@ -1,0 +1,560 @@
+// Routed FFN-block experts on the CPU, fused token by token.
+//
+// For token t and each of its k routed slots (t, j) with expert e = index[t, j] and gate
+// weight w = weights[t, j]:
+//
+//   U = up_base[t] + s_u Σ_i zu[t, e, i] bu[e, i]          (bu: (E, r, F), rows of B_eᵀ)
+//   G = gate_base[t] + s_g Σ_i zg[t, e, i] bg[e, i]
+//   h = act(G) ⊙ U            (or act(U) for a block without a gate)
+//   y[t] += w h,   zd[t, j, i] = h · da[e, i]              (da: (E, r_d, F))
+//
+// One pass over a slot's row of F values does everything while the row sits in L1, and a
+// token's slots are summed in place, so the (slots × F) work needs no gather, scatter or
+// zero fill. U and G are kept for the backward, which recomputes the activation from them.
+// Tokens are split across the intra-op threads; the expert factors' gradients are summed per
+// thread, then across threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// glibc's vector math (libmvec) has SIMD forms of these; declaring them lets the compiler
+// vectorise the loops below that call them, with IEEE semantics kept elsewhere.
+extern "C" {
+__attribute__((simd("notinbranch"))) float expf(float) noexcept;
+__attribute__((simd("notinbranch"))) double exp(double) noexcept;
+__attribute__((simd("notinbranch"))) float erff(float) noexcept;
+__attribute__((simd("notinbranch"))) double erf(double) noexcept;
+}
+
+namespace {
+
+enum Activation : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kQuickGelu = 4 };
+
+inline float vexp(float v) { return expf(v); }
+inline double vexp(double v) { return exp(v); }
+inline float verf(float v) { return erff(v); }
+inline double verf(double v) { return erf(v); }
+
+// a = act(x)
+template <typename T>
+void act_forward(int64_t act, const T* __restrict x, T* __restrict a, int64_t n) {
+  switch (act) {
+    case kSilu:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) a[f] = x[f] / (T(1) + vexp(-x[f]));
+      break;
+    case kQuickGelu:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) a[f] = x[f] / (T(1) + vexp(T(-1.702) * x[f]));
+      break;
+    case kGelu:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) a[f] = T(0.5) * x[f] * (T(1) + verf(x[f] * T(M_SQRT1_2)));
+      break;
+    case kGeluTanh:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) {
+        const T u = T(M_2_SQRTPI * M_SQRT1_2) * (x[f] + T(0.044715) * x[f] * x[f] * x[f]);
+        const T th = T(1) - T(2) / (T(1) + vexp(T(2) * u));  // tanh(u)
+        a[f] = T(0.5) * x[f] * (T(1) + th);
+      }
+      break;
+    default:  // kRelu
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) a[f] = x[f] > T(0) ? x[f] : T(0);
+  }
+}
+
+// a = act(x), d = act'(x)
+template <typename T>
+void act_forward_backward(int64_t act, const T* __restrict x, T* __restrict a, T* __restrict d, int64_t n) {
+  switch (act) {
+    case kSilu:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) {
+        const T s = T(1) / (T(1) + vexp(-x[f]));
+        a[f] = x[f] * s;
+        d[f] = s * (T(1) + x[f] * (T(1) - s));
+      }
+      break;
+    case kQuickGelu:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) {
+        const T s = T(1) / (T(1) + vexp(T(-1.702) * x[f]));
+        a[f] = x[f] * s;
+        d[f] = s + T(1.702) * x[f] * s * (T(1) - s);
+      }
+      break;
+    case kGelu:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) {
+        const T cdf = T(0.5) * (T(1) + verf(x[f] * T(M_SQRT1_2)));
+        const T pdf = T(0.5 * M_2_SQRTPI * M_SQRT1_2) * vexp(T(-0.5) * x[f] * x[f]);
+        a[f] = x[f] * cdf;
+        d[f] = cdf + x[f] * pdf;
+      }
+      break;
+    case kGeluTanh:
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) {
+        const T c = T(M_2_SQRTPI * M_SQRT1_2);
+        const T u = c * (x[f] + T(0.044715) * x[f] * x[f] * x[f]);
+        const T th = T(1) - T(2) / (T(1) + vexp(T(2) * u));
+        a[f] = T(0.5) * x[f] * (T(1) + th);
+        d[f] = T(0.5) * (T(1) + th) + T(0.5) * x[f] * (T(1) - th * th) * c * (T(1) + T(3 * 0.044715) * x[f] * x[f]);
+      }
+      break;
+    default:  // kRelu
+#pragma omp simd
+      for (int64_t f = 0; f < n; ++f) {
+        a[f] = x[f] > T(0) ? x[f] : T(0);
+        d[f] = x[f] > T(0) ? T(1) : T(0);
+      }
+  }
+}
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t f = 0; f < n; ++f) acc += a[f] * b[f];
+  return acc;
+}
+
+// out += c * v
+template <typename T>
+inline void axpy(T c, const T* __restrict v, T* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) out[f] += c * v[f];
+}
+
+// out = c * v
+template <typename T>
+inline void scale_into(T c, const T* __restrict v, T* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) out[f] = c * v[f];
+}
+
+// out ⊙= v
+template <typename T>
+inline void mul_inplace(T* __restrict out, const T* __restrict v, int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) out[f] *= v[f];
+}
+
+// out = a ⊙ b
+template <typename T>
+inline void mul_into(const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) out[f] = a[f] * b[f];
+}
+
+// In place: a <- dh ⊙ a (dU), d <- dh ⊙ u ⊙ d (dG), the gradients of h = act(G) ⊙ U
+template <typename T>
+inline void gated_grads_inplace(const T* __restrict dh, const T* __restrict u, T* __restrict a, T* __restrict d,
+                                int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) {
+    d[f] = dh[f] * u[f] * d[f];
+    a[f] = dh[f] * a[f];
+  }
+}
+
+// One pass over out for up to four rows: out = in + Σ_j c[j] rows[j] (kFrom: in = base, else in = out)
+template <bool kFrom, typename T>
+inline void combine_pass(const T* c, const T* const* rows, int64_t m, T* __restrict out, const T* __restrict base,
+                         int64_t n) {
+  const T c0 = c[0], c1 = m > 1 ? c[1] : T(0), c2 = m > 2 ? c[2] : T(0), c3 = m > 3 ? c[3] : T(0);
+  const T* __restrict r0 = rows[0];
+  const T* __restrict r1 = rows[m > 1 ? 1 : 0];
+  const T* __restrict r2 = rows[m > 2 ? 2 : 0];
+  const T* __restrict r3 = rows[m > 3 ? 3 : 0];
+#define MOLEFORGE_PASS(expr)                                       \
+  if constexpr (kFrom) {                                           \
+    _Pragma("omp simd") for (int64_t f = 0; f < n; ++f) out[f] = base[f] + (expr); \
+  } else {                                                         \
+    _Pragma("omp simd") for (int64_t f = 0; f < n; ++f) out[f] += (expr); \
+  }
+  switch (m) {
+    case 1:
+      MOLEFORGE_PASS(c0 * r0[f])
+      break;
+    case 2:
+      MOLEFORGE_PASS(c0 * r0[f] + c1 * r1[f])
+      break;
+    case 3:
+      MOLEFORGE_PASS(c0 * r0[f] + c1 * r1[f] + c2 * r2[f])
+      break;
+    default:
+      MOLEFORGE_PASS(c0 * r0[f] + c1 * r1[f] + c2 * r2[f] + c3 * r3[f])
+  }
+#undef MOLEFORGE_PASS
+}
+
+// out += Σ_j c[j] rows[j] over m rows, or out = base + Σ_j c[j] rows[j] when base is given; up to four
+// rows per pass over out
+template <typename T>
+void combine(const T* c, const T* const* rows, int64_t m, T* out, int64_t n, const T* base = nullptr) {
+  int64_t j = 0;
+  if (base) {
+    if (m == 0) {
+      std::copy(base, base + n, out);
+      return;
+    }
+    combine_pass<true>(c, rows, std::min<int64_t>(m, 4), out, base, n);
+    j = 4;
+  }
+  for (; j < m; j += 4) combine_pass<false>(c + j, rows + j, std::min<int64_t>(m - j, 4), out, out, n);
+}
+
+// out[j] = a · rows[j] over m rows, four at a time (independent sums)
+template <typename T>
+void dots(const T* __restrict a, const T* const* rows, int64_t m, T* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= m; j += 4) {
+    const T* __restrict r0 = rows[j];
+    const T* __restrict r1 = rows[j + 1];
+    const T* __restrict r2 = rows[j + 2];
+    const T* __restrict r3 = rows[j + 3];
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t f = 0; f < n; ++f) {
+      s0 += a[f] * r0[f];
+      s1 += a[f] * r1[f];
+      s2 += a[f] * r2[f];
+      s3 += a[f] * r3[f];
+    }
+    out[j] = s0;
+    out[j + 1] = s1;
+    out[j + 2] = s2;
+    out[j + 3] = s3;
+  }
+  for (; j < m; ++j) out[j] = dot(a, rows[j], n);
+}
+
+// The low-rank part of one projection: z (T, E, r), b (E, r, F), scale s; r = 0 when absent.
+template <typename T>
+struct LowRank {
+  const T* z;
+  const T* b;
+  T s;
+  int64_t r;
+};
+
+template <typename T>
+LowRank<T> low_rank(const at::Tensor& z, const at::Tensor& b, double s) {
+  if (b.numel() == 0) return {nullptr, nullptr, T(0), 0};
+  return {z.data_ptr<T>(), b.data_ptr<T>(), T(s), b.size(1)};
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "moleforge_cpu::routed_ffn: ", what); }
+
+void check_inputs(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& up_base,
+                  const at::Tensor& zu, const at::Tensor& bu, const at::Tensor& gate_base, const at::Tensor& zg,
+                  const at::Tensor& bg, const at::Tensor& down_a) {
+  check(index.dim() == 2 && index.scalar_type() == at::kLong, "index must be (T, k) int64");
+  const int64_t T = index.size(0), k = index.size(1);
+  check(weights.sizes() == index.sizes(), "weights must have index's shape (T, k)");
+  check(up_base.dim() == 2 && up_base.size(0) == T, "up_base must be (T, F)");
+  const auto dtype = up_base.scalar_type();
+  for (const auto* t : {&weights, &zu, &bu, &gate_base, &zg, &bg, &down_a})
+    check(t->numel() == 0 || t->scalar_type() == dtype, "all float inputs must share up_base's dtype");
+  for (const auto* t : {&index, &weights, &up_base, &zu, &bu, &gate_base, &zg, &bg, &down_a})
+    check(t->is_contiguous() && t->device().is_cpu(), "inputs must be contiguous CPU tensors");
+  const int64_t F = up_base.size(1);
+  check(gate_base.numel() == 0 || gate_base.sizes() == up_base.sizes(), "gate_base must be (T, F) like up_base");
+  for (const auto& [z, b] : {std::pair{&zu, &bu}, std::pair{&zg, &bg}}) {
+    if (b->numel() == 0) continue;
+    check(b->dim() == 3 && b->size(2) == F, "B factors must be (E, r, F)");
+    check(z->dim() == 3 && z->size(0) == T && z->size(1) == b->size(0) && z->size(2) == b->size(1),
+          "z must be (T, E, r) matching its B factor (E, r, F)");
+  }
+  check(down_a.numel() == 0 || (down_a.dim() == 3 && down_a.size(2) == F), "down_a must be (E, r, F)");
+  (void)k;
+}
+
+constexpr int64_t kBlock = 16;  // tokens per block: the block's slots, grouped by expert, share factor rows in cache
+
+// A block's slots grouped by expert: slot[order[g0..g1)] all have expert group_expert[g].
+struct Groups {
+  std::vector<int64_t> order, start, expert, count;
+
+  explicit Groups(int64_t E) : count(E) {}
+
+  void build(const int64_t* ex, int64_t n) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t q = 0; q < n; ++q) ++count[ex[q]];
+    start.clear();
+    expert.clear();
+    std::vector<int64_t> pos(count.size());
+    int64_t at = 0;
+    for (size_t e = 0; e < count.size(); ++e) {
+      pos[e] = at;
+      if (count[e]) {
+        start.push_back(at);
+        expert.push_back(int64_t(e));
+      }
+      at += count[e];
+    }
+    start.push_back(at);
+    order.resize(n);
+    for (int64_t q = 0; q < n; ++q) order[pos[ex[q]]++] = q;
+  }
+
+  int64_t size() const { return int64_t(expert.size()); }
+};
+
+// rows[q] = base[t_q] + s Σ_i z[t_q, e, i] b[e, i] for the block's slots q (rows[q] is slot q's row, t_q its
+// token)
+template <typename T>
+void add_low_rank(const LowRank<T>& lr, const Groups& groups, int64_t t0, int64_t k, int64_t E, int64_t F,
+                  const T* base, T* rows) {
+  std::vector<const T*> b(lr.r);
+  std::vector<T> c(lr.r);
+  for (int64_t g = 0; g < groups.size(); ++g) {
+    const int64_t e = groups.expert[g];
+    for (int64_t i = 0; i < lr.r; ++i) b[i] = lr.b + (e * lr.r + i) * F;
+    for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
+      const int64_t q = groups.order[p];
+      const T* z = lr.z + ((t0 + q / k) * E + e) * lr.r;
+      for (int64_t i = 0; i < lr.r; ++i) c[i] = lr.s * z[i];
+      combine(c.data(), b.data(), lr.r, rows + q * F, F, base + (t0 + q / k) * F);
+    }
+  }
+}
+
+// The block's pre-activations: u[q] = up_base[t_q] + low-rank, g[q] likewise (g null without a gate)
+template <typename T>
+void pre_activations(const T* ub, const T* gb, const LowRank<T>& lu, const LowRank<T>& lg, const Groups& groups,
+                     int64_t t0, int64_t n, int64_t k, int64_t E, int64_t F, T* u, T* g) {
+  add_low_rank(lu, groups, t0, k, E, F, ub, u);
+  if (g) add_low_rank(lg, groups, t0, k, E, F, gb, g);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Tensor& weights, int64_t act,
+                                const at::Tensor& up_base, const at::Tensor& zu, const at::Tensor& bu, double su,
+                                const at::Tensor& gate_base, const at::Tensor& zg, const at::Tensor& bg, double sg,
+                                const at::Tensor& down_a) {
+  check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
+  const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
+  const bool gated = gate_base.numel() > 0;
+  const int64_t rd = down_a.numel() ? down_a.size(1) : 0;
+  const int64_t E = std::max({bu.numel() ? bu.size(0) : 0, bg.numel() ? bg.size(0) : 0,
+                              down_a.numel() ? down_a.size(0) : 0, index.numel() ? index.max().item<int64_t>() + 1 : 0,
+                              int64_t(1)});
+  auto y = at::empty({T, F}, up_base.options());
+  auto zd = at::empty({T, k, rd}, up_base.options());
+  AT_DISPATCH_FLOATING_TYPES(up_base.scalar_type(), "moleforge_cpu::routed_ffn", [&] {
+    using T_ = scalar_t;
+    const int64_t* idx = index.data_ptr<int64_t>();
+    const T_* w = weights.data_ptr<T_>();
+    const T_* ub = up_base.data_ptr<T_>();
+    const T_* gb = gated ? gate_base.data_ptr<T_>() : nullptr;
+    const T_* da = rd ? down_a.data_ptr<T_>() : nullptr;
+    const auto lu = low_rank<T_>(zu, bu, su), lg = low_rank<T_>(zg, bg, sg);
+    T_* yp = y.data_ptr<T_>();
+    T_* zdp = zd.data_ptr<T_>();
+    at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
+      std::vector<T_> Ub(kBlock * k * F), Gb(gated ? kBlock * k * F : 0), H(kBlock * k * F);
+      std::vector<const T_*> arows(rd);
+      Groups groups(E);
+      for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
+        const int64_t t1 = std::min(t0 + kBlock, hi), n = (t1 - t0) * k, s0 = t0 * k;
+        groups.build(idx + s0, n);
+        T_* u = Ub.data();
+        T_* g = gated ? Gb.data() : nullptr;
+        pre_activations(ub, gb, lu, lg, groups, t0, n, k, E, F, u, g);
+        for (int64_t q = 0; q < n; ++q) {
+          T_* h = H.data() + q * F;
+          act_forward(act, gated ? g + q * F : u + q * F, h, F);
+          if (gated) mul_inplace(h, u + q * F, F);
+          T_* yt = yp + (t0 + q / k) * F;
+          if (q % k == 0)
+            scale_into(w[s0 + q], h, yt, F);
+          else
+            axpy(w[s0 + q], h, yt, F);
+        }
+        for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
+          const int64_t e = groups.expert[gi];
+          for (int64_t i = 0; i < rd; ++i) arows[i] = da + (e * rd + i) * F;
+          for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
+            const int64_t q = groups.order[p];
+            dots(H.data() + q * F, arows.data(), rd, zdp + (s0 + q) * rd, F);
+          }
+        }
+      }
+      if (k == 0)
+        for (int64_t t = lo; t < hi; ++t) std::fill(yp + t * F, yp + (t + 1) * F, T_(0));
+    });
+  });
+  return {y, zd};
+}
+
+// The gradients of the block's low-rank part from the slots' row gradients d (rows d[q]):
+// dz[t_q, e, i] += s d[q] · b[e, i] and, per thread, acc[e, i] += s Σ_q z[t_q, e, i] d[q].
+template <typename T>
+void low_rank_grads(const LowRank<T>& lr, const Groups& groups, int64_t t0, int64_t k, int64_t E, int64_t F,
+                    const T* d, T* dz, T* acc) {
+  std::vector<const T*> b(lr.r), slots;
+  std::vector<T> dzq(lr.r), c;
+  for (int64_t g = 0; g < groups.size(); ++g) {
+    const int64_t e = groups.expert[g];
+    for (int64_t i = 0; i < lr.r; ++i) b[i] = lr.b + (e * lr.r + i) * F;
+    slots.clear();
+    for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
+      const int64_t q = groups.order[p];
+      slots.push_back(d + q * F);
+      dots(d + q * F, b.data(), lr.r, dzq.data(), F);
+      T* z = dz + ((t0 + q / k) * E + e) * lr.r;
+      for (int64_t i = 0; i < lr.r; ++i) z[i] += lr.s * dzq[i];
+    }
+    c.resize(slots.size());
+    for (int64_t i = 0; i < lr.r; ++i) {
+      for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
+        const int64_t q = groups.order[p];
+        c[p - groups.start[g]] = lr.s * lr.z[((t0 + q / k) * E + e) * lr.r + i];
+      }
+      combine(c.data(), slots.data(), int64_t(slots.size()), acc + (e * lr.r + i) * F, F);
+    }
+  }
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& grad_zd, const at::Tensor& index,
+                                 const at::Tensor& weights, int64_t act, const at::Tensor& up_base,
+                                 const at::Tensor& zu, const at::Tensor& bu, double su, const at::Tensor& gate_base,
+                                 const at::Tensor& zg,
+                                 const at::Tensor& bg, double sg, const at::Tensor& down_a) {
+  check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
+  const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
+  check(grad_y.sizes() == at::IntArrayRef({T, F}) && grad_y.is_contiguous(), "grad_y must be contiguous (T, F)");
+  const bool gated = gate_base.numel() > 0;
+  const int64_t rd = down_a.numel() ? down_a.size(1) : 0;
+  check(rd == 0 || (grad_zd.sizes() == at::IntArrayRef({T, k, rd}) && grad_zd.is_contiguous()),
+        "grad_zd must be contiguous (T, k, r)");
+  const int64_t E = std::max({bu.numel() ? bu.size(0) : 0, bg.numel() ? bg.size(0) : 0,
+                              down_a.numel() ? down_a.size(0) : 0, index.numel() ? index.max().item<int64_t>() + 1 : 0,
+                              int64_t(1)});
+  const int64_t ru = bu.numel() ? bu.size(1) : 0, rg = bg.numel() ? bg.size(1) : 0;
+  const int64_t threads = at::get_num_threads();
+  const auto opt = up_base.options();
+  auto d_w = at::empty({T, k}, opt);
+  auto d_ub = at::empty({T, F}, opt);
+  auto d_gb = gated ? at::empty({T, F}, opt) : at::empty({0}, opt);
+  auto d_zu = ru ? at::zeros_like(zu) : at::empty({0}, opt);
+  auto d_zg = rg ? at::zeros_like(zg) : at::empty({0}, opt);
+  // per-thread sums of the expert factors' gradients, (threads, E, r, F)
+  auto acc_bu = at::zeros({threads, E, ru, F}, opt);
+  auto acc_bg = at::zeros({threads, E, rg, F}, opt);
+  auto acc_da = at::zeros({threads, E, rd, F}, opt);
+  AT_DISPATCH_FLOATING_TYPES(up_base.scalar_type(), "moleforge_cpu::routed_ffn_backward", [&] {
+    using T_ = scalar_t;
+    const T_* gy = grad_y.data_ptr<T_>();
+    const T_* gzd = rd ? grad_zd.data_ptr<T_>() : nullptr;
+    const int64_t* idx = index.data_ptr<int64_t>();
+    const T_* w = weights.data_ptr<T_>();
+    const T_* ub = up_base.data_ptr<T_>();
+    const T_* gb = gated ? gate_base.data_ptr<T_>() : nullptr;
+    const T_* da = rd ? down_a.data_ptr<T_>() : nullptr;
+    const auto lu = low_rank<T_>(zu, bu, su), lg = low_rank<T_>(zg, bg, sg);
+    T_* dwp = d_w.data_ptr<T_>();
+    T_* dub = d_ub.data_ptr<T_>();
+    T_* dgb = gated ? d_gb.data_ptr<T_>() : nullptr;
+    T_* dzu = ru ? d_zu.data_ptr<T_>() : nullptr;
+    T_* dzg = rg ? d_zg.data_ptr<T_>() : nullptr;
+    at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
+      const int64_t tid = at::get_thread_num();
+      T_* abu = ru ? acc_bu.data_ptr<T_>() + tid * E * ru * F : nullptr;
+      T_* abg = rg ? acc_bg.data_ptr<T_>() + tid * E * rg * F : nullptr;
+      T_* ada = rd ? acc_da.data_ptr<T_>() + tid * E * rd * F : nullptr;
+      // per slot of a block: act (then dU), act' (then dG), h, dh
+      std::vector<T_> Ub(kBlock * k * F), Gb(gated ? kBlock * k * F : 0), A(kBlock * k * F), D(kBlock * k * F),
+          H(kBlock * k * F), DH(kBlock * k * F), c;
+      std::vector<const T_*> arows(rd), hrows;
+      Groups groups(E);
+      for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
+        const int64_t t1 = std::min(t0 + kBlock, hi), n = (t1 - t0) * k, s0 = t0 * k;
+        groups.build(idx + s0, n);
+        T_* u = Ub.data();
+        T_* g = gated ? Gb.data() : nullptr;
+        pre_activations(ub, gb, lu, lg, groups, t0, n, k, E, F, u, g);
+        for (int64_t q = 0; q < n; ++q) {
+          T_* a = A.data() + q * F;
+          act_forward_backward(act, gated ? g + q * F : u + q * F, a, D.data() + q * F, F);
+          const T_* h = a;
+          if (gated) {
+            mul_into(a, u + q * F, H.data() + q * F, F);
+            h = H.data() + q * F;
+          }
+          const T_* gyt = gy + (t0 + q / k) * F;
+          dwp[s0 + q] = dot(gyt, h, F);
+          scale_into(w[s0 + q], gyt, DH.data() + q * F, F);
+        }
+        for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
+          const int64_t e = groups.expert[gi];
+          for (int64_t i = 0; i < rd; ++i) arows[i] = da + (e * rd + i) * F;
+          hrows.clear();
+          for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
+            const int64_t q = groups.order[p];
+            combine(gzd + (s0 + q) * rd, arows.data(), rd, DH.data() + q * F, F);  // dh += Σ_i gzd_i a_i
+            hrows.push_back(gated ? H.data() + q * F : A.data() + q * F);
+          }
+          c.resize(hrows.size());
+          for (int64_t i = 0; i < rd; ++i) {  // ∂a_i += Σ_q gzd_qi h_q
+            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p)
+              c[p - groups.start[gi]] = gzd[(s0 + groups.order[p]) * rd + i];
+            combine(c.data(), hrows.data(), int64_t(hrows.size()), ada + (e * rd + i) * F, F);
+          }
+        }
+        // dU into A, dG into D
+        for (int64_t q = 0; q < n; ++q) {
+          T_* a = A.data() + q * F;
+          T_* d = D.data() + q * F;
+          const T_* dh = DH.data() + q * F;
+          if (gated)
+            gated_grads_inplace(dh, u + q * F, a, d, F);
+          else
+            mul_inplace(d, dh, F);
+          T_* du = gated ? a : d;
+          T_* dubt = dub + (t0 + q / k) * F;
+          if (q % k == 0) {
+            std::copy(du, du + F, dubt);
+            if (gated) std::copy(d, d + F, dgb + (t0 + q / k) * F);
+          } else {
+            axpy(T_(1), du, dubt, F);
+            if (gated) axpy(T_(1), d, dgb + (t0 + q / k) * F, F);
+          }
+        }
+        low_rank_grads(lu, groups, t0, k, E, F, gated ? A.data() : D.data(), dzu, abu);
+        if (gated) low_rank_grads(lg, groups, t0, k, E, F, D.data(), dzg, abg);
+      }
+      if (k == 0)
+        for (int64_t t = lo; t < hi; ++t) {
+          std::fill(dub + t * F, dub + (t + 1) * F, T_(0));
+          if (gated) std::fill(dgb + t * F, dgb + (t + 1) * F, T_(0));
+        }
+    });
+  });
+  return {d_w, d_ub, d_zu, acc_bu.sum(0), d_gb, d_zg, acc_bg.sum(0), acc_da.sum(0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moleforge_cpu, m) {
+  m.def(
+      "routed_ffn(Tensor index, Tensor weights, int activation, Tensor up_base, Tensor zu, Tensor bu, float su, "
+      "Tensor gate_base, Tensor zg, Tensor bg, float sg, Tensor down_a) -> (Tensor, Tensor)");
+  m.def(
+      "routed_ffn_backward(Tensor grad_y, Tensor grad_zd, Tensor index, Tensor weights, int activation, "
+      "Tensor up_base, Tensor zu, Tensor bu, float su, Tensor gate_base, Tensor zg, Tensor bg, float sg, "
+      "Tensor down_a) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(moleforge_cpu, CPU, m) {
+  m.impl("routed_ffn", &forward);
+  m.impl("routed_ffn_backward", &backward);
+}

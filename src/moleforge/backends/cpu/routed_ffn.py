@@ -1,0 +1,69 @@
+"""Autograd for the fused CPU routed FFN-block op (``moleforge_cpu::routed_ffn``).
+
+Token-major layout: token t's k slots are rows ``t·k … t·k + k − 1``. ``index (T, k)`` names each
+slot's expert and ``weights (T, k)`` its gate weight. Each gated projection's low-rank part comes
+as ``z (T, E, r)``, every expert's ``x_t A_eᵀ`` (one dense GEMM upstream), and ``B (E, r, F)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import load
+
+__all__ = ["ACTIVATION_CODES", "TokenRoutedFFN", "token_routed_ffn"]
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}
+"""The kernel's codes for ``moleforge.ir.BlockActivation`` names."""
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t.contiguous()
+
+
+class TokenRoutedFFN(torch.autograd.Function):
+    """``(y (T, F), zd (T, k, r_d))``; see ``routed_ffn.cpp`` for the math."""
+
+    @staticmethod
+    def forward(ctx, index: Tensor, weights: Tensor, activation: int, up_base: Tensor, zu: Tensor, bu: Tensor,
+                su: float, gate_base: Tensor, zg: Tensor, bg: Tensor, sg: float, down_a: Tensor):
+        y, zd = torch.ops.moleforge_cpu.routed_ffn(index, weights, activation, up_base, zu, bu, su, gate_base, zg,
+                                                   bg, sg, down_a)
+        ctx.save_for_backward(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a)
+        ctx.meta = (activation, su, sg)
+        return y, zd
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, gzd: Tensor | None):
+        index, weights, up_base, zu, bu, gate_base, zg, bg, down_a = ctx.saved_tensors
+        activation, su, sg = ctx.meta
+        gzd = up_base.new_empty(0) if gzd is None or down_a.numel() == 0 else gzd.contiguous()
+        d_w, d_ub, d_zu, d_bu, d_gb, d_zg, d_bg, d_da = torch.ops.moleforge_cpu.routed_ffn_backward(
+            gy.contiguous(), gzd, index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a)
+
+        def present(t: Tensor, i: int) -> Tensor | None:
+            return t if ctx.needs_input_grad[i] and t.numel() else None
+
+        return (None, present(d_w, 1), None, present(d_ub, 3), present(d_zu, 4), present(d_bu, 5), None,
+                present(d_gb, 7), present(d_zg, 8), present(d_bg, 9), None, present(d_da, 11))
+
+
+def token_routed_ffn(index: Tensor, weights: Tensor, activation: str, up_base: Tensor, up_z: Tensor | None,
+                     up_b: Tensor | None, up_scale: float, gate_base: Tensor | None, gate_z: Tensor | None,
+                     gate_b: Tensor | None, gate_scale: float, down_a: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The fused block over token-major slots: ``(y (T, F), zd (T, k, r_d))``.
+
+    ``*_z (T, E, r)`` and ``*_b (E, F, r)`` (the IR's layout) give each projection's low-rank
+    part, ``None`` for none; ``gate_base=None`` for a block without a gate; ``down_a (E, r_d, F)``
+    or ``None`` (then ``zd`` has no columns).
+    """
+    load()
+    like = up_base
+    bu = None if up_b is None else up_b.transpose(1, 2)  # (E, r, F)
+    bg = None if gate_b is None else gate_b.transpose(1, 2)
+    return TokenRoutedFFN.apply(index.contiguous(), weights.contiguous(), ACTIVATION_CODES[activation],
+                                up_base.contiguous(), _or_empty(None if bu is None else up_z, like),
+                                _or_empty(bu, like), float(up_scale), _or_empty(gate_base, like),
+                                _or_empty(None if bg is None else gate_z, like), _or_empty(bg, like),
+                                float(gate_scale), _or_empty(down_a, like))
