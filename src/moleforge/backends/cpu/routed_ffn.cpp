@@ -40,81 +40,149 @@ inline double vexp(double v) { return exp(v); }
 inline float verf(float v) { return erff(v); }
 inline double verf(double v) { return erf(v); }
 
-// a = act(x)
-template <typename T>
-void act_forward(int64_t act, const T* __restrict x, T* __restrict a, int64_t n) {
-  switch (act) {
-    case kSilu:
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) a[f] = x[f] / (T(1) + vexp(-x[f]));
-      break;
-    case kQuickGelu:
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) a[f] = x[f] / (T(1) + vexp(T(-1.702) * x[f]));
-      break;
-    case kGelu:
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) a[f] = T(0.5) * x[f] * (T(1) + verf(x[f] * T(M_SQRT1_2)));
-      break;
-    case kGeluTanh:
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) {
-        const T u = T(M_2_SQRTPI * M_SQRT1_2) * (x[f] + T(0.044715) * x[f] * x[f] * x[f]);
-        const T th = T(1) - T(2) / (T(1) + vexp(T(2) * u));  // tanh(u)
-        a[f] = T(0.5) * x[f] * (T(1) + th);
-      }
-      break;
-    default:  // kRelu
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) a[f] = x[f] > T(0) ? x[f] : T(0);
+// act(x), and act(x) with act'(x), per value; inlined into the loops below, which the compiler vectorises
+template <int64_t A, typename T>
+inline T act_value(T x) {
+  if constexpr (A == kSilu) {
+    return x / (T(1) + vexp(-x));
+  } else if constexpr (A == kQuickGelu) {
+    return x / (T(1) + vexp(T(-1.702) * x));
+  } else if constexpr (A == kGelu) {
+    return T(0.5) * x * (T(1) + verf(x * T(M_SQRT1_2)));
+  } else if constexpr (A == kGeluTanh) {
+    const T u = T(M_2_SQRTPI * M_SQRT1_2) * (x + T(0.044715) * x * x * x);
+    return T(0.5) * x * (T(2) - T(2) / (T(1) + vexp(T(2) * u)));  // 0.5 x (1 + tanh u)
+  } else {
+    return x > T(0) ? x : T(0);
   }
 }
 
-// a = act(x), d = act'(x)
+template <int64_t A, typename T>
+inline T act_value_grad(T x, T& grad) {
+  if constexpr (A == kSilu || A == kQuickGelu) {
+    const T c = A == kSilu ? T(1) : T(1.702);
+    const T s = T(1) / (T(1) + vexp(-c * x));
+    grad = s + c * x * s * (T(1) - s);
+    return x * s;
+  } else if constexpr (A == kGelu) {
+    const T cdf = T(0.5) * (T(1) + verf(x * T(M_SQRT1_2)));
+    grad = cdf + x * T(0.5 * M_2_SQRTPI * M_SQRT1_2) * vexp(T(-0.5) * x * x);
+    return x * cdf;
+  } else if constexpr (A == kGeluTanh) {
+    const T c = T(M_2_SQRTPI * M_SQRT1_2);
+    const T th = T(1) - T(2) / (T(1) + vexp(T(2) * c * (x + T(0.044715) * x * x * x)));  // tanh
+    grad = T(0.5) * (T(1) + th) + T(0.5) * x * (T(1) - th * th) * c * (T(1) + T(3 * 0.044715) * x * x);
+    return T(0.5) * x * (T(1) + th);
+  } else {
+    grad = x > T(0) ? T(1) : T(0);
+    return x > T(0) ? x : T(0);
+  }
+}
+
+// One slot's forward from its pre-activations u (and g): h = act(g) ⊙ u (or act(u)); y = w h on the
+// token's first slot, y += w h on the others.
+template <int64_t A, typename T>
+void slot_forward(const T* __restrict u, const T* __restrict g, T w, bool first, T* __restrict h, T* __restrict y,
+                  int64_t n) {
+  if (g) {
+#pragma omp simd
+    for (int64_t f = 0; f < n; ++f) h[f] = act_value<A>(g[f]) * u[f];
+  } else {
+#pragma omp simd
+    for (int64_t f = 0; f < n; ++f) h[f] = act_value<A>(u[f]);
+  }
+  if (first) {
+#pragma omp simd
+    for (int64_t f = 0; f < n; ++f) y[f] = w * h[f];
+  } else {
+#pragma omp simd
+    for (int64_t f = 0; f < n; ++f) y[f] += w * h[f];
+  }
+}
+
+// One slot's first backward step: h (into hout), a = act(g) (into a; gated only) and the factor that
+// turns dh into the pre-activation's gradient (into d: act'(g) ⊙ u, or act'(u)), dh = w gy (into dh);
+// returns gy · h, the gate weight's gradient.
+template <int64_t A, typename T>
+T slot_backward(const T* __restrict u, const T* __restrict g, const T* __restrict gy, T w, T* __restrict hout,
+                T* __restrict a, T* __restrict d, T* __restrict dh, int64_t n) {
+  T dw = 0;
+  if (g) {
+#pragma omp simd reduction(+ : dw)
+    for (int64_t f = 0; f < n; ++f) {
+      T grad;
+      const T av = act_value_grad<A>(g[f], grad);
+      const T h = av * u[f];
+      hout[f] = h;
+      a[f] = av;
+      d[f] = grad * u[f];
+      dh[f] = w * gy[f];
+      dw += gy[f] * h;
+    }
+  } else {
+#pragma omp simd reduction(+ : dw)
+    for (int64_t f = 0; f < n; ++f) {
+      T grad;
+      const T h = act_value_grad<A>(u[f], grad);
+      hout[f] = h;
+      d[f] = grad;
+      dh[f] = w * gy[f];
+      dw += gy[f] * h;
+    }
+  }
+  return dw;
+}
+
+#define MOLEFORGE_ACT_SWITCH(act, CALL)    \
+  switch (act) {                           \
+    case kSilu: {                          \
+      constexpr int64_t A_ = kSilu;        \
+      CALL;                                \
+    } break;                               \
+    case kGelu: {                          \
+      constexpr int64_t A_ = kGelu;        \
+      CALL;                                \
+    } break;                               \
+    case kGeluTanh: {                      \
+      constexpr int64_t A_ = kGeluTanh;    \
+      CALL;                                \
+    } break;                               \
+    case kQuickGelu: {                     \
+      constexpr int64_t A_ = kQuickGelu;   \
+      CALL;                                \
+    } break;                               \
+    default: {                             \
+      constexpr int64_t A_ = kRelu;        \
+      CALL;                                \
+    }                                      \
+  }
+
+// The pre-activations' gradients from dh, in place, and their sums into the token's rows:
+// gated: a <- dh ⊙ a (dU), d <- dh ⊙ d (dG); plain: d <- dh ⊙ d (dU). First slot of a token: =, else +=.
 template <typename T>
-void act_forward_backward(int64_t act, const T* __restrict x, T* __restrict a, T* __restrict d, int64_t n) {
-  switch (act) {
-    case kSilu:
+void slot_grads(const T* __restrict dh, T* __restrict a, T* __restrict d, bool gated, bool first,
+                T* __restrict dub, T* __restrict dgb, int64_t n) {
+  T* __restrict du = gated ? a : d;
+  if (gated) {
 #pragma omp simd
-      for (int64_t f = 0; f < n; ++f) {
-        const T s = T(1) / (T(1) + vexp(-x[f]));
-        a[f] = x[f] * s;
-        d[f] = s * (T(1) + x[f] * (T(1) - s));
-      }
-      break;
-    case kQuickGelu:
+    for (int64_t f = 0; f < n; ++f) {
+      a[f] = dh[f] * a[f];
+      d[f] = dh[f] * d[f];
+    }
+  } else {
 #pragma omp simd
-      for (int64_t f = 0; f < n; ++f) {
-        const T s = T(1) / (T(1) + vexp(T(-1.702) * x[f]));
-        a[f] = x[f] * s;
-        d[f] = s + T(1.702) * x[f] * s * (T(1) - s);
-      }
-      break;
-    case kGelu:
+    for (int64_t f = 0; f < n; ++f) d[f] = dh[f] * d[f];
+  }
+  if (first) {
+    std::copy(du, du + n, dub);
+    if (gated) std::copy(d, d + n, dgb);
+  } else {
 #pragma omp simd
-      for (int64_t f = 0; f < n; ++f) {
-        const T cdf = T(0.5) * (T(1) + verf(x[f] * T(M_SQRT1_2)));
-        const T pdf = T(0.5 * M_2_SQRTPI * M_SQRT1_2) * vexp(T(-0.5) * x[f] * x[f]);
-        a[f] = x[f] * cdf;
-        d[f] = cdf + x[f] * pdf;
-      }
-      break;
-    case kGeluTanh:
+    for (int64_t f = 0; f < n; ++f) dub[f] += du[f];
+    if (gated) {
 #pragma omp simd
-      for (int64_t f = 0; f < n; ++f) {
-        const T c = T(M_2_SQRTPI * M_SQRT1_2);
-        const T u = c * (x[f] + T(0.044715) * x[f] * x[f] * x[f]);
-        const T th = T(1) - T(2) / (T(1) + vexp(T(2) * u));
-        a[f] = T(0.5) * x[f] * (T(1) + th);
-        d[f] = T(0.5) * (T(1) + th) + T(0.5) * x[f] * (T(1) - th * th) * c * (T(1) + T(3 * 0.044715) * x[f] * x[f]);
-      }
-      break;
-    default:  // kRelu
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) {
-        a[f] = x[f] > T(0) ? x[f] : T(0);
-        d[f] = x[f] > T(0) ? T(1) : T(0);
-      }
+      for (int64_t f = 0; f < n; ++f) dgb[f] += d[f];
+    }
   }
 }
 
@@ -131,38 +199,6 @@ template <typename T>
 inline void axpy(T c, const T* __restrict v, T* __restrict out, int64_t n) {
 #pragma omp simd
   for (int64_t f = 0; f < n; ++f) out[f] += c * v[f];
-}
-
-// out = c * v
-template <typename T>
-inline void scale_into(T c, const T* __restrict v, T* __restrict out, int64_t n) {
-#pragma omp simd
-  for (int64_t f = 0; f < n; ++f) out[f] = c * v[f];
-}
-
-// out ⊙= v
-template <typename T>
-inline void mul_inplace(T* __restrict out, const T* __restrict v, int64_t n) {
-#pragma omp simd
-  for (int64_t f = 0; f < n; ++f) out[f] *= v[f];
-}
-
-// out = a ⊙ b
-template <typename T>
-inline void mul_into(const T* __restrict a, const T* __restrict b, T* __restrict out, int64_t n) {
-#pragma omp simd
-  for (int64_t f = 0; f < n; ++f) out[f] = a[f] * b[f];
-}
-
-// In place: a <- dh ⊙ a (dU), d <- dh ⊙ u ⊙ d (dG), the gradients of h = act(G) ⊙ U
-template <typename T>
-inline void gated_grads_inplace(const T* __restrict dh, const T* __restrict u, T* __restrict a, T* __restrict d,
-                                int64_t n) {
-#pragma omp simd
-  for (int64_t f = 0; f < n; ++f) {
-    d[f] = dh[f] * u[f] * d[f];
-    a[f] = dh[f] * a[f];
-  }
 }
 
 // One pass over out for up to four rows: out = in + Σ_j c[j] rows[j] (kFrom: in = base, else in = out)
@@ -237,19 +273,23 @@ void dots(const T* __restrict a, const T* const* rows, int64_t m, T* out, int64_
   for (; j < m; ++j) out[j] = dot(a, rows[j], n);
 }
 
-// The low-rank part of one projection: z (T, E, r), b (E, r, F), scale s; r = 0 when absent.
+// The low-rank part of one projection: z (T, E, r) with a row stride of its own (z may be a slice of a
+// wider GEMM output), b (E, r, F), scale s; r = 0 when absent.
 template <typename T>
 struct LowRank {
   const T* z;
   const T* b;
   T s;
   int64_t r;
+  int64_t zstride;
+
+  const T* z_row(int64_t t, int64_t e) const { return z + t * zstride + e * r; }
 };
 
 template <typename T>
 LowRank<T> low_rank(const at::Tensor& z, const at::Tensor& b, double s) {
-  if (b.numel() == 0) return {nullptr, nullptr, T(0), 0};
-  return {z.data_ptr<T>(), b.data_ptr<T>(), T(s), b.size(1)};
+  if (b.numel() == 0) return {nullptr, nullptr, T(0), 0, 0};
+  return {z.data_ptr<T>(), b.data_ptr<T>(), T(s), b.size(1), z.stride(0)};
 }
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "moleforge_cpu::routed_ffn: ", what); }
@@ -264,8 +304,12 @@ void check_inputs(const at::Tensor& index, const at::Tensor& weights, const at::
   const auto dtype = up_base.scalar_type();
   for (const auto* t : {&weights, &zu, &bu, &gate_base, &zg, &bg, &down_a})
     check(t->numel() == 0 || t->scalar_type() == dtype, "all float inputs must share up_base's dtype");
-  for (const auto* t : {&index, &weights, &up_base, &zu, &bu, &gate_base, &zg, &bg, &down_a})
+  for (const auto* t : {&index, &weights, &up_base, &bu, &gate_base, &bg, &down_a})
     check(t->is_contiguous() && t->device().is_cpu(), "inputs must be contiguous CPU tensors");
+  for (const auto* z : {&zu, &zg})
+    check(z->numel() == 0 || (z->dim() == 3 && z->device().is_cpu() && z->stride(2) == 1 &&
+                              z->stride(1) == z->size(2) && z->stride(0) >= z->size(1) * z->size(2)),
+          "z must be a CPU (T, E, r) tensor whose rows are contiguous (E, r) blocks");
   const int64_t F = up_base.size(1);
   check(gate_base.numel() == 0 || gate_base.sizes() == up_base.sizes(), "gate_base must be (T, F) like up_base");
   for (const auto& [z, b] : {std::pair{&zu, &bu}, std::pair{&zg, &bg}}) {
@@ -279,6 +323,7 @@ void check_inputs(const at::Tensor& index, const at::Tensor& weights, const at::
 }
 
 constexpr int64_t kBlock = 16;  // tokens per block: the block's slots, grouped by expert, share factor rows in cache
+constexpr int64_t kTile = 512;  // columns per tile
 
 // A block's slots grouped by expert: slot[order[g0..g1)] all have expert group_expert[g].
 struct Groups {
@@ -309,46 +354,74 @@ struct Groups {
   int64_t size() const { return int64_t(expert.size()); }
 };
 
-// rows[q] = base[t_q] + s Σ_i z[t_q, e, i] b[e, i] for the block's slots q (rows[q] is slot q's row, t_q its
-// token)
+// A tile of columns [f0, f0 + len) of the F-wide rows: every step below except the dot products is
+// independent per column, so a block runs tile by tile with its per-slot rows (stride kTile) and the
+// factor rows it reads kept in L1; the dot products add up over the tiles.
+struct Tile {
+  int64_t f0, len;
+};
+
+// rows[q] = base[t_q] + s Σ_i z[t_q, e, i] b[e, i] over the tile, for the block's slots q (t_q: q's token)
 template <typename T>
-void add_low_rank(const LowRank<T>& lr, const Groups& groups, int64_t t0, int64_t k, int64_t E, int64_t F,
-                  const T* base, T* rows) {
-  std::vector<const T*> b(lr.r);
-  std::vector<T> c(lr.r);
+void add_low_rank(const LowRank<T>& lr, const Groups& groups, int64_t t0, int64_t k, int64_t F, Tile tile,
+                  const T* base, T* rows, std::vector<const T*>& b, std::vector<T>& c) {
+  b.resize(lr.r);
+  c.resize(lr.r);
   for (int64_t g = 0; g < groups.size(); ++g) {
     const int64_t e = groups.expert[g];
-    for (int64_t i = 0; i < lr.r; ++i) b[i] = lr.b + (e * lr.r + i) * F;
+    for (int64_t i = 0; i < lr.r; ++i) b[i] = lr.b + (e * lr.r + i) * F + tile.f0;
     for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
-      const int64_t q = groups.order[p];
-      const T* z = lr.z + ((t0 + q / k) * E + e) * lr.r;
+      const int64_t q = groups.order[p], t = t0 + q / k;
+      const T* z = lr.z_row(t, e);
       for (int64_t i = 0; i < lr.r; ++i) c[i] = lr.s * z[i];
-      combine(c.data(), b.data(), lr.r, rows + q * F, F, base + (t0 + q / k) * F);
+      combine(c.data(), b.data(), lr.r, rows + q * kTile, tile.len, base + t * F + tile.f0);
     }
   }
 }
 
-// The block's pre-activations: u[q] = up_base[t_q] + low-rank, g[q] likewise (g null without a gate)
+// The low-rank part's gradients over the tile from the slots' pre-activation gradients d (rows d[q]):
+// dz[t_q, e, i] += s d[q] · b[e, i] and, per thread, acc[e, i] += s Σ_q z[t_q, e, i] d[q].
 template <typename T>
-void pre_activations(const T* ub, const T* gb, const LowRank<T>& lu, const LowRank<T>& lg, const Groups& groups,
-                     int64_t t0, int64_t n, int64_t k, int64_t E, int64_t F, T* u, T* g) {
-  add_low_rank(lu, groups, t0, k, E, F, ub, u);
-  if (g) add_low_rank(lg, groups, t0, k, E, F, gb, g);
+void low_rank_grads(const LowRank<T>& lr, const Groups& groups, int64_t t0, int64_t k, int64_t E, int64_t F,
+                    Tile tile, const T* d, T* dz, T* acc, std::vector<const T*>& b, std::vector<const T*>& slots,
+                    std::vector<T>& c) {
+  b.resize(lr.r);
+  c.resize(std::max<int64_t>(lr.r, kBlock * k));
+  for (int64_t g = 0; g < groups.size(); ++g) {
+    const int64_t e = groups.expert[g];
+    for (int64_t i = 0; i < lr.r; ++i) b[i] = lr.b + (e * lr.r + i) * F + tile.f0;
+    slots.clear();
+    for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
+      const int64_t q = groups.order[p];
+      slots.push_back(d + q * kTile);
+      dots(d + q * kTile, b.data(), lr.r, c.data(), tile.len);
+      T* z = dz + ((t0 + q / k) * E + e) * lr.r;
+      for (int64_t i = 0; i < lr.r; ++i) z[i] += lr.s * c[i];
+    }
+    for (int64_t i = 0; i < lr.r; ++i) {
+      for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p)
+        c[p - groups.start[g]] = lr.s * lr.z_row(t0 + groups.order[p] / k, e)[i];
+      combine(c.data(), slots.data(), int64_t(slots.size()), acc + (e * lr.r + i) * F + tile.f0, tile.len);
+    }
+  }
+}
+
+int64_t experts(const at::Tensor& index, const at::Tensor& bu, const at::Tensor& bg, const at::Tensor& down_a) {
+  return std::max({bu.numel() ? bu.size(0) : 0, bg.numel() ? bg.size(0) : 0, down_a.numel() ? down_a.size(0) : 0,
+                   index.numel() ? index.max().item<int64_t>() + 1 : 0, int64_t(1)});
 }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Tensor& weights, int64_t act,
-                                const at::Tensor& up_base, const at::Tensor& zu, const at::Tensor& bu, double su,
-                                const at::Tensor& gate_base, const at::Tensor& zg, const at::Tensor& bg, double sg,
-                                const at::Tensor& down_a) {
+                                           const at::Tensor& up_base, const at::Tensor& zu, const at::Tensor& bu,
+                                           double su, const at::Tensor& gate_base, const at::Tensor& zg,
+                                           const at::Tensor& bg, double sg, const at::Tensor& down_a) {
   check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
   const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
   const bool gated = gate_base.numel() > 0;
   const int64_t rd = down_a.numel() ? down_a.size(1) : 0;
-  const int64_t E = std::max({bu.numel() ? bu.size(0) : 0, bg.numel() ? bg.size(0) : 0,
-                              down_a.numel() ? down_a.size(0) : 0, index.numel() ? index.max().item<int64_t>() + 1 : 0,
-                              int64_t(1)});
-  auto y = at::empty({T, F}, up_base.options());
-  auto zd = at::empty({T, k, rd}, up_base.options());
+  const int64_t E = experts(index, bu, bg, down_a);
+  auto y = k ? at::empty({T, F}, up_base.options()) : at::zeros({T, F}, up_base.options());
+  auto zd = at::zeros({T, k, rd}, up_base.options());
   AT_DISPATCH_FLOATING_TYPES(up_base.scalar_type(), "moleforge_cpu::routed_ffn", [&] {
     using T_ = scalar_t;
     const int64_t* idx = index.data_ptr<int64_t>();
@@ -360,75 +433,44 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Te
     T_* yp = y.data_ptr<T_>();
     T_* zdp = zd.data_ptr<T_>();
     at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
-      std::vector<T_> Ub(kBlock * k * F), Gb(gated ? kBlock * k * F : 0), H(kBlock * k * F);
-      std::vector<const T_*> arows(rd);
+      const int64_t rows = kBlock * k * kTile;
+      std::vector<T_> U(rows), G(gated ? rows : 0), H(rows), c, part(rd);
+      std::vector<const T_*> factor;
       Groups groups(E);
       for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
-        const int64_t t1 = std::min(t0 + kBlock, hi), n = (t1 - t0) * k, s0 = t0 * k;
+        const int64_t n = (std::min(t0 + kBlock, hi) - t0) * k, s0 = t0 * k;
         groups.build(idx + s0, n);
-        T_* u = Ub.data();
-        T_* g = gated ? Gb.data() : nullptr;
-        pre_activations(ub, gb, lu, lg, groups, t0, n, k, E, F, u, g);
-        for (int64_t q = 0; q < n; ++q) {
-          T_* h = H.data() + q * F;
-          act_forward(act, gated ? g + q * F : u + q * F, h, F);
-          if (gated) mul_inplace(h, u + q * F, F);
-          T_* yt = yp + (t0 + q / k) * F;
-          if (q % k == 0)
-            scale_into(w[s0 + q], h, yt, F);
-          else
-            axpy(w[s0 + q], h, yt, F);
-        }
-        for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
-          const int64_t e = groups.expert[gi];
-          for (int64_t i = 0; i < rd; ++i) arows[i] = da + (e * rd + i) * F;
-          for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
-            const int64_t q = groups.order[p];
-            dots(H.data() + q * F, arows.data(), rd, zdp + (s0 + q) * rd, F);
+        for (Tile tile{0, 0}; tile.f0 < F; tile.f0 += kTile) {
+          tile.len = std::min(kTile, F - tile.f0);
+          add_low_rank(lu, groups, t0, k, F, tile, ub, U.data(), factor, c);
+          if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G.data(), factor, c);
+          for (int64_t q = 0; q < n; ++q) {
+            const T_* gq = gated ? G.data() + q * kTile : nullptr;
+            T_* yt = yp + (t0 + q / k) * F + tile.f0;
+            MOLEFORGE_ACT_SWITCH(act, slot_forward<A_>(U.data() + q * kTile, gq, w[s0 + q], q % k == 0,
+                                                       H.data() + q * kTile, yt, tile.len))
+          }
+          for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
+            const int64_t e = groups.expert[gi];
+            factor.resize(rd);
+            for (int64_t i = 0; i < rd; ++i) factor[i] = da + (e * rd + i) * F + tile.f0;
+            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
+              const int64_t q = groups.order[p];
+              dots(H.data() + q * kTile, factor.data(), rd, part.data(), tile.len);
+              for (int64_t i = 0; i < rd; ++i) zdp[(s0 + q) * rd + i] += part[i];
+            }
           }
         }
       }
-      if (k == 0)
-        for (int64_t t = lo; t < hi; ++t) std::fill(yp + t * F, yp + (t + 1) * F, T_(0));
     });
   });
   return {y, zd};
 }
 
-// The gradients of the block's low-rank part from the slots' row gradients d (rows d[q]):
-// dz[t_q, e, i] += s d[q] · b[e, i] and, per thread, acc[e, i] += s Σ_q z[t_q, e, i] d[q].
-template <typename T>
-void low_rank_grads(const LowRank<T>& lr, const Groups& groups, int64_t t0, int64_t k, int64_t E, int64_t F,
-                    const T* d, T* dz, T* acc) {
-  std::vector<const T*> b(lr.r), slots;
-  std::vector<T> dzq(lr.r), c;
-  for (int64_t g = 0; g < groups.size(); ++g) {
-    const int64_t e = groups.expert[g];
-    for (int64_t i = 0; i < lr.r; ++i) b[i] = lr.b + (e * lr.r + i) * F;
-    slots.clear();
-    for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
-      const int64_t q = groups.order[p];
-      slots.push_back(d + q * F);
-      dots(d + q * F, b.data(), lr.r, dzq.data(), F);
-      T* z = dz + ((t0 + q / k) * E + e) * lr.r;
-      for (int64_t i = 0; i < lr.r; ++i) z[i] += lr.s * dzq[i];
-    }
-    c.resize(slots.size());
-    for (int64_t i = 0; i < lr.r; ++i) {
-      for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
-        const int64_t q = groups.order[p];
-        c[p - groups.start[g]] = lr.s * lr.z[((t0 + q / k) * E + e) * lr.r + i];
-      }
-      combine(c.data(), slots.data(), int64_t(slots.size()), acc + (e * lr.r + i) * F, F);
-    }
-  }
-}
-
 std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& grad_zd, const at::Tensor& index,
                                  const at::Tensor& weights, int64_t act, const at::Tensor& up_base,
                                  const at::Tensor& zu, const at::Tensor& bu, double su, const at::Tensor& gate_base,
-                                 const at::Tensor& zg,
-                                 const at::Tensor& bg, double sg, const at::Tensor& down_a) {
+                                 const at::Tensor& zg, const at::Tensor& bg, double sg, const at::Tensor& down_a) {
   check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
   const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
   check(grad_y.sizes() == at::IntArrayRef({T, F}) && grad_y.is_contiguous(), "grad_y must be contiguous (T, F)");
@@ -436,17 +478,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
   const int64_t rd = down_a.numel() ? down_a.size(1) : 0;
   check(rd == 0 || (grad_zd.sizes() == at::IntArrayRef({T, k, rd}) && grad_zd.is_contiguous()),
         "grad_zd must be contiguous (T, k, r)");
-  const int64_t E = std::max({bu.numel() ? bu.size(0) : 0, bg.numel() ? bg.size(0) : 0,
-                              down_a.numel() ? down_a.size(0) : 0, index.numel() ? index.max().item<int64_t>() + 1 : 0,
-                              int64_t(1)});
+  const int64_t E = experts(index, bu, bg, down_a);
   const int64_t ru = bu.numel() ? bu.size(1) : 0, rg = bg.numel() ? bg.size(1) : 0;
   const int64_t threads = at::get_num_threads();
   const auto opt = up_base.options();
-  auto d_w = at::empty({T, k}, opt);
-  auto d_ub = at::empty({T, F}, opt);
-  auto d_gb = gated ? at::empty({T, F}, opt) : at::empty({0}, opt);
-  auto d_zu = ru ? at::zeros_like(zu) : at::empty({0}, opt);
-  auto d_zg = rg ? at::zeros_like(zg) : at::empty({0}, opt);
+  auto d_w = at::zeros({T, k}, opt);
+  auto d_ub = k ? at::empty({T, F}, opt) : at::zeros({T, F}, opt);
+  auto d_gb = gated ? (k ? at::empty({T, F}, opt) : at::zeros({T, F}, opt)) : at::empty({0}, opt);
+  auto d_zu = at::zeros({ru ? T : 0, E, ru}, opt);
+  auto d_zg = at::zeros({rg ? T : 0, E, rg}, opt);
   // per-thread sums of the expert factors' gradients, (threads, E, r, F)
   auto acc_bu = at::zeros({threads, E, ru, F}, opt);
   auto acc_bg = at::zeros({threads, E, rg, F}, opt);
@@ -471,72 +511,53 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       T_* abu = ru ? acc_bu.data_ptr<T_>() + tid * E * ru * F : nullptr;
       T_* abg = rg ? acc_bg.data_ptr<T_>() + tid * E * rg * F : nullptr;
       T_* ada = rd ? acc_da.data_ptr<T_>() + tid * E * rd * F : nullptr;
-      // per slot of a block: act (then dU), act' (then dG), h, dh
-      std::vector<T_> Ub(kBlock * k * F), Gb(gated ? kBlock * k * F : 0), A(kBlock * k * F), D(kBlock * k * F),
-          H(kBlock * k * F), DH(kBlock * k * F), c;
-      std::vector<const T_*> arows(rd), hrows;
+      // per slot of a block, over a tile: pre-activations, act (then dU), act' (then dG), h, dh
+      const int64_t rows = kBlock * k * kTile;
+      std::vector<T_> U(rows), G(gated ? rows : 0), A(rows), D(rows), H(rows), DH(rows), c;
+      std::vector<const T_*> factor, slots;
       Groups groups(E);
       for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
-        const int64_t t1 = std::min(t0 + kBlock, hi), n = (t1 - t0) * k, s0 = t0 * k;
+        const int64_t n = (std::min(t0 + kBlock, hi) - t0) * k, s0 = t0 * k;
         groups.build(idx + s0, n);
-        T_* u = Ub.data();
-        T_* g = gated ? Gb.data() : nullptr;
-        pre_activations(ub, gb, lu, lg, groups, t0, n, k, E, F, u, g);
-        for (int64_t q = 0; q < n; ++q) {
-          T_* a = A.data() + q * F;
-          act_forward_backward(act, gated ? g + q * F : u + q * F, a, D.data() + q * F, F);
-          const T_* h = a;
-          if (gated) {
-            mul_into(a, u + q * F, H.data() + q * F, F);
-            h = H.data() + q * F;
+        for (Tile tile{0, 0}; tile.f0 < F; tile.f0 += kTile) {
+          const int64_t f0 = tile.f0, len = tile.len = std::min(kTile, F - f0);
+          add_low_rank(lu, groups, t0, k, F, tile, ub, U.data(), factor, c);
+          if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G.data(), factor, c);
+          for (int64_t q = 0; q < n; ++q) {
+            const T_* gq = gated ? G.data() + q * kTile : nullptr;
+            const T_* gyt = gy + (t0 + q / k) * F + f0;
+            const int64_t o = q * kTile;
+            MOLEFORGE_ACT_SWITCH(act, dwp[s0 + q] += slot_backward<A_>(U.data() + o, gq, gyt, w[s0 + q],
+                                                                       H.data() + o, A.data() + o, D.data() + o,
+                                                                       DH.data() + o, len))
           }
-          const T_* gyt = gy + (t0 + q / k) * F;
-          dwp[s0 + q] = dot(gyt, h, F);
-          scale_into(w[s0 + q], gyt, DH.data() + q * F, F);
+          for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
+            const int64_t e = groups.expert[gi];
+            factor.resize(rd);
+            for (int64_t i = 0; i < rd; ++i) factor[i] = da + (e * rd + i) * F + f0;
+            slots.clear();
+            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
+              const int64_t q = groups.order[p];
+              combine(gzd + (s0 + q) * rd, factor.data(), rd, DH.data() + q * kTile, len);  // dh += Σ_i gzd_i a_i
+              slots.push_back(H.data() + q * kTile);
+            }
+            c.resize(slots.size());
+            for (int64_t i = 0; i < rd; ++i) {  // ∂a_i += Σ_q gzd_qi h_q
+              for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p)
+                c[p - groups.start[gi]] = gzd[(s0 + groups.order[p]) * rd + i];
+              combine(c.data(), slots.data(), int64_t(slots.size()), ada + (e * rd + i) * F + f0, len);
+            }
+          }
+          // dU into A, dG into D (plain blocks: dU into D)
+          for (int64_t q = 0; q < n; ++q) {
+            const int64_t t = t0 + q / k, o = q * kTile;
+            slot_grads(DH.data() + o, A.data() + o, D.data() + o, gated, q % k == 0, dub + t * F + f0,
+                       gated ? dgb + t * F + f0 : nullptr, len);
+          }
+          low_rank_grads(lu, groups, t0, k, E, F, tile, gated ? A.data() : D.data(), dzu, abu, factor, slots, c);
+          if (gated) low_rank_grads(lg, groups, t0, k, E, F, tile, D.data(), dzg, abg, factor, slots, c);
         }
-        for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
-          const int64_t e = groups.expert[gi];
-          for (int64_t i = 0; i < rd; ++i) arows[i] = da + (e * rd + i) * F;
-          hrows.clear();
-          for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
-            const int64_t q = groups.order[p];
-            combine(gzd + (s0 + q) * rd, arows.data(), rd, DH.data() + q * F, F);  // dh += Σ_i gzd_i a_i
-            hrows.push_back(gated ? H.data() + q * F : A.data() + q * F);
-          }
-          c.resize(hrows.size());
-          for (int64_t i = 0; i < rd; ++i) {  // ∂a_i += Σ_q gzd_qi h_q
-            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p)
-              c[p - groups.start[gi]] = gzd[(s0 + groups.order[p]) * rd + i];
-            combine(c.data(), hrows.data(), int64_t(hrows.size()), ada + (e * rd + i) * F, F);
-          }
-        }
-        // dU into A, dG into D
-        for (int64_t q = 0; q < n; ++q) {
-          T_* a = A.data() + q * F;
-          T_* d = D.data() + q * F;
-          const T_* dh = DH.data() + q * F;
-          if (gated)
-            gated_grads_inplace(dh, u + q * F, a, d, F);
-          else
-            mul_inplace(d, dh, F);
-          T_* du = gated ? a : d;
-          T_* dubt = dub + (t0 + q / k) * F;
-          if (q % k == 0) {
-            std::copy(du, du + F, dubt);
-            if (gated) std::copy(d, d + F, dgb + (t0 + q / k) * F);
-          } else {
-            axpy(T_(1), du, dubt, F);
-            if (gated) axpy(T_(1), d, dgb + (t0 + q / k) * F, F);
-          }
-        }
-        low_rank_grads(lu, groups, t0, k, E, F, gated ? A.data() : D.data(), dzu, abu);
-        if (gated) low_rank_grads(lg, groups, t0, k, E, F, D.data(), dzg, abg);
       }
-      if (k == 0)
-        for (int64_t t = lo; t < hi; ++t) {
-          std::fill(dub + t * F, dub + (t + 1) * F, T_(0));
-          if (gated) std::fill(dgb + t * F, dgb + (t + 1) * F, T_(0));
-        }
     });
   });
   return {d_w, d_ub, d_zu, acc_bu.sum(0), d_gb, d_zg, acc_bg.sum(0), acc_da.sum(0)};

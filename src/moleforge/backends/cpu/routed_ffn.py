@@ -22,6 +22,13 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t.contiguous()
 
 
+def _z(t: Tensor | None, like: Tensor) -> Tensor:
+    """A ``(T, E, r)`` z as the kernel reads it: rows of contiguous ``(E, r)`` blocks, any row stride."""
+    if t is None:
+        return like.new_empty(0)
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
 class TokenRoutedFFN(torch.autograd.Function):
     """``(y (T, F), zd (T, k, r_d))``; see ``routed_ffn.cpp`` for the math."""
 
@@ -63,7 +70,7 @@ def token_routed_ffn(index: Tensor, weights: Tensor, activation: str, up_base: T
     bu = None if up_b is None else up_b.transpose(1, 2)  # (E, r, F)
     bg = None if gate_b is None else gate_b.transpose(1, 2)
     return TokenRoutedFFN.apply(index.contiguous(), weights.contiguous(), ACTIVATION_CODES[activation],
-                                up_base.contiguous(), _or_empty(None if bu is None else up_z, like),
+                                up_base.contiguous(), _z(None if bu is None else up_z, like),
                                 _or_empty(bu, like), float(up_scale), _or_empty(gate_base, like),
-                                _or_empty(None if bg is None else gate_z, like), _or_empty(bg, like),
+                                _z(None if bg is None else gate_z, like), _or_empty(bg, like),
                                 float(gate_scale), _or_empty(down_a, like))

@@ -117,12 +117,24 @@ def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
                            gate_base, *g, down_a, chunk)
 
 
-def _all_z(x: Tensor, A: Tensor | None) -> Tensor | None:
-    """Every expert's ``x_t A_eᵀ`` in one GEMM: ``(T, E, r)``."""
-    if A is None:
-        return None
-    E, r, d = A.shape
-    return F.linear(x, A.reshape(E * r, d)).view(x.shape[0], E, r)
+def _all_z(x: Tensor, *factors: Tensor | None) -> list[Tensor | None]:
+    """Every expert's ``x_t A_eᵀ`` for each ``A (E, r, d)`` given (``None`` gives ``None``), all in one
+    GEMM: ``(T, E, r)`` each, slices of its ``(T, Σ E·r)`` output."""
+    present = [a for a in factors if a is not None]
+    if not present:
+        return [None] * len(factors)
+    stacked = torch.cat([a.reshape(-1, a.shape[2]) for a in present]) if len(present) > 1 else \
+        present[0].reshape(-1, present[0].shape[2])
+    z = F.linear(x, stacked)  # (T, Σ E·r)
+    out, col = [], 0
+    for a in factors:
+        if a is None:
+            out.append(None)
+            continue
+        E, r, _ = a.shape
+        out.append(z[:, col:col + E * r].view(x.shape[0], E, r))
+        col += E * r
+    return out
 
 
 def _token_routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
@@ -130,8 +142,9 @@ def _token_routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArg
     """:func:`routed_ffn` with the fused CPU kernel, which runs token by token; its ``z`` is
     put back in the plan's sorted order."""
     _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
-    y, zd = token_routed_ffn(plan.index, plan.weights, activation, up_base, _all_z(x, up[2]), up[3], up[4],
-                             gate_base, _all_z(x, ga), gb, gs, down_a)
+    zu, zg = _all_z(x, up[2], ga)
+    y, zd = token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb, gs,
+                             down_a)
     T, k, r = zd.shape
     return y, zd.view(T * k, r).index_select(0, plan.order)
 
