@@ -1,0 +1,235 @@
+"""The compiled CPU kernel for routed FFN blocks (``backends/cpu``) against the torch ops of
+``ops_block.routed_ffn``: outputs and the gradients of every input on random routings (gated and
+plain blocks, every activation, each low-rank part present or not, widths spanning several
+column tiles, one and two threads), the lowered block against the float64 interpreter with the
+kernel on and off, a tiny MixLoRA Llama end to end, the launcher's errors and the fallback when
+the build fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import moleforge as mf
+from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, interpret_grads
+from models import batch, tiny
+from moleforge.backends import cpu
+from moleforge.backends.cpu import routed_ffn
+from moleforge.backends.torch_fx import ops_block
+from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES
+from moleforge.backends.torch_fx.init import ParamStore
+from moleforge.backends.torch_fx.lower import lower
+from tolerances import assert_close
+
+
+@contextlib.contextmanager
+def kernels(flag: str):
+    """``MOLEFORGE_CPU_KERNELS`` set to ``flag`` inside the block."""
+    old = os.environ.get("MOLEFORGE_CPU_KERNELS")
+    os.environ["MOLEFORGE_CPU_KERNELS"] = flag
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MOLEFORGE_CPU_KERNELS"]
+        else:
+            os.environ["MOLEFORGE_CPU_KERNELS"] = old
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    cpu.load()  # compiles once per machine; a failure here is the test's failure
+
+
+@contextlib.contextmanager
+def counting():
+    """Counts the kernel's forward and backward calls inside the block, so a test knows it ran."""
+    count = {"forward": 0, "backward": 0}
+    real = routed_ffn.TokenRoutedFFN
+
+    class Spy(real):
+        @staticmethod
+        def forward(ctx, *args):
+            count["forward"] += 1
+            return real.forward(ctx, *args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            count["backward"] += 1
+            return real.backward(ctx, *grads)
+
+    routed_ffn.TokenRoutedFFN = Spy
+    try:
+        yield count
+    finally:
+        routed_ffn.TokenRoutedFFN = real
+
+
+@st.composite
+def blocks(draw):
+    """A routed block's inputs: routing, shared frozen projections, low-rank factors."""
+    E = draw(st.integers(1, 5))
+    k = draw(st.integers(1, min(3, E)))
+    T, d, F = draw(st.integers(1, 40)), draw(st.integers(1, 12)), draw(st.sampled_from([1, 7, 33, 512, 700]))
+    gated, activation = draw(st.booleans()), draw(st.sampled_from(ACTIVATION_NAMES))
+    ranks = {p: draw(st.sampled_from([0, 1, 3, 5])) for p in ("up", "gate", "down")}
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=F64) * scale).requires_grad_()
+
+    scores = torch.randn(T, E, generator=gen, dtype=F64)
+    index = scores.topk(k, -1).indices
+    inputs = {
+        "x": rnd(T, d), "probs": scores.softmax(-1).requires_grad_(), "up_base": rnd(T, F),
+        "gate_base": rnd(T, F) if gated else None,
+    }
+    lin = {}
+    for p in ("up", "gate"):
+        r = ranks[p]
+        lin[p] = (None, None, rnd(E, r, d, scale=0.5), rnd(E, F, r, scale=0.5), 1.5) if r else (None, None, None,
+                                                                                                  None, 1.0)
+    down_a = rnd(E, ranks["down"], F, scale=0.5) if ranks["down"] else None
+    return dict(inputs=inputs, index=index, lin=lin, gated=gated, activation=activation, down_a=down_a)
+
+
+def _run(b, flag: str, dtype=F64):
+    """``routed_ffn`` with the kernel on (``"1"``) or off, its outputs and every input's gradient."""
+    cast = {n: None if t is None else t.detach().to(dtype).requires_grad_() for n, t in b["inputs"].items()}
+    lin = {p: tuple(v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v for v in args)
+           for p, args in b["lin"].items()}
+    down_a = None if b["down_a"] is None else b["down_a"].detach().to(dtype).requires_grad_()
+    with kernels(flag):
+        plan = ops_block.slot_plan(cast["probs"], b["index"])
+        y, z = ops_block.routed_ffn(cast["x"], plan, lin["up"], lin["gate"] if b["gated"] else None, cast["up_base"],
+                                    cast["gate_base"], b["activation"], down_a)
+    gen = torch.Generator().manual_seed(7)
+    gy, gz = (torch.randn(t.shape, generator=gen, dtype=F64).to(dtype) for t in (y, z))
+    leaves = [t for t in (*cast.values(), *lin["up"][2:4], *lin["gate"][2:4], down_a) if t is not None]
+    grads = torch.autograd.grad((y * gy).sum() + (z * gz).sum(), leaves, allow_unused=True)
+    return [y, z, *[torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]]
+
+
+@given(b=blocks())
+def test_kernel_matches_torch_ops_float64(b):
+    with counting() as calls:
+        ref = _run(b, "0")
+        assert calls["forward"] == 0
+        got = _run(b, "1")
+    assert calls == {"forward": 1, "backward": 1}
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert_close(g, r, msg=f"output/gradient #{i}")
+
+
+@given(b=blocks())
+def test_kernel_matches_torch_ops_float32_on_two_threads(b):
+    with counting() as calls:
+        ref = _run(b, "1")  # float64
+        with threads(2):
+            got = _run(b, "1", torch.float32)
+    assert calls["forward"] == 2
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        scale = max([1.0, *r.abs().flatten().tolist()])  # sums over up to 700 columns
+        assert_close(g / scale, r / scale, "float32", msg=f"output/gradient #{i}")
+
+
+@given(graph=block_graphs(), seed=st.integers(0, 2**16), T=st.integers(1, 6),
+       rewrite=st.sampled_from(["share_frozen_projections", "both"]), flag=st.sampled_from(["0", "1"]))
+def test_lowered_block_matches_interpreter_with_and_without_kernel(graph, seed, T, rewrite, flag):
+    g = REWRITES[rewrite](graph)
+    params, x = block_params(g, seed), block_inputs(g, seed, T)
+    w = torch.randn(T, g.d_out, generator=torch.Generator().manual_seed(seed + 2), dtype=F64)
+    ref, ref_grads = interpret_grads(g, params, x, w)
+    store = ParamStore(g.params, dtype=F64)
+    with torch.no_grad():
+        for d in g.params:
+            getattr(store, d.name).copy_(params[d.name])
+    gm = lower(g, store)
+    xl = x.clone().requires_grad_(True)
+    with kernels(flag):
+        out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
+    if any(m <= 1e-6 for m in ref.margins.values()):
+        return  # a near tie in the router: either choice is right
+    assert_close(out, ref.output)
+    loss = (out * w).sum() + (aux if aux is not None else 0.0)
+    names = [d.name for d in g.params if d.trainable]
+    grads = torch.autograd.grad(loss, [xl] + [getattr(gm, n) for n in names], allow_unused=True)
+    for name, got in zip(["x"] + names, grads, strict=True):
+        want = ref_grads[name]
+        assert_close(got if got is not None else torch.zeros_like(want), want, msg=f"gradient of {name}")
+
+
+def test_mixlora_llama_same_logits_and_gradients_with_kernel():
+    spec = mf.presets.load("mixlora").with_init(mf.Init(up="normal", std=0.2, seed=3))
+    results = {}
+    with counting() as calls:
+        for flag in ("0", "1"):
+            torch.manual_seed(0)
+            model = tiny("llama")
+            mf.compile(spec, model)
+            with kernels(flag):
+                out = model(input_ids=batch(seed=1))
+                params = [p for p in model.parameters() if p.requires_grad]
+                grads = torch.autograd.grad(out.logits.square().mean(), params)
+            results[flag] = (out.logits.detach(), grads)
+    assert calls["forward"] > 0 and calls["backward"] == calls["forward"]
+    assert_close(results["1"][0], results["0"][0], "float32_model")
+    assert any(g.abs().max() > 0 for g in results["1"][1])
+    for a, b in zip(results["1"][1], results["0"][1], strict=True):
+        assert_close(a, b, "float32_model")
+
+
+def test_launcher_errors_name_the_argument():
+    T, F, E, r = 4, 6, 3, 2
+    index = torch.zeros(T, 2, dtype=torch.long)
+    w, ub = torch.rand(T, 2), torch.randn(T, F)
+    e0 = torch.empty(0)
+    op = torch.ops.moleforge_cpu.routed_ffn
+    with pytest.raises(RuntimeError, match="up_base must be"):
+        op(index, w, 0, torch.randn(T + 1, F), e0, e0, 1.0, e0, e0, e0, 1.0, e0)
+    with pytest.raises(RuntimeError, match="z must be"):
+        op(index, w, 0, ub, torch.randn(T, E, r + 1), torch.randn(E, r, F), 1.0, e0, e0, e0, 1.0, e0)
+    with pytest.raises(RuntimeError, match="index must be"):
+        op(index.float(), w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0)
+    with pytest.raises(RuntimeError, match="share up_base's dtype"):
+        op(index, w.double(), 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0)
+
+
+def test_enabled_only_for_float_cpu_tensors():
+    with kernels(""):
+        assert cpu.enabled(torch.zeros(2, dtype=torch.float32))
+        assert cpu.enabled(torch.zeros(2, dtype=F64))
+        assert not cpu.enabled(torch.zeros(2, dtype=torch.bfloat16))
+    with kernels("0"):
+        assert not cpu.enabled(torch.zeros(2))
+
+
+def test_a_failed_build_warns_once_and_the_torch_ops_run(monkeypatch):
+    def broken():
+        raise cpu.KernelBuildError("building the moleforge CPU kernels failed: no compiler")
+
+    monkeypatch.setattr(cpu, "load", broken)
+    cpu._usable.cache_clear()
+    try:
+        with kernels(""), pytest.warns(RuntimeWarning, match="no compiler"):
+            assert not cpu.enabled(torch.zeros(2))
+        with kernels("1"), pytest.raises(cpu.KernelBuildError, match="no compiler"):
+            cpu._usable.cache_clear()
+            cpu.enabled(torch.zeros(2))
+    finally:
+        cpu._usable.cache_clear()
