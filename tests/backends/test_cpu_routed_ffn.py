@@ -224,12 +224,59 @@ def test_a_failed_build_warns_once_and_the_torch_ops_run(monkeypatch):
         raise cpu.KernelBuildError("building the moleforge CPU kernels failed: no compiler")
 
     monkeypatch.setattr(cpu, "load", broken)
-    cpu._usable.cache_clear()
-    try:
-        with kernels(""), pytest.warns(RuntimeWarning, match="no compiler"):
-            assert not cpu.enabled(torch.zeros(2))
-        with kernels("1"), pytest.raises(cpu.KernelBuildError, match="no compiler"):
-            cpu._usable.cache_clear()
-            cpu.enabled(torch.zeros(2))
-    finally:
-        cpu._usable.cache_clear()
+    monkeypatch.setitem(cpu._state, "usable", None)
+    with kernels(""), pytest.warns(RuntimeWarning, match="no compiler"):
+        assert not cpu.enabled(torch.zeros(2))
+    assert not cpu.enabled(torch.zeros(2))  # decided once
+    monkeypatch.setitem(cpu._state, "usable", None)
+    with kernels("1"), pytest.raises(cpu.KernelBuildError, match="no compiler"):
+        cpu.enabled(torch.zeros(2))
+
+
+def _op_inputs(gated: bool = True, lora: bool = True, down: bool = True):
+    T, F, E, k, r = 6, 20, 3, 2, 2
+    gen = torch.Generator().manual_seed(0)
+    index = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    e0 = torch.empty(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    zu, bu = (rnd(T, E, r), rnd(E, r, F)) if lora else (e0, e0)
+    gb, zg, bg = (rnd(T, F), rnd(T, E, r), rnd(E, r, F)) if gated and lora else ((rnd(T, F), e0, e0) if gated
+                                                                                  else (e0, e0, e0))
+    da = rnd(E, r, F) if down else e0
+    fwd = (index, torch.rand(T, k, generator=gen), 0, rnd(T, F), zu, bu, 1.5, gb, zg, bg, 0.5, da)
+    gzd = rnd(T, k, r) if down else e0
+    bwd = (rnd(T, F), gzd, *fwd)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("gated,lora,down", [(True, True, True), (False, True, False), (True, False, True)])
+def test_ops_pass_opcheck(gated, lora, down):
+    fwd, bwd = _op_inputs(gated, lora, down)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.moleforge_cpu.routed_ffn.default, fwd, test_utils=tests)
+    torch.library.opcheck(torch.ops.moleforge_cpu.routed_ffn_backward.default, bwd, test_utils=tests)
+
+
+def test_torch_compile_of_a_mixlora_model_runs_the_kernel_with_eager_values():
+    import torch._dynamo as dynamo
+
+    spec = mf.presets.load("mixlora").with_init(mf.Init(up="normal", std=0.2, seed=3))
+    torch.manual_seed(0)
+    model = tiny("llama")
+    handle = mf.compile(spec, model)
+    ids = batch(seed=1)
+    runs = []
+    with kernels("1"), counting() as calls:
+        for compiled in (False, True):
+            dynamo.reset()
+            run = torch.compile(model, backend="aot_eager") if compiled else model
+            out = run(input_ids=ids)
+            grads = torch.autograd.grad(out.logits.square().mean(), [p for _, p in handle.named_parameters()])
+            runs.append((out.logits.detach(), grads))
+    assert calls["forward"] == 2 * 2  # two blocks, eager then compiled
+    assert_close(runs[1][0], runs[0][0], "float32_model")
+    for a, b in zip(runs[1][1], runs[0][1], strict=True):
+        assert_close(a, b, "float32_model")

@@ -44,9 +44,14 @@ def _flags() -> tuple[str, list[str]]:
     return f"moleforge_cpu_{isa}", flags
 
 
+_state: dict[str, bool | None] = {"usable": None}
+"""Whether the kernels are built and loaded: ``None`` until the first CPU block asks."""
+
+
 @functools.cache
 def load() -> None:
-    """Compile (once per machine) and load the kernels, registering the ``moleforge_cpu`` ops.
+    """Compile (once per machine) and load the kernels, registering the ``moleforge_cpu`` ops and
+    their fake (shape) implementations for ``torch.compile``.
 
     Raises:
         KernelBuildError: the build or the load failed; the message carries the compiler's.
@@ -66,11 +71,13 @@ def load() -> None:
     except Exception as e:  # noqa: BLE001 - compilers fail in many ways; report them as one
         raise KernelBuildError(f"building the moleforge CPU kernels ({_SOURCE.name}) failed: "
                                f"{type(e).__name__}: {e}") from e
+    from .routed_ffn import register_fakes
+
+    register_fakes()
+    _state["usable"] = True
 
 
-@functools.cache
-def _usable() -> bool:
-    flag = os.environ.get("MOLEFORGE_CPU_KERNELS", "")
+def _try_load(flag: str) -> bool:
     try:
         load()
     except KernelBuildError as e:
@@ -78,16 +85,24 @@ def _usable() -> bool:
             raise
         warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks with torch ops instead (same values, slower). "
                       "Set MOLEFORGE_CPU_KERNELS=0 to skip the build and this warning.", RuntimeWarning,
-                      stacklevel=3)
-        return False
-    return True
+                      stacklevel=4)
+        _state["usable"] = False
+    return bool(_state["usable"])
 
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether the runtime ops should run ``x``'s block with the CPU kernels: float32 or float64
-    CPU tensors, unless ``MOLEFORGE_CPU_KERNELS`` is ``0`` or the build failed."""
+    CPU tensors, unless ``MOLEFORGE_CPU_KERNELS`` is ``0`` or the build failed. The first such
+    block builds the kernels; under ``torch.compile`` tracing they are used once built (a model
+    compiled before any eager step runs the torch ops)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
-    if os.environ.get("MOLEFORGE_CPU_KERNELS", "") == "0":
+    flag = os.environ.get("MOLEFORGE_CPU_KERNELS", "")
+    if flag == "0":
         return False
-    return _usable()
+    usable = _state["usable"]
+    if usable is None:
+        if torch.compiler.is_compiling():
+            return False
+        usable = _try_load(flag)
+    return usable

@@ -406,10 +406,25 @@ void low_rank_grads(const LowRank<T>& lr, const Groups& groups, int64_t t0, int6
   }
 }
 
+// The number of experts: the factors' (which must agree), or the routing's when there are none; every
+// index must name one of them.
 int64_t experts(const at::Tensor& index, const at::Tensor& bu, const at::Tensor& bg, const at::Tensor& down_a) {
-  return std::max({bu.numel() ? bu.size(0) : 0, bg.numel() ? bg.size(0) : 0, down_a.numel() ? down_a.size(0) : 0,
-                   index.numel() ? index.max().item<int64_t>() + 1 : 0, int64_t(1)});
+  int64_t E = 0;
+  for (const auto* f : {&bu, &bg, &down_a}) {
+    if (f->numel() == 0) continue;
+    check(E == 0 || f->size(0) == E, "the expert factors must have the same number of experts (dim 0)");
+    E = f->size(0);
+  }
+  if (index.numel()) {
+    const int64_t lo = index.min().item<int64_t>(), hi = index.max().item<int64_t>();
+    check(lo >= 0 && (E == 0 || hi < E), "index names an expert outside [0, E) of the factors");
+    E = std::max(E, hi + 1);
+  }
+  return std::max<int64_t>(E, 1);
 }
+
+// A gradient that is absent (no such factor): an empty tensor
+at::Tensor summed_or_empty(const at::Tensor& acc, int64_t r) { return r ? acc.sum(0) : at::empty({0}, acc.options()); }
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Tensor& weights, int64_t act,
                                            const at::Tensor& up_base, const at::Tensor& zu, const at::Tensor& bu,
@@ -485,12 +500,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
   auto d_w = at::zeros({T, k}, opt);
   auto d_ub = k ? at::empty({T, F}, opt) : at::zeros({T, F}, opt);
   auto d_gb = gated ? (k ? at::empty({T, F}, opt) : at::zeros({T, F}, opt)) : at::empty({0}, opt);
-  auto d_zu = at::zeros({ru ? T : 0, E, ru}, opt);
-  auto d_zg = at::zeros({rg ? T : 0, E, rg}, opt);
+  auto d_zu = ru ? at::zeros({T, E, ru}, opt) : at::empty({0}, opt);
+  auto d_zg = rg ? at::zeros({T, E, rg}, opt) : at::empty({0}, opt);
   // per-thread sums of the expert factors' gradients, (threads, E, r, F)
-  auto acc_bu = at::zeros({threads, E, ru, F}, opt);
-  auto acc_bg = at::zeros({threads, E, rg, F}, opt);
-  auto acc_da = at::zeros({threads, E, rd, F}, opt);
+  auto acc_bu = at::zeros({ru ? threads : 0, E, ru, F}, opt);
+  auto acc_bg = at::zeros({rg ? threads : 0, E, rg, F}, opt);
+  auto acc_da = at::zeros({rd ? threads : 0, E, rd, F}, opt);
   AT_DISPATCH_FLOATING_TYPES(up_base.scalar_type(), "moleforge_cpu::routed_ffn_backward", [&] {
     using T_ = scalar_t;
     const T_* gy = grad_y.data_ptr<T_>();
@@ -560,7 +575,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       }
     });
   });
-  return {d_w, d_ub, d_zu, acc_bu.sum(0), d_gb, d_zg, acc_bg.sum(0), acc_da.sum(0)};
+  return {d_w, d_ub, d_zu, summed_or_empty(acc_bu, ru), d_gb, d_zg, summed_or_empty(acc_bg, rg),
+          summed_or_empty(acc_da, rd)};
 }
 
 }  // namespace

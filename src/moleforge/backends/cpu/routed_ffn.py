@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import load
+from . import _state, load
 
-__all__ = ["ACTIVATION_CODES", "TokenRoutedFFN", "token_routed_ffn"]
+__all__ = ["ACTIVATION_CODES", "TokenRoutedFFN", "token_routed_ffn", "register_fakes"]
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}
 """The kernel's codes for ``moleforge.ir.BlockActivation`` names."""
@@ -65,7 +65,8 @@ def token_routed_ffn(index: Tensor, weights: Tensor, activation: str, up_base: T
     part, ``None`` for none; ``gate_base=None`` for a block without a gate; ``down_a (E, r_d, F)``
     or ``None`` (then ``zd`` has no columns).
     """
-    load()
+    if not _state["usable"]:
+        load()
     like = up_base
     bu = None if up_b is None else up_b.transpose(1, 2)  # (E, r, F)
     bg = None if gate_b is None else gate_b.transpose(1, 2)
@@ -74,3 +75,22 @@ def token_routed_ffn(index: Tensor, weights: Tensor, activation: str, up_base: T
                                 _or_empty(bu, like), float(up_scale), _or_empty(gate_base, like),
                                 _z(None if bg is None else gate_z, like), _or_empty(bg, like),
                                 float(gate_scale), _or_empty(down_a, like))
+
+
+def register_fakes() -> None:
+    """Shape-only implementations of the two ops, so ``torch.compile`` can trace them."""
+
+    @torch.library.register_fake("moleforge_cpu::routed_ffn")
+    def _forward(index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a):
+        T, k = index.shape
+        return up_base.new_empty(T, up_base.shape[1]), up_base.new_empty(T, k, down_a.shape[1] if down_a.dim() == 3
+                                                                           else 0)
+
+    @torch.library.register_fake("moleforge_cpu::routed_ffn_backward")
+    def _backward(grad_y, grad_zd, index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a):
+        def like(t: Tensor, present: Tensor) -> Tensor:  # absent gradients are (fresh) empty tensors
+            return up_base.new_empty(t.shape if present.dim() > 1 else (0,))
+
+        d_zu, d_zg, d_gb = like(zu, bu), like(zg, bg), like(up_base, gate_base)
+        return [weights.new_empty(weights.shape), up_base.new_empty(up_base.shape), d_zu, like(bu, bu), d_gb, d_zg,
+                like(bg, bg), like(down_a, down_a)]
