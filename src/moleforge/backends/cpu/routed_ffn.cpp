@@ -354,6 +354,15 @@ struct Groups {
   int64_t size() const { return int64_t(expert.size()); }
 };
 
+// This thread's scratch of at least n values, kept across calls: freeing and reallocating it on every
+// call would return its pages to the system and fault them back in.
+template <typename T>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // A tile of columns [f0, f0 + len) of the F-wide rows: every step below except the dot products is
 // independent per column, so a block runs tile by tile with its per-slot rows (stride kTile) and the
 // factor rows it reads kept in L1; the dot products add up over the tiles.
@@ -448,8 +457,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Te
     T_* yp = y.data_ptr<T_>();
     T_* zdp = zd.data_ptr<T_>();
     at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
-      const int64_t rows = kBlock * k * kTile;
-      std::vector<T_> U(rows), G(gated ? rows : 0), H(rows), c, part(rd);
+      const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
+      T_* U = scratch<T_>(3 * rows);
+      T_* G = U + rows;
+      T_* H = G + rows;
+      std::vector<T_> c, part(rd);
       std::vector<const T_*> factor;
       Groups groups(E);
       for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
@@ -457,13 +469,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Te
         groups.build(idx + s0, n);
         for (Tile tile{0, 0}; tile.f0 < F; tile.f0 += kTile) {
           tile.len = std::min(kTile, F - tile.f0);
-          add_low_rank(lu, groups, t0, k, F, tile, ub, U.data(), factor, c);
-          if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G.data(), factor, c);
+          add_low_rank(lu, groups, t0, k, F, tile, ub, U, factor, c);
+          if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G, factor, c);
           for (int64_t q = 0; q < n; ++q) {
-            const T_* gq = gated ? G.data() + q * kTile : nullptr;
+            const T_* gq = gated ? G + q * kTile : nullptr;
             T_* yt = yp + (t0 + q / k) * F + tile.f0;
-            MOLEFORGE_ACT_SWITCH(act, slot_forward<A_>(U.data() + q * kTile, gq, w[s0 + q], q % k == 0,
-                                                       H.data() + q * kTile, yt, tile.len))
+            MOLEFORGE_ACT_SWITCH(act, slot_forward<A_>(U + q * kTile, gq, w[s0 + q], q % k == 0,
+                                                       H + q * kTile, yt, tile.len))
           }
           for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
             const int64_t e = groups.expert[gi];
@@ -471,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Te
             for (int64_t i = 0; i < rd; ++i) factor[i] = da + (e * rd + i) * F + tile.f0;
             for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
               const int64_t q = groups.order[p];
-              dots(H.data() + q * kTile, factor.data(), rd, part.data(), tile.len);
+              dots(H + q * kTile, factor.data(), rd, part.data(), tile.len);
               for (int64_t i = 0; i < rd; ++i) zdp[(s0 + q) * rd + i] += part[i];
             }
           }
@@ -527,8 +539,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       T_* abg = rg ? acc_bg.data_ptr<T_>() + tid * E * rg * F : nullptr;
       T_* ada = rd ? acc_da.data_ptr<T_>() + tid * E * rd * F : nullptr;
       // per slot of a block, over a tile: pre-activations, act (then dU), act' (then dG), h, dh
-      const int64_t rows = kBlock * k * kTile;
-      std::vector<T_> U(rows), G(gated ? rows : 0), A(rows), D(rows), H(rows), DH(rows), c;
+      const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
+      T_* U = scratch<T_>(6 * rows);
+      T_* G = U + rows;
+      T_* A = G + rows;
+      T_* D = A + rows;
+      T_* H = D + rows;
+      T_* DH = H + rows;
+      std::vector<T_> c;
       std::vector<const T_*> factor, slots;
       Groups groups(E);
       for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
@@ -536,15 +554,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
         groups.build(idx + s0, n);
         for (Tile tile{0, 0}; tile.f0 < F; tile.f0 += kTile) {
           const int64_t f0 = tile.f0, len = tile.len = std::min(kTile, F - f0);
-          add_low_rank(lu, groups, t0, k, F, tile, ub, U.data(), factor, c);
-          if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G.data(), factor, c);
+          add_low_rank(lu, groups, t0, k, F, tile, ub, U, factor, c);
+          if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G, factor, c);
           for (int64_t q = 0; q < n; ++q) {
-            const T_* gq = gated ? G.data() + q * kTile : nullptr;
+            const T_* gq = gated ? G + q * kTile : nullptr;
             const T_* gyt = gy + (t0 + q / k) * F + f0;
             const int64_t o = q * kTile;
-            MOLEFORGE_ACT_SWITCH(act, dwp[s0 + q] += slot_backward<A_>(U.data() + o, gq, gyt, w[s0 + q],
-                                                                       H.data() + o, A.data() + o, D.data() + o,
-                                                                       DH.data() + o, len))
+            MOLEFORGE_ACT_SWITCH(act, dwp[s0 + q] += slot_backward<A_>(U + o, gq, gyt, w[s0 + q],
+                                                                       H + o, A + o, D + o,
+                                                                       DH + o, len))
           }
           for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
             const int64_t e = groups.expert[gi];
@@ -553,8 +571,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
             slots.clear();
             for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
               const int64_t q = groups.order[p];
-              combine(gzd + (s0 + q) * rd, factor.data(), rd, DH.data() + q * kTile, len);  // dh += Σ_i gzd_i a_i
-              slots.push_back(H.data() + q * kTile);
+              combine(gzd + (s0 + q) * rd, factor.data(), rd, DH + q * kTile, len);  // dh += Σ_i gzd_i a_i
+              slots.push_back(H + q * kTile);
             }
             c.resize(slots.size());
             for (int64_t i = 0; i < rd; ++i) {  // ∂a_i += Σ_q gzd_qi h_q
@@ -566,11 +584,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
           // dU into A, dG into D (plain blocks: dU into D)
           for (int64_t q = 0; q < n; ++q) {
             const int64_t t = t0 + q / k, o = q * kTile;
-            slot_grads(DH.data() + o, A.data() + o, D.data() + o, gated, q % k == 0, dub + t * F + f0,
+            slot_grads(DH + o, A + o, D + o, gated, q % k == 0, dub + t * F + f0,
                        gated ? dgb + t * F + f0 : nullptr, len);
           }
-          low_rank_grads(lu, groups, t0, k, E, F, tile, gated ? A.data() : D.data(), dzu, abu, factor, slots, c);
-          if (gated) low_rank_grads(lg, groups, t0, k, E, F, tile, D.data(), dzg, abg, factor, slots, c);
+          low_rank_grads(lu, groups, t0, k, E, F, tile, gated ? A : D, dzu, abu, factor, slots, c);
+          if (gated) low_rank_grads(lg, groups, t0, k, E, F, tile, D, dzg, abg, factor, slots, c);
         }
       }
     });
