@@ -4,6 +4,9 @@ interpreter's outputs and gradients on them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -116,3 +119,17 @@ def check_block_rewrite(rewrite, graph: Graph, seed: int, T: int) -> None:
     for k, g in ref_grads.items():
         if g is not None:
             assert_close(got_grads[k], g, msg=f"gradient of {k}")
+
+
+@contextlib.contextmanager
+def cpu_kernels(flag: str):
+    """``MOLEFORGE_CPU_KERNELS`` set to ``flag`` inside the block (``"0"``: the torch ops)."""
+    old = os.environ.get("MOLEFORGE_CPU_KERNELS")
+    os.environ["MOLEFORGE_CPU_KERNELS"] = flag
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MOLEFORGE_CPU_KERNELS"]
+        else:
+            os.environ["MOLEFORGE_CPU_KERNELS"] = old

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conftest import assert_close
-from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, interpret_grads
+from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, cpu_kernels, interpret_grads
 from moleforge.backends.torch_fx import ops_block, ops_linear
 from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES
 from moleforge.backends.torch_fx.init import ParamStore
@@ -66,8 +66,8 @@ def test_narrow_linear_matches_linear(T, d_in, d_out, bias, seed):
        lora=st.booleans(), chunk=st.sampled_from([1, 7, 40, 1 << 20]),
        activation=st.sampled_from(ACTIVATION_NAMES))
 def test_fused_experts_match_the_node_by_node_ops(seed, T, E, gated, lora, chunk, activation):
-    """``routed_ffn`` (in runs of ``chunk`` values) against ``expert_hidden`` + ``expert_sum`` +
-    ``expert_lora_down``: outputs and every gradient."""
+    """``routed_ffn`` (its torch form, in runs of ``chunk`` values) against ``expert_hidden`` +
+    ``expert_sum`` + ``expert_lora``: outputs and every gradient."""
     gen = torch.Generator().manual_seed(seed)
     d, F, r = 3, 5, 2
 
@@ -81,21 +81,22 @@ def test_fused_experts_match_the_node_by_node_ops(seed, T, E, gated, lora, chunk
     x, W_u, W_g = rand(T, d), rand(F, d), rand(F, d)
     lin_u = (W_u, None, rand(E, r, d), rand(E, F, r), 1.5)
     lin_g = (W_g, None, rand(E, r, d), rand(E, F, r), 0.5) if gated else None
-    down_a = rand(E, r, F) if lora else None
-    w_y, w_z = torch.randn(T, F, generator=gen, dtype=F64), torch.randn(T * k, r, generator=gen, dtype=F64)
+    down_a, down_b = (rand(E, r, F), rand(E, d, r)) if lora else (None, None)
+    w_y, w_z = torch.randn(T, F, generator=gen, dtype=F64), torch.randn(T, d, generator=gen, dtype=F64)
 
     def run(fused: bool):
         plan = ops_block.slot_plan(gates, index)
         base_u, base_g = x @ W_u.T, x @ W_g.T
         if fused:
-            y, z = ops_block.routed_ffn(x, plan, lin_u, lin_g, base_u, base_g if gated else None, activation,
-                                        down_a, chunk)
+            with cpu_kernels("0"):
+                y, z = ops_block.routed_ffn(x, plan, lin_u, lin_g, base_u, base_g if gated else None, activation,
+                                            down_a, down_b, 2.0, chunk)
         else:
             h = ops_block.expert_hidden(x, plan, lin_u, lin_g, base_u, base_g if gated else None, activation)
             y = ops_block.expert_sum(h, plan)
-            z = ops_block.expert_lora_down(h, plan, down_a) if lora else None
+            z = ops_block.expert_lora(h, plan, down_a, down_b, 2.0) if lora else None
         loss = (y * w_y).sum() + ((z * w_z).sum() if lora else 0.0)
-        leaves = (x, gates, W_u, *lin_u[2:4], *(lin_g[2:4] if gated else ()), down_a)
+        leaves = (x, gates, W_u, *lin_u[2:4], *(lin_g[2:4] if gated else ()), down_a, down_b)
         leaves = [t for t in leaves if t is not None]
         return [y, *([z] if lora else [])], torch.autograd.grad(loss, leaves, allow_unused=True)
 

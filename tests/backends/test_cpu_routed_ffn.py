@@ -8,7 +8,6 @@ the build fails."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 import moleforge as mf
 from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, interpret_grads
+from ffn_block_helpers import cpu_kernels as kernels
 from models import batch, tiny
 from moleforge.backends import cpu
 from moleforge.backends.cpu import routed_ffn
@@ -25,20 +25,6 @@ from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import lower
 from tolerances import assert_close
-
-
-@contextlib.contextmanager
-def kernels(flag: str):
-    """``MOLEFORGE_CPU_KERNELS`` set to ``flag`` inside the block."""
-    old = os.environ.get("MOLEFORGE_CPU_KERNELS")
-    os.environ["MOLEFORGE_CPU_KERNELS"] = flag
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MOLEFORGE_CPU_KERNELS"]
-        else:
-            os.environ["MOLEFORGE_CPU_KERNELS"] = old
 
 
 @contextlib.contextmanager
@@ -104,8 +90,9 @@ def blocks(draw):
         r = ranks[p]
         lin[p] = (None, None, rnd(E, r, d, scale=0.5), rnd(E, F, r, scale=0.5), 1.5) if r else (None, None, None,
                                                                                                   None, 1.0)
-    down_a = rnd(E, ranks["down"], F, scale=0.5) if ranks["down"] else None
-    return dict(inputs=inputs, index=index, lin=lin, gated=gated, activation=activation, down_a=down_a)
+    D = draw(st.integers(1, 20))
+    down = (rnd(E, ranks["down"], F, scale=0.5), rnd(E, D, ranks["down"], scale=0.5)) if ranks["down"] else None
+    return dict(inputs=inputs, index=index, lin=lin, gated=gated, activation=activation, down=down)
 
 
 def _run(b, flag: str, dtype=F64):
@@ -113,16 +100,18 @@ def _run(b, flag: str, dtype=F64):
     cast = {n: None if t is None else t.detach().to(dtype).requires_grad_() for n, t in b["inputs"].items()}
     lin = {p: tuple(v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v for v in args)
            for p, args in b["lin"].items()}
-    down_a = None if b["down_a"] is None else b["down_a"].detach().to(dtype).requires_grad_()
+    down_a, down_b = (None, None) if b["down"] is None else (t.detach().to(dtype).requires_grad_() for t in b["down"])
     with kernels(flag):
         plan = ops_block.slot_plan(cast["probs"], b["index"])
-        y, z = ops_block.routed_ffn(cast["x"], plan, lin["up"], lin["gate"] if b["gated"] else None, cast["up_base"],
-                                    cast["gate_base"], b["activation"], down_a)
+        y, yd = ops_block.routed_ffn(cast["x"], plan, lin["up"], lin["gate"] if b["gated"] else None,
+                                     cast["up_base"], cast["gate_base"], b["activation"], down_a, down_b, 0.75)
+    assert (yd is None) == (down_a is None)
+    outs = [y] if yd is None else [y, yd]
     gen = torch.Generator().manual_seed(7)
-    gy, gz = (torch.randn(t.shape, generator=gen, dtype=F64).to(dtype) for t in (y, z))
-    leaves = [t for t in (*cast.values(), *lin["up"][2:4], *lin["gate"][2:4], down_a) if t is not None]
-    grads = torch.autograd.grad((y * gy).sum() + (z * gz).sum(), leaves, allow_unused=True)
-    return [y, z, *[torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]]
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=F64).to(dtype)).sum() for t in outs)
+    leaves = [t for t in (*cast.values(), *lin["up"][2:4], *lin["gate"][2:4], down_a, down_b) if t is not None]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [*outs, *[torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]]
 
 
 @given(b=blocks())
@@ -201,13 +190,17 @@ def test_launcher_errors_name_the_argument():
     e0 = torch.empty(0)
     op = torch.ops.moleforge_cpu.routed_ffn
     with pytest.raises(RuntimeError, match="up_base must be"):
-        op(index, w, 0, torch.randn(T + 1, F), e0, e0, 1.0, e0, e0, e0, 1.0, e0)
+        op(index, w, 0, torch.randn(T + 1, F), e0, e0, 1.0, e0, e0, e0, 1.0, e0, e0, 1.0)
     with pytest.raises(RuntimeError, match="z must be"):
-        op(index, w, 0, ub, torch.randn(T, E, r + 1), torch.randn(E, r, F), 1.0, e0, e0, e0, 1.0, e0)
+        op(index, w, 0, ub, torch.randn(T, E, r + 1), torch.randn(E, r, F), 1.0, e0, e0, e0, 1.0, e0, e0, 1.0)
     with pytest.raises(RuntimeError, match="index must be"):
-        op(index.float(), w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0)
+        op(index.float(), w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0, e0, 1.0)
     with pytest.raises(RuntimeError, match="share up_base's dtype"):
-        op(index, w.double(), 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0)
+        op(index, w.double(), 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0, e0, 1.0)
+    with pytest.raises(RuntimeError, match="outside"):
+        op(index + E, w, 0, ub, torch.randn(T, E, r), torch.randn(E, r, F), 1.0, e0, e0, e0, 1.0, e0, e0, 1.0)
+    with pytest.raises(RuntimeError, match="down_a and down_b come together"):
+        op(index, w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, torch.randn(E, r, F), e0, 1.0)
 
 
 def test_enabled_only_for_float_cpu_tensors():
@@ -245,10 +238,11 @@ def _op_inputs(gated: bool = True, lora: bool = True, down: bool = True):
     zu, bu = (rnd(T, E, r), rnd(E, r, F)) if lora else (e0, e0)
     gb, zg, bg = (rnd(T, F), rnd(T, E, r), rnd(E, r, F)) if gated and lora else ((rnd(T, F), e0, e0) if gated
                                                                                   else (e0, e0, e0))
-    da = rnd(E, r, F) if down else e0
-    fwd = (index, torch.rand(T, k, generator=gen), 0, rnd(T, F), zu, bu, 1.5, gb, zg, bg, 0.5, da)
-    gzd = rnd(T, k, r) if down else e0
-    bwd = (rnd(T, F), gzd, *fwd)
+    D = 5
+    da, db = (rnd(E, r, F), rnd(E, r, D)) if down else (e0, e0)
+    fwd = (index, torch.rand(T, k, generator=gen), 0, rnd(T, F), zu, bu, 1.5, gb, zg, bg, 0.5, da, db, 0.75)
+    zd = torch.ops.moleforge_cpu.routed_ffn(*fwd)[2]
+    bwd = (rnd(T, F), rnd(T, D) if down else e0, *fwd, zd)
     return fwd, bwd
 
 

@@ -7,6 +7,7 @@
 //   G = gate_base[t] + s_g Σ_i zg[t, e, i] bg[e, i]
 //   h = act(G) ⊙ U            (or act(U) for a block without a gate)
 //   y[t] += w h,   zd[t, j, i] = h · da[e, i]              (da: (E, r_d, F))
+//   yd[t] += w s_d Σ_i zd[t, j, i] bd[e, i]               (bd: (E, r_d, D), rows of the down-LoRA's B_eᵀ)
 //
 // One pass over a slot's row of F values does everything while the row sits in L1, and a
 // token's slots are summed in place, so the (slots × F) work needs no gather, scatter or
@@ -435,17 +436,44 @@ int64_t experts(const at::Tensor& index, const at::Tensor& bu, const at::Tensor&
 // A gradient that is absent (no such factor): an empty tensor
 at::Tensor summed_or_empty(const at::Tensor& acc, int64_t r) { return r ? acc.sum(0) : at::empty({0}, acc.options()); }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Tensor& weights, int64_t act,
-                                           const at::Tensor& up_base, const at::Tensor& zu, const at::Tensor& bu,
-                                           double su, const at::Tensor& gate_base, const at::Tensor& zg,
-                                           const at::Tensor& bg, double sg, const at::Tensor& down_a) {
+// The down-LoRA's up-projection for a block's slots: yd[t_q] += w_q s Σ_i zd[q, i] bd[e_q, i] (yd rows zeroed first)
+template <typename T>
+void add_down_lora(const Groups& groups, int64_t t0, int64_t n, int64_t k, int64_t rd, int64_t D, const T* w,
+                   const T* zd, const T* bd, T s, T* yd, std::vector<const T*>& factor, std::vector<T>& c) {
+  std::fill(yd + t0 * D, yd + (t0 + n / k) * D, T(0));
+  factor.resize(rd);
+  c.resize(rd);
+  for (int64_t g = 0; g < groups.size(); ++g) {
+    const int64_t e = groups.expert[g];
+    for (int64_t i = 0; i < rd; ++i) factor[i] = bd + (e * rd + i) * D;
+    for (int64_t p = groups.start[g]; p < groups.start[g + 1]; ++p) {
+      const int64_t q = groups.order[p], sq = t0 * k + q;
+      for (int64_t i = 0; i < rd; ++i) c[i] = w[sq] * s * zd[sq * rd + i];
+      combine(c.data(), factor.data(), rd, yd + (t0 + q / k) * D, D);
+    }
+  }
+}
+
+void check_down(const at::Tensor& down_a, const at::Tensor& down_b) {
+  check((down_a.numel() == 0) == (down_b.numel() == 0), "down_a and down_b come together");
+  check(down_b.numel() == 0 || (down_b.dim() == 3 && down_b.sizes().slice(0, 2) == down_a.sizes().slice(0, 2) &&
+                                down_b.is_contiguous() && down_b.scalar_type() == down_a.scalar_type()),
+        "down_b must be contiguous (E, r, D) with down_a's (E, r)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& index, const at::Tensor& weights, int64_t act, const at::Tensor& up_base, const at::Tensor& zu,
+    const at::Tensor& bu, double su, const at::Tensor& gate_base, const at::Tensor& zg, const at::Tensor& bg,
+    double sg, const at::Tensor& down_a, const at::Tensor& down_b, double sd) {
   check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
+  check_down(down_a, down_b);
   const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
   const bool gated = gate_base.numel() > 0;
-  const int64_t rd = down_a.numel() ? down_a.size(1) : 0;
+  const int64_t rd = down_a.numel() ? down_a.size(1) : 0, Dd = rd ? down_b.size(2) : 0;
   const int64_t E = experts(index, bu, bg, down_a);
   auto y = k ? at::empty({T, F}, up_base.options()) : at::zeros({T, F}, up_base.options());
   auto zd = at::zeros({T, k, rd}, up_base.options());
+  auto yd = rd ? at::empty({T, Dd}, up_base.options()) : at::empty({0}, up_base.options());
   AT_DISPATCH_FLOATING_TYPES(up_base.scalar_type(), "moleforge_cpu::routed_ffn", [&] {
     using T_ = scalar_t;
     const int64_t* idx = index.data_ptr<int64_t>();
@@ -453,9 +481,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Te
     const T_* ub = up_base.data_ptr<T_>();
     const T_* gb = gated ? gate_base.data_ptr<T_>() : nullptr;
     const T_* da = rd ? down_a.data_ptr<T_>() : nullptr;
+    const T_* bd = rd ? down_b.data_ptr<T_>() : nullptr;
     const auto lu = low_rank<T_>(zu, bu, su), lg = low_rank<T_>(zg, bg, sg);
     T_* yp = y.data_ptr<T_>();
     T_* zdp = zd.data_ptr<T_>();
+    T_* ydp = rd ? yd.data_ptr<T_>() : nullptr;
     at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
       const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
       T_* U = scratch<T_>(3 * rows);
@@ -488,23 +518,28 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& index, const at::Te
             }
           }
         }
+        if (rd) add_down_lora(groups, t0, n, k, rd, Dd, w, zdp, bd, T_(sd), ydp, factor, c);
       }
     });
   });
-  return {y, zd};
+  return {y, yd, zd};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& grad_zd, const at::Tensor& index,
+std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& grad_yd, const at::Tensor& index,
                                  const at::Tensor& weights, int64_t act, const at::Tensor& up_base,
                                  const at::Tensor& zu, const at::Tensor& bu, double su, const at::Tensor& gate_base,
-                                 const at::Tensor& zg, const at::Tensor& bg, double sg, const at::Tensor& down_a) {
+                                 const at::Tensor& zg, const at::Tensor& bg, double sg, const at::Tensor& down_a,
+                                 const at::Tensor& down_b, double sd, const at::Tensor& zd) {
   check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
+  check_down(down_a, down_b);
   const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
   check(grad_y.sizes() == at::IntArrayRef({T, F}) && grad_y.is_contiguous(), "grad_y must be contiguous (T, F)");
   const bool gated = gate_base.numel() > 0;
   const int64_t rd = down_a.numel() ? down_a.size(1) : 0;
-  check(rd == 0 || (grad_zd.sizes() == at::IntArrayRef({T, k, rd}) && grad_zd.is_contiguous()),
-        "grad_zd must be contiguous (T, k, r)");
+  const int64_t Dd = rd ? down_b.size(2) : 0;
+  check(rd == 0 || (grad_yd.sizes() == at::IntArrayRef({T, Dd}) && grad_yd.is_contiguous()),
+        "grad_yd must be contiguous (T, D)");
+  check(rd == 0 || (zd.sizes() == at::IntArrayRef({T, k, rd}) && zd.is_contiguous()), "zd must be (T, k, r)");
   const int64_t E = experts(index, bu, bg, down_a);
   const int64_t ru = bu.numel() ? bu.size(1) : 0, rg = bg.numel() ? bg.size(1) : 0;
   const int64_t threads = at::get_num_threads();
@@ -518,10 +553,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
   auto acc_bu = at::zeros({ru ? threads : 0, E, ru, F}, opt);
   auto acc_bg = at::zeros({rg ? threads : 0, E, rg, F}, opt);
   auto acc_da = at::zeros({rd ? threads : 0, E, rd, F}, opt);
+  auto acc_bd = at::zeros({rd ? threads : 0, E, rd, Dd}, opt);
   AT_DISPATCH_FLOATING_TYPES(up_base.scalar_type(), "moleforge_cpu::routed_ffn_backward", [&] {
     using T_ = scalar_t;
     const T_* gy = grad_y.data_ptr<T_>();
-    const T_* gzd = rd ? grad_zd.data_ptr<T_>() : nullptr;
+    const T_* gyd = rd ? grad_yd.data_ptr<T_>() : nullptr;
+    const T_* zdp = rd ? zd.data_ptr<T_>() : nullptr;
+    const T_* bd = rd ? down_b.data_ptr<T_>() : nullptr;
     const int64_t* idx = index.data_ptr<int64_t>();
     const T_* w = weights.data_ptr<T_>();
     const T_* ub = up_base.data_ptr<T_>();
@@ -538,6 +576,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       T_* abu = ru ? acc_bu.data_ptr<T_>() + tid * E * ru * F : nullptr;
       T_* abg = rg ? acc_bg.data_ptr<T_>() + tid * E * rg * F : nullptr;
       T_* ada = rd ? acc_da.data_ptr<T_>() + tid * E * rd * F : nullptr;
+      T_* abd = rd ? acc_bd.data_ptr<T_>() + tid * E * rd * Dd : nullptr;
+      std::vector<T_> gzd_block(kBlock * k * rd), dots_i(rd);
       // per slot of a block, over a tile: pre-activations, act (then dU), act' (then dG), h, dh
       const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
       T_* U = scratch<T_>(6 * rows);
@@ -552,6 +592,34 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
         const int64_t n = (std::min(t0 + kBlock, hi) - t0) * k, s0 = t0 * k;
         groups.build(idx + s0, n);
+        // the down-LoRA's up-projection: ∂zd = w s_d (∂yd · bd_i), ∂w += s_d Σ_i zd_i (∂yd · bd_i),
+        // ∂bd_i += w s_d zd_i ∂yd
+        for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
+          const int64_t e = groups.expert[gi];
+          factor.resize(rd);
+          for (int64_t i = 0; i < rd; ++i) factor[i] = bd + (e * rd + i) * Dd;
+          slots.clear();
+          for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
+            const int64_t q = groups.order[p], sq = s0 + q;
+            const T_* g = gyd + (t0 + q / k) * Dd;
+            slots.push_back(g);
+            dots(g, factor.data(), rd, dots_i.data(), Dd);
+            T_ dw = 0;
+            for (int64_t i = 0; i < rd; ++i) {
+              gzd_block[q * rd + i] = w[sq] * T_(sd) * dots_i[i];
+              dw += zdp[sq * rd + i] * dots_i[i];
+            }
+            dwp[sq] += T_(sd) * dw;
+          }
+          c.resize(slots.size());
+          for (int64_t i = 0; i < rd; ++i) {
+            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
+              const int64_t sq = s0 + groups.order[p];
+              c[p - groups.start[gi]] = w[sq] * T_(sd) * zdp[sq * rd + i];
+            }
+            combine(c.data(), slots.data(), int64_t(slots.size()), abd + (e * rd + i) * Dd, Dd);
+          }
+        }
         for (Tile tile{0, 0}; tile.f0 < F; tile.f0 += kTile) {
           const int64_t f0 = tile.f0, len = tile.len = std::min(kTile, F - f0);
           add_low_rank(lu, groups, t0, k, F, tile, ub, U, factor, c);
@@ -571,13 +639,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
             slots.clear();
             for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
               const int64_t q = groups.order[p];
-              combine(gzd + (s0 + q) * rd, factor.data(), rd, DH + q * kTile, len);  // dh += Σ_i gzd_i a_i
+              combine(gzd_block.data() + q * rd, factor.data(), rd, DH + q * kTile, len);  // dh += Σ_i gzd_i a_i
               slots.push_back(H + q * kTile);
             }
             c.resize(slots.size());
             for (int64_t i = 0; i < rd; ++i) {  // ∂a_i += Σ_q gzd_qi h_q
               for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p)
-                c[p - groups.start[gi]] = gzd[(s0 + groups.order[p]) * rd + i];
+                c[p - groups.start[gi]] = gzd_block[groups.order[p] * rd + i];
               combine(c.data(), slots.data(), int64_t(slots.size()), ada + (e * rd + i) * F + f0, len);
             }
           }
@@ -594,7 +662,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
     });
   });
   return {d_w, d_ub, d_zu, summed_or_empty(acc_bu, ru), d_gb, d_zg, summed_or_empty(acc_bg, rg),
-          summed_or_empty(acc_da, rd)};
+          summed_or_empty(acc_da, rd), summed_or_empty(acc_bd, rd)};
 }
 
 }  // namespace
@@ -602,11 +670,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
 TORCH_LIBRARY(moleforge_cpu, m) {
   m.def(
       "routed_ffn(Tensor index, Tensor weights, int activation, Tensor up_base, Tensor zu, Tensor bu, float su, "
-      "Tensor gate_base, Tensor zg, Tensor bg, float sg, Tensor down_a) -> (Tensor, Tensor)");
+      "Tensor gate_base, Tensor zg, Tensor bg, float sg, Tensor down_a, Tensor down_b, float sd) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "routed_ffn_backward(Tensor grad_y, Tensor grad_zd, Tensor index, Tensor weights, int activation, "
+      "routed_ffn_backward(Tensor grad_y, Tensor grad_yd, Tensor index, Tensor weights, int activation, "
       "Tensor up_base, Tensor zu, Tensor bu, float su, Tensor gate_base, Tensor zg, Tensor bg, float sg, "
-      "Tensor down_a) -> Tensor[]");
+      "Tensor down_a, Tensor down_b, float sd, Tensor zd) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(moleforge_cpu, CPU, m) {

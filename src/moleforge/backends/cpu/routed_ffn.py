@@ -30,67 +30,79 @@ def _z(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 class TokenRoutedFFN(torch.autograd.Function):
-    """``(y (T, F), zd (T, k, r_d))``; see ``routed_ffn.cpp`` for the math."""
+    """``(y (T, F), yd (T, D))``: the gated sum of the experts' hidden states and the gated sum of
+    their down-LoRAs (empty without one); see ``routed_ffn.cpp`` for the math."""
 
     @staticmethod
     def forward(ctx, index: Tensor, weights: Tensor, activation: int, up_base: Tensor, zu: Tensor, bu: Tensor,
-                su: float, gate_base: Tensor, zg: Tensor, bg: Tensor, sg: float, down_a: Tensor):
-        y, zd = torch.ops.moleforge_cpu.routed_ffn(index, weights, activation, up_base, zu, bu, su, gate_base, zg,
-                                                   bg, sg, down_a)
-        ctx.save_for_backward(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a)
-        ctx.meta = (activation, su, sg)
-        return y, zd
+                su: float, gate_base: Tensor, zg: Tensor, bg: Tensor, sg: float, down_a: Tensor, down_b: Tensor,
+                sd: float):
+        y, yd, zd = torch.ops.moleforge_cpu.routed_ffn(index, weights, activation, up_base, zu, bu, su, gate_base, zg,
+                                                       bg, sg, down_a, down_b, sd)
+        ctx.save_for_backward(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a, down_b, zd)
+        ctx.meta = (activation, su, sg, sd)
+        return y, yd
 
     @staticmethod
-    def backward(ctx, gy: Tensor, gzd: Tensor | None):
-        index, weights, up_base, zu, bu, gate_base, zg, bg, down_a = ctx.saved_tensors
-        activation, su, sg = ctx.meta
-        gzd = up_base.new_empty(0) if gzd is None or down_a.numel() == 0 else gzd.contiguous()
-        d_w, d_ub, d_zu, d_bu, d_gb, d_zg, d_bg, d_da = torch.ops.moleforge_cpu.routed_ffn_backward(
-            gy.contiguous(), gzd, index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a)
+    def backward(ctx, gy: Tensor, gyd: Tensor | None):
+        index, weights, up_base, zu, bu, gate_base, zg, bg, down_a, down_b, zd = ctx.saved_tensors
+        activation, su, sg, sd = ctx.meta
+        if down_a.numel() and gyd is None:
+            gyd = up_base.new_zeros(index.shape[0], down_b.shape[2])
+        gyd = up_base.new_empty(0) if not down_a.numel() else gyd.contiguous()
+        grads = torch.ops.moleforge_cpu.routed_ffn_backward(gy.contiguous(), gyd, index, weights, activation, up_base,
+                                                            zu, bu, su, gate_base, zg, bg, sg, down_a, down_b, sd, zd)
+        d_w, d_ub, d_zu, d_bu, d_gb, d_zg, d_bg, d_da, d_bd = grads
 
         def present(t: Tensor, i: int) -> Tensor | None:
             return t if ctx.needs_input_grad[i] and t.numel() else None
 
         return (None, present(d_w, 1), None, present(d_ub, 3), present(d_zu, 4), present(d_bu, 5), None,
-                present(d_gb, 7), present(d_zg, 8), present(d_bg, 9), None, present(d_da, 11))
+                present(d_gb, 7), present(d_zg, 8), present(d_bg, 9), None, present(d_da, 11), present(d_bd, 12), None)
 
 
 def token_routed_ffn(index: Tensor, weights: Tensor, activation: str, up_base: Tensor, up_z: Tensor | None,
                      up_b: Tensor | None, up_scale: float, gate_base: Tensor | None, gate_z: Tensor | None,
-                     gate_b: Tensor | None, gate_scale: float, down_a: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The fused block over token-major slots: ``(y (T, F), zd (T, k, r_d))``.
+                     gate_b: Tensor | None, gate_scale: float, down_a: Tensor | None, down_b: Tensor | None,
+                     down_scale: float) -> tuple[Tensor, Tensor | None]:
+    """The fused block over token-major slots: ``(y (T, F), yd (T, D) or None)``.
 
     ``*_z (T, E, r)`` and ``*_b (E, F, r)`` (the IR's layout) give each projection's low-rank
-    part, ``None`` for none; ``gate_base=None`` for a block without a gate; ``down_a (E, r_d, F)``
-    or ``None`` (then ``zd`` has no columns).
+    part, ``None`` for none; ``gate_base=None`` for a block without a gate; ``down_a (E, r, F)`` and
+    ``down_b (E, D, r)`` the down projection's LoRA, whose gated sum ``Σ_j w_j s (h_j A_eᵀ) B_eᵀ`` is
+    ``yd`` (``None`` without one).
     """
     if not _state["usable"]:
         load()
     like = up_base
     bu = None if up_b is None else up_b.transpose(1, 2)  # (E, r, F)
     bg = None if gate_b is None else gate_b.transpose(1, 2)
-    return TokenRoutedFFN.apply(index.contiguous(), weights.contiguous(), ACTIVATION_CODES[activation],
-                                up_base.contiguous(), _z(None if bu is None else up_z, like),
-                                _or_empty(bu, like), float(up_scale), _or_empty(gate_base, like),
-                                _z(None if bg is None else gate_z, like), _or_empty(bg, like),
-                                float(gate_scale), _or_empty(down_a, like))
+    bd = None if down_b is None or down_a is None else down_b.transpose(1, 2)  # (E, r, D)
+    y, yd = TokenRoutedFFN.apply(index.contiguous(), weights.contiguous(), ACTIVATION_CODES[activation],
+                                 up_base.contiguous(), _z(None if bu is None else up_z, like), _or_empty(bu, like),
+                                 float(up_scale), _or_empty(gate_base, like),
+                                 _z(None if bg is None else gate_z, like), _or_empty(bg, like), float(gate_scale),
+                                 _or_empty(None if bd is None else down_a, like), _or_empty(bd, like),
+                                 float(down_scale))
+    return y, (yd if bd is not None else None)
 
 
 def register_fakes() -> None:
     """Shape-only implementations of the two ops, so ``torch.compile`` can trace them."""
 
     @torch.library.register_fake("moleforge_cpu::routed_ffn")
-    def _forward(index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a):
+    def _forward(index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a, down_b, sd):
         T, k = index.shape
-        return up_base.new_empty(T, up_base.shape[1]), up_base.new_empty(T, k, down_a.shape[1] if down_a.dim() == 3
-                                                                           else 0)
+        down = down_a.dim() == 3
+        return (up_base.new_empty(T, up_base.shape[1]), up_base.new_empty((T, down_b.shape[2]) if down else (0,)),
+                up_base.new_empty(T, k, down_a.shape[1] if down else 0))
 
     @torch.library.register_fake("moleforge_cpu::routed_ffn_backward")
-    def _backward(grad_y, grad_zd, index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a):
+    def _backward(grad_y, grad_yd, index, weights, activation, up_base, zu, bu, su, gate_base, zg, bg, sg, down_a,
+                  down_b, sd, zd):
         def like(t: Tensor, present: Tensor) -> Tensor:  # absent gradients are (fresh) empty tensors
             return up_base.new_empty(t.shape if present.dim() > 1 else (0,))
 
         d_zu, d_zg, d_gb = like(zu, bu), like(zg, bg), like(up_base, gate_base)
         return [weights.new_empty(weights.shape), up_base.new_empty(up_base.shape), d_zu, like(bu, bu), d_gb, d_zg,
-                like(bg, bg), like(down_a, down_a)]
+                like(bg, bg), like(down_a, down_a), like(down_b, down_b)]

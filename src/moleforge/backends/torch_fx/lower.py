@@ -85,8 +85,6 @@ class _Ctx:
         self.acc = self.g.placeholder("acc", default_value=None)
         self.mask = self.g.placeholder("mask", default_value=None)
         self.plans: dict[str, fx.Node] = {}
-        self.partial: dict[str, fx.Node] = {}
-        """Node id -> an intermediate another emitter computed for it (the low-rank ``z`` of an ExpertLoRA)."""
         self._training: fx.Node | None = None
         self._names: set[str] = set()
         self.fused: dict[str, fx.Node] = {}
@@ -286,10 +284,11 @@ def _routed_ffn(c: _Ctx, n: ExpertHidden) -> fx.Node:
     lora = next((u for u in users if isinstance(u, ExpertLoRA)), None)
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
-    out = c.call(ops_block.routed_ffn, args + (n.activation, None if lora is None else c.expr(lora.a)), n.id)
+    down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
+    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id)
     c.fused[total.id] = c.item(out, 0, total.id)
     if lora is not None:
-        c.partial[lora.id] = c.item(out, 1, f"{lora.id}_z")
+        c.fused[lora.id] = c.item(out, 1, lora.id)
     return out
 
 
@@ -300,10 +299,10 @@ def _expert_sum(c: _Ctx, n: ExpertSum) -> fx.Node:
 
 
 def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:
+    if n.id in c.fused:
+        return c.fused[n.id]
     plan = _plan(c, n.routing)
-    z = c.partial.get(n.id)
-    if z is None:
-        z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
+    z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
     return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
 
 

@@ -103,18 +103,23 @@ def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | 
 
 
 def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
-               gate_base: Tensor | None, activation: str, down_a: Tensor | None, chunk: int = CHUNK
-               ) -> tuple[Tensor, Tensor]:
-    """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a``) :func:`expert_lora_down`
-    of it, expert by expert in cache (``RoutedFFN``): ``((T, d_ff), (S, r))``. Needs the shared
-    frozen projections."""
+               gate_base: Tensor | None, activation: str, down_a: Tensor | None = None, down_b: Tensor | None = None,
+               down_scale: float = 1.0, chunk: int = CHUNK) -> tuple[Tensor, Tensor | None]:
+    """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a (E, r, d_ff)``, ``down_b
+    (E, d_out, r)``) :func:`expert_lora` of it: ``((T, d_ff), (T, d_out) or None)``. Needs the shared
+    frozen projections. On CPU tensors the compiled kernel runs it token by token (``backends.cpu``);
+    otherwise ``RoutedFFN`` runs it expert by expert in cache, in runs of ``chunk`` values."""
     if cpu_kernels.enabled(up_base):
-        return _token_routed_ffn(x, plan, up, gate, up_base, gate_base, activation, down_a)
+        _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
+        zu, zg = _all_z(x, up[2], ga)
+        return token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb,
+                                gs, down_a, down_b, down_scale)
     zu = None if up[2] is None else _expert_z(x, plan, up[2])
     zg = None if gate is None or gate[2] is None else _expert_z(x, plan, gate[2])
     g = (None, None, 1.0) if gate is None else (zg, gate[3], gate[4])
-    return RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
+    y, z = RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
                            gate_base, *g, down_a, chunk)
+    return y, (None if down_a is None else expert_lora_up(z, plan, down_b, down_scale))
 
 
 def _all_z(x: Tensor, *factors: Tensor | None) -> list[Tensor | None]:
@@ -135,18 +140,6 @@ def _all_z(x: Tensor, *factors: Tensor | None) -> list[Tensor | None]:
         out.append(z[:, col:col + E * r].view(x.shape[0], E, r))
         col += E * r
     return out
-
-
-def _token_routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
-                      gate_base: Tensor | None, activation: str, down_a: Tensor | None) -> tuple[Tensor, Tensor]:
-    """:func:`routed_ffn` with the fused CPU kernel, which runs token by token; its ``z`` is
-    put back in the plan's sorted order."""
-    _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
-    zu, zg = _all_z(x, up[2], ga)
-    y, zd = token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb, gs,
-                             down_a)
-    T, k, r = zd.shape
-    return y, zd.view(T * k, r).index_select(0, plan.order)
 
 
 def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:
