@@ -101,24 +101,33 @@ void slot_forward(const T* __restrict u, const T* __restrict g, T w, bool first,
   }
 }
 
-// One slot's first backward step: h (into hout), a = act(g) (into a; gated only) and the factor that
-// turns dh into the pre-activation's gradient (into d: act'(g) ⊙ u, or act'(u)), dh = w gy (into dh);
-// returns gy · h, the gate weight's gradient.
-template <int64_t A, typename T>
-T slot_backward(const T* __restrict u, const T* __restrict g, const T* __restrict gy, T w, T* __restrict hout,
-                T* __restrict a, T* __restrict d, T* __restrict dh, int64_t n) {
+// One slot's backward from dh (the gradient of its hidden state h, complete): recomputes h = act(g) ⊙ u
+// (or act(u)) into hout, writes the pre-activations' gradients du = dh ⊙ act(g), dg = dh ⊙ u ⊙ act'(g)
+// (plain blocks: du = dh ⊙ act'(u)) and adds them into the token's rows dub, dgb (the first slot of a
+// token sets them); returns gy · h, the gate weight's gradient.
+template <int64_t A, bool kFirst, typename T>
+T slot_backward(const T* __restrict u, const T* __restrict g, const T* __restrict gy, const T* __restrict dh,
+                T* __restrict hout, T* __restrict du, T* __restrict dg, T* __restrict dub, T* __restrict dgb,
+                int64_t n) {
   T dw = 0;
   if (g) {
 #pragma omp simd reduction(+ : dw)
     for (int64_t f = 0; f < n; ++f) {
       T grad;
-      const T av = act_value_grad<A>(g[f], grad);
-      const T h = av * u[f];
+      const T a = act_value_grad<A>(g[f], grad);
+      const T h = a * u[f];
       hout[f] = h;
-      a[f] = av;
-      d[f] = grad * u[f];
-      dh[f] = w * gy[f];
       dw += gy[f] * h;
+      const T dU = dh[f] * a, dG = dh[f] * grad * u[f];
+      du[f] = dU;
+      dg[f] = dG;
+      if constexpr (kFirst) {
+        dub[f] = dU;
+        dgb[f] = dG;
+      } else {
+        dub[f] += dU;
+        dgb[f] += dG;
+      }
     }
   } else {
 #pragma omp simd reduction(+ : dw)
@@ -126,66 +135,41 @@ T slot_backward(const T* __restrict u, const T* __restrict g, const T* __restric
       T grad;
       const T h = act_value_grad<A>(u[f], grad);
       hout[f] = h;
-      d[f] = grad;
-      dh[f] = w * gy[f];
       dw += gy[f] * h;
+      const T dU = dh[f] * grad;
+      du[f] = dU;
+      if constexpr (kFirst)
+        dub[f] = dU;
+      else
+        dub[f] += dU;
     }
   }
   return dw;
 }
 
-#define MOLEFORGE_ACT_SWITCH(act, CALL)    \
+#define MOLEFORGE_ACT_SWITCH(act, ...)    \
   switch (act) {                           \
     case kSilu: {                          \
       constexpr int64_t A_ = kSilu;        \
-      CALL;                                \
+      __VA_ARGS__;                                \
     } break;                               \
     case kGelu: {                          \
       constexpr int64_t A_ = kGelu;        \
-      CALL;                                \
+      __VA_ARGS__;                                \
     } break;                               \
     case kGeluTanh: {                      \
       constexpr int64_t A_ = kGeluTanh;    \
-      CALL;                                \
+      __VA_ARGS__;                                \
     } break;                               \
     case kQuickGelu: {                     \
       constexpr int64_t A_ = kQuickGelu;   \
-      CALL;                                \
+      __VA_ARGS__;                                \
     } break;                               \
     default: {                             \
       constexpr int64_t A_ = kRelu;        \
-      CALL;                                \
+      __VA_ARGS__;                                \
     }                                      \
   }
-
-// The pre-activations' gradients from dh, in place, and their sums into the token's rows:
-// gated: a <- dh ⊙ a (dU), d <- dh ⊙ d (dG); plain: d <- dh ⊙ d (dU). First slot of a token: =, else +=.
-template <typename T>
-void slot_grads(const T* __restrict dh, T* __restrict a, T* __restrict d, bool gated, bool first,
-                T* __restrict dub, T* __restrict dgb, int64_t n) {
-  T* __restrict du = gated ? a : d;
-  if (gated) {
-#pragma omp simd
-    for (int64_t f = 0; f < n; ++f) {
-      a[f] = dh[f] * a[f];
-      d[f] = dh[f] * d[f];
-    }
-  } else {
-#pragma omp simd
-    for (int64_t f = 0; f < n; ++f) d[f] = dh[f] * d[f];
-  }
-  if (first) {
-    std::copy(du, du + n, dub);
-    if (gated) std::copy(d, d + n, dgb);
-  } else {
-#pragma omp simd
-    for (int64_t f = 0; f < n; ++f) dub[f] += du[f];
-    if (gated) {
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) dgb[f] += d[f];
-    }
-  }
-}
 
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
@@ -202,7 +186,8 @@ inline void axpy(T c, const T* __restrict v, T* __restrict out, int64_t n) {
   for (int64_t f = 0; f < n; ++f) out[f] += c * v[f];
 }
 
-// One pass over out for up to four rows: out = in + Σ_j c[j] rows[j] (kFrom: in = base, else in = out)
+// One pass over out for up to four rows: out = in + Σ_j c[j] rows[j] (kFrom: in = base, or 0 when base is
+// null; else in = out)
 template <bool kFrom, typename T>
 inline void combine_pass(const T* c, const T* const* rows, int64_t m, T* __restrict out, const T* __restrict base,
                          int64_t n) {
@@ -213,7 +198,11 @@ inline void combine_pass(const T* c, const T* const* rows, int64_t m, T* __restr
   const T* __restrict r3 = rows[m > 3 ? 3 : 0];
 #define MOLEFORGE_PASS(expr)                                       \
   if constexpr (kFrom) {                                           \
-    _Pragma("omp simd") for (int64_t f = 0; f < n; ++f) out[f] = base[f] + (expr); \
+    if (base) {                                                    \
+      _Pragma("omp simd") for (int64_t f = 0; f < n; ++f) out[f] = base[f] + (expr); \
+    } else {                                                       \
+      _Pragma("omp simd") for (int64_t f = 0; f < n; ++f) out[f] = (expr); \
+    }                                                              \
   } else {                                                         \
     _Pragma("omp simd") for (int64_t f = 0; f < n; ++f) out[f] += (expr); \
   }
@@ -233,14 +222,18 @@ inline void combine_pass(const T* c, const T* const* rows, int64_t m, T* __restr
 #undef MOLEFORGE_PASS
 }
 
-// out += Σ_j c[j] rows[j] over m rows, or out = base + Σ_j c[j] rows[j] when base is given; up to four
-// rows per pass over out
+// out += Σ_j c[j] rows[j] over m rows, or out = base + Σ_j c[j] rows[j] when base is given, or
+// out = Σ_j c[j] rows[j] when set; up to four rows per pass over out
 template <typename T>
-void combine(const T* c, const T* const* rows, int64_t m, T* out, int64_t n, const T* base = nullptr) {
+void combine(const T* c, const T* const* rows, int64_t m, T* out, int64_t n, const T* base = nullptr,
+             bool set = false) {
   int64_t j = 0;
-  if (base) {
+  if (base || set) {
     if (m == 0) {
-      std::copy(base, base + n, out);
+      if (base)
+        std::copy(base, base + n, out);
+      else
+        std::fill(out, out + n, T(0));
       return;
     }
     combine_pass<true>(c, rows, std::min<int64_t>(m, 4), out, base, n);
@@ -578,14 +571,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       T_* ada = rd ? acc_da.data_ptr<T_>() + tid * E * rd * F : nullptr;
       T_* abd = rd ? acc_bd.data_ptr<T_>() + tid * E * rd * Dd : nullptr;
       std::vector<T_> gzd_block(kBlock * k * rd), dots_i(rd);
-      // per slot of a block, over a tile: pre-activations, act (then dU), act' (then dG), h, dh
+      // per slot of a block, over a tile: pre-activations u and g, h, dh, and the gradients of u and g
       const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
       T_* U = scratch<T_>(6 * rows);
       T_* G = U + rows;
-      T_* A = G + rows;
-      T_* D = A + rows;
-      T_* H = D + rows;
+      T_* H = G + rows;
       T_* DH = H + rows;
+      T_* DU = DH + rows;
+      T_* DG = DU + rows;
       std::vector<T_> c;
       std::vector<const T_*> factor, slots;
       Groups groups(E);
@@ -624,39 +617,46 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
           const int64_t f0 = tile.f0, len = tile.len = std::min(kTile, F - f0);
           add_low_rank(lu, groups, t0, k, F, tile, ub, U, factor, c);
           if (gated) add_low_rank(lg, groups, t0, k, F, tile, gb, G, factor, c);
-          for (int64_t q = 0; q < n; ++q) {
-            const T_* gq = gated ? G + q * kTile : nullptr;
-            const T_* gyt = gy + (t0 + q / k) * F + f0;
-            const int64_t o = q * kTile;
-            MOLEFORGE_ACT_SWITCH(act, dwp[s0 + q] += slot_backward<A_>(U + o, gq, gyt, w[s0 + q],
-                                                                       H + o, A + o, D + o,
-                                                                       DH + o, len))
-          }
-          for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {
+          // dh = w gy + Σ_i ∂zd_i a_i (the down-LoRA's A rows of the slot's expert)
+          factor.resize(rd + 1);
+          c.resize(std::max<int64_t>(rd + 1, kBlock * k));
+          for (int64_t gi = 0; gi < groups.size(); ++gi) {
             const int64_t e = groups.expert[gi];
-            factor.resize(rd);
-            for (int64_t i = 0; i < rd; ++i) factor[i] = da + (e * rd + i) * F + f0;
-            slots.clear();
+            for (int64_t i = 0; i < rd; ++i) factor[i + 1] = da + (e * rd + i) * F + f0;
             for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
               const int64_t q = groups.order[p];
-              combine(gzd_block.data() + q * rd, factor.data(), rd, DH + q * kTile, len);  // dh += Σ_i gzd_i a_i
-              slots.push_back(H + q * kTile);
+              factor[0] = gy + (t0 + q / k) * F + f0;
+              c[0] = w[s0 + q];
+              for (int64_t i = 0; i < rd; ++i) c[i + 1] = gzd_block[q * rd + i];
+              combine(c.data(), factor.data(), rd + 1, DH + q * kTile, len, static_cast<const T_*>(nullptr), true);
             }
-            c.resize(slots.size());
-            for (int64_t i = 0; i < rd; ++i) {  // ∂a_i += Σ_q gzd_qi h_q
+          }
+          for (int64_t q = 0; q < n; ++q) {
+            const int64_t t = t0 + q / k, o = q * kTile;
+            const T_* gq = gated ? G + o : nullptr;
+            T_* dgbt = gated ? dgb + t * F + f0 : nullptr;
+            if (q % k == 0) {
+              MOLEFORGE_ACT_SWITCH(act, dwp[s0 + q] += slot_backward<A_, true>(U + o, gq, gy + t * F + f0, DH + o,
+                                                                               H + o, DU + o, DG + o, dub + t * F + f0,
+                                                                               dgbt, len))
+            } else {
+              MOLEFORGE_ACT_SWITCH(act, dwp[s0 + q] += slot_backward<A_, false>(U + o, gq, gy + t * F + f0, DH + o,
+                                                                                H + o, DU + o, DG + o, dub + t * F + f0,
+                                                                                dgbt, len))
+            }
+          }
+          for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {  // ∂a_i += Σ_q ∂zd_qi h_q
+            const int64_t e = groups.expert[gi];
+            slots.clear();
+            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) slots.push_back(H + groups.order[p] * kTile);
+            for (int64_t i = 0; i < rd; ++i) {
               for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p)
                 c[p - groups.start[gi]] = gzd_block[groups.order[p] * rd + i];
               combine(c.data(), slots.data(), int64_t(slots.size()), ada + (e * rd + i) * F + f0, len);
             }
           }
-          // dU into A, dG into D (plain blocks: dU into D)
-          for (int64_t q = 0; q < n; ++q) {
-            const int64_t t = t0 + q / k, o = q * kTile;
-            slot_grads(DH + o, A + o, D + o, gated, q % k == 0, dub + t * F + f0,
-                       gated ? dgb + t * F + f0 : nullptr, len);
-          }
-          low_rank_grads(lu, groups, t0, k, E, F, tile, gated ? A : D, dzu, abu, factor, slots, c);
-          if (gated) low_rank_grads(lg, groups, t0, k, E, F, tile, D, dzg, abg, factor, slots, c);
+          low_rank_grads(lu, groups, t0, k, E, F, tile, DU, dzu, abu, factor, slots, c);
+          if (gated) low_rank_grads(lg, groups, t0, k, E, F, tile, DG, dzg, abg, factor, slots, c);
         }
       }
     });
