@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from moleforge.backends.torch_fx.init import ParamStore
@@ -66,6 +66,7 @@ def _aux_and_grads(gm, x, samples, mask=None):
 
 
 @pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(graph=graphs(st.one_of(pools(), trees())), seed=st.integers(0, 2**16), data=st.data())
 def test_masked_aux_equals_the_aux_of_the_real_tokens(pipeline, graph, seed, data):
     assume(graph.aux)
