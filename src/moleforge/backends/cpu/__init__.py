@@ -2,7 +2,7 @@
 (``routed_ffn.cpp``, custom ops ``moleforge_cpu::routed_ffn`` and its backward).
 
 The source ships with the package and is compiled with ``torch.utils.cpp_extension`` the first
-time a CPU block runs (about a minute; the build is cached in torch's extensions directory,
+time a CPU block runs (about half a minute; the build is cached in torch's extensions directory,
 ``TORCH_EXTENSIONS_DIR``). Loops over a row of the FFN width are vectorised by the compiler,
 with glibc's vector math library for ``exp`` and ``erf``; on x86-64 CPUs with AVX2 they are
 built for AVX2 and FMA.
