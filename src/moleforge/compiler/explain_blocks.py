@@ -145,8 +145,11 @@ def _block_kernel(g: Graph, short: Mapping[str, str]) -> str:
     steps.append(_down_text(g, node, short))
     if runs_as_routed_ffn(g, node):
         parts = [f"LoRAs on {_and(loras)}"] if loras else []
-        steps.append(f"the experts run as one fused op, expert by expert in cache "
-                     f"({', '.join(parts + ['activation', 'gated sum'])})")
+        lora_down = any(isinstance(u, ExpertLoRA) for u in g.users(node.id))
+        parts += ["activation", "gated sum"] + (["LoRA on " + short["down"]] if lora_down else [])
+        steps.append(f"the experts run as one fused op ({', '.join(parts)}): on CPU float tensors a compiled "
+                     "kernel taking each token's slots in one pass over the row, elsewhere expert by expert "
+                     "in cache")
     return "routed FFN block: " + "; ".join(steps)
 
 
