@@ -9,11 +9,13 @@
 //   y[t] += w h,   zd[t, j, i] = h · da[e, i]              (da: (E, r_d, F))
 //   yd[t] += w s_d Σ_i zd[t, j, i] bd[e, i]               (bd: (E, r_d, D), rows of the down-LoRA's B_eᵀ)
 //
-// One pass over a slot's row of F values does everything while the row sits in L1, and a
-// token's slots are summed in place, so the (slots × F) work needs no gather, scatter or
-// zero fill. U and G are kept for the backward, which recomputes the activation from them.
-// Tokens are split across the intra-op threads; the expert factors' gradients are summed per
-// thread, then across threads.
+// Tokens are split across the intra-op threads and taken in blocks of kBlock; a block's slots are
+// grouped by expert, so each expert's factor rows are read once per block, and its rows are
+// processed in tiles of kTile columns. A token's slots are summed into its row in place, so the
+// (slots × F) work needs no gather, scatter or zero fill, and nothing of that size is stored: the
+// backward recomputes U and G, then one pass per slot gives h, the pre-activations' gradients and
+// their sums into the token's rows. The expert factors' gradients are summed per thread, then
+// across threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
