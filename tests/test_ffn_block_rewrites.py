@@ -21,8 +21,9 @@ LOWERED_FORMS = ["none", "share_frozen_projections", "hoist_frozen_down", "both"
 
 
 @given(graph=block_graphs(), seed=st.integers(0, 2**16), T=st.integers(1, 6),
-       rewrite=st.sampled_from(LOWERED_FORMS))
-def test_lowered_block_matches_interpreter(graph, seed, T, rewrite):
+       rewrite=st.sampled_from(LOWERED_FORMS), kernel=st.sampled_from(["0", "1"]))
+def test_lowered_block_matches_interpreter(graph, seed, T, rewrite, kernel):
+    """With the CPU kernel for fused blocks on (``"1"``) and off."""
     g = graph if rewrite == "none" else REWRITES[rewrite](graph)
     params, x = block_params(g, seed), block_inputs(g, seed, T)
     w = torch.randn(T, g.d_out, generator=torch.Generator().manual_seed(seed + 2), dtype=F64)
@@ -34,7 +35,8 @@ def test_lowered_block_matches_interpreter(graph, seed, T, rewrite):
             getattr(store, d.name).copy_(params[d.name])
     gm = lower(g, store)
     xl = x.clone().requires_grad_(True)
-    out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
+    with cpu_kernels(kernel):
+        out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
     assert_close(out, ref.output)
     loss = (out * w).sum() + (aux if aux is not None else 0.0)
     names = [d.name for d in g.params if d.trainable]

@@ -1,9 +1,9 @@
 """The compiled CPU kernel for routed FFN blocks (``backends/cpu``) against the torch ops of
 ``ops_block.routed_ffn``: outputs and the gradients of every input on random routings (gated and
 plain blocks, every activation, each low-rank part present or not, widths spanning several
-column tiles, one and two threads), the lowered block against the float64 interpreter with the
-kernel on and off, a tiny MixLoRA Llama end to end, the launcher's errors and the fallback when
-the build fails."""
+column tiles, one and two threads), a tiny MixLoRA Llama end to end, ``opcheck`` and
+``torch.compile``, the launcher's errors and the fallback when the build fails. The lowered
+block against the float64 interpreter, kernel on and off: ``test_ffn_block_rewrites.py``."""
 
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moleforge as mf
-from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, interpret_grads
+from ffn_block_helpers import F64
 from ffn_block_helpers import cpu_kernels as kernels
 from models import batch, tiny
 from moleforge.backends import cpu
 from moleforge.backends.cpu import routed_ffn
 from moleforge.backends.torch_fx import ops_block
 from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES
-from moleforge.backends.torch_fx.init import ParamStore
-from moleforge.backends.torch_fx.lower import lower
 from tolerances import assert_close
 
 
@@ -135,32 +133,6 @@ def test_kernel_matches_torch_ops_float32_on_two_threads(b):
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         scale = max([1.0, *r.abs().flatten().tolist()])  # sums over up to 700 columns
         assert_close(g / scale, r / scale, "float32", msg=f"output/gradient #{i}")
-
-
-@given(graph=block_graphs(), seed=st.integers(0, 2**16), T=st.integers(1, 6),
-       rewrite=st.sampled_from(["share_frozen_projections", "both"]), flag=st.sampled_from(["0", "1"]))
-def test_lowered_block_matches_interpreter_with_and_without_kernel(graph, seed, T, rewrite, flag):
-    g = REWRITES[rewrite](graph)
-    params, x = block_params(g, seed), block_inputs(g, seed, T)
-    w = torch.randn(T, g.d_out, generator=torch.Generator().manual_seed(seed + 2), dtype=F64)
-    ref, ref_grads = interpret_grads(g, params, x, w)
-    store = ParamStore(g.params, dtype=F64)
-    with torch.no_grad():
-        for d in g.params:
-            getattr(store, d.name).copy_(params[d.name])
-    gm = lower(g, store)
-    xl = x.clone().requires_grad_(True)
-    with kernels(flag):
-        out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
-    if any(m <= 1e-6 for m in ref.margins.values()):
-        return  # a near tie in the router: either choice is right
-    assert_close(out, ref.output)
-    loss = (out * w).sum() + (aux if aux is not None else 0.0)
-    names = [d.name for d in g.params if d.trainable]
-    grads = torch.autograd.grad(loss, [xl] + [getattr(gm, n) for n in names], allow_unused=True)
-    for name, got in zip(["x"] + names, grads, strict=True):
-        want = ref_grads[name]
-        assert_close(got if got is not None else torch.zeros_like(want), want, msg=f"gradient of {name}")
 
 
 def test_mixlora_llama_same_logits_and_gradients_with_kernel():

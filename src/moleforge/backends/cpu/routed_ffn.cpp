@@ -181,13 +181,6 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   return acc;
 }
 
-// out += c * v
-template <typename T>
-inline void axpy(T c, const T* __restrict v, T* __restrict out, int64_t n) {
-#pragma omp simd
-  for (int64_t f = 0; f < n; ++f) out[f] += c * v[f];
-}
-
 // One pass over out for up to four rows: out = in + Σ_j c[j] rows[j] (kFrom: in = base, or 0 when base is
 // null; else in = out)
 template <bool kFrom, typename T>
