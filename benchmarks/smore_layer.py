@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import moleforge as mf
-from moleforge.backends.export.atomic import atomic_write
+from moleforge.interop.atomic import atomic_write
 from moleforge.ir import interpret
 
 SHAPES = ((512, 1408), (1408, 512))

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import moleforge as mf  # noqa: E402
-from moleforge.backends.export.atomic import atomic_write  # noqa: E402
+from moleforge.interop.atomic import atomic_write  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import moleforge as mf
-from moleforge.backends.torch_fx.block_module import MoleforgeBlock
-from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES, BlockLinear
 from moleforge.compiler.build import SiteShape
 from moleforge.compiler.ffn_sites import build_block_graph
+from moleforge.integrations.block_module import MoleforgeBlock
+from moleforge.integrations.ffn_trace import ACTIVATION_NAMES, BlockLinear
 from moleforge.ir import Graph, interpret, print_graph, verify
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down
 from moleforge.passes.share_frozen_projections import share_frozen_projections

@@ -127,7 +127,7 @@ def test_injection_is_atomic(monkeypatch):
         ref = model(input_ids=ids).logits
     import sys
 
-    import moleforge.backends.torch_fx.inject as inject
+    import moleforge.integrations.inject as inject
 
     calls = {"n": 0}
 

@@ -18,16 +18,16 @@ from models import VOCAB, tiny
 from moleforge.cli import main
 from moleforge.cli.schema_doc import render_reference
 from moleforge.compiler import as_spec, build_site_graphs
-from moleforge.compiler.flops import (
+from moleforge.demo.tasks import make_tokenizer, task_records
+from moleforge.ir import BlockGate, GateBias, GroupedMix, TreeMix, TreePropagate
+from moleforge.passes import group_pools, stack_pools
+from moleforge.report.flops import (
     adapter_flops_per_token,
     base_flops_per_token,
     flops_per_token,
     frozen_flops_per_token,
     node_flops,
 )
-from moleforge.demo.tasks import make_tokenizer, task_records
-from moleforge.ir import BlockGate, GateBias, GroupedMix, TreeMix, TreePropagate
-from moleforge.passes import group_pools, stack_pools
 from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 
 import moleforge as mf
 from models import tiny
-from moleforge.backends.torch_fx.block_module import MoleforgeBlock
+from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.passes.share_frozen_projections import share_frozen_projections
 
 

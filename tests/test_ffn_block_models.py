@@ -14,7 +14,7 @@ import moleforge as mf
 from conftest import assert_close
 from ffn_block_helpers import POOL, block_spec, routed_blocks
 from models import ARCHS, batch, tiny
-from moleforge.backends.torch_fx.block_module import BlockInput
+from moleforge.integrations.block_module import BlockInput
 from moleforge.ir import ExpertFFN, ExpertHidden, interpret
 
 F64 = torch.float64

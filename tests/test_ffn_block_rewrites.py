@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from conftest import assert_close
 from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, cpu_kernels, interpret_grads
-from moleforge.backends.torch_fx import ops_block, ops_linear
-from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES
+from moleforge.backends.runtime import ops_block, ops_linear
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import lower
+from moleforge.integrations.ffn_trace import ACTIVATION_NAMES
 
 # ---- lowering against the interpreter ----------------------------------------------------------
 

@@ -87,7 +87,7 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
 def test_sites_add_into_the_frozen_output_in_place(arch, monkeypatch):
     # nn.Linear and GPT-2 Conv1D sites add Δy into the frozen layer's own output tensor; the
     # loss and every gradient equal the out-of-place sum's bit for bit.
-    from moleforge.backends.torch_fx import inject
+    from moleforge.integrations import inject
 
     spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["q", "v", "up", "down"]), adapter=mf.LoRA(rank=4),
                                          init=mf.Init(up="normal", std=0.1, seed=0))])

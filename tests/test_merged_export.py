@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 import moleforge as mf
 from models import batch, tiny
-from moleforge.backends.export.lowrank import NotReducibleError, reduce_site
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.errors import IRVerificationError
+from moleforge.interop.lowrank import NotReducibleError, reduce_site
 from moleforge.ir import (
     BlockColumns,
     BlockGate,

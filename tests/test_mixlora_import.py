@@ -14,7 +14,7 @@ from mixlora.model import inject_adapter_in_model, load_adapter_weights
 import moleforge as mf
 from conftest import assert_close
 from models import batch, tiny
-from moleforge.backends.torch_fx.block_module import MoleforgeBlock
+from moleforge.integrations.block_module import MoleforgeBlock
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")

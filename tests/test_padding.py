@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 import moleforge as mf
 from models import batch, tiny
-from moleforge.backends.torch_fx.inject import AuxCollector
+from moleforge.integrations.inject import AuxCollector
 from tolerances import assert_close
 
 INIT = mf.Init(up="normal", std=0.3, seed=1)

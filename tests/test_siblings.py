@@ -9,9 +9,9 @@ import torch
 
 import moleforge as mf
 from models import batch, tiny
-from moleforge.backends.torch_fx.siblings import SiblingGroup
-from moleforge.compiler.siblings import find_siblings
-from moleforge.compiler.sites import resolve_sites
+from moleforge.backends.runtime.siblings import SiblingGroup
+from moleforge.integrations.siblings import find_siblings
+from moleforge.integrations.sites import resolve_sites
 from tolerances import assert_close
 
 SPEC = mf.presets.load("molora").with_init(mf.Init(up="normal", std=0.2, seed=3))

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import moleforge as mf
-from moleforge.backends.torch_fx.inject import AdaptedLinear
-from moleforge.compiler.smore_official import official_name, smore_spec_from_official
+from moleforge.integrations.inject import AdaptedLinear
+from moleforge.interop.smore_official import official_name, smore_spec_from_official
 from moleforge.ir import interpret
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "smore_reference"

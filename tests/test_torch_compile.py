@@ -87,7 +87,7 @@ def test_gated_forms_compile_to_one_graph(kind):
 def test_per_expert_gathers_may_break_the_graph():
     # The data-dependent form (each expert runs on the tokens that chose it) is outside the
     # guarantee; it must still give the eager result when dynamo splits the graph.
-    from moleforge.backends.torch_fx import ops
+    from moleforge.backends.runtime import ops
     x, gates = torch.randn(5, 4), torch.softmax(torch.randn(5, 3), -1)
     index = gates.topk(2, dim=-1).indices
     a, b = torch.randn(3, 2, 4), torch.randn(3, 6, 2)

@@ -8,10 +8,7 @@ adapters inside HuggingFace models.
 """
 
 from . import specs
-from .compiler import AdapterHandle, compile, count_parameters, explain, load, save, structural_flexibility
-from .compiler.interop import export_merged, export_peft, from_peft
-from .compiler.mixlora_import import import_mixlora
-from .compiler.smore_official import import_smore_official
+from .compiler import compile, count_parameters, structural_flexibility
 from .errors import (
     CheckpointError,
     InjectionError,
@@ -22,6 +19,12 @@ from .errors import (
     PassError,
     SpecError,
 )
+from .integrations.handle import AdapterHandle
+from .interop.checkpoint import load, save
+from .interop.mixlora import import_mixlora
+from .interop.peft import export_merged, export_peft, from_peft
+from .interop.smore_official import import_smore_official
+from .report.explain import explain
 from .specs import (
     AdapterSpec,
     CV2ImportanceLoad,

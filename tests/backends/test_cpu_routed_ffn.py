@@ -20,8 +20,8 @@ from ffn_block_helpers import cpu_kernels as kernels
 from models import batch, tiny
 from moleforge.backends import cpu
 from moleforge.backends.cpu import routed_ffn
-from moleforge.backends.torch_fx import ops_block
-from moleforge.backends.torch_fx.ffn_block import ACTIVATION_NAMES
+from moleforge.backends.runtime import ops_block
+from moleforge.integrations.ffn_trace import ACTIVATION_NAMES
 from tolerances import assert_close
 
 

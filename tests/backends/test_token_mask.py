@@ -9,9 +9,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from moleforge.backends.runtime.ops_tree import TreeRouting, tree_aux
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import counts_name, lower
-from moleforge.backends.torch_fx.ops_tree import TreeRouting, tree_aux
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import AbsTopK, SigmoidTopK, TreeRoute, interpret
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 import moleforge as mf  # noqa: E402
 from models import batch, tiny  # noqa: E402
-from moleforge.backends.torch_fx import ops  # noqa: E402
+from moleforge.backends.runtime import ops  # noqa: E402
 from moleforge.backends.triton import grouped  # noqa: E402
 from moleforge.passes import group_pools  # noqa: E402
 from tolerances import assert_close  # noqa: E402

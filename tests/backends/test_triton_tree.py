@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import moleforge as mf
 from models import kernel_choices_agree
-from moleforge.backends.torch_fx.ops_tree_prop import propagate_all
+from moleforge.backends.runtime.ops_tree_prop import propagate_all
 from moleforge.backends.triton.tree import node_mix
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from pass_properties import MARGIN, lowered, reference_grads
 
-from moleforge.backends.torch_fx.siblings import SiblingGroup
+from moleforge.backends.runtime.siblings import SiblingGroup
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import SiblingLinear, interpret, print_graph, verify
 from moleforge.passes import DEFAULT_PIPELINE, fuse_sibling_sites, run_pipeline

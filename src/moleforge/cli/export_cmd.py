@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..backends.export import CONFIG_NAME
+from ..interop import CONFIG_NAME
 from .common import friendly_errors, load_model, load_tokenizer
 
 __all__ = ["export_cmd"]

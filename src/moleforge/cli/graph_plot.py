@@ -9,7 +9,7 @@ from pathlib import Path
 import networkx as nx
 from matplotlib.figure import Figure
 
-from ..backends.export.atomic import atomic_write
+from ..interop.atomic import atomic_write
 from ..ir import (
     Add,
     AuxLoss,

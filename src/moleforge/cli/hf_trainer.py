@@ -9,10 +9,10 @@ import os
 import torch
 from transformers import Trainer
 
-from ..backends.export import read_adapter
-from ..compiler import AdapterHandle
 from ..data import Example, collate
 from ..errors import CheckpointError
+from ..integrations.handle import AdapterHandle
+from ..interop import read_adapter
 
 __all__ = ["ExampleDataset", "PadCollator", "AdapterTrainer", "checkpoint_dirs"]
 

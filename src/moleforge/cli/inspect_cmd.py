@@ -13,12 +13,12 @@ import click
 
 from .. import passes
 from ..compiler import build_site_graphs, count_parameters, structural_flexibility
-from ..compiler.explain import block_rows
-from ..compiler.explain_blocks import block_fields
 from ..compiler.ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
-from ..compiler.flops import adapter_flops_per_token, base_flops_per_token
-from ..compiler.sites import ResolvedSite
+from ..integrations.sites import ResolvedSite
 from ..ir import Graph, print_graph
+from ..report.explain import block_rows
+from ..report.explain_blocks import block_fields
+from ..report.flops import adapter_flops_per_token, base_flops_per_token
 from ..specs import AdapterSpec
 from .common import friendly_errors, load_model, load_spec
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..backends.export.atomic import atomic_write
 from ..data import DataError, Example, encode_all, read_jsonl
+from ..interop.atomic import atomic_write
 from .common import friendly_errors, load_model, load_spec, load_tokenizer
 
 __all__ = ["train_cmd"]
@@ -111,6 +111,7 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
 
     from .. import compiler
     from ..integrations.trainer import MoleforgeTrainerCallback
+    from ..interop.checkpoint import save
     from .hf_trainer import AdapterTrainer, ExampleDataset, PadCollator
 
     handle = compiler.compile(spec, model)
@@ -128,7 +129,7 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     if last is not None:
         click.echo(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
-    path = compiler.save(handle, out / "adapter")
+    path = save(handle, out / "adapter")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {"spec": spec.name, "model": opts["model"], "steps": trainer.state.global_step,
                "trainable_parameters": n, "final_loss": losses[-1] if losses else None,

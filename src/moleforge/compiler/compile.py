@@ -8,19 +8,19 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..backends.runtime.siblings import SiblingGroup
 from ..backends.torch_fx.init import ParamStore
-from ..backends.torch_fx.inject import AdaptedLinear, AuxCollector, swap_modules
 from ..backends.torch_fx.lower import lower
-from ..backends.torch_fx.siblings import SiblingGroup
 from ..errors import InjectionError, MoleforgeError, SpecError
+from ..integrations.handle import AdapterHandle
+from ..integrations.inject import AdaptedLinear, AuxCollector, swap_modules
+from ..integrations.siblings import find_siblings
+from ..integrations.sites import ResolvedSite, resolve_sites
 from ..ir import AuxLoss, Graph, SiblingLinear, verify
 from ..passes import DEFAULT_PIPELINE, Pass, fuse_sibling_sites, run_pipeline
 from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
 from .build import build_graph
 from .ffn_sites import count_block_parameters, make_block_modules, prepare_blocks
-from .handle import AdapterHandle
-from .siblings import find_siblings
-from .sites import ResolvedSite, resolve_sites
 
 __all__ = ["compile", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
 

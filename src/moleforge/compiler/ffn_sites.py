@@ -19,19 +19,19 @@ from typing import Sequence
 import torch
 from torch import fx, nn
 
-from ..backends.torch_fx.block_module import MoleforgeBlock, build_block_module, frozen_names
-from ..backends.torch_fx.ffn_block import BlockLinear, TracedBlock, trace_block
 from ..backends.torch_fx.init import ParamStore
-from ..backends.torch_fx.inject import AuxCollector, linear_dims
 from ..backends.torch_fx.lower import lower
 from ..errors import InjectionError, MoleforgeError
+from ..integrations.block_module import MoleforgeBlock, build_block_module, frozen_names
+from ..integrations.ffn_trace import BlockLinear, TracedBlock, trace_block
+from ..integrations.inject import AuxCollector, linear_dims
+from ..integrations.sites import ROLE_PATTERNS, layer_of, num_layers
 from ..ir import AuxLoss, ExpertFFN, ExpertLinear, Graph, ParamDecl, ParamRef, verify
 from ..passes import Pass, run_pipeline
 from ..passes.hoist_frozen_down import hoist_frozen_down
 from ..passes.share_frozen_projections import share_frozen_projections
 from ..specs import AdapterSpec, ExpertPool, PerExpert, Site, lora_scale
 from .build import SiteShape, _Builder, _flat_router
-from .sites import ROLE_PATTERNS, layer_of, num_layers
 
 __all__ = ["BLOCK_PIPELINE", "ResolvedBlock", "resolve_blocks", "build_block_graph", "prepare_blocks",
            "make_block_modules", "count_block_parameters"]

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compiler import AdapterHandle
 from ..data import IGNORE, Example, collate
+from ..integrations.handle import AdapterHandle
 from .tasks import pretrain_batch
 
 __all__ = ["Curve", "TaskScore", "pretrain", "finetune", "evaluate"]

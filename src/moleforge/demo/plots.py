@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from ..backends.export.atomic import atomic_write
-from ..compiler import AdapterHandle
 from ..data import IGNORE
+from ..integrations.handle import AdapterHandle
+from ..interop.atomic import atomic_write
 from .tasks import PRETRAIN_TASKS, TASKS
 
 __all__ = ["TaskRouting", "record_task_routing", "loss_curves", "expert_load", "routing_trees", "short_name"]

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..backends.export.atomic import atomic_write
+from ..interop.atomic import atomic_write
 from .tasks import PRETRAIN_TASKS, TASKS
 
 __all__ = ["render", "write", "final_loss"]

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .. import compiler
-from ..backends.export.atomic import atomic_write
-from ..compiler.interop import export_merged
 from ..data import collate, encode_all
 from ..errors import NotMergeableError
+from ..interop.atomic import atomic_write
+from ..interop.checkpoint import save
+from ..interop.peft import export_merged
 from ..specs import AdapterSpec, presets
 from . import plots, report
 from .loop import Curve, TaskScore, evaluate, finetune, pretrain
@@ -160,7 +161,7 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
         if routing is None:
             routing = plots.record_task_routing(handle, batches)
         adapter_dir = out / "adapters" / spec.name
-        compiler.save(handle, adapter_dir)
+        save(handle, adapter_dir)
         merged = _export_merged(handle, out / "merged" / spec.name, tokenizer)
         handle.remove()
         runs.append(MethodRun(name, spec, n, gamma, curve, scores, adapter_dir, merged))

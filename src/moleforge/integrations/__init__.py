@@ -1,1 +1,2 @@
-"""Integrations with training frameworks (imported on first use: they import those frameworks)."""
+"""HuggingFace model surgery (sites, MLP tracing, module swaps, siblings), the adapter handle
+and the Trainer glue."""

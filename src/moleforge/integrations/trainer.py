@@ -23,9 +23,9 @@ from contextlib import ExitStack
 
 from transformers import TrainerCallback
 
-from ..compiler.handle import AdapterHandle
-from ..compiler.routing_log import RoutingLog
-from ..compiler.sites import layer_of
+from .handle import AdapterHandle
+from .routing_log import RoutingLog
+from .sites import layer_of
 
 __all__ = ["MoleforgeTrainerCallback"]
 

@@ -59,9 +59,9 @@ from ...ir import (
     expr_shape,
     format_expr,
 )
-from . import ops, ops_block, ops_linear
+from ..runtime import ops, ops_block, ops_linear
+from ..runtime.siblings import SiblingGroup
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
-from .siblings import SiblingGroup
 
 __all__ = ["lower", "counts_name", "runs_as_routed_ffn"]
 

@@ -17,7 +17,7 @@ import operator
 from torch import fx
 
 from ...ir import Graph, Linear, TreeMix, TreeRoute, expr_shape
-from . import ops_tree
+from ..runtime import ops_tree
 
 __all__ = ["emit_tree_route", "emit_tree", "emit_tree_aux"]
 

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ...errors import CheckpointError
+from ..errors import CheckpointError
 from .atomic import atomic_write
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftLoRA", "ModuleLoRA", "read_peft_lora",

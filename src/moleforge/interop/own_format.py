@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ...errors import CheckpointError
+from ..errors import CheckpointError
 from .atomic import atomic_write
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "write_adapter", "read_adapter"]

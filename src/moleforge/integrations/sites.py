@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..backends.torch_fx.inject import AdaptedLinear, linear_dims
+from ..compiler.build import SiteShape
 from ..errors import InjectionError
 from ..specs import AdapterSpec, Site
-from .build import SiteShape
+from .inject import AdaptedLinear, linear_dims
 
 __all__ = ["ResolvedSite", "resolve_sites", "ROLE_PATTERNS", "layer_of", "num_layers"]
 

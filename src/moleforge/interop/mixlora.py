@@ -25,14 +25,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..backends.torch_fx.block_module import MoleforgeBlock
+from ..compiler.compile import compile
 from ..errors import CheckpointError
+from ..integrations.block_module import MoleforgeBlock
+from ..integrations.handle import AdapterHandle
+from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, LoRA, Site, SwitchLoadBalance, Target, TopKRouter
-from .compile import compile
-from .handle import AdapterHandle
-from .sites import layer_of
 
 __all__ = ["import_mixlora", "mixlora_spec"]
 

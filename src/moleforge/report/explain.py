@@ -22,7 +22,9 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from torch import nn
 
-from ..backends.torch_fx.block_module import MoleforgeBlock
+from ..compiler.ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
+from ..integrations.block_module import MoleforgeBlock
+from ..integrations.siblings import find_siblings
 from ..ir import (
     AuxLoss,
     BlockGate,
@@ -50,9 +52,7 @@ from ..passes import (
 )
 from .explain_blocks import block_fields
 from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
-from .ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
 from .flops import base_flops_per_token, flops_per_token
-from .siblings import find_siblings
 
 __all__ = ["explain", "explain_graphs", "site_rows", "block_rows"]
 
@@ -77,7 +77,7 @@ def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     Example:
         >>> print(mf.explain("molora", model))  # doctest: +SKIP
     """
-    from .compile import as_spec, build_site_graphs
+    from ..compiler.compile import as_spec, build_site_graphs
 
     spec = as_spec(spec)
     sites, plain, final = build_site_graphs(spec, model, passes, siblings=False)

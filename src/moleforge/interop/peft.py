@@ -13,17 +13,17 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backends.export import CONFIG_NAME, WEIGHTS_NAME, write_adapter
-from ..backends.export.lowrank import LowRank, NotReducibleError, reduce_site
-from ..backends.export.merged import dedupe_shared, fold_delta, write_hf_model
-from ..backends.export.peft_format import PeftLoRA, lora_config, read_peft_lora, write_peft_lora
-from ..backends.torch_fx.inject import linear_dims
+from ..compiler.compile import compile
 from ..errors import CheckpointError, NotMergeableError, SpecError
+from ..integrations.handle import AdapterHandle
+from ..integrations.inject import linear_dims
 from ..ir import Graph
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, Init, LoRA, Site, StaticRouter, Target
-from .compile import compile
-from .handle import AdapterHandle
+from . import CONFIG_NAME, WEIGHTS_NAME, write_adapter
+from .lowrank import LowRank, NotReducibleError, reduce_site
+from .merged import dedupe_shared, fold_delta, write_hf_model
+from .peft_format import PeftLoRA, lora_config, read_peft_lora, write_peft_lora
 
 __all__ = ["from_peft", "export_peft", "export_merged"]
 

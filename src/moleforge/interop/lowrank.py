@@ -29,8 +29,8 @@ import networkx as nx
 import torch
 from torch import Tensor
 
-from ...errors import NotMergeableError
-from ...ir import (
+from ..errors import NotMergeableError
+from ..ir import (
     Add,
     BlockGate,
     Columns,

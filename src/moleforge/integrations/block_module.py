@@ -24,10 +24,10 @@ import operator
 import torch
 from torch import fx, nn
 
-from ...errors import InjectionError
-from .ffn_block import TracedBlock
+from ..backends.runtime.ops import in_backward
+from ..errors import InjectionError
+from .ffn_trace import TracedBlock
 from .inject import AuxCollector, logged_routes
-from .ops import in_backward
 
 __all__ = ["MoleforgeBlock", "BlockInput", "build_block_module", "frozen_names", "flatten_tokens",
            "unflatten_tokens"]

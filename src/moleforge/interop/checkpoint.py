@@ -8,12 +8,12 @@ from typing import Sequence
 
 from torch import nn
 
-from ..backends.export import read_adapter, write_adapter
+from ..compiler.compile import compile
 from ..errors import CheckpointError, MoleforgeError
+from ..integrations.handle import AdapterHandle
 from ..passes import Pass
 from ..specs import AdapterSpec
-from .compile import compile
-from .handle import AdapterHandle
+from . import read_adapter, write_adapter
 
 __all__ = ["save", "load"]
 

@@ -35,7 +35,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..compiler.compile import compile
 from ..errors import CheckpointError, MoleforgeError
+from ..integrations.handle import AdapterHandle
 from ..specs import (
     AdapterSpec,
     CV2ImportanceLoad,
@@ -46,8 +48,6 @@ from ..specs import (
     TreeLevel,
     TreeRouter,
 )
-from .compile import compile
-from .handle import AdapterHandle
 
 __all__ = ["import_smore_official", "smore_spec_from_official", "official_name"]
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import torch
 from torch import fx, nn
 
-from ...errors import InjectionError
-from .ops import in_backward
+from ..backends.runtime.ops import in_backward
+from ..errors import InjectionError
 
 __all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent", "logged_routes"]
 

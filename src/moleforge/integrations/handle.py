@@ -11,10 +11,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..backends.torch_fx.inject import AdaptedLinear, AuxCollector, get_submodule_parent
 from ..backends.torch_fx.lower import counts_name
 from ..ir import AbsTopK, Graph, Route, SigmoidTopK
 from ..specs import AdapterSpec
+from .inject import AdaptedLinear, AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
 
 __all__ = ["AdapterHandle"]
@@ -250,7 +250,7 @@ class AdapterHandle:
     def explain(self, ir: str = "diff") -> str:
         """What the compiler built, per group of identical sites: adapter, parameters, FLOPs per
         token, kernel, siblings, Γ and the IR through the passes (see :func:`moleforge.explain`)."""
-        from .explain import explain_graphs, site_rows
+        from ..report.explain import explain_graphs, site_rows
 
         rows = site_rows(self.modules, self.plain_graphs, self.graphs)
         return explain_graphs(self.spec.name or "adapter", type(self.model).__name__, rows, self.pipeline, ir=ir)
@@ -278,7 +278,7 @@ class AdapterHandle:
         """``model.save_pretrained`` while the adapter is injected (what ``Trainer.save_model`` calls):
         writes the moleforge adapter (``mf.save``), not the full state dict, as PEFT does for its
         models. Full merged weights: ``mf.export_merged``."""
-        from .checkpoint import save
+        from ..interop.checkpoint import save
         if is_main_process:
             save(self, save_directory)
 

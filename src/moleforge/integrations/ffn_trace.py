@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ...errors import InjectionError
-from ...ir import block_activation
+from ..errors import InjectionError
+from ..ir import block_activation
 from .inject import linear_dims
 
 __all__ = ["BlockLinear", "TracedBlock", "trace_block", "ACTIVATION_NAMES"]

@@ -1,0 +1,1 @@
+"""Reports on a plan: explain, FLOPs, structural flexibility and parameter counts."""
