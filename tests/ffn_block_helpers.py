@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import moleforge as mf
-from moleforge.compiler.build import SiteShape
-from moleforge.compiler.ffn_sites import build_block_graph
+from moleforge.compiler.build import SiteShape, build_block_graph
 from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.integrations.ffn_trace import ACTIVATION_NAMES, BlockLinear
 from moleforge.ir import Graph, interpret, print_graph, verify

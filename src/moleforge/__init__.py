@@ -8,7 +8,7 @@ adapters inside HuggingFace models.
 """
 
 from . import specs
-from .compiler import compile, count_parameters, structural_flexibility
+from .compiler import Plan, compile, count_parameters, explain, plan, structural_flexibility
 from .errors import (
     CheckpointError,
     InjectionError,
@@ -24,7 +24,6 @@ from .interop.checkpoint import load, save
 from .interop.mixlora import import_mixlora
 from .interop.peft import export_merged, export_peft, from_peft
 from .interop.smore_official import import_smore_official
-from .report.explain import explain
 from .specs import (
     AdapterSpec,
     CV2ImportanceLoad,
@@ -53,7 +52,8 @@ from .specs import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "explain", "save", "load", "presets", "count_parameters", "structural_flexibility", "AdapterHandle",
+    "compile", "plan", "Plan", "explain", "save", "load", "presets", "count_parameters", "structural_flexibility",
+    "AdapterHandle",
     "AdapterSpec", "Site", "Target", "LayerOverride", "Init", "LoRA", "ExpertPool", "RankPartition",
     "ResidualTree", "TreeLevel", "TreeRouter", "Shared", "SparseRandom", "TopKRouter", "DenseRouter",
     "SigmoidTopKRouter", "ImplicitTopKRouter", "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",

@@ -9,8 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ffn_block_helpers import REWRITES, block_graphs, check_block_rewrite
-from moleforge.compiler.build import SiteShape
-from moleforge.compiler.ffn_sites import build_block_graph
+from moleforge.compiler.build import SiteShape, build_block_graph
 from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import print_graph
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down

@@ -12,11 +12,11 @@ from typing import Sequence
 import click
 
 from .. import passes
-from ..compiler import build_site_graphs, count_parameters, structural_flexibility
-from ..compiler.ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
+from ..compiler import Plan, count_parameters, plan, structural_flexibility
+from ..integrations.ffn_blocks import ResolvedBlock
 from ..integrations.sites import ResolvedSite
 from ..ir import Graph, print_graph
-from ..report.explain import block_rows
+from ..report.explain import site_row
 from ..report.explain_blocks import block_fields
 from ..report.flops import adapter_flops_per_token, base_flops_per_token
 from ..specs import AdapterSpec
@@ -121,12 +121,11 @@ def _distinct_graphs(groups: list[SiteGroup]) -> list[tuple[str, list[str]]]:
     return list(out.values())
 
 
-def _block_lines(groups: list[SiteGroup], plain: dict[str, Graph], graphs: dict[str, Graph]) -> list[str]:
+def _block_lines(groups: list[SiteGroup], planned: Plan) -> list[str]:
     """Each group of routed FFN blocks as ``mf.explain`` describes it (costs are in the tables)."""
     lines = []
     for g in groups:
-        rows = block_rows(g.sites, plain, graphs)  # type: ignore[arg-type]
-        lines += block_fields(rows, costs=False)
+        lines += block_fields([site_row(planned.site(b.name)) for b in g.sites], costs=False)
     return lines
 
 
@@ -154,9 +153,10 @@ def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | No
     """
     spec_obj = load_spec(spec)
     model = load_model(model_dir)
-    sites, _, linear_graphs = build_site_graphs(spec_obj, model)
-    blocks, block_plain, block_graphs = prepare_blocks(spec_obj, model, None, {s.name for s in sites})
-    graphs = {**linear_graphs, **block_graphs}
+    planned = plan(spec_obj, model)
+    sites = [s.resolved for s in planned.sites if s.scope == "linear"]
+    blocks = [s.resolved for s in planned.sites if s.scope == "ffn_block"]
+    graphs = planned.graphs
     if site is not None and site not in graphs:
         sample = ", ".join(list(graphs)[:4])
         raise click.BadParameter(f"{site!r} is not an adapted module of this model; adapted: {sample}, ...",
@@ -174,7 +174,7 @@ def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | No
     echo("\n".join(_sites_table(groups)))
     if block_groups:
         echo("\nFFN blocks  routed experts replace these modules (scope ffn_block)")
-        echo("\n".join(_block_lines(block_groups, block_plain, block_graphs)))
+        echo("\n".join(_block_lines(block_groups, planned)))
     echo(f"\nparameters  {n_adapter:,} trainable ({n_adapter / n_model:.2%} of the model's {n_model:,})")
     parts = ", ".join(f"{k}={v:,}" for k, v in breakdown.items())  # type: ignore[union-attr]
     echo(textwrap.fill(parts, width=100, initial_indent="  ", subsequent_indent="  "))
@@ -185,8 +185,7 @@ def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | No
     shown = [(site, [site])] if site is not None else _distinct_graphs(groups)
     for name, patterns in shown:
         also = f"; the same graph for {', '.join(patterns)}" if len(patterns) > 1 else ""
-        pipeline = BLOCK_PIPELINE if name in block_graphs else passes.DEFAULT_PIPELINE
-        echo(f"\nIR of {name} after the passes ({_pipeline_names(pipeline)}{also}):")
+        echo(f"\nIR of {name} after the passes ({_pipeline_names(planned.pipeline)}{also}):")
         echo(print_graph(graphs[name]))
     if graph_png is not None:
         from .graph_plot import draw_graph

@@ -6,8 +6,11 @@ the keys of saved adapters, after the module path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
+from ..integrations.block_module import frozen_names
+from ..integrations.ffn_trace import BlockLinear
+from ..integrations.sites import SiteShape
 from ..ir import (
     AbsTopK,
     Add,
@@ -16,6 +19,8 @@ from ..ir import (
     BlockGate,
     BlockRows,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertLinear,
     Graph,
     Input,
     Jitter,
@@ -47,19 +52,7 @@ from ..specs import (
     lora_scale,
 )
 
-__all__ = ["SiteShape", "build_graph"]
-
-
-@dataclass(frozen=True)
-class SiteShape:
-    """What the compiler needs to know of a resolved site."""
-
-    label: str
-    d_in: int
-    d_out: int
-    experts: int | None = None
-    """Per-layer override of the pool size (MoLA)."""
-    rank: int | None = None
+__all__ = ["SiteShape", "build_graph", "build_block_graph"]
 
 
 class _Builder:
@@ -217,3 +210,38 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
         b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
                                    origin=f"{origin}.aux_losses[{i}]")))
     return out
+
+
+def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activation: str,
+                      roles: Sequence[str], shape: SiteShape, origin: str = "adapter") -> Graph:
+    """The plain IR of ``pool`` as experts over an FFN block with ``linears`` (``gate``, ``up``,
+    ``down``) and ``activation``: a router, one :class:`~moleforge.ir.ExpertFFN` and the pool's
+    aux losses. ``A_<role> (E, r, d_in)`` and ``B_<role> (E, d_out, r)`` on the linears in
+    ``roles``; frozen inputs ``W_<role>`` and ``b_<role>``."""
+    b = _Builder(shape)
+    E, r = shape.experts or pool.experts, shape.rank or pool.rank
+    route = _flat_router(b, pool.router, E, origin)
+    k = getattr(pool.router, "k", None)
+    scale = lora_scale(pool.alpha, r, pool.scaling, active=(k or E) * r, total=E * r)
+    frozen: list[ParamDecl] = []
+    experts: dict[str, ExpertLinear] = {}
+    for role, info in linears.items():
+        w_name, b_name = frozen_names(role)
+        frozen.append(ParamDecl(name=w_name, shape=(info.d_out, info.d_in), init="frozen", trainable=False))
+        bias = None
+        if info.bias:
+            frozen.append(ParamDecl(name=b_name, shape=(info.d_out,), init="frozen", trainable=False))
+            bias = ParamRef(b_name, (info.d_out,))
+        a = up = None
+        if role in roles:
+            a = b.param(f"A_{role}", (E, r, info.d_in), "kaiming", fan_in=info.d_in)
+            up = b.param(f"B_{role}", (E, info.d_out, r), "up")
+        experts[role] = ExpertLinear(weight=ParamRef(w_name, (info.d_out, info.d_in)), bias=bias, a=a, b=up,
+                                     scale=scale)
+    out = b.add(ExpertFFN(id="experts", src="x", routing=route, up=experts["up"], gate=experts.get("gate"),
+                          down=experts["down"], activation=activation, origin=origin))  # type: ignore[arg-type]
+    for j, aux in enumerate(pool.aux_losses):
+        b.aux.append(b.add(AuxLoss(id=f"aux{j}", routing=route, kind=aux.kind, weight=aux.weight,
+                                   delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
+                                   origin=f"{origin}.aux_losses[{j}]")))
+    return b.graph(out).replace(frozen=tuple(frozen))

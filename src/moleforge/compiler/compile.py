@@ -1,4 +1,5 @@
-"""``compile``: spec + model -> injected adapter handle; and the structural facts of a spec."""
+"""``compile``: spec + model -> plan -> lowered sites swapped into the model -> handle; and the
+structural facts of a spec."""
 
 from __future__ import annotations
 
@@ -11,65 +12,44 @@ from torch import nn
 from ..backends.runtime.siblings import SiblingGroup
 from ..backends.torch_fx.init import ParamStore
 from ..backends.torch_fx.lower import lower
-from ..errors import InjectionError, MoleforgeError, SpecError
+from ..errors import InjectionError, MoleforgeError
+from ..integrations.block_module import build_block_module
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import AdaptedLinear, AuxCollector, swap_modules
-from ..integrations.siblings import find_siblings
-from ..integrations.sites import ResolvedSite, resolve_sites
-from ..ir import AuxLoss, Graph, SiblingLinear, verify
-from ..passes import DEFAULT_PIPELINE, Pass, fuse_sibling_sites, run_pipeline
+from ..integrations.sites import ResolvedSite
+from ..ir import AuxLoss, Graph, SiblingLinear
+from ..passes import Pass
+from ..report.explain import IRView, explain_plan
 from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
-from .build import build_graph
-from .ffn_sites import count_block_parameters, make_block_modules, prepare_blocks
+from .plan import Plan, PlannedSite, as_spec, plan
 
-__all__ = ["compile", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
-
-
-def as_spec(spec: Any) -> AdapterSpec:
-    """Accept an ``AdapterSpec``, a dict, a JSON string or a preset name."""
-    if isinstance(spec, AdapterSpec):
-        return spec
-    if isinstance(spec, dict):
-        return AdapterSpec.model_validate(spec)
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.startswith("{"):
-            return AdapterSpec.model_validate_json(text)
-        from ..specs import presets
-        return presets.load(text)
-    raise SpecError(f"expected an AdapterSpec, a dict, JSON text or a preset name, got {type(spec).__name__}")
+__all__ = ["compile", "explain", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
 
 
 def build_site_graphs(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] | None = None,
                       siblings: bool | None = None) -> tuple[list[ResolvedSite], dict[str, Graph], dict[str, Graph]]:
-    """Resolve sites and build each one's plain and optimised graph; with ``siblings`` (default:
-    when the default pipeline runs) sites that read the same tensor share their input GEMM."""
-    sites = resolve_sites(spec, model)
-    plain, optimised = {}, {}
-    pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
-    for s in sites:
-        g = verify(build_graph(spec.sites[s.site_index].adapter, s.shape, origin=f"sites[{s.site_index}].adapter"))
-        plain[s.name] = g
-        optimised[s.name] = run_pipeline(g, pipeline)
-    if (passes is None) if siblings is None else siblings:
-        optimised = fuse_sibling_sites(optimised, find_siblings(model, list(optimised)).groups)
-    return sites, plain, optimised
+    """The linear sites of :func:`plan` with each one's plain and optimised graph."""
+    p = plan(spec, model, passes, siblings=siblings)
+    linear = [s for s in p.sites if s.scope == "linear"]
+    return ([s.resolved for s in linear], {s.name: s.plain for s in linear},  # type: ignore[misc]
+            {s.name: s.final for s in linear})
 
 
-def _adapter_dtype(base: nn.Module) -> torch.dtype:
-    w = base.weight
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None,  # noqa: A001
             siblings: bool | None = None) -> AdapterHandle:
-    """Compile ``spec`` into ``model`` in place and return the handle.
+    """Compile ``spec`` into ``model`` in place and return the handle: :func:`plan`, then lower
+    every site and swap it in.
 
     The model's own parameters are frozen; the adapter's are trainable. On any error
     the model is left exactly as it was.
 
     Args:
-        spec: an :class:`AdapterSpec`, a dict, JSON text or a preset name.
+        spec: an :class:`AdapterSpec`, a dict, JSON text, a preset name, or a :class:`Plan` made
+            for this model.
         model: a HuggingFace model (or any module with ``nn.Linear`` / ``Conv1D`` children).
         passes: optimisation passes (default: ``moleforge.passes.DEFAULT_PIPELINE``; ``()`` for none).
         siblings: give sites that read the same tensor (q/k/v, gate/up) one input GEMM
@@ -78,47 +58,74 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     Example:
         >>> handle = mf.compile(mf.presets.load("smore"), model)  # doctest: +SKIP
     """
-    spec = as_spec(spec)
-    sites, plain, graphs = build_site_graphs(spec, model, passes, siblings)
-    groups = {n.group: SiblingGroup(n.group) for g in graphs.values() for n in g.nodes if isinstance(n, SiblingLinear)}
-    blocks, block_plain, block_graphs = prepare_blocks(spec, model, passes, {s.name for s in sites})
+    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings)
+    groups = {n.group: SiblingGroup(n.group) for s in p.sites for n in s.final.nodes if isinstance(n, SiblingLinear)}
     collector = AuxCollector()
-    gen = None
-    seeds = {s.init.seed for s in spec.sites} - {None}
-    if seeds:
-        gen = torch.Generator().manual_seed(min(seeds))
-    replacements: dict[str, AdaptedLinear] = {}
-    site_of: dict[str, int] = {}
-    for s in sites:
-        base = model.get_submodule(s.name)
-        init = spec.sites[s.site_index].init
-        try:
-            store = ParamStore(graphs[s.name].params, up=init.up, std=init.std, generator=gen,
-                               dtype=_adapter_dtype(base))
-            gm = lower(graphs[s.name], store, groups).to(base.weight.device)
-        except MoleforgeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - name the module in the message
-            raise InjectionError(f"could not build the adapter for module {s.name!r}: {e}") from e
-        uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graphs[s.name].nodes)
-        adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples).train(base.training)
-        adapted.site_name = s.name
-        replacements[s.name] = adapted
-        site_of[s.name] = s.site_index
-    # ffn_block sites: routed GraphModules replacing whole MLP blocks (see ffn_sites)
-    block_modules, block_swaps = make_block_modules(spec, model, blocks, block_graphs, collector, gen)
-    site_of.update({b.name: b.site_index for b in blocks})
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    originals = swap_modules(model, {**replacements, **block_swaps})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    modules = {**replacements, **block_modules}
+    seeds = {s.init.seed for s in p.spec.sites} - {None}
+    gen = torch.Generator().manual_seed(min(seeds)) if seeds else None
+    modules: dict[str, nn.Module] = {}
+    swaps: dict[str, nn.Module] = {}
+    for site in p.sites:
+        made = _lower_site(p.spec, site, model, groups, collector, gen)
+        modules[site.name] = made[site.name]
+        swaps.update(made)
+    requires_grad = {n: q.requires_grad for n, q in model.named_parameters()}
+    originals = swap_modules(model, swaps)
+    for q in model.parameters():
+        q.requires_grad_(False)
     for mod in modules.values():
-        for p in mod.site.parameters():
-            p.requires_grad_(True)
-    pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
-    return AdapterHandle(model, spec, modules, {**graphs, **block_graphs},  # type: ignore[arg-type]
-                         originals, collector, requires_grad, site_of, {**plain, **block_plain}, pipeline)
+        for q in mod.site.parameters():
+            q.requires_grad_(True)
+    return AdapterHandle(model, p, modules, originals, collector, requires_grad)
+
+
+def explain(spec: Any, model: nn.Module | None = None, *, passes: Sequence[Pass] | None = None,
+            siblings: bool | None = None, ir: IRView = "diff") -> str:
+    """A readable account of what :func:`compile` would build; the model is not changed.
+
+    Args:
+        spec: an :class:`AdapterSpec`, a dict, JSON text or a preset name (planned on ``model``),
+            or a :class:`Plan` (then ``model`` and the options are not needed).
+        passes: the pipeline to explain (default: ``DEFAULT_PIPELINE``; ``()`` for none).
+        siblings: explain with sibling fusion (default: with the default pipeline).
+        ir: ``"diff"`` the plain IR, each pass's changes and the final IR; ``"full"`` the whole
+            IR after every pass; ``"none"`` no IR.
+
+    Sites of scope ``ffn_block`` are shown after the linear sites, one group per kind of block:
+    the linears and activation recognised, experts, router and rank, the routed-block kernel,
+    parameters, FLOPs (the whole routed block, the adapter's and the frozen GEMMs') and Γ.
+
+    Example:
+        >>> print(mf.explain("molora", model))  # doctest: +SKIP
+    """
+    if not isinstance(spec, Plan):
+        if model is None:
+            raise TypeError("explain(spec, model): a spec is explained on a model; pass the model or a Plan")
+        spec = plan(spec, model, passes, siblings=siblings)
+    return explain_plan(spec, ir)
+
+
+def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: dict[str, SiblingGroup],
+                collector: AuxCollector, gen: torch.Generator | None) -> dict[str, nn.Module]:
+    """``{module name: replacement}`` for one site; a block split over two modules (BERT) gives two."""
+    init = spec.sites[site.site_index].init
+    graph = site.final
+    block = site.block
+    base = model.get_submodule(block.traced.full_name("down") if block is not None else site.name)
+    what = f"the routed FFN block {site.name!r}" if block is not None else f"the adapter for module {site.name!r}"
+    uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graph.nodes)
+    dtype = _adapter_dtype(base.weight)
+    try:
+        store = ParamStore(graph.params, up=init.up, std=init.std, generator=gen, dtype=dtype)
+        gm = lower(graph, store, groups).to(base.weight.device)
+        if block is not None:
+            return build_block_module(block.traced, gm, collector, uses_samples=uses_samples, dtype=dtype)
+        adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples, site_name=site.name)
+        return {site.name: adapted.train(base.training)}
+    except MoleforgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the module in the message
+        raise InjectionError(f"could not build {what}: {e}") from e
 
 
 # ---- structural facts -------------------------------------------------------------------
@@ -129,16 +136,11 @@ def count_parameters(spec: Any, model: nn.Module, *, breakdown: bool = False) ->
     With ``breakdown=True``: ``{parameter name: count}`` summed over sites (e.g. ``A``, ``B``,
     ``router_w``; for trees also ``W1``, ``proj_w``, biases, router MLPs).
     """
-    spec = as_spec(spec)
-    sites = resolve_sites(spec, model)
     per: dict[str, int] = {}
-    for s in sites:
-        g = build_graph(spec.sites[s.site_index].adapter, s.shape)
-        for p in g.params:
+    for site in plan(spec, model, passes=(), siblings=False).sites:
+        for p in site.plain.params:
             if p.trainable:
                 per[p.name] = per.get(p.name, 0) + math.prod(p.shape)
-    for name, n in count_block_parameters(spec, model).items():
-        per[name] = per.get(name, 0) + n
     return per if breakdown else sum(per.values())
 
 

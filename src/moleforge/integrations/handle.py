@@ -6,16 +6,19 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from ..backends.torch_fx.lower import counts_name
-from ..ir import AbsTopK, Graph, Route, SigmoidTopK
-from ..specs import AdapterSpec
-from .inject import AdaptedLinear, AuxCollector, get_submodule_parent
+from ..ir import AbsTopK, Route, SigmoidTopK
+from ..report.explain import explain_plan
+from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
+
+if TYPE_CHECKING:
+    from ..compiler.plan import Plan
 
 __all__ = ["AdapterHandle"]
 
@@ -100,22 +103,23 @@ class AdapterHandle:
     Attributes:
         model: the user's model (still a ``PreTrainedModel``; modules replaced in place).
         spec: the spec it was compiled from.
-        modules: ``{module name: AdaptedLinear}``.
-        graphs: ``{module name: optimised IR graph}``.
+        plan: the :class:`~moleforge.compiler.Plan` it was compiled from.
+        modules: ``{module name: AdaptedLinear or routed FFN block}``.
+        graphs: ``{module name: optimised IR graph}`` (``plain_graphs``: before the passes).
+        site_of: ``{module name: index in spec.sites}``.
     """
 
-    def __init__(self, model: nn.Module, spec: AdapterSpec, modules: dict[str, AdaptedLinear],
-                 graphs: dict[str, Graph], originals: dict[str, nn.Module], collector: AuxCollector,
-                 requires_grad: dict[str, bool], site_of: dict[str, int], plain: dict[str, Graph] | None = None,
-                 pipeline: tuple = ()):
+    def __init__(self, model: nn.Module, plan: Plan, modules: dict[str, nn.Module],
+                 originals: dict[str, nn.Module], collector: AuxCollector, requires_grad: dict[str, bool]):
         self.model = model
-        self.spec = spec
+        self.plan = plan
+        """What was compiled: the sites, their graphs through the passes, the sibling groups."""
+        self.spec = plan.spec
         self.modules = modules
-        self.graphs = graphs
-        self.plain_graphs = plain or graphs
-        self.pipeline = pipeline
-        """The passes the graphs went through (``handle.explain()`` retraces them)."""
-        self.site_of = site_of
+        self.graphs = plan.graphs
+        self.plain_graphs = plan.plain_graphs
+        self.pipeline = plan.pipeline
+        self.site_of = plan.site_of
         self._originals = originals
         self._collector = collector
         self._requires_grad = requires_grad
@@ -250,10 +254,7 @@ class AdapterHandle:
     def explain(self, ir: str = "diff") -> str:
         """What the compiler built, per group of identical sites: adapter, parameters, FLOPs per
         token, kernel, siblings, Γ and the IR through the passes (see :func:`moleforge.explain`)."""
-        from ..report.explain import explain_graphs, site_rows
-
-        rows = site_rows(self.modules, self.plain_graphs, self.graphs)
-        return explain_graphs(self.spec.name or "adapter", type(self.model).__name__, rows, self.pipeline, ir=ir)
+        return explain_plan(self.plan, ir=ir)  # type: ignore[arg-type]
 
     # ---- removal -------------------------------------------------------------------------
     def remove(self) -> nn.Module:

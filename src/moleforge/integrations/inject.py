@@ -103,7 +103,7 @@ class AdaptedLinear(nn.Module):
     """``y = base_layer(x) + Δy(x)``, ``Δy`` computed by the generated ``site`` module."""
 
     def __init__(self, base_layer: nn.Module, site: fx.GraphModule, collector: AuxCollector,
-                 uses_samples: bool = False):
+                 uses_samples: bool = False, site_name: str = ""):
         super().__init__()
         dims = linear_dims(base_layer)
         if dims is None:
@@ -113,7 +113,8 @@ class AdaptedLinear(nn.Module):
         self.site = site
         self._collector = collector
         self._uses_samples = uses_samples
-        self.site_name = ""
+        self.site_name = site_name
+        """The adapted module's path in the model (the key of its routing log entries)."""
         self._first_run: tuple = (None, None, None)
         """``(samples, token mask, noise generator state)`` of the last forward: activation
         checkpointing recomputes the forward during backward, after the model call (and a

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..compiler.build import SiteShape
 from ..errors import InjectionError
 from ..specs import AdapterSpec, Site
 from .inject import AdaptedLinear, linear_dims
 
-__all__ = ["ResolvedSite", "resolve_sites", "ROLE_PATTERNS", "layer_of", "num_layers"]
+__all__ = ["SiteShape", "ResolvedSite", "resolve_sites", "ROLE_PATTERNS", "layer_of", "num_layers"]
 
 # How each role is spelled in the module trees of the supported families (Llama, Mistral,
 # Qwen2, Gemma, Phi: q_proj...; GPT-2: c_attn/c_proj/c_fc; BERT: query/key/value/dense).
@@ -31,6 +30,19 @@ ROLE_PATTERNS: dict[str, tuple[str, ...]] = {
 }
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """What the front end needs to know of a resolved site: its label, widths and per-layer
+    overrides."""
+
+    label: str
+    d_in: int
+    d_out: int
+    experts: int | None = None
+    """Per-layer override of the pool size (MoLA)."""
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +113,7 @@ def resolve_sites(spec: AdapterSpec, model: nn.Module) -> list[ResolvedSite]:
         if dims is None:
             continue
         for i, site in enumerate(spec.sites):
-            if site.scope != "linear":  # ffn_block sites are resolved by ffn_sites
+            if site.scope != "linear":  # ffn_block sites are resolved by ffn_blocks
                 continue
             roles = _matches(site, name)
             if roles is None:

@@ -172,7 +172,7 @@ def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequenc
     Args:
         model: the base model the adapter was trained on (Llama, Qwen2, Mistral, Gemma, ...).
         path: a directory with ``adapter_config.json`` and ``adapter_model.bin``.
-        passes: block rewrites (default: ``ffn_sites.BLOCK_PIPELINE``).
+        passes: the pipeline (default: ``DEFAULT_PIPELINE``, which includes the block rewrites).
 
     Returns:
         The handle; the model's logits equal those of ``mixlora.inject_adapter_in_model``

@@ -1,16 +1,16 @@
-"""``mf.explain(spec, model)`` and ``handle.explain()``: what the compiler made of each site.
+"""``explain(plan)``: a readable account of what the compiler made of each site of a plan
+(``mf.explain(spec, model)`` plans and explains; ``handle.explain()`` explains the handle's plan).
 
 For every group of identical sites (same plain IR, same optimised IR): where they are, the
 adapter, its parameters, forward FLOPs per token before and after the passes (next to the
 frozen module's; counted by :mod:`.flops`, as ``moleforge inspect`` counts them), the kernel the
 lowering runs (with the cost model's estimates for pools), the sibling sites it shares its
 input GEMM with, Γ (routing structures per token), and the IR: the plain graph, what each pass
-changed, and the final graph.
+changed, and the final graph, as the plan recorded them.
 
 FFN-block sites (``scope: "ffn_block"``) are described in the same fields, plus the block as
 recognised (its linears by their paths in the model, its activation) and the split of its FLOPs
-into the adapter's and the frozen block's; their IR goes through the block rewrites
-(:data:`~moleforge.compiler.ffn_sites.BLOCK_PIPELINE` by default).
+into the adapter's and the frozen block's.
 """
 
 from __future__ import annotations
@@ -18,13 +18,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
-from torch import nn
-
-from ..compiler.ffn_sites import BLOCK_PIPELINE, ResolvedBlock, prepare_blocks
-from ..integrations.block_module import MoleforgeBlock
-from ..integrations.siblings import find_siblings
 from ..ir import (
     AuxLoss,
     BlockGate,
@@ -41,107 +36,49 @@ from ..ir import (
     TreePropagate,
     print_graph,
 )
-from ..passes import (
-    DEFAULT_PIPELINE,
-    ChoosePoolKernels,
-    Pass,
-    fuse_sibling_sites,
-    group_pools,
-    pool_cost,
-    run_pipeline,
-)
+from ..passes import ChoosePoolKernels, Pass, group_pools, pool_cost
 from .explain_blocks import block_fields
 from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
 from .flops import base_flops_per_token, flops_per_token
 
-__all__ = ["explain", "explain_graphs", "site_rows", "block_rows"]
+if TYPE_CHECKING:
+    from ..compiler.plan import Plan, PlannedSite
+
+__all__ = ["explain_plan", "site_row"]
 
 IRView = Literal["diff", "full", "none"]
 
 
-def explain(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None, siblings: bool | None = None,
-            ir: IRView = "diff") -> str:
-    """A readable account of what :func:`moleforge.compile` would build; the model is not changed.
+def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
+    """The explanation of ``plan``: a pure function of it (nothing is rebuilt or rerun).
 
     Args:
-        spec: an :class:`AdapterSpec`, a dict, JSON text or a preset name.
-        passes: the pipeline to explain (default: ``DEFAULT_PIPELINE``; ``()`` for none).
-        siblings: explain with sibling fusion (default: with the default pipeline).
         ir: ``"diff"`` the plain IR, each pass's changes and the final IR; ``"full"`` the whole
             IR after every pass; ``"none"`` no IR.
-
-    Sites of scope ``ffn_block`` are shown after the linear sites, one group per kind of block:
-    the linears and activation recognised, experts, router and rank, the routed-block kernel,
-    parameters, FLOPs (the whole routed block, the adapter's and the frozen GEMMs') and Γ.
-
-    Example:
-        >>> print(mf.explain("molora", model))  # doctest: +SKIP
     """
-    from ..compiler.compile import as_spec, build_site_graphs
-
-    spec = as_spec(spec)
-    sites, plain, final = build_site_graphs(spec, model, passes, siblings=False)
-    blocks, block_plain, block_final = prepare_blocks(spec, model, passes, {s.name for s in sites})
-    pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
-    note = ""
-    if (passes is None) if siblings is None else siblings:
-        found = find_siblings(model, list(final))
-        final, note = fuse_sibling_sites(final, found.groups), found.note
-    rows = site_rows([s.name for s in sites], plain, final) + block_rows(blocks, block_plain, block_final)
-    return explain_graphs(spec.name or "adapter", type(model).__name__, rows, pipeline, note, ir)
-
-
-def site_rows(modules: Iterable[str] | Mapping[str, nn.Module], plain: dict[str, Graph],
-              final: dict[str, Graph]) -> list[SiteRow]:
-    """One row per adapted module of ``modules`` (names, or ``{name: module}`` as a handle holds
-    them: its routed FFN blocks then give the paths of their linears)."""
-    found: Mapping[str, nn.Module] = modules if isinstance(modules, Mapping) else {}
-    rows = []
-    for name in modules:
-        module = found.get(name)
-        linears = _block_linears(name, module) if isinstance(module, MoleforgeBlock) else None
-        rows.append(SiteRow(name, plain[name], final[name], linears))
-    return rows
-
-
-def block_rows(blocks: Sequence[ResolvedBlock], plain: dict[str, Graph], final: dict[str, Graph]) -> list[SiteRow]:
-    """One row per resolved FFN block, with the model paths of its linears."""
-    return [SiteRow(b.name, plain[b.name], final[b.name], {r: b.traced.full_name(r) for r in b.traced.linears})
-            for b in blocks]
-
-
-def _block_linears(name: str, block: MoleforgeBlock) -> dict[str, str]:
-    """Model paths of a routed block's linears. ``block.linears`` holds their paths below the
-    traced root: the block itself, or, for an FFN split over two children of a layer (BERT's
-    ``intermediate`` and ``output``), the layer, the block being the child holding the down
-    projection."""
-    parent, _, child = name.rpartition(".")
-    root = parent if block.linears["down"].startswith(f"{child}.") else name
-    return {role: f"{root}.{target}" if root else target for role, target in block.linears.items()}
-
-
-def explain_graphs(spec_name: str, model_name: str, sites: list[SiteRow], pipeline: Sequence[Pass],
-                   sibling_note: str = "", ir: IRView = "diff") -> str:
-    """The explanation of already built graphs (what ``handle.explain()`` uses)."""
+    sites = [site_row(s) for s in plan.sites]
     groups: dict[tuple[str, str], list[SiteRow]] = {}
     for s in sites:
         groups.setdefault((_shape_text(s.plain), _shape_text(s.final)), []).append(s)
     trainable = sum(math.prod(p.shape) for s in sites for p in s.final.params if p.trainable)
-    block_pipeline = _block_pipeline(pipeline, [s for s in sites if _is_block(s)])
-    head = [f"moleforge explain: {spec_name!r} on {model_name}",
+    head = [f"moleforge explain: {plan.spec.name or 'adapter'!r} on {plan.model_name}",
             f"  {_count_sites(sites)} in {len(groups)} groups of identical sites; {trainable:,} trainable parameters",
-            f"  passes: {_pass_names(pipeline)}"]
-    if block_pipeline is not None and block_pipeline != tuple(pipeline):
-        head.append(f"  FFN-block passes: {_pass_names(block_pipeline)}")
-    if sibling_note:
-        head.append(f"  sibling fusion: {sibling_note}")
+            f"  passes: {_pass_names(plan.pipeline)}"]
+    if plan.sibling_note:
+        head.append(f"  sibling fusion: {plan.sibling_note}")
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])
-        passes = block_pipeline if _is_block(members[0]) else pipeline
-        texts.append(_group(members, passes or (), ir, shown.get(structure)))
+        texts.append(_group(members, plan.pipeline, ir, shown.get(structure)))
         shown.setdefault(structure, where([m.name for m in members]))
     return "\n".join(head) + "\n\n" + "\n\n".join(texts) + "\n"
+
+
+def site_row(site: PlannedSite) -> SiteRow:
+    """A planned site as explained; a block with the model path of each of its linears."""
+    block = site.block
+    linears = None if block is None else {r: block.traced.full_name(r) for r in block.traced.linears}
+    return SiteRow(site.name, site.plain, site.final, linears, site.trace)
 
 
 def _is_block(site: SiteRow) -> bool:
@@ -154,17 +91,6 @@ def _count_sites(sites: list[SiteRow]) -> str:
         return f"{len(sites)} adapted linears"
     text = f"{blocks} FFN block" + ("s" if blocks > 1 else "")
     return f"{len(sites) - blocks} adapted linears and {text}" if len(sites) > blocks else text
-
-
-def _block_pipeline(pipeline: Sequence[Pass], blocks: list[SiteRow]) -> tuple[Pass, ...] | None:
-    """The passes the FFN-block sites went through (``None`` without any): ``compile`` and
-    ``explain`` run :data:`BLOCK_PIPELINE` on blocks when given no passes (a handle then records
-    ``DEFAULT_PIPELINE``), and the given passes otherwise."""
-    if not blocks:
-        return None
-    if tuple(pipeline) == tuple(DEFAULT_PIPELINE) and run_pipeline(blocks[0].plain, BLOCK_PIPELINE) == blocks[0].final:
-        return BLOCK_PIPELINE
-    return tuple(pipeline)
 
 
 def _pass_names(pipeline: Sequence[Pass]) -> str:
@@ -196,7 +122,7 @@ def _group(members: list[SiteRow], pipeline: Sequence[Pass], ir: IRView, same_as
         lines.append(f"  IR           as for {same_as} above, with this site's widths")
         return "\n".join(lines)
     lines.append("  IR")
-    lines += _ir(first, pipeline, ir)
+    lines += _ir(first, ir)
     return "\n".join(lines)
 
 
@@ -295,14 +221,10 @@ def _node_lines(g: Graph) -> list[str]:
     return [ln for ln in print_graph(g).splitlines()[1:] if not ln.startswith("  param ")]
 
 
-def _ir(site: SiteRow, pipeline: Sequence[Pass], ir: IRView) -> list[str]:
-    trace: list = []
-    run_pipeline(site.plain, pipeline, trace)
-    if site.final != (trace[-1][1] if trace else site.plain):
-        trace.append(("fuse_sibling_sites", site.final))
+def _ir(site: SiteRow, ir: IRView) -> list[str]:
     out = ["    plain", *("    " + ln for ln in _node_lines(site.plain))]
     prev = site.plain
-    for name, g in trace:
+    for name, g in site.trace:
         if g == prev:
             out.append(f"    after {name}: unchanged")
             continue
@@ -313,6 +235,6 @@ def _ir(site: SiteRow, pipeline: Sequence[Pass], ir: IRView) -> list[str]:
             diff = difflib.unified_diff(_node_lines(prev), _node_lines(g), lineterm="", n=0)
             out += [f"    {ln[0]} {ln[1:].strip()}" for ln in diff if ln[:1] in "+-" and ln[:3] not in ("+++", "---")]
         prev = g
-    if ir == "diff" and trace:
+    if ir == "diff" and site.trace:
         out += ["    final", *("    " + ln for ln in _node_lines(site.final))]
     return out

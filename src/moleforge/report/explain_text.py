@@ -27,6 +27,8 @@ class SiteRow:
     linears: Mapping[str, str] | None = None
     """For an FFN-block site, the model path of each linear of the block by role
     (``gate``, ``up``, ``down``); ``None`` for a linear site."""
+    trace: tuple = ()
+    """``(step, graph after it)`` for every pass the plan ran on the site."""
 
 
 def block_node(g: Graph) -> ExpertFFN | ExpertHidden | None:

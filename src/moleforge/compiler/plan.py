@@ -1,0 +1,163 @@
+"""``plan``: the front end's one step, spec + model -> :class:`Plan`.
+
+A plan holds every site the spec asks for on the model, linear sites and FFN blocks alike (a
+block is a site whose frozen projections are inputs of its graph), each with its plain graph,
+its graph after the pipeline and the trace of what each pass made of it; the sibling groups
+found on the model; and the pipeline. Nothing in the model is changed. ``compile`` lowers and
+injects a plan; ``explain`` reads one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+from torch import nn
+
+from ..errors import SpecError
+from ..integrations.ffn_blocks import ResolvedBlock, resolve_blocks
+from ..integrations.siblings import find_siblings
+from ..integrations.sites import ResolvedSite, resolve_sites
+from ..ir import Graph, verify
+from ..passes import DEFAULT_PIPELINE, Pass, PipelineTrace, fuse_sibling_sites, run_pipeline
+from ..specs import AdapterSpec
+from .build import build_block_graph, build_graph
+
+__all__ = ["Plan", "PlannedSite", "plan", "as_spec"]
+
+SIBLING_PASS = "fuse_sibling_sites"
+"""The trace name of the cross-site step that gives sibling sites one input GEMM."""
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    """One adapted module: a linear (``scope="linear"``) or a whole FFN block (``"ffn_block"``)."""
+
+    name: str
+    """The module the adapter replaces (the linear, or the FFN block)."""
+    site_index: int
+    """Its entry in ``spec.sites``."""
+    scope: Literal["linear", "ffn_block"]
+    plain: Graph
+    """The graph as the front end built it."""
+    final: Graph
+    """The graph after the pipeline and, for siblings, the sibling fusion: what is lowered."""
+    trace: tuple[tuple[str, Graph], ...]
+    """``(step, graph after it)`` for every pass that ran, in order, then the sibling fusion if it
+    changed the graph."""
+    resolved: ResolvedSite | ResolvedBlock = field(repr=False, compare=False)
+    """Where the site sits on the model (for a block: the traced block and its linears)."""
+
+    @property
+    def block(self) -> ResolvedBlock | None:
+        return self.resolved if isinstance(self.resolved, ResolvedBlock) else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``compile`` will build, decided before the model is touched."""
+
+    spec: AdapterSpec
+    model_name: str
+    """The model's class name."""
+    sites: tuple[PlannedSite, ...]
+    """Linear sites in model order, then FFN blocks."""
+    pipeline: tuple[Pass, ...]
+    sibling_groups: tuple[tuple[str, ...], ...] = ()
+    """Module names of sites that read the same tensor and share one input GEMM."""
+    sibling_note: str = ""
+    """Why sibling fusion found nothing to fuse or was not looked for, when that is so."""
+
+    def site(self, name: str) -> PlannedSite:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def graphs(self) -> dict[str, Graph]:
+        """The lowered graph of every site, by module name."""
+        return {s.name: s.final for s in self.sites}
+
+    @property
+    def plain_graphs(self) -> dict[str, Graph]:
+        return {s.name: s.plain for s in self.sites}
+
+    @property
+    def site_of(self) -> dict[str, int]:
+        """The spec site of every adapted module."""
+        return {s.name: s.site_index for s in self.sites}
+
+
+def as_spec(spec: Any) -> AdapterSpec:
+    """Accept an ``AdapterSpec``, a dict, a JSON string or a preset name."""
+    if isinstance(spec, AdapterSpec):
+        return spec
+    if isinstance(spec, dict):
+        return AdapterSpec.model_validate(spec)
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            return AdapterSpec.model_validate_json(text)
+        from ..specs import presets
+        return presets.load(text)
+    raise SpecError(f"expected an AdapterSpec, a dict, JSON text or a preset name, got {type(spec).__name__}")
+
+
+def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
+         siblings: bool | None = None) -> Plan:
+    """Resolve every site of ``spec`` on ``model``, build its graph and run the pipeline on it.
+
+    Args:
+        spec: an :class:`AdapterSpec`, a dict, JSON text or a preset name.
+        passes: the pipeline (default: ``moleforge.passes.DEFAULT_PIPELINE``; ``()`` for none). One
+            pipeline serves every site: passes leave graphs they do not apply to unchanged.
+        siblings: give linear sites that read the same tensor (q/k/v, gate/up) one input GEMM
+            (default: with the default pipeline). The model is run once on its dummy inputs to
+            find them.
+
+    Raises:
+        SpecError, InjectionError: the spec does not fit the model (the message names the site).
+    """
+    spec = as_spec(spec)
+    pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
+    linear = resolve_sites(spec, model)
+    blocks = resolve_blocks(spec, model, {s.name for s in linear})
+    planned = [_planned(spec, s, pipeline) for s in linear] + [_planned(spec, b, pipeline) for b in blocks]
+    groups: tuple[tuple[str, ...], ...] = ()
+    note = ""
+    if (passes is None) if siblings is None else siblings:
+        found = find_siblings(model, [s.name for s in linear])
+        groups, note = tuple(tuple(g) for g in found.groups), found.note
+        planned = _fuse_siblings(planned, groups)
+    return Plan(spec=spec, model_name=type(model).__name__, sites=tuple(planned), pipeline=pipeline,
+                sibling_groups=groups, sibling_note=note)
+
+
+def _planned(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, pipeline: Sequence[Pass]) -> PlannedSite:
+    origin = f"sites[{where.site_index}].adapter"
+    adapter = spec.sites[where.site_index].adapter
+    if isinstance(where, ResolvedBlock):
+        graph = build_block_graph(adapter, where.traced.linears, where.traced.activation,  # type: ignore[arg-type]
+                                  where.roles, where.shape, origin=origin)
+    else:
+        graph = build_graph(adapter, where.shape, origin=origin)
+    plain = verify(graph)
+    trace: PipelineTrace = []
+    final = run_pipeline(plain, pipeline, trace)
+    scope = "ffn_block" if isinstance(where, ResolvedBlock) else "linear"
+    return PlannedSite(name=where.name, site_index=where.site_index, scope=scope, plain=plain, final=final,
+                       trace=tuple(trace), resolved=where)
+
+
+def _fuse_siblings(sites: list[PlannedSite], groups: tuple[tuple[str, ...], ...]) -> list[PlannedSite]:
+    linear = {s.name: s.final for s in sites if s.scope == "linear"}
+    fused = fuse_sibling_sites(linear, [list(g) for g in groups])
+    out = []
+    for s in sites:
+        g = fused.get(s.name, s.final)
+        if g is not s.final and g != s.final:
+            s = PlannedSite(name=s.name, site_index=s.site_index, scope=s.scope, plain=s.plain, final=g,
+                            trace=(*s.trace, (SIBLING_PASS, g)), resolved=s.resolved)
+        out.append(s)
+    return out
