@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import fx, nn
 
-from ..backends.torch_fx.block_module import MoleforgeBlock, build_block_module, frozen_names
+from ..backends.torch_fx.block_module import build_block_module, frozen_names
 from ..backends.torch_fx.ffn_block import BlockLinear, TracedBlock, trace_block
 from ..backends.torch_fx.init import ParamStore
 from ..backends.torch_fx.inject import AuxCollector, linear_dims
@@ -31,7 +31,7 @@ from ..passes.hoist_frozen_down import hoist_frozen_down
 from ..passes.share_frozen_projections import share_frozen_projections
 from ..specs import AdapterSpec, ExpertPool, PerExpert, Site, lora_scale
 from .build import SiteShape, _Builder, _flat_router
-from .sites import ROLE_PATTERNS, layer_of, num_layers
+from .sites import ROLE_PATTERNS, check_no_adapter, layer_of, num_layers
 
 __all__ = ["BLOCK_PIPELINE", "ResolvedBlock", "resolve_blocks", "build_block_graph", "prepare_blocks",
            "make_block_modules", "count_block_parameters"]
@@ -126,10 +126,7 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: frozenset[str] 
         InjectionError: a site matches no FFN linear, a block does not trace, a targeted module
             is not one of its block's linears, or a module is claimed twice.
     """
-    for name, module in model.named_modules():
-        if isinstance(module, MoleforgeBlock):
-            raise InjectionError(f"module {name!r} already is a routed FFN block; call remove() on its "
-                                 "handle before compiling another spec into this model")
+    check_no_adapter(model)
     out: list[ResolvedBlock] = []
     n_layers = num_layers(model)
     taken: dict[str, int] = {}
