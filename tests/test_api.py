@@ -109,10 +109,35 @@ def test_two_sites_claiming_one_module():
         mf.compile(spec, tiny("llama"))
 
 
+FFN_ONLY = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["up", "down"]), scope="ffn_block",
+                                         adapter=mf.ExpertPool(experts=2, rank=2, router=mf.TopKRouter(k=1)))])
+UP_ONLY = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["up"]))])
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("first, second", [(FFN_ONLY, UP_ONLY), (FFN_ONLY, "lora"), (FFN_ONLY, FFN_ONLY),
+                                           ("lora", FFN_ONLY), (UP_ONLY, UP_ONLY)])
+def test_a_second_adapter_is_refused_with_remove_first(arch, first, second):
+    """Whatever the two specs adapt (linears hidden inside a routed FFN block included), the
+    second compile says to call ``remove()`` first and leaves the model as it was."""
+    model = tiny(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle = mf.compile(first, model)
+        before = {n: type(m) for n, m in model.named_modules()}
+        with pytest.raises(mf.InjectionError, match=r"already holds a moleforge adapter .*call remove\(\) first"):
+            mf.compile(second, model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mf.compile(second, model).remove()
+
+
 def test_compiling_twice_is_refused_until_removed():
     model = tiny("llama")
     h = mf.compile("lora", model)
-    with pytest.raises(mf.InjectionError, match="already carries a moleforge adapter"):
+    with pytest.raises(mf.InjectionError, match=r"already holds a moleforge adapter.*call remove\(\) first"):
         mf.compile("lora", model)
     h.remove()
     h.remove()  # idempotent

@@ -339,6 +339,19 @@ def test_train_token_id_records_need_no_tokenizer(bare_model_dir, tmp_path):
     assert (tmp_path / "run" / "adapter" / "moleforge_model.safetensors").is_file()
 
 
+def test_train_writes_the_adapter_and_summary_on_the_main_process_only(bare_model_dir, tmp_path, monkeypatch):
+    """Under torchrun every process runs ``moleforge train``; only rank 0 writes ``OUT/adapter``
+    and ``train_summary.json``."""
+    from transformers import Trainer
+
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [1, 5 + i % 7, 9, 12, 2]}) + "\n" for i in range(4)))
+    monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    result = run("train", "lora", "--model", bare_model_dir, "--data", data, "--out", tmp_path / "run", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "train_summary.json").exists()
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"text": "a b"}'], "text records need a tokenizer"),
     (['{"input_ids": [1, 2, 999]}'], f"token id 999 is outside the model's vocabulary of {VOCAB} ids"),

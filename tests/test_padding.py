@@ -5,6 +5,8 @@ all-ones mask is no mask, bit for bit. The adapter's outputs do not depend on th
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -213,3 +215,24 @@ def test_trainer_with_a_padding_collator_balances_the_real_tokens(tmp_path):
     with torch.no_grad():
         alone = fresh.train()(real).aux_loss
     assert_close(torch.tensor(logged), alone, "float32_model")
+
+
+@pytest.mark.parametrize("types", [None, TYPES])
+def test_localized_balance_does_not_depend_on_where_a_padding_row_sits(types):
+    """A batch of one real row and one all-padding row: the same aux loss with the padding row
+    first or last (the samples are the rows with a real token), and that of the real row alone."""
+    model = tiny("llama")
+    handle = mf.compile(mf.presets.load("loramoe").with_init(INIT), model)
+    real = batch(seed=6, B=1, S=6)
+    runs = []
+    for first in (True, False):
+        ids = torch.cat([torch.zeros_like(real), real] if first else [real, torch.zeros_like(real)])
+        mask = torch.cat([torch.zeros_like(real), torch.ones_like(real)] if first else
+                         [torch.ones_like(real), torch.zeros_like(real)])
+        row_types = None if types is None else (types.flip(0) if first else types)
+        with torch.no_grad(), handle.sample_types(row_types) if types is not None else nullcontext():
+            runs.append(model(ids, attention_mask=mask).aux_loss)
+    with torch.no_grad(), handle.sample_types(types[:1]) if types is not None else nullcontext():
+        alone = model(real).aux_loss
+    assert_close(runs[0], runs[1], "float32_model")
+    assert_close(runs[1], alone, "float32_model")

@@ -11,6 +11,7 @@ from moleforge.ir import interpret
 from moleforge.specs import (
     DenseRouter,
     ExpertPool,
+    LocalizedBalance,
     LoRA,
     ResidualTree,
     Shared,
@@ -123,3 +124,20 @@ def test_fixed_routing_overrides_selection():
     assert_close(r.output, want)
     assert torch.equal(r.routes["route"], forced)
     assert r.margins["route"] == math.inf and probs.shape == (5, 4)
+
+
+def test_localized_balance_counts_the_samples_present_wherever_they_sit():
+    """Tokens of batch row 1 alone (row 0 was padding) give the loss of the same tokens as row 0:
+    the samples are those that hold a token, not ``max(index) + 1``."""
+    spec = ExpertPool(experts=4, rank=2, router=DenseRouter(), aux_losses=[LocalizedBalance(weight=1.0, delta=0.2)])
+    g = build_graph(spec, SiteShape("s", 6, 4))
+    p = make_params(g, 6)
+    for types in (None, torch.tensor([1] * 5)):
+        first = interpret(g, p, X, samples=(torch.zeros(5, dtype=torch.long), types)).aux
+        second = interpret(g, p, X, samples=(torch.ones(5, dtype=torch.long), types)).aux
+        assert first.keys() == second.keys() and first
+        for k in first:
+            assert_close(second[k], first[k])
+    rows = (torch.tensor([0, 0, 2, 2, 2]), torch.tensor([0, 0, 1, 1, 1]))  # rows 0 and 2 of three
+    assert_close(interpret(g, p, X, samples=(rows[0], None)).aux[g.aux[0]],
+                 interpret(g, p, X, samples=(rows[1], None)).aux[g.aux[0]])

@@ -129,6 +129,8 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     if last is not None:
         click.echo(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
+    if not trainer.is_world_process_zero():  # under torchrun, one process writes the results
+        return
     path = save(handle, out / "adapter")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {"spec": spec.name, "model": opts["model"], "steps": trainer.state.global_step,

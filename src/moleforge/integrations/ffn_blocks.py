@@ -18,10 +18,9 @@ from torch import nn
 
 from ..errors import InjectionError
 from ..specs import AdapterSpec, ExpertPool, PerExpert, Site
-from .block_module import MoleforgeBlock
 from .ffn_trace import TracedBlock, trace_block
 from .inject import linear_dims
-from .sites import ROLE_PATTERNS, SiteShape, layer_of, num_layers
+from .sites import ROLE_PATTERNS, SiteShape, check_no_adapter, layer_of, num_layers
 
 __all__ = ["ResolvedBlock", "resolve_blocks"]
 
@@ -112,10 +111,7 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: frozenset[str] 
         InjectionError: a site matches no FFN linear, a block does not trace, a targeted module
             is not one of its block's linears, or a module is claimed twice.
     """
-    for name, module in model.named_modules():
-        if isinstance(module, MoleforgeBlock):
-            raise InjectionError(f"module {name!r} already is a routed FFN block; call remove() on its "
-                                 "handle before compiling another spec into this model")
+    check_no_adapter(model)
     out: list[ResolvedBlock] = []
     n_layers = num_layers(model)
     taken: dict[str, int] = {}

@@ -3,10 +3,12 @@ and ``remove()``."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -79,6 +81,66 @@ def _padding_mask(args: tuple, kwargs: dict, position: int | None) -> torch.Tens
     return real
 
 
+_WITH_AUX: dict[type, tuple[type, tuple[str, ...]]] = {}
+"""Output class -> (its subclass that declares ``aux_loss``, the class's field names); see
+:func:`_output_with_aux`."""
+
+
+def _aux_output_class(cls: type) -> tuple[type, tuple[str, ...]]:
+    """``cls`` itself when its dataclass fields hold ``aux_loss`` (Mixtral's outputs), else a
+    subclass declaring ``aux_loss: Tensor | None = None``, made once per class and kept in this
+    module's namespace under a unique name (so it pickles); with ``cls``'s field names."""
+    if cls in _WITH_AUX:
+        return _WITH_AUX[cls]
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    if "aux_loss" in names:
+        _WITH_AUX[cls] = (cls, names)
+        return _WITH_AUX[cls]
+    name, n = f"{cls.__name__}WithAuxLoss", 1
+    while name in globals():
+        n += 1
+        name = f"{cls.__name__}WithAuxLoss{n}"
+    sub = type(name, (cls,), {"__annotations__": {"aux_loss": "torch.Tensor | None"}, "aux_loss": None,
+                              "__module__": __name__, "__qualname__": name,
+                              "__doc__": f"{cls.__name__} with the adapter's ``aux_loss`` (added by moleforge)."})
+    globals()[name] = dataclasses.dataclass(sub)
+    _WITH_AUX[cls] = (globals()[name], names)
+    return _WITH_AUX[cls]
+
+
+def _prepare_output_classes(model: nn.Module) -> None:
+    """Make the ``aux_loss`` subclasses of the output classes ``model.forward`` declares it returns
+    now, not in the forward hook, where ``torch.compile`` cannot trace making a class."""
+    try:
+        ret = typing.get_type_hints(model.forward).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotations: the hook makes them on first use
+        return
+    for cls in typing.get_args(ret) or (ret,):
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and issubclass(cls, dict):
+            _aux_output_class(cls)
+
+
+def _output_with_aux(output: Any, aux: torch.Tensor) -> Any:
+    """``output`` with ``aux_loss = aux``.
+
+    A HuggingFace ``ModelOutput`` is a dataclass that ``torch.utils._pytree`` rebuilds as
+    ``type(output)(**items)`` (DDP does with ``find_unused_parameters=True``, as the HF Trainer
+    sets it): a key its class does not declare makes that call fail. So the output becomes an
+    instance of a subclass declaring ``aux_loss`` (``isinstance`` checks still hold); plain
+    dicts get the key; anything else is returned as is. Under ``torch.compile`` an output class
+    whose subclass was not made beforehand (see :func:`_prepare_output_classes`) gets the key."""
+    if not hasattr(output, "keys"):
+        return output
+    known = _WITH_AUX.get(type(output))
+    if known is None and dataclasses.is_dataclass(output) and not torch.compiler.is_compiling():
+        known = _aux_output_class(type(output))
+    if known is not None and known[0] is not type(output):
+        cls, names = known
+        output = cls(**{n: getattr(output, n) for n in names})
+    output["aux_loss"] = aux
+    return output
+
+
 def _install_save_pretrained(model: nn.Module, handle: "AdapterHandle") -> bool:
     """Shadow ``save_pretrained`` on this model instance only (not its class), undone by ``remove()``."""
     if not callable(getattr(model, "save_pretrained", None)) or "save_pretrained" in vars(model):
@@ -131,6 +193,7 @@ class AdapterHandle:
         self._shifts_labels = _shifts_labels(model)
         self._mask_position = _attention_mask_position(model)
         self._own_save = _install_save_pretrained(model, self)
+        _prepare_output_classes(model)
         self.active = True
 
     # ---- training ----------------------------------------------------------------------
@@ -181,9 +244,7 @@ class AdapterHandle:
         if loss is not None:
             weighted = total if self._share is None else total * self._share
             output["loss"] = loss + weighted.to(loss.dtype)
-        if hasattr(output, "keys"):
-            output["aux_loss"] = total
-        return output
+        return _output_with_aux(output, total)
 
     @contextmanager
     def sample_types(self, types: torch.Tensor):

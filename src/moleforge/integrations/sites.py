@@ -11,9 +11,11 @@ from torch import nn
 
 from ..errors import InjectionError
 from ..specs import AdapterSpec, Site
+from .block_module import MoleforgeBlock
 from .inject import AdaptedLinear, linear_dims
 
-__all__ = ["SiteShape", "ResolvedSite", "resolve_sites", "ROLE_PATTERNS", "layer_of", "num_layers"]
+__all__ = ["SiteShape", "ResolvedSite", "resolve_sites", "check_no_adapter", "ROLE_PATTERNS", "layer_of",
+           "num_layers"]
 
 # How each role is spelled in the module trees of the supported families (Llama, Mistral,
 # Qwen2, Gemma, Phi: q_proj...; GPT-2: c_attn/c_proj/c_fc; BERT: query/key/value/dense).
@@ -94,6 +96,17 @@ def _override(site: Site, layer: int | None, n_layers: int) -> tuple[int | None,
     return experts, rank
 
 
+def check_no_adapter(model: nn.Module) -> None:
+    """Raise :class:`InjectionError` when ``model`` already holds a moleforge adapter (an adapted
+    linear or a routed FFN block): one model takes one compiled spec at a time."""
+    for name, module in model.named_modules():
+        if isinstance(module, (AdaptedLinear, MoleforgeBlock)):
+            what = "carries a moleforge adapter" if isinstance(module, AdaptedLinear) else "is a routed FFN block"
+            raise InjectionError(f"this {type(model).__name__} already holds a moleforge adapter (module {name!r} "
+                                 f"{what}); call remove() first on the handle that mf.compile or mf.load returned, "
+                                 "or compile into a fresh copy of the model")
+
+
 def resolve_sites(spec: AdapterSpec, model: nn.Module) -> list[ResolvedSite]:
     """Every (module, site) pair the spec asks for, in model order.
 
@@ -101,14 +114,12 @@ def resolve_sites(spec: AdapterSpec, model: nn.Module) -> list[ResolvedSite]:
         InjectionError: a site matches nothing, a module is claimed by two sites, or the
             model already holds a moleforge adapter.
     """
+    check_no_adapter(model)
     n_layers = num_layers(model)
     claimed: dict[str, int] = {}
     out: list[ResolvedSite] = []
     seen_roles: dict[int, set[str]] = {i: set() for i in range(len(spec.sites))}
     for name, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
-            raise InjectionError(f"module {name!r} already carries a moleforge adapter; call remove() on its "
-                                 "handle before compiling another spec into this model")
         dims = linear_dims(module)
         if dims is None:
             continue

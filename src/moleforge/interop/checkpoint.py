@@ -21,7 +21,10 @@ __all__ = ["save", "load"]
 def save(handle: AdapterHandle, directory: str | os.PathLike) -> Path:
     """Write ``moleforge_config.json`` and ``moleforge_model.safetensors`` to ``directory``.
 
-    Each file is replaced atomically; the directory is created if needed.
+    Both files are written to temporary files first and then moved into place, one right after
+    the other: a failed save leaves the folder as it was, and a save killed between the two moves
+    leaves files that ``load`` refuses (they carry different save ids), never a mix it loads. The
+    directory is created if needed.
     """
     if not handle.active:
         raise CheckpointError("this adapter was removed from its model; nothing to save")

@@ -1,36 +1,46 @@
 """moleforge's own adapter format: ``moleforge_config.json`` (the spec and the site
 table) + ``moleforge_model.safetensors`` (every site tensor, keyed ``<module>.<param>``).
-Never an ``adapter_config.json``: that name belongs to PEFT's formats."""
+Never an ``adapter_config.json``: that name belongs to PEFT's formats.
+
+Each save draws a random save id and records it in both files (``save_id`` in the config,
+``moleforge_save_id`` in the safetensors metadata): a folder whose files come from two saves
+(a save killed between its two renames) is refused on reading instead of loading mixed values."""
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from .atomic import atomic_write
+from .atomic import atomic_write_many
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "write_adapter", "read_adapter"]
 
 CONFIG_NAME = "moleforge_config.json"
 WEIGHTS_NAME = "moleforge_model.safetensors"
 FORMAT_VERSION = 1
+SAVE_ID_KEY = "moleforge_save_id"
+"""The safetensors metadata key of the save id (the config's ``save_id``)."""
 
 
 def write_adapter(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write both files atomically (weights first, so a config never points at missing weights)."""
+    """Write both files to temporary files, then move them into place (weights first): a failed
+    save leaves the folder as it was; both files carry the same new save id."""
     d = Path(directory)
+    save_id = uuid.uuid4().hex
     # safetensors forbids shared storage and non-contiguous tensors
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(d / WEIGHTS_NAME, lambda p: save_file(flat, p, metadata={"format": "pt"}))
-    text = json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2, sort_keys=True)
-    atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+    text = json.dumps({"format_version": FORMAT_VERSION, **config, "save_id": save_id}, indent=2, sort_keys=True)
+    metadata = {"format": "pt", SAVE_ID_KEY: save_id}
+    atomic_write_many([(d / WEIGHTS_NAME, lambda p: save_file(flat, p, metadata=metadata)),
+                       (d / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))])
     return d
 
 
@@ -51,7 +61,19 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         raise CheckpointError(f"{cfg_path} has format_version {config.get('format_version')!r}; this moleforge "
                               f"reads version {FORMAT_VERSION}")
     try:
-        tensors = load_file(str(w_path))
+        with safe_open(str(w_path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{w_path} could not be read as safetensors: {e}") from None
+    _check_same_save(d, config.get("save_id"), metadata.get(SAVE_ID_KEY))
     return config, tensors
+
+
+def _check_same_save(directory: Path, config_id: str | None, weights_id: str | None) -> None:
+    """Both files were written by one save (folders saved before save ids existed have neither)."""
+    if config_id != weights_id:
+        raise CheckpointError(
+            f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (save id {config_id!r} "
+            f"against {weights_id!r}): a save into this folder was interrupted between its two files; "
+            "save the adapter there again, or restore the folder from a copy")

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from .atomic import atomic_write
+from .atomic import atomic_write_many
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftLoRA", "ModuleLoRA", "read_peft_lora",
            "write_peft_lora", "pattern_value"]
@@ -168,7 +168,8 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], *, fan_in_fan_o
 
 def write_peft_lora(directory: str | os.PathLike, config: dict[str, Any],
                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
-    """Write ``adapter_model.safetensors`` then ``adapter_config.json``, each atomically.
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (both to temporary files first,
+so a failed write leaves the folder as it was).
 
     ``factors``: ``{module: (lora_A (r, d_in), lora_B (d_out, r))}``.
     """
@@ -177,7 +178,7 @@ def write_peft_lora(directory: str | os.PathLike, config: dict[str, Any],
     for name, (a, b) in factors.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous().clone()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous().clone()
-    atomic_write(d / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(d / PEFT_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+    atomic_write_many([(d / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                       (d / PEFT_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))])
     return d

@@ -312,6 +312,8 @@ def _aux(n: AuxLoss, route: dict, samples) -> Tensor:
         return n.weight * (_cv2(gates.sum(0)) + _cv2((gates > 0).to(F64).sum(0)))
     sample_idx = torch.zeros(T, dtype=torch.long) if samples is None else samples[0]
     types = None if samples is None else samples[1]
+    # the samples are those that hold a token, whatever their indices: Q has one row per such sample
+    sample_idx = torch.unique(sample_idx, return_inverse=True)[1]
     M = int(sample_idx.max()) + 1
     Q = torch.zeros(M, E, dtype=F64).index_add(0, sample_idx, probs)
     coef = torch.ones(M, E, dtype=F64)

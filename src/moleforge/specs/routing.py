@@ -107,7 +107,8 @@ class CV2ImportanceLoad(SpecModel):
 class LocalizedBalance(SpecModel):
     """LoRAMoE's localized balancing constraint ``weight · CV²(vec(I ⊙ Q))``.
 
-    ``Q[m, i]`` sums expert i's router probability over the tokens of sample m; experts
+    ``Q[m, i]`` sums expert i's router probability over the tokens of sample m, for every
+    sample (batch row) that holds a token (a real one, in a padded batch); experts
     are split into ``groups`` consecutive groups, and ``I[m, i] = 1 + delta`` when expert
     i's group equals sample m's type label (set with ``handle.sample_types(...)``),
     ``1 - delta`` otherwise. Without type labels every ``I`` is 1."""

@@ -275,7 +275,9 @@ def cv2_importance_load(gates: Tensor, weight: float, mask: Tensor | None = None
 def localized_balance(probs: Tensor, samples: tuple[Tensor, Tensor | None] | None, weight: float,
                       delta: float, groups: int, mask: Tensor | None = None) -> Tensor:
     """LoRAMoE's localized balance; with a ``mask``, that of the real tokens alone (their
-    probabilities, sample indices and types), as if the padding had never been there."""
+    probabilities, sample indices and types), as if the padding had never been there. The
+    samples are those that hold a token (a real one, with a ``mask``), wherever they sit in the
+    batch: an all-padding row counts as no sample."""
     T, E = probs.shape
     if samples is None:
         sample_idx, types = torch.zeros(T, dtype=torch.long, device=probs.device), None
@@ -286,7 +288,8 @@ def localized_balance(probs: Tensor, samples: tuple[Tensor, Tensor | None] | Non
         types = None if types is None else types[mask]
         if sample_idx.numel() == 0:
             return probs.sum() * 0.0
-    M = int(sample_idx.max()) + 1
+    present, sample_idx = torch.unique(sample_idx, return_inverse=True)  # samples renumbered 0..M-1
+    M = present.numel()
     Q = probs.new_zeros(M, E).index_add(0, sample_idx, probs)  # (M, E)
     if types is None:
         return weight * _cv2(Q.reshape(-1))
