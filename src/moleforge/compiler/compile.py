@@ -18,7 +18,8 @@ from ..integrations.siblings import find_siblings
 from ..integrations.sites import ResolvedSite, resolve_sites
 from ..ir import AuxLoss, Graph, SiblingLinear, verify
 from ..passes import DEFAULT_PIPELINE, Pass, fuse_sibling_sites, run_pipeline
-from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
+from ..report.structure import structural_flexibility
+from ..specs import AdapterSpec
 from .build import build_graph
 from .ffn_sites import count_block_parameters, make_block_modules, prepare_blocks
 
@@ -140,41 +141,3 @@ def count_parameters(spec: Any, model: nn.Module, *, breakdown: bool = False) ->
     for name, n in count_block_parameters(spec, model).items():
         per[name] = per.get(name, 0) + n
     return per if breakdown else sum(per.values())
-
-
-def _gamma(adapter, experts: int | None = None) -> int:
-    match adapter:
-        case LoRA():
-            return 1
-        case RankPartition():
-            return _gamma(adapter.as_pool())
-        case ExpertPool():
-            E = experts or adapter.experts
-            k = getattr(adapter.router, "k", None)
-            return 1 if k is None else math.comb(E, k)
-        case ResidualTree():
-            fan = adapter.fanouts()
-            gamma, F = 1, 1
-            for l in reversed(range(len(adapter.levels))):
-                gamma *= math.comb(adapter.levels[l].experts, fan[l]) ** F
-                F *= fan[l]
-            return gamma
-    raise TypeError(adapter)
-
-
-def structural_flexibility(spec: Any) -> int | dict[str, int]:
-    """Γ (METHODS.md §1.7): distinct routing structures per token at one adapted linear.
-
-    ``Π_l C(s_l, f_l)^{F_{l+1}}`` for an S'MoRE tree (216 for the ``smore`` preset),
-    ``C(E, k)`` for a top-k pool, 1 for dense routing or plain LoRA. A spec whose sites
-    (or per-layer overrides) differ gives ``{"sites[i]" or "sites[i].layers[...]": Γ}``.
-    """
-    spec = as_spec(spec)
-    values: dict[str, int] = {}
-    for i, site in enumerate(spec.sites):
-        values[f"sites[{i}]"] = _gamma(site.adapter)
-        for j, ov in enumerate(site.target.overrides):
-            if ov.experts is not None:
-                values[f"sites[{i}].overrides[{j}]"] = _gamma(site.adapter, ov.experts)
-    distinct = set(values.values())
-    return distinct.pop() if len(distinct) == 1 else values
