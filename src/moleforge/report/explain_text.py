@@ -9,11 +9,24 @@ import textwrap
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..ir import ExpertFFN, ExpertHidden, Graph, Route, TreeMix, TreePropagate, TreeRoute
+from ..ir import (
+    AbsTopK,
+    DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    Graph,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    StaticGate,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
+)
 from .structure import format_gamma, pool_gamma, tree_gamma_text
 
-__all__ = ["ROLES", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text", "router_text",
-           "gamma_text"]
+__all__ = ["ROLES", "ROUTER_WORDS", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text",
+           "router_text", "gamma_text"]
 
 ROLES = ("gate", "up", "down")
 
@@ -70,11 +83,19 @@ def parameters_text(g: Graph) -> str:
     return text
 
 
+ROUTER_WORDS: dict[type, str] = {
+    SoftmaxTopK: "softmax top-{k}",
+    SigmoidTopK: "sigmoid top-{k} (balancing bias)",
+    AbsTopK: "|h| top-{k} mask (FlyLoRA)",
+    DenseSoftmax: "dense softmax",
+    StaticGate: "static weights (the same for every token)",
+}
+"""How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
+
+
 def router_text(route: Route) -> str:
     gate = route.gate
-    kind = type(gate).__name__
-    words = {"SoftmaxTopK": "softmax top-{k}", "SigmoidTopK": "sigmoid top-{k} (balancing bias)",
-             "AbsTopK": "|h| top-{k} mask (FlyLoRA)", "DenseSoftmax": "dense softmax"}[kind]
+    words = ROUTER_WORDS.get(type(gate), type(gate).__name__)
     return words.format(k=getattr(gate, "k", ""))
 
 
