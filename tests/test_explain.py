@@ -4,13 +4,19 @@ model is left untouched."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
 import moleforge as mf
 from models import tiny
 from moleforge.integrations.block_module import MoleforgeBlock
+from moleforge.ir import Gate
 from moleforge.passes.share_frozen_projections import share_frozen_projections
+from moleforge.report.explain_text import ROUTER_WORDS
+from moleforge.specs import TreeRouter
+from moleforge.specs.routing import Router
 
 
 def test_molora_on_llama_reads_as_seven_groups():
@@ -160,3 +166,58 @@ def test_block_kernels_without_the_block_rewrites():
     assert "routed_ffn" not in shared.modules["model.layers.0.mlp"].site.code
     fused = mf.compile("mixlora", tiny("llama"))
     assert "routed_ffn" in fused.modules["model.layers.0.mlp"].site.code
+
+
+# ---- every router kind and every preset -------------------------------------------------------------
+
+ROUTERS = typing.get_args(typing.get_args(Router)[0])
+TREE_GATES = typing.get_args(TreeRouter.model_fields["gate"].annotation)
+
+
+def test_a_static_router_pool_is_explained():
+    """CAT / X-LoRA-style scalings: one learned weight per expert, the same for every token."""
+    spec = {"sites": [{"target": {"roles": ["up"]},
+                       "adapter": {"kind": "pool", "experts": 3, "rank": 4, "router": {"kind": "static"}}}]}
+    f = _fields(mf.explain(spec, tiny("llama"), ir="none"), "model.layers.{0,1}.mlp.up_proj")
+    assert f["adapter"] == "pool of 3 experts of rank 4, static weights (the same for every token)"
+    assert f["Γ"] == "1 (no top-k routing)"
+
+
+def test_every_ir_gate_has_words():
+    assert set(ROUTER_WORDS) == set(typing.get_args(Gate))
+
+
+def _pool_with(router_cls) -> dict:
+    router = router_cls()
+    pool = {"kind": "pool", "experts": max(4, getattr(router, "k", 1)), "rank": 4, "router": router.model_dump()}
+    if router.kind == "implicit_topk":  # FlyLoRA: the frozen sparse random down-projection routes single ranks
+        pool.update(rank=1, down={"kind": "sparse_random"})
+    return pool
+
+
+@pytest.mark.parametrize("router_cls", ROUTERS, ids=lambda c: c.model_fields["kind"].default)
+@pytest.mark.parametrize("scope", ["linear", "ffn_block"])
+def test_every_router_kind_is_explained(router_cls, scope):
+    spec = mf.AdapterSpec.model_validate(
+        {"sites": [{"target": {"roles": ["gate", "up", "down"] if scope == "ffn_block" else ["q"]}, "scope": scope,
+                    "adapter": _pool_with(router_cls)}]})
+    if scope == "ffn_block" and router_cls.model_fields["kind"].default == "implicit_topk":
+        with pytest.raises(mf.InjectionError, match="shared factors"):  # a clear refusal, not a crash
+            mf.explain(spec, tiny("llama"), ir="none")
+        return
+    text = mf.explain(spec, tiny("llama"), ir="none")
+    assert "Γ" in text and not any(g.__name__ in text for g in typing.get_args(Gate))  # every gate has words
+
+
+@pytest.mark.parametrize("gate", TREE_GATES)
+def test_every_tree_gate_is_explained(gate):
+    tree = {"kind": "residual_tree", "router": {"gate": gate},
+            "levels": [{"experts": 4, "rank": 4, "fanout": None if gate == "dense" else 2}] * 2}
+    text = mf.explain({"sites": [{"target": {"roles": ["q"]}, "adapter": tree}]}, tiny("llama"), ir="none")
+    assert f"{gate} gate" in text and "Γ" in text
+
+
+@pytest.mark.parametrize("preset", mf.presets.names())
+def test_every_preset_is_explained(preset):
+    text = mf.explain(preset, tiny("llama"), ir="none")
+    assert "Γ" in text and "adapter" in text

@@ -1,9 +1,10 @@
 """``mf.import_smore_official``: checkpoints of the official S'MoRE code reproduce the official
 layer's outputs and aux losses; bad checkpoints and configs fail with clear errors.
 
-Reference data: ``../shared/smore_reference`` (the shared case: 512 -> 1408, switch gate) and
-``tests/data/smore_official`` (small cases made with the official layer: dense, noisy top-k,
-three levels with unequal pools, fanout 1, lora_alpha scalings, activation positions).
+Reference data, all in ``tests/data/smore_official``: the S'MoRE reference case ``case1_switch``
+(512 -> 1408, switch gate; byte for byte the project's shared reference) and small cases made with
+the official layer (dense, noisy top-k, three levels with unequal pools, fanout 1, lora_alpha
+scalings, activation positions).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from moleforge.integrations.inject import AdaptedLinear
 from moleforge.interop.smore_official import official_name, smore_spec_from_official
 from moleforge.ir import interpret
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "smore_reference"
 LOCAL = Path(__file__).resolve().parent / "data" / "smore_official"
-LOCAL_CASES = sorted(p.stem for p in LOCAL.glob("*.json"))
+REFERENCE = "case1_switch"  # the reference case, with tests of its own below
+LOCAL_CASES = sorted(p.stem for p in LOCAL.glob("*.json") if p.stem != REFERENCE)
 REF_TOL = 1e-5
 
 
@@ -43,9 +44,8 @@ def _case(directory: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_file(str(directory / f"{name}.safetensors"))
 
 
-def _shared_case() -> tuple[dict, dict[str, torch.Tensor]]:
-    assert SHARED.is_dir(), f"the S'MoRE reference case is missing: expected it at {SHARED}"
-    return _case(SHARED, "case1_switch")
+def _reference_case() -> tuple[dict, dict[str, torch.Tensor]]:
+    return _case(LOCAL, REFERENCE)
 
 
 def _model_for(t: dict[str, torch.Tensor]) -> Holder:
@@ -72,15 +72,15 @@ def _check_against_official(meta: dict, t: dict[str, torch.Tensor], source) -> m
 
 
 def test_reference_case_through_the_importer():
-    meta, t = _shared_case()
-    handle = _check_against_official(meta, t, SHARED / "case1_switch.safetensors")
+    meta, t = _reference_case()
+    handle = _check_against_official(meta, t, LOCAL / f"{REFERENCE}.safetensors")
     tree = handle.spec.sites[0].adapter
     assert tree.conventions == "official" and tree.router.gate == "switch"
     assert [lv.fanout for lv in tree.levels] == meta["official_config"]["num_active"]
 
 
 def test_reference_case_routing_matches():
-    meta, t = _shared_case()
+    meta, t = _reference_case()
     model = _model_for(t)
     handle = mf.import_smore_official(model, t, meta["official_config"])
     with torch.no_grad(), handle.record_routing() as log:
@@ -99,7 +99,7 @@ def test_reference_case_routing_matches():
 
 def test_reference_case_is_the_interpreters_semantics():
     """The float64 interpreter, fed the official tensors, gives the official output."""
-    meta, t = _shared_case()
+    meta, t = _reference_case()
     tree = smore_spec_from_official(meta["official_config"])
     from moleforge.compiler.build import SiteShape, build_graph
     d_out, d_in = t["base_layer.weight"].shape
@@ -126,7 +126,7 @@ def test_official_cases(name):
 def test_peft_checkpoint_directory(tmp_path):
     """The fork's saved form: ``base_model.model.<module>.moe_*`` keys without the adapter
     name, in ``adapter_model.safetensors`` beside ``adapter_config.json``."""
-    meta, t = _shared_case()
+    meta, t = _reference_case()
     saved = {f"base_model.model.proj.{k.replace('.default', '')}": v for k, v in t.items()
              if k.startswith("moe_")}
     save_file(saved, str(tmp_path / "adapter_model.safetensors"))

@@ -19,6 +19,7 @@ from ..ir import Graph, print_graph
 from ..report.explain import site_row
 from ..report.explain_blocks import block_fields
 from ..report.flops import adapter_flops_per_token, base_flops_per_token
+from ..report.structure import format_gamma
 from ..specs import AdapterSpec
 from .common import friendly_errors, load_model, load_spec
 
@@ -102,13 +103,13 @@ def _flops_table(groups: list[SiteGroup], graphs: dict[str, Graph]) -> list[str]
 def _gamma(spec: AdapterSpec) -> str:
     gamma = structural_flexibility(spec)
     if not isinstance(gamma, dict):
-        return f"{gamma:,}  (routing structures a token can take at one site)"
+        return f"{format_gamma(gamma)}  (routing structures a token can take at one site)"
 
     def label(key: str) -> str:
         site = spec.sites[int(re.match(r"sites\[(\d+)\]", key)[1])]  # type: ignore[index]
         return f"{key} (ffn_block)" if site.scope == "ffn_block" else key
 
-    return ", ".join(f"{label(k)}: {v:,}" for k, v in gamma.items()) + "  (routing structures per token)"
+    return ", ".join(f"{label(k)}: {format_gamma(v)}" for k, v in gamma.items()) + "  (routing structures per token)"
 
 
 def _distinct_graphs(groups: list[SiteGroup]) -> list[tuple[str, list[str]]]:

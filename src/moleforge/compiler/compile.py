@@ -20,7 +20,8 @@ from ..integrations.sites import ResolvedSite
 from ..ir import AuxLoss, Graph, SiblingLinear
 from ..passes import Pass
 from ..report.explain import IRView, explain_plan
-from ..specs import AdapterSpec, ExpertPool, LoRA, RankPartition, ResidualTree
+from ..report.structure import structural_flexibility
+from ..specs import AdapterSpec
 from .plan import Plan, PlannedSite, as_spec, plan
 
 __all__ = ["compile", "explain", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
@@ -142,41 +143,3 @@ def count_parameters(spec: Any, model: nn.Module, *, breakdown: bool = False) ->
             if p.trainable:
                 per[p.name] = per.get(p.name, 0) + math.prod(p.shape)
     return per if breakdown else sum(per.values())
-
-
-def _gamma(adapter, experts: int | None = None) -> int:
-    match adapter:
-        case LoRA():
-            return 1
-        case RankPartition():
-            return _gamma(adapter.as_pool())
-        case ExpertPool():
-            E = experts or adapter.experts
-            k = getattr(adapter.router, "k", None)
-            return 1 if k is None else math.comb(E, k)
-        case ResidualTree():
-            fan = adapter.fanouts()
-            gamma, F = 1, 1
-            for l in reversed(range(len(adapter.levels))):
-                gamma *= math.comb(adapter.levels[l].experts, fan[l]) ** F
-                F *= fan[l]
-            return gamma
-    raise TypeError(adapter)
-
-
-def structural_flexibility(spec: Any) -> int | dict[str, int]:
-    """Γ (METHODS.md §1.7): distinct routing structures per token at one adapted linear.
-
-    ``Π_l C(s_l, f_l)^{F_{l+1}}`` for an S'MoRE tree (216 for the ``smore`` preset),
-    ``C(E, k)`` for a top-k pool, 1 for dense routing or plain LoRA. A spec whose sites
-    (or per-layer overrides) differ gives ``{"sites[i]" or "sites[i].layers[...]": Γ}``.
-    """
-    spec = as_spec(spec)
-    values: dict[str, int] = {}
-    for i, site in enumerate(spec.sites):
-        values[f"sites[{i}]"] = _gamma(site.adapter)
-        for j, ov in enumerate(site.target.overrides):
-            if ov.experts is not None:
-                values[f"sites[{i}].overrides[{j}]"] = _gamma(site.adapter, ov.experts)
-    distinct = set(values.values())
-    return distinct.pop() if len(distinct) == 1 else values

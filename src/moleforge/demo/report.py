@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..interop.atomic import atomic_write
+from ..report.structure import format_gamma
 from .tasks import PRETRAIN_TASKS, TASKS
 
 __all__ = ["render", "write", "final_loss"]
@@ -37,7 +38,7 @@ def render(cfg, pre, base_scores, runs, seconds: float) -> str:
         "",
         _row("", names),
         _row("trainable parameters", [f"{r.parameters:,}" for r in runs]),
-        _row("structures per token Γ", [f"{r.gamma:,}" for r in runs]),
+        _row("structures per token Γ", [format_gamma(r.gamma) for r in runs]),
         _row("final training loss", [f"{final_loss(r.curve.loss):.4f}" for r in runs]),
         _row("final aux loss", [f"{final_loss(r.curve.aux):.4f}" if any(r.curve.aux) else "-" for r in runs]),
         _row("time per step", [f"{r.curve.ms_per_step:.1f} ms" for r in runs]),

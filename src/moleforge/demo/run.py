@@ -22,6 +22,7 @@ from ..errors import NotMergeableError
 from ..interop.atomic import atomic_write
 from ..interop.checkpoint import save
 from ..interop.peft import export_merged
+from ..report.structure import format_gamma
 from ..specs import AdapterSpec, presets
 from . import plots, report
 from .loop import Curve, TaskScore, evaluate, finetune, pretrain
@@ -48,7 +49,8 @@ class MethodRun:
     name: str
     spec: AdapterSpec
     parameters: int
-    gamma: int
+    gamma: int | float
+    """Γ: an exact int, or a :class:`~moleforge.report.structure.GammaEstimate` when huge."""
     curve: Curve
     scores: dict[str, TaskScore]
     adapter_dir: Path
@@ -152,8 +154,8 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
     runs, routing = [], None
     echo(f"fine-tuning adapters for {cfg.steps} steps on the new tasks {' '.join(TASKS)}")
     for name, spec in (("smore", smore), (f"lora r={rank}", lora)):
-        n, gamma = compiler.count_parameters(spec, model), int(compiler.structural_flexibility(spec))
-        echo(f"  {name}: {n:,} trainable parameters, Γ = {gamma}")
+        n, gamma = compiler.count_parameters(spec, model), compiler.structural_flexibility(spec)
+        echo(f"  {name}: {n:,} trainable parameters, Γ = {format_gamma(gamma)}")
         handle = compiler.compile(spec, model)
         curve = finetune(handle, examples, cfg.steps, pad_id=pad, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed + 1,
                          desc=name.split()[0], progress=progress)

@@ -9,10 +9,24 @@ import textwrap
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..ir import ExpertFFN, ExpertHidden, Graph, Route, TreeRoute
+from ..ir import (
+    AbsTopK,
+    DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
+    Graph,
+    Route,
+    SigmoidTopK,
+    SoftmaxTopK,
+    StaticGate,
+    TreeMix,
+    TreePropagate,
+    TreeRoute,
+)
+from .structure import format_gamma, pool_gamma, tree_gamma_text
 
-__all__ = ["ROLES", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text", "router_text",
-           "gamma_text"]
+__all__ = ["ROLES", "ROUTER_WORDS", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text",
+           "router_text", "gamma_text"]
 
 ROLES = ("gate", "up", "down")
 
@@ -71,25 +85,32 @@ def parameters_text(g: Graph) -> str:
     return text
 
 
+ROUTER_WORDS: dict[type, str] = {
+    SoftmaxTopK: "softmax top-{k}",
+    SigmoidTopK: "sigmoid top-{k} (balancing bias)",
+    AbsTopK: "|h| top-{k} mask (FlyLoRA)",
+    DenseSoftmax: "dense softmax",
+    StaticGate: "static weights (the same for every token)",
+}
+"""How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
+
+
 def router_text(route: Route) -> str:
     gate = route.gate
-    kind = type(gate).__name__
-    words = {"SoftmaxTopK": "softmax top-{k}", "SigmoidTopK": "sigmoid top-{k} (balancing bias)",
-             "AbsTopK": "|h| top-{k} mask (FlyLoRA)", "DenseSoftmax": "dense softmax"}[kind]
+    words = ROUTER_WORDS.get(type(gate), type(gate).__name__)
     return words.format(k=getattr(gate, "k", ""))
 
 
 def gamma_text(g: Graph) -> str:
+    """Γ of a plain graph with its formula (:mod:`moleforge.report.structure`): a tree's count
+    follows its activation and where it acts."""
     tree = next((n for n in g.nodes if isinstance(n, TreeRoute)), None)
     if tree is not None:
-        value, F, terms = 1, 1, []
-        for lv in reversed(tree.levels):
-            value *= math.comb(lv.experts, lv.fanout) ** F
-            terms.append(f"C({lv.experts},{lv.fanout})^{F}")
-            F *= lv.fanout
-        return f"{value:,} = " + " x ".join(terms) + " routing structures per token"
+        mix = next((n for n in g.nodes if isinstance(n, (TreeMix, TreePropagate))), None)
+        activation, position = (mix.activation, mix.position) if mix is not None else ("tanh", "all")
+        return tree_gamma_text([(lv.experts, lv.fanout) for lv in tree.levels], activation, position)
     route = next((n for n in g.nodes if isinstance(n, Route)), None)
     k = getattr(getattr(route, "gate", None), "k", None)
     if route is None or k is None:
         return "1 (no top-k routing)"
-    return f"{math.comb(route.experts, k):,} = C({route.experts},{k}) expert sets per token"
+    return f"{format_gamma(pool_gamma(route.experts, k))} = C({route.experts},{k}) expert sets per token"
