@@ -14,13 +14,12 @@ from typing import Any, Literal, Sequence
 
 from torch import nn
 
-from ..errors import SpecError
 from ..integrations.ffn_blocks import ResolvedBlock, resolve_blocks
 from ..integrations.siblings import find_siblings
 from ..integrations.sites import ResolvedSite, resolve_sites
 from ..ir import Graph, verify
 from ..passes import DEFAULT_PIPELINE, Pass, PipelineTrace, fuse_sibling_sites, run_pipeline
-from ..specs import AdapterSpec
+from ..specs import AdapterSpec, as_spec
 from .build import build_block_graph, build_graph
 
 __all__ = ["Plan", "PlannedSite", "plan", "as_spec"]
@@ -87,21 +86,6 @@ class Plan:
     def site_of(self) -> dict[str, int]:
         """The spec site of every adapted module."""
         return {s.name: s.site_index for s in self.sites}
-
-
-def as_spec(spec: Any) -> AdapterSpec:
-    """Accept an ``AdapterSpec``, a dict, a JSON string or a preset name."""
-    if isinstance(spec, AdapterSpec):
-        return spec
-    if isinstance(spec, dict):
-        return AdapterSpec.model_validate(spec)
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.startswith("{"):
-            return AdapterSpec.model_validate_json(text)
-        from ..specs import presets
-        return presets.load(text)
-    raise SpecError(f"expected an AdapterSpec, a dict, JSON text or a preset name, got {type(spec).__name__}")
 
 
 def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,

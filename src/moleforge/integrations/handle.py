@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..backends.torch_fx.lower import counts_name
+from ..interop.own_format import save
 from ..ir import AbsTopK, Route, SigmoidTopK
 from ..report.explain import explain_plan
 from .inject import AuxCollector, get_submodule_parent
@@ -340,7 +341,6 @@ class AdapterHandle:
         """``model.save_pretrained`` while the adapter is injected (what ``Trainer.save_model`` calls):
         writes the moleforge adapter (``mf.save``), not the full state dict, as PEFT does for its
         models. Full merged weights: ``mf.export_merged``."""
-        from ..interop.checkpoint import save
         if is_main_process:
             save(self, save_directory)
 

@@ -1,9 +1,9 @@
-"""``save`` / ``load`` of compiled adapters in moleforge's own format."""
+"""``save`` / ``load`` of compiled adapters in moleforge's own format (``load`` compiles the saved
+spec; ``save`` lives beside the format, so the handle can save without the compiler)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 from torch import nn
@@ -13,29 +13,9 @@ from ..errors import CheckpointError, MoleforgeError
 from ..integrations.handle import AdapterHandle
 from ..passes import Pass
 from ..specs import AdapterSpec
-from . import read_adapter, write_adapter
+from .own_format import read_adapter, save
 
 __all__ = ["save", "load"]
-
-
-def save(handle: AdapterHandle, directory: str | os.PathLike) -> Path:
-    """Write ``moleforge_config.json`` and ``moleforge_model.safetensors`` to ``directory``.
-
-    Both files are written to temporary files first and then moved into place, one right after
-    the other: a failed save leaves the folder as it was, and a save killed between the two moves
-    leaves files that ``load`` refuses (they carry different save ids), never a mix it loads. The
-    directory is created if needed.
-    """
-    if not handle.active:
-        raise CheckpointError("this adapter was removed from its model; nothing to save")
-    tensors = handle.state_dict()
-    sites = {name: {"site": handle.site_of[name],
-                    "params": {d.name: list(d.shape) for d in handle.graphs[name].params}}
-             for name in handle.modules}
-    config = {"spec": handle.spec.model_dump(mode="json"),
-              "base_model": type(handle.model).__name__,
-              "sites": sites}
-    return write_adapter(directory, config, tensors)
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, passes: Sequence[Pass] | None = None) -> AdapterHandle:

@@ -12,7 +12,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,7 +21,10 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from .atomic import atomic_write_many
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "write_adapter", "read_adapter"]
+if TYPE_CHECKING:
+    from ..integrations.handle import AdapterHandle
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "save", "write_adapter", "read_adapter"]
 
 CONFIG_NAME = "moleforge_config.json"
 WEIGHTS_NAME = "moleforge_model.safetensors"
@@ -77,3 +80,23 @@ def _check_same_save(directory: Path, config_id: str | None, weights_id: str | N
             f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (save id {config_id!r} "
             f"against {weights_id!r}): a save into this folder was interrupted between its two files; "
             "save the adapter there again, or restore the folder from a copy")
+
+
+def save(handle: AdapterHandle, directory: str | os.PathLike) -> Path:
+    """Write ``moleforge_config.json`` and ``moleforge_model.safetensors`` to ``directory``.
+
+    Both files are written to temporary files first and then moved into place, one right after
+    the other: a failed save leaves the folder as it was, and a save killed between the two moves
+    leaves files that ``load`` refuses (they carry different save ids), never a mix it loads. The
+    directory is created if needed.
+    """
+    if not handle.active:
+        raise CheckpointError("this adapter was removed from its model; nothing to save")
+    tensors = handle.state_dict()
+    sites = {name: {"site": handle.site_of[name],
+                    "params": {d.name: list(d.shape) for d in handle.graphs[name].params}}
+             for name in handle.modules}
+    config = {"spec": handle.spec.model_dump(mode="json"),
+              "base_model": type(handle.model).__name__,
+              "sites": sites}
+    return write_adapter(directory, config, tensors)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from ..specs import ExpertPool, LoRA, RankPartition, ResidualTree
+from ..specs import ExpertPool, LoRA, RankPartition, ResidualTree, as_spec
 
 __all__ = ["EXACT_DIGITS", "GammaEstimate", "format_gamma", "pool_gamma", "tree_gamma", "tree_gamma_text",
            "adapter_gamma", "structural_flexibility"]
@@ -281,8 +281,6 @@ def structural_flexibility(spec: Any) -> int | GammaEstimate | dict[str, int | G
     (a float that prints ``≈ m × 10^e``). A spec whose sites (or per-layer overrides) differ
     gives ``{"sites[i]" or "sites[i].overrides[j]": Γ}``.
     """
-    from ..compiler.compile import as_spec  # the compiler re-exports this function
-
     spec = as_spec(spec)
     values: dict[str, int | GammaEstimate] = {}
     for i, site in enumerate(spec.sites):

@@ -14,6 +14,7 @@ from .adapters import (
     lora_scale,
 )
 from .base import SpecModel
+from .presets import as_spec
 from .routing import (
     CV2ImportanceLoad,
     DenseRouter,
@@ -27,7 +28,7 @@ from .routing import (
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 
 __all__ = [
-    "AdapterSpec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
+    "AdapterSpec", "as_spec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
     "LoRA", "ExpertPool", "RankPartition", "ResidualTree", "TreeLevel", "TreeRouter",
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",

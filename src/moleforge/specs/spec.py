@@ -123,4 +123,3 @@ class AdapterSpec(SpecModel):
     def with_init(self, init: Init) -> "AdapterSpec":
         """The same spec with every site's initialisation replaced (tests use ``up='normal'``)."""
         return self.model_copy(update={"sites": [s.model_copy(update={"init": init}) for s in self.sites]})
-

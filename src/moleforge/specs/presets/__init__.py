@@ -8,11 +8,12 @@ True
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 from ...errors import SpecError
 from ..spec import AdapterSpec
 
-__all__ = ["names", "load", "describe"]
+__all__ = ["names", "load", "describe", "as_spec"]
 
 
 def names() -> list[str]:
@@ -37,3 +38,17 @@ def load(name: str) -> AdapterSpec:
 def describe() -> dict[str, str]:
     """``{name: one-line description}`` of every preset."""
     return {n: load(n).description for n in names()}
+
+
+def as_spec(spec: Any) -> AdapterSpec:
+    """Accept an ``AdapterSpec``, a dict, a JSON string or a preset name."""
+    if isinstance(spec, AdapterSpec):
+        return spec
+    if isinstance(spec, dict):
+        return AdapterSpec.model_validate(spec)
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            return AdapterSpec.model_validate_json(text)
+        return load(text)
+    raise SpecError(f"expected an AdapterSpec, a dict, JSON text or a preset name, got {type(spec).__name__}")
