@@ -82,6 +82,8 @@ TRITON_TABLE = [
     ("on", False, "cpu", F32, "torch", "torch"),
     ("on", True, "cpu", F32, "triton", "triton"),
     ("on", True, "cpu", F64, "torch", "triton"),
+    ("on", True, "cpu", F16, "triton", "triton"),
+    ("on", True, "cpu", BF16, "torch", "torch"),  # the interpreter gets bfloat16 wrong
     ("on", True, "meta", F32, "torch", "torch"),
     ("off", True, "cpu", F32, "torch", "torch"),
     ("off", False, "cuda", F32, "torch", "torch"),

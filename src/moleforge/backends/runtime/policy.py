@@ -35,7 +35,8 @@ import torch
 from .. import cpu as cpu_kernels
 from .. import triton as triton_backend
 
-__all__ = ["KernelPolicy", "TORCH_OPS", "TRITON_VERIFIED_DEVICES", "TRITON_DTYPES", "CPU_KERNEL_DTYPES", "Setting"]
+__all__ = ["KernelPolicy", "TORCH_OPS", "TRITON_VERIFIED_DEVICES", "TRITON_DTYPES", "CPU_KERNEL_DTYPES",
+           "INTERPRETER_EXCLUDED_DTYPES", "Setting"]
 
 Setting = Literal["auto", "on", "off"]
 
@@ -49,6 +50,10 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 """Dtypes of the compiled CPU kernel."""
+
+INTERPRETER_EXCLUDED_DTYPES = (torch.bfloat16,)
+"""Dtypes Triton's CPU interpreter gets wrong (NumPy has no bfloat16: the grouped op returns
+garbage, the tree op raises), so CPU tensors of them run the torch ops even with ``"on"``."""
 
 _SETTINGS = ("auto", "on", "off")
 _ENV_VALUES: Mapping[str, Setting] = {"": "auto", "auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
@@ -131,14 +136,19 @@ class KernelPolicy:
             return kind in TRITON_VERIFIED_DEVICES
         return kind == "cuda" or (kind == "cpu" and self.interpret)
 
+    def _triton_for(self, device: torch.device | str, dtype: torch.dtype) -> bool:
+        if dtype in INTERPRETER_EXCLUDED_DTYPES and _device_type(device) == "cpu":
+            return False
+        return self.triton_on(device)
+
     def grouped_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["triton", "torch"]:
         """The sparse pool's kernel (``ops.grouped_mix``) for ``x`` on ``device`` of ``dtype``."""
-        return "triton" if dtype in TRITON_DTYPES and self.triton_on(device) else "torch"
+        return "triton" if dtype in TRITON_DTYPES and self._triton_for(device, dtype) else "torch"
 
     def tree_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["triton", "torch"]:
         """The residual tree's node step (``ops_tree_prop.propagate_all``) for hidden states on
         ``device`` of ``dtype``."""
-        return "triton" if dtype.is_floating_point and self.triton_on(device) else "torch"
+        return "triton" if dtype.is_floating_point and self._triton_for(device, dtype) else "torch"
 
     def routed_ffn_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["cpu", "torch"]:
         """The routed FFN block's kernel (``ops_block.routed_ffn``) for frozen projections on
@@ -184,7 +194,7 @@ class KernelPolicy:
         on = [d.upper() for d in ("cuda", "cpu") if self.triton_on(d)]
         if not on:
             return f"torch ops (Triton opt-in: MOLEFORGE_TRITON=1{note})"
-        where = " and ".join(on) + (" (Triton's interpreter)" if "CPU" in on else "")
+        where = " and ".join(on) + (" (Triton's interpreter, not bfloat16)" if "CPU" in on else "")
         why = "MOLEFORGE_TRITON=1" if self.triton == "on" else "verified"
         return f"Triton kernels on {where} tensors of {dtypes} ({why}{note}), torch ops elsewhere"
 
