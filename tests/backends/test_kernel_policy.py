@@ -160,6 +160,9 @@ def test_describe_one_line_per_op_family():
     assert KernelPolicy(triton="off").describe()[0].startswith("sparse pools: torch ops (Triton off")
     assert KernelPolicy(has_triton=False).describe()[1] == "residual trees: torch ops (Triton is not installed)"
     assert "(built)" in KernelPolicy(cpu_built=True).describe()[2]
+    assert KernelPolicy(has_triton=True).describe(["routed_ffn", "grouped"]) == [lines[0], lines[2]]
+    with pytest.raises(ValueError, match="unknown op families"):
+        KernelPolicy().describe(["pools"])
 
 
 # ---- lowering bakes the choice --------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Collection, Literal, Mapping
 
 import torch
 
@@ -176,13 +176,18 @@ class KernelPolicy:
 
     # ---- for explain ----------------------------------------------------------------------------
 
-    def describe(self) -> list[str]:
+    def describe(self, families: Collection[str] | None = None) -> list[str]:
         """One line per op family: the kernel on CPU and on CUDA tensors and how to change it,
         e.g. ``sparse pools: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on
-        CUDA)``."""
-        return [f"sparse pools: {self._triton_text('float32, float16 and bfloat16')}",
-                f"residual trees: {self._triton_text('floating dtypes')}",
-                f"routed FFN blocks: {self._cpu_text()}"]
+        CUDA)``. ``families``: some of ``"grouped"`` (sparse pools), ``"tree"`` (residual trees),
+        ``"routed_ffn"`` (routed FFN blocks), in that order; default all."""
+        lines = {"grouped": f"sparse pools: {self._triton_text('float32, float16 and bfloat16')}",
+                 "tree": f"residual trees: {self._triton_text('floating dtypes')}",
+                 "routed_ffn": f"routed FFN blocks: {self._cpu_text()}"}
+        unknown = set(families or ()) - lines.keys()
+        if unknown:
+            raise ValueError(f"unknown op families {sorted(unknown)}; expected some of {list(lines)}")
+        return [line for key, line in lines.items() if families is None or key in families]
 
     def _triton_text(self, dtypes: str) -> str:
         unverified = sorted({"cuda"} - TRITON_VERIFIED_DEVICES)
