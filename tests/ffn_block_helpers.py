@@ -4,14 +4,12 @@ interpreter's outputs and gradients on them."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
 import moleforge as mf
+from moleforge.backends.runtime.policy import TORCH_OPS, KernelPolicy
 from moleforge.compiler.build import SiteShape, build_block_graph
 from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.integrations.ffn_trace import ACTIVATION_NAMES, BlockLinear
@@ -120,15 +118,7 @@ def check_block_rewrite(rewrite, graph: Graph, seed: int, T: int) -> None:
             assert_close(got_grads[k], g, msg=f"gradient of {k}")
 
 
-@contextlib.contextmanager
-def cpu_kernels(flag: str):
-    """``MOLEFORGE_CPU_KERNELS`` set to ``flag`` inside the block (``"0"``: the torch ops)."""
-    old = os.environ.get("MOLEFORGE_CPU_KERNELS")
-    os.environ["MOLEFORGE_CPU_KERNELS"] = flag
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MOLEFORGE_CPU_KERNELS"]
-        else:
-            os.environ["MOLEFORGE_CPU_KERNELS"] = old
+def cpu_policy(flag: str) -> KernelPolicy:
+    """The kernel policy with the CPU kernel for routed blocks on (``"1"``: built now, a failed
+    build is an error) or off (``"0"``: the torch ops)."""
+    return KernelPolicy(triton="off", cpu="on").with_cpu_build() if flag == "1" else TORCH_OPS

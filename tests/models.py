@@ -42,20 +42,23 @@ def batch(seed: int = 1, B: int = 2, S: int = 9) -> torch.Tensor:
 
 def kernel_choices_agree(spec, passes=None, code: str = "") -> None:
     """A tiny Llama with ``spec`` compiled in gives the same logits and adapter gradients with
-    the Triton kernels (``MOLEFORGE_TRITON=1``) as with the torch ops (``=0``); every generated
-    site's code contains ``code``."""
+    the Triton kernels (compiled with ``MOLEFORGE_TRITON=1``) as with the torch ops (``=0``); every
+    generated site's code contains ``code``. The forward runs with the variable set the other way:
+    the policy read at compile time decides."""
     import pytest
 
     import moleforge as mf
     from tolerances import assert_close
 
     results = []
-    for flag in ("0", "1"):
+    for flag, other in (("0", "1"), ("1", "0")):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MOLEFORGE_TRITON", flag)
             model = tiny("llama")
             handle = mf.compile(spec, model, passes=passes)
             assert all(code in m.site.code for m in handle.modules.values())
+            assert {m.site.kernel_policy.triton for m in handle.modules.values()} == {"on" if flag == "1" else "off"}
+            mp.setenv("MOLEFORGE_TRITON", other)
             logits = model(input_ids=batch()).logits
             logits.square().mean().backward()
         results.append((logits.detach(), [p.grad for p in handle.trainable_parameters()]))

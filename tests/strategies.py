@@ -138,10 +138,11 @@ def inputs_for(draw, graph: Graph, dtype=torch.float64):
     return torch.randn(T, graph.d_in, generator=gen, dtype=dtype)
 
 
-def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None):
-    """``graph`` lowered to a GraphModule (float64, evaluation mode) holding ``params``."""
+def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None, policy=None):
+    """``graph`` lowered to a GraphModule (float64, evaluation mode) holding ``params``, under the
+    kernel ``policy`` (default: the environment's)."""
     store = ParamStore(graph.params, dtype=torch.float64)
     with torch.no_grad():
         for name, value in params.items():
             getattr(store, name).copy_(value)
-    return lower(graph, store, groups).eval()
+    return lower(graph, store, groups, policy).eval()

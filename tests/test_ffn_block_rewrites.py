@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conftest import assert_close
-from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, cpu_kernels, interpret_grads
+from ffn_block_helpers import F64, REWRITES, block_graphs, block_inputs, block_params, cpu_policy, interpret_grads
 from moleforge.backends.runtime import ops_block, ops_linear
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import lower
@@ -33,10 +33,9 @@ def test_lowered_block_matches_interpreter(graph, seed, T, rewrite, kernel):
     with torch.no_grad():
         for d in g.params:
             getattr(store, d.name).copy_(params[d.name])
-    gm = lower(g, store)
+    gm = lower(g, store, policy=cpu_policy(kernel))
     xl = x.clone().requires_grad_(True)
-    with cpu_kernels(kernel):
-        out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
+    out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
     assert_close(out, ref.output)
     loss = (out * w).sum() + (aux if aux is not None else 0.0)
     names = [d.name for d in g.params if d.trainable]
@@ -90,9 +89,8 @@ def test_fused_experts_match_the_node_by_node_ops(seed, T, E, gated, lora, chunk
         plan = ops_block.slot_plan(gates, index)
         base_u, base_g = x @ W_u.T, x @ W_g.T
         if fused:
-            with cpu_kernels("0"):
-                y, z = ops_block.routed_ffn(x, plan, lin_u, lin_g, base_u, base_g if gated else None, activation,
-                                            down_a, down_b, 2.0, chunk)
+            y, z = ops_block.routed_ffn(x, plan, lin_u, lin_g, base_u, base_g if gated else None, activation,
+                                        down_a, down_b, 2.0, chunk)  # the default policy: torch ops
         else:
             h = ops_block.expert_hidden(x, plan, lin_u, lin_g, base_u, base_g if gated else None, activation)
             y = ops_block.expert_sum(h, plan)

@@ -11,6 +11,10 @@ TOLERANCES: dict[str, tuple[float, float, str]] = {
     "float32_model": (2e-5, 1e-4, "whole tiny HF model in float32"),
     "save_load": (1e-6, 0.0, "save -> load must reproduce logits (api contract bound)"),
     "mixlora_package": (1e-5, 0.0, "logits of an imported MixLoRA adapter against the mixlora package, float32"),
+    "float16_kernel": (1e-2, 1e-2, "a Triton kernel on float16 tensors (float32 accumulation) against float64 on the "
+                                   "same rounded inputs, scaled to the largest value: a few roundings of 2^-11"),
+    "bfloat16_kernel": (6e-2, 6e-2, "a Triton kernel on bfloat16 tensors against float64 on the same rounded inputs, "
+                                    "scaled to the largest value: roundings of 2^-8 through up to three tree levels"),
 }
 
 

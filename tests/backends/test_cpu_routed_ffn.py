@@ -2,12 +2,17 @@
 ``ops_block.routed_ffn``: outputs and the gradients of every input on random routings (gated and
 plain blocks, every activation, each low-rank part present or not, widths spanning several
 column tiles, one and two threads), a tiny MixLoRA Llama end to end, ``opcheck`` and
-``torch.compile``, the launcher's errors and the fallback when the build fails. The lowered
-block against the float64 interpreter, kernel on and off: ``test_ffn_block_rewrites.py``."""
+``torch.compile``, the launcher's errors, the build at lowering (never in a forward, ``PATH`` left
+as it was) and the fallback when it fails. The kernel is chosen by an explicit kernel policy. The
+lowered block against the float64 interpreter, kernel on and off: ``test_ffn_block_rewrites.py``."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import sysconfig
+import warnings
 
 import pytest
 import torch
@@ -15,12 +20,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moleforge as mf
-from ffn_block_helpers import F64
-from ffn_block_helpers import cpu_kernels as kernels
+from ffn_block_helpers import F64, cpu_policy
 from models import batch, tiny
 from moleforge.backends import cpu
 from moleforge.backends.cpu import routed_ffn
 from moleforge.backends.runtime import ops_block
+from moleforge.backends.runtime.policy import KernelPolicy
+from moleforge.backends.torch_fx.init import ParamStore
+from moleforge.backends.torch_fx.lower import lower
 from moleforge.integrations.ffn_trace import ACTIVATION_NAMES
 from tolerances import assert_close
 
@@ -35,9 +42,12 @@ def threads(n: int):
         torch.set_num_threads(old)
 
 
+PATH_BEFORE_THE_BUILD = os.environ.get("PATH")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    cpu.load()  # compiles once per machine; a failure here is the test's failure
+    cpu.build(required=True)  # compiles once per machine; a failure here is the test's failure
 
 
 @contextlib.contextmanager
@@ -99,10 +109,9 @@ def _run(b, flag: str, dtype=F64):
     lin = {p: tuple(v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v for v in args)
            for p, args in b["lin"].items()}
     down_a, down_b = (None, None) if b["down"] is None else (t.detach().to(dtype).requires_grad_() for t in b["down"])
-    with kernels(flag):
-        plan = ops_block.slot_plan(cast["probs"], b["index"])
-        y, yd = ops_block.routed_ffn(cast["x"], plan, lin["up"], lin["gate"] if b["gated"] else None,
-                                     cast["up_base"], cast["gate_base"], b["activation"], down_a, down_b, 0.75)
+    plan = ops_block.slot_plan(cast["probs"], b["index"])
+    y, yd = ops_block.routed_ffn(cast["x"], plan, lin["up"], lin["gate"] if b["gated"] else None, cast["up_base"],
+                                 cast["gate_base"], b["activation"], down_a, down_b, 0.75, policy=cpu_policy(flag))
     assert (yd is None) == (down_a is None)
     outs = [y] if yd is None else [y, yd]
     gen = torch.Generator().manual_seed(7)
@@ -135,19 +144,23 @@ def test_kernel_matches_torch_ops_float32_on_two_threads(b):
         assert_close(g / scale, r / scale, "float32", msg=f"output/gradient #{i}")
 
 
-def test_mixlora_llama_same_logits_and_gradients_with_kernel():
+def test_mixlora_llama_same_logits_and_gradients_with_kernel(monkeypatch):
+    """``MOLEFORGE_CPU_KERNELS`` is read when the model is compiled; the forward runs with it unset."""
     spec = mf.presets.load("mixlora").with_init(mf.Init(up="normal", std=0.2, seed=3))
     results = {}
     with counting() as calls:
         for flag in ("0", "1"):
             torch.manual_seed(0)
             model = tiny("llama")
+            monkeypatch.setenv("MOLEFORGE_CPU_KERNELS", flag)
             mf.compile(spec, model)
-            with kernels(flag):
-                out = model(input_ids=batch(seed=1))
-                params = [p for p in model.parameters() if p.requires_grad]
-                grads = torch.autograd.grad(out.logits.square().mean(), params)
+            monkeypatch.delenv("MOLEFORGE_CPU_KERNELS")
+            out = model(input_ids=batch(seed=1))
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(out.logits.square().mean(), params)
             results[flag] = (out.logits.detach(), grads)
+            if flag == "0":
+                assert calls["forward"] == 0
     assert calls["forward"] > 0 and calls["backward"] == calls["forward"]
     assert_close(results["1"][0], results["0"][0], "float32_model")
     assert any(g.abs().max() > 0 for g in results["1"][1])
@@ -175,27 +188,88 @@ def test_launcher_errors_name_the_argument():
         op(index, w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, torch.randn(E, r, F), e0, 1.0)
 
 
-def test_enabled_only_for_float_cpu_tensors():
-    with kernels(""):
-        assert cpu.enabled(torch.zeros(2, dtype=torch.float32))
-        assert cpu.enabled(torch.zeros(2, dtype=F64))
-        assert not cpu.enabled(torch.zeros(2, dtype=torch.bfloat16))
-    with kernels("0"):
-        assert not cpu.enabled(torch.zeros(2))
+MIXLORA = mf.presets.load("mixlora").with_init(mf.Init(up="normal", std=0.2, seed=3))
+
+
+def _block_graph():
+    """The IR of a tiny Llama's first MixLoRA block (one fused routed FFN op)."""
+    return mf.compile(MIXLORA, tiny("llama", layers=1)).graphs["model.layers.0.mlp"]
+
+
+def test_the_kernel_is_built_when_the_model_is_compiled_never_in_a_forward(monkeypatch):
+    builds = []
+    real = cpu.build
+    monkeypatch.setattr(cpu, "build", lambda required=False: builds.append(required) or real(required))
+    model = tiny("llama")
+    handle = mf.compile(MIXLORA, model)
+    assert builds == [False]  # once per compile (two routed blocks), policy auto
+    assert [m.site.kernel_policy.cpu_built for n, m in handle.modules.items() if n.endswith("mlp")] == [True, True]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a forward built the CPU kernel")
+
+    monkeypatch.setattr(cpu, "build", no_build)
+    monkeypatch.setattr(cpu, "load", no_build)
+    with counting() as calls:
+        model(input_ids=batch(seed=1)).logits.sum().backward()
+    assert calls == {"forward": 2, "backward": 2}
+
+
+def test_a_model_lowered_for_another_device_builds_nothing_and_runs_torch_ops(monkeypatch):
+    graph = _block_graph()
+    builds = []
+    monkeypatch.setattr(cpu, "build", lambda required=False: builds.append(required))
+    store = ParamStore(graph.params)
+    gm = lower(graph, store, policy=KernelPolicy(), device="cuda")
+    assert builds == [] and gm.kernel_policy.cpu_built is None
+    assert gm.kernel_policy.routed_ffn_kernel("cpu", torch.float32) == "torch"
+    assert lower(graph, store, policy=KernelPolicy(cpu="off")).kernel_policy.cpu_built is None and builds == []
 
 
 def test_a_failed_build_warns_once_and_the_torch_ops_run(monkeypatch):
     def broken():
         raise cpu.KernelBuildError("building the moleforge CPU kernels failed: no compiler")
 
+    graph = _block_graph()
     monkeypatch.setattr(cpu, "load", broken)
     monkeypatch.setitem(cpu._state, "usable", None)
-    with kernels(""), pytest.warns(RuntimeWarning, match="no compiler"):
-        assert not cpu.enabled(torch.zeros(2))
-    assert not cpu.enabled(torch.zeros(2))  # decided once
-    monkeypatch.setitem(cpu._state, "usable", None)
-    with kernels("1"), pytest.raises(cpu.KernelBuildError, match="no compiler"):
-        cpu.enabled(torch.zeros(2))
+    monkeypatch.setitem(cpu._state, "error", None)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        gm = lower(graph, ParamStore(graph.params), policy=KernelPolicy())
+    assert gm.kernel_policy.cpu_built is False
+    assert gm.kernel_policy.routed_ffn_kernel("cpu", torch.float32) == "torch"
+    assert "its build failed" in gm.kernel_policy.describe()[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu.build()  # decided once: no second warning
+    with pytest.raises(cpu.KernelBuildError, match="no compiler"):
+        lower(graph, ParamStore(graph.params), policy=KernelPolicy(cpu="on"))  # MOLEFORGE_CPU_KERNELS=1
+
+
+def test_a_build_finds_the_environments_ninja_and_leaves_path_as_it_was(monkeypatch, tmp_path):
+    """``PATH`` without ``ninja`` (a virtual environment used without activating it): the build
+    runs with the environment's scripts folder appended, and ``PATH`` is restored after it."""
+    from torch.utils import cpp_extension
+
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja", path=scripts) is None:
+        pytest.skip("no ninja in this environment's scripts folder")
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load",
+                        lambda **kwargs: seen.append((os.environ["PATH"], shutil.which("ninja"))))
+    monkeypatch.setattr(routed_ffn, "register_fakes", lambda: None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cpu.load.__wrapped__()  # the build, past its once-per-process cache
+    assert seen == [(os.pathsep.join([str(tmp_path), scripts]), shutil.which("ninja", path=scripts))]
+    assert os.environ["PATH"] == str(tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: 1 / 0)
+    with pytest.raises(cpu.KernelBuildError, match="ZeroDivisionError"):
+        cpu.load.__wrapped__()
+    assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_path_is_unchanged_by_the_build():
+    assert os.environ.get("PATH") == PATH_BEFORE_THE_BUILD
 
 
 def _op_inputs(gated: bool = True, lora: bool = True, down: bool = True):
@@ -227,22 +301,22 @@ def test_ops_pass_opcheck(gated, lora, down):
 
 
 def test_torch_compile_of_a_mixlora_model_runs_the_kernel_with_eager_values():
+    """Compiled first, then eagerly: the kernel is chosen at lowering, whatever runs first."""
     import torch._dynamo as dynamo
 
-    spec = mf.presets.load("mixlora").with_init(mf.Init(up="normal", std=0.2, seed=3))
     torch.manual_seed(0)
     model = tiny("llama")
-    handle = mf.compile(spec, model)
+    handle = mf.compile(MIXLORA, model)
     ids = batch(seed=1)
     runs = []
-    with kernels("1"), counting() as calls:
-        for compiled in (False, True):
+    with counting() as calls:
+        for compiled in (True, False):
             dynamo.reset()
             run = torch.compile(model, backend="aot_eager") if compiled else model
             out = run(input_ids=ids)
             grads = torch.autograd.grad(out.logits.square().mean(), [p for _, p in handle.named_parameters()])
             runs.append((out.logits.detach(), grads))
-    assert calls["forward"] == 2 * 2  # two blocks, eager then compiled
+    assert calls["forward"] == 2 * 2  # two blocks, compiled then eager
     assert_close(runs[1][0], runs[0][0], "float32_model")
     for a, b in zip(runs[1][1], runs[0][1], strict=True):
         assert_close(a, b, "float32_model")

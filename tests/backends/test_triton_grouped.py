@@ -3,11 +3,13 @@ outputs and gradients of x, gates and both factors on random routings (an expert
 tokens, k = 1 and 2, shared factors), the custom ops under ``opcheck`` and ``torch.compile``,
 the launcher's errors, and a tiny HF model with grouped pools end to end.
 
-Without a GPU the kernels run in Triton's interpreter (``tests/conftest.py``): shapes stay tiny."""
+The kernels run on CPU tensors in Triton's interpreter (``tests/conftest.py`` sets it without a
+GPU), chosen by an explicit kernel policy: shapes stay tiny. On a GPU: ``test_triton_gpu.py``."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -19,9 +21,16 @@ pytest.importorskip("triton")
 import moleforge as mf  # noqa: E402
 from models import batch, tiny  # noqa: E402
 from moleforge.backends.runtime import ops  # noqa: E402
+from moleforge.backends.runtime.policy import TORCH_OPS, KernelPolicy  # noqa: E402
 from moleforge.backends.triton import grouped  # noqa: E402
 from moleforge.passes import group_pools  # noqa: E402
 from tolerances import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels on CPU tensors, in Triton's interpreter")
+
+TRITON = KernelPolicy(triton="on", cpu="off", interpret=True)
+"""The Triton kernels, on CPU tensors in the interpreter."""
 
 
 @pytest.fixture
@@ -62,9 +71,9 @@ def pools(draw):
     return x, gates, index, a, b, draw(st.sampled_from([0.5, 2.0]))
 
 
-def _mix_and_grads(x, gates, index, a, b, scale):
+def _mix_and_grads(x, gates, index, a, b, scale, policy=TORCH_OPS):
     leaves = [t.clone().requires_grad_(True) for t in (x, gates, a, b)]
-    y = ops.grouped_mix(leaves[0], leaves[1], index, leaves[2], leaves[3], scale)
+    y = ops.grouped_mix(leaves[0], leaves[1], index, leaves[2], leaves[3], scale, policy)
     probe = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
     (y * probe).sum().backward()
     return y.detach(), [t.grad for t in leaves]
@@ -74,13 +83,11 @@ def _mix_and_grads(x, gates, index, a, b, scale):
 @given(case=pools())
 def test_triton_path_equals_torch_path_with_gradients(case):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOLEFORGE_TRITON", "0")
         y_ref, g_ref = _mix_and_grads(*case)
         calls = []
         real = grouped.launch_backward
         mp.setattr(grouped, "launch_backward", lambda *args: calls.append(1) or real(*args))
-        mp.setenv("MOLEFORGE_TRITON", "1")
-        y, g = _mix_and_grads(*case)
+        y, g = _mix_and_grads(*case, policy=TRITON)
     assert calls, "the Triton backward did not run"
     assert y_ref.abs().sum() > 0
     assert_close(y, y_ref, "float32")
@@ -96,23 +103,19 @@ def test_experts_with_several_blocks_of_pairs_and_columns(monkeypatch, launches)
     gates, index = _routing(gen, 40, 3, 2, unused=True)
     case = (torch.randn(40, 40, generator=gen), gates, index, torch.randn(3, 3, 40, generator=gen) * 0.3,
             torch.randn(3, 20, 3, generator=gen) * 0.3, 0.5)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOLEFORGE_TRITON", "0")
-        y_ref, g_ref = _mix_and_grads(*case)
-        mp.setenv("MOLEFORGE_TRITON", "1")
-        y, g = _mix_and_grads(*case)
+    y_ref, g_ref = _mix_and_grads(*case)
+    y, g = _mix_and_grads(*case, policy=TRITON)
     assert launches == {"forward": 1, "backward": 1} and 40 > 2 * grouped.BLOCK_P
     assert_close(y, y_ref, "float32")
     for name, got, ref in zip(("x", "gates", "a", "b"), g, g_ref, strict=True):
         assert_close(got, ref, "float32", msg=f"grad of {name}")
 
 
-def test_float64_keeps_the_torch_path(monkeypatch, launches):
-    monkeypatch.setenv("MOLEFORGE_TRITON", "1")
+def test_float64_keeps_the_torch_path(launches):
     gen = torch.Generator().manual_seed(2)
     gates, index = _routing(gen, 4, 2, 1, unused=False)
     x, a, b = torch.randn(4, 3, generator=gen), torch.randn(2, 2, 3, generator=gen), torch.randn(2, 5, 2, generator=gen)
-    y = ops.grouped_mix(x.double(), gates.double(), index, a.double(), b.double(), 0.5)
+    y = ops.grouped_mix(x.double(), gates.double(), index, a.double(), b.double(), 0.5, TRITON)
     assert y.dtype == torch.float64 and launches["forward"] == 0
     assert_close(y, ops.pool_mix_loop(x.double(), gates.double(), a.double(), b.double(), 0.5))
 
@@ -140,15 +143,15 @@ def test_custom_ops_pass_opcheck(shared_a):
     torch.library.opcheck(grouped.grouped_lowrank_backward, (gy, *(t.detach() for t in args)))
 
 
-def test_triton_path_compiles_without_graph_breaks(monkeypatch, launches):
-    monkeypatch.setenv("MOLEFORGE_TRITON", "1")
+def test_triton_path_compiles_without_graph_breaks(launches):
     gen = torch.Generator().manual_seed(3)
     gates, index = _routing(gen, 5, 3, 2, unused=True)
     x, a, b = torch.randn(5, 4, generator=gen), torch.randn(3, 2, 4, generator=gen), torch.randn(1, 6, 2,
                                                                                                  generator=gen)
     torch._dynamo.reset()
     compiled = torch.compile(ops.grouped_mix, fullgraph=True, backend="aot_eager")
-    assert_close(compiled(x, gates, index, a, b, 0.5), ops.grouped_mix(x, gates, index, a, b, 0.5), "float32")
+    assert_close(compiled(x, gates, index, a, b, 0.5, TRITON), ops.grouped_mix(x, gates, index, a, b, 0.5, TRITON),
+                 "float32")
     assert launches["forward"] == 2
 
 
@@ -199,6 +202,7 @@ def _logits_and_grads(model, ids):
 
 
 def test_tiny_model_with_grouped_pools_matches_the_torch_path(monkeypatch, launches):
+    """``MOLEFORGE_TRITON`` is read when the model is compiled; the forward runs with it unset."""
     base = tiny("llama", layers=1)
     ids = batch(B=2, S=5)
     results = {}
@@ -206,6 +210,7 @@ def test_tiny_model_with_grouped_pools_matches_the_torch_path(monkeypatch, launc
         monkeypatch.setenv("MOLEFORGE_TRITON", flag)
         model = copy.deepcopy(base)
         mf.compile(SPEC, model, passes=(group_pools,))
+        monkeypatch.delenv("MOLEFORGE_TRITON")
         model.train()
         results[flag] = _logits_and_grads(model, ids)
     assert launches == {"forward": 3, "backward": 3}  # q, up, down: the Triton run only

@@ -1,8 +1,11 @@
 """The Triton residual-tree node kernels (``backends/triton/tree.py``): outputs and gradients
 against the torch propagation and the float64 interpreter, the custom op's registrations, the
-launcher's errors. On a CPU the kernels run in Triton's interpreter (``tests/conftest.py``)."""
+launcher's errors. The kernels run on CPU tensors in Triton's interpreter (``tests/conftest.py``
+sets it without a GPU), chosen by an explicit kernel policy. On a GPU: ``test_triton_gpu.py``."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 import moleforge as mf
 from models import kernel_choices_agree
 from moleforge.backends.runtime.ops_tree_prop import propagate_all
+from moleforge.backends.runtime.policy import TORCH_OPS, KernelPolicy
 from moleforge.backends.triton.tree import node_mix
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret
@@ -19,6 +23,12 @@ from strategies import lowered, make_params
 from tolerances import assert_close
 
 triton = pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels on CPU tensors, in Triton's interpreter")
+
+TRITON = KernelPolicy(triton="on", cpu="off", interpret=True)
+"""The Triton kernels, on CPU tensors in the interpreter."""
 
 
 @st.composite
@@ -58,22 +68,20 @@ def _leaves(h_all, weights, levels):
     return [t.requires_grad_(True) for t in tensors]
 
 
-def _run(flag, pools, T, activation, seed):
+def _run(policy, pools, T, activation, seed):
     h_all, indices, weights, levels = _tree_inputs(pools, T, seed)
     leaves = _leaves(h_all, weights, levels)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOLEFORGE_TRITON", flag)
-        out = propagate_all(h_all, tuple(indices), tuple(weights), levels, activation)
-        probe = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
-        return out, torch.autograd.grad(out, leaves, probe)
+    out = propagate_all(h_all, tuple(indices), tuple(weights), levels, activation, policy)
+    probe = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    return out, torch.autograd.grad(out, leaves, probe)
 
 
 @settings(max_examples=10)
 @given(case=trees())
 def test_kernels_match_the_torch_propagation(case):
     pools, T, activation, seed = case
-    out_t, grads_t = _run("1", pools, T, activation, seed)
-    out_ref, grads_ref = _run("0", pools, T, activation, seed)
+    out_t, grads_t = _run(TRITON, pools, T, activation, seed)
+    out_ref, grads_ref = _run(TORCH_OPS, pools, T, activation, seed)
     assume(out_ref.abs().max() > 0)  # relu can zero a one-element tree
     assert_close(out_t, out_ref, "float32")
     for i, (got, want) in enumerate(zip(grads_t, grads_ref)):
@@ -120,11 +128,14 @@ def _tree_spec(gate: str = "switch"):
 
 
 def test_tree_graph_matches_the_interpreter(monkeypatch):
-    monkeypatch.setenv("MOLEFORGE_TRITON", "1")
     g = build_graph(_tree_spec(), SiteShape(label="site", d_in=10, d_out=7))
     params = make_params(g, 5)
     x = torch.randn(9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    y, _, _ = lowered(g, params)(x)
+    calls = []
+    real = node_mix
+    monkeypatch.setattr("moleforge.backends.triton.tree.node_mix", lambda *a: calls.append(1) or real(*a))
+    y, _, _ = lowered(g, params, policy=TRITON)(x)
+    assert calls, "the Triton node kernel did not run"
     assert_close(y, interpret(g, params, x).output, "float64")
 
 

@@ -3,12 +3,14 @@ structural facts of a spec."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..backends.runtime.policy import KernelPolicy
 from ..backends.runtime.siblings import SiblingGroup
 from ..backends.torch_fx.init import ParamStore
 from ..backends.torch_fx.lower import lower
@@ -22,7 +24,7 @@ from ..passes import Pass
 from ..report.explain import IRView, explain_plan
 from ..report.structure import structural_flexibility
 from ..specs import AdapterSpec
-from .plan import Plan, PlannedSite, as_spec, plan
+from .planner import Plan, PlannedSite, as_spec, plan
 
 __all__ = ["compile", "explain", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
 
@@ -41,7 +43,7 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None,  # noqa: A001
-            siblings: bool | None = None) -> AdapterHandle:
+            siblings: bool | None = None, policy: KernelPolicy | None = None) -> AdapterHandle:
     """Compile ``spec`` into ``model`` in place and return the handle: :func:`plan`, then lower
     every site and swap it in.
 
@@ -55,20 +57,23 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         passes: optimisation passes (default: ``moleforge.passes.DEFAULT_PIPELINE``; ``()`` for none).
         siblings: give sites that read the same tensor (q/k/v, gate/up) one input GEMM
             (default: with the default pipeline).
+        policy: the kernels the sites run (default: ``KernelPolicy.from_env()``, read once).
 
     Example:
         >>> handle = mf.compile(mf.presets.load("smore"), model)  # doctest: +SKIP
     """
-    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings)
+    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings, policy=policy)
     groups = {n.group: SiblingGroup(n.group) for s in p.sites for n in s.final.nodes if isinstance(n, SiblingLinear)}
     collector = AuxCollector()
     seeds = {s.init.seed for s in p.spec.sites} - {None}
     gen = torch.Generator().manual_seed(min(seeds)) if seeds else None
     modules: dict[str, nn.Module] = {}
     swaps: dict[str, nn.Module] = {}
+    policy = p.policy
     for site in p.sites:
-        made = _lower_site(p.spec, site, model, groups, collector, gen)
+        made = _lower_site(p.spec, site, model, groups, collector, gen, policy)
         modules[site.name] = made[site.name]
+        policy = made[site.name].site.kernel_policy  # with the CPU kernel's build recorded, once
         swaps.update(made)
     requires_grad = {n: q.requires_grad for n, q in model.named_parameters()}
     originals = swap_modules(model, swaps)
@@ -77,6 +82,8 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     for mod in modules.values():
         for q in mod.site.parameters():
             q.requires_grad_(True)
+    if policy != p.policy:
+        p = dataclasses.replace(p, policy=policy)
     return AdapterHandle(model, p, modules, originals, collector, requires_grad)
 
 
@@ -107,7 +114,7 @@ def explain(spec: Any, model: nn.Module | None = None, *, passes: Sequence[Pass]
 
 
 def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: dict[str, SiblingGroup],
-                collector: AuxCollector, gen: torch.Generator | None) -> dict[str, nn.Module]:
+                collector: AuxCollector, gen: torch.Generator | None, policy: KernelPolicy) -> dict[str, nn.Module]:
     """``{module name: replacement}`` for one site; a block split over two modules (BERT) gives two."""
     init = spec.sites[site.site_index].init
     graph = site.final
@@ -118,7 +125,7 @@ def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: 
     dtype = _adapter_dtype(base.weight)
     try:
         store = ParamStore(graph.params, up=init.up, std=init.std, generator=gen, dtype=dtype)
-        gm = lower(graph, store, groups).to(base.weight.device)
+        gm = lower(graph, store, groups, policy, device=base.weight.device).to(base.weight.device)
         if block is not None:
             return build_block_module(block.traced, gm, collector, uses_samples=uses_samples, dtype=dtype)
         adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples, site_name=site.name)

@@ -21,7 +21,7 @@ from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
 
 if TYPE_CHECKING:
-    from ..compiler.plan import Plan
+    from ..compiler.planner import Plan
 
 __all__ = ["AdapterHandle"]
 

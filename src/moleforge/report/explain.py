@@ -24,6 +24,8 @@ from ..ir import (
     AuxLoss,
     BlockGate,
     DenseSoftmax,
+    ExpertFFN,
+    ExpertHidden,
     Graph,
     GroupedMix,
     Linear,
@@ -42,7 +44,7 @@ from .explain_text import SiteRow, block_node, field, gamma_text, parameters_tex
 from .flops import base_flops_per_token, flops_per_token
 
 if TYPE_CHECKING:
-    from ..compiler.plan import Plan, PlannedSite
+    from ..compiler.planner import Plan, PlannedSite
 
 __all__ = ["explain_plan", "site_row"]
 
@@ -66,12 +68,21 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
             f"  passes: {_pass_names(plan.pipeline)}"]
     if plan.sibling_note:
         head.append(f"  sibling fusion: {plan.sibling_note}")
+    head += [f"  kernels: {line}" for line in plan.policy.describe(_kernel_families(sites))]
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])
         texts.append(_group(members, plan.pipeline, ir, shown.get(structure)))
         shown.setdefault(structure, where([m.name for m in members]))
     return "\n".join(head) + "\n\n" + "\n\n".join(texts) + "\n"
+
+
+def _kernel_families(sites: list[SiteRow]) -> list[str]:
+    """The op families whose kernel the policy chooses that these sites run."""
+    kinds = {type(n) for s in sites for n in s.final.nodes}
+    used = {"grouped": GroupedMix in kinds, "tree": bool(kinds & {TreeMix, TreePropagate}),
+            "routed_ffn": bool(kinds & {ExpertFFN, ExpertHidden})}
+    return [family for family, yes in used.items() if yes]
 
 
 def site_row(site: PlannedSite) -> SiteRow:

@@ -1,30 +1,35 @@
 """Compiled CPU kernels: the routed FFN-block experts fused token by token
 (``routed_ffn.cpp``, custom ops ``moleforge_cpu::routed_ffn`` and its backward).
 
-The source ships with the package and is compiled with ``torch.utils.cpp_extension`` the first
-time a CPU block runs (about half a minute; the build is cached in torch's extensions directory,
-``TORCH_EXTENSIONS_DIR``). Loops over a row of the FFN width are vectorised by the compiler,
-with glibc's vector math library for ``exp`` and ``erf``; on x86-64 CPUs with AVX2 they are
-built for AVX2 and FMA.
+The source ships with the package and is compiled with ``torch.utils.cpp_extension`` when a
+module with routed FFN blocks is lowered under a kernel policy that may choose the kernel
+(:meth:`moleforge.backends.runtime.policy.KernelPolicy.with_cpu_build`; about half a minute the
+first time, then cached in torch's extensions directory, ``TORCH_EXTENSIONS_DIR``), never in a
+forward. Loops over a row of the FFN width are vectorised by the compiler, with glibc's vector
+math library for ``exp`` and ``erf``; on x86-64 CPUs with AVX2 they are built for AVX2 and FMA.
 
-``MOLEFORGE_CPU_KERNELS=0`` turns the kernels off (the runtime ops then run torch ops, same
-values); ``=1`` makes a failed build an error instead of a warning. Without a compiler, or on
-a platform the build does not support, the torch ops run and one warning says why.
+``MOLEFORGE_CPU_KERNELS=0`` (read by ``KernelPolicy.from_env``) turns the kernels off and nothing
+is built (the runtime ops then run torch ops, same values); ``=1`` makes a failed build an error
+instead of a warning. Without a compiler, or on a platform the build does not support, the
+torch ops run and one warning says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-__all__ = ["enabled", "load", "KernelBuildError"]
+__all__ = ["build", "load", "KernelBuildError"]
 
 _SOURCE = Path(__file__).with_name("routed_ffn.cpp")
 
@@ -44,8 +49,29 @@ def _flags() -> tuple[str, list[str]]:
     return f"moleforge_cpu_{isa}", flags
 
 
-_state: dict[str, bool | None] = {"usable": None}
-"""Whether the kernels are built and loaded: ``None`` until the first CPU block asks."""
+_state: dict[str, object] = {"usable": None, "error": None}
+"""The build's outcome in this process: ``usable`` is ``None`` until :func:`build` ran, then
+whether the kernels are loaded; ``error`` the :class:`KernelBuildError` of a failed build."""
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """``torch.utils.cpp_extension`` runs ``ninja`` from ``PATH``. When ``ninja`` is not on it
+    but in this environment's scripts folder (a virtual environment used without activating it),
+    that folder is appended for the build only and ``PATH`` is restored exactly afterwards."""
+    scripts = sysconfig.get_path("scripts")
+    old = os.environ.get("PATH")
+    if shutil.which("ninja") is not None or not scripts or shutil.which("ninja", path=scripts) is None:
+        yield
+        return
+    os.environ["PATH"] = os.pathsep.join([old, scripts]) if old else scripts
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = old
 
 
 @functools.cache
@@ -61,48 +87,35 @@ def load() -> None:
     from torch.utils import cpp_extension
 
     name, flags = _flags()
-    scripts = sysconfig.get_path("scripts")  # the environment's ninja, when it is not on PATH
-    path = os.environ.get("PATH", "")
-    if scripts and scripts not in path.split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([path, scripts]) if path else scripts
     try:
-        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp", "-lmvec"], is_python_module=False, verbose=False)
+        with _ninja_on_path():
+            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                               extra_ldflags=["-fopenmp", "-lmvec"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - compilers fail in many ways; report them as one
         raise KernelBuildError(f"building the moleforge CPU kernels ({_SOURCE.name}) failed: "
                                f"{type(e).__name__}: {e}") from e
     from .routed_ffn import register_fakes
 
     register_fakes()
-    _state["usable"] = True
 
 
-def _try_load(flag: str) -> bool:
-    try:
-        load()
-    except KernelBuildError as e:
-        if flag == "1":
-            raise
-        warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks with torch ops instead (same values, slower). "
-                      "Set MOLEFORGE_CPU_KERNELS=0 to skip the build and this warning.", RuntimeWarning,
-                      stacklevel=4)
-        _state["usable"] = False
+def build(required: bool = False) -> bool:
+    """Build and load the kernels once per process; whether they are usable.
+
+    Called when a module is lowered (``KernelPolicy.with_cpu_build``), never in a forward. A
+    failed build warns once (later calls return ``False`` quietly) unless ``required``
+    (``MOLEFORGE_CPU_KERNELS=1``), which raises its :class:`KernelBuildError`, now or later.
+    """
+    if _state["usable"] is None:
+        try:
+            load()
+            _state["usable"] = True
+        except KernelBuildError as e:
+            _state["usable"], _state["error"] = False, e
+            if not required:
+                warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks with torch ops instead (same values, "
+                              "slower). Set MOLEFORGE_CPU_KERNELS=0 to skip the build and this warning.",
+                              RuntimeWarning, stacklevel=3)
+    if not _state["usable"] and required:
+        raise _state["error"]  # type: ignore[misc]
     return bool(_state["usable"])
-
-
-def enabled(x: torch.Tensor) -> bool:
-    """Whether the runtime ops should run ``x``'s block with the CPU kernels: float32 or float64
-    CPU tensors, unless ``MOLEFORGE_CPU_KERNELS`` is ``0`` or the build failed. The first such
-    block builds the kernels; under ``torch.compile`` tracing they are used once built (a model
-    compiled before any eager step runs the torch ops)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return False
-    flag = os.environ.get("MOLEFORGE_CPU_KERNELS", "")
-    if flag == "0":
-        return False
-    usable = _state["usable"]
-    if usable is None:
-        if torch.compiler.is_compiling():
-            return False
-        usable = _try_load(flag)
-    return usable

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _state, load
-
 __all__ = ["ACTIVATION_CODES", "TokenRoutedFFN", "token_routed_ffn", "register_fakes"]
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "quick_gelu": 4}
@@ -71,9 +69,8 @@ def token_routed_ffn(index: Tensor, weights: Tensor, activation: str, up_base: T
     part, ``None`` for none; ``gate_base=None`` for a block without a gate; ``down_a (E, r, F)`` and
     ``down_b (E, D, r)`` the down projection's LoRA, whose gated sum ``Σ_j w_j s (h_j A_eᵀ) B_eᵀ`` is
     ``yd`` (``None`` without one).
+    Needs the kernels loaded (:func:`moleforge.backends.cpu.build`, which lowering runs).
     """
-    if not _state["usable"]:
-        load()
     like = up_base
     bu = None if up_b is None else up_b.transpose(1, 2)  # (E, r, F)
     bg = None if gate_b is None else gate_b.transpose(1, 2)

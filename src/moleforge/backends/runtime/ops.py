@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moleforge.backends import triton as triton_backend
+from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = [
     "block_rows", "block_columns", "jitter", "route_softmax_topk", "route_dense", "route_sigmoid_topk",
@@ -128,16 +128,19 @@ def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) 
     return out * scale
 
 
-def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float,
+                policy: KernelPolicy = TORCH_OPS) -> Tensor:
     """Sparse pool: each expert runs only on the tokens that selected it. The ``T·k`` (token,
     slot) pairs are sorted by expert; one grouped GEMM gives every pair's ``h = A_e x``, a second
     ``B_e (s·g·h)``; a scatter-add sums each token's k results. FLOPs ``T·k·r·(d_in + d_out)``.
 
     ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)``, ``a (E|1, r, d_in)``, ``b (E|1, d_out, r)``.
-    When :func:`moleforge.backends.triton.enabled` says so (float32/16, bfloat16), one fused
-    Triton op does the sorted pairs' products and their scatter (``backends/triton/grouped.py``).
+    When the module's kernel ``policy`` chooses Triton for ``x``'s device and dtype
+    (``policy.grouped_kernel``: float32/16, bfloat16), one fused Triton op does the sorted pairs'
+    products and their scatter (``backends/triton/grouped.py``). The default policy runs the torch
+    ops.
     """
-    if triton_backend.enabled(x) and x.dtype in _TRITON_DTYPES:
+    if policy.grouped_kernel(x.device, x.dtype) == "triton":
         return _triton_grouped_mix(x, gates, index, a, b, scale)
     T, k = index.shape
     E = gates.shape[1]
@@ -155,9 +158,6 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, s
     else:
         ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (T*k, d_out)
     return x.new_zeros(T, b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
-
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:

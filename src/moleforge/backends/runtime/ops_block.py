@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import cpu as cpu_kernels
 from ..cpu.routed_ffn import token_routed_ffn
 from .ops_block_fused import CHUNK, RoutedFFN
 from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
+from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "routed_ffn", "expert_sum", "expert_lora",
            "expert_lora_down", "expert_lora_up", "expert_ffn"]
@@ -104,12 +104,15 @@ def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | 
 
 def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
                gate_base: Tensor | None, activation: str, down_a: Tensor | None = None, down_b: Tensor | None = None,
-               down_scale: float = 1.0, chunk: int = CHUNK) -> tuple[Tensor, Tensor | None]:
+               down_scale: float = 1.0, chunk: int = CHUNK,
+               policy: KernelPolicy = TORCH_OPS) -> tuple[Tensor, Tensor | None]:
     """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a (E, r, d_ff)``, ``down_b
     (E, d_out, r)``) :func:`expert_lora` of it: ``((T, d_ff), (T, d_out) or None)``. Needs the shared
-    frozen projections. On CPU tensors the compiled kernel runs it token by token (``backends.cpu``);
-    otherwise ``RoutedFFN`` runs it expert by expert in cache, in runs of ``chunk`` values."""
-    if cpu_kernels.enabled(up_base):
+    frozen projections. Where the module's kernel ``policy`` chooses it (``routed_ffn_kernel``: CPU
+    float32/float64 tensors, the kernel built at lowering) the compiled kernel runs it token by
+    token (``backends.cpu``); otherwise ``RoutedFFN`` runs it expert by expert in cache, in runs of
+    ``chunk`` values."""
+    if policy.routed_ffn_kernel(up_base.device, up_base.dtype) == "cpu":
         _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
         zu, zg = _all_z(x, up[2], ga)
         return token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .ops_tree_prop import act_, propagate_all
 from .ops_tree_route import route_switch_dense
+from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
            "tree_propagate", "tree_aux"]
@@ -169,12 +170,12 @@ def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
 
 def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
                levels: list, activation: str, position: str,
-               ones: bool = False) -> tuple[TreeRouting, Tensor]:
+               ones: bool = False, policy: KernelPolicy = TORCH_OPS) -> tuple[TreeRouting, Tensor]:
     """Routing and propagation from :func:`tree_inputs` ``both``: ``x_down = both[:, :m] + b``,
     ``h_all = both[:, m:] + a``; ``route`` holds the arguments of :func:`tree_route` after
     ``xd``, ``levels`` those of :func:`tree_propagate`. Returns ``(routing, root hidden
     (T, d_L))``; with ``ones`` the hidden gets a last column of ones ``(T, d_L + 1)`` for
-    :func:`tree_project`."""
+    :func:`tree_project`. ``policy``: the module's kernel policy (:func:`tree_propagate`)."""
     xd, h_all = both[:, :m], both[:, m:]
     if down_b is not None:
         xd = xd + down_b
@@ -182,7 +183,7 @@ def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor 
         h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
                                    for ab, (B, *_) in zip(a_bias, levels)])
     routing = tree_route(xd, *route)
-    h = tree_propagate(h_all, routing[0], routing[1], levels, activation, position)
+    h = tree_propagate(h_all, routing[0], routing[1], levels, activation, position, policy)
     return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
 
 
@@ -229,10 +230,11 @@ def _mix(w: Tensor, msg: Tensor) -> Tensor:
 
 
 def tree_propagate(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
-                   position: str = "all") -> Tensor:
-    """:func:`_propagate`; position ``all`` as one autograd function (``ops_tree_prop.py``)."""
+                   position: str = "all", policy: KernelPolicy = TORCH_OPS) -> Tensor:
+    """:func:`_propagate`; position ``all`` as one autograd function (``ops_tree_prop.py``), or
+    with the Triton node kernel where the module's kernel ``policy`` chooses it."""
     if position == "all":
-        return propagate_all(h_all, indices, weights, levels, activation)
+        return propagate_all(h_all, indices, weights, levels, activation, policy)
     return _propagate(h_all, indices, weights, levels, activation, position)
 
 

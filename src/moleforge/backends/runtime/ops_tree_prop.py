@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..triton import enabled as triton_enabled
+from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["propagate_all", "act_", "act_grad"]
 
@@ -138,10 +138,12 @@ def _expert_major(idx: Tensor, T: int) -> Tensor:
     return (idx.reshape(T, -1) * T + t).reshape(-1)
 
 
-def propagate_all(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str) -> Tensor:
+def propagate_all(h_all: Tensor, indices: tuple, weights: tuple, levels: list, activation: str,
+                  policy: KernelPolicy = TORCH_OPS) -> Tensor:
     """Root hidden ``(T, d_L)`` of the ``all``-position propagation (see the module doc);
-    ``levels`` per pool ``(B (s, d, r), b or None, W or None, w or None, scale)``."""
-    if triton_enabled(h_all):
+    ``levels`` per pool ``(B (s, d, r), b or None, W or None, w or None, scale)``. Each level's
+    node step runs in the Triton kernel when ``policy.tree_kernel`` chooses it for ``h_all``."""
+    if policy.tree_kernel(h_all.device, h_all.dtype) == "triton":
         return _propagate_triton(h_all, indices, weights, levels, activation)
     per_pool: list = []
     for idx, w, (B, b, W, wb, _) in zip(indices, weights, levels):

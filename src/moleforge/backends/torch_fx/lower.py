@@ -9,6 +9,10 @@ Its ``.code`` reads like the IR it came from.
 
 A :class:`SiblingLinear` whose group is given to :func:`lower` reads its columns of the group's
 one GEMM (``siblings.SiblingGroup``); without its group it is a plain linear.
+
+The ops with a kernel choice (sparse pools, residual trees, routed FFN blocks) get the module's
+kernel policy (``runtime/policy.py``), its constant attribute ``kernel_policy``, as their
+``policy`` argument; the C++ CPU kernel is built here when that policy may choose it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from ...ir import (
     format_expr,
 )
 from ..runtime import ops, ops_block, ops_linear
+from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
 
@@ -72,8 +77,10 @@ def counts_name(balance: str) -> str:
 
 
 class _Ctx:
-    def __init__(self, graph: Graph, groups: Mapping[str, SiblingGroup]):
+    def __init__(self, graph: Graph, groups: Mapping[str, SiblingGroup], policy: KernelPolicy):
         self.groups = groups
+        self.policy = policy
+        self._policy: fx.Node | None = None
         self.ir = graph
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -90,13 +97,20 @@ class _Ctx:
         self.fused: dict[str, fx.Node] = {}
         """Node id -> an input another emitter already computed for it (lower_tree)."""
 
-    def call(self, fn: Callable, args: tuple, name: str) -> fx.Node:
+    def call(self, fn: Callable, args: tuple, name: str, kwargs: dict | None = None) -> fx.Node:
         base = name.replace(".", "_")
         unique, i = base, 1
         while unique in self._names:
             unique, i = f"{base}_{i}", i + 1
         self._names.add(unique)
-        return self.g.create_node("call_function", fn, args, {}, name=unique)
+        return self.g.create_node("call_function", fn, args, kwargs or {}, name=unique)
+
+    @property
+    def kernels(self) -> dict[str, fx.Node]:
+        """``policy=``: the module's kernel policy, for the ops that choose a kernel."""
+        if self._policy is None:
+            self._policy = self.g.get_attr("kernel_policy")
+        return {"policy": self._policy}
 
     @property
     def training(self) -> fx.Node:
@@ -223,7 +237,7 @@ def _pool(c: _Ctx, n) -> fx.Node:
     args = (c.env[n.src], _gates(c, n.routing))
     if isinstance(n, GroupedMix):
         idx = c.item(c.env[n.routing], 2, f"{n.routing}_index")
-        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id)
+        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id, c.kernels)
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
@@ -285,7 +299,7 @@ def _routed_ffn(c: _Ctx, n: ExpertHidden) -> fx.Node:
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
     down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
-    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id)
+    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, c.kernels)
     c.fused[total.id] = c.item(out, 0, total.id)
     if lora is not None:
         c.fused[lora.id] = c.item(out, 1, lora.id)
@@ -337,8 +351,9 @@ class _Root(nn.Module):
     """What the generated code reads through ``get_attr``: the stored tensors, the
     selection-count buffers and the noise generator."""
 
-    def __init__(self, store: nn.Module, graph: Graph):
+    def __init__(self, store: nn.Module, graph: Graph, policy: KernelPolicy):
         super().__init__()
+        self.kernel_policy = policy
         for name, t in list(store.named_parameters(recurse=False)) + list(store.named_buffers(recurse=False)):
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
@@ -366,7 +381,21 @@ def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> N
             gm.register_buffer(decl.name, t)
 
 
-def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None) -> fx.GraphModule:
+def _build_cpu_kernel(graph: Graph, store: nn.Module, policy: KernelPolicy,
+                      device: torch.device | str | None) -> KernelPolicy:
+    """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks, a
+    module for a CPU (``device``, else the store's) with float32/float64 tensors."""
+    if not policy.wants_cpu_build() or not any(runs_as_routed_ffn(graph, n) for n in graph.nodes):
+        return policy
+    t = next(iter(list(store.parameters()) + list(store.buffers())), None)
+    where = torch.device(device) if device is not None else (t.device if t is not None else torch.device("cpu"))
+    if where.type != "cpu" or (t is not None and t.dtype not in CPU_KERNEL_DTYPES):
+        return policy
+    return policy.with_cpu_build()
+
+
+def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None,
+          policy: KernelPolicy | None = None, *, device: torch.device | str | None = None) -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
 
     The module's inputs are ``x (T, d_in)``, the optional per-token ``samples``, the frozen
@@ -380,8 +409,14 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     Args:
         groups: runtime sibling groups by name; the module joins the group its
             :class:`SiblingLinear` names (if that group is given).
+        policy: which kernels the module runs (default: ``KernelPolicy.from_env()``, read now);
+            kept as its constant attribute ``kernel_policy``, with the CPU kernel's build
+            outcome when it was built here (routed FFN blocks for a CPU).
+        device: the device the module will run on, when it is not the store's; decides only
+            whether the CPU kernel is built.
     """
-    c = _Ctx(graph, groups or {})
+    policy = _build_cpu_kernel(graph, store, KernelPolicy.from_env() if policy is None else policy, device)
+    c = _Ctx(graph, groups or {}, policy)
     last = graph.node(graph.output)
     into = isinstance(last, Linear) and (last.bias is None or last.scale == 1.0)
     for n in graph.nodes:
@@ -404,11 +439,12 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))
     routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, (Route, TreeRoute))}
     c.g.output((c.env[graph.output], total, routes))
-    root = _Root(store, graph)
+    root = _Root(store, graph, policy)
     joined = [n for n in graph.nodes if isinstance(n, SiblingLinear) and n.group in c.groups]
     root.sibling_group = c.groups[joined[0].group] if joined else None
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None
+    gm.kernel_policy = policy
     gm.sibling_group = root.sibling_group
     _keep_unread_tensors(gm, root, graph)
     for n in joined:

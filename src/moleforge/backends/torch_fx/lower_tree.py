@@ -49,7 +49,8 @@ def emit_tree_route(c, n: TreeRoute) -> fx.Node:
     proj = _projection(c.ir, mix)
     block = c.call(ops_tree.tree_block, (both, expr_shape(lin.weight)[0], c.opt(lin.bias),
                                          [c.opt(lv.a_bias) for lv in mix.levels], args, _levels(c, mix),
-                                         mix.activation, mix.position, proj is not None), f"{mix.id}_block")
+                                         mix.activation, mix.position, proj is not None), f"{mix.id}_block",
+                   c.kernels)
     old = c.env[n.src]
     if not old.users:
         c.g.erase_node(old)
@@ -85,7 +86,7 @@ def emit_tree(c, n) -> fx.Node:
         src = c.env[n.src]
     index, weights = c.item(route, 0, f"{n.routing}_index"), c.item(route, 1, f"{n.routing}_weights")
     args = (src, index, weights, _levels(c, n), n.activation, n.position)
-    return c.call(ops_tree.tree_propagate, args, n.id)
+    return c.call(ops_tree.tree_propagate, args, n.id, c.kernels)
 
 
 def emit_tree_aux(c, n) -> fx.Node:

@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 
 from torch import nn
 
+from ..backends.runtime.policy import KernelPolicy
 from ..integrations.ffn_blocks import ResolvedBlock, resolve_blocks
 from ..integrations.siblings import find_siblings
 from ..integrations.sites import ResolvedSite, resolve_sites
@@ -66,6 +67,8 @@ class Plan:
     """Module names of sites that read the same tensor and share one input GEMM."""
     sibling_note: str = ""
     """Why sibling fusion found nothing to fuse or was not looked for, when that is so."""
+    policy: KernelPolicy = field(default_factory=KernelPolicy.from_env)
+    """Which kernels the lowered sites run (Triton, the CPU kernel or torch ops, per device)."""
 
     def site(self, name: str) -> PlannedSite:
         for s in self.sites:
@@ -89,7 +92,7 @@ class Plan:
 
 
 def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
-         siblings: bool | None = None) -> Plan:
+         siblings: bool | None = None, policy: KernelPolicy | None = None) -> Plan:
     """Resolve every site of ``spec`` on ``model``, build its graph and run the pipeline on it.
 
     Args:
@@ -99,6 +102,8 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
         siblings: give linear sites that read the same tensor (q/k/v, gate/up) one input GEMM
             (default: with the default pipeline). The model is run once on its dummy inputs to
             find them.
+        policy: the kernels to run (default: ``KernelPolicy.from_env()``, which reads
+            ``MOLEFORGE_TRITON`` and ``MOLEFORGE_CPU_KERNELS`` now, once).
 
     Raises:
         SpecError, InjectionError: the spec does not fit the model (the message names the site).
@@ -115,7 +120,8 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
         groups, note = tuple(tuple(g) for g in found.groups), found.note
         planned = _fuse_siblings(planned, groups)
     return Plan(spec=spec, model_name=type(model).__name__, sites=tuple(planned), pipeline=pipeline,
-                sibling_groups=groups, sibling_note=note)
+                sibling_groups=groups, sibling_note=note,
+                policy=KernelPolicy.from_env() if policy is None else policy)
 
 
 def _planned(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, pipeline: Sequence[Pass]) -> PlannedSite:
