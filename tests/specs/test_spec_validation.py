@@ -177,6 +177,15 @@ def test_switch_lb_needs_a_softmax_topk_router(adapter):
     assert f"got router.kind = {adapter['router']['kind']!r}" in str(info.value)
 
 
+def test_an_override_rank_of_an_implicit_topk_pool_must_be_one():
+    flylora = {"kind": "pool", "rank": 1, "down": {"kind": "sparse_random"}, "router": {"kind": "implicit_topk"}}
+    data = {"sites": [{"target": {"roles": ["q"], "overrides": [{"layers": [0], "rank": 2}]}, "adapter": flylora}]}
+    with pytest.raises(SpecError, match=r"target.overrides\[0\].rank = 2: an implicit_topk router routes single"):
+        mf.AdapterSpec.model_validate(data)
+    data["sites"][0]["target"]["overrides"][0]["rank"] = 1
+    mf.AdapterSpec.model_validate(data)
+
+
 @pytest.mark.parametrize("site, message", [
     ({"target": {"roles": ["q", "gate"]}, "adapter": {"kind": "pool"}}, r"target.roles \['q'\]: scope 'ffn_block'"),
     ({"target": {"roles": ["k", "v", "o"]}, "adapter": {"kind": "pool"}}, r"adapt k, v, o with a second site"),

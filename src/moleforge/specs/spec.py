@@ -10,6 +10,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 
 from .adapters import Adapter, ExpertPool, Init, LoRA, PerExpert, ResidualTree
 from .base import SpecModel
+from .routing import ImplicitTopKRouter
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
 
@@ -97,6 +98,9 @@ class Site(SpecModel):
                                  f"(got {a.kind!r})")
             if ov.rank is not None and isinstance(a, ResidualTree):
                 raise ValueError(f"target.overrides[{i}].rank: set ranks per level for residual trees")
+            if ov.rank not in (None, 1) and isinstance(getattr(a, "router", None), ImplicitTopKRouter):
+                raise ValueError(f"target.overrides[{i}].rank = {ov.rank}: an implicit_topk router routes single "
+                                 "ranks; remove the override's rank or set it to 1")
             if isinstance(a, ExpertPool) and ov.experts is not None:
                 k = getattr(a.router, "k", None)
                 if k is not None and k > ov.experts:
