@@ -220,6 +220,30 @@ def test_load_damaged_or_missing_files(tmp_path):
         mf.load(tiny("llama"), tmp_path / "a")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_load_refuses_tensors_of_another_dtype(tmp_path, dtype):
+    """A file whose tensors were converted after saving is refused, naming the tensor, its dtype
+    and the fix, and leaves the model as it was; float32 and float64 load into one another."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mf.save(mf.compile("lora", tiny("llama")), tmp_path / "a")
+    weights = tmp_path / "a" / "moleforge_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.layers.1.mlp.down_proj.B"
+    save_file({**tensors, key: tensors[key].to(dtype)}, weights, metadata=metadata)
+    model = tiny("llama")
+    with pytest.raises(mf.CheckpointError, match=f"{key}: saved as {dtype}, this adapter stores it as torch.float32"):
+        mf.load(model, tmp_path / "a")
+    assert not any(type(m).__name__ == "AdaptedLinear" for m in model.modules())
+    handle = mf.compile("lora", tiny("llama"))
+    with pytest.raises(mf.CheckpointError, match="convert the file's tensors back"):
+        handle.load_state_dict({key: tensors[key].to(dtype)})
+    handle.load_state_dict({key: tensors[key].double()})
+    assert torch.equal(handle.state_dict()[key], tensors[key])
+
+
 def test_dict_json_and_preset_name_specs_are_accepted():
     model = tiny("llama")
     spec = mf.presets.load("lora")

@@ -13,7 +13,7 @@ from ..errors import CheckpointError, MoleforgeError
 from ..passes import Pass
 from ..specs import AdapterSpec
 from .compile import compile
-from .handle import AdapterHandle
+from .handle import AdapterHandle, dtype_mismatches
 
 __all__ = ["save", "load"]
 
@@ -77,4 +77,4 @@ def _mismatches(handle: AdapterHandle, saved_sites: dict, tensors: dict) -> list
             problems.append(f"{key}: saved shape {tuple(tensors[key].shape)}, this model needs {tuple(t.shape)}")
         elif key not in tensors and key.rsplit(".", 1)[0] in there:
             problems.append(f"{key}: missing from the saved tensors")
-    return problems
+    return problems + dtype_mismatches(own, tensors)
