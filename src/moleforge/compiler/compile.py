@@ -21,6 +21,7 @@ from .ffn_sites import count_block_parameters, make_block_modules, prepare_block
 from .handle import AdapterHandle
 from .siblings import find_siblings
 from .sites import ResolvedSite, resolve_sites
+from .sizes import SizeCheck
 
 __all__ = ["compile", "as_spec", "build_site_graphs", "count_parameters", "structural_flexibility"]
 
@@ -43,14 +44,22 @@ def as_spec(spec: Any) -> AdapterSpec:
 def build_site_graphs(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] | None = None,
                       siblings: bool | None = None) -> tuple[list[ResolvedSite], dict[str, Graph], dict[str, Graph]]:
     """Resolve sites and build each one's plain and optimised graph; with ``siblings`` (default:
-    when the default pipeline runs) sites that read the same tensor share their input GEMM."""
+    when the default pipeline runs) sites that read the same tensor share their input GEMM.
+
+    Raises:
+        InjectionError: a site's adapter is too large for the model (:class:`SizeCheck`), found
+            before the passes run.
+    """
     sites = resolve_sites(spec, model)
     plain, optimised = {}, {}
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
+    size = SizeCheck(model)
     for s in sites:
-        g = verify(build_graph(spec.sites[s.site_index].adapter, s.shape, origin=f"sites[{s.site_index}].adapter"))
-        plain[s.name] = g
-        optimised[s.name] = run_pipeline(g, pipeline)
+        g = build_graph(spec.sites[s.site_index].adapter, s.shape, origin=f"sites[{s.site_index}].adapter")
+        size.site(s.name, s.site_index, g)
+        plain[s.name] = verify(g)
+    for s in sites:
+        optimised[s.name] = run_pipeline(plain[s.name], pipeline)
     if (passes is None) if siblings is None else siblings:
         optimised = fuse_sibling_sites(optimised, find_siblings(model, list(optimised)).groups)
     return sites, plain, optimised
@@ -66,7 +75,10 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     """Compile ``spec`` into ``model`` in place and return the handle.
 
     The model's own parameters are frozen; the adapter's are trainable. On any error
-    the model is left exactly as it was.
+    the model is left exactly as it was. Before allocating anything, an adapter too large for
+    the model is refused (see :mod:`moleforge.compiler.sizes`: more than
+    ``max(4 × the model's parameters, 2**28)`` numbers at one site, ``MOLEFORGE_MAX_SITE_PARAMS``
+    to change that, or more memory than the model's device has in all).
 
     Args:
         spec: an :class:`AdapterSpec`, a dict, JSON text or a preset name.
@@ -82,6 +94,8 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
     sites, plain, graphs = build_site_graphs(spec, model, passes, siblings)
     groups = {n.group: SiblingGroup(n.group) for g in graphs.values() for n in g.nodes if isinstance(n, SiblingLinear)}
     blocks, block_plain, block_graphs = prepare_blocks(spec, model, passes, {s.name for s in sites})
+    SizeCheck(model).total({**plain, **block_plain}, {**{s.name: s.site_index for s in sites},
+                                                     **{b.name: b.site_index for b in blocks}})
     collector = AuxCollector()
     gen = None
     seeds = {s.init.seed for s in spec.sites} - {None}

@@ -32,6 +32,7 @@ from ..passes.share_frozen_projections import share_frozen_projections
 from ..specs import AdapterSpec, ExpertPool, PerExpert, Site, lora_scale
 from .build import SiteShape, _Builder, _flat_router
 from .sites import ROLE_PATTERNS, check_no_adapter, layer_of, num_layers
+from .sizes import SizeCheck
 
 __all__ = ["BLOCK_PIPELINE", "ResolvedBlock", "resolve_blocks", "build_block_graph", "prepare_blocks",
            "make_block_modules", "count_block_parameters"]
@@ -214,14 +215,18 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
 def prepare_blocks(spec: AdapterSpec, model: nn.Module, passes: Sequence[Pass] | None, claimed: set[str]
                    ) -> tuple[list[ResolvedBlock], dict[str, Graph], dict[str, Graph]]:
     """Resolve the blocks and build each one's plain and rewritten graph
-    (``passes=None``: :data:`BLOCK_PIPELINE`)."""
+    (``passes=None``: :data:`BLOCK_PIPELINE`); a block too large for the model is refused
+    (:class:`~moleforge.compiler.sizes.SizeCheck`) before the rewrites run."""
     blocks = resolve_blocks(spec, model, claimed)
     pipeline = BLOCK_PIPELINE if passes is None else tuple(passes)
     plain, optimised = {}, {}
+    size = SizeCheck(model)
     for blk in blocks:
         pool = spec.sites[blk.site_index].adapter
-        g = verify(build_block_graph(pool, blk.traced.linears, blk.traced.activation, blk.roles,  # type: ignore
-                                     blk.shape, origin=f"sites[{blk.site_index}].adapter"))
+        g = build_block_graph(pool, blk.traced.linears, blk.traced.activation, blk.roles,  # type: ignore[arg-type]
+                              blk.shape, origin=f"sites[{blk.site_index}].adapter")
+        size.site(blk.name, blk.site_index, g)
+        g = verify(g)
         plain[blk.name] = g
         optimised[blk.name] = run_pipeline(g, pipeline)
     return blocks, plain, optimised
