@@ -220,6 +220,30 @@ def test_load_damaged_or_missing_files(tmp_path):
         mf.load(tiny("llama"), tmp_path / "a")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_load_refuses_tensors_of_another_dtype(tmp_path, dtype):
+    """A file whose tensors were converted after saving is refused, naming the tensor, its dtype
+    and the fix, and leaves the model as it was; float32 and float64 load into one another."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mf.save(mf.compile("lora", tiny("llama")), tmp_path / "a")
+    weights = tmp_path / "a" / "moleforge_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = "model.layers.1.mlp.down_proj.B"
+    save_file({**tensors, key: tensors[key].to(dtype)}, weights, metadata=metadata)
+    model = tiny("llama")
+    with pytest.raises(mf.CheckpointError, match=f"{key}: saved as {dtype}, this adapter stores it as torch.float32"):
+        mf.load(model, tmp_path / "a")
+    assert not any(type(m).__name__ == "AdaptedLinear" for m in model.modules())
+    handle = mf.compile("lora", tiny("llama"))
+    with pytest.raises(mf.CheckpointError, match="convert the file's tensors back"):
+        handle.load_state_dict({key: tensors[key].to(dtype)})
+    handle.load_state_dict({key: tensors[key].double()})
+    assert torch.equal(handle.state_dict()[key], tensors[key])
+
+
 def test_dict_json_and_preset_name_specs_are_accepted():
     model = tiny("llama")
     spec = mf.presets.load("lora")
@@ -276,3 +300,52 @@ def test_attach_updates_balancing_after_each_optimizer_step():
     assert site.balance_counts.sum() > 0
     opt.step()
     assert site.balance_counts.sum() == 0 and site.balance.abs().sum() > 0
+
+
+# ---- absurd sizes are refused before anything is allocated ---------------------------------------------
+
+HUGE_TREE = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["q"]), adapter=mf.ResidualTree(
+    levels=[mf.TreeLevel(experts=10**6, rank=8, fanout=2)]))])
+HUGE_BLOCK = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["gate", "up", "down"]), scope="ffn_block",
+                                           adapter=mf.ExpertPool(experts=10**7, rank=8))])
+
+
+@pytest.mark.parametrize("spec, module, tensor", [
+    (HUGE_TREE, "model.layers.0.self_attn.q_proj", "B0 (1000000, 8000000, 8)"),
+    (HUGE_BLOCK, "model.layers.0.mlp", "B_up (10000000, 64, 8)"),
+], ids=["tree", "ffn_block"])
+def test_an_absurd_adapter_is_refused_with_its_numbers_before_allocating(spec, module, tensor):
+    import time
+
+    model = tiny("llama")
+    n = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    with pytest.raises(mf.InjectionError) as info:
+        mf.compile(spec, model)
+    assert time.perf_counter() - start < 10, "refused from the plain graph, before the passes"
+    msg = str(info.value)
+    assert f"sites[0] at module {module!r} would store" in msg and " GiB in torch.float32" in msg
+    assert f"more than the limit of {2**28:,} per site (4 × the model's {n:,} parameters" in msg
+    assert tensor in msg and "MOLEFORGE_MAX_SITE_PARAMS" in msg
+    assert not any(type(m).__name__ in ("AdaptedLinear", "MoleforgeBlock") for m in model.modules())
+
+
+def test_the_site_limit_can_be_set_and_the_memory_of_the_device_is_checked(monkeypatch):
+    from moleforge.compiler import sizes
+
+    spec = mf.presets.load("lora")
+    monkeypatch.setenv("MOLEFORGE_MAX_SITE_PARAMS", "100")
+    with pytest.raises(mf.InjectionError, match=r"would store 512 adapter parameters .* limit of 100 per site "
+                                                r"\(MOLEFORGE_MAX_SITE_PARAMS=100\)"):
+        mf.compile(spec, tiny("llama"))
+    monkeypatch.setenv("MOLEFORGE_MAX_SITE_PARAMS", "1e3")
+    mf.compile(spec, tiny("llama")).remove()
+    monkeypatch.setenv("MOLEFORGE_MAX_SITE_PARAMS", "lots")
+    with pytest.raises(mf.InjectionError, match="MOLEFORGE_MAX_SITE_PARAMS='lots' is not a number"):
+        mf.compile(spec, tiny("llama"))
+    monkeypatch.delenv("MOLEFORGE_MAX_SITE_PARAMS")
+    monkeypatch.setattr(sizes, "_device_memory", lambda model: (16 * 2**10, "this machine's RAM"))
+    total = mf.count_parameters(spec, tiny("llama"))
+    with pytest.raises(mf.InjectionError, match=f"would store {total:,} parameters over 14 sites .* more than "
+                                                r"the 0\.0 GiB of this machine's RAM"):
+        mf.compile(spec, tiny("llama"))

@@ -38,22 +38,23 @@ def _save_in_subprocess(folder: Path, kill_at: str) -> int:
     ``"writing_weights"`` (its temporary weights file half written)."""
     script = textwrap.dedent(f"""
         import os
+        import pathlib
         import moleforge as mf
         from moleforge.interop import atomic, own_format
         from models import tiny
         from test_checkpoint_files import _spec
 
-        real_replace, real_save = os.replace, own_format.save_file
+        real_replace, real_write = os.replace, pathlib.Path.write_bytes
         def replace(src, dst):
             real_replace(src, dst)
             if {kill_at!r} == "between_renames" and str(dst).endswith(own_format.WEIGHTS_NAME):
                 os._exit(3)
-        def save_file(tensors, path, metadata=None):
+        def write_bytes(self, data):
             if {kill_at!r} == "writing_weights":
-                open(path, "wb").write(b"half")
+                real_write(self, data[:100])
                 os._exit(3)
-            real_save(tensors, path, metadata=metadata)
-        atomic.os.replace, own_format.save_file = replace, save_file
+            return real_write(self, data)
+        atomic.os.replace, pathlib.Path.write_bytes = replace, write_bytes
         mf.save(mf.compile(_spec(16.0, 2), tiny("llama")), {str(folder)!r})
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}

@@ -472,3 +472,80 @@ def test_export_bad_arguments_give_one_clear_error(args, message, lora_run, tmp_
     result = run("export", *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+# ---- damaged inputs and outputs in the way: one `Error:` line, never a traceback ---------------------
+
+def _one_error(result) -> str:
+    """The single ``Error:`` line of a failed command (``run`` already checked: no traceback)."""
+    assert result.exit_code != 0, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"input_ids": [1, 2, 3]}\n{"text": "caf\xe9"}\n', ":2: byte 0xe9 at column 14 is not UTF-8"),
+    (b'{"input_ids": [1, 2, 3]}\n{"input_ids": [1, true, 3]}\n', ":2: input_ids must be a non-empty list"),
+])
+def test_train_bad_bytes_or_bool_token_ids_give_one_error_line(content, message, bare_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    line = _one_error(run("train", "lora", "--model", bare_model_dir, "--data", data, "--out", tmp_path / "run"))
+    assert message in line and "bad.jsonl" in line
+
+
+@pytest.mark.parametrize("command", ["inspect", "train"])
+def test_a_damaged_model_file_gives_one_error_line(command, bare_model_dir, data_file, tmp_path):
+    model = _copy(bare_model_dir, tmp_path / "model")
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    args = ["lora", "--model", model] + (["--data", data_file, "--out", tmp_path / "run"] if command == "train" else [])
+    line = _one_error(run(command, *args))
+    assert f"could not load a causal language model from {model}" in line
+
+
+def test_train_out_naming_a_file_gives_one_error_line(model_dir, data_file, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    line = _one_error(run("train", "lora", "--model", model_dir, "--data", data_file, "--out", out))
+    assert "is a file; --out names a folder" in line and out.read_text() == "not a folder"
+
+
+def test_export_with_a_malformed_train_summary_gives_one_error_line(lora_run, tmp_path):
+    copy = _copy(lora_run, tmp_path / "run")
+    (copy / "train_summary.json").write_text("{not json")
+    line = _one_error(run("export", copy, "--peft", tmp_path / "peft"))
+    assert "train_summary.json is damaged" in line and "give --model DIR" in line
+    (copy / "train_summary.json").write_text('["a list"]')
+    assert "train_summary.json is damaged" in _one_error(run("export", copy, "--peft", tmp_path / "peft"))
+
+
+@pytest.mark.parametrize("option", ["--merged", "--peft"])
+def test_export_to_an_existing_file_gives_one_error_line(option, lora_run, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    line = _one_error(run("export", lora_run, option, out))
+    assert f"is a file; {option} names a folder" in line and out.read_text() == "not a folder"
+
+
+def test_export_of_an_adapter_converted_to_float16_gives_one_error_line(lora_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    copy = _copy(lora_run, tmp_path / "run")
+    weights = copy / "adapter" / "moleforge_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k).half() for k in f.keys()}
+    save_file(tensors, weights, metadata=metadata)
+    result = run("export", copy, "--peft", tmp_path / "peft")
+    assert f"the adapter in {copy / 'adapter'}" in _one_error(result)
+    assert "model.layers.0.self_attn.q_proj.A: saved as torch.float16, this adapter stores it as torch.float32" \
+        in result.output and "convert the file's tensors back" in result.output
+    assert not (tmp_path / "peft").exists()

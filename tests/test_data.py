@@ -60,11 +60,21 @@ def test_record_kinds(rec, kind):
     ({"prompt": "a", "completion": ""}, "'completion' is empty"),
     ({"text": 3}, "'text' must be a string"),
     ({"input_ids": [1, -2]}, "non-negative integers"),
+    ({"input_ids": [1, True, 3]}, r"input_ids\[1\] is true"),
+    ({"input_ids": [False]}, r"input_ids\[0\] is false"),
+    ({"input_ids": [1, 2.0]}, r"input_ids\[1\] is 2.0"),
     ([1, 2], "expected a JSON object"),
 ])
 def test_bad_records_are_refused(rec, message):
     with pytest.raises(DataError, match=message):
         record_kind(rec)
+
+
+def test_read_jsonl_names_a_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps({"text": "a"}).encode() + b'\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: byte 0xe9 at column 14 is not UTF-8"):
+        read_jsonl(path)
 
 
 def test_read_jsonl_names_the_bad_line(tmp_path):

@@ -126,7 +126,7 @@ def test_untraceable_or_unknown_block_is_named_and_the_model_untouched(mlp, mess
 
 
 def test_block_scope_rejects_plain_lora_and_overlapping_sites():
-    with pytest.raises(mf.InjectionError, match="kind 'pool'"):
+    with pytest.raises(mf.SpecError, match="kind 'pool'"):
         mf.compile(mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["up"]), scope="ffn_block",
                                                  adapter=mf.LoRA())]), tiny("llama"))
     spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["gate", "up", "down"]), scope="ffn_block",
@@ -134,6 +134,20 @@ def test_block_scope_rejects_plain_lora_and_overlapping_sites():
                                  mf.Site(target=mf.Target(roles=["down"]), adapter=mf.LoRA())])
     with pytest.raises(mf.InjectionError, match="down_proj"):
         mf.compile(spec, tiny("llama"))
+
+
+@pytest.mark.parametrize("arch, pattern, found", [
+    ("llama", r".*layers\.0\.(self_attn\.q_proj|mlp\.up_proj)", "'model.layers.0.self_attn.q_proj' (role q)"),
+    ("gpt2", r".*h\.1\.(attn|mlp)\.c_proj", "'transformer.h.1.attn.c_proj' (role o)"),
+])
+def test_block_scope_module_patterns_reaching_attention_are_named(arch, pattern, found):
+    """Roles are checked in the spec; module patterns once they meet the model, before any tracing."""
+    model = tiny(arch)
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(modules=[pattern]), scope="ffn_block", adapter=POOL)])
+    with pytest.raises(mf.InjectionError, match="targets attention projections") as err:
+        mf.compile(spec, model)
+    assert found in str(err.value) and "sites[0] (scope 'ffn_block')" in str(err.value)
+    assert "torch.fx" not in str(err.value) and not routed_blocks(model)
 
 
 class _DropoutMLP(_BranchyMLP):

@@ -64,8 +64,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not p.is_file():
         raise DataError(f"data file {str(p)!r} does not exist")
     records = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, f"{p}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -77,6 +78,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not records:
         raise DataError(f"{p} holds no records; write one JSON object per line, e.g. {{\"text\": \"...\"}}")
     return records
+
+
+def _decode(raw: bytes, where: str) -> str:
+    """One line of the file as text; JSON Lines files are UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8; JSON Lines files "
+                        "are UTF-8 text: convert the file (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def record_kind(rec: Any, where: str = "record") -> str:
@@ -97,8 +107,12 @@ def record_kind(rec: Any, where: str = "record") -> str:
 def _check_values(rec: dict, kind: str, where: str) -> None:
     if kind == "input_ids":
         ids = rec["input_ids"]
-        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids)):
+        if not (isinstance(ids, list) and ids):
             raise DataError(f"{where}: input_ids must be a non-empty list of non-negative integers")
+        for j, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:  # JSON true is no token id 1
+                raise DataError(f"{where}: input_ids must be a non-empty list of non-negative integers; "
+                                f"input_ids[{j}] is {json.dumps(i)[:40]}")
         return
     for field in _SHAPES[kind]:
         if not isinstance(rec[field], str):

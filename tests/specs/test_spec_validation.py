@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import typing
+
 import pytest
 from pydantic import ValidationError
 
 import moleforge as mf
 from moleforge.errors import SpecError
+from moleforge.specs import SpecModel
 
 
 def _site(**adapter):
@@ -79,3 +83,119 @@ def test_specs_are_frozen():
     spec = mf.presets.load("lora")
     with pytest.raises(ValidationError, match="frozen"):
         spec.name = "x"  # type: ignore[misc]
+
+
+# ---- finite floats, bounded seeds ------------------------------------------------------------------
+
+def _spec_models() -> list[type[mf.SpecModel]]:
+    found, todo = [], [SpecModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return sorted({c for c in found if c.__module__.startswith("moleforge.specs")}, key=lambda c: c.__name__)
+
+
+def _has_float(annotation) -> bool:
+    return annotation is float or any(_has_float(a) for a in typing.get_args(annotation))
+
+
+FLOAT_FIELDS = [(cls, name) for cls in _spec_models() for name, info in cls.model_fields.items()
+                if _has_float(info.annotation)]
+"""Every float field of every spec object (``float``, ``float | None``, ``tuple[float, float]``)."""
+
+VALID = {mf.LayerOverride: {"layers": [0], "experts": 2}, mf.Target: {"roles": ["q"]},
+         mf.Site: {"target": {"roles": ["q"]}}, mf.AdapterSpec: {"sites": [{"target": {"roles": ["q"]}}]}}
+"""The fields a spec object needs besides defaults."""
+
+
+def test_the_float_fields_found_are_every_float_field():
+    names = {name for _, name in FLOAT_FIELDS}
+    assert {"temperature", "jitter", "bias_update_rate", "weight", "delta", "alpha", "std", "density",
+            "aux_loss_coef", "depth"} <= names, names
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("cls, name", FLOAT_FIELDS, ids=[f"{c.__name__}.{n}" for c, n in FLOAT_FIELDS])
+def test_every_float_field_refuses_infinity_and_nan(cls, name, value):
+    data = dict(VALID.get(cls, {}))
+    pair = any(typing.get_origin(a) is tuple for a in typing.get_args(cls.model_fields[name].annotation))
+    data[name] = (0.0, value) if pair else value
+    with pytest.raises(SpecError) as info:
+        cls.model_validate(data)
+    assert [p for p, _ in info.value.problems] in ([name], [f"{name}[1]"]), info.value.problems
+    assert "finite number" in str(info.value) and name in str(info.value)
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_json_infinity_and_nan_are_refused_with_the_full_path(literal):
+    text = ('{"sites": [{"target": {"roles": ["q"]}, "adapter": {"kind": "pool", "router": '
+            f'{{"kind": "topk", "temperature": {literal}}}}}}}]}}')
+    with pytest.raises(SpecError, match=r"sites\[0\]\.adapter\.pool\.router\.topk\.temperature: .*finite"):
+        mf.AdapterSpec.model_validate_json(text)
+
+
+@pytest.mark.parametrize("name", mf.presets.names())
+def test_every_preset_round_trips_through_json(name):
+    spec = mf.presets.load(name)
+    text = spec.model_dump_json()
+    again = mf.AdapterSpec.model_validate_json(text)
+    assert again == spec and again.model_dump_json() == text
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**63 - 1, True), (2**63, False), (2**64, False), (-1, False)])
+def test_init_seed_is_a_64_bit_signed_integer(seed, ok):
+    data = {"sites": [{"target": {"roles": ["q"]}, "init": {"seed": seed}}]}
+    if ok:
+        assert mf.AdapterSpec.model_validate(data).sites[0].init.seed == seed
+        return
+    with pytest.raises(SpecError, match=r"sites\[0\]\.init\.seed: Input should be"):
+        mf.AdapterSpec.model_validate(data)
+
+
+def test_the_largest_seed_compiles():
+    from models import tiny
+
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["q"]), init=mf.Init(seed=2**63 - 1))])
+    mf.compile(spec, tiny("llama")).remove()
+
+
+# ---- rules the IR verifier used to be the first to find --------------------------------------------
+
+@pytest.mark.parametrize("adapter", [
+    {"kind": "pool", "router": {"kind": "dense"}},
+    {"kind": "pool", "router": {"kind": "sigmoid_topk", "k": 2}},
+    {"kind": "pool", "rank": 1, "down": {"kind": "sparse_random"}, "router": {"kind": "implicit_topk", "k": 2}},
+    {"kind": "rank_partition", "rank": 8, "router": {"kind": "dense"}},
+    {"kind": "rank_partition", "rank": 8, "router": {"kind": "sigmoid_topk", "k": 2}},
+], ids=["pool-dense", "pool-sigmoid", "pool-implicit", "partition-dense", "partition-sigmoid"])
+def test_switch_lb_needs_a_softmax_topk_router(adapter):
+    data = {"sites": [{"target": {"roles": ["q"]}, "adapter": {**adapter, "aux_losses": [{"kind": "switch_lb"}]}}]}
+    with pytest.raises(SpecError, match=r"aux_losses\[0\]\.kind = 'switch_lb' needs a softmax top-k router") as info:
+        mf.AdapterSpec.model_validate(data)
+    assert info.value.problems[0][0] == f"sites[0].adapter.{adapter['kind']}"
+    assert f"got router.kind = {adapter['router']['kind']!r}" in str(info.value)
+
+
+def test_an_override_rank_of_an_implicit_topk_pool_must_be_one():
+    flylora = {"kind": "pool", "rank": 1, "down": {"kind": "sparse_random"}, "router": {"kind": "implicit_topk"}}
+    data = {"sites": [{"target": {"roles": ["q"], "overrides": [{"layers": [0], "rank": 2}]}, "adapter": flylora}]}
+    with pytest.raises(SpecError, match=r"target.overrides\[0\].rank = 2: an implicit_topk router routes single"):
+        mf.AdapterSpec.model_validate(data)
+    data["sites"][0]["target"]["overrides"][0]["rank"] = 1
+    mf.AdapterSpec.model_validate(data)
+
+
+@pytest.mark.parametrize("site, message", [
+    ({"target": {"roles": ["q", "gate"]}, "adapter": {"kind": "pool"}}, r"target.roles \['q'\]: scope 'ffn_block'"),
+    ({"target": {"roles": ["k", "v", "o"]}, "adapter": {"kind": "pool"}}, r"adapt k, v, o with a second site"),
+    ({"target": {"roles": ["up"]}, "adapter": {"kind": "lora"}}, "needs an adapter of kind 'pool'"),
+    ({"target": {"roles": ["up"]}, "adapter": {"kind": "pool", "down": {"kind": "shared"}}}, "their own A and B"),
+    ({"target": {"roles": ["up"]}, "adapter": {"kind": "pool", "up": "shared"}}, "their own A and B"),
+    ({"target": {"roles": ["up"]}, "adapter": {"kind": "pool", "shared_expert": {"kind": "lora"}}},
+     "their own A and B"),
+], ids=["q", "kvo", "lora", "shared-down", "shared-up", "shared-expert"])
+def test_ffn_block_sites_are_checked_in_the_spec(site, message):
+    with pytest.raises(SpecError, match=message) as info:
+        mf.AdapterSpec.model_validate({"sites": [{**site, "scope": "ffn_block"}]})
+    assert info.value.problems[0][0] == "sites[0]"

@@ -23,9 +23,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def friendly_errors(fn: F) -> F:
-    """Run a command body; a :class:`MoleforgeError` (spec, data, checkpoint ...) becomes a
-    ``click.ClickException`` carrying its message, so the user sees ``Error: ...``; Python
-    warnings print as one ``Warning: ...`` line."""
+    """Run a command body; a :class:`MoleforgeError` (spec, data, checkpoint ...) or an
+    ``OSError`` (a file that cannot be read or written) becomes a ``click.ClickException``
+    carrying its message, so the user sees ``Error: ...``; Python warnings print as one
+    ``Warning: ...`` line."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with warnings.catch_warnings():
@@ -34,6 +35,9 @@ def friendly_errors(fn: F) -> F:
                 return fn(*args, **kwargs)
             except MoleforgeError as e:
                 raise click.ClickException(str(e)) from None
+            except OSError as e:  # a file the command reads or writes: say which and why
+                where = f"{e.filename}: " if e.filename else ""
+                raise click.ClickException(f"{where}{e.strerror or e}") from None
     return wrapper  # type: ignore[return-value]
 
 
@@ -80,9 +84,16 @@ def load_model(path: str):
     p = _model_dir(path)
     try:
         return AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise click.ClickException(f"could not load a causal language model from {path}: {first}") from None
+    except Exception as e:  # noqa: BLE001 - damaged weights raise anything (SafetensorError, UnpicklingError ...)
+        raise click.ClickException(f"could not load a causal language model from {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message, with its type when that says more than the text."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if type(e).__name__ in ("OSError", "ValueError", "KeyError", "RuntimeError") and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load_tokenizer(path: str | None):

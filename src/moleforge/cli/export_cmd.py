@@ -31,7 +31,20 @@ def _recorded_model(adapter: Path) -> str | None:
     summary = adapter.parent / "train_summary.json"
     if not summary.is_file():
         return None
-    return json.loads(summary.read_text()).get("model")
+    try:
+        model = json.loads(summary.read_text(encoding="utf-8")).get("model")
+    except (ValueError, AttributeError) as e:  # bad JSON or UTF-8, or not a JSON object
+        raise click.ClickException(f"{summary} is damaged ({type(e).__name__}: {str(e)[:80]}), so the base model "
+                                   "it records cannot be read; give --model DIR") from None
+    if model is not None and not isinstance(model, str):
+        raise click.ClickException(f"{summary}: 'model' is {json.dumps(model)[:40]}, not a folder; give --model DIR")
+    return model
+
+
+def _out_dir(path: str | None, option: str) -> None:
+    """``--merged`` and ``--peft`` name folders: refuse an existing file before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise click.BadParameter(f"{path!r} is a file; {option} names a folder to write", param_hint=option)
 
 
 @click.command("export")
@@ -63,6 +76,8 @@ def export_cmd(adapter_path: str, merged_out: str | None, peft_out: str | None, 
         raise click.UsageError("say what to write: --merged OUT, --peft OUT, or both")
     if static_only and merged_out is None:
         raise click.UsageError("--static-only goes with --merged")
+    _out_dir(merged_out, "--merged")
+    _out_dir(peft_out, "--peft")
     adapter = _adapter_dir(adapter_path)
     model_dir = model_dir or _recorded_model(adapter)
     if model_dir is None:

@@ -19,6 +19,9 @@ def _check_out(out: Path, resume: bool) -> str | None:
     """The checkpoint to resume from, or ``None``; refuses to mix runs in one folder."""
     from .hf_trainer import checkpoint_dirs
 
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{str(out)!r} is a file; --out names a folder for checkpoints and the adapter",
+                                 param_hint="--out")
     found = checkpoint_dirs(out)
     if resume and not found:
         raise click.UsageError(f"--resume: {out} holds no checkpoint-N folder to resume from")

@@ -22,6 +22,7 @@ from ..ir import Graph, verify
 from ..passes import DEFAULT_PIPELINE, Pass, PipelineTrace, fuse_sibling_sites, run_pipeline
 from ..specs import AdapterSpec, as_spec
 from .build import build_block_graph, build_graph
+from .sizes import SizeCheck
 
 __all__ = ["Plan", "PlannedSite", "plan", "as_spec"]
 
@@ -92,7 +93,7 @@ class Plan:
 
 
 def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
-         siblings: bool | None = None, policy: KernelPolicy | None = None) -> Plan:
+         siblings: bool | None = None, policy: KernelPolicy | None = None, check_sizes: bool = True) -> Plan:
     """Resolve every site of ``spec`` on ``model``, build its graph and run the pipeline on it.
 
     Args:
@@ -104,15 +105,23 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
             find them.
         policy: the kernels to run (default: ``KernelPolicy.from_env()``, which reads
             ``MOLEFORGE_TRITON`` and ``MOLEFORGE_CPU_KERNELS`` now, once).
+        check_sizes: refuse adapters too large for the model (``False`` to plan one anyway, e.g.
+            to count its parameters).
 
     Raises:
-        SpecError, InjectionError: the spec does not fit the model (the message names the site).
+        SpecError, InjectionError: the spec does not fit the model (the message names the site), or
+            a site's adapter is too large for it (:class:`~moleforge.compiler.sizes.SizeCheck`),
+            found before the passes run and before anything is allocated.
     """
     spec = as_spec(spec)
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
     linear = resolve_sites(spec, model)
     blocks = resolve_blocks(spec, model, {s.name for s in linear})
-    planned = [_planned(spec, s, pipeline) for s in linear] + [_planned(spec, b, pipeline) for b in blocks]
+    size = SizeCheck(model) if check_sizes else None
+    plain = {w.name: _plain(spec, w, size) for w in (*linear, *blocks)}
+    if size is not None:
+        size.total(plain, {w.name: w.site_index for w in (*linear, *blocks)})
+    planned = [_planned(w, plain[w.name], pipeline) for w in (*linear, *blocks)]
     groups: tuple[tuple[str, ...], ...] = ()
     note = ""
     if (passes is None) if siblings is None else siblings:
@@ -124,7 +133,8 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
                 policy=KernelPolicy.from_env() if policy is None else policy)
 
 
-def _planned(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, pipeline: Sequence[Pass]) -> PlannedSite:
+def _plain(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, size: SizeCheck | None) -> Graph:
+    """The site's graph as the front end builds it, refused before verifying when it is too large."""
     origin = f"sites[{where.site_index}].adapter"
     adapter = spec.sites[where.site_index].adapter
     if isinstance(where, ResolvedBlock):
@@ -132,7 +142,12 @@ def _planned(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, pipeline: S
                                   where.roles, where.shape, origin=origin)
     else:
         graph = build_graph(adapter, where.shape, origin=origin)
-    plain = verify(graph)
+    if size is not None:
+        size.site(where.name, where.site_index, graph)
+    return verify(graph)
+
+
+def _planned(where: ResolvedSite | ResolvedBlock, plain: Graph, pipeline: Sequence[Pass]) -> PlannedSite:
     trace: PipelineTrace = []
     final = run_pipeline(plain, pipeline, trace)
     scope = "ffn_block" if isinstance(where, ResolvedBlock) else "linear"

@@ -51,6 +51,21 @@ def _is_ffn(name: str) -> bool:
     return any(re.search(rf"(^|\.){p}$", name) for r in _FFN_ROLES for p in ROLE_PATTERNS[r])
 
 
+def _attention_roles(name: str) -> list[str]:
+    """The attention roles (q, k, v, o) whose module pattern ``name`` matches."""
+    return [r for r in ("q", "k", "v", "o") if any(re.search(rf"(^|\.){p}$", name) for p in ROLE_PATTERNS[r])]
+
+
+def _check_no_attention(i: int, targets: list[str]) -> None:
+    """``ffn_block`` sites route FFN blocks; module patterns must not reach attention projections."""
+    attention = {t: _attention_roles(t) for t in targets if _attention_roles(t)}
+    if attention:
+        found = ", ".join(f"{t!r} (role {'/'.join(r)})" for t, r in attention.items())
+        raise InjectionError(f"sites[{i}] (scope 'ffn_block') targets attention projections: {found}; an "
+                             "ffn_block site routes FFN blocks (their gate, up and down linears): narrow "
+                             "target.modules, and adapt attention linears with a second site of scope 'linear'")
+
+
 def _common_parent(names: list[str]) -> str:
     parts = [n.split(".")[:-1] for n in names]
     common = []
@@ -124,6 +139,7 @@ def resolve_blocks(spec: AdapterSpec, model: nn.Module, claimed: frozenset[str] 
             raise InjectionError(f"sites[{i}] (ffn_block) matches no FFN linear of {type(model).__name__}; "
                                  "check the roles, module patterns and layers")
         for key, (targets, ffn) in groups.items():
+            _check_no_attention(i, targets)
             tb = trace_block(model, _common_parent(sorted(set(targets + ffn))), sorted(set(targets + ffn)))
             by_name = {tb.full_name(r): r for r in tb.linears}
             stray = [t for t in targets if t not in by_name]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..backends.torch_fx.lower import counts_name
+from ..errors import CheckpointError
 from ..interop.own_format import save
 from ..ir import AbsTopK, Route, SigmoidTopK
 from ..report.explain import explain_plan
@@ -23,7 +24,7 @@ from .routing_log import RoutingLog
 if TYPE_CHECKING:
     from ..compiler.planner import Plan
 
-__all__ = ["AdapterHandle"]
+__all__ = ["AdapterHandle", "dtype_mismatches"]
 
 
 def _shifts_labels(model: nn.Module) -> bool:
@@ -148,6 +149,26 @@ def _install_save_pretrained(model: nn.Module, handle: "AdapterHandle") -> bool:
         return False
     model.save_pretrained = handle._save_pretrained  # type: ignore[method-assign]
     return True
+
+
+_SAVED_FLOATS = (torch.float32, torch.float64)
+"""The dtypes ``mf.save`` writes adapter tensors in: float32, or float64 for a float64 model."""
+
+
+def dtype_mismatches(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> list[str]:
+    """One line per saved tensor whose dtype the adapter would have to cast it from: anything but
+    the adapter's own dtype, except float32 and float64 for one another (what a float32 and a
+    float64 model store). A float16 or bfloat16 file was converted after saving and has lost
+    precision; loading it silently would hide that."""
+    problems = []
+    for key, t in saved.items():
+        want = own.get(key)
+        if want is None or t.dtype == want.dtype or (t.dtype in _SAVED_FLOATS and want.dtype in _SAVED_FLOATS):
+            continue
+        problems.append(f"{key}: saved as {t.dtype}, this adapter stores it as {want.dtype}; moleforge saves "
+                        f"adapters in float32 (float64 for float64 models): convert the file's tensors back to "
+                        f"{want.dtype} or save the adapter again with mf.save")
+    return problems
 
 
 class AdapterHandle:
@@ -308,7 +329,16 @@ class AdapterHandle:
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (``{module.param: tensor}``) into the adapter.
+
+        Raises:
+            CheckpointError: a tensor's dtype is not one the adapter is saved in (see
+                :func:`dtype_mismatches`); nothing is copied then.
+        """
         own = self.state_dict()
+        problems = dtype_mismatches(own, tensors)
+        if problems:
+            raise CheckpointError("the saved tensors do not have the adapter's dtypes:\n  - " + "\n  - ".join(problems))
         with torch.no_grad():
             for k, v in tensors.items():
                 own[k].copy_(v.to(own[k].dtype))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..compiler.compile import compile
 from ..errors import CheckpointError, MoleforgeError
-from ..integrations.handle import AdapterHandle
+from ..integrations.handle import AdapterHandle, dtype_mismatches
 from ..passes import Pass
 from ..specs import AdapterSpec
 from .own_format import read_adapter, save
@@ -57,4 +57,4 @@ def _mismatches(handle: AdapterHandle, saved_sites: dict, tensors: dict) -> list
             problems.append(f"{key}: saved shape {tuple(tensors[key].shape)}, this model needs {tuple(t.shape)}")
         elif key not in tensors and key.rsplit(".", 1)[0] in there:
             problems.append(f"{key}: missing from the saved tensors")
-    return problems
+    return problems + dtype_mismatches(own, tensors)

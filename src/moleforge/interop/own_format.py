@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from ..errors import CheckpointError
 from .atomic import atomic_write_many
@@ -41,8 +41,10 @@ def write_adapter(directory: str | os.PathLike, config: dict[str, Any], tensors:
     # safetensors forbids shared storage and non-contiguous tensors
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     text = json.dumps({"format_version": FORMAT_VERSION, **config, "save_id": save_id}, indent=2, sort_keys=True)
-    metadata = {"format": "pt", SAVE_ID_KEY: save_id}
-    atomic_write_many([(d / WEIGHTS_NAME, lambda p: save_file(flat, p, metadata=metadata)),
+    # serialised here and written by us: safetensors' own save_file writes through a temporary file
+    # of its own naming, which a killed save would leave behind unrecognised
+    data = serialize(flat, metadata={"format": "pt", SAVE_ID_KEY: save_id})
+    atomic_write_many([(d / WEIGHTS_NAME, lambda p: Path(p).write_bytes(data)),
                        (d / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))])
     return d
 

@@ -63,8 +63,9 @@ class Init(SpecModel):
 
     up: Literal["zero", "normal"] = "zero"
     std: float = Field(0.02, gt=0)
-    seed: int | None = None
-    """Seed of the parameter initialisation (``None``: torch's global generator)."""
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    """Seed of the parameter initialisation (``None``: torch's global generator); a 64-bit
+    signed integer, ``0 <= seed < 2**63``, as ``torch.Generator.manual_seed`` takes."""
 
 
 class LoRA(SpecModel):
@@ -100,6 +101,18 @@ class SparseRandom(SpecModel):
 Factor = Annotated[Union[PerExpert, Shared, SparseRandom], Field(discriminator="kind")]
 
 
+def _check_switch_router(router, aux_losses: list) -> None:
+    """``switch_lb`` multiplies each expert's share of the top-k selections by its mean softmax
+    probability: it is defined for the softmax top-k router only."""
+    for j, aux in enumerate(aux_losses):
+        if isinstance(aux, SwitchLoadBalance) and not isinstance(router, TopKRouter):
+            hint = ("its balancing bias already balances the load; remove the loss"
+                    if isinstance(router, (SigmoidTopKRouter, ImplicitTopKRouter))
+                    else "use cv2_importance_load or localized_balance")
+            raise ValueError(f"aux_losses[{j}].kind = 'switch_lb' needs a softmax top-k router (router.kind = "
+                             f"'topk'), got router.kind = {router.kind!r}: {hint}, or set router.kind = 'topk'")
+
+
 class ExpertPool(SpecModel):
     """``Δy = Σ_i g_i(x) · s · (x A_i) B_i`` (+ an optional always-on shared expert)."""
 
@@ -122,6 +135,7 @@ class ExpertPool(SpecModel):
     @model_validator(mode="after")
     def _check(self) -> "ExpertPool":
         r = self.router
+        _check_switch_router(r, self.aux_losses)
         if isinstance(r, (TopKRouter, SigmoidTopKRouter, ImplicitTopKRouter)) and r.k > self.experts:
             raise ValueError(
                 f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
@@ -153,6 +167,7 @@ class RankPartition(SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> "RankPartition":
+        _check_switch_router(self.router, self.aux_losses)
         if self.rank % self.block:
             raise ValueError(f"rank = {self.rank} is not a multiple of block = {self.block}")
         if isinstance(self.router, ImplicitTopKRouter):

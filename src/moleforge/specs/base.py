@@ -50,11 +50,15 @@ _DEPTH: ContextVar[int] = ContextVar("moleforge_spec_depth", default=0)
 class SpecModel(BaseModel):
     """Frozen, closed (``extra="forbid"``) base of every spec object.
 
+    Every float field of every spec object is finite (``allow_inf_nan=False``): infinity or NaN
+    would train to NaN and could not be written back as JSON (``model_dump_json`` gives
+    ``null``), so they are refused like any other bad value, with the field's path.
+
     Construction and ``model_validate*`` raise :class:`SpecError` instead of pydantic's
     ``ValidationError``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         with _converting(type(self).__name__):

@@ -8,8 +8,9 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from .adapters import Adapter, ExpertPool, Init, LoRA, ResidualTree
+from .adapters import Adapter, ExpertPool, Init, LoRA, PerExpert, ResidualTree
 from .base import SpecModel
+from .routing import ImplicitTopKRouter
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
 
@@ -19,6 +20,7 @@ attention query/key/value/output, FFN gate/up/down. On GPT-2, q, k and v all nam
 fused ``c_attn``."""
 
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+_FFN_ROLES = ("gate", "up", "down")
 
 
 class LayerOverride(SpecModel):
@@ -96,13 +98,32 @@ class Site(SpecModel):
                                  f"(got {a.kind!r})")
             if ov.rank is not None and isinstance(a, ResidualTree):
                 raise ValueError(f"target.overrides[{i}].rank: set ranks per level for residual trees")
+            if ov.rank not in (None, 1) and isinstance(getattr(a, "router", None), ImplicitTopKRouter):
+                raise ValueError(f"target.overrides[{i}].rank = {ov.rank}: an implicit_topk router routes single "
+                                 "ranks; remove the override's rank or set it to 1")
             if isinstance(a, ExpertPool) and ov.experts is not None:
                 k = getattr(a.router, "k", None)
                 if k is not None and k > ov.experts:
                     raise ValueError(f"target.overrides[{i}].experts = {ov.experts} is below router.k = {k}")
-        if self.scope == "ffn_block" and not isinstance(a, (ExpertPool, LoRA)):
-            raise ValueError("scope 'ffn_block' takes a pool of FFN experts")
+        if self.scope == "ffn_block":
+            self._check_block_scope()
         return self
+
+    def _check_block_scope(self) -> None:
+        """``ffn_block``: a pool of experts with their own A and B, over the FFN linears only."""
+        a = self.adapter
+        if not isinstance(a, ExpertPool):
+            raise ValueError(f"adapter.kind = {a.kind!r}: scope 'ffn_block' routes whole FFN blocks and needs an "
+                             "adapter of kind 'pool'; a plain LoRA on every FFN linear is scope 'linear'")
+        if not isinstance(a.down, PerExpert) or a.up != "per_expert" or a.shared_expert is not None:
+            raise ValueError("adapter: FFN-block experts have their own A and B on each linear (down.kind = "
+                             "'per_expert', up = 'per_expert', no shared_expert); shared factors and shared experts "
+                             "are not defined for scope 'ffn_block'")
+        attention = [r for r in self.target.roles if r not in _FFN_ROLES]
+        if attention:
+            raise ValueError(f"target.roles {attention}: scope 'ffn_block' routes FFN blocks, whose linears are "
+                             f"gate, up and down; adapt {', '.join(attention)} with a second site of scope "
+                             "'linear' (as the mixlora preset does)")
 
 
 class AdapterSpec(SpecModel):
