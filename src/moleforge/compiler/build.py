@@ -114,7 +114,7 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     E = b.shape.experts or spec.experts
     r = b.shape.rank or spec.rank
     router = spec.router
-    k = getattr(router, "k", None)
+    k = router.k
     active = (k or E) * r
     scale = lora_scale(spec.alpha, r, spec.scaling, active=active, total=E * r)
     Ea = 1 if isinstance(spec.down, Shared) else E

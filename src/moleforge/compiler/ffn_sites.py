@@ -172,7 +172,7 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
     b = _Builder(shape)
     E, r = shape.experts or pool.experts, shape.rank or pool.rank
     route = _flat_router(b, pool.router, E, origin)
-    k = getattr(pool.router, "k", None)
+    k = pool.router.k
     scale = lora_scale(pool.alpha, r, pool.scaling, active=(k or E) * r, total=E * r)
     frozen: list[ParamDecl] = []
     experts: dict[str, ExpertLinear] = {}

@@ -122,7 +122,7 @@ class ExpertPool(SpecModel):
     @model_validator(mode="after")
     def _check(self) -> "ExpertPool":
         r = self.router
-        if isinstance(r, (TopKRouter, SigmoidTopKRouter, ImplicitTopKRouter)) and r.k > self.experts:
+        if r.k is not None and r.k > self.experts:
             raise ValueError(
                 f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
         if isinstance(self.down, SparseRandom) != isinstance(r, ImplicitTopKRouter):
@@ -159,7 +159,7 @@ class RankPartition(SpecModel):
             raise ValueError("an implicit_topk router needs a frozen sparse_random pool; use kind 'pool'")
         if isinstance(self.router, StaticRouter) and self.aux_losses:
             raise ValueError("a static router has no routing to balance; remove aux_losses")
-        k = getattr(self.router, "k", None)
+        k = self.router.k
         if k is not None and k > self.rank // self.block:
             raise ValueError(f"router.k = {k} exceeds the {self.rank // self.block} blocks")
         return self

@@ -97,7 +97,7 @@ class Site(SpecModel):
             if ov.rank is not None and isinstance(a, ResidualTree):
                 raise ValueError(f"target.overrides[{i}].rank: set ranks per level for residual trees")
             if isinstance(a, ExpertPool) and ov.experts is not None:
-                k = getattr(a.router, "k", None)
+                k = a.router.k
                 if k is not None and k > ov.experts:
                     raise ValueError(f"target.overrides[{i}].experts = {ov.experts} is below router.k = {k}")
         if self.scope == "ffn_block" and not isinstance(a, (ExpertPool, LoRA)):
