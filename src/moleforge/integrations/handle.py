@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..backends.torch_fx.lower import counts_name
-from ..ir import AbsTopK, Graph, Route, SigmoidTopK
+from ..ir import Graph, Route
 from ..specs import AdapterSpec
 from .inject import AdaptedLinear, AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
@@ -211,7 +211,7 @@ class AdapterHandle:
         with torch.no_grad():
             for name, mod in self.modules.items():
                 for n in self.graphs[name].nodes:
-                    if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
+                    if isinstance(n, Route) and n.gate.balances:
                         router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
                         rate = getattr(router, "bias_update_rate", 0.0)
                         bias = getattr(mod.site, n.gate.balance.name)

@@ -74,7 +74,7 @@ def router_text(route: Route) -> str:
     kind = type(gate).__name__
     words = {"SoftmaxTopK": "softmax top-{k}", "SigmoidTopK": "sigmoid top-{k} (balancing bias)",
              "AbsTopK": "|h| top-{k} mask (FlyLoRA)", "DenseSoftmax": "dense softmax"}[kind]
-    return words.format(k=getattr(gate, "k", ""))
+    return words.format(k=gate.k)
 
 
 def gamma_text(g: Graph) -> str:
@@ -87,7 +87,7 @@ def gamma_text(g: Graph) -> str:
             F *= lv.fanout
         return f"{value:,} = " + " x ".join(terms) + " routing structures per token"
     route = next((n for n in g.nodes if isinstance(n, Route)), None)
-    k = getattr(getattr(route, "gate", None), "k", None)
-    if route is None or k is None:
+    k = None if route is None else route.k
+    if k is None:
         return "1 (no top-k routing)"
     return f"{math.comb(route.experts, k):,} = C({route.experts},{k}) expert sets per token"
