@@ -270,9 +270,8 @@ class Route(RouterNode):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PoolMix(NodeKind):
-    """``y = Σ_i g_i · scale · (x A_iᵀ) B_iᵀ`` with ``A: (E_a, r, d_in)``, ``B: (E_b, d_out, r)``;
-    ``E_a = 1`` (or ``E_b = 1``) means the factor is shared by all E experts."""
+class _LowRankMix(NodeKind):
+    """The fields of :class:`PoolMix` and :class:`GroupedMix` (two ways to compute one value)."""
 
     id: str
     src: str = operand()
@@ -287,20 +286,15 @@ class PoolMix(NodeKind):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GroupedMix(NodeKind):
+class PoolMix(_LowRankMix):
+    """``y = Σ_i g_i · scale · (x A_iᵀ) B_iᵀ`` with ``A: (E_a, r, d_in)``, ``B: (E_b, d_out, r)``;
+    ``E_a = 1`` (or ``E_b = 1``) means the factor is shared by all E experts."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupedMix(_LowRankMix):
     """Same value as :class:`PoolMix`, computed only for each token's selected experts
     (gather / grouped GEMM); for sparse top-k routing."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    a: ParamExpr
-    b: ParamExpr
-    scale: float
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return TensorType(expr_shape(self.b)[1])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -406,13 +400,8 @@ class TreeLevelParams:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreeMix(NodeKind):
-    """Bottom-up propagation of a residual tree (METHODS.md §1.3):
-    ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a) + b)``; with ``position = "all"`` a leaf node is
-    ``Σ_p w_p σ(u_{0,e_p})`` and a node of level l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``;
-    ``"child"``: ``Σ_p (w_p u_{l,e_p} + W_l σ(h_child(p)) + w_l)``; ``"child_v2"``:
-    ``Σ_p w_p (u_{l,e_p} + W_l σ(h_child(p)) + w_l)`` (both: leaves ``Σ_p w_p u_{0,e_p}``).
-    Yields the root hidden ``(T, d_L)``."""
+class _TreeLevels(NodeKind):
+    """The fields of :class:`TreeMix` and :class:`TreePropagate`."""
 
     id: str
     src: str = operand()
@@ -427,21 +416,20 @@ class TreeMix(NodeKind):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreePropagate(NodeKind):
+class TreeMix(_TreeLevels):
+    """Bottom-up propagation of a residual tree (METHODS.md §1.3):
+    ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a) + b)``; with ``position = "all"`` a leaf node is
+    ``Σ_p w_p σ(u_{0,e_p})`` and a node of level l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``;
+    ``"child"``: ``Σ_p (w_p u_{l,e_p} + W_l σ(h_child(p)) + w_l)``; ``"child_v2"``:
+    ``Σ_p w_p (u_{l,e_p} + W_l σ(h_child(p)) + w_l)`` (both: leaves ``Σ_p w_p u_{0,e_p}``).
+    Yields the root hidden ``(T, d_L)``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreePropagate(_TreeLevels):
     """:class:`TreeMix` after its down-projections were computed for all experts at once:
     ``src (T, Σ_l s_l r_l)`` holds ``A_{l,n} x + a_{l,n}`` for every pool and expert
     (pool-major, expert-major); the level params' ``a``/``a_bias`` are not read."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    levels: tuple[TreeLevelParams, ...]
-    activation: Activation
-    position: Literal["all", "child", "child_v2"] = "all"
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return TensorType(self.levels[-1].b.shape[1])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
