@@ -197,7 +197,7 @@ def test_every_ir_gate_has_words():
 
 def _pool_with(router_cls) -> dict:
     router = router_cls()
-    pool = {"kind": "pool", "experts": max(4, getattr(router, "k", 1)), "rank": 4, "router": router.model_dump()}
+    pool = {"kind": "pool", "experts": max(4, router.k or 1), "rank": 4, "router": router.model_dump()}
     if router.kind == "implicit_topk":  # FlyLoRA: the frozen sparse random down-projection routes single ranks
         pool.update(rank=1, down={"kind": "sparse_random"})
     return pool

@@ -86,7 +86,7 @@ def test_reference_case_routing_matches():
     with torch.no_grad(), handle.record_routing() as log:
         model(t["x"])
     (_, routes), = log.entries
-    indices, weights, _ = routes["route"]
+    indices, weights = routes["route"].indices, routes["route"].weights
     for l in range(len(indices)):
         ref_idx = t[f"routing.pool{l}.indices"].reshape(indices[l].shape)
         ref_w = t[f"routing.pool{l}.weights"].reshape(weights[l].shape)

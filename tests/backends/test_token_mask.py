@@ -121,9 +121,9 @@ def test_masked_smooth_load_of_the_training_noisy_gate(seed, data):
     route = routes[route_id]
     assert all(load is not None for load in route.smooth_load), "training noise gives a smooth load"
     T = x.shape[0]
-    rows = tuple(tuple(t[mask] for t in part) for part in route)
+    rows = tuple(tuple(t[mask] for t in part) for part in (route.indices, route.weights, route.probs))
     loads = tuple(None if load is None else load.view(load.shape[0], T, -1)[:, mask].reshape(load.shape[0], -1)
                   for load in route.smooth_load)
-    real = TreeRouting(rows, route.gate, loads)
+    real = TreeRouting(*rows, route.gate, loads)
     aux_node = graph.node(graph.aux[0])
     assert_close(aux, tree_aux(real, aux_node.kind, aux_node.weight))

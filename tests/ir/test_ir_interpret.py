@@ -92,7 +92,7 @@ def test_two_level_tree_by_hand():
     g = build_graph(spec, SiteShape("s", 6, 4))
     p = make_params(g, 7)
     r = interpret(g, p, X)
-    idx, wts = r.values["route"]["index"], r.values["route"]["weights"]
+    idx, wts = r.values["route"].indices, r.values["route"].weights
     relu = torch.relu
     for t in range(5):
         x = X[t]

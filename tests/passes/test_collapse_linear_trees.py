@@ -47,11 +47,11 @@ def test_path_gates_sum_the_products_along_each_path():
     params, x = make_params(g, 5), tokens(g, T=3)
     res = interpret(out, params, x)
     route = res.values["route"]
-    leaf_gates = res.values[next(n.id for n in out.nodes if isinstance(n, TreePathGates) and n.level == 0)]["gates"]
+    leaf_gates = res.values[next(n.id for n in out.nodes if isinstance(n, TreePathGates) and n.level == 0)].gates
     for t in range(3):
         want = [0.0, 0.0, 0.0]
         for c in range(2):
             for p in range(2):
-                e = int(route["index"][0][t, c, p])
-                want[e] += float(route["weights"][1][t, 0, c] * route["weights"][0][t, c, p])
+                e = int(route.indices[0][t, c, p])
+                want[e] += float(route.weights[1][t, 0, c] * route.weights[0][t, c, p])
         assert_close(leaf_gates[t], leaf_gates.new_tensor(want))

@@ -10,61 +10,23 @@ import networkx as nx
 from matplotlib.figure import Figure
 
 from ..interop.atomic import atomic_write
-from ..ir import (
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
-    Graph,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    OuterGate,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
-    format_node,
-)
+from ..ir import Graph, Rules, format_node, nodes
 
-__all__ = ["draw_graph"]
+__all__ = ["draw_graph", "STYLE"]
 
-_STYLE = {  # node kind -> (fill colour, legend entry)
-    Input: ("#E0E0E0", "input"),
-    Linear: ("#C6DBEF", "linear (GEMM)"),
-    Columns: ("#F2F2F2", "slice / add"),
-    Add: ("#F2F2F2", "slice / add"),
-    Jitter: ("#FDD0A2", "router"),
-    Route: ("#FDD0A2", "router"),
-    TreeRoute: ("#FDD0A2", "router"),
-    PoolMix: ("#C7E9C0", "experts"),
-    GroupedMix: ("#C7E9C0", "experts"),
-    BlockGate: ("#C7E9C0", "experts"),
-    OuterGate: ("#C7E9C0", "experts"),
-    TreeMix: ("#C7E9C0", "experts"),
-    TreePropagate: ("#C7E9C0", "experts"),
-    AuxLoss: ("#FCBBA1", "aux loss"),
-    SiblingLinear: ("#C6DBEF", "linear (GEMM)"),
-    GateBias: ("#C7E9C0", "experts"),
-    TreePathGates: ("#FDD0A2", "router"),
-    ExpertFFN: ("#C7E9C0", "experts"),
-    ExpertHidden: ("#C7E9C0", "experts"),
-    ExpertSum: ("#C7E9C0", "experts"),
-    ExpertLoRA: ("#C7E9C0", "experts"),
-}
+STYLE: Rules[tuple[str, str]] = Rules("the graph plot", nodes.NODE_KINDS)
+"""Node kind -> (fill colour, legend entry)."""
+STYLE.add(("#E0E0E0", "input"), nodes.Input)
+STYLE.add(("#C6DBEF", "linear (GEMM)"), nodes.Linear, nodes.SiblingLinear)
+STYLE.add(("#F2F2F2", "slice / add"), nodes.Columns, nodes.Add)
+STYLE.add(("#FDD0A2", "router"), nodes.Jitter, nodes.Route, nodes.TreeRoute, nodes.TreePathGates)
+STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGate, nodes.OuterGate, nodes.TreeMix,
+          nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA)
+STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss)
 
 
 def _label(graph: Graph, node) -> str:
-    text = format_node(node, graph.width(node.id)).split(" = ", 1)[1]
+    text = format_node(node, graph.type(node.id)).split(" = ", 1)[1]
     lines = textwrap.wrap(text, width=30)
     return f"%{node.id}\n" + "\n".join(lines[:4] + (["..."] if len(lines) > 4 else []))
 
@@ -90,7 +52,7 @@ def draw_graph(graph: Graph, path: str | Path, title: str | None = None) -> Path
     ax.axis("off")
     boxes = {}
     for n in graph.nodes:
-        fill, _ = _STYLE[type(n)]
+        fill, _ = STYLE[n]
         edge = dict(ec="black", lw=2.2) if n.id == graph.output else dict(ec="#666666", lw=0.8)
         boxes[n.id] = ax.text(*pos[n.id], _label(graph, n), ha="center", va="center", fontsize=7.5,
                               family="monospace", bbox=dict(boxstyle="round,pad=0.4", fc=fill, **edge), zorder=3)
@@ -103,7 +65,7 @@ def draw_graph(graph: Graph, path: str | Path, title: str | None = None) -> Path
     ax.set_ylim(-(depth - 1) * 1.6 - 0.9, 0.9)
     side = fig.add_axes((0.71, 0.0, 0.29, 0.92))
     side.axis("off")
-    legend = sorted({v for v in _STYLE.values()}, key=lambda v: v[1])
+    legend = sorted({STYLE[kind] for kind in STYLE.kinds}, key=lambda v: v[1])
     for i, (fill, name) in enumerate(legend):
         side.text(0.0, 1.0 - 0.045 * i, f"  {name}  ", fontsize=8, va="top",
                   bbox=dict(boxstyle="round", fc=fill, ec="#666666", lw=0.6))

@@ -107,7 +107,7 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     E = b.shape.experts or spec.experts
     r = b.shape.rank or spec.rank
     router = spec.router
-    k = getattr(router, "k", None)
+    k = router.k
     active = (k or E) * r
     scale = lora_scale(spec.alpha, r, spec.scaling, active=active, total=E * r)
     Ea = 1 if isinstance(spec.down, Shared) else E
@@ -221,7 +221,7 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
     b = _Builder(shape)
     E, r = shape.experts or pool.experts, shape.rank or pool.rank
     route = _flat_router(b, pool.router, E, origin)
-    k = getattr(pool.router, "k", None)
+    k = pool.router.k
     scale = lora_scale(pool.alpha, r, pool.scaling, active=(k or E) * r, total=E * r)
     frozen: list[ParamDecl] = []
     experts: dict[str, ExpertLinear] = {}

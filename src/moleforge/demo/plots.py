@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from ..data import IGNORE
 from ..integrations.handle import AdapterHandle
 from ..interop.atomic import atomic_write
+from ..ir import TreeRouting
 from .tasks import PRETRAIN_TASKS, TASKS
 
 __all__ = ["TaskRouting", "record_task_routing", "loss_curves", "expert_load", "routing_trees", "short_name"]
@@ -64,9 +65,10 @@ def record_task_routing(handle: AdapterHandle, batches: dict[str, dict[str, torc
         with handle.record_routing() as log:
             handle.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         keep = _answer_tokens(b)
-        trees = {m: v for m, routes in log.entries for v in routes.values() if isinstance(v[0], tuple)}
-        out.trees[task] = {m: (tuple(i[keep] for i in v[0]), tuple(w[keep] for w in v[1])) for m, v in trees.items()}
-        out.loads[task] = {m: [_slot_shares(i[keep], p.shape[-1]) for i, p in zip(v[0], v[2])]
+        trees = {m: v for m, routes in log.entries for v in routes.values() if isinstance(v, TreeRouting)}
+        out.trees[task] = {m: (tuple(i[keep] for i in v.indices), tuple(w[keep] for w in v.weights))
+                           for m, v in trees.items()}
+        out.loads[task] = {m: [_slot_shares(i[keep], p.shape[-1]) for i, p in zip(v.indices, v.probs)]
                            for m, v in trees.items()}
     return out
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..backends.torch_fx.lower import counts_name
 from ..errors import CheckpointError
 from ..interop.own_format import save
-from ..ir import AbsTopK, Route, SigmoidTopK
+from ..ir import Route
 from ..report.explain import explain_plan
 from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
@@ -298,7 +298,7 @@ class AdapterHandle:
         with torch.no_grad():
             for name, mod in self.modules.items():
                 for n in self.graphs[name].nodes:
-                    if isinstance(n, Route) and isinstance(n.gate, (SigmoidTopK, AbsTopK)):
+                    if isinstance(n, Route) and n.gate.balances:
                         router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
                         rate = getattr(router, "bias_update_rate", 0.0)
                         bias = getattr(mod.site, n.gate.balance.name)

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from ..backends.runtime.ops import in_backward
 from ..errors import InjectionError
+from ..ir import Routing, TreeRouting
 
 __all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent", "logged_routes"]
 
@@ -181,6 +182,10 @@ def logged_routes(routes: dict, mask: torch.Tensor | None) -> dict:
 def _detach(v, mask: torch.Tensor | None):
     if isinstance(v, torch.Tensor):
         return v.detach() if mask is None else v.detach()[mask]
+    if isinstance(v, TreeRouting):  # its smooth load is per routed context, not per token: not logged
+        return TreeRouting(_detach(v.indices, mask), _detach(v.weights, mask), _detach(v.probs, mask), v.gate)
+    if isinstance(v, Routing):
+        return Routing(*(_detach(x, mask) for x in v))
     if isinstance(v, (tuple, list)):
         return type(v)(_detach(x, mask) for x in v)
     if isinstance(v, dict):

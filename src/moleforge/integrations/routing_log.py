@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ir import TreeRouting
+
 __all__ = ["RoutingLog"]
 
 
@@ -13,8 +15,9 @@ __all__ = ["RoutingLog"]
 class RoutingLog:
     """What ``handle.record_routing()`` collected: ``entries`` of ``(module, {router id: routing})``.
 
-    A flat routing is ``(gates (T, E), probs (T, E), index (T, k) | None)``; a tree routing is
-    ``(indices, weights, probs)``, tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
+    A flat routing is a :class:`~moleforge.ir.Routing` ``(gates (T, E), probs (T, E), index (T, k) |
+    None)``; a tree routing a :class:`~moleforge.ir.TreeRouting` ``(indices, weights, probs, gate)``,
+    tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
     ``T`` counts the real tokens of a padded batch only (the model call's ``attention_mask``).
     """
 
@@ -38,7 +41,7 @@ class RoutingLog:
         for module, routes in self.entries:
             ent = []
             for value in routes.values():
-                probs = value[2] if isinstance(value[0], tuple) else (value[1],)
+                probs = value.probs if isinstance(value, TreeRouting) else (value.probs,)
                 for p in probs:
                     p = p.reshape(-1, p.shape[-1]).float()
                     ent.append(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()))
@@ -47,9 +50,9 @@ class RoutingLog:
 
 
 def _loads(value) -> list[torch.Tensor]:
-    if isinstance(value[0], tuple):  # tree: per pool counts of selected experts, weighted by nothing
-        indices, _, probs = value
-        return [torch.bincount(idx.reshape(-1), minlength=p.shape[-1]).float() for idx, p in zip(indices, probs)]
-    gates = value[0]
-    return [(gates > 0).float().sum(0) if value[2] is None else
-            torch.bincount(value[2].reshape(-1), minlength=gates.shape[-1]).float()]
+    if isinstance(value, TreeRouting):  # per pool counts of selected experts, weighted by nothing
+        return [torch.bincount(idx.reshape(-1), minlength=p.shape[-1]).float()
+                for idx, p in zip(value.indices, value.probs)]
+    gates = value.gates
+    return [(gates > 0).float().sum(0) if value.index is None else
+            torch.bincount(value.index.reshape(-1), minlength=gates.shape[-1]).float()]

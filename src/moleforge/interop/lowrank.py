@@ -23,32 +23,16 @@ exceeds the widths it passes through). Plain LoRA keeps its own tensors: ``a = A
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import networkx as nx
 import torch
 from torch import Tensor
 
 from ..errors import NotMergeableError
-from ..ir import (
-    Add,
-    BlockGate,
-    Columns,
-    Graph,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    OuterGate,
-    PoolMix,
-    Route,
-    StaticGate,
-    TreeRoute,
-    eval_expr,
-    format_node,
-)
+from ..ir import Graph, Rules, eval_expr, format_node, nodes
 
-__all__ = ["LowRank", "NotReducibleError", "reduce_site"]
+__all__ = ["LowRank", "NotReducibleError", "reduce_site", "REDUCE", "REDUCE_GATE"]
 
 F64 = torch.float64
 
@@ -106,13 +90,12 @@ def reduce_site(graph: Graph, params: Mapping[str, Tensor]) -> LowRank:
     """
     needed = nx.ancestors(graph.dag(), graph.output) | {graph.output}
     for n in graph.nodes:  # name the router first: it is the reason, whatever feeds it
-        routed = isinstance(n, TreeRoute) or (isinstance(n, Route) and not isinstance(n.gate, StaticGate))
-        if routed and n.id in needed:
-            raise _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
+        if isinstance(n, nodes.RouterNode) and not n.input_independent and n.id in needed:
+            raise _routed(graph, n)
     env: dict[str, object] = {}
     for n in graph.nodes:
         if n.id in needed:
-            env[n.id] = _reduce(graph, n, env, params)
+            env[n.id] = REDUCE[n](graph, n, env, params)
     m = env[graph.output]
     assert isinstance(m, _Map)
     a = m.a if m.a is not None else torch.eye(graph.d_in, dtype=F64)
@@ -121,37 +104,68 @@ def reduce_site(graph: Graph, params: Mapping[str, Tensor]) -> LowRank:
 
 
 def _refuse(graph: Graph, n, why: str, input_dependent: bool) -> NotReducibleError:
-    line = format_node(n, graph.width(n.id))
+    line = format_node(n, graph.type(n.id))
     where = f"{n.origin} " if n.origin else ""
     return NotReducibleError(f"{where}`{line}` {why}", node=n.id, origin=n.origin, input_dependent=input_dependent)
 
 
-def _reduce(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):  # noqa: C901 - one case per node kind
-    match n:
-        case Input():
-            return _Map(1.0, None, None)
-        case Jitter():
-            return env[n.src]
-        case Linear():
-            if n.bias is not None:
-                raise _refuse(graph, n, "adds a bias: an affine map, not a low-rank update", False)
-            return _linear(env[n.src], eval_expr(n.weight, params), n.scale)
-        case Columns():
-            return _columns(env[n.src], n.start, n.stop, graph.d_in)
-        case Add():
-            return _add([env[s] for s in n.srcs], graph.d_in)
-        case Route() if isinstance(n.gate, StaticGate):
-            return _Gates(eval_expr(n.gate.weights, params))
-        case Route() | TreeRoute():
-            raise _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
-        case PoolMix() | GroupedMix():
-            return _pool(env[n.src], env[n.routing].g, eval_expr(n.a, params), eval_expr(n.b, params), n.scale)
-        case BlockGate():
-            d = torch.repeat_interleave(env[n.routing].g.to(F64) * n.scale, n.rank)  # (E·r,)
-            return _scale_rows(env[n.src], d)
-        case OuterGate():
-            return _outer(env[n.src], env[n.routing].g, n.scale, graph.d_in)
+def _routed(graph: Graph, n) -> NotReducibleError:
+    return _refuse(graph, n, "routes each token on its input, so the update depends on the input", True)
+
+
+Rule = Callable[[Graph, Any, dict, Mapping[str, Tensor]], object]
+
+REDUCE: Rules[Rule] = Rules("the low-rank reduction", nodes.NODE_KINDS)
+"""Node kind -> ``(graph, node, env, params) -> value``: a :class:`_Map` for a tensor, gates for a
+static routing; kinds that are not linear in the input refuse (:func:`_not_reducible`)."""
+
+REDUCE_GATE: Rules[Rule] = Rules("the low-rank reduction's gates", nodes.GATE_KINDS)
+"""Gate kind -> the rule of a :class:`~moleforge.ir.nodes.Route` with that gate."""
+
+
+def _not_reducible(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
     raise _refuse(graph, n, f"{type(n).__name__} has no low-rank rule", False)
+
+
+REDUCE.add(_not_reducible, nodes.SiblingLinear, nodes.TreeMix, nodes.TreePropagate, nodes.TreePathGates,
+           nodes.GateBias, nodes.AuxLoss, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA)
+REDUCE.add(lambda graph, n, env, params: _Map(1.0, None, None), nodes.Input)
+REDUCE.add(lambda graph, n, env, params: env[n.src], nodes.Jitter)  # evaluation: the identity
+REDUCE.add(lambda graph, n, env, params: _columns(env[n.src], n.start, n.stop, graph.d_in), nodes.Columns)
+REDUCE.add(lambda graph, n, env, params: _add([env[s] for s in n.srcs], graph.d_in), nodes.Add)
+REDUCE.add(lambda graph, n, env, params: REDUCE_GATE[n.gate](graph, n, env, params), nodes.Route)
+
+
+@REDUCE.register(nodes.TreeRoute)
+@REDUCE_GATE.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK)
+def _input_dependent(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
+    raise _routed(graph, n)
+
+
+@REDUCE_GATE.register(nodes.StaticGate)
+def _static(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Gates:
+    return _Gates(eval_expr(n.gate.weights, params))
+
+
+@REDUCE.register(nodes.Linear)
+def _linear_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Map:
+    if n.bias is not None:
+        raise _refuse(graph, n, "adds a bias: an affine map, not a low-rank update", False)
+    return _linear(env[n.src], eval_expr(n.weight, params), n.scale)
+
+
+@REDUCE.register(nodes.PoolMix, nodes.GroupedMix)
+def _pool_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Map:
+    return _pool(env[n.src], env[n.routing].g, eval_expr(n.a, params), eval_expr(n.b, params), n.scale)
+
+
+@REDUCE.register(nodes.BlockGate)
+def _block_gate(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Map:
+    d = torch.repeat_interleave(env[n.routing].g.to(F64) * n.scale, n.rank)  # (E·r,)
+    return _scale_rows(env[n.src], d)
+
+
+REDUCE.add(lambda graph, n, env, params: _outer(env[n.src], env[n.routing].g, n.scale, graph.d_in), nodes.OuterGate)
 
 
 def _compact(m: _Map) -> _Map:

@@ -11,33 +11,11 @@ from functools import cached_property
 
 import networkx as nx
 
-from .nodes import (
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    Node,
-    OuterGate,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
-)
-from .params import ParamDecl, expr_shape
+from .nodes import Input, Node
+from .params import ParamDecl
+from .types import PerExpertType, RoutingType, TensorType, TreeRoutingType, ValueType
 
-__all__ = ["Graph", "width_of"]
+__all__ = ["Graph"]
 
 
 @dataclass(frozen=True)
@@ -110,55 +88,32 @@ class Graph:
     def input_node(self) -> Input:
         return next(n for n in self.nodes if isinstance(n, Input))
 
+    def type(self, nid: str) -> ValueType:
+        """The result type of node ``nid`` (``node.result_type``), computed once per graph."""
+        cache = self._cache.setdefault("type", {})
+        t = cache.get(nid)
+        if t is None:
+            t = cache[nid] = self.node(nid).result_type(self)
+        return t
+
     def width(self, nid: str) -> int:
-        return width_of(self, nid)
+        """Width of tensor node ``nid``'s value ``(T, width)``."""
+        return self._expect(nid, TensorType).width
 
+    def routing(self, nid: str) -> RoutingType:
+        """The type of flat routing ``nid`` (its experts, its k)."""
+        return self._expect(nid, RoutingType)
 
-def width_of(graph: Graph, nid: str) -> int:
-    """Width of a tensor node's value ``(T, width)``; experts for a routing; 0 for scalars."""
-    cache = graph._cache.setdefault("width", {})
-    if nid in cache:
-        return cache[nid]
-    n = graph.node(nid)
-    match n:
-        case Input(width=w):
-            out = w
-        case Linear(weight=wt) | SiblingLinear(weight=wt):
-            out = expr_shape(wt)[0]
-        case Columns(start=a, stop=b):
-            out = b - a
-        case Add(srcs=s):
-            out = width_of(graph, s[0])
-        case Jitter(src=s):
-            out = width_of(graph, s)
-        case Route(experts=e):
-            out = e
-        case PoolMix(b=b) | GroupedMix(b=b):
-            out = expr_shape(b)[1]
-        case BlockGate(src=s):
-            out = width_of(graph, s)
-        case OuterGate(src=s, routing=r):
-            out = width_of(graph, s) * width_of(graph, r)
-        case TreeMix(levels=lv) | TreePropagate(levels=lv):
-            out = lv[-1].b.shape[1]
-        case TreeRoute(levels=lv):
-            out = len(lv)
-        case TreePathGates(routing=r, level=l):
-            levels = getattr(graph.node(r), "levels", ())
-            out = levels[l].experts if 0 <= l < len(levels) else 0
-        case GateBias(bias=b):
-            out = expr_shape(b)[-1]
-        case AuxLoss():
-            out = 0
-        case ExpertFFN(down=d):
-            out = d.weight.shape[0]
-        case ExpertLoRA(b=b):
-            out = b.shape[1]
-        case ExpertHidden(up=u):
-            out = u.weight.shape[0]
-        case ExpertSum(src=s):
-            out = width_of(graph, s)
-        case _:
-            raise TypeError(f"unknown node kind {type(n).__name__}")
-    cache[nid] = out
-    return out
+    def tree_routing(self, nid: str) -> TreeRoutingType:
+        """The type of tree routing ``nid`` (experts and fanout per pool)."""
+        return self._expect(nid, TreeRoutingType)
+
+    def per_expert(self, nid: str) -> PerExpertType:
+        """The type of per-expert value ``nid``."""
+        return self._expect(nid, PerExpertType)
+
+    def _expect(self, nid: str, kind: type):
+        t = self.type(nid)
+        if not isinstance(t, kind):
+            raise TypeError(f"%{nid} ({type(self.node(nid)).__name__}) yields a {t}, not a {kind.__name__}")
+        return t

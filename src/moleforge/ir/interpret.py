@@ -15,45 +15,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from . import nodes
 from .graph import Graph
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
-from .nodes import (
-    AbsTopK,
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    DenseSoftmax,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLinear,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    OuterGate,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    SigmoidTopK,
-    SoftmaxTopK,
-    StaticGate,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
-)
+from .nodes import ExpertHidden, ExpertLinear
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
+from .rules import Rules
+from .values import Routing, TreeRouting
 
-__all__ = ["interpret", "Result", "eval_expr", "block_activation"]
+__all__ = ["interpret", "Result", "eval_expr", "block_activation", "RUN", "GATES"]
 
 F64 = torch.float64
 
@@ -69,6 +44,8 @@ class Result:
     margins: dict[str, float] = field(default_factory=dict)
     """Smallest top-k selection gap per router (``inf`` for dense)."""
     values: dict[str, object] = field(default_factory=dict)
+    """Every node's value: tensors, :class:`~moleforge.ir.values.Routing`,
+    :class:`~moleforge.ir.values.TreeRouting`."""
 
     @property
     def aux_total(self) -> Tensor:
@@ -93,6 +70,27 @@ def eval_expr(e: ParamExpr, params: Mapping[str, Tensor]) -> Tensor:
     raise TypeError(e)
 
 
+@dataclass
+class _Run:
+    """What the rules read: the values so far, the float64 parameters, the input, the
+    fixed routing, the training noise, the samples; and the result being filled."""
+
+    env: dict[str, object]
+    p: dict[str, Tensor]
+    x: Tensor
+    fixed: dict[str, object]
+    noise: dict[str, tuple[Tensor, ...]]
+    samples: tuple[Tensor, Tensor | None] | None
+    res: Result
+
+
+RUN: Rules[Callable[[object, _Run], object]] = Rules("the interpreter", nodes.NODE_KINDS)
+"""Node kind -> ``(node, run) -> value``."""
+
+GATES: Rules[Callable[..., tuple[Routing, float]]] = Rules("the interpreter's gates", nodes.GATE_KINDS)
+"""Gate kind -> ``(gate, scores z (T, E), params, experts, fixed indices or None) -> (routing, margin)``."""
+
+
 def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
               routing: Mapping[str, object] | None = None,
               samples: tuple[Tensor, Tensor | None] | None = None,
@@ -108,111 +106,133 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
-    env: dict[str, object] = {}
-    fixed = dict(routing or {})
+    run = _Run(env={}, p=p, x=x.to(F64), fixed=dict(routing or {}), noise=dict(noise or {}), samples=samples,
+               res=res)
     for n in graph.nodes:
-        env[n.id] = _run(n, env, p, x.to(F64), fixed, res, samples, dict(noise or {}))
-    res.output = env[graph.output]  # type: ignore[assignment]
-    res.aux = {a: env[a] for a in graph.aux}  # type: ignore[misc]
-    res.values = env
+        run.env[n.id] = RUN[n](n, run)
+    res.output = run.env[graph.output]  # type: ignore[assignment]
+    res.aux = {a: run.env[a] for a in graph.aux}  # type: ignore[misc]
+    res.values = run.env
     return res
 
 
-def _run(n, env, p, x, fixed, res: Result, samples, noise):  # noqa: C901 - one case per node kind
-    match n:
-        case Input():
-            return x
-        case Linear():
-            out = n.scale * (env[n.src] @ eval_expr(n.weight, p).T)
-            return out + eval_expr(n.bias, p) if n.bias is not None else out
-        case SiblingLinear():
-            out = env[n.src] @ eval_expr(n.weight, p).T
-            return out + eval_expr(n.bias, p) if n.bias is not None else out
-        case GateBias():
-            g, bias = env[n.routing]["gates"], eval_expr(n.bias, p)
-            return n.scale * (g @ bias if bias.dim() == 2 else g.sum(1, keepdim=True) * bias)
-        case TreePathGates():
-            return _path_gates(env[n.routing], n.level)
-        case Columns():
-            return env[n.src][:, n.start:n.stop]
-        case Add():
-            return sum(env[s] for s in n.srcs[1:]) + env[n.srcs[0]]
-        case Jitter():
-            return env[n.src]
-        case Route():
-            r = _route(n, env[n.src], p, fixed.get(n.id))
-            res.routes[n.id], res.margins[n.id] = r["index"], r["margin"]
-            return r
-        case PoolMix() | GroupedMix():
-            return _pool(env[n.src], env[n.routing]["gates"], eval_expr(n.a, p), eval_expr(n.b, p), n.scale)
-        case BlockGate():
-            g = env[n.routing]["gates"] * n.scale
-            return env[n.src] * torch.repeat_interleave(g, n.rank, dim=1)
-        case OuterGate():
-            g, h = env[n.routing]["gates"], env[n.src]
-            return torch.cat([g[:, i:i + 1] * h for i in range(g.shape[1])], 1) * n.scale
-        case TreeRoute():
-            r = tree_route(n, env[n.src], p, fixed.get(n.id), noise.get(n.id))
-            res.routes[n.id], res.margins[n.id] = r["index"], r["margin"]
-            return r
-        case TreeMix() | TreePropagate():
-            return tree_mix(n, env[n.src], env[n.routing], p)
-        case AuxLoss():
-            return _aux(n, env[n.routing], samples)
-        case ExpertFFN():
-            return _expert_ffn(n, env, p)
-        case ExpertHidden():
-            return _expert_hidden(n, env, p)
-        case ExpertSum():
-            g, h = env[n.routing]["gates"], env[n.src]  # (T, E), (E, T, d_ff)
-            return sum(g[:, i:i + 1] * h[i] for i in range(g.shape[1]))
-        case ExpertLoRA():
-            g, h, A, B = env[n.routing]["gates"], env[n.src], p[n.a.name], p[n.b.name]
-            return sum(g[:, i:i + 1] * n.scale * ((h[i] @ A[i].T) @ B[i].T) for i in range(g.shape[1]))
-    raise TypeError(f"the interpreter has no rule for {type(n).__name__}")
+def _linear(n, r: _Run) -> Tensor:
+    out = r.env[n.src] @ eval_expr(n.weight, r.p).T
+    out = n.scale * out if isinstance(n, nodes.Linear) else out
+    return out + eval_expr(n.bias, r.p) if n.bias is not None else out
 
 
-def _route(n: Route, z: Tensor, p, fixed) -> dict:
-    T, E = z.shape
+RUN.add(lambda n, r: r.x, nodes.Input)
+RUN.add(_linear, nodes.Linear, nodes.SiblingLinear)
+RUN.add(lambda n, r: r.env[n.src][:, n.start:n.stop], nodes.Columns)
+RUN.add(lambda n, r: sum(r.env[s] for s in n.srcs[1:]) + r.env[n.srcs[0]], nodes.Add)
+RUN.add(lambda n, r: r.env[n.src], nodes.Jitter)  # evaluation: the identity
+RUN.add(lambda n, r: _path_gates(r.env[n.routing], n.level), nodes.TreePathGates)
+RUN.add(lambda n, r: tree_mix(n, r.env[n.src], r.env[n.routing], r.p), nodes.TreeMix, nodes.TreePropagate)
+RUN.add(lambda n, r: _aux(n, r.env[n.routing], r.samples), nodes.AuxLoss)
+
+
+@RUN.register(nodes.GateBias)
+def _gate_bias(n, r: _Run) -> Tensor:
+    g, bias = r.env[n.routing].gates, eval_expr(n.bias, r.p)
+    return n.scale * (g @ bias if bias.dim() == 2 else g.sum(1, keepdim=True) * bias)
+
+
+@RUN.register(nodes.Route)
+def _route(n, r: _Run) -> Routing:
+    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id))
+    r.res.routes[n.id], r.res.margins[n.id] = routing.index, margin
+    return routing
+
+
+@RUN.register(nodes.TreeRoute)
+def _tree_route(n, r: _Run) -> TreeRouting:
+    routing, margin = tree_route(n, r.env[n.src], r.p, r.fixed.get(n.id), r.noise.get(n.id))
+    r.res.routes[n.id], r.res.margins[n.id] = routing.indices, margin
+    return routing
+
+
+@RUN.register(nodes.PoolMix, nodes.GroupedMix)
+def _pool_mix(n, r: _Run) -> Tensor:
+    return _pool(r.env[n.src], r.env[n.routing].gates, eval_expr(n.a, r.p), eval_expr(n.b, r.p), n.scale)
+
+
+@RUN.register(nodes.BlockGate)
+def _block_gate(n, r: _Run) -> Tensor:
+    g = r.env[n.routing].gates * n.scale
+    return r.env[n.src] * torch.repeat_interleave(g, n.rank, dim=1)
+
+
+@RUN.register(nodes.OuterGate)
+def _outer_gate(n, r: _Run) -> Tensor:
+    g, h = r.env[n.routing].gates, r.env[n.src]
+    return torch.cat([g[:, i:i + 1] * h for i in range(g.shape[1])], 1) * n.scale
+
+
+@RUN.register(nodes.ExpertSum)
+def _expert_sum(n, r: _Run) -> Tensor:
+    g, h = r.env[n.routing].gates, r.env[n.src]  # (T, E), (E, T, d_ff)
+    return sum(g[:, i:i + 1] * h[i] for i in range(g.shape[1]))
+
+
+@RUN.register(nodes.ExpertLoRA)
+def _expert_lora(n, r: _Run) -> Tensor:
+    g, h, A, B = r.env[n.routing].gates, r.env[n.src], r.p[n.a.name], r.p[n.b.name]
+    return sum(g[:, i:i + 1] * n.scale * ((h[i] @ A[i].T) @ B[i].T) for i in range(g.shape[1]))
+
+
+# ---- gates ------------------------------------------------------------------------------
+
+@GATES.register(nodes.DenseSoftmax)
+def _dense(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    probs = torch.softmax(z / g.temperature, dim=1)
+    return Routing(probs, probs), math.inf
+
+
+@GATES.register(nodes.StaticGate)
+def _static(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    T = z.shape[0]
+    w = p[g.weights.name]  # (E,); z is the site input, read only for T
+    gates = w.expand(T, experts)  # (T, E): the same weights for every token
+    probs = (w.abs() / w.abs().sum().clamp_min(1e-12)).expand(T, experts)  # (T, E)
+    return Routing(gates, probs), math.inf
+
+
+@GATES.register(nodes.SoftmaxTopK)
+def _softmax_topk(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    probs = torch.softmax(z / g.temperature, 1)
+    return _top_k(probs, probs, g.k, fixed, lambda v: v / v.sum() if g.renormalize else v)
+
+
+@GATES.register(nodes.SigmoidTopK)
+def _sigmoid_topk(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    probs = torch.sigmoid(z)
+    return _top_k(probs + p[g.balance.name], probs, g.k, fixed, lambda v: g.k * v / v.sum())
+
+
+@GATES.register(nodes.AbsTopK)
+def _abs_topk(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    routing, margin = _top_k((z + p[g.balance.name]).abs(), None, g.k, fixed, lambda v: 1.0)
+    return routing._replace(probs=routing.gates), margin  # the mask is its own probability
+
+
+def _top_k(score: Tensor, probs, k: int, fixed, value: Callable) -> tuple[Routing, float]:
+    """Per token the k largest scores (or the ``fixed`` indices); gates ``value(kept scores)``
+    at the kept experts, 0 elsewhere."""
+    T, E = score.shape
     gates = torch.zeros(T, E, dtype=F64)
-    g = n.gate
-    if isinstance(g, DenseSoftmax):
-        probs = torch.softmax(z / g.temperature, dim=1)
-        return {"gates": probs, "probs": probs, "index": None, "margin": math.inf}
-    if isinstance(g, StaticGate):
-        w = p[g.weights.name]  # (E,); z is the site input, read only for T
-        gates = w.expand(T, n.experts)  # (T, E): the same weights for every token
-        probs = (w.abs() / w.abs().sum().clamp_min(1e-12)).expand(T, n.experts)  # (T, E)
-        return {"gates": gates, "probs": probs, "index": None, "margin": math.inf}
-    probs = torch.softmax(z / g.temperature, 1) if isinstance(g, SoftmaxTopK) else torch.sigmoid(z)
-    if isinstance(g, SoftmaxTopK):
-        score = probs
-    elif isinstance(g, SigmoidTopK):
-        score = probs + p[g.balance.name]
-    else:  # AbsTopK
-        score = (z + p[g.balance.name]).abs()
     rows, index, margin = [], [], math.inf
     for t in range(T):
         if fixed is not None:
             sel = torch.as_tensor(fixed[t])
         else:
-            sel, m = stable_top(score[t], g.k)
+            sel, m = stable_top(score[t], k)
             margin = min(margin, m)
         index.append(sel)
         row = gates[t].clone()
-        if isinstance(g, SoftmaxTopK):
-            v = score[t, sel]
-            row[sel] = v / v.sum() if g.renormalize else v
-        elif isinstance(g, SigmoidTopK):
-            v = score[t, sel]
-            row[sel] = g.k * v / v.sum()
-        else:
-            row[sel] = 1.0
+        row[sel] = value(score[t, sel])
         rows.append(row)
-    gates = torch.stack(rows)
-    if isinstance(g, AbsTopK):
-        probs = gates
-    return {"gates": gates, "probs": probs, "index": torch.stack(index), "margin": margin}
+    return Routing(torch.stack(rows), probs, torch.stack(index)), margin
 
 
 def _pool(x: Tensor, gates: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
@@ -241,23 +261,21 @@ def block_activation(name: str, v: Tensor) -> Tensor:
     raise ValueError(f"unknown block activation {name!r}")
 
 
-def _path_gates(route: dict, level: int) -> dict:
+def _path_gates(route: TreeRouting, level: int) -> Routing:
     """``ĝ (T, s_l)``: per expert of pool ``level``, the sum over its tree nodes of the product
     of the weights on the path from the root (the context of pool l is the slot
     ``c·f_{l+1} + p`` of pool l+1)."""
-    index, weights = route["index"], route["weights"]
+    index, weights = route.indices, route.weights
     T = index[level].shape[0]
     path = torch.ones(T, 1, dtype=F64)  # (T, contexts of the top pool)
     for l in reversed(range(level, len(index))):
         path = (path.unsqueeze(-1) * weights[l]).reshape(T, -1)  # (T, F_l): weight of every slot
-    s = route["probs"][level].shape[-1]
+    s = route.probs[level].shape[-1]
     gates = torch.zeros(T, s, dtype=F64)
     for t in range(T):
         for slot, e in enumerate(index[level][t].reshape(-1).tolist()):
             gates[t, e] = gates[t, e] + path[t, slot]
-    return {"gates": gates, "probs": gates, "index": None, "margin": math.inf}
-
-
+    return Routing(gates, gates)
 
 def _expert_linear(lin: ExpertLinear, i: int, u: Tensor, p, base: Tensor | None = None) -> Tensor:
     """Expert i's ``u Wᵀ + b + s (u A_iᵀ) B_iᵀ`` (``base`` replaces the frozen ``u Wᵀ + b``)."""
@@ -278,16 +296,18 @@ def _hidden(n, i: int, env, p) -> Tensor:
     return block_activation(n.activation, gate) * up
 
 
-def _expert_hidden(n: ExpertHidden, env, p) -> Tensor:
-    E = env[n.routing]["gates"].shape[1]
-    return torch.stack([_hidden(n, i, env, p) for i in range(E)])  # (E, T, d_ff)
+@RUN.register(nodes.ExpertHidden)
+def _expert_hidden(n: ExpertHidden, r: _Run) -> Tensor:
+    E = r.env[n.routing].gates.shape[1]
+    return torch.stack([_hidden(n, i, r.env, r.p) for i in range(E)])  # (E, T, d_ff)
 
 
-def _expert_ffn(n: ExpertFFN, env, p) -> Tensor:
-    g = env[n.routing]["gates"]  # (T, E)
+@RUN.register(nodes.ExpertFFN)
+def _expert_ffn(n: nodes.ExpertFFN, r: _Run) -> Tensor:
+    g = r.env[n.routing].gates  # (T, E)
     out = 0.0
     for i in range(g.shape[1]):
-        out = out + g[:, i:i + 1] * _expert_linear(n.down, i, _hidden(n, i, env, p), p)
+        out = out + g[:, i:i + 1] * _expert_linear(n.down, i, _hidden(n, i, r.env, r.p), r.p)
     return out
 
 
@@ -299,14 +319,14 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10)
 
 
-def _aux(n: AuxLoss, route: dict, samples) -> Tensor:
-    if "weights" in route:
+def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
+    if isinstance(route, TreeRouting):
         return tree_aux(n, route)
-    gates, probs = route["gates"], route["probs"]
+    gates, probs = route.gates, route.probs
     T, E = gates.shape
     if n.kind == "switch_lb":
-        counts = (gates > 0).to(F64).sum(0) if route["index"] is None else torch.bincount(
-            route["index"].reshape(-1), minlength=E).to(F64)
+        counts = (gates > 0).to(F64).sum(0) if route.index is None else torch.bincount(
+            route.index.reshape(-1), minlength=E).to(F64)
         return n.weight * E * torch.sum(counts / T * probs.mean(0))
     if n.kind == "cv2_importance_load":
         return n.weight * (_cv2(gates.sum(0)) + _cv2((gates > 0).to(F64).sum(0)))

@@ -1,9 +1,9 @@
 """Reference semantics of S'MoRE residual trees (part of the interpreter): routing,
 propagation and aux losses, token by token and context by context, in float64.
 
-A tree routing is a dict: per pool ``index``/``weights`` ``(T, C_l, f_l)``, ``probs``
-``(T, C_l, s_l)``, ``smooth_load`` (``(s_l,)`` or ``None``), plus ``gate`` and ``margin``.
-Context ``c`` of pool l+1 with position ``p`` is context ``c·f_{l+1} + p`` of pool l.
+A tree routing is a :class:`~moleforge.ir.values.TreeRouting`: per pool ``indices``/``weights``
+``(T, C_l, f_l)``, ``probs`` ``(T, C_l, s_l)``, ``smooth_load`` (``(s_l, T·C_l)`` or ``None``), and
+the ``gate``. Context ``c`` of pool l+1 with position ``p`` is context ``c·f_{l+1} + p`` of pool l.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .nodes import AuxLoss, TreePropagate, TreeRoute
+from .values import TreeRouting
 
 __all__ = ["tree_route", "tree_mix", "tree_aux", "stable_top"]
 
@@ -73,12 +74,13 @@ def _gate(n: TreeRoute, l: int, z: Tensor, p, fixed_sel, eps: Tensor | None) -> 
     return out | {"sel": sel, "w": w, "margin": margin}
 
 
-def tree_route(n: TreeRoute, xd: Tensor, p, fixed, noise) -> dict:
+def tree_route(n: TreeRoute, xd: Tensor, p, fixed, noise) -> tuple[TreeRouting, float]:
     """Route every token top-down. ``fixed``: imposed indices per pool ``(T, C_l, f_l)``;
-    ``noise``: training-mode ``ε`` per pool ``(T, C_l, s_l)`` (``None``: evaluation)."""
+    ``noise``: training-mode ``ε`` per pool ``(T, C_l, s_l)`` (``None``: evaluation). Returns
+    the routing and the smallest selection margin."""
     L = len(n.levels)
     idx, wts, probs = ([[] for _ in range(L)] for _ in range(3))
-    loads: list = [None] * L
+    loads: list = [[] for _ in range(L)]  # per pool, the smooth load of each (token, context)
     margin = math.inf
     for t in range(xd.shape[0]):
         contexts = [xd[t]]  # router inputs of the contexts at the current pool, in context order
@@ -91,19 +93,20 @@ def tree_route(n: TreeRoute, xd: Tensor, p, fixed, noise) -> dict:
                 margin = min(margin, g["margin"])
                 rows.append(g)
                 if g["load"] is not None:
-                    loads[l] = g["load"] if loads[l] is None else loads[l] + g["load"]
+                    loads[l].append(g["load"])
                 for e in g["sel"].tolist():
                     nxt.append(torch.cat([z, _unit(K[e]) if n.gate == "noisy_topk" else K[e]]))
             idx[l].append(torch.stack([g["sel"] for g in rows]))
             wts[l].append(torch.stack([g["w"] for g in rows]))
             probs[l].append(torch.stack([g["probs"] for g in rows]))
             contexts = nxt
-    return {"index": tuple(torch.stack(i) for i in idx), "weights": tuple(torch.stack(w) for w in wts),
-            "probs": tuple(torch.stack(q) for q in probs), "smooth_load": tuple(loads), "gate": n.gate,
-            "margin": margin}
+    smooth = tuple(torch.stack(load, 1) if load else None for load in loads)  # (s_l, T·C_l)
+    routing = TreeRouting(tuple(torch.stack(i) for i in idx), tuple(torch.stack(w) for w in wts),
+                          tuple(torch.stack(q) for q in probs), n.gate, smooth)
+    return routing, margin
 
 
-def tree_mix(n, src: Tensor, route: dict, p) -> Tensor:
+def tree_mix(n, src: Tensor, route: TreeRouting, p) -> Tensor:
     """Bottom-up propagation, token by token (see :class:`~moleforge.ir.nodes.TreeMix`)."""
     offsets, off = [], 0
     for lv in n.levels:
@@ -116,7 +119,7 @@ def tree_mix(n, src: Tensor, route: dict, p) -> Tensor:
 class _Token:
     """The tree of one token."""
 
-    def __init__(self, n, p, route: dict, offsets: list[int]):
+    def __init__(self, n, p, route: TreeRouting, offsets: list[int]):
         self.n, self.p, self.route, self.offsets = n, p, route, offsets
 
     def residual(self, x: Tensor, l: int, e: int) -> Tensor:
@@ -137,7 +140,7 @@ class _Token:
         """Hidden of the node at level l+1 whose children come from pool l, context ctx."""
         n, p = self.n, self.p
         lv = n.levels[l]
-        sel, w = self.route["index"][l][t, ctx], self.route["weights"][l][t, ctx]
+        sel, w = self.route.indices[l][t, ctx], self.route.weights[l][t, ctx]
         f = sel.shape[0]
         h = torch.zeros(lv.b.shape[1], dtype=F64)
         for pos in range(f):
@@ -162,7 +165,7 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10)
 
 
-def tree_aux(n: AuxLoss, route: dict) -> Tensor:
+def tree_aux(n: AuxLoss, route: TreeRouting) -> Tensor:
     """Sum over pools. ``switch_lb``: ``γ s Σ_i F_i P_i``, ``F_i`` the selections of expert i
     over (token, context, slot) divided by ``T·C_l``, ``P_i`` the mean probability.
     ``cv2_importance_load``: ``γ (CV²(importance) + CV²(load))``, importance the summed
@@ -170,9 +173,9 @@ def tree_aux(n: AuxLoss, route: dict) -> Tensor:
     with noise (f < s) the smooth load ``Σ Φ((clean_i − θ)/std_i)``, θ the (f+1)-th noisy
     logit for a selected expert and the f-th otherwise. Dense pools carry none."""
     total = torch.zeros((), dtype=F64)
-    if route["gate"] == "dense":
+    if route.gate == "dense":
         return total
-    for idx, w, probs, smooth in zip(route["index"], route["weights"], route["probs"], route["smooth_load"]):
+    for idx, w, probs, smooth in zip(route.indices, route.weights, route.probs, route.smooth_load):
         T, C, f = idx.shape
         s = probs.shape[-1]
         if n.kind == "switch_lb":
@@ -180,6 +183,6 @@ def tree_aux(n: AuxLoss, route: dict) -> Tensor:
             total = total + n.weight * s * torch.sum(counts / (T * C) * probs.reshape(-1, s).mean(0))
         else:
             dense = torch.zeros(T * C, s, dtype=F64).scatter(1, idx.reshape(T * C, f), w.reshape(T * C, f))
-            load = smooth if smooth is not None else (dense > 0).to(F64).sum(0)
+            load = smooth.sum(1) if smooth is not None else (dense > 0).to(F64).sum(0)
             total = total + n.weight * (_cv2(dense.sum(0)) + _cv2(load))
     return total

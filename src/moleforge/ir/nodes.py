@@ -1,25 +1,37 @@
-"""The closed set of IR node kinds. Every node has a readable ``id``, the ids of the
-nodes it reads (``inputs()``, in order) and its spec path (``origin``) for messages.
-Values: ``T`` tokens; a tensor node yields ``(T, width)``; a router yields a routing
-(gates ``(T, E)`` zero outside the active set, router probabilities ``(T, E)``); a tree
-router yields a tree routing; an aux-loss node yields a scalar.
+"""The closed set of IR node kinds. Every node has a readable ``id``, the ids of the nodes it
+reads (its operand fields, declared with :func:`operand`; ``inputs()`` lists them in order), a
+result type (``result_type(graph)``, one of :mod:`.types`) and its spec path (``origin``) for
+messages. Values: ``T`` tokens; a tensor node yields ``(T, width)``; a router yields a routing
+(gates ``(T, E)`` zero outside the active set, router probabilities ``(T, E)``); a tree router
+yields a tree routing; an aux-loss node yields a scalar.
 
-Semantics are given per node as formulas; ``interpret.py`` is their executable form.
+Gates and routers carry the facts their consumers ask: ``sparse``, ``k`` (``None`` when dense),
+``balances`` (a balancing bias updated from selection counts) and ``input_independent``.
+
+Semantics are given per node as formulas; ``interpret.py`` is their executable form. The jobs
+that treat kinds differently keep one rule per kind in a :class:`~moleforge.ir.rules.Rules`
+table over :data:`NODE_KINDS` or :data:`GATE_KINDS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Union
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args
 
-from .params import ParamExpr, ParamRef
+from .params import ParamExpr, ParamRef, expr_shape
+from .types import PerExpertType, RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 __all__ = [
+    "operand", "NodeKind", "RouterNode", "GateKind", "NODE_KINDS", "GATE_KINDS",
     "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
-    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node", "TENSOR_NODES", "ROUTING_NODES",
+    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -28,11 +40,81 @@ BlockActivation = Literal["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]
 """Activations of FFN blocks: ``silu(v) = v·σ(v)``, ``gelu`` (erf form), ``gelu_tanh`` (the tanh
 approximation, GPT-2's ``gelu_new``), ``relu``, ``quick_gelu(v) = v·σ(1.702 v)``."""
 
+_OPERAND = {"operand": True}
+
+
+def operand(*, default: Any = MISSING) -> Any:
+    """A field naming the node(s) a node reads: an id, a tuple of ids, or (with
+    ``default=None``) an optional id. ``inputs()`` lists the operands in field order."""
+    return field(metadata=_OPERAND) if default is MISSING else field(default=default, metadata=_OPERAND)
+
+
+@cache
+def _operands(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(kind) if f.metadata.get("operand"))
+
+
+class NodeKind:
+    """Base of the node kinds: inputs from the operand fields, the result type per kind."""
+
+    __slots__ = ()
+
+    def inputs(self) -> tuple[str, ...]:
+        """The ids this node reads, in operand order (``None`` operands left out)."""
+        out: list[str] = []
+        for name in _operands(type(self)):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                out.append(v)
+            elif v is not None:
+                out.extend(v)
+        return tuple(out)
+
+    def result_type(self, graph: "Graph") -> ValueType:
+        """The type of this node's value in ``graph`` (which gives its inputs' types)."""
+        raise NotImplementedError(type(self).__name__)
+
+
+class RouterNode(NodeKind):
+    """A node that routes tokens (its value is a routing; the lowered site reports it for
+    routing statistics): :class:`Route`, :class:`TreeRoute`."""
+
+    __slots__ = ()
+
+    @property
+    def sparse(self) -> bool:
+        """Whether each token uses only selected experts (top-k), not all of them."""
+        raise NotImplementedError
+
+    @property
+    def balances(self) -> bool:
+        """Whether a balancing bias, updated from the selection counts, shifts the selection."""
+        raise NotImplementedError
+
+    @property
+    def input_independent(self) -> bool:
+        """Whether every token gets the same gates (the routing does not read the input)."""
+        raise NotImplementedError
+
 
 # ---- gates: how a router turns scores into gate values -------------------------------
 
+class GateKind:
+    """Base of the gate kinds. Facts: ``k`` (experts per token, ``None`` when dense; a field of
+    the top-k gates), ``sparse``, ``balances`` (a balancing bias ``balance`` updated from the
+    selection counts) and ``input_independent`` (the scores are not read)."""
+
+    __slots__ = ()
+    balances: ClassVar[bool] = False
+    input_independent: ClassVar[bool] = False
+
+    @property
+    def sparse(self) -> bool:
+        return self.k is not None  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
-class SoftmaxTopK:
+class SoftmaxTopK(GateKind):
     """``p = softmax(z/τ)``; keep the k largest p; renormalise them to sum 1 if asked."""
 
     k: int
@@ -41,183 +123,207 @@ class SoftmaxTopK:
 
 
 @dataclass(frozen=True, slots=True)
-class DenseSoftmax:
+class DenseSoftmax(GateKind):
     """``g = p = softmax(z/τ)``."""
 
     temperature: float = 1.0
 
+    @property
+    def k(self) -> None:
+        return None
+
 
 @dataclass(frozen=True, slots=True)
-class SigmoidTopK:
+class SigmoidTopK(GateKind):
     """SMoRA: ``u = σ(z) + b``; keep top-k of u; ``g = k · u_kept / Σ u_kept``."""
 
     k: int
     balance: ParamRef
+    balances: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
-class AbsTopK:
+class AbsTopK(GateKind):
     """FlyLoRA: binary mask of the k largest ``|z + d|``; ``g ∈ {0, 1}``."""
 
     k: int
     balance: ParamRef
+    balances: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)
-class StaticGate:
+class StaticGate(GateKind):
     """Input-independent gates: ``g_t = w`` for every token t, ``w (E,)`` a stored tensor; the
     router's scores are not read (its ``src`` only gives the token count). Router probabilities
     (for statistics) are ``|w| / Σ|w|``."""
 
     weights: ParamRef
+    input_independent: ClassVar[bool] = True
+
+    @property
+    def k(self) -> None:
+        return None
 
 
 Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate]
+
+GATE_KINDS: tuple[type, ...] = get_args(Gate)
+"""Every gate kind."""
 
 
 # ---- tensor nodes -----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Input:
+class Input(NodeKind):
     """The site's input ``x``: ``(T, width)``."""
 
     id: str
     width: int
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return ()
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(self.width)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Linear:
+class Linear(NodeKind):
     """``y = scale · (src · Wᵀ) + b``; ``W`` is ``[out, in]``: ``(T, in) -> (T, out)``."""
 
     id: str
-    src: str
+    src: str = operand()
     weight: ParamExpr
     bias: ParamExpr | None = None
     scale: float = 1.0
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(expr_shape(self.weight)[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Columns:
+class Columns(NodeKind):
     """``y = src[:, start:stop]``: a slice of a fused GEMM's output."""
 
     id: str
-    src: str
+    src: str = operand()
     start: int
     stop: int
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(self.stop - self.start)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Add:
+class Add(NodeKind):
     """``y = Σ srcs`` (equal widths)."""
 
     id: str
-    srcs: tuple[str, ...]
+    srcs: tuple[str, ...] = operand()
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return self.srcs
+    def result_type(self, graph: "Graph") -> ValueType:
+        return graph.type(self.srcs[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Jitter:
+class Jitter(NodeKind):
     """Training-time multiplicative noise ``src · U(1-ε, 1+ε)``; identity in evaluation."""
 
     id: str
-    src: str
+    src: str = operand()
     eps: float
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return graph.type(self.src)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Route:
+class Route(RouterNode):
     """A flat router: scores ``src (T, E)`` -> routing (gates, probabilities)."""
 
     id: str
-    src: str
+    src: str = operand()
     gate: Gate
     experts: int
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return RoutingType(self.experts, self.gate.k)
+
+    @property
+    def k(self) -> int | None:
+        return self.gate.k
+
+    @property
+    def sparse(self) -> bool:
+        return self.gate.sparse
+
+    @property
+    def balances(self) -> bool:
+        return self.gate.balances
+
+    @property
+    def input_independent(self) -> bool:
+        return self.gate.input_independent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PoolMix:
+class _LowRankMix(NodeKind):
+    """The fields of :class:`PoolMix` and :class:`GroupedMix` (two ways to compute one value)."""
+
+    id: str
+    src: str = operand()
+    routing: str = operand()
+    a: ParamExpr
+    b: ParamExpr
+    scale: float
+    origin: str = ""
+
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(expr_shape(self.b)[1])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolMix(_LowRankMix):
     """``y = Σ_i g_i · scale · (x A_iᵀ) B_iᵀ`` with ``A: (E_a, r, d_in)``, ``B: (E_b, d_out, r)``;
     ``E_a = 1`` (or ``E_b = 1``) means the factor is shared by all E experts."""
 
-    id: str
-    src: str
-    routing: str
-    a: ParamExpr
-    b: ParamExpr
-    scale: float
-    origin: str = ""
-
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GroupedMix:
+class GroupedMix(_LowRankMix):
     """Same value as :class:`PoolMix`, computed only for each token's selected experts
     (gather / grouped GEMM); for sparse top-k routing."""
 
-    id: str
-    src: str
-    routing: str
-    a: ParamExpr
-    b: ParamExpr
-    scale: float
-    origin: str = ""
-
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BlockGate:
+class BlockGate(NodeKind):
     """``y = h ⊙ repeat(scale · g, rank)``: ``h (T, E·r)`` gated block by block (SMoRA identity)."""
 
     id: str
-    src: str
-    routing: str
+    src: str = operand()
+    routing: str = operand()
     rank: int
     scale: float
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return graph.type(self.src)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OuterGate:
+class OuterGate(NodeKind):
     """``y = scale · (g ⊗ h)`` flattened: ``h (T, r)``, ``g (T, E)`` -> ``(T, E·r)`` (HydraLoRA)."""
 
     id: str
-    src: str
-    routing: str
+    src: str = operand()
+    routing: str = operand()
     scale: float
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(graph.width(self.src) * graph.routing(self.routing).experts)
 
 
 # ---- S'MoRE residual trees --------------------------------------------------------------
@@ -238,7 +344,7 @@ class TreeGateLevel:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreeRoute:
+class TreeRoute(RouterNode):
     """Top-down routing of a residual tree from ``src = x_down (T, m)``.
 
     Pool l (``levels[l]``, l = 0 the leaves) routes every context (a path of chosen
@@ -258,7 +364,7 @@ class TreeRoute:
     ``softmax(logits) (T, C_l, s_l)``, ``C_l = Π_{j>l} f_j``."""
 
     id: str
-    src: str
+    src: str = operand()
     levels: tuple[TreeGateLevel, ...]
     gate: Literal["switch", "dense", "noisy_topk"]
     conventions: Literal["paper", "official"]
@@ -266,8 +372,16 @@ class TreeRoute:
     temperature: float
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
+    balances: ClassVar[bool] = False
+    input_independent: ClassVar[bool] = False
+
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TreeRoutingType(tuple(lv.experts for lv in self.levels), tuple(lv.fanout for lv in self.levels))
+
+    @property
+    def sparse(self) -> bool:
+        """Every gate but ``dense`` keeps its top-f experts per context."""
+        return self.gate != "dense"
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +400,23 @@ class TreeLevelParams:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreeMix:
+class _TreeLevels(NodeKind):
+    """The fields of :class:`TreeMix` and :class:`TreePropagate`."""
+
+    id: str
+    src: str = operand()
+    routing: str = operand()
+    levels: tuple[TreeLevelParams, ...]
+    activation: Activation
+    position: Literal["all", "child", "child_v2"] = "all"
+    origin: str = ""
+
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(self.levels[-1].b.shape[1])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeMix(_TreeLevels):
     """Bottom-up propagation of a residual tree (METHODS.md §1.3):
     ``u_{l,n} = c_l (B_{l,n}(A_{l,n} x + a) + b)``; with ``position = "all"`` a leaf node is
     ``Σ_p w_p σ(u_{0,e_p})`` and a node of level l+1 is ``Σ_p w_p σ(u_{l,e_p} + W_l h_child(p) + w_l)``;
@@ -294,75 +424,53 @@ class TreeMix:
     ``Σ_p w_p (u_{l,e_p} + W_l σ(h_child(p)) + w_l)`` (both: leaves ``Σ_p w_p u_{0,e_p}``).
     Yields the root hidden ``(T, d_L)``."""
 
-    id: str
-    src: str
-    routing: str
-    levels: tuple[TreeLevelParams, ...]
-    activation: Activation
-    position: Literal["all", "child", "child_v2"] = "all"
-    origin: str = ""
-
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreePropagate:
+class TreePropagate(_TreeLevels):
     """:class:`TreeMix` after its down-projections were computed for all experts at once:
     ``src (T, Σ_l s_l r_l)`` holds ``A_{l,n} x + a_{l,n}`` for every pool and expert
     (pool-major, expert-major); the level params' ``a``/``a_bias`` are not read."""
 
-    id: str
-    src: str
-    routing: str
-    levels: tuple[TreeLevelParams, ...]
-    activation: Activation
-    position: Literal["all", "child", "child_v2"] = "all"
-    origin: str = ""
-
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreePathGates:
+class TreePathGates(NodeKind):
     """The path-aggregated gates of pool ``level`` of a tree routing, as a flat routing:
     ``ĝ_e = Σ_{tree nodes of expert e in pool l} Π (weights on the path from the root)``,
     ``(T, s_l)``. With an identity activation the tree is a flat pool under these gates
     (METHODS.md §20.6)."""
 
     id: str
-    routing: str
+    routing: str = operand()
     level: int
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.routing,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return RoutingType(graph.tree_routing(self.routing).experts[self.level])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GateBias:
+class GateBias(NodeKind):
     """A gated bias: ``y = scale · Σ_e g_e · bias_e`` = ``scale · g @ bias`` for a per-expert
     ``bias (E, d)``; a shared ``bias (d,)`` gives ``scale · (Σ_e g_e) · bias``. ``(T, d)``."""
 
     id: str
-    routing: str
+    routing: str = operand()
     bias: ParamExpr
     scale: float = 1.0
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.routing,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(expr_shape(self.bias)[-1])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SiblingLinear:
+class SiblingLinear(NodeKind):
     """The value of :class:`Linear` (``y = src · Wᵀ + b``), computed as columns ``[start:stop]``
     of one GEMM shared by the sibling sites of ``group`` that read the same tensor:
     ``src · [W_1; …; W_n]ᵀ``. Lowered without its group it is a plain linear."""
 
     id: str
-    src: str
+    src: str = operand()
     weight: ParamExpr
     bias: ParamExpr | None = None
     group: str
@@ -370,27 +478,27 @@ class SiblingLinear:
     stop: int
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(expr_shape(self.weight)[0])
 
 
 # ---- aux losses ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class AuxLoss:
+class AuxLoss(NodeKind):
     """A weighted scalar loss on a routing (see ``specs.routing`` for each kind's formula).
     Over a tree routing it is summed over pools."""
 
     id: str
-    routing: str
+    routing: str = operand()
     kind: Literal["switch_lb", "cv2_importance_load", "localized_balance"]
     weight: float
     delta: float = 0.0
     groups: int = 1
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.routing,)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return ScalarType()
 
 
 # ---- FFN-block experts (MixLoRA) -------------------------------------------------------
@@ -412,7 +520,7 @@ class ExpertLinear:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertFFN:
+class ExpertFFN(NodeKind):
     """Routed FFN-block experts sharing the frozen block (MixLoRA, METHODS.md §5):
     ``h_i = act(G_i(x)) ⊙ U_i(x)`` (gated block) or ``act(U_i(x))`` (``gate=None``),
     ``y = Σ_i g_i(x) · D_i(h_i)``: ``(T, d_in) -> (T, d_out)``; the block's output, not a delta.
@@ -421,76 +529,73 @@ class ExpertFFN:
     ``x W_gᵀ + b_g`` / ``x W_uᵀ + b_u``; then ``G_i(x) = gate_base + s (x A_iᵀ) B_iᵀ``."""
 
     id: str
-    src: str
-    routing: str
+    src: str = operand()
+    routing: str = operand()
     up: ExpertLinear
     down: ExpertLinear
     gate: ExpertLinear | None = None
     activation: BlockActivation = "silu"
-    gate_base: str | None = None
-    up_base: str | None = None
+    gate_base: str | None = operand(default=None)
+    up_base: str | None = operand(default=None)
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing) + tuple(b for b in (self.gate_base, self.up_base) if b is not None)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(self.down.weight.shape[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertHidden:
+class ExpertHidden(NodeKind):
     """The experts' hidden states ``h_i (T, d_ff)`` of an :class:`ExpertFFN` without its down
     projection: a per-expert value, read only through the routing's gates (consumers weight
     ``h_i`` by ``g_i``, so backends may compute it only where ``g_i ≠ 0``)."""
 
     id: str
-    src: str
-    routing: str
+    src: str = operand()
+    routing: str = operand()
     up: ExpertLinear
     gate: ExpertLinear | None = None
     activation: BlockActivation = "silu"
-    gate_base: str | None = None
-    up_base: str | None = None
+    gate_base: str | None = operand(default=None)
+    up_base: str | None = operand(default=None)
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing) + tuple(b for b in (self.gate_base, self.up_base) if b is not None)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return PerExpertType(graph.routing(self.routing).experts, self.up.weight.shape[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertSum:
+class ExpertSum(NodeKind):
     """``y = Σ_i g_i h_i``: ``h`` an :class:`ExpertHidden` over the same routing -> ``(T, d_ff)``."""
 
     id: str
-    src: str
-    routing: str
+    src: str = operand()
+    routing: str = operand()
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(graph.per_expert(self.src).width)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertLoRA:
+class ExpertLoRA(NodeKind):
     """``y = Σ_i g_i · scale · (h_i A_iᵀ) B_iᵀ``: each expert's low-rank update of its own
     hidden state, ``A (E, r, d_ff)``, ``B (E, d_out, r)`` -> ``(T, d_out)``."""
 
     id: str
-    src: str
-    routing: str
+    src: str = operand()
+    routing: str = operand()
     a: ParamRef
     b: ParamRef
     scale: float
     origin: str = ""
 
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src, self.routing)
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(self.b.shape[1])
 
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
              ExpertHidden, ExpertSum, ExpertLoRA]
 
-TENSOR_NODES = (Input, Linear, Columns, Add, Jitter, PoolMix, GroupedMix, BlockGate, OuterGate,
-                TreeMix, TreePropagate, GateBias, SiblingLinear, ExpertFFN, ExpertSum, ExpertLoRA)
-
-ROUTING_NODES = (Route, TreePathGates)
-"""Nodes whose value is a flat routing (gates ``(T, E)``) that gated mixes can read."""
+NODE_KINDS: tuple[type, ...] = get_args(Node)
+"""Every node kind."""

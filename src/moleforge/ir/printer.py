@@ -5,128 +5,33 @@
       %logits = linear %x W=router_w b=- -> 8
       ...
       return %delta ; aux %lb
+
+One rule per node kind (:data:`LINE`) and per gate kind (:data:`GATE`).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+from . import nodes
 from .graph import Graph
-from .nodes import (
-    AbsTopK,
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    DenseSoftmax,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLinear,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    Node,
-    OuterGate,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    SigmoidTopK,
-    SoftmaxTopK,
-    StaticGate,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
-)
+from .nodes import ExpertLinear, Node
 from .params import format_expr
+from .rules import Rules
+from .types import ValueType
 
-__all__ = ["print_graph", "format_node"]
+__all__ = ["print_graph", "format_node", "LINE", "GATE"]
 
+LINE: Rules[Callable[..., str]] = Rules("the printer", nodes.NODE_KINDS)
+"""Node kind -> ``(node, its result type) -> the text after "%id = "``."""
 
-def _gate(g) -> str:
-    match g:
-        case SoftmaxTopK(k=k, renormalize=r, temperature=t):
-            return f"softmax_topk(k={k}, renorm={r}, tau={t:g})"
-        case DenseSoftmax(temperature=t):
-            return f"dense_softmax(tau={t:g})"
-        case SigmoidTopK(k=k, balance=b):
-            return f"sigmoid_topk(k={k}, bias={b.name})"
-        case AbsTopK(k=k, balance=b):
-            return f"abs_topk(k={k}, bias={b.name})"
-        case StaticGate(weights=w):
-            return f"static(w={w.name})"
-    raise TypeError(g)
+GATE: Rules[Callable[..., str]] = Rules("the printer's gates", nodes.GATE_KINDS)
+"""Gate kind -> ``gate -> text``."""
 
 
-def _expert_linear(role: str, lin: ExpertLinear | None, base: str | None) -> str:
-    if lin is None:
-        return ""
-    frozen = f"%{base}" if base is not None else f"W={format_expr(lin.weight)} b={format_expr(lin.bias)}"
-    lora = "" if lin.a is None else f" + A={format_expr(lin.a)} B={format_expr(lin.b)} scale={lin.scale:g}"
-    return f" {role}=[{frozen}{lora}]"
-
-
-def _expert_block(n, width: int) -> str:
-    kind = "expert_ffn" if isinstance(n, ExpertFFN) else "expert_hidden"
-    parts = _expert_linear("gate", n.gate, n.gate_base) + _expert_linear("up", n.up, n.up_base)
-    if isinstance(n, ExpertFFN):
-        parts += _expert_linear("down", n.down, None)
-    return f"%{n.id} = {kind} %{n.src} by %{n.routing} act={n.activation}{parts} -> {width}"
-
-
-def format_node(n: Node, width: int) -> str:
-    """One line for one node; ``width`` is its inferred output width."""
-    match n:
-        case Input():
-            return f"%{n.id} = input {n.width}"
-        case Linear():
-            sc = f" scale={n.scale:g}" if n.scale != 1.0 else ""
-            return f"%{n.id} = linear %{n.src} W={format_expr(n.weight)} b={format_expr(n.bias)}{sc} -> {width}"
-        case Columns():
-            return f"%{n.id} = columns %{n.src} [{n.start}:{n.stop}]"
-        case Add():
-            return f"%{n.id} = add " + " ".join(f"%{s}" for s in n.srcs)
-        case Jitter():
-            return f"%{n.id} = jitter %{n.src} eps={n.eps:g}"
-        case Route():
-            return f"%{n.id} = route %{n.src} {_gate(n.gate)} E={n.experts}"
-        case PoolMix() | GroupedMix():
-            kind = "pool_mix" if isinstance(n, PoolMix) else "grouped_mix"
-            return (f"%{n.id} = {kind} %{n.src} by %{n.routing} A={format_expr(n.a)} "
-                    f"B={format_expr(n.b)} scale={n.scale:g} -> {width}")
-        case BlockGate():
-            return f"%{n.id} = block_gate %{n.src} by %{n.routing} rank={n.rank} scale={n.scale:g}"
-        case OuterGate():
-            return f"%{n.id} = outer_gate %{n.src} by %{n.routing} scale={n.scale:g} -> {width}"
-        case TreeRoute():
-            lv = ", ".join(f"{g.experts}/{g.fanout}" for g in n.levels)
-            return (f"%{n.id} = tree_route %{n.src} gate={n.gate} levels=[{lv}] "
-                    f"conventions={n.conventions} query_act={n.query_activation} tau={n.temperature:g}")
-        case TreeMix() | TreePropagate():
-            kind = "tree_mix" if isinstance(n, TreeMix) else "tree_propagate"
-            lv = ", ".join(f"{p.b.shape[0]}x{p.b.shape[2]}->{p.b.shape[1]} c={p.scale:g}" for p in n.levels)
-            return f"%{n.id} = {kind} %{n.src} by %{n.routing} act={n.activation} levels=[{lv}] -> {width}"
-        case SiblingLinear():
-            return (f"%{n.id} = sibling_linear %{n.src} W={format_expr(n.weight)} b={format_expr(n.bias)} "
-                    f"group={n.group} [{n.start}:{n.stop}] -> {width}")
-        case GateBias():
-            sc = f" scale={n.scale:g}" if n.scale != 1.0 else ""
-            return f"%{n.id} = gate_bias by %{n.routing} b={format_expr(n.bias)}{sc} -> {width}"
-        case TreePathGates():
-            return f"%{n.id} = tree_path_gates %{n.routing} level={n.level} E={width}"
-        case AuxLoss():
-            extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
-            return f"%{n.id} = aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
-        case ExpertFFN() | ExpertHidden():
-            return _expert_block(n, width)
-        case ExpertSum():
-            return f"%{n.id} = expert_sum %{n.src} by %{n.routing} -> {width}"
-        case ExpertLoRA():
-            return (f"%{n.id} = expert_lora %{n.src} by %{n.routing} A={format_expr(n.a)} "
-                    f"B={format_expr(n.b)} scale={n.scale:g} -> {width}")
-    raise TypeError(f"unknown node kind {type(n).__name__}")
+def format_node(n: Node, t: ValueType) -> str:
+    """One line for one node; ``t`` is its result type (``graph.type(n.id)``)."""
+    return f"%{n.id} = " + LINE[n](n, t)
 
 
 def print_graph(graph: Graph) -> str:
@@ -138,7 +43,106 @@ def print_graph(graph: Graph) -> str:
     for p in graph.frozen:
         lines.append(f"  frozen {p.name} {tuple(p.shape)}")
     for n in graph.nodes:
-        lines.append("  " + format_node(n, graph.width(n.id)))
+        lines.append("  " + format_node(n, graph.type(n.id)))
     aux = " ; aux " + " ".join(f"%{a}" for a in graph.aux) if graph.aux else ""
     lines.append(f"  return %{graph.output}{aux}")
     return "\n".join(lines)
+
+
+# ---- gates ------------------------------------------------------------------------------
+
+GATE.add(lambda g: f"softmax_topk(k={g.k}, renorm={g.renormalize}, tau={g.temperature:g})", nodes.SoftmaxTopK)
+GATE.add(lambda g: f"dense_softmax(tau={g.temperature:g})", nodes.DenseSoftmax)
+GATE.add(lambda g: f"sigmoid_topk(k={g.k}, bias={g.balance.name})", nodes.SigmoidTopK)
+GATE.add(lambda g: f"abs_topk(k={g.k}, bias={g.balance.name})", nodes.AbsTopK)
+GATE.add(lambda g: f"static(w={g.weights.name})", nodes.StaticGate)
+
+
+# ---- nodes ------------------------------------------------------------------------------
+
+def _scale(n) -> str:
+    return f" scale={n.scale:g}" if n.scale != 1.0 else ""
+
+
+@LINE.register(nodes.Input)
+def _input(n, t) -> str:
+    return f"input {n.width}"
+
+
+@LINE.register(nodes.Linear)
+def _linear(n, t) -> str:
+    return f"linear %{n.src} W={format_expr(n.weight)} b={format_expr(n.bias)}{_scale(n)} -> {t.width}"
+
+
+@LINE.register(nodes.SiblingLinear)
+def _sibling(n, t) -> str:
+    return (f"sibling_linear %{n.src} W={format_expr(n.weight)} b={format_expr(n.bias)} "
+            f"group={n.group} [{n.start}:{n.stop}] -> {t.width}")
+
+
+LINE.add(lambda n, t: f"columns %{n.src} [{n.start}:{n.stop}]", nodes.Columns)
+LINE.add(lambda n, t: "add " + " ".join(f"%{s}" for s in n.srcs), nodes.Add)
+LINE.add(lambda n, t: f"jitter %{n.src} eps={n.eps:g}", nodes.Jitter)
+LINE.add(lambda n, t: f"route %{n.src} {GATE[n.gate](n.gate)} E={n.experts}", nodes.Route)
+LINE.add(lambda n, t: f"block_gate %{n.src} by %{n.routing} rank={n.rank} scale={n.scale:g}", nodes.BlockGate)
+LINE.add(lambda n, t: f"outer_gate %{n.src} by %{n.routing} scale={n.scale:g} -> {t.width}", nodes.OuterGate)
+LINE.add(lambda n, t: f"gate_bias by %{n.routing} b={format_expr(n.bias)}{_scale(n)} -> {t.width}", nodes.GateBias)
+LINE.add(lambda n, t: f"tree_path_gates %{n.routing} level={n.level} E={t.experts}", nodes.TreePathGates)
+LINE.add(lambda n, t: f"expert_sum %{n.src} by %{n.routing} -> {t.width}", nodes.ExpertSum)
+
+
+def _mix(kind: str) -> Callable[..., str]:
+    def line(n, t) -> str:
+        return (f"{kind} %{n.src} by %{n.routing} A={format_expr(n.a)} "
+                f"B={format_expr(n.b)} scale={n.scale:g} -> {t.width}")
+    return line
+
+
+LINE.add(_mix("pool_mix"), nodes.PoolMix)
+LINE.add(_mix("grouped_mix"), nodes.GroupedMix)
+LINE.add(_mix("expert_lora"), nodes.ExpertLoRA)
+
+
+@LINE.register(nodes.TreeRoute)
+def _tree_route(n, t) -> str:
+    lv = ", ".join(f"{g.experts}/{g.fanout}" for g in n.levels)
+    return (f"tree_route %{n.src} gate={n.gate} levels=[{lv}] "
+            f"conventions={n.conventions} query_act={n.query_activation} tau={n.temperature:g}")
+
+
+def _tree(kind: str) -> Callable[..., str]:
+    def line(n, t) -> str:
+        lv = ", ".join(f"{p.b.shape[0]}x{p.b.shape[2]}->{p.b.shape[1]} c={p.scale:g}" for p in n.levels)
+        return f"{kind} %{n.src} by %{n.routing} act={n.activation} levels=[{lv}] -> {t.width}"
+    return line
+
+
+LINE.add(_tree("tree_mix"), nodes.TreeMix)
+LINE.add(_tree("tree_propagate"), nodes.TreePropagate)
+
+
+@LINE.register(nodes.AuxLoss)
+def _aux(n, t) -> str:
+    extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
+    return f"aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
+
+
+def _expert_linear(role: str, lin: ExpertLinear | None, base: str | None) -> str:
+    if lin is None:
+        return ""
+    frozen = f"%{base}" if base is not None else f"W={format_expr(lin.weight)} b={format_expr(lin.bias)}"
+    lora = "" if lin.a is None else f" + A={format_expr(lin.a)} B={format_expr(lin.b)} scale={lin.scale:g}"
+    return f" {role}=[{frozen}{lora}]"
+
+
+def _expert_block(kind: str, down: bool) -> Callable[..., str]:
+    def line(n, t) -> str:
+        parts = _expert_linear("gate", n.gate, n.gate_base) + _expert_linear("up", n.up, n.up_base)
+        if down:
+            parts += _expert_linear("down", n.down, None)
+        return f"{kind} %{n.src} by %{n.routing} act={n.activation}{parts} -> {t.width}"
+    return line
+
+
+LINE.add(_expert_block("expert_ffn", True), nodes.ExpertFFN)
+LINE.add(_expert_block("expert_hidden", False), nodes.ExpertHidden)

@@ -1,46 +1,28 @@
 """``verify(graph)``: a graph is valid when every id is defined once before it is used,
-every input has the kind its consumer expects, every parameter expression names a
+every input has the type its consumer expects, every parameter expression names a
 declared tensor of the right shape and fits the widths it meets, the output is a tensor
 of width ``d_out``, aux ids name aux losses, and every node is live. All violations are
 collected and raised once, with the printed graph."""
 
 from __future__ import annotations
 
-from ..errors import IRVerificationError
-from .graph import Graph
-from .nodes import (
-    ROUTING_NODES,
-    TENSOR_NODES,
-    AbsTopK,
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLinear,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    OuterGate,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    SigmoidTopK,
-    SoftmaxTopK,
-    StaticGate,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
-)
-from .params import ParamExpr, ParamRef, expr_refs, expr_shape
+from typing import Callable
 
-__all__ = ["verify"]
+from ..errors import IRVerificationError
+from . import nodes
+from .graph import Graph
+from .nodes import ExpertHidden, ExpertLinear, Input
+from .params import ParamExpr, ParamRef, expr_refs, expr_shape
+from .rules import Rules
+from .types import RoutingType, TensorType, TreeRoutingType, ValueType
+
+__all__ = ["verify", "RULES", "GATE_RULES"]
+
+RULES: Rules[Callable[[Graph, nodes.Node], list[str]]] = Rules("the verifier", nodes.NODE_KINDS)
+"""Node kind -> ``(graph, node) -> problems``."""
+
+GATE_RULES: Rules[Callable[[Graph, nodes.Route], list[str]]] = Rules("the verifier's gates", nodes.GATE_KINDS)
+"""Gate kind -> ``(graph, route) -> problems`` of a :class:`~moleforge.ir.nodes.Route` with that gate."""
 
 
 def verify(graph: Graph) -> Graph:
@@ -48,7 +30,7 @@ def verify(graph: Graph) -> Graph:
     problems = _structure(graph)
     if not problems:
         for n in graph.nodes:
-            problems += [f"%{n.id}: {p}" for p in _node_rules(graph, n)]
+            problems += [f"%{n.id}: {p}" for p in RULES[n](graph, n)]
         problems += _outputs(graph)
     if problems:
         from .printer import print_graph
@@ -82,8 +64,12 @@ def _structure(g: Graph) -> list[str]:
     return out
 
 
-def _is_tensor(g: Graph, nid: str) -> bool:
-    return isinstance(g.node(nid), TENSOR_NODES)
+def _type(g: Graph, nid: str) -> ValueType | None:
+    """The type of ``nid``, or ``None`` when it cannot be inferred (that node's own rules say why)."""
+    try:
+        return g.type(nid)
+    except (TypeError, ValueError, IndexError, AttributeError, KeyError):
+        return None
 
 
 def _expr(g: Graph, e: ParamExpr, what: str) -> list[str]:
@@ -102,113 +88,159 @@ def _expr(g: Graph, e: ParamExpr, what: str) -> list[str]:
     return out
 
 
+def _need(g: Graph, nid: str, kind: type, what: str) -> list[str]:
+    t = _type(g, nid)
+    if t is None:
+        return [f"%{nid} is not a {what}: its type cannot be inferred"]
+    return [] if isinstance(t, kind) else [f"%{nid} is not a {what}; it yields a {t}"]
+
+
 def _need_tensor(g: Graph, nid: str, what: str) -> list[str]:
-    return [] if _is_tensor(g, nid) else [f"{what} %{nid} is not a tensor"]
+    t = _type(g, nid)
+    return [] if isinstance(t, TensorType) else [f"{what} %{nid} is not a tensor"]
 
 
-def _need_route(g: Graph, nid: str, kinds: tuple[type, ...] = (Route,)) -> list[str]:
-    return [] if isinstance(g.node(nid), kinds) else [f"%{nid} is not a {'/'.join(k.__name__ for k in kinds)}"]
+def _need_route(g: Graph, nid: str) -> list[str]:
+    return _need(g, nid, RoutingType, "Route (a flat routing)")
 
 
-def _node_rules(g: Graph, n) -> list[str]:  # noqa: C901 - one case per node kind
+def _need_tree(g: Graph, nid: str) -> list[str]:
+    return _need(g, nid, TreeRoutingType, "TreeRoute (a tree routing)")
+
+
+@RULES.register(nodes.Input)
+def _input(g: Graph, n) -> list[str]:
+    return []
+
+
+@RULES.register(nodes.Linear, nodes.SiblingLinear)
+def _linear(g: Graph, n) -> list[str]:
     w = g.width
-    match n:
-        case Input():
-            return []
-        case Linear() | SiblingLinear():
-            p = _need_tensor(g, n.src, "source") + _expr(g, n.weight, "weight")
-            if n.bias is not None:
-                p += _expr(g, n.bias, "bias")
-            if p:
-                return p
-            ws = expr_shape(n.weight)
-            if len(ws) != 2 or ws[1] != w(n.src):
-                p.append(f"weight shape {ws} does not read width {w(n.src)}")
-            if n.bias is not None and expr_shape(n.bias) != (ws[0],):
-                p.append(f"bias shape {expr_shape(n.bias)} != ({ws[0]},)")
-            if isinstance(n, SiblingLinear) and n.stop - n.start != ws[0]:
-                p.append(f"group columns [{n.start}:{n.stop}] do not hold the {ws[0]} outputs of the weight")
-            return p
-        case Columns():
-            p = _need_tensor(g, n.src, "source")
-            if not p and not (0 <= n.start < n.stop <= w(n.src)):
-                p.append(f"columns [{n.start}:{n.stop}] outside width {w(n.src)}")
-            return p
-        case Add():
-            p = [x for s in n.srcs for x in _need_tensor(g, s, "term")]
-            if not p and len({w(s) for s in n.srcs}) != 1:
-                p.append(f"terms have different widths {[w(s) for s in n.srcs]}")
-            return p
-        case Jitter():
-            return _need_tensor(g, n.src, "source")
-        case Route() if isinstance(n.gate, StaticGate):
-            p = _need_tensor(g, n.src, "token source") + _expr(g, n.gate.weights, "static weights")
-            if not p and expr_shape(n.gate.weights) != (n.experts,):
-                p.append(f"static weights have shape {expr_shape(n.gate.weights)}, router has {n.experts} experts")
-            return p
-        case Route():
-            p = _need_tensor(g, n.src, "scores")
-            if not p and w(n.src) != n.experts:
-                p.append(f"scores have width {w(n.src)}, router has {n.experts} experts")
-            k = getattr(n.gate, "k", None)
-            if k is not None and not (1 <= k <= n.experts):
-                p.append(f"k = {k} outside 1..{n.experts}")
-            if isinstance(n.gate, (SigmoidTopK, AbsTopK)):
-                p += _expr(g, n.gate.balance, "balance bias")
-            return p
-        case PoolMix() | GroupedMix():
-            return _pool_rules(g, n)
-        case BlockGate():
-            p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing, ROUTING_NODES)
-            if not p and w(n.src) != w(n.routing) * n.rank:
-                p.append(f"width {w(n.src)} != experts {w(n.routing)} x rank {n.rank}")
-            return p
-        case OuterGate():
-            return _need_tensor(g, n.src, "source") + _need_route(g, n.routing, ROUTING_NODES)
-        case GateBias():
-            p = _need_route(g, n.routing, ROUTING_NODES) + _expr(g, n.bias, "bias")
-            if not p:
-                shape = expr_shape(n.bias)
-                if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != w(n.routing)):
-                    p.append(f"bias shape {shape} is neither ({w(n.routing)}, d) nor (d,)")
-            return p
-        case TreePathGates():
-            p = _need_route(g, n.routing, (TreeRoute,))
-            if not p and not 0 <= n.level < len(g.node(n.routing).levels):
-                p.append(f"level {n.level} outside the router's {len(g.node(n.routing).levels)} pools")
-            return p
-        case TreeRoute():
-            return _need_tensor(g, n.src, "source") + [
-                x for lv in n.levels for r in (lv.keys, lv.w1, lv.b1, lv.w2, lv.b2)
-                for x in _expr(g, r, f"router of pool with {lv.experts} experts")]
-        case TreeMix() | TreePropagate():
-            return _tree_rules(g, n)
-        case ExpertFFN() | ExpertHidden():
-            return _expert_block_rules(g, n)
-        case ExpertSum():
-            return _expert_value_rules(g, n)
-        case ExpertLoRA():
-            p = _expert_value_rules(g, n) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
-            if not p:
-                p = _expert_factor_rules(g, n.a.shape, n.b.shape, g.width(n.routing), g.width(n.src), "A/B")
-            return p
-        case AuxLoss():
-            p = _need_route(g, n.routing, (Route, TreeRoute))
-            if not p and isinstance(g.node(n.routing), Route):
-                gate = g.node(n.routing).gate
-                if n.kind == "switch_lb" and not isinstance(gate, SoftmaxTopK):
-                    p.append("switch_lb needs a softmax top-k router")
-            return p
-    return [f"unknown node kind {type(n).__name__}"]
+    p = _need_tensor(g, n.src, "source") + _expr(g, n.weight, "weight")
+    if n.bias is not None:
+        p += _expr(g, n.bias, "bias")
+    if p:
+        return p
+    ws = expr_shape(n.weight)
+    if len(ws) != 2 or ws[1] != w(n.src):
+        p.append(f"weight shape {ws} does not read width {w(n.src)}")
+    if n.bias is not None and expr_shape(n.bias) != (ws[0],):
+        p.append(f"bias shape {expr_shape(n.bias)} != ({ws[0]},)")
+    if isinstance(n, nodes.SiblingLinear) and n.stop - n.start != ws[0]:
+        p.append(f"group columns [{n.start}:{n.stop}] do not hold the {ws[0]} outputs of the weight")
+    return p
 
 
+@RULES.register(nodes.Columns)
+def _columns(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "source")
+    if not p and not (0 <= n.start < n.stop <= g.width(n.src)):
+        p.append(f"columns [{n.start}:{n.stop}] outside width {g.width(n.src)}")
+    return p
+
+
+@RULES.register(nodes.Add)
+def _add(g: Graph, n) -> list[str]:
+    p = [x for s in n.srcs for x in _need_tensor(g, s, "term")]
+    if not p and len({g.width(s) for s in n.srcs}) != 1:
+        p.append(f"terms have different widths {[g.width(s) for s in n.srcs]}")
+    return p
+
+
+RULES.add(lambda g, n: _need_tensor(g, n.src, "source"), nodes.Jitter)
+RULES.add(lambda g, n: GATE_RULES[n.gate](g, n), nodes.Route)
+
+
+@GATE_RULES.register(nodes.StaticGate)
+def _static_gate(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "token source") + _expr(g, n.gate.weights, "static weights")
+    if not p and expr_shape(n.gate.weights) != (n.experts,):
+        p.append(f"static weights have shape {expr_shape(n.gate.weights)}, router has {n.experts} experts")
+    return p
+
+
+@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK)
+def _scored_gate(g: Graph, n) -> list[str]:
+    """A gate on scores ``src (T, E)``: ``1 <= k <= E``, and its balancing bias declared."""
+    p = _need_tensor(g, n.src, "scores")
+    if not p and g.width(n.src) != n.experts:
+        p.append(f"scores have width {g.width(n.src)}, router has {n.experts} experts")
+    k = n.gate.k
+    if k is not None and not (1 <= k <= n.experts):
+        p.append(f"k = {k} outside 1..{n.experts}")
+    if n.gate.balances:
+        p += _expr(g, n.gate.balance, "balance bias")
+    return p
+
+
+@RULES.register(nodes.BlockGate)
+def _block_gate(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+    if not p and g.width(n.src) != g.routing(n.routing).experts * n.rank:
+        p.append(f"width {g.width(n.src)} != experts {g.routing(n.routing).experts} x rank {n.rank}")
+    return p
+
+
+RULES.add(lambda g, n: _need_tensor(g, n.src, "source") + _need_route(g, n.routing), nodes.OuterGate)
+
+
+@RULES.register(nodes.GateBias)
+def _gate_bias(g: Graph, n) -> list[str]:
+    p = _need_route(g, n.routing) + _expr(g, n.bias, "bias")
+    if not p:
+        shape, E = expr_shape(n.bias), g.routing(n.routing).experts
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != E):
+            p.append(f"bias shape {shape} is neither ({E}, d) nor (d,)")
+    return p
+
+
+@RULES.register(nodes.TreePathGates)
+def _path_gates(g: Graph, n) -> list[str]:
+    p = _need_tree(g, n.routing)
+    if not p and not 0 <= n.level < g.tree_routing(n.routing).pools:
+        p.append(f"level {n.level} outside the router's {g.tree_routing(n.routing).pools} pools")
+    return p
+
+
+@RULES.register(nodes.TreeRoute)
+def _tree_route(g: Graph, n) -> list[str]:
+    return _need_tensor(g, n.src, "source") + [
+        x for lv in n.levels for r in (lv.keys, lv.w1, lv.b1, lv.w2, lv.b2)
+        for x in _expr(g, r, f"router of pool with {lv.experts} experts")]
+
+
+@RULES.register(nodes.ExpertSum)
+def _expert_sum(g: Graph, n) -> list[str]:
+    return _expert_value_rules(g, n)
+
+
+@RULES.register(nodes.ExpertLoRA)
+def _expert_lora(g: Graph, n) -> list[str]:
+    p = _expert_value_rules(g, n) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
+    if not p:
+        p = _expert_factor_rules(g, n.a.shape, n.b.shape, g.routing(n.routing).experts,
+                                 g.per_expert(n.src).width, "A/B")
+    return p
+
+
+@RULES.register(nodes.AuxLoss)
+def _aux(g: Graph, n) -> list[str]:
+    t = _type(g, n.routing)
+    if not isinstance(t, (RoutingType, TreeRoutingType)):
+        return [f"%{n.routing} is not a Route/TreeRoute (a routing); it yields a {t}"]
+    route = g.node(n.routing)
+    if n.kind == "switch_lb" and isinstance(route, nodes.Route) and not isinstance(route.gate, nodes.SoftmaxTopK):
+        return ["switch_lb needs a softmax top-k router"]
+    return []
+
+
+@RULES.register(nodes.PoolMix, nodes.GroupedMix)
 def _pool_rules(g: Graph, n) -> list[str]:
-    kinds = (Route,) if isinstance(n, GroupedMix) else ROUTING_NODES
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing, kinds) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
     if p:
         return p
     a, b = expr_shape(n.a), expr_shape(n.b)
-    E = g.width(n.routing)
+    E = g.routing(n.routing).experts
     if len(a) != 3 or len(b) != 3:
         return [f"A {a} and B {b} must be stacked (E, r, d_in) / (E, d_out, r)"]
     if a[0] not in (1, E) or b[0] not in (1, E):
@@ -217,26 +249,27 @@ def _pool_rules(g: Graph, n) -> list[str]:
         p.append(f"A reads width {a[2]}, source has {g.width(n.src)}")
     if a[1] != b[2]:
         p.append(f"rank of A ({a[1]}) != rank of B ({b[2]})")
-    if isinstance(n, GroupedMix) and not isinstance(g.node(n.routing).gate, (SoftmaxTopK, SigmoidTopK, AbsTopK)):
+    if isinstance(n, nodes.GroupedMix) and not g.routing(n.routing).sparse:
         p.append("grouped_mix needs a sparse (top-k) router")
     return p
 
 
+@RULES.register(nodes.TreeMix, nodes.TreePropagate)
 def _tree_rules(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing, (TreeRoute,))
+    p = _need_tensor(g, n.src, "source") + _need_tree(g, n.routing)
     if p:
         return p
-    route = g.node(n.routing)
-    if len(route.levels) != len(n.levels):
-        return [f"router has {len(route.levels)} pools, tree has {len(n.levels)}"]
+    route = g.tree_routing(n.routing)
+    if route.pools != len(n.levels):
+        return [f"router has {route.pools} pools, tree has {len(n.levels)}"]
     d_prev, total = 0, 0
     for l, lv in enumerate(n.levels):
         refs: list[ParamRef] = [r for r in (lv.a, lv.b, lv.a_bias, lv.b_bias, lv.w, lv.w_bias) if r is not None]
         for r in refs:
             p += _expr(g, r, f"pool {l}")
         s, d_next, r = lv.b.shape
-        if s != route.levels[l].experts:
-            p.append(f"pool {l} has {s} experts, its router {route.levels[l].experts}")
+        if s != route.experts[l]:
+            p.append(f"pool {l} has {s} experts, its router {route.experts[l]}")
         if d_next != d_prev + s * r:
             p.append(f"pool {l} width {d_next} != d_l + s*r = {d_prev + s * r}")
         if (lv.w is None) != (l == 0):
@@ -245,10 +278,10 @@ def _tree_rules(g: Graph, n) -> list[str]:
             p.append(f"pool {l}: W shape {lv.w.shape} != {(d_next, d_prev)}")
         total += s * r
         d_prev = d_next
-    want = g.width(n.src) if isinstance(n, TreePropagate) else n.levels[0].a.shape[2]
-    if isinstance(n, TreePropagate) and want != total:
+    want = g.width(n.src) if isinstance(n, nodes.TreePropagate) else n.levels[0].a.shape[2]
+    if isinstance(n, nodes.TreePropagate) and want != total:
         p.append(f"source width {want} != total rank {total}")
-    if isinstance(n, TreeMix) and want != g.width(n.src):
+    if isinstance(n, nodes.TreeMix) and want != g.width(n.src):
         p.append(f"A reads width {want}, source has {g.width(n.src)}")
     return p
 
@@ -290,11 +323,12 @@ def _expert_linear_rules(g: Graph, lin: ExpertLinear, d_in: int, E: int, what: s
     return p
 
 
+@RULES.register(nodes.ExpertFFN, nodes.ExpertHidden)
 def _expert_block_rules(g: Graph, n) -> list[str]:
     p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
     if p:
         return p
-    E, d_in = g.width(n.routing), g.width(n.src)
+    E, d_in = g.routing(n.routing).experts, g.width(n.src)
     p = _expert_linear_rules(g, n.up, d_in, E, "up")
     if n.gate is not None:
         p += _expert_linear_rules(g, n.gate, d_in, E, "gate")
@@ -303,7 +337,7 @@ def _expert_block_rules(g: Graph, n) -> list[str]:
     d_ff = n.up.weight.shape[0]
     if n.gate is not None and n.gate.weight.shape[0] != d_ff:
         p.append(f"gate width {n.gate.weight.shape[0]} != up width {d_ff}")
-    if isinstance(n, ExpertFFN):
+    if isinstance(n, nodes.ExpertFFN):
         p += _expert_linear_rules(g, n.down, d_ff, E, "down")
     for base, lin in ((n.gate_base, n.gate), (n.up_base, n.up)):
         if base is None:
@@ -331,12 +365,12 @@ def _outputs(g: Graph) -> list[str]:
     out: list[str] = []
     if g.output not in g.by_id:
         return [f"output %{g.output} is not defined"]
-    if not _is_tensor(g, g.output):
+    if not isinstance(_type(g, g.output), TensorType):
         out.append(f"output %{g.output} is not a tensor")
     elif g.width(g.output) != g.d_out:
         out.append(f"output width {g.width(g.output)} != d_out {g.d_out}")
     for a in g.aux:
-        if not isinstance(g.by_id.get(a), AuxLoss):
+        if not isinstance(g.by_id.get(a), nodes.AuxLoss):
             out.append(f"aux %{a} is not an aux loss")
     dead = [n.id for n in g.nodes if n.id not in g.live_ids()]
     if dead:

@@ -68,7 +68,7 @@ def pool_cost(experts: int, rank: int, d_in: int, d_out: int, k: int | None, tok
 def cost_of(n: PoolMix, graph: Graph, tokens: int) -> PoolCost:
     _, r, d_in = expr_shape(n.a)
     d_out = expr_shape(n.b)[1]
-    return pool_cost(graph.width(n.routing), r, d_in, d_out, sparse_k(graph, n.routing), tokens)
+    return pool_cost(graph.routing(n.routing).experts, r, d_in, d_out, sparse_k(graph, n.routing), tokens)
 
 
 @dataclass(frozen=True)

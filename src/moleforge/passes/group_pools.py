@@ -13,7 +13,7 @@ top-k :class:`Route`; dense routers are left unchanged.
 
 from __future__ import annotations
 
-from ..ir import AbsTopK, GroupedMix, PoolMix, Route, SigmoidTopK, SoftmaxTopK
+from ..ir import GroupedMix, PoolMix, RoutingType
 from ._rewrite import rewrite_nodes
 
 __all__ = ["group_pools", "group_pool", "sparse_k"]
@@ -21,10 +21,8 @@ __all__ = ["group_pools", "group_pool", "sparse_k"]
 
 def sparse_k(graph, rid: str) -> int | None:
     """k of a top-k router; ``None`` for a dense one."""
-    node = graph.node(rid)
-    if isinstance(node, Route) and isinstance(node.gate, (SoftmaxTopK, SigmoidTopK, AbsTopK)):
-        return node.gate.k
-    return None
+    t = graph.type(rid)
+    return t.k if isinstance(t, RoutingType) else None
 
 
 def group_pool(n: PoolMix, graph, ids) -> tuple:

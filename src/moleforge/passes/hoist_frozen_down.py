@@ -26,7 +26,7 @@ def _gates_sum_to_one(graph: Graph, routing: str) -> bool:
     gate = graph.node(routing).gate
     match gate:
         case SoftmaxTopK(k=k, renormalize=renorm):
-            return renorm or k == graph.width(routing)
+            return renorm or k == graph.routing(routing).experts
         case DenseSoftmax():
             return True
     return False

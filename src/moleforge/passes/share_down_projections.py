@@ -24,12 +24,12 @@ __all__ = ["share_down_projections", "share_down", "shared_down"]
 
 
 def shared_down(n, graph) -> bool:
-    return isinstance(n, PoolMix) and expr_shape(n.a)[0] == 1 and graph.width(n.routing) > 1
+    return isinstance(n, PoolMix) and expr_shape(n.a)[0] == 1 and graph.routing(n.routing).experts > 1
 
 
 def share_down(n: PoolMix, graph, ids) -> tuple:
     """The three nodes replacing one pool with a shared A (the last keeps the pool's id)."""
-    E = graph.width(n.routing)
+    E = graph.routing(n.routing).experts
     down = Linear(id=ids.new(f"{n.id}_down"), src=n.src, weight=Pick(n.a, 0), origin=n.origin)
     gated = OuterGate(id=ids.new(f"{n.id}_gated"), src=down.id, routing=n.routing, scale=n.scale, origin=n.origin)
     return (down, gated, Linear(id=n.id, src=gated.id, weight=up_weight(n.b, E), origin=n.origin))

@@ -32,7 +32,7 @@ def up_weight(b, experts: int):
 
 def stack_pool(n: PoolMix, graph, ids) -> tuple:
     """The three nodes replacing one pool (the last keeps the pool's id)."""
-    E = graph.width(n.routing)
+    E = graph.routing(n.routing).experts
     _, r, _ = expr_shape(n.a)
     down = Linear(id=ids.new(f"{n.id}_down"), src=n.src, weight=BlockRows(n.a), origin=n.origin)
     gated = BlockGate(id=ids.new(f"{n.id}_gated"), src=down.id, routing=n.routing, rank=r, scale=n.scale,
@@ -41,7 +41,7 @@ def stack_pool(n: PoolMix, graph, ids) -> tuple:
 
 
 def stackable(n, graph) -> bool:
-    return isinstance(n, PoolMix) and expr_shape(n.a)[0] == graph.width(n.routing)
+    return isinstance(n, PoolMix) and expr_shape(n.a)[0] == graph.routing(n.routing).experts
 
 
 def stack_pools(graph):

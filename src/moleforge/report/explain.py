@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Literal, Sequence
 from ..ir import (
     AuxLoss,
     BlockGate,
-    DenseSoftmax,
     ExpertFFN,
     ExpertHidden,
     Graph,
@@ -218,10 +217,10 @@ def _pool_kernel(g: Graph, n, tokens: int) -> str:
     if isinstance(n, OuterGate):
         return f"shared down-projection once, outer-product gate, one up-projection of rank {g.width(n.id)}"
     rank = n.a.shape[1] if isinstance(n, GroupedMix) else n.rank
-    k = getattr(route.gate, "k", None)
+    k = route.gate.k
     form = (f"grouped GEMMs over each token's top-{k} experts ({k * rank} of {E * rank} ranks)"
             if isinstance(n, GroupedMix) else f"dense block-gated LoRA of rank {E * rank}")
-    if k is None or isinstance(route.gate, DenseSoftmax):
+    if k is None:
         return form
     cost = pool_cost(E, rank, g.d_in, g.d_out, k, tokens)
     return f"{form}; cost model at {tokens:,} tokens: dense {cost.dense / 1e6:.0f}M vs grouped " \

@@ -131,7 +131,7 @@ def _block_kernel(g: Graph, short: Mapping[str, str]) -> str:
     node = block_node(g)
     assert node is not None, "not an FFN-block graph"
     route = g.node(node.routing)
-    k = getattr(route.gate, "k", None)
+    k = route.k
     who = f"each token's top-{k} of {route.experts} experts" if k is not None else f"all {route.experts} experts"
     pairs = (("gate", node.gate, node.gate_base), ("up", node.up, node.up_base))
     inner = [(role, lin, base) for role, lin, base in pairs if lin is not None]

@@ -97,8 +97,7 @@ ROUTER_WORDS: dict[type, str] = {
 
 def router_text(route: Route) -> str:
     gate = route.gate
-    words = ROUTER_WORDS.get(type(gate), type(gate).__name__)
-    return words.format(k=getattr(gate, "k", ""))
+    return ROUTER_WORDS[type(gate)].format(k=gate.k)
 
 
 def gamma_text(g: Graph) -> str:
@@ -110,7 +109,7 @@ def gamma_text(g: Graph) -> str:
         activation, position = (mix.activation, mix.position) if mix is not None else ("tanh", "all")
         return tree_gamma_text([(lv.experts, lv.fanout) for lv in tree.levels], activation, position)
     route = next((n for n in g.nodes if isinstance(n, Route)), None)
-    k = getattr(getattr(route, "gate", None), "k", None)
-    if route is None or k is None:
+    k = None if route is None else route.k
+    if k is None:
         return "1 (no top-k routing)"
     return f"{format_gamma(pool_gamma(route.experts, k))} = C({route.experts},{k}) expert sets per token"

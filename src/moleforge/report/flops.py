@@ -35,43 +35,15 @@ computes tree routers and tree levels in other (algebraically equal) ways.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-from ..ir import (
-    AbsTopK,
-    Add,
-    AuxLoss,
-    BlockGate,
-    Columns,
-    DenseSoftmax,
-    ExpertFFN,
-    ExpertHidden,
-    ExpertLinear,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
-    Graph,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    Node,
-    OuterGate,
-    ParamRef,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    SigmoidTopK,
-    SoftmaxTopK,
-    StaticGate,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
-    expr_shape,
-)
+from ..ir import ExpertLinear, Graph, Node, ParamRef, Rules, expr_shape, nodes
 
 __all__ = ["flops_per_token", "node_flops", "base_flops_per_token", "frozen_flops_per_token",
-           "adapter_flops_per_token"]
+           "adapter_flops_per_token", "FLOPS"]
+
+FLOPS: Rules[Callable[[Graph, Node], int]] = Rules("the FLOP counter", nodes.NODE_KINDS)
+"""Node kind -> ``(graph, node) -> forward FLOPs per token``."""
 
 
 def flops_per_token(graph: Graph) -> int:
@@ -98,9 +70,9 @@ def frozen_flops_per_token(graph: Graph) -> int:
     total = 0
     for n in graph.nodes:
         match n:
-            case Linear(weight=ParamRef(name=name)) if name in frozen:
+            case nodes.Linear(weight=ParamRef(name=name)) if name in frozen:
                 total += node_flops(graph, n)
-            case ExpertFFN() | ExpertHidden():
+            case nodes.ExpertFFN() | nodes.ExpertHidden():
                 total += _block(graph, n)[0]
     return total
 
@@ -113,52 +85,45 @@ def adapter_flops_per_token(graph: Graph) -> int:
 
 def node_flops(graph: Graph, n: Node) -> int:
     """Forward FLOPs one token spends in node ``n`` of ``graph`` (see the module docstring)."""
-    match n:
-        case Linear(weight=w) | SiblingLinear(weight=w):
-            return 2 * math.prod(expr_shape(w))
-        case PoolMix() | GroupedMix():
-            return _pool(graph, n)
-        case TreeRoute():
-            return _tree_route(n)
-        case TreeMix() | TreePropagate():
-            return _tree(graph, n)
-        case GateBias(bias=bias):
-            shape = expr_shape(bias)
-            return 2 * math.prod(shape) if len(shape) == 2 else 0
-        case ExpertFFN() | ExpertHidden():
-            return sum(_block(graph, n))
-        case ExpertLoRA(a=a, b=b):
-            _, r, d_hidden = a.shape
-            return _active(graph, n.routing) * 2 * r * (d_hidden + b.shape[1])
-        case BlockGate() | OuterGate() | ExpertSum() | TreePathGates():
-            return 0
-        case Input() | Columns() | Add() | Jitter() | Route() | AuxLoss():
-            return 0
-    raise TypeError(f"no FLOP count for node kind {type(n).__name__}")
+    return FLOPS[n](graph, n)
+
+
+FLOPS.add(lambda graph, n: 2 * math.prod(expr_shape(n.weight)), nodes.Linear, nodes.SiblingLinear)
+FLOPS.add(lambda graph, n: 0, nodes.BlockGate, nodes.OuterGate, nodes.ExpertSum, nodes.TreePathGates,
+          nodes.Input, nodes.Columns, nodes.Add, nodes.Jitter, nodes.Route, nodes.AuxLoss)
+FLOPS.add(lambda graph, n: _tree_route(n), nodes.TreeRoute)
+FLOPS.add(lambda graph, n: sum(_block(graph, n)), nodes.ExpertFFN, nodes.ExpertHidden)
+
+
+@FLOPS.register(nodes.GateBias)
+def _gate_bias(graph: Graph, n: nodes.GateBias) -> int:
+    shape = expr_shape(n.bias)
+    return 2 * math.prod(shape) if len(shape) == 2 else 0
+
+
+@FLOPS.register(nodes.ExpertLoRA)
+def _expert_lora(graph: Graph, n: nodes.ExpertLoRA) -> int:
+    _, r, d_hidden = n.a.shape
+    return _active(graph, n.routing) * 2 * r * (d_hidden + n.b.shape[1])
 
 
 def _active(graph: Graph, routing: str) -> int:
     """Experts a flat router activates per token: k for a top-k gate, all E otherwise."""
-    node = graph.node(routing)
-    assert isinstance(node, Route), f"%{routing} is not a flat router"
-    match node.gate:
-        case SoftmaxTopK(k=k) | SigmoidTopK(k=k) | AbsTopK(k=k):
-            return k
-        case DenseSoftmax() | StaticGate():
-            return node.experts
-    raise TypeError(node.gate)
+    t = graph.routing(routing)
+    return t.k if t.k is not None else t.experts
 
 
-def _pool(graph: Graph, n: PoolMix | GroupedMix) -> int:
+@FLOPS.register(nodes.PoolMix, nodes.GroupedMix)
+def _pool(graph: Graph, n: nodes.PoolMix | nodes.GroupedMix) -> int:
     """``a (E_a, r, d_in)``, ``b (E_b, d_out, r)``: one down and one up GEMM per computed expert
     (every expert for ``PoolMix``, the active ones for ``GroupedMix``)."""
     _, r, d_in = expr_shape(n.a)
     _, d_out, _ = expr_shape(n.b)
-    experts = graph.width(n.routing) if isinstance(n, PoolMix) else _active(graph, n.routing)
+    experts = graph.routing(n.routing).experts if isinstance(n, nodes.PoolMix) else _active(graph, n.routing)
     return experts * 2 * r * (d_in + d_out)
 
 
-def _tree_route(n: TreeRoute) -> int:
+def _tree_route(n: nodes.TreeRoute) -> int:
     """Per pool l, every context (``Π_{j>l} f_j`` of them) runs the query MLP
     ``w1 (g, in_l)``, ``w2 (g, g)`` and scores the pool's ``s_l`` keys ``(s_l, g)``."""
     total, contexts = 0, 1
@@ -169,17 +134,16 @@ def _tree_route(n: TreeRoute) -> int:
     return total
 
 
-def _tree(graph: Graph, n: TreeMix | TreePropagate) -> int:
+@FLOPS.register(nodes.TreeMix, nodes.TreePropagate)
+def _tree(graph: Graph, n: nodes.TreeMix | nodes.TreePropagate) -> int:
     """Every expert's up-projection once (and down-projection, for ``TreeMix``), plus ``W_l``
     at each of the ``F_l`` tree nodes of pool l > 0."""
-    route = graph.node(n.routing)
-    assert isinstance(route, TreeRoute), f"%{n.routing} is not a tree router"
-    fanouts = [lv.fanout for lv in route.levels]
+    fanouts = graph.tree_routing(n.routing).fanouts
     total = 0
     for l, lv in enumerate(n.levels):
         s, d_next, r = lv.b.shape
         total += 2 * s * r * d_next
-        if isinstance(n, TreeMix):
+        if isinstance(n, nodes.TreeMix):
             total += 2 * s * r * lv.a.shape[2]
         if lv.w is not None:
             total += math.prod(fanouts[l:]) * 2 * lv.w.shape[0] * lv.w.shape[1]
@@ -195,13 +159,13 @@ def _expert_linear(lin: ExpertLinear, hoisted: bool) -> tuple[int, int]:
     return base, lora
 
 
-def _block(graph: Graph, n: ExpertFFN | ExpertHidden) -> tuple[int, int]:
+def _block(graph: Graph, n: nodes.ExpertFFN | nodes.ExpertHidden) -> tuple[int, int]:
     """``(frozen, LoRA)``: active experts each run their LoRAs and the frozen GEMMs not hoisted
     out of the experts."""
     parts = [_expert_linear(n.up, n.up_base is not None)]
     if n.gate is not None:
         parts.append(_expert_linear(n.gate, n.gate_base is not None))
-    if isinstance(n, ExpertFFN):
+    if isinstance(n, nodes.ExpertFFN):
         parts.append(_expert_linear(n.down, False))
     active = _active(graph, n.routing)
     return active * sum(p[0] for p in parts), active * sum(p[1] for p in parts)

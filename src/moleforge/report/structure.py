@@ -263,7 +263,7 @@ def adapter_gamma(adapter: Any, experts: int | None = None) -> int | GammaEstima
         case RankPartition():
             return adapter_gamma(adapter.as_pool())
         case ExpertPool():
-            return pool_gamma(experts or adapter.experts, getattr(adapter.router, "k", None))
+            return pool_gamma(experts or adapter.experts, adapter.router.k)
         case ResidualTree():
             levels = [(lv.experts, fan) for lv, fan in zip(adapter.levels, adapter.fanouts())]
             return tree_gamma(levels, adapter.activation, adapter.activation_position)

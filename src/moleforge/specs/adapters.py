@@ -136,7 +136,7 @@ class ExpertPool(SpecModel):
     def _check(self) -> "ExpertPool":
         r = self.router
         _check_switch_router(r, self.aux_losses)
-        if isinstance(r, (TopKRouter, SigmoidTopKRouter, ImplicitTopKRouter)) and r.k > self.experts:
+        if r.k is not None and r.k > self.experts:
             raise ValueError(
                 f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
         if isinstance(self.down, SparseRandom) != isinstance(r, ImplicitTopKRouter):
@@ -174,7 +174,7 @@ class RankPartition(SpecModel):
             raise ValueError("an implicit_topk router needs a frozen sparse_random pool; use kind 'pool'")
         if isinstance(self.router, StaticRouter) and self.aux_losses:
             raise ValueError("a static router has no routing to balance; remove aux_losses")
-        k = getattr(self.router, "k", None)
+        k = self.router.k
         if k is not None and k > self.rank // self.block:
             raise ValueError(f"router.k = {k} exceeds the {self.rank // self.block} blocks")
         return self

@@ -1,6 +1,7 @@
 """Routers and auxiliary losses of flat expert pools.
 
-Every router maps a token to a gate vector ``g ∈ R^E`` (zero outside the active set). The aux
+Every router maps a token to a gate vector ``g ∈ R^E`` (zero outside the active set); its ``k`` is
+the number of experts each token uses (``None`` for the dense and static routers). The aux
 losses and the balancing routers' selection counts run over the tokens of a forward; in a padded
 batch (the model call's ``attention_mask``) over its real tokens only.
 """
@@ -47,6 +48,11 @@ class DenseRouter(SpecModel):
     kind: Literal["dense"] = "dense"
     temperature: float = Field(1.0, gt=0)
 
+    @property
+    def k(self) -> None:
+        """Experts per token: ``None``, every expert."""
+        return None
+
 
 class SigmoidTopKRouter(SpecModel):
     """SMoRA: ``u = sigmoid(x W_g)``; keep the top-k of ``u + b`` (``b`` a non-trainable
@@ -79,6 +85,11 @@ class StaticRouter(SpecModel):
     kind: Literal["static"] = "static"
     trainable: bool = True
     """``False`` keeps the weights fixed (a buffer), e.g. a fixed sum of imported adapters."""
+
+    @property
+    def k(self) -> None:
+        """Experts per token: ``None``, every expert."""
+        return None
 
 
 Router = Annotated[

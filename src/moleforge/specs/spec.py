@@ -102,7 +102,7 @@ class Site(SpecModel):
                 raise ValueError(f"target.overrides[{i}].rank = {ov.rank}: an implicit_topk router routes single "
                                  "ranks; remove the override's rank or set it to 1")
             if isinstance(a, ExpertPool) and ov.experts is not None:
-                k = getattr(a.router, "k", None)
+                k = a.router.k
                 if k is not None and k > ov.experts:
                     raise ValueError(f"target.overrides[{i}].experts = {ov.experts} is below router.k = {k}")
         if self.scope == "ffn_block":

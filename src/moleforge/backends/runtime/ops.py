@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...ir.values import Routing
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = [
@@ -59,12 +60,12 @@ def route_softmax_topk(z: Tensor, k: int, renormalize: bool, temperature: float)
     if renormalize:
         top = top / top.sum(-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(1, index, top)  # (T, E)
-    return gates, probs, index
+    return Routing(gates, probs, index)
 
 
 def route_dense(z: Tensor, temperature: float):
     probs = torch.softmax(z / temperature, dim=-1)  # (T, E)
-    return probs, probs, None
+    return Routing(probs, probs, None)
 
 
 def _counts(index: Tensor, E: int, dtype: torch.dtype, mask: Tensor | None = None) -> Tensor:
@@ -97,7 +98,7 @@ def route_sigmoid_topk(z: Tensor, balance: Tensor, counts: Tensor, k: int, train
     top, index = score.topk(k, dim=-1)  # (T, k)
     gates = torch.zeros_like(u).scatter(1, index, k * top / top.sum(-1, keepdim=True))
     _count(counts, index, training, mask)
-    return gates, u, index
+    return Routing(gates, u, index)
 
 
 def route_abs_topk(h: Tensor, balance: Tensor, counts: Tensor, k: int, training: bool,
@@ -106,7 +107,7 @@ def route_abs_topk(h: Tensor, balance: Tensor, counts: Tensor, k: int, training:
     index = (h.detach() + balance).abs().topk(k, dim=-1).indices  # (T, k)
     gates = torch.zeros_like(h).scatter(1, index, 1.0)  # (T, E)
     _count(counts, index, training, mask)
-    return gates, gates, index
+    return Routing(gates, gates, index)
 
 
 def route_static(x: Tensor, weights: Tensor):
@@ -115,7 +116,7 @@ def route_static(x: Tensor, weights: Tensor):
     gates = weights.unsqueeze(0).expand(T, E)  # (T, E)
     a = weights.abs()  # (E,)
     probs = (a / a.sum().clamp_min(1e-12)).unsqueeze(0).expand(T, E)  # (T, E)
-    return gates, probs, None
+    return Routing(gates, probs, None)
 
 
 def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -222,7 +223,7 @@ def tree_path_gates(indices: tuple, weights: tuple, level: int, experts: int):
     for l in reversed(range(level, len(indices))):
         path = (path.unsqueeze(-1) * weights[l]).reshape(T, -1)  # (T, F_l): every slot of pool l
     gates = path.new_zeros(T, experts).scatter_add(1, indices[level].reshape(T, -1), path)  # (T, s_l)
-    return gates, gates, None
+    return Routing(gates, gates, None)
 
 
 def sibling_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group, start: int, stop: int) -> Tensor:

@@ -13,25 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moleforge.ir.values import TreeRouting
+
 from .ops_tree_prop import act_, propagate_all
 from .ops_tree_route import route_switch_dense
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
            "tree_propagate", "tree_aux"]
-
-
-class TreeRouting(tuple):
-    """``(indices, weights, probs)``, tuples over pools of ``(T, C_l, f_l)``, ``(T, C_l, f_l)``
-    and ``(T, C_l, s_l)``; ``gate`` names the gate and ``smooth_load`` holds, per pool, the
-    training-mode smooth load of the noisy gate per routed context, ``(s_l, T·C_l)``, summed
-    by :func:`tree_aux` (``None`` elsewhere)."""
-
-    def __new__(cls, parts=(), gate: str = "switch", smooth_load: tuple = ()):
-        self = super().__new__(cls, parts)
-        self.gate = gate
-        self.smooth_load = tuple(smooth_load)
-        return self
 
 
 def _act(name: str, v: Tensor) -> Tensor:
@@ -51,7 +40,7 @@ def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventi
     if gate != "noisy_topk":
         idx, weights, probs = route_switch_dense(xd, levels, fanouts, gate, conventions, query_activation,
                                                  temperature)
-        return TreeRouting((idx, weights, probs), gate)
+        return TreeRouting(idx, weights, probs, gate)
     return _route_noisy(xd, levels, fanouts, conventions, query_activation, temperature, training, generator)
 
 
@@ -113,7 +102,7 @@ def _route_noisy(xd: Tensor, levels: list, fanouts: list[int], conventions: str,
             fl = out[0][l].shape[-1]
             ancestors = [(j, e.repeat_interleave(fl, dim=1)) for j, e in ancestors]
             ancestors.append((l, out[0][l].reshape(T, C * fl)))
-    return TreeRouting(tuple(tuple(o) for o in out[:3]), "noisy_topk", tuple(out[3]))
+    return TreeRouting(*(tuple(o) for o in out[:3]), "noisy_topk", tuple(out[3]))
 
 
 def _select_noisy(logits: Tensor, clean: Tensor, std: Tensor | None, f: int, raw: bool):
@@ -183,7 +172,7 @@ def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor 
         h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
                                    for ab, (B, *_) in zip(a_bias, levels)])
     routing = tree_route(xd, *route)
-    h = tree_propagate(h_all, routing[0], routing[1], levels, activation, position, policy)
+    h = tree_propagate(h_all, routing.indices, routing.weights, levels, activation, position, policy)
     return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
 
 
@@ -284,7 +273,7 @@ def tree_aux(route: TreeRouting, kind: str, weight: float, mask: Tensor | None =
     """Sum over pools of the switch load balance or the CV² importance + load loss
     (training noisy gate: the smooth load). Dense trees carry none (zero). With a token
     ``mask (T,)`` the statistics count the real tokens' contexts only."""
-    indices, weights, probs = route[0], route[1], route[2]
+    indices, weights, probs = route.indices, route.weights, route.probs
     total = probs[0].new_zeros(())
     if route.gate == "dense":
         return total

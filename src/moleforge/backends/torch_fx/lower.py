@@ -3,8 +3,9 @@
 The generated module's ``forward(x, samples=None, acc=None, mask=None)`` takes ``x (T, d_in)``
 (and, for graphs with frozen inputs, ``frozen``: ``{name: tensor}`` of the model's tensors) and returns
 ``(delta (T, d_out), aux, routes)``: ``aux`` is the site's summed aux loss (or ``None``),
-``routes`` maps each router id to its routing value (flat: ``(gates, probs, index)``; tree:
-``(indices, weights, probs)`` per pool) for routing statistics.
+``routes`` maps each router id to its routing value (flat: a :class:`~moleforge.ir.Routing`
+``(gates, probs, index)``; tree: a :class:`~moleforge.ir.TreeRouting` ``(indices, weights, probs,
+gate, smooth_load)``) for routing statistics.
 Its ``.code`` reads like the IR it came from.
 
 A :class:`SiblingLinear` whose group is given to :func:`lower` reads its columns of the group's
@@ -26,49 +27,35 @@ from torch import fx, nn
 
 from ...errors import LoweringError
 from ...ir import (
-    AbsTopK,
-    Add,
-    AuxLoss,
     BlockColumns,
-    BlockGate,
     BlockRows,
-    Columns,
     Concat,
-    DenseSoftmax,
-    ExpertFFN,
-    ExpertHidden,
     ExpertLinear,
-    ExpertLoRA,
-    ExpertSum,
-    GateBias,
     Graph,
-    GroupedMix,
-    Input,
-    Jitter,
-    Linear,
-    OuterGate,
+    MissingRuleError,
     ParamExpr,
     ParamRef,
     Pick,
-    PoolMix,
-    Route,
-    SiblingLinear,
-    SigmoidTopK,
-    SoftmaxTopK,
-    StaticGate,
-    TreeMix,
-    TreePathGates,
-    TreePropagate,
-    TreeRoute,
+    Routing,
+    Rules,
+    TreeRouting,
+    TreeRoutingType,
     expr_shape,
     format_expr,
+    nodes,
 )
 from ..runtime import ops, ops_block, ops_linear
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
-from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route
+from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
-__all__ = ["lower", "counts_name", "runs_as_routed_ffn"]
+__all__ = ["lower", "counts_name", "runs_as_routed_ffn", "EMIT", "ROUTE"]
+
+EMIT: Rules[Callable[["_Ctx", object], fx.Node]] = Rules("the torch emitter", nodes.NODE_KINDS)
+"""Node kind -> ``(ctx, node) -> fx node`` of its value."""
+
+ROUTE: Rules[Callable[["_Ctx", nodes.Route], fx.Node]] = Rules("the torch emitter's gates", nodes.GATE_KINDS)
+"""Gate kind -> ``(ctx, route) -> fx node`` of the :class:`~moleforge.ir.Routing`."""
 
 
 def counts_name(balance: str) -> str:
@@ -171,7 +158,8 @@ class _Ctx:
         return None if e is None else self.expr(e)
 
 
-def _linear(c: _Ctx, n: Linear) -> fx.Node:
+@EMIT.register(nodes.Linear)
+def _linear(c: _Ctx, n: nodes.Linear) -> fx.Node:
     out = c.call(ops_linear.linear, (c.env[n.src], c.expr(n.weight), c.opt(n.bias)), n.id)
     if n.scale != 1.0:
         if n.bias is not None:
@@ -180,9 +168,9 @@ def _linear(c: _Ctx, n: Linear) -> fx.Node:
     return out
 
 
-def _tiling(graph: Graph, src: str) -> list[Columns] | None:
+def _tiling(graph: Graph, src: str) -> list[nodes.Columns] | None:
     """The column slices of ``src`` when they cover it exactly, in order (a fused GEMM's parts)."""
-    parts = sorted((u for u in graph.users(src) if isinstance(u, Columns)), key=lambda u: u.start)
+    parts = sorted((u for u in graph.users(src) if isinstance(u, nodes.Columns)), key=lambda u: u.start)
     if len(parts) < 2 or len(parts) != len(graph.users(src)):
         return None
     bounds = [0] + [p.stop for p in parts]
@@ -191,7 +179,8 @@ def _tiling(graph: Graph, src: str) -> list[Columns] | None:
     return parts
 
 
-def _columns(c: _Ctx, n: Columns) -> fx.Node:
+@EMIT.register(nodes.Columns)
+def _columns(c: _Ctx, n: nodes.Columns) -> fx.Node:
     """A slice; when the slices tile their source, one ``split`` for all of them, whose backward
     is one concatenation instead of a zero-filled full-width gradient per slice."""
     parts = _tiling(c.ir, n.src)
@@ -203,62 +192,87 @@ def _columns(c: _Ctx, n: Columns) -> fx.Node:
     return c.item(c.env[key], [p.id for p in parts].index(n.id), n.id)
 
 
-def _sibling(c: _Ctx, n: SiblingLinear) -> fx.Node:
+@EMIT.register(nodes.SiblingLinear)
+def _sibling(c: _Ctx, n: nodes.SiblingLinear) -> fx.Node:
     own = (c.env[n.src], c.expr(n.weight), c.opt(n.bias))
     if n.group not in c.groups:
         return c.call(F.linear, own, n.id)
     return c.call(ops.sibling_linear, own + (c.g.get_attr("sibling_group"), n.start, n.stop), n.id)
 
 
-def _route(c: _Ctx, n: Route) -> fx.Node:
-    z = c.env[n.src]
+EMIT.add(lambda c, n: c.x, nodes.Input)
+EMIT.add(lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id), nodes.Add)
+EMIT.add(lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training), n.id), nodes.Jitter)
+EMIT.add(lambda c, n: ROUTE[n.gate](c, n), nodes.Route)
+
+
+def _balanced(c: _Ctx, n: nodes.Route, op: Callable) -> fx.Node:
+    """A gate with a balancing bias: it also counts its selections into a buffer."""
     g = n.gate
-    match g:
-        case SoftmaxTopK():
-            return c.call(ops.route_softmax_topk, (z, g.k, g.renormalize, g.temperature), n.id)
-        case DenseSoftmax():
-            return c.call(ops.route_dense, (z, g.temperature), n.id)
-        case StaticGate():
-            return c.call(ops.route_static, (z, c.expr(g.weights)), n.id)
-        case SigmoidTopK():
-            return c.call(ops.route_sigmoid_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
-                                                   g.k, c.training, c.mask), n.id)
-        case AbsTopK():
-            return c.call(ops.route_abs_topk, (z, c.expr(g.balance), c.g.get_attr(counts_name(g.balance.name)),
-                                               g.k, c.training, c.mask), n.id)
-    raise LoweringError(f"no lowering for gate {g!r}")
+    bias = c.expr(g.balance)
+    counts = c.g.get_attr(counts_name(g.balance.name))
+    return c.call(op, (c.env[n.src], bias, counts, g.k, c.training, c.mask), n.id)
+
+
+ROUTE.add(lambda c, n: c.call(ops.route_softmax_topk, (c.env[n.src], n.gate.k, n.gate.renormalize,
+                                                        n.gate.temperature), n.id), nodes.SoftmaxTopK)
+ROUTE.add(lambda c, n: c.call(ops.route_dense, (c.env[n.src], n.gate.temperature), n.id), nodes.DenseSoftmax)
+ROUTE.add(lambda c, n: c.call(ops.route_static, (c.env[n.src], c.expr(n.gate.weights)), n.id), nodes.StaticGate)
+ROUTE.add(lambda c, n: _balanced(c, n, ops.route_sigmoid_topk), nodes.SigmoidTopK)
+ROUTE.add(lambda c, n: _balanced(c, n, ops.route_abs_topk), nodes.AbsTopK)
 
 
 def _gates(c: _Ctx, rid: str) -> fx.Node:
-    return c.item(c.env[rid], 0, f"{rid}_gates")
+    return routing_field(c, rid, Routing, "gates", f"{rid}_gates")
 
 
+@EMIT.register(nodes.PoolMix, nodes.GroupedMix)
 def _pool(c: _Ctx, n) -> fx.Node:
     args = (c.env[n.src], _gates(c, n.routing))
-    if isinstance(n, GroupedMix):
-        idx = c.item(c.env[n.routing], 2, f"{n.routing}_index")
+    if isinstance(n, nodes.GroupedMix):
+        idx = routing_field(c, n.routing, Routing, "index", f"{n.routing}_index")
         return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id, c.kernels)
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
-def _aux(c: _Ctx, n: AuxLoss) -> fx.Node:
-    route = c.env[n.routing]
-    if isinstance(c.ir.node(n.routing), TreeRoute):
+EMIT.add(lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
+         nodes.BlockGate)
+EMIT.add(lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id), nodes.OuterGate)
+EMIT.add(lambda c, n: c.call(ops.gate_bias, (_gates(c, n.routing), c.expr(n.bias), n.scale), n.id), nodes.GateBias)
+
+
+@EMIT.register(nodes.TreePathGates)
+def _path_gates(c: _Ctx, n: nodes.TreePathGates) -> fx.Node:
+    index = routing_field(c, n.routing, TreeRouting, "indices", f"{n.routing}_index")
+    weights = routing_field(c, n.routing, TreeRouting, "weights", f"{n.routing}_weights")
+    return c.call(ops.tree_path_gates, (index, weights, n.level, c.ir.routing(n.id).experts), n.id)
+
+
+EMIT.add(emit_tree_route, nodes.TreeRoute)
+EMIT.add(emit_tree, nodes.TreeMix, nodes.TreePropagate)
+
+
+@EMIT.register(nodes.AuxLoss)
+def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
+    if isinstance(c.ir.type(n.routing), TreeRoutingType):
         return emit_tree_aux(c, n)
     if n.kind == "switch_lb":
-        return c.call(ops.switch_lb, (_gates(c, n.routing), c.item(route, 1, f"{n.id}_probs"),
-                                      c.item(route, 2, f"{n.id}_index"), n.weight, c.mask), n.id)
+        gates = _gates(c, n.routing)
+        probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
+        index = routing_field(c, n.routing, Routing, "index", f"{n.id}_index")
+        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask), n.id)
     if n.kind == "cv2_importance_load":
         return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask), n.id)
-    return c.call(ops.localized_balance, (c.item(route, 1, f"{n.id}_probs"), c.samples, n.weight,
-                                          n.delta, n.groups, c.mask), n.id)
+    probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
+    return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask), n.id)
 
 
 def _plan(c: _Ctx, rid: str) -> fx.Node:
     """The routing's slots sorted by expert, computed once per router."""
     if rid not in c.plans:
-        c.plans[rid] = c.call(ops_block.slot_plan, (_gates(c, rid), c.item(c.env[rid], 2, f"{rid}_index")),
-                              f"{rid}_slots")
+        gates = _gates(c, rid)
+        index = routing_field(c, rid, Routing, "index", f"{rid}_index")
+        c.plans[rid] = c.call(ops_block.slot_plan, (gates, index), f"{rid}_slots")
     return c.plans[rid]
 
 
@@ -268,12 +282,13 @@ def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
     return (c.expr(lin.weight), c.opt(lin.bias), c.opt(lin.a), c.opt(lin.b), lin.scale)
 
 
+@EMIT.register(nodes.ExpertFFN, nodes.ExpertHidden)
 def _expert_block(c: _Ctx, n) -> fx.Node:
     if runs_as_routed_ffn(c.ir, n):
         return _routed_ffn(c, n)
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
-    if isinstance(n, ExpertFFN):
+    if isinstance(n, nodes.ExpertFFN):
         down = (_expert_linear(c, n.down),)
         return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id)
     return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
@@ -283,19 +298,19 @@ def runs_as_routed_ffn(graph: Graph, n) -> bool:
     """Whether FFN-block node ``n`` lowers to one fused op (``routed_ffn``): hidden states with
     shared frozen projections, read by one ``expert_sum`` and at most one ``expert_lora`` of the
     same routing."""
-    if not isinstance(n, ExpertHidden):
+    if not isinstance(n, nodes.ExpertHidden):
         return False
     users = graph.users(n.id)
-    sums = [u for u in users if isinstance(u, ExpertSum) and u.routing == n.routing]
-    loras = [u for u in users if isinstance(u, ExpertLoRA) and u.routing == n.routing]
+    sums = [u for u in users if isinstance(u, nodes.ExpertSum) and u.routing == n.routing]
+    loras = [u for u in users if isinstance(u, nodes.ExpertLoRA) and u.routing == n.routing]
     shared = n.up_base is not None and (n.gate is None or n.gate_base is not None)
     return shared and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
 
 
-def _routed_ffn(c: _Ctx, n: ExpertHidden) -> fx.Node:
+def _routed_ffn(c: _Ctx, n: nodes.ExpertHidden) -> fx.Node:
     users = c.ir.users(n.id)
-    total = next(u for u in users if isinstance(u, ExpertSum))
-    lora = next((u for u in users if isinstance(u, ExpertLoRA)), None)
+    total = next(u for u in users if isinstance(u, nodes.ExpertSum))
+    lora = next((u for u in users if isinstance(u, nodes.ExpertLoRA)), None)
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
     down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
@@ -306,45 +321,20 @@ def _routed_ffn(c: _Ctx, n: ExpertHidden) -> fx.Node:
     return out
 
 
-def _expert_sum(c: _Ctx, n: ExpertSum) -> fx.Node:
+@EMIT.register(nodes.ExpertSum)
+def _expert_sum(c: _Ctx, n: nodes.ExpertSum) -> fx.Node:
     if n.id in c.fused:
         return c.fused[n.id]
     return c.call(ops_block.expert_sum, (c.env[n.src], _plan(c, n.routing)), n.id)
 
 
-def _expert_lora(c: _Ctx, n: ExpertLoRA) -> fx.Node:
+@EMIT.register(nodes.ExpertLoRA)
+def _expert_lora(c: _Ctx, n: nodes.ExpertLoRA) -> fx.Node:
     if n.id in c.fused:
         return c.fused[n.id]
     plan = _plan(c, n.routing)
     z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
     return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
-
-
-_EMIT: dict[type, Callable[[_Ctx, object], fx.Node]] = {
-    Input: lambda c, n: c.x,
-    Linear: _linear,
-    Columns: _columns,
-    Add: lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id),
-    Jitter: lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training), n.id),
-    Route: _route,
-    PoolMix: _pool,
-    GroupedMix: _pool,
-    BlockGate: lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
-    OuterGate: lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id),
-    GateBias: lambda c, n: c.call(ops.gate_bias, (_gates(c, n.routing), c.expr(n.bias), n.scale), n.id),
-    TreePathGates: lambda c, n: c.call(ops.tree_path_gates, (
-        c.item(c.env[n.routing], 0, f"{n.routing}_index"), c.item(c.env[n.routing], 1, f"{n.routing}_weights"),
-        n.level, c.ir.width(n.id)), n.id),
-    SiblingLinear: _sibling,
-    TreeRoute: emit_tree_route,
-    TreeMix: emit_tree,
-    TreePropagate: emit_tree,
-    AuxLoss: _aux,
-    ExpertFFN: _expert_block,
-    ExpertHidden: _expert_block,
-    ExpertSum: _expert_sum,
-    ExpertLoRA: _expert_lora,
-}
 
 
 class _Root(nn.Module):
@@ -360,8 +350,8 @@ class _Root(nn.Module):
             else:
                 self.register_buffer(name, t)
         for n in graph.nodes:
-            gate = getattr(n, "gate", None)
-            if isinstance(gate, (SigmoidTopK, AbsTopK)):
+            if isinstance(n, nodes.Route) and n.gate.balances:
+                gate = n.gate
                 device = getattr(store, gate.balance.name).device
                 counts = torch.zeros(gate.balance.shape, dtype=torch.float32, device=device)
                 self.register_buffer(counts_name(gate.balance.name), counts, persistent=False)
@@ -418,16 +408,16 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     policy = _build_cpu_kernel(graph, store, KernelPolicy.from_env() if policy is None else policy, device)
     c = _Ctx(graph, groups or {}, policy)
     last = graph.node(graph.output)
-    into = isinstance(last, Linear) and (last.bias is None or last.scale == 1.0)
+    into = isinstance(last, nodes.Linear) and (last.bias is None or last.scale == 1.0)
     for n in graph.nodes:
         if n.id in c.fused:  # already emitted as part of a fused group (lower_tree)
             c.env[n.id] = c.fused[n.id]
             into = into and n is not last
             continue
-        emit = _EMIT.get(type(n))
-        if emit is None:
-            raise LoweringError(f"the torch backend has no emitter for {type(n).__name__} (node %{n.id} of "
-                                f"{graph.label}); supported: {', '.join(k.__name__ for k in _EMIT)}")
+        try:
+            emit = EMIT[n]
+        except MissingRuleError as e:
+            raise LoweringError(f"node %{n.id} of {graph.label}: {e}") from e
         if n is last and into:  # the last GEMM accumulates into the frozen output
             args = (c.acc, c.env[n.src], c.expr(n.weight), c.opt(n.bias), n.scale)
             c.env[n.id] = c.call(ops_linear.linear_into, args, n.id)
@@ -437,10 +427,10 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
         c.env[graph.output] = c.call(ops_linear.add_into, (c.acc, c.env[graph.output]), "output")
     aux = [c.env[a] for a in graph.aux]
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))
-    routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, (Route, TreeRoute))}
+    routes = {n.id: c.env[n.id] for n in graph.nodes if isinstance(n, nodes.RouterNode)}
     c.g.output((c.env[graph.output], total, routes))
     root = _Root(store, graph, policy)
-    joined = [n for n in graph.nodes if isinstance(n, SiblingLinear) and n.group in c.groups]
+    joined = [n for n in graph.nodes if isinstance(n, nodes.SiblingLinear) and n.group in c.groups]
     root.sibling_group = c.groups[joined[0].group] if joined else None
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None

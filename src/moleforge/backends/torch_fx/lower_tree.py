@@ -16,10 +16,16 @@ import operator
 
 from torch import fx
 
-from ...ir import Graph, Linear, TreeMix, TreeRoute, expr_shape
+from ...ir import Graph, Linear, TreeMix, TreeRoute, TreeRouting, expr_shape
 from ..runtime import ops_tree
 
-__all__ = ["emit_tree_route", "emit_tree", "emit_tree_aux"]
+__all__ = ["emit_tree_route", "emit_tree", "emit_tree_aux", "routing_field"]
+
+
+def routing_field(c, rid: str, record: type, name: str, label: str) -> fx.Node:
+    """Field ``name`` of the routing record (``Routing``, ``TreeRouting``) of node ``rid``, read by
+    position, as fast as a tuple."""
+    return c.item(c.env[rid], record._fields.index(name), label)
 
 
 def _fusable_mix(ir: Graph, route: TreeRoute) -> TreeMix | None:
@@ -78,13 +84,13 @@ def _levels(c, n) -> list:
 
 
 def emit_tree(c, n) -> fx.Node:
-    route = c.env[n.routing]
     if isinstance(n, TreeMix):
         src = c.call(ops_tree.tree_down, (c.env[n.src], [c.expr(lv.a) for lv in n.levels],
                                           [c.opt(lv.a_bias) for lv in n.levels]), f"{n.id}_down")
     else:
         src = c.env[n.src]
-    index, weights = c.item(route, 0, f"{n.routing}_index"), c.item(route, 1, f"{n.routing}_weights")
+    index = routing_field(c, n.routing, TreeRouting, "indices", f"{n.routing}_index")
+    weights = routing_field(c, n.routing, TreeRouting, "weights", f"{n.routing}_weights")
     args = (src, index, weights, _levels(c, n), n.activation, n.position)
     return c.call(ops_tree.tree_propagate, args, n.id, c.kernels)
 
