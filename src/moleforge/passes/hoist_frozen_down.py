@@ -18,6 +18,7 @@ carries experts) and an ``add`` that keeps the id ``%y``. Idempotent: no ``exper
 from __future__ import annotations
 
 from ..ir import Add, DenseSoftmax, ExpertFFN, ExpertHidden, ExpertLoRA, ExpertSum, Graph, Linear, SoftmaxTopK
+from ._rewrite import Ids
 
 __all__ = ["hoist_frozen_down"]
 
@@ -36,26 +37,18 @@ def _applies(graph: Graph, n) -> bool:
     return isinstance(n, ExpertFFN) and (n.down.bias is None or _gates_sum_to_one(graph, n.routing))
 
 
-def _fresh(taken: set[str], base: str) -> str:
-    nid, i = base, 1
-    while nid in taken:
-        nid, i = f"{base}_{i}", i + 1
-    taken.add(nid)
-    return nid
-
-
-def _hoisted(n: ExpertFFN, taken: set[str]) -> list:
-    hidden = ExpertHidden(id=_fresh(taken, f"{n.id}_hidden"), src=n.src, routing=n.routing, up=n.up,
+def _hoisted(n: ExpertFFN, ids: Ids) -> list:
+    hidden = ExpertHidden(id=ids.new(f"{n.id}_hidden"), src=n.src, routing=n.routing, up=n.up,
                           gate=n.gate, activation=n.activation, gate_base=n.gate_base, up_base=n.up_base,
                           origin=n.origin)
-    total = ExpertSum(id=_fresh(taken, f"{n.id}_sum"), src=hidden.id, routing=n.routing, origin=n.origin)
+    total = ExpertSum(id=ids.new(f"{n.id}_sum"), src=hidden.id, routing=n.routing, origin=n.origin)
     d = n.down
     if d.a is None:
         down = Linear(id=n.id, src=total.id, weight=d.weight, bias=d.bias, origin=f"{n.origin}.down")
         return [hidden, total, down]
-    down = Linear(id=_fresh(taken, f"{n.id}_down"), src=total.id, weight=d.weight, bias=d.bias,
+    down = Linear(id=ids.new(f"{n.id}_down"), src=total.id, weight=d.weight, bias=d.bias,
                   origin=f"{n.origin}.down.frozen")
-    lora = ExpertLoRA(id=_fresh(taken, f"{n.id}_down_lora"), src=hidden.id, routing=n.routing, a=d.a, b=d.b,
+    lora = ExpertLoRA(id=ids.new(f"{n.id}_down_lora"), src=hidden.id, routing=n.routing, a=d.a, b=d.b,
                       scale=d.scale, origin=f"{n.origin}.down")
     return [hidden, total, down, lora, Add(id=n.id, srcs=(down.id, lora.id), origin=f"{n.origin}.down")]
 
@@ -64,11 +57,11 @@ def hoist_frozen_down(graph: Graph) -> Graph:
     """Replace each eligible ``expert_ffn`` by its hoisted form (see the module docstring)."""
     if not any(_applies(graph, n) for n in graph.nodes):
         return graph
-    taken = set(graph.by_id)
+    ids = Ids(graph)
     nodes: list = []
     for n in graph.nodes:
         if not _applies(graph, n):
             nodes.append(n)
             continue
-        nodes.extend(_hoisted(n, taken))
+        nodes.extend(_hoisted(n, ids))
     return graph.replace(nodes=tuple(nodes))

@@ -18,37 +18,30 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..ir import ExpertFFN, ExpertHidden, ExpertLinear, Graph, Linear
+from ._rewrite import Ids
 
 __all__ = ["share_frozen_projections"]
 
 
-def _fresh(taken: set[str], base: str) -> str:
-    nid, i = base, 1
-    while nid in taken:
-        nid, i = f"{base}_{i}", i + 1
-    taken.add(nid)
-    return nid
-
-
-def _frozen_linear(taken: set[str], n, role: str, lin: ExpertLinear) -> Linear:
-    return Linear(id=_fresh(taken, f"{n.id}_{role}_base"), src=n.src, weight=lin.weight, bias=lin.bias,
+def _frozen_linear(ids: Ids, n, role: str, lin: ExpertLinear) -> Linear:
+    return Linear(id=ids.new(f"{n.id}_{role}_base"), src=n.src, weight=lin.weight, bias=lin.bias,
                   origin=f"{n.origin}.{role}.frozen")
 
 
 def share_frozen_projections(graph: Graph) -> Graph:
     """Give every block node precomputed frozen gate/up projections (see the module docstring)."""
-    taken = set(graph.by_id)
+    ids = Ids(graph)
     nodes: list = []
     changed = False
     for n in graph.nodes:
         if isinstance(n, (ExpertFFN, ExpertHidden)):
             bases = {}
             if n.gate is not None and n.gate_base is None:
-                lin = _frozen_linear(taken, n, "gate", n.gate)
+                lin = _frozen_linear(ids, n, "gate", n.gate)
                 nodes.append(lin)
                 bases["gate_base"] = lin.id
             if n.up_base is None:
-                lin = _frozen_linear(taken, n, "up", n.up)
+                lin = _frozen_linear(ids, n, "up", n.up)
                 nodes.append(lin)
                 bases["up_base"] = lin.id
             if bases:
