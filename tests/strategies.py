@@ -23,6 +23,7 @@ from moleforge.specs import (
     Shared,
     SigmoidTopKRouter,
     SparseRandom,
+    StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
     TreeLevel,
@@ -30,6 +31,8 @@ from moleforge.specs import (
 )
 
 small = st.integers(1, 6)
+
+SCALINGS = ["alpha_over_rank", "rslora", "alpha_over_active_rank", "alpha_over_total_rank"]
 
 
 @st.composite
@@ -39,64 +42,103 @@ def loras(draw):
 
 
 @st.composite
-def routers(draw, experts: int):
-    kind = draw(st.sampled_from(["topk", "dense", "sigmoid_topk"]))
+def routers(draw, experts: int, jitter: bool = True):
+    """Every flat router the spec language has but ``implicit_topk`` (which needs a FlyLoRA
+    pool, see :func:`pools`): top-k with or without jitter, dense, sigmoid top-k, static
+    (trainable or fixed weights). ``jitter=False``: no jitter (for tests that compare two
+    training-mode runs on different tokens)."""
+    kind = draw(st.sampled_from(["topk", "dense", "sigmoid_topk", "static"]))
     k = draw(st.integers(1, experts))
     if kind == "topk":
-        return TopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])))
+        return TopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])),
+                          jitter=draw(st.sampled_from([0.0, 0.1, 0.5])) if jitter else 0.0)
     if kind == "dense":
         return DenseRouter(temperature=draw(st.sampled_from([1.0, 2.0])))
-    return SigmoidTopKRouter(k=k)
+    if kind == "static":
+        return StaticRouter(trainable=draw(st.booleans()))
+    return SigmoidTopKRouter(k=k, bias_update_rate=draw(st.sampled_from([0.0, 1e-3, 0.1])))
 
 
 @st.composite
-def pools(draw):
+def aux_losses(draw, router) -> list:
+    """Up to one loss of each kind the router takes: ``switch_lb`` on softmax top-k only, none
+    on a static router; weights, LoRAMoE's delta and its groups drawn."""
+    if isinstance(router, StaticRouter):
+        return []
+    weight = st.sampled_from([0.1, 0.5])
+    kinds = ["cv2_importance_load", "localized_balance"] + (["switch_lb"] if isinstance(router, TopKRouter) else [])
+    out = []
+    for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
+        if kind == "switch_lb":
+            out.append(SwitchLoadBalance(weight=draw(weight)))
+        elif kind == "cv2_importance_load":
+            out.append(CV2ImportanceLoad(weight=draw(weight)))
+        else:
+            out.append(LocalizedBalance(weight=draw(weight), delta=draw(st.sampled_from([0.0, 0.2, 0.6])),
+                                        groups=draw(st.integers(1, 3))))
+    return out
+
+
+@st.composite
+def pools(draw, jitter: bool = True):
+    """Expert pools over every option: per-expert or shared factors, every router (FlyLoRA's
+    implicit top-k over a sparse random down-projection of any density), every scaling, aux
+    losses, a shared expert, frozen experts."""
     E = draw(st.integers(1, 5))
+    common = dict(scaling=draw(st.sampled_from(SCALINGS)), shared_expert=draw(st.one_of(st.none(), loras())),
+                  frozen_experts=draw(st.booleans()))
     if draw(st.integers(0, 5)) == 0:  # FlyLoRA-style
-        return ExpertPool(experts=E, rank=1, down=SparseRandom(density=0.5),
-                          router=ImplicitTopKRouter(k=draw(st.integers(1, E))), alpha=2.0,
-                          scaling="alpha_over_total_rank")
-    router = draw(routers(E))
+        router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
+        return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
+                          router=router, alpha=draw(st.sampled_from([None, 2.0])),
+                          aux_losses=draw(aux_losses(router)), **common)
+    router = draw(routers(E, jitter))
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
-    aux = []
-    if isinstance(router, TopKRouter) and draw(st.booleans()):
-        aux.append(SwitchLoadBalance(weight=0.1))
-    if not isinstance(router, SigmoidTopKRouter) and draw(st.booleans()):
-        aux.append(draw(st.sampled_from([CV2ImportanceLoad(weight=0.1), LocalizedBalance(weight=0.1, delta=0.2)])))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
-                      down=down, up=up, router=router, aux_losses=aux,
-                      shared_expert=draw(st.one_of(st.none(), loras())))
+                      down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), **common)
 
 
 @st.composite
-def rank_partitions(draw):
+def rank_partitions(draw, jitter: bool = True):
+    """SMoRA rank partitions: blocks of 1-2 ranks under any flat router but ``implicit_topk``."""
     block = draw(st.integers(1, 2))
     blocks = draw(st.integers(1, 5))
-    return RankPartition(rank=block * blocks, block=block, router=SigmoidTopKRouter(k=draw(st.integers(1, blocks))))
+    router = draw(routers(blocks, jitter))
+    return RankPartition(rank=block * blocks, block=block, alpha=draw(st.sampled_from([None, 4.0])),
+                         scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)))
 
 
 @st.composite
 def trees(draw, max_leaves: int = 8):
+    """Residual trees over every option: gates, conventions (the official dense gate with any
+    fanout, which it ignores), 1-3 levels of unequal pools with at most ``max_leaves`` leaves,
+    per-level alpha and key widths, the router's down-projection (or none: ``d_in``), query
+    activations, activations and their position, biases, aux losses."""
     gate = draw(st.sampled_from(["switch", "dense", "noisy_topk"]))
     conventions = draw(st.sampled_from(["paper", "official"]))
-    L = draw(st.integers(1, 3))
     levels, leaves = [], 1
-    for _ in range(L):
-        s = draw(st.integers(1, 4))
-        f = s if gate == "dense" else draw(st.integers(1, s))
-        if leaves * f > max_leaves:
-            f = 1 if gate != "dense" else s
-            s = s if gate != "dense" else 1
-            f = s if gate == "dense" else f
-        leaves *= f
+    for _ in range(draw(st.integers(1, 3))):
+        room = max_leaves // leaves
+        if gate == "dense":
+            s = draw(st.integers(1, min(4, room)))
+            f = draw(st.sampled_from([None, 1, s, s + 1])) if conventions == "official" else draw(
+                st.sampled_from([None, s]))
+            leaves *= s
+        else:
+            s = draw(st.integers(1, 4))
+            f = draw(st.integers(1, min(s, room)))
+            leaves *= f
         levels.append(TreeLevel(experts=s, rank=draw(st.integers(1, 3)), fanout=f,
-                                alpha=draw(st.sampled_from([None, 2.0]))))
+                                alpha=draw(st.sampled_from([None, 2.0])),
+                                key_dim=draw(st.sampled_from([None, 2, 3]))))
     aux = []
     if gate != "dense" and draw(st.booleans()):
         aux.append(draw(st.sampled_from([SwitchLoadBalance(weight=0.1), CV2ImportanceLoad(weight=0.1)])))
     return ResidualTree(levels=levels, activation=draw(st.sampled_from(["tanh", "relu", "identity"])),
-                        router=TreeRouter(gate=gate, down_dim=draw(st.integers(2, 5)), key_dim=draw(st.integers(2, 4)),
+                        activation_position=draw(st.sampled_from(["all", "child", "child_v2"])),
+                        router=TreeRouter(gate=gate, down_dim=draw(st.sampled_from([None, 2, 3, 5])),
+                                          key_dim=draw(st.integers(2, 4)),
                                           query_activation=draw(st.sampled_from(["relu", "tanh", "identity"])),
                                           temperature=1.0 if conventions == "official"
                                           else draw(st.sampled_from([1.0, 0.5]))),
