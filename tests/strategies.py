@@ -41,17 +41,21 @@ def loras(draw):
                 scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])))
 
 
+FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static")
+"""The flat routers :func:`routers` draws (``implicit_topk`` needs a FlyLoRA pool: :func:`pools`)."""
+
+JITTERS = (0.0, 0.1, 0.5)
+
+
 @st.composite
-def routers(draw, experts: int, jitter: bool = True):
-    """Every flat router the spec language has but ``implicit_topk`` (which needs a FlyLoRA
-    pool, see :func:`pools`): top-k with or without jitter, dense, sigmoid top-k, static
-    (trainable or fixed weights). ``jitter=False``: no jitter (for tests that compare two
-    training-mode runs on different tokens)."""
-    kind = draw(st.sampled_from(["topk", "dense", "sigmoid_topk", "static"]))
+def routers(draw, experts: int, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS):
+    """A flat router of one of ``kinds``: top-k (renormalised or not, temperature, a jitter from
+    ``jitters``), dense, sigmoid top-k (balancing rate), static (trainable or fixed weights)."""
+    kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, experts))
     if kind == "topk":
         return TopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])),
-                          jitter=draw(st.sampled_from([0.0, 0.1, 0.5])) if jitter else 0.0)
+                          jitter=draw(st.sampled_from(jitters)))
     if kind == "dense":
         return DenseRouter(temperature=draw(st.sampled_from([1.0, 2.0])))
     if kind == "static":
@@ -80,19 +84,21 @@ def aux_losses(draw, router) -> list:
 
 
 @st.composite
-def pools(draw, jitter: bool = True):
-    """Expert pools over every option: per-expert or shared factors, every router (FlyLoRA's
-    implicit top-k over a sparse random down-projection of any density), every scaling, aux
-    losses, a shared expert, frozen experts."""
+def pools(draw, kinds: tuple[str, ...] = (*FLAT_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS):
+    """Expert pools over every option: per-expert or shared factors, a router of ``kinds``
+    (FlyLoRA's ``implicit_topk`` over a sparse random down-projection of any density, one pool
+    in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
+    experts."""
     E = draw(st.integers(1, 5))
     common = dict(scaling=draw(st.sampled_from(SCALINGS)), shared_expert=draw(st.one_of(st.none(), loras())),
                   frozen_experts=draw(st.booleans()))
-    if draw(st.integers(0, 5)) == 0:  # FlyLoRA-style
+    flat = tuple(k for k in kinds if k != "implicit_topk")
+    if "implicit_topk" in kinds and (not flat or draw(st.integers(0, 5)) == 0):  # FlyLoRA-style
         router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
         return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
                           router=router, alpha=draw(st.sampled_from([None, 2.0])),
                           aux_losses=draw(aux_losses(router)), **common)
-    router = draw(routers(E, jitter))
+    router = draw(routers(E, flat, jitters))
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
@@ -100,22 +106,22 @@ def pools(draw, jitter: bool = True):
 
 
 @st.composite
-def rank_partitions(draw, jitter: bool = True):
-    """SMoRA rank partitions: blocks of 1-2 ranks under any flat router but ``implicit_topk``."""
+def rank_partitions(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS):
+    """SMoRA rank partitions: blocks of 1-2 ranks under a flat router of ``kinds``."""
     block = draw(st.integers(1, 2))
     blocks = draw(st.integers(1, 5))
-    router = draw(routers(blocks, jitter))
+    router = draw(routers(blocks, kinds, jitters))
     return RankPartition(rank=block * blocks, block=block, alpha=draw(st.sampled_from([None, 4.0])),
                          scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)))
 
 
 @st.composite
-def trees(draw, max_leaves: int = 8):
-    """Residual trees over every option: gates, conventions (the official dense gate with any
-    fanout, which it ignores), 1-3 levels of unequal pools with at most ``max_leaves`` leaves,
-    per-level alpha and key widths, the router's down-projection (or none: ``d_in``), query
-    activations, activations and their position, biases, aux losses."""
-    gate = draw(st.sampled_from(["switch", "dense", "noisy_topk"]))
+def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense", "noisy_topk")):
+    """Residual trees over every option: a gate of ``gates``, conventions (the official dense
+    gate with any fanout, which it ignores), 1-3 levels of unequal pools with at most
+    ``max_leaves`` leaves, per-level alpha and key widths, the router's down-projection (or none:
+    ``d_in``), query activations, activations and their position, biases, aux losses."""
+    gate = draw(st.sampled_from(gates))
     conventions = draw(st.sampled_from(["paper", "official"]))
     levels, leaves = [], 1
     for _ in range(draw(st.integers(1, 3))):
@@ -149,6 +155,15 @@ def adapters():
     return st.one_of(loras(), pools(), rank_partitions(), trees())
 
 
+def training_adapters():
+    """Adapters that train differently from how they evaluate: a top-k router with jitter, a
+    balancing router (sigmoid or implicit top-k: selection counts) or a noisy tree gate."""
+    jittered = dict(kinds=("topk",), jitters=(0.1, 0.5))
+    balancing = ("sigmoid_topk", "implicit_topk")
+    return st.one_of(pools(**jittered), rank_partitions(**jittered), pools(kinds=balancing),
+                     rank_partitions(kinds=("sigmoid_topk",)), trees(gates=("noisy_topk",)))
+
+
 @st.composite
 def graphs(draw, adapter_strategy=None) -> Graph:
     adapter = draw(adapter_strategy if adapter_strategy is not None else adapters())
@@ -178,6 +193,20 @@ def inputs_for(draw, graph: Graph, dtype=torch.float64):
     T = draw(st.integers(1, 6))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     return torch.randn(T, graph.d_in, generator=gen, dtype=dtype)
+
+
+@st.composite
+def samples_for(draw, T: int):
+    """``None`` or ``(sample (T,), type (T,) or None)``: each token's sample (batch row, 1-3
+    samples in order) and each sample's type label (LoRAMoE's localized balancing), as
+    ``interpret`` and the lowered module's ``samples`` take them."""
+    if not draw(st.booleans()):
+        return None
+    B = draw(st.integers(1, 3))
+    sample = torch.tensor(sorted(draw(st.lists(st.integers(0, B - 1), min_size=T, max_size=T))))
+    if not draw(st.booleans()):
+        return sample, None
+    return sample, torch.tensor(draw(st.lists(st.integers(0, 2), min_size=B, max_size=B)))[sample]
 
 
 def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None, policy=None):
