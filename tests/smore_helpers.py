@@ -1,4 +1,4 @@
-"""Shared pieces of the S'MoRE tests: random trees covering every option, a one-linear model,
+"""Shared pieces of the S'MoRE tests: random trees covering every option (``strategies.trees``), a one-linear model,
 and one forward/backward through moleforge and through the float64 interpreter with the same
 routing and the same training noise."""
 
@@ -7,12 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import strategies as st
 from torch import nn
 
 import moleforge as mf
 from moleforge.ir import interpret
-from strategies import make_params
+from strategies import make_params, trees  # noqa: F401  (trees: re-exported for the S'MoRE tests)
 
 
 class Holder(nn.Module):
@@ -24,36 +23,6 @@ class Holder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
-
-
-@st.composite
-def trees(draw, max_leaves: int = 8):
-    """Residual trees over every option: gates, conventions, 1-3 levels of unequal pools,
-    fanout 1, per-level alpha and key widths, activations and their position, biases, aux."""
-    gate = draw(st.sampled_from(["switch", "dense", "noisy_topk"]))
-    conventions = draw(st.sampled_from(["paper", "official"]))
-    levels, leaves = [], 1
-    for _ in range(draw(st.integers(1, 3))):
-        s = draw(st.integers(1, 4))
-        f = s if gate == "dense" and conventions == "paper" else draw(st.integers(1, s))
-        if leaves * (s if gate == "dense" else f) > max_leaves:
-            s, f = (1, 1) if gate == "dense" else (s, 1)
-        leaves *= s if gate == "dense" else f
-        levels.append(mf.TreeLevel(experts=s, rank=draw(st.integers(1, 3)), fanout=f,
-                                   alpha=draw(st.sampled_from([None, 2.0])),
-                                   key_dim=draw(st.sampled_from([None, 2, 4]))))
-    aux = []
-    if gate != "dense" and draw(st.booleans()):
-        aux.append(draw(st.sampled_from([mf.SwitchLoadBalance(weight=0.1),
-                                         mf.CV2ImportanceLoad(weight=0.1)])))
-    return mf.ResidualTree(
-        levels=levels, activation=draw(st.sampled_from(["tanh", "relu", "identity"])),
-        activation_position=draw(st.sampled_from(["all", "child", "child_v2"])),
-        router=mf.TreeRouter(gate=gate, down_dim=draw(st.sampled_from([None, 3])), key_dim=3,
-                             query_activation=draw(st.sampled_from(["relu", "tanh", "identity"])),
-                             temperature=1.0 if conventions == "official"
-                             else draw(st.sampled_from([1.0, 0.5]))),
-        bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
 
 
 def compile_tree(tree: mf.ResidualTree, d_in: int, d_out: int, seed: int, dtype=torch.float64, passes=()):

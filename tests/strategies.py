@@ -23,6 +23,7 @@ from moleforge.specs import (
     Shared,
     SigmoidTopKRouter,
     SparseRandom,
+    StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
     TreeLevel,
@@ -31,6 +32,8 @@ from moleforge.specs import (
 
 small = st.integers(1, 6)
 
+SCALINGS = ["alpha_over_rank", "rslora", "alpha_over_active_rank", "alpha_over_total_rank"]
+
 
 @st.composite
 def loras(draw):
@@ -38,65 +41,110 @@ def loras(draw):
                 scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])))
 
 
+FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static")
+"""The flat routers :func:`routers` draws (``implicit_topk`` needs a FlyLoRA pool: :func:`pools`)."""
+
+JITTERS = (0.0, 0.1, 0.5)
+
+
 @st.composite
-def routers(draw, experts: int):
-    kind = draw(st.sampled_from(["topk", "dense", "sigmoid_topk"]))
+def routers(draw, experts: int, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS):
+    """A flat router of one of ``kinds``: top-k (renormalised or not, temperature, a jitter from
+    ``jitters``), dense, sigmoid top-k (balancing rate), static (trainable or fixed weights)."""
+    kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, experts))
     if kind == "topk":
-        return TopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])))
+        return TopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])),
+                          jitter=draw(st.sampled_from(jitters)))
     if kind == "dense":
         return DenseRouter(temperature=draw(st.sampled_from([1.0, 2.0])))
-    return SigmoidTopKRouter(k=k)
+    if kind == "static":
+        return StaticRouter(trainable=draw(st.booleans()))
+    return SigmoidTopKRouter(k=k, bias_update_rate=draw(st.sampled_from([0.0, 1e-3, 0.1])))
 
 
 @st.composite
-def pools(draw):
+def aux_losses(draw, router) -> list:
+    """Up to one loss of each kind the router takes: ``switch_lb`` on softmax top-k only, none
+    on a static router; weights, LoRAMoE's delta and its groups drawn."""
+    if isinstance(router, StaticRouter):
+        return []
+    weight = st.sampled_from([0.1, 0.5])
+    kinds = ["cv2_importance_load", "localized_balance"] + (["switch_lb"] if isinstance(router, TopKRouter) else [])
+    out = []
+    for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
+        if kind == "switch_lb":
+            out.append(SwitchLoadBalance(weight=draw(weight)))
+        elif kind == "cv2_importance_load":
+            out.append(CV2ImportanceLoad(weight=draw(weight)))
+        else:
+            out.append(LocalizedBalance(weight=draw(weight), delta=draw(st.sampled_from([0.0, 0.2, 0.6])),
+                                        groups=draw(st.integers(1, 3))))
+    return out
+
+
+@st.composite
+def pools(draw, kinds: tuple[str, ...] = (*FLAT_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS):
+    """Expert pools over every option: per-expert or shared factors, a router of ``kinds``
+    (FlyLoRA's ``implicit_topk`` over a sparse random down-projection of any density, one pool
+    in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
+    experts."""
     E = draw(st.integers(1, 5))
-    if draw(st.integers(0, 5)) == 0:  # FlyLoRA-style
-        return ExpertPool(experts=E, rank=1, down=SparseRandom(density=0.5),
-                          router=ImplicitTopKRouter(k=draw(st.integers(1, E))), alpha=2.0,
-                          scaling="alpha_over_total_rank")
-    router = draw(routers(E))
+    common = dict(scaling=draw(st.sampled_from(SCALINGS)), shared_expert=draw(st.one_of(st.none(), loras())),
+                  frozen_experts=draw(st.booleans()))
+    flat = tuple(k for k in kinds if k != "implicit_topk")
+    if "implicit_topk" in kinds and (not flat or draw(st.integers(0, 5)) == 0):  # FlyLoRA-style
+        router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
+        return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
+                          router=router, alpha=draw(st.sampled_from([None, 2.0])),
+                          aux_losses=draw(aux_losses(router)), **common)
+    router = draw(routers(E, flat, jitters))
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
-    aux = []
-    if isinstance(router, TopKRouter) and draw(st.booleans()):
-        aux.append(SwitchLoadBalance(weight=0.1))
-    if not isinstance(router, SigmoidTopKRouter) and draw(st.booleans()):
-        aux.append(draw(st.sampled_from([CV2ImportanceLoad(weight=0.1), LocalizedBalance(weight=0.1, delta=0.2)])))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
-                      down=down, up=up, router=router, aux_losses=aux,
-                      shared_expert=draw(st.one_of(st.none(), loras())))
+                      down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), **common)
 
 
 @st.composite
-def rank_partitions(draw):
+def rank_partitions(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS):
+    """SMoRA rank partitions: blocks of 1-2 ranks under a flat router of ``kinds``."""
     block = draw(st.integers(1, 2))
     blocks = draw(st.integers(1, 5))
-    return RankPartition(rank=block * blocks, block=block, router=SigmoidTopKRouter(k=draw(st.integers(1, blocks))))
+    router = draw(routers(blocks, kinds, jitters))
+    return RankPartition(rank=block * blocks, block=block, alpha=draw(st.sampled_from([None, 4.0])),
+                         scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)))
 
 
 @st.composite
-def trees(draw, max_leaves: int = 8):
-    gate = draw(st.sampled_from(["switch", "dense", "noisy_topk"]))
+def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense", "noisy_topk")):
+    """Residual trees over every option: a gate of ``gates``, conventions (the official dense
+    gate with any fanout, which it ignores), 1-3 levels of unequal pools with at most
+    ``max_leaves`` leaves, per-level alpha and key widths, the router's down-projection (or none:
+    ``d_in``), query activations, activations and their position, biases, aux losses."""
+    gate = draw(st.sampled_from(gates))
     conventions = draw(st.sampled_from(["paper", "official"]))
-    L = draw(st.integers(1, 3))
     levels, leaves = [], 1
-    for _ in range(L):
-        s = draw(st.integers(1, 4))
-        f = s if gate == "dense" else draw(st.integers(1, s))
-        if leaves * f > max_leaves:
-            f = 1 if gate != "dense" else s
-            s = s if gate != "dense" else 1
-            f = s if gate == "dense" else f
-        leaves *= f
+    for _ in range(draw(st.integers(1, 3))):
+        room = max_leaves // leaves
+        if gate == "dense":
+            s = draw(st.integers(1, min(4, room)))
+            f = draw(st.sampled_from([None, 1, s, s + 1])) if conventions == "official" else draw(
+                st.sampled_from([None, s]))
+            leaves *= s
+        else:
+            s = draw(st.integers(1, 4))
+            f = draw(st.integers(1, min(s, room)))
+            leaves *= f
         levels.append(TreeLevel(experts=s, rank=draw(st.integers(1, 3)), fanout=f,
-                                alpha=draw(st.sampled_from([None, 2.0]))))
+                                alpha=draw(st.sampled_from([None, 2.0])),
+                                key_dim=draw(st.sampled_from([None, 2, 3]))))
     aux = []
     if gate != "dense" and draw(st.booleans()):
         aux.append(draw(st.sampled_from([SwitchLoadBalance(weight=0.1), CV2ImportanceLoad(weight=0.1)])))
     return ResidualTree(levels=levels, activation=draw(st.sampled_from(["tanh", "relu", "identity"])),
-                        router=TreeRouter(gate=gate, down_dim=draw(st.integers(2, 5)), key_dim=draw(st.integers(2, 4)),
+                        activation_position=draw(st.sampled_from(["all", "child", "child_v2"])),
+                        router=TreeRouter(gate=gate, down_dim=draw(st.sampled_from([None, 2, 3, 5])),
+                                          key_dim=draw(st.integers(2, 4)),
                                           query_activation=draw(st.sampled_from(["relu", "tanh", "identity"])),
                                           temperature=1.0 if conventions == "official"
                                           else draw(st.sampled_from([1.0, 0.5]))),
@@ -105,6 +153,15 @@ def trees(draw, max_leaves: int = 8):
 
 def adapters():
     return st.one_of(loras(), pools(), rank_partitions(), trees())
+
+
+def training_adapters():
+    """Adapters that train differently from how they evaluate: a top-k router with jitter, a
+    balancing router (sigmoid or implicit top-k: selection counts) or a noisy tree gate."""
+    jittered = dict(kinds=("topk",), jitters=(0.1, 0.5))
+    balancing = ("sigmoid_topk", "implicit_topk")
+    return st.one_of(pools(**jittered), rank_partitions(**jittered), pools(kinds=balancing),
+                     rank_partitions(kinds=("sigmoid_topk",)), trees(gates=("noisy_topk",)))
 
 
 @st.composite
@@ -136,6 +193,20 @@ def inputs_for(draw, graph: Graph, dtype=torch.float64):
     T = draw(st.integers(1, 6))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     return torch.randn(T, graph.d_in, generator=gen, dtype=dtype)
+
+
+@st.composite
+def samples_for(draw, T: int):
+    """``None`` or ``(sample (T,), type (T,) or None)``: each token's sample (batch row, 1-3
+    samples in order) and each sample's type label (LoRAMoE's localized balancing), as
+    ``interpret`` and the lowered module's ``samples`` take them."""
+    if not draw(st.booleans()):
+        return None
+    B = draw(st.integers(1, 3))
+    sample = torch.tensor(sorted(draw(st.lists(st.integers(0, B - 1), min_size=T, max_size=T))))
+    if not draw(st.booleans()):
+        return sample, None
+    return sample, torch.tensor(draw(st.lists(st.integers(0, 2), min_size=B, max_size=B)))[sample]
 
 
 def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None, policy=None):

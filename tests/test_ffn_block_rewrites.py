@@ -33,7 +33,7 @@ def test_lowered_block_matches_interpreter(graph, seed, T, rewrite, kernel):
     with torch.no_grad():
         for d in g.params:
             getattr(store, d.name).copy_(params[d.name])
-    gm = lower(g, store, policy=cpu_policy(kernel))
+    gm = lower(g, store, policy=cpu_policy(kernel)).eval()
     xl = x.clone().requires_grad_(True)
     out, aux, _ = gm(xl, None, {d.name: params[d.name] for d in g.frozen})
     assert_close(out, ref.output)

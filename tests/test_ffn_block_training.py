@@ -9,7 +9,7 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 
 import moleforge as mf
 from conftest import assert_close
-from ffn_block_helpers import block_spec, routed_blocks
+from ffn_block_helpers import POOL, block_spec, routed_blocks
 from models import batch, tiny
 from moleforge.ir import ExpertHidden, print_graph
 
@@ -33,6 +33,29 @@ def test_training_step_save_and_load(arch, tmp_path):
     mf.load(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert_close(fresh(ids).logits, model(ids).logits, "save_load")
+
+
+def test_frozen_experts_of_blocks_stay_fixed(tmp_path):
+    """Regression: ``frozen_experts`` on an FFN-block pool keeps the experts' A and B as buffers
+    (they trained before); only the routers learn, and the frozen factors are saved and loaded."""
+    model, ids = tiny("llama").train(), batch()
+    pool = POOL.model_copy(update={"frozen_experts": True})
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["gate", "up", "down"]), scope="ffn_block",
+                                         adapter=pool)]).with_init(mf.Init(up="normal", seed=2))
+    handle = mf.compile(spec, model)
+    named = dict(handle.named_parameters())
+    assert named and all(k.endswith(".router_w") for k in named)
+    assert mf.count_parameters(spec, tiny("llama")) == sum(p.numel() for p in named.values())
+    frozen = {k: v.clone() for k, v in handle.state_dict().items() if k.split(".")[-1][:2] in ("A_", "B_")}
+    assert len(frozen) == 6 * len(handle.modules)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values())
+    torch.optim.SGD(handle.trainable_parameters(), lr=1.0).step()
+    state = handle.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    mf.save(handle, tmp_path / "adapter")
+    fresh = mf.load(tiny("llama"), tmp_path / "adapter")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in frozen.items())
 
 
 def test_presets_compile_with_their_routing():

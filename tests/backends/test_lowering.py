@@ -1,5 +1,8 @@
-"""The lowered torch.fx GraphModule equals the float64 interpreter: outputs, aux losses and
-the gradients of every parameter and of the input, on random specs."""
+"""The lowered torch.fx GraphModule equals the float64 interpreter in evaluation mode: outputs,
+aux losses (with and without per-token samples) and the gradients of every trainable tensor
+and of the input, on random specs; its parameters are exactly the trainable tensors (frozen
+experts, fixed static weights and balancing biases are buffers). Training mode:
+``test_lowering_training.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret, verify
 from moleforge.specs import presets
-from strategies import graphs, inputs_for, make_params
+from strategies import graphs, inputs_for, make_params, samples_for
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -40,30 +43,24 @@ def test_lowered_module_matches_interpreter(graph, data):
     verify(graph)
     params = make_params(graph, data.draw(st.integers(0, 2**16)))
     x = data.draw(inputs_for(graph))
-    ref = interpret(graph, params, x)
+    samples = data.draw(samples_for(x.shape[0]))
+    ref = interpret(graph, params, x, samples=samples)
     assume(all(m > MARGIN for m in ref.margins.values()))
     gm = _lowered(graph, params)
     trainable = {d.name for d in graph.params if d.trainable}
+    assert {k for k, _ in gm.named_parameters()} == trainable
+    assert all(not getattr(gm, d.name).requires_grad for d in graph.params if not d.trainable)
 
     def run_ref(leaves):
-        r = interpret(graph, {**params, **{k: v for k, v in leaves.items() if k != "x"}}, leaves["x"])
+        r = interpret(graph, {**params, **{k: v for k, v in leaves.items() if k != "x"}}, leaves["x"],
+                      samples=samples)
         return r.output, (r.aux_total if graph.aux else None)
-
-    def run_fx(leaves):
-        with torch.no_grad():
-            for k, v in leaves.items():
-                if k != "x":
-                    getattr(gm, k).copy_(v)
-        for k in trainable:
-            getattr(gm, k).grad = None
-        y, aux, _ = gm(leaves["x"])
-        return y, aux
 
     tensors = {"x": x, **{k: params[k] for k in trainable}}
     out_ref, aux_ref, g_ref = _grads(run_ref, tensors)
     # gradients of the GraphModule's own parameters
     x_leaf = x.clone().requires_grad_(True)
-    y, aux, _ = gm(x_leaf)
+    y, aux, _ = gm(x_leaf, samples)
     probe = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
     ((y * probe).sum() + (aux if aux is not None else 0.0)).backward()
     assert_close(y.detach(), out_ref)

@@ -64,6 +64,22 @@ def test_topk_pool_and_switch_loss():
     assert_close(r.aux["aux0"], 0.5 * 4 * torch.sum(counts / 5 * probs.mean(0)))
 
 
+def test_jitter_scales_the_router_input_in_training_only():
+    """A top-3-of-3 router (softmax weights) with jitter ε = 0.5: ``noise = {"jitter": (u,)}`` scales its input by
+    ``1 - ε + 2ε·u`` (training); without it the jitter is the identity (evaluation)."""
+    spec = ExpertPool(experts=3, rank=2, alpha=2.0, router=TopKRouter(k=3, jitter=0.5))
+    g = build_graph(spec, SiteShape("s", 6, 4))
+    p = make_params(g, 5)
+    u = torch.rand(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def pool(x_router):
+        w = torch.softmax(x_router @ p["router_w"].T, 1)
+        return sum(w[:, i:i + 1] * (X @ p["A"][i].T) @ p["B"][i].T for i in range(3))
+
+    assert_close(interpret(g, p, X).output, pool(X))
+    assert_close(interpret(g, p, X, noise={"jitter": (u,)}).output, pool(X * (0.5 + u)))
+
+
 def test_shared_down_projection_hydralora():
     g = build_graph(ExpertPool(experts=3, rank=2, down=Shared(), router=DenseRouter()), SiteShape("s", 6, 4))
     p = make_params(g, 5)

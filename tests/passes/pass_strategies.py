@@ -14,6 +14,7 @@ from moleforge.specs import (
     ImplicitTopKRouter,
     SigmoidTopKRouter,
     SparseRandom,
+    StaticRouter,
     TopKRouter,
 )
 from strategies import graphs, inputs_for, pools, rank_partitions, trees
@@ -23,19 +24,23 @@ __all__ = ["one_expert_pools", "identity_trees", "pool_graphs", "tree_graphs", "
 
 @st.composite
 def one_expert_pools(draw):
-    """Pools over a single expert: their gates are the constant 1."""
+    """Pools over a single expert: their gates are the constant 1, but for a static router's (its
+    weight)."""
     if draw(st.booleans()):
         return ExpertPool(experts=1, rank=1, down=SparseRandom(density=1.0), router=ImplicitTopKRouter(k=1),
                           alpha=2.0, scaling="alpha_over_total_rank")
     router = draw(st.sampled_from([TopKRouter(k=1), TopKRouter(k=1, renormalize=False, temperature=0.5),
-                                   DenseRouter(), SigmoidTopKRouter(k=1)]))
+                                   TopKRouter(k=1, jitter=0.1), DenseRouter(), SigmoidTopKRouter(k=1),
+                                   StaticRouter(), StaticRouter(trainable=False)]))
     base = draw(pools())
     return base.model_copy(update={"experts": 1, "router": router,
                                    "aux_losses": base.aux_losses if isinstance(router, TopKRouter) else []})
 
 
 def identity_trees():
-    return trees().map(lambda t: t.model_copy(update={"activation": "identity"}))
+    """Trees whose propagation is linear in the form ``collapse_linear_trees`` rewrites: the
+    identity activation on the whole message (position ``all``)."""
+    return trees().map(lambda t: t.model_copy(update={"activation": "identity", "activation_position": "all"}))
 
 
 def pool_graphs():

@@ -9,7 +9,7 @@ from pass_strategies import build, cases, one_expert_pools, tokens
 
 from moleforge.ir import BlockGate, GroupedMix, Linear, PoolMix, Route, print_graph
 from moleforge.passes import fold_static_gates
-from moleforge.specs import DenseRouter, ExpertPool, SwitchLoadBalance, TopKRouter
+from moleforge.specs import DenseRouter, ExpertPool, StaticRouter, SwitchLoadBalance, TopKRouter
 from strategies import graphs
 
 
@@ -18,7 +18,7 @@ def test_properties(case):
     check_pass(fold_static_gates, *case)
 
 
-@given(case=cases(graphs(one_expert_pools())))
+@given(case=cases(graphs(one_expert_pools().filter(lambda p: not isinstance(p.router, StaticRouter)))))
 def test_one_expert_pools_become_lora_chains(case):
     out = check_pass(fold_static_gates, *case)
     assert not any(isinstance(n, (PoolMix, GroupedMix, BlockGate)) for n in out.nodes)
@@ -43,3 +43,12 @@ def test_router_read_by_an_aux_loss_is_kept():
 def test_pools_of_several_experts_are_untouched():
     g = build(ExpertPool(experts=3, rank=2, router=TopKRouter(k=2)))
     assert fold_static_gates(g) is g
+
+
+def test_one_expert_static_pool_keeps_its_weight():
+    """Regression: a static router over one expert gates it by its stored weight ``w``, not 1;
+    folding it into a plain LoRA chain dropped ``w`` from the output and its gradient."""
+    for router in (StaticRouter(), StaticRouter(trainable=False)):
+        g = build(ExpertPool(experts=1, rank=2, router=router))
+        assert fold_static_gates(g) is g
+        check_pass(fold_static_gates, g, 1, tokens(g))

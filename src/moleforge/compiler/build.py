@@ -217,12 +217,13 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
     """The plain IR of ``pool`` as experts over an FFN block with ``linears`` (``gate``, ``up``,
     ``down``) and ``activation``: a router, one :class:`~moleforge.ir.ExpertFFN` and the pool's
     aux losses. ``A_<role> (E, r, d_in)`` and ``B_<role> (E, d_out, r)`` on the linears in
-    ``roles``; frozen inputs ``W_<role>`` and ``b_<role>``."""
+    ``roles`` (buffers with ``frozen_experts``); frozen inputs ``W_<role>`` and ``b_<role>``."""
     b = _Builder(shape)
     E, r = shape.experts or pool.experts, shape.rank or pool.rank
     route = _flat_router(b, pool.router, E, origin)
     k = pool.router.k
     scale = lora_scale(pool.alpha, r, pool.scaling, active=(k or E) * r, total=E * r)
+    learn = not pool.frozen_experts
     frozen: list[ParamDecl] = []
     experts: dict[str, ExpertLinear] = {}
     for role, info in linears.items():
@@ -234,8 +235,9 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
             bias = ParamRef(b_name, (info.d_out,))
         a = up = None
         if role in roles:
-            a = b.param(f"A_{role}", (E, r, info.d_in), "kaiming", fan_in=info.d_in)
-            up = b.param(f"B_{role}", (E, info.d_out, r), "up")
+            a = b.param(f"A_{role}", (E, r, info.d_in), "kaiming", fan_in=info.d_in, trainable=learn,
+                        buffer=not learn)
+            up = b.param(f"B_{role}", (E, info.d_out, r), "up", trainable=learn, buffer=not learn)
         experts[role] = ExpertLinear(weight=ParamRef(w_name, (info.d_out, info.d_in)), bias=bias, a=a, b=up,
                                      scale=scale)
     out = b.add(ExpertFFN(id="experts", src="x", routing=route, up=experts["up"], gate=experts.get("gate"),

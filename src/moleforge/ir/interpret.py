@@ -101,8 +101,10 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
         params: every declared tensor by name.
         routing: fixed-routing mode, ``{router id: indices}``.
         samples: ``(sample index (T,), sample type (T,) or None)`` for localized balancing.
-        noise: training mode of noisy tree gates, ``{tree router id: (ε_0, ..., ε_{L-1})}``,
-            ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`).
+        noise: training mode: of noisy tree gates, ``{tree router id: (ε_0, ..., ε_{L-1})}``,
+            ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`); of
+            router jitter, ``{jitter id: (u,)}``, ``u (T, width)`` uniform on ``[0, 1)`` (see
+            :class:`~moleforge.ir.nodes.Jitter`). Nodes without noise run as in evaluation.
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
@@ -126,10 +128,18 @@ RUN.add(lambda n, r: r.x, nodes.Input)
 RUN.add(_linear, nodes.Linear, nodes.SiblingLinear)
 RUN.add(lambda n, r: r.env[n.src][:, n.start:n.stop], nodes.Columns)
 RUN.add(lambda n, r: sum(r.env[s] for s in n.srcs[1:]) + r.env[n.srcs[0]], nodes.Add)
-RUN.add(lambda n, r: r.env[n.src], nodes.Jitter)  # evaluation: the identity
 RUN.add(lambda n, r: _path_gates(r.env[n.routing], n.level), nodes.TreePathGates)
 RUN.add(lambda n, r: tree_mix(n, r.env[n.src], r.env[n.routing], r.p), nodes.TreeMix, nodes.TreePropagate)
 RUN.add(lambda n, r: _aux(n, r.env[n.routing], r.samples), nodes.AuxLoss)
+
+
+@RUN.register(nodes.Jitter)
+def _jitter(n, r: _Run) -> Tensor:
+    """Evaluation: the identity. Training (``noise[id] = (u,)``): ``src · (1 - ε + 2ε·u)``."""
+    if n.id not in r.noise:
+        return r.env[n.src]
+    u = r.noise[n.id][0].to(F64)
+    return r.env[n.src] * (1.0 - n.eps + 2.0 * n.eps * u)
 
 
 @RUN.register(nodes.GateBias)

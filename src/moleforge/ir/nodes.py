@@ -228,7 +228,9 @@ class Add(NodeKind):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Jitter(NodeKind):
-    """Training-time multiplicative noise ``src · U(1-ε, 1+ε)``; identity in evaluation."""
+    """Training-time multiplicative noise ``src · (1 - ε + 2ε·u)``, ``u (T, width)`` uniform on
+    ``[0, 1)`` from torch's global generator (which activation checkpointing replays in
+    recomputation); identity in evaluation."""
 
     id: str
     src: str = operand()

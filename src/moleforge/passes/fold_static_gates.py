@@ -1,8 +1,9 @@
 """``fold_static_gates``: gates that do not depend on the input are folded into the experts.
 
 Identity. A flat router over ``E = 1`` expert gives ``g ≡ 1`` whatever its scores, for every
-gate kind: ``softmax`` of one score is 1 (renormalised or not, any temperature), sigmoid
-top-1 gives ``k·u/u = 1``, the FlyLoRA mask of the only expert is 1. Then
+gate kind that reads scores: ``softmax`` of one score is 1 (renormalised or not, any
+temperature), sigmoid top-1 gives ``k·u/u = 1``, the FlyLoRA mask of the only expert is 1.
+(A static gate is ``g ≡ w``, its stored weight, not 1: it is not folded.) Then
 
     pool_mix(x, g, A, B, s)    = s · (x A[0]ᵀ) B[0]ᵀ      -> linear(linear(x, A[0]), B[0], scale=s)
     grouped_mix(x, g, A, B, s) = the same
@@ -27,8 +28,10 @@ __all__ = ["fold_static_gates"]
 
 
 def _static(graph, rid: str) -> bool:
+    """A one-expert router whose gate is the constant 1 (an input-independent gate is its
+    weights ``w``, not 1)."""
     node = graph.node(rid)
-    return isinstance(node, Route) and node.experts == 1
+    return isinstance(node, Route) and node.experts == 1 and not node.input_independent
 
 
 def _fold(n, graph, ids):

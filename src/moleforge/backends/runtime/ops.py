@@ -48,6 +48,8 @@ def block_columns(b: Tensor) -> Tensor:
 
 
 def jitter(x: Tensor, eps: float, training: bool) -> Tensor:
+    """Training: ``x · U(1-ε, 1+ε)`` elementwise, drawn from torch's global generator (as
+    ``torch.rand_like(x)`` would draw ``u``: ``x · (1 - ε + 2ε·u)``); evaluation: ``x``."""
     if not training or eps == 0:
         return x
     return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)

@@ -1,0 +1,220 @@
+"""The lowered module in training mode equals the float64 interpreter given the same noise.
+
+The module draws the noisy tree gate's ``ε`` from its ``noise_generator`` (what
+``handle.seed_noise`` sets) and router jitter's ``u`` from torch's global generator; both are
+seeded here, and the interpreter gets the same draws from generators seeded alike. Compared:
+outputs, aux losses (with per-token samples), the gradients of the input and of every
+trainable tensor (the noise projections included), and the selection counts the balancing
+routers (``sigmoid_topk``, ``implicit_topk``) accumulate, against the counts of the
+interpreter's selected indices. On random specs of every kind (``strategies.py``), plain and
+after the default pipeline, and on random FFN blocks with their rewrites.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from ffn_block_helpers import REWRITES, block_graphs, block_params
+from moleforge.backends.torch_fx.init import ParamStore
+from moleforge.backends.torch_fx.lower import counts_name, lower
+from moleforge.compiler.build import SiteShape, build_graph
+from moleforge.ir import Graph, Jitter, Route, TreeRoute, interpret
+from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
+from moleforge.specs import (
+    ExpertPool,
+    ImplicitTopKRouter,
+    LocalizedBalance,
+    ResidualTree,
+    SigmoidTopKRouter,
+    StaticRouter,
+    TopKRouter,
+    TreeLevel,
+    TreeRouter,
+)
+from strategies import adapters, graphs, inputs_for, make_params, samples_for, training_adapters
+from tolerances import assert_close
+
+F64 = torch.float64
+MARGIN = 1e-7
+PIPELINES = {"plain": (), "default": DEFAULT_PIPELINE}
+
+
+def contexts(route: TreeRoute) -> list[int]:
+    """``C_l = Π_{j>l} f_j``: the contexts pool l routes per token."""
+    fan = [lv.fanout for lv in route.levels]
+    return [math.prod(fan[l + 1:]) for l in range(len(fan))]
+
+
+def draw_noise(graph: Graph, T: int, tree_seed: int, jitter_seed: int) -> dict:
+    """The interpreter's ``noise``: what the lowered module draws in training. Each jitter's
+    ``u (T, width)`` from a generator seeded with ``jitter_seed`` (the module: torch's global
+    generator seeded alike); each noisy tree gate's ``ε_l (T, C_l, s_l)``, pool by pool from the
+    top, from one seeded with ``tree_seed`` (the module's ``noise_generator``)."""
+    jitter, tree = torch.Generator().manual_seed(jitter_seed), torch.Generator().manual_seed(tree_seed)
+    noise = {}
+    for n in graph.nodes:
+        if isinstance(n, Jitter):
+            noise[n.id] = (torch.rand(T, graph.width(n.src), generator=jitter, dtype=F64),)
+        elif isinstance(n, TreeRoute) and n.gate == "noisy_topk":
+            C, eps = contexts(n), [None] * len(n.levels)
+            for l in reversed(range(len(n.levels))):
+                eps[l] = torch.randn((T, C[l], n.levels[l].experts), generator=tree, dtype=F64)
+            noise[n.id] = tuple(eps)
+    return noise
+
+
+def _probe(y: torch.Tensor) -> torch.Tensor:
+    return torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+
+
+def _reference(graph: Graph, params: dict, x, samples, noise):
+    """The interpreter's result and the gradients of ``Σ y ⊙ probe + aux`` (x, trainable tensors)."""
+    trainable = [d.name for d in graph.params if d.trainable]
+    leaves = {k: params[k].clone().requires_grad_(True) for k in trainable}
+    xl = x.clone().requires_grad_(True)
+    res = interpret(graph, {**params, **leaves}, xl, samples=samples, noise=noise)
+    loss = (res.output * _probe(res.output)).sum() + res.aux_total
+    grads = torch.autograd.grad(loss, [xl, *leaves.values()], allow_unused=True)
+    return res, dict(zip(["x", *leaves], grads))
+
+
+def _module(graph: Graph, params: dict):
+    store = ParamStore(graph.params, dtype=F64)
+    with torch.no_grad():
+        for d in graph.params:
+            getattr(store, d.name).copy_(params[d.name])
+    return lower(graph, store)
+
+
+def _counts(gm, graph: Graph) -> dict[str, torch.Tensor]:
+    return {n.id: getattr(gm, counts_name(n.gate.balance.name)).clone() for n in graph.nodes
+            if isinstance(n, Route) and n.balances}
+
+
+def check_training(graph: Graph, lowered_graph: Graph, params: dict, x, samples, tree_seed: int,
+                   jitter_seed: int) -> None:
+    """``lowered_graph`` (``graph`` or a rewrite of it) lowered and run once in training mode
+    equals the interpreter on ``graph`` with the same noise: output, aux loss, gradients and
+    selection counts (of every balancing router with more than one expert: a one-expert router
+    may be folded away). An evaluation forward first counts nothing."""
+    T = x.shape[0]
+    res, want = _reference(graph, params, x, samples, draw_noise(graph, T, tree_seed, jitter_seed))
+    assume(all(m > MARGIN for m in res.margins.values()))
+    gm = _module(lowered_graph, params)
+    frozen = {"frozen": {d.name: params[d.name] for d in graph.frozen}} if graph.frozen else {}
+    balancing = [n.id for n in graph.nodes if isinstance(n, Route) and n.balances and n.experts > 1]
+    assert set(balancing) <= set(_counts(gm, lowered_graph)), "a router with choices keeps its counts"
+    gm.eval()(x, samples, **frozen)
+    assert all(c.sum() == 0 for c in _counts(gm, lowered_graph).values()), "evaluation counts no selection"
+    gm.train()
+    gm.noise_generator = torch.Generator().manual_seed(tree_seed)
+    xl = x.clone().requires_grad_(True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(jitter_seed)
+        y, aux, _ = gm(xl, samples, **frozen)
+    loss = (y * _probe(y)).sum() + (aux if aux is not None else 0.0)
+    names = [d.name for d in graph.params if d.trainable]
+    got = dict(zip(["x", *names], torch.autograd.grad(loss, [xl, *(getattr(gm, k) for k in names)],
+                                                         allow_unused=True)))
+    assert_close(y.detach(), res.output, msg="output")
+    if graph.aux:
+        assert_close(aux.detach(), res.aux_total.detach(), msg="aux loss")
+    else:
+        assert aux is None
+    for k, w in want.items():
+        zeros = torch.zeros_like(x if k == "x" else params[k])
+        assert_close(zeros if got[k] is None else got[k], zeros if w is None else w, msg=f"gradient of {k}")
+    for rid, counts in _counts(gm, lowered_graph).items():
+        index = res.routes[rid]
+        expected = torch.bincount(index.reshape(-1), minlength=graph.node(rid).experts)
+        assert torch.equal(counts, expected.to(counts.dtype)), f"selection counts of %{rid}"
+
+
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+@given(graph=graphs(st.one_of(training_adapters(), adapters())), data=st.data())
+def test_training_mode_matches_interpreter(pipeline, graph, data):
+    params = make_params(graph, data.draw(st.integers(0, 2**16), label="param seed"))
+    x = data.draw(inputs_for(graph), label="x")
+    samples = data.draw(samples_for(x.shape[0]), label="samples")
+    seeds = data.draw(st.tuples(st.integers(0, 2**16), st.integers(0, 2**16)), label="tree, jitter seeds")
+    check_training(graph, run_pipeline(graph, PIPELINES[pipeline]), params, x, samples, *seeds)
+
+
+@given(graph=block_graphs(kinds=("topk", "sigmoid_topk"), jitters=(0.1, 0.5)),
+       rewrite=st.sampled_from(["none", *sorted(REWRITES)]), data=st.data())
+def test_training_mode_of_blocks_matches_interpreter(graph, rewrite, data):
+    """FFN blocks: router jitter (MixLoRA), sigmoid top-k counts, through every block rewrite."""
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    x = data.draw(inputs_for(graph), label="x")
+    samples = data.draw(samples_for(x.shape[0]), label="samples")
+    lowered_graph = graph if rewrite == "none" else REWRITES[rewrite](graph)
+    check_training(graph, lowered_graph, block_params(graph, seed), x, samples, seed + 1, seed + 2)
+
+
+# ---- the properties are not vacuous ----------------------------------------------------------
+
+def _has(adapter, predicate) -> bool:
+    router = getattr(adapter, "router", None)
+    return router is not None and predicate(adapter, router)
+
+
+FEATURES = {
+    "static router, trainable": lambda a, r: isinstance(r, StaticRouter) and r.trainable,
+    "static router, fixed": lambda a, r: isinstance(r, StaticRouter) and not r.trainable,
+    "top-k jitter": lambda a, r: isinstance(r, TopKRouter) and r.jitter > 0,
+    "frozen experts": lambda a, r: getattr(a, "frozen_experts", False),
+    "frozen experts with a shared expert": lambda a, r: getattr(a, "frozen_experts", False)
+    and a.shared_expert is not None,
+    "sigmoid top-k with an aux loss": lambda a, r: isinstance(r, SigmoidTopKRouter) and bool(a.aux_losses),
+    "implicit top-k": lambda a, r: isinstance(r, ImplicitTopKRouter),
+    "localized balance in groups": lambda a, r: any(isinstance(x, LocalizedBalance) and x.groups > 2
+                                                    for x in a.aux_losses),
+    "noisy tree gate": lambda a, r: isinstance(r, TreeRouter) and r.gate == "noisy_topk",
+    "tree, child_v2 position": lambda a, r: getattr(a, "activation_position", "") == "child_v2",
+    "tree, own key width": lambda a, r: any(getattr(lv, "key_dim", None) for lv in getattr(a, "levels", [])),
+    "tree, no down-projection": lambda a, r: isinstance(r, TreeRouter) and r.down_dim is None,
+    "official dense tree, fanout ignored": lambda a, r: isinstance(r, TreeRouter) and r.gate == "dense"
+    and a.conventions == "official" and any(lv.fanout not in (None, lv.experts) for lv in a.levels),
+}
+
+
+def test_strategies_draw_every_feature():
+    """Each option the properties are meant to cover is drawn by ``strategies.adapters`` (in 300
+    derandomized draws)."""
+    seen: set[str] = set()
+
+    @settings(max_examples=300, derandomize=True, database=None)
+    @given(adapter=adapters())
+    def draw(adapter):
+        seen.update(name for name, feature in FEATURES.items() if _has(adapter, feature))
+
+    draw()
+    assert seen == set(FEATURES), f"never drawn: {sorted(set(FEATURES) - seen)}"
+
+
+def _run(gm, x, seeds=None):
+    if seeds is None:
+        return gm.eval()(x)[0]
+    gm.train()
+    gm.noise_generator = torch.Generator().manual_seed(seeds[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds[1])
+        return gm(x)[0]
+
+
+@pytest.mark.parametrize("adapter", [
+    ExpertPool(experts=4, rank=2, router=TopKRouter(k=2, jitter=0.5)),
+    ResidualTree(levels=[TreeLevel(experts=3, rank=2, fanout=2)] * 2, router=TreeRouter(gate="noisy_topk")),
+], ids=["jitter", "noisy_tree"])
+def test_training_noise_changes_the_output_and_follows_the_seeds(adapter):
+    graph = build_graph(adapter, SiteShape("site", 6, 5))
+    params = make_params(graph, 1)
+    x = torch.randn(16, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    gm = _module(graph, params)
+    clean, a, b, c = _run(gm, x), _run(gm, x, (3, 4)), _run(gm, x, (3, 4)), _run(gm, x, (5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, clean)
