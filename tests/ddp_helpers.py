@@ -176,9 +176,22 @@ def reference_biases(world: int = WORLD) -> dict[str, torch.Tensor]:
     return balancing_step(model, handle, [b for r in range(world) for b in balancing_batches(r)])
 
 
+def noisy_logits(rank: int | None = None) -> list[torch.Tensor]:
+    """``smore_noisy``'s logits on one batch in training mode, twice, after ``seed_noise(7)``
+    (``rank``: as that rank would seed it)."""
+    model, handle = case_model("smore_noisy")
+    out = []
+    for _ in range(2):
+        handle.seed_noise(7, rank=rank)
+        with torch.no_grad():
+            out.append(model(input_ids=case_batch("molora", 0)["input_ids"]).logits)
+    return out
+
+
 def ddp_stats_worker(rank: int, world: int, folder: str) -> None:
     """Under DDP: every grad case with the statistics summed over the ranks and without
-    (``set_statistics_group(None)``), and a ``smora`` balancing step; writes ``rank<N>.pt``."""
+    (``set_statistics_group(None)``), a ``smora`` balancing step, ``mf.save`` on every rank (to
+    ``adapter_rank<N>``) and the noisy gate's logits seeded per rank; writes ``rank<N>.pt``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
@@ -199,7 +212,9 @@ def ddp_stats_worker(rank: int, world: int, folder: str) -> None:
         handle = mf.compile(balancing_spec(), model)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         biases = balancing_step(ddp, handle, balancing_batches(rank))
-        torch.save({"grads": grads, "aux": aux, "biases": biases}, Path(folder, f"rank{rank}.pt"))
+        mf.save(handle, Path(folder, f"adapter_rank{rank}"))
+        torch.save({"grads": grads, "aux": aux, "biases": biases, "noise": noisy_logits()},
+                   Path(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ddp_helpers import GRAD_CASES, WORLD, ddp_stats_worker, reference_biases, reference_grads
+from ddp_helpers import GRAD_CASES, WORLD, ddp_stats_worker, noisy_logits, reference_biases, reference_grads
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def ranks(tmp_path_factory):
     """Both ranks' results: ``{"grads": {(case, reduced): ...}, "aux": ..., "biases": ...}``."""
     folder = tmp_path_factory.mktemp("ddp_stats")
     mp.spawn(ddp_stats_worker, args=(WORLD, str(folder)), nprocs=WORLD, join=True)
-    return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(folder / f"rank{r}.pt") | {"folder": folder} for r in range(WORLD)]
 
 
 def _max_rel_diff(got: dict, want: dict) -> float:
@@ -48,3 +48,22 @@ def test_balancing_biases_are_those_of_the_whole_batch_on_every_rank(ranks):
         assert got.keys() == want.keys()
         for k in want:
             assert torch.equal(got[k], want[k]), (r, k)
+
+
+def test_each_rank_draws_its_own_reproducible_noise(ranks):
+    """``seed_noise(7)`` on every rank: rank 0 draws what one process seeded with 7 draws, rank 1
+    something else (its seed derived from 7 and its rank), the same again when seeded again."""
+    alone = noisy_logits()
+    assert torch.equal(alone[0], alone[1])
+    for r in range(WORLD):
+        first, again = ranks[r]["noise"]
+        assert torch.equal(first, again), "reproducible"
+    assert torch.equal(ranks[0]["noise"][0], alone[0])
+    assert not torch.equal(ranks[1]["noise"][0], alone[0])
+    assert torch.equal(ranks[1]["noise"][0], noisy_logits(rank=1)[0]), "rank 1's seed follows from the rank"
+
+
+def test_save_writes_on_rank_zero_only(ranks):
+    folder = ranks[0]["folder"]
+    assert (folder / "adapter_rank0" / "moleforge_config.json").is_file()
+    assert not (folder / "adapter_rank1").exists()
