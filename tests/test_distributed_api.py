@@ -5,6 +5,7 @@ counts alone, and ``save_pretrained`` given a state dict saves its tensors."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import moleforge as mf
@@ -92,3 +93,15 @@ def test_save_pretrained_takes_the_adapter_tensors_from_a_given_state_dict(tmp_p
     assert tensors.keys() == handle.state_dict().keys()
     model.save_pretrained(tmp_path / "own")
     assert torch.equal(read_adapter(tmp_path / "own")[1][f"{module}.B"], handle.state_dict()[f"{module}.B"])
+
+
+def test_a_partitioned_tensor_is_refused_not_saved(tmp_path):
+    """What DeepSpeed ZeRO-3 hands over without gathering: empty parameters on every rank."""
+    model = tiny("llama", layers=1)
+    mf.compile("molora", model)
+    state = dict(model.state_dict())
+    key = next(k for k in state if k.endswith(".site.A"))
+    state[key] = torch.empty(0)
+    with pytest.raises(mf.CheckpointError, match=r"has shape \(0,\), the adapter declares .*partitioned"):
+        model.save_pretrained(tmp_path / "adapter", state_dict=state)
+    assert not (tmp_path / "adapter").exists()

@@ -113,10 +113,25 @@ def save(handle: AdapterHandle, directory: str | os.PathLike, *, tensors: dict[s
     sites = {name: {"site": handle.site_of[name],
                     "params": {d.name: list(d.shape) for d in handle.graphs[name].params}}
              for name in handle.modules}
+    _check_whole(tensors, sites)
     config = {"spec": handle.spec.model_dump(mode="json"),
               "base_model": type(handle.model).__name__,
               "sites": sites}
     return write_adapter(directory, config, tensors)
+
+
+def _check_whole(tensors: dict[str, torch.Tensor], sites: dict[str, dict]) -> None:
+    """Refuse to write a tensor whose shape is not the one its site declares: a shard or a
+    partition (DeepSpeed ZeRO-3 leaves each rank's parameters empty outside their forward)."""
+    for key, t in tensors.items():
+        module, _, param = key.rpartition(".")
+        want = sites.get(module, {}).get("params", {}).get(param)
+        if want is not None and list(t.shape) != want:
+            raise CheckpointError(
+                f"{key} has shape {tuple(t.shape)}, the adapter declares {tuple(want)}: it is partitioned across "
+                "processes (DeepSpeed ZeRO-3 or a model-parallel shard). Gather it before saving: under ZeRO-3 "
+                "set stage3_gather_16bit_weights_on_model_save to true (the Trainer then passes the whole "
+                "tensors), or call mf.save inside deepspeed.zero.GatheredParameters(handle.trainable_parameters())")
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
