@@ -57,10 +57,12 @@ def _with_cv2(preset: str) -> dict:
     return spec
 
 
-GRAD_CASES = ("molora", "molora_padded", "smore", "smore_padded", "loramoe", "pool_cv2", "smore_cv2")
+GRAD_CASES = ("molora", "molora_padded", "smore", "smore_padded", "smore_checkpointed", "loramoe", "pool_cv2",
+              "smore_cv2")
 """Specs whose DDP gradients are compared with one process's: Switch loss of a flat pool and of a
-residual tree, padded batches of both, LoRAMoE's localized balance with sample types, and the CV²
-loss of a pool and of a tree."""
+residual tree, padded batches of both, activation checkpointing (the recomputation in backward
+sums the statistics over the ranks again), LoRAMoE's localized balance with sample types, and the
+CV² loss of a pool and of a tree."""
 
 
 def case_spec(case: str):
@@ -68,7 +70,7 @@ def case_spec(case: str):
     aux losses weighted up so that their gradients are not lost beside the LM loss's."""
     import moleforge as mf
 
-    base = case.removesuffix("_padded")
+    base = case.removesuffix("_padded").removesuffix("_checkpointed")
     variants = {"pool_cv2": "molora", "smore_cv2": "smore"}
     spec = mf.presets.as_spec(_with_cv2(variants[base]) if base in variants else base)
     return spec.with_init(mf.Init(up="normal", std=0.3, seed=1)).model_copy(update={"aux_loss_coef": 20.0})
@@ -80,7 +82,11 @@ def case_model(case: str):
     from models import tiny
 
     model = tiny("llama", layers=1).double().train()
-    return model, mf.compile(case_spec(case), model)
+    handle = mf.compile(case_spec(case), model)
+    if case.endswith("_checkpointed"):
+        model.config.use_cache = False
+        model.activation_checkpointing_enable()
+    return model, handle
 
 
 def case_batch(case: str, rank: int) -> dict:
