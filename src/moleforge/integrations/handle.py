@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import typing
 import warnings
 from contextlib import contextmanager
@@ -398,7 +399,8 @@ class AdapterHandle:
         if seed is not None:
             seed = rank_seed(seed, rank_in(self._stat_group) if rank is None else rank)
         for mod in self.modules.values():
-            dev = next(mod.site.parameters()).device
+            held = next(itertools.chain(mod.site.parameters(), mod.site.buffers()), None)  # frozen sites: buffers
+            dev = held.device if held is not None else torch.device("cpu")
             gen = None if seed is None else torch.Generator(device=dev).manual_seed(seed)
             mod.site.noise_generator = gen
 
