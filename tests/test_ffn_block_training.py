@@ -118,11 +118,14 @@ def _checkpointing_spec() -> mf.AdapterSpec:
     ]).with_init(mf.Init(up="normal", std=0.3, seed=1))
 
 
-def _train_step(arch: str, ids: torch.Tensor, checkpointing: bool, early_stop: bool):
+def _train_step(arch: str, ids: torch.Tensor, checkpointing: bool, early_stop: bool, noise_seed: int | None = None):
     """One forward and backward; the output, routing records, selection counts, adapter
-    gradients and how often each block ran."""
+    gradients and how often each block ran. ``noise_seed``: the jitter comes from the sites'
+    seeded noise generators (``handle.seed_noise``) rather than torch's global generator."""
     model = tiny(arch).train()
     handle = mf.compile(_checkpointing_spec(), model)
+    if noise_seed is not None:
+        handle.seed_noise(noise_seed)
     if checkpointing:
         model.activation_checkpointing_enable()
     runs = dict.fromkeys(handle.modules, 0)
@@ -138,14 +141,17 @@ def _train_step(arch: str, ids: torch.Tensor, checkpointing: bool, early_stop: b
     return out, len(log.entries), counts, grads, runs
 
 
-@pytest.mark.parametrize("arch, early_stop", [("llama", True), ("llama", False), ("bert", True)])
-def test_activation_checkpointing_of_blocks_counts_the_aux_once(arch, early_stop):
+@pytest.mark.parametrize("arch, early_stop, noise_seed", [("llama", True, None), ("llama", False, None),
+                                                         ("bert", True, None), ("llama", True, 3),
+                                                         ("llama", False, 3)])
+def test_activation_checkpointing_of_blocks_counts_the_aux_once(arch, early_stop, noise_seed):
     """Non-reentrant checkpointing recomputes each block in backward (to the layer's last saved
     tensor with early stop, to its end without): same loss, aux loss and adapter gradients as
-    without checkpointing, one routing record per block and forward, selections counted once."""
+    without checkpointing, one routing record per block and forward, selections counted once.
+    With seeded noise generators the recomputation draws the first run's jitter again."""
     ids = batch(seed=5)
-    plain, entries, counts, grads, runs = _train_step(arch, ids, False, early_stop)
-    ckpt, entries_ck, counts_ck, grads_ck, runs_ck = _train_step(arch, ids, True, early_stop)
+    plain, entries, counts, grads, runs = _train_step(arch, ids, False, early_stop, noise_seed)
+    ckpt, entries_ck, counts_ck, grads_ck, runs_ck = _train_step(arch, ids, True, early_stop, noise_seed)
     assert set(runs.values()) == {1} and set(runs_ck.values()) == {2}, "checkpointing must recompute the blocks"
     assert_close(ckpt.loss, plain.loss, "float32_model")
     assert plain.aux_loss > 0

@@ -1,8 +1,9 @@
 """The lowered module in training mode equals the float64 interpreter given the same noise.
 
-The module draws the noisy tree gate's ``ε`` from its ``noise_generator`` (what
-``handle.seed_noise`` sets) and router jitter's ``u`` from torch's global generator; both are
-seeded here, and the interpreter gets the same draws from generators seeded alike. Compared:
+The module draws the noisy tree gate's ``ε`` and router jitter's ``u`` from its
+``noise_generator`` (what ``handle.seed_noise`` sets), never from torch's global generator
+(seeded here to something else); the interpreter gets the same draws from a generator seeded
+alike. Compared:
 outputs, aux losses (with per-token samples), the gradients of the input and of every
 trainable tensor (the noise projections included), and the selection counts the balancing
 routers (``sigmoid_topk``, ``implicit_topk``) accumulate, against the counts of the
@@ -51,11 +52,11 @@ def contexts(route: TreeRoute) -> list[int]:
 
 
 def draw_noise(graph: Graph, T: int, tree_seed: int, jitter_seed: int) -> dict:
-    """The interpreter's ``noise``: what the lowered module draws in training. Each jitter's
-    ``u (T, width)`` from a generator seeded with ``jitter_seed`` (the module: torch's global
-    generator seeded alike); each noisy tree gate's ``ε_l (T, C_l, s_l)``, pool by pool from the
-    top, from one seeded with ``tree_seed`` (the module's ``noise_generator``)."""
-    jitter, tree = torch.Generator().manual_seed(jitter_seed), torch.Generator().manual_seed(tree_seed)
+    """The interpreter's ``noise``: what the lowered module draws in training, in node order, from
+    its ``noise_generator`` (seeded with ``tree_seed``): each jitter's ``u (T, width)``, and each
+    noisy tree gate's ``ε_l (T, C_l, s_l)``, pool by pool from the top. Torch's global generator
+    (seeded with ``jitter_seed``) must play no part."""
+    jitter = tree = torch.Generator().manual_seed(tree_seed)
     noise = {}
     for n in graph.nodes:
         if isinstance(n, Jitter):

@@ -4,6 +4,7 @@ with the HF Trainer, checkpoint it, resume it, and save the final adapter."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -29,6 +30,13 @@ def _check_out(out: Path, resume: bool) -> str | None:
         raise click.UsageError(f"{out} already holds checkpoints (last: {Path(found[-1]).name}); "
                                "pass --resume to continue that run, or choose another --out")
     return found[-1] if resume else None
+
+
+def _say(text: str) -> None:
+    """Print on the main process only: under ``torchrun`` every rank runs this command, and the
+    Trainer logs from rank 0 alone."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(text)
 
 
 def _check_vocab(examples: list[Example], vocab: int, data: str) -> None:
@@ -81,6 +89,12 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
     Example:
       moleforge train smore --model runs/demo/base_model \\
           --data runs/demo/data/train.jsonl --out runs/my-smore --steps 200
+
+    On several processes, start it with torchrun (data parallel: --batch-size is per
+    process; rank 0 writes the checkpoints and the adapter):
+
+    \b
+      torchrun --nproc_per_node 4 -m moleforge train smore --model ... --data ... --out ...
     """
     out = Path(out_dir)
     last = _check_out(out, resume)
@@ -94,7 +108,7 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     examples = encode_all(records, tokenizer, max_length)
     _check_vocab(examples, model.get_input_embeddings().num_embeddings, data_path)
-    click.echo(f"data: {len(examples)} sequences from {data_path}")
+    _say(f"data: {len(examples)} sequences from {data_path}")
     _train(spec_obj, model, tokenizer, examples, out, last, flags,
            dict(steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps or max(1, steps // 4), seed=seed,
                 model=str(Path(model_dir).resolve())))
@@ -119,7 +133,7 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
 
     handle = compiler.compile(spec, model)
     n = sum(p.numel() for p in handle.trainable_parameters())
-    click.echo(f"adapter: {spec.name}, {len(handle.modules)} sites, {n:,} trainable parameters")
+    _say(f"adapter: {spec.name}, {len(handle.modules)} sites, {n:,} trainable parameters")
     args = TrainingArguments(
         output_dir=str(out), max_steps=opts["steps"], per_device_train_batch_size=opts["batch_size"],
         learning_rate=opts["lr"], warmup_steps=max(0, round(0.05 * opts["steps"])), weight_decay=0.0,
@@ -129,8 +143,10 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     collator = PadCollator(_pad_id(tokenizer))
     trainer = AdapterTrainer(model=model, args=args, train_dataset=ExampleDataset(examples), handle=handle,
                              data_collator=collator, callbacks=[MoleforgeTrainerCallback(handle)])
+    # after the Trainer set up torch.distributed: each rank draws its own routing noise
+    handle.seed_noise(opts["seed"])
     if last is not None:
-        click.echo(f"resuming from {last}")
+        _say(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
     if not trainer.is_world_process_zero():  # under torchrun, one process writes the results
         return

@@ -24,7 +24,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from ..backends.runtime.ops import in_backward
+from ..backends.runtime.ops import in_backward, jitter
 from ..errors import InjectionError
 from .ffn_trace import TracedBlock
 from .inject import AuxCollector, logged_routes
@@ -115,6 +115,39 @@ class _Samples(nn.Module):
         return idx, types
 
 
+class _NoiseReplay(nn.Module):
+    """Makes a recomputation under activation checkpointing draw the first run's routing noise
+    from the site's noise generator (``handle.seed_noise``; torch's global generator is replayed
+    by ``torch.utils.checkpoint`` itself): ``forward("begin")`` before the site call records the
+    generator's state, or in a recomputation sets it back to the recorded one;
+    ``forward("end", ...)`` after it puts the generator back where the recomputation found it."""
+
+    def __init__(self, site: nn.Module):
+        super().__init__()
+        self._site = [site]  # not a submodule: the block owns the site
+        self._first: torch.Tensor | None = None
+        self._after: torch.Tensor | None = None
+
+    def forward(self, phase: str, *_after_these) -> None:
+        gen = getattr(self._site[0], "noise_generator", None)
+        if gen is None:
+            return
+        if phase == "begin":
+            if not in_backward():
+                self._first = gen.get_state()
+            elif self._first is not None:
+                self._after = gen.get_state()
+                gen.set_state(self._first)
+        elif self._after is not None:
+            gen.set_state(self._after)
+            self._after = None
+
+
+def _draws_noise(site: fx.GraphModule) -> bool:
+    """Whether the site's code draws routing noise (a jittered router input)."""
+    return any(n.op == "call_function" and n.target is jitter for n in site.graph.nodes)
+
+
 def flatten_tokens(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(..., d) -> (T, d)`` in the adapter's dtype."""
     return x.reshape(-1, x.shape[-1]).to(dtype)
@@ -161,6 +194,9 @@ def build_block_module(tb: TracedBlock, site: fx.GraphModule, collector: AuxColl
     x, down = vmap[tb.x], vmap[tb.down]
     extras = {"site": site, "report": _Report(collector, tb.name), "samples": _Samples(collector),
               "token_mask": _TokenMask(collector)}
+    noisy = _draws_noise(site)
+    if noisy:
+        extras["noise"] = _NoiseReplay(site)
     clash = [k for k in extras if hasattr(tb.root, k)]
     if clash:
         raise InjectionError(f"FFN block {tb.name!r} already has attribute(s) {clash}; cannot route it")
@@ -169,7 +205,11 @@ def build_block_module(tb: TracedBlock, site: fx.GraphModule, collector: AuxColl
         frozen = _frozen_inputs(g, tb, dtype)
         samples = g.call_module("samples", (x,)) if uses_samples else None
         mask = g.call_module("token_mask", (x,))
+        if noisy:
+            g.call_module("noise", ("begin",))
         result = g.call_module("site", (flat, samples, frozen), {"mask": mask})
+        if noisy:
+            g.call_module("noise", ("end", result))
         mixed = g.call_function(operator.getitem, (result, 0))
         g.call_module("report", (g.call_function(operator.getitem, (result, 1)),
                                  g.call_function(operator.getitem, (result, 2)), mask))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import typing
 import warnings
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
+from ..backends.runtime.dist import WORLD, all_sum_, group_of, rank_in, rank_seed
 from ..backends.torch_fx.lower import counts_name
 from ..errors import CheckpointError
 from ..interop.own_format import save
@@ -171,6 +173,52 @@ def dtype_mismatches(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor
     return problems
 
 
+def _like(own: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``own``: sharded as ``own`` is when it is an FSDP2
+    ``DTensor`` (each rank keeps its shard of its own copy, no communication), else as is."""
+    mesh = getattr(own, "device_mesh", None)
+    if mesh is None or not hasattr(own, "placements"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(own.device_mesh.device_type), mesh, own.placements, src_data_rank=None)
+
+
+def _model_key(key: str) -> str:
+    """The model's state-dict key of a handle state-dict key ``module.param``: the site's tensors
+    live in the adapted module's ``site``."""
+    module, _, param = key.rpartition(".")
+    return f"{module}.site.{param}"
+
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+"""The model attribute ``DistributedDataParallel`` reads, when it wraps the model, for the names of
+the parameters and buffers it leaves alone."""
+
+
+def _ignore_counts_in_ddp(model: nn.Module, names: list[str]) -> list[str]:
+    """Keep DDP from broadcasting the selection-count buffers from rank 0 before every forward
+    (it does so with every buffer), which would replace each rank's counts by rank 0's;
+    :meth:`AdapterHandle.update_balancing` sums them over the ranks instead. Returns the names
+    added to the model's ignore list (already listed names are left to their owner)."""
+    if not names:
+        return []
+    listed = list(getattr(model, _DDP_IGNORE, None) or [])
+    added = [n for n in names if n not in listed]
+    setattr(model, _DDP_IGNORE, listed + added)
+    return added
+
+
+def _unignore_in_ddp(model: nn.Module, added: list[str]) -> None:
+    if not added or not hasattr(model, _DDP_IGNORE):
+        return
+    rest = [n for n in getattr(model, _DDP_IGNORE) if n not in set(added)]
+    if rest:
+        setattr(model, _DDP_IGNORE, rest)
+    else:
+        delattr(model, _DDP_IGNORE)
+
+
 class AdapterHandle:
     """A compiled adapter living inside ``model``.
 
@@ -216,6 +264,8 @@ class AdapterHandle:
         self._mask_position = _attention_mask_position(model)
         self._own_save = _install_save_pretrained(model, self)
         _prepare_output_classes(model)
+        self._stat_group: Any = WORLD
+        self._ddp_ignored = _ignore_counts_in_ddp(model, self._counts_buffers())
         self.active = True
 
     # ---- training ----------------------------------------------------------------------
@@ -229,6 +279,15 @@ class AdapterHandle:
             for pname, p in mod.site.named_parameters():
                 if p.requires_grad:
                     yield f"{name}.{pname}", p
+
+    def _counts_buffers(self) -> list[str]:
+        """Model-level names of the balancing routers' selection-count buffers."""
+        names = []
+        for name in self.modules:
+            for n in self.graphs[name].nodes:
+                if isinstance(n, Route) and n.gate.balances:
+                    names.append(f"{name}.site.{counts_name(n.gate.balance.name)}")
+        return names
 
     def aux_loss(self) -> torch.Tensor | None:
         """The last forward's weighted aux loss (times ``spec.aux_loss_coef``), or ``None``."""
@@ -294,30 +353,77 @@ class AdapterHandle:
         """Apply the aux-loss-free balancing update of SMoRA / FlyLoRA routers from the
         selections counted (of real tokens, in padded batches) since the last call:
         ``b_j += rate · sign(mean(c) - c_j)``.
-        Call after each optimizer step (the Trainer callback does)."""
+        Call after each optimizer step (the Trainer callback does).
+
+        In a distributed run (``torch.distributed`` initialised, a statistics group of more than
+        one rank: :meth:`set_statistics_group`) the counts are first summed over the ranks, in one
+        all-reduce, so that every rank applies the update of the whole batch and the biases stay
+        equal on every rank: call it on every rank of the group, at the same step."""
+        entries = []
+        for name, mod in self.modules.items():
+            for n in self.graphs[name].nodes:
+                if isinstance(n, Route) and n.gate.balances:
+                    router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
+                    entries.append((getattr(mod.site, n.gate.balance.name),
+                                    getattr(mod.site, counts_name(n.gate.balance.name)),
+                                    getattr(router, "bias_update_rate", 0.0)))
+        if not entries:
+            return
         with torch.no_grad():
-            for name, mod in self.modules.items():
-                for n in self.graphs[name].nodes:
-                    if isinstance(n, Route) and n.gate.balances:
-                        router = getattr(self.spec.sites[self.site_of[name]].adapter, "router", None)
-                        rate = getattr(router, "bias_update_rate", 0.0)
-                        bias = getattr(mod.site, n.gate.balance.name)
-                        counts = getattr(mod.site, counts_name(n.gate.balance.name))
-                        if counts.sum() > 0:
-                            bias += rate * torch.sign(counts.mean() - counts)
-                        counts.zero_()
+            pg = group_of(self._stat_group)
+            if pg is not None:
+                counts = [c for _, c, _ in entries]
+                total = all_sum_(torch.cat([c.reshape(-1).to(counts[0].device) for c in counts]), pg)
+                for c, t in zip(counts, total.split([c.numel() for c in counts])):
+                    c.copy_(t.view_as(c))
+            for bias, counts, rate in entries:
+                if counts.sum() > 0:
+                    bias += rate * torch.sign(counts.mean() - counts)
+                counts.zero_()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Run :meth:`update_balancing` after every ``optimizer.step()`` (a post-step hook on
         that optimizer only; removed by :meth:`remove`)."""
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.update_balancing()))
 
-    def seed_noise(self, seed: int | None) -> None:
-        """Draw routing noise (noisy top-k gates) from a generator seeded with ``seed``."""
+    def seed_noise(self, seed: int | None, *, rank: int | None = None) -> None:
+        """Draw routing noise (noisy top-k gates, router input jitter) from a generator seeded
+        with ``seed`` (``None``: torch's global generator).
+
+        In a distributed run each rank seeds its generators with a seed derived from ``seed`` and
+        its rank in the statistics group (:meth:`set_statistics_group`; ``rank`` overrides it):
+        ranks draw different noise for their different tokens, rank 0 draws what a single
+        process seeded with ``seed`` draws, and a run is reproducible for a given number of
+        ranks. Ranks that share a rank in that group (the tensor-parallel ranks of one
+        data-parallel replica) draw the same noise."""
+        if seed is not None:
+            seed = rank_seed(seed, rank_in(self._stat_group) if rank is None else rank)
         for mod in self.modules.values():
-            dev = next(mod.site.parameters()).device
+            held = next(itertools.chain(mod.site.parameters(), mod.site.buffers()), None)  # frozen sites: buffers
+            dev = held.device if held is not None else torch.device("cpu")
             gen = None if seed is None else torch.Generator(device=dev).manual_seed(seed)
             mod.site.noise_generator = gen
+
+    def set_statistics_group(self, group: Any = WORLD) -> None:
+        """The ranks over which the aux losses sum their routing statistics and
+        :meth:`update_balancing` its counts: ``"world"`` (the default: the default process group
+        whenever ``torch.distributed`` is initialised with more than one rank), a
+        ``ProcessGroup`` (the data-parallel group when tensor or pipeline parallelism splits
+        the world), or ``None`` (each rank on its own statistics).
+
+        With a group, the aux loss of a training forward is that of the tokens of every rank
+        together, and its gradients, averaged over the ranks by DDP or FSDP, are those of one
+        process on the concatenated batch (see ``moleforge/backends/runtime/dist.py``). Forwards
+        in evaluation mode or without autograd use their own tokens only, so one rank can
+        evaluate or generate alone."""
+        self._stat_group = group
+        for mod in self.modules.values():
+            mod.site.stat_group = group
+
+    @property
+    def statistics_group(self) -> Any:
+        """See :meth:`set_statistics_group`."""
+        return self._stat_group
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -341,7 +447,7 @@ class AdapterHandle:
             raise CheckpointError("the saved tensors do not have the adapter's dtypes:\n  - " + "\n  - ".join(problems))
         with torch.no_grad():
             for k, v in tensors.items():
-                own[k].copy_(v.to(own[k].dtype))
+                own[k].copy_(_like(own[k], v.to(own[k].dtype)))
 
     def explain(self, ir: str = "diff") -> str:
         """What the compiler built, per group of identical sites: adapter, parameters, FLOPs per
@@ -364,15 +470,27 @@ class AdapterHandle:
             h.remove()
         if self._own_save and vars(self.model).get("save_pretrained") == self._save_pretrained:
             del self.model.save_pretrained
+        _unignore_in_ddp(self.model, self._ddp_ignored)
         self.active = False
         return self.model
 
-    def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+    def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, state_dict=None,
+                         **kwargs) -> None:
         """``model.save_pretrained`` while the adapter is injected (what ``Trainer.save_model`` calls):
         writes the moleforge adapter (``mf.save``), not the full state dict, as PEFT does for its
-        models. Full merged weights: ``mf.export_merged``."""
-        if is_main_process:
-            save(self, save_directory)
+        models. Full merged weights: ``mf.export_merged``.
+
+        Only the main process writes (``is_main_process``, which the Trainer sets on rank 0). Given
+        the model's ``state_dict`` (the Trainer passes the gathered one under FSDP), the adapter's
+        tensors are taken from it rather than from the (possibly sharded) modules."""
+        if not is_main_process:
+            return
+        tensors = None
+        if state_dict is not None:
+            keys = {k: _model_key(k) for k in self.state_dict()}
+            if all(key in state_dict for key in keys.values()):
+                tensors = {k: state_dict[key] for k, key in keys.items()}
+        save(self, save_directory, tensors=tensors, all_ranks=True)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.trainable_parameters())

@@ -84,21 +84,63 @@ def _check_same_save(directory: Path, config_id: str | None, weights_id: str | N
             "save the adapter there again, or restore the folder from a copy")
 
 
-def save(handle: AdapterHandle, directory: str | os.PathLike) -> Path:
+def save(handle: AdapterHandle, directory: str | os.PathLike, *, tensors: dict[str, torch.Tensor] | None = None,
+         all_ranks: bool = False) -> Path:
     """Write ``moleforge_config.json`` and ``moleforge_model.safetensors`` to ``directory``.
 
     Both files are written to temporary files first and then moved into place, one right after
     the other: a failed save leaves the folder as it was, and a save killed between the two moves
     leaves files that ``load`` refuses (they carry different save ids), never a mix it loads. The
     directory is created if needed.
+
+    In a distributed run (``torch.distributed`` initialised) only global rank 0 writes, unless
+    ``all_ranks`` (each node writing to its own disk); the others return the path having
+    written nothing. Under DDP every rank holds the whole adapter, so rank 0 may call it alone.
+    Under FSDP the adapter's tensors are sharded (``DTensor``): every rank must call it, since
+    gathering them is a collective; rank 0 then writes the whole tensors. Nothing waits for the
+    write: put a barrier after it before other ranks read the files.
+
+    Args:
+        tensors: the adapter's tensors (``handle.state_dict()``'s keys), when the caller has
+            gathered them already (``save_pretrained`` given a full state dict).
     """
     if not handle.active:
         raise CheckpointError("this adapter was removed from its model; nothing to save")
-    tensors = handle.state_dict()
+    if tensors is None:
+        tensors = {k: _whole(v) for k, v in handle.state_dict().items()}
+    if not all_ranks and not _writer():
+        return Path(directory)
     sites = {name: {"site": handle.site_of[name],
                     "params": {d.name: list(d.shape) for d in handle.graphs[name].params}}
              for name in handle.modules}
+    _check_whole(tensors, sites)
     config = {"spec": handle.spec.model_dump(mode="json"),
               "base_model": type(handle.model).__name__,
               "sites": sites}
     return write_adapter(directory, config, tensors)
+
+
+def _check_whole(tensors: dict[str, torch.Tensor], sites: dict[str, dict]) -> None:
+    """Refuse to write a tensor whose shape is not the one its site declares: a shard or a
+    partition (DeepSpeed ZeRO-3 leaves each rank's parameters empty outside their forward)."""
+    for key, t in tensors.items():
+        module, _, param = key.rpartition(".")
+        want = sites.get(module, {}).get("params", {}).get(param)
+        if want is not None and list(t.shape) != want:
+            raise CheckpointError(
+                f"{key} has shape {tuple(t.shape)}, the adapter declares {tuple(want)}: it is partitioned across "
+                "processes (DeepSpeed ZeRO-3 or a model-parallel shard). Gather it before saving: under ZeRO-3 "
+                "set stage3_gather_16bit_weights_on_model_save to true (the Trainer then passes the whole "
+                "tensors), or call mf.save inside deepspeed.zero.GatheredParameters(handle.trainable_parameters())")
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (FSDP2's ``DTensor``) gathered whole on every rank; others as they are."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _writer() -> bool:
+    """Whether this process writes: global rank 0, or any process outside a distributed run."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

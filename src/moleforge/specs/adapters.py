@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveInt, model_validator
 
-from .base import SpecModel
+from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -62,7 +62,7 @@ class Init(SpecModel):
     checking that save/load and export carry real values."""
 
     up: Literal["zero", "normal"] = "zero"
-    std: float = Field(0.02, gt=0)
+    std: float = Field(0.02, gt=0, le=MAX_INIT_STD)
     seed: int | None = Field(None, ge=0, lt=2**63)
     """Seed of the parameter initialisation (``None``: torch's global generator); a 64-bit
     signed integer, ``0 <= seed < 2**63``, as ``torch.Generator.manual_seed`` takes."""
@@ -73,7 +73,7 @@ class LoRA(SpecModel):
 
     kind: Literal["lora"] = "lora"
     rank: PositiveInt = 8
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
     """``None``: alpha = rank."""
     scaling: Literal["alpha_over_rank", "rslora"] = "alpha_over_rank"
 
@@ -119,7 +119,7 @@ class ExpertPool(SpecModel):
     kind: Literal["pool"] = "pool"
     experts: PositiveInt = 8
     rank: PositiveInt = 8
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
     scaling: Scaling = "alpha_over_rank"
     down: Factor = PerExpert()
     up: Literal["per_expert", "shared"] = "per_expert"
@@ -160,7 +160,7 @@ class RankPartition(SpecModel):
     kind: Literal["rank_partition"] = "rank_partition"
     rank: PositiveInt = 64
     block: PositiveInt = 1
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
     scaling: Scaling = "alpha_over_active_rank"
     router: Router = SigmoidTopKRouter()
     aux_losses: list[AuxLoss] = []
@@ -191,7 +191,7 @@ class TreeLevel(SpecModel):
     experts: PositiveInt = 4
     rank: PositiveInt = 8
     fanout: PositiveInt | None = 2
-    alpha: float | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
     """Per-level scale ``c_l = alpha / rank``; ``None``: ``c_l = 1`` (the official default)."""
     key_dim: PositiveInt | None = None
     """Width of this pool's keys and queries (the official ``gate_dims[l]``); ``None``:
@@ -209,7 +209,7 @@ class TreeRouter(SpecModel):
     """Width of expert keys and queries (the official ``gate_dims``) of every level that
     does not set its own ``key_dim``."""
     query_activation: Literal["relu", "tanh", "identity"] = "relu"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE)
     """Divides the logits (cosine logits for noisy_topk) before selection and softmax;
     the official code has none (``conventions = "official"`` needs 1.0)."""
 

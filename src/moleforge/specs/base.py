@@ -11,7 +11,22 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import SpecError
 
-__all__ = ["SpecModel", "spec_error_from"]
+__all__ = ["SpecModel", "spec_error_from", "MAX_ALPHA", "MAX_LOSS_WEIGHT", "MIN_TEMPERATURE", "MAX_BIAS_RATE",
+           "MAX_INIT_STD"]
+
+# Bounds of the numbers that scale what an adapter computes. Beyond them a spec is not a
+# plausible setting but a typo, and it trains to infinity or NaN within a step or two in float32
+# (an aux weight of 1e30, a bias step of 1e300); within them every spec trains to finite losses.
+MAX_ALPHA = 1e4
+"""``alpha`` (the LoRA scale ``alpha / rank`` of a rank-1 update stays at most 10⁴)."""
+MAX_LOSS_WEIGHT = 1e3
+"""Aux-loss ``weight`` and the spec's ``aux_loss_coef``."""
+MIN_TEMPERATURE = 1e-3
+"""Router ``temperature``: logits divided by less overflow float32."""
+MAX_BIAS_RATE = 1.0
+"""``bias_update_rate`` of the balancing biases (one step of 1 already outweighs a sigmoid score)."""
+MAX_INIT_STD = 10.0
+"""``init.std`` of the up-projections drawn with ``up = "normal"``."""
 
 
 def _path(loc: tuple[Any, ...]) -> str:

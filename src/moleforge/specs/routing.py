@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveInt
 
-from .base import SpecModel
+from .base import MAX_BIAS_RATE, MAX_LOSS_WEIGHT, MIN_TEMPERATURE, SpecModel
 
 __all__ = [
     "TopKRouter",
@@ -36,7 +36,7 @@ class TopKRouter(SpecModel):
     """Number of experts each token uses."""
     renormalize: bool = True
     """Rescale the kept probabilities to sum to 1 (``False``: keep the raw softmax values)."""
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE)
     """Softmax temperature τ."""
     jitter: float = Field(0.0, ge=0, lt=1)
     """Training-time multiplicative input noise ``x·U(1-ε, 1+ε)`` of the router input (MixLoRA)."""
@@ -46,7 +46,7 @@ class DenseRouter(SpecModel):
     """``g = softmax(x W_g / τ)``: every expert active (HydraLoRA, LoRAMoE)."""
 
     kind: Literal["dense"] = "dense"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE)
 
     @property
     def k(self) -> None:
@@ -62,7 +62,7 @@ class SigmoidTopKRouter(SpecModel):
 
     kind: Literal["sigmoid_topk"] = "sigmoid_topk"
     k: PositiveInt = 8
-    bias_update_rate: float = Field(1e-5, ge=0)
+    bias_update_rate: float = Field(1e-5, ge=0, le=MAX_BIAS_RATE)
 
 
 class ImplicitTopKRouter(SpecModel):
@@ -72,7 +72,7 @@ class ImplicitTopKRouter(SpecModel):
 
     kind: Literal["implicit_topk"] = "implicit_topk"
     k: PositiveInt = 8
-    bias_update_rate: float = Field(1e-3, ge=0)
+    bias_update_rate: float = Field(1e-3, ge=0, le=MAX_BIAS_RATE)
 
 
 class StaticRouter(SpecModel):
@@ -103,7 +103,7 @@ class SwitchLoadBalance(SpecModel):
     (token, slot) assignments to expert i (sums to k), ``P_i`` the mean router probability."""
 
     kind: Literal["switch_lb"] = "switch_lb"
-    weight: float = Field(0.01, ge=0)
+    weight: float = Field(0.01, ge=0, le=MAX_LOSS_WEIGHT)
 
 
 class CV2ImportanceLoad(SpecModel):
@@ -112,7 +112,7 @@ class CV2ImportanceLoad(SpecModel):
     with the unbiased variance."""
 
     kind: Literal["cv2_importance_load"] = "cv2_importance_load"
-    weight: float = Field(0.01, ge=0)
+    weight: float = Field(0.01, ge=0, le=MAX_LOSS_WEIGHT)
 
 
 class LocalizedBalance(SpecModel):
@@ -125,7 +125,7 @@ class LocalizedBalance(SpecModel):
     ``1 - delta`` otherwise. Without type labels every ``I`` is 1."""
 
     kind: Literal["localized_balance"] = "localized_balance"
-    weight: float = Field(0.1, ge=0)
+    weight: float = Field(0.1, ge=0, le=MAX_LOSS_WEIGHT)
     delta: float = Field(0.1, ge=0, lt=1)
     groups: PositiveInt = 2
 

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from .adapters import Adapter, ExpertPool, Init, LoRA, PerExpert, ResidualTree
-from .base import SpecModel
+from .base import MAX_LOSS_WEIGHT, SpecModel
 from .routing import ImplicitTopKRouter
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
@@ -138,7 +138,7 @@ class AdapterSpec(SpecModel):
     name: str = "adapter"
     description: str = ""
     sites: list[Site] = Field(min_length=1)
-    aux_loss_coef: float = Field(1.0, ge=0)
+    aux_loss_coef: float = Field(1.0, ge=0, le=MAX_LOSS_WEIGHT)
     """Multiplies the sum of the sites' (already weighted) aux losses added to ``outputs.loss``."""
 
     def with_init(self, init: Init) -> "AdapterSpec":

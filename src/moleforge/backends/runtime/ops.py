@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...ir.values import Routing
+from .dist import all_sum, reduce_group
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = [
@@ -47,12 +48,13 @@ def block_columns(b: Tensor) -> Tensor:
     return b.permute(1, 0, 2).reshape(d, E * r)
 
 
-def jitter(x: Tensor, eps: float, training: bool) -> Tensor:
-    """Training: ``x · U(1-ε, 1+ε)`` elementwise, drawn from torch's global generator (as
-    ``torch.rand_like(x)`` would draw ``u``: ``x · (1 - ε + 2ε·u)``); evaluation: ``x``."""
+def jitter(x: Tensor, eps: float, training: bool, generator: torch.Generator | None = None) -> Tensor:
+    """Training: ``x · U(1-ε, 1+ε)`` elementwise, ``x · (1 - ε + 2ε·u)`` with ``u`` drawn as
+    ``torch.rand_like(x, generator=generator)`` would (the site's noise ``generator``, seeded by
+    ``handle.seed_noise``; ``None``: torch's global generator); evaluation: ``x``."""
     if not training or eps == 0:
         return x
-    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps, generator=generator)
 
 
 def route_softmax_topk(z: Tensor, k: int, renormalize: bool, temperature: float):
@@ -257,31 +259,48 @@ def _real_tokens(mask: Tensor) -> Tensor:
 
 
 def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float,
-              mask: Tensor | None = None) -> Tensor:
-    """``weight · E · Σ_i f_i P_i`` over the tokens (the real ones with a ``mask``)."""
+              mask: Tensor | None = None, training: bool = False, group=None) -> Tensor:
+    """``weight · E · Σ_i f_i P_i`` over the tokens (the real ones with a ``mask``); over the
+    tokens of every rank of ``group`` when it reduces (``dist.py``)."""
     T, E = probs.shape
     if index is None:
         counts = _token_sum((gates > 0).to(probs.dtype), mask)  # (E,)
     else:
         counts = _counts(index, E, probs.dtype, mask)  # (E,)
+    pg = reduce_group(group, training)
+    if pg is not None:
+        n = probs.new_full((1,), T) if mask is None else mask.sum().to(probs.dtype).reshape(1)
+        total = all_sum(torch.cat([_token_sum(probs, mask), counts, n]), pg)  # (2E + 1,)
+        p_sum, counts, n = total[:E], total[E:2 * E], total[2 * E].clamp_min(1)
+        return weight * E * torch.sum(counts / n * (p_sum / n))
     if mask is None:
         return weight * E * torch.sum(counts / T * probs.mean(0))
     n = _real_tokens(mask).to(probs.dtype)
     return weight * E * torch.sum(counts / n * (_token_sum(probs, mask) / n))
 
 
-def cv2_importance_load(gates: Tensor, weight: float, mask: Tensor | None = None) -> Tensor:
-    """``weight · (CV²(importance) + CV²(load))`` over the tokens (the real ones with a ``mask``)."""
-    return weight * (_cv2(_token_sum(gates, mask)) + _cv2(_token_sum((gates > 0).to(gates.dtype), mask)))
+def cv2_importance_load(gates: Tensor, weight: float, mask: Tensor | None = None, training: bool = False,
+                        group=None) -> Tensor:
+    """``weight · (CV²(importance) + CV²(load))`` over the tokens (the real ones with a ``mask``);
+    of every rank's tokens when ``group`` reduces."""
+    importance = _token_sum(gates, mask)  # (E,)
+    load = _token_sum((gates > 0).to(gates.dtype), mask)  # (E,)
+    pg = reduce_group(group, training)
+    if pg is not None:
+        importance, load = all_sum(torch.cat([importance, load]), pg).chunk(2)
+    return weight * (_cv2(importance) + _cv2(load))
 
 
 def localized_balance(probs: Tensor, samples: tuple[Tensor, Tensor | None] | None, weight: float,
-                      delta: float, groups: int, mask: Tensor | None = None) -> Tensor:
+                      delta: float, groups: int, mask: Tensor | None = None, training: bool = False,
+                      group=None) -> Tensor:
     """LoRAMoE's localized balance; with a ``mask``, that of the real tokens alone (their
     probabilities, sample indices and types), as if the padding had never been there. The
     samples are those that hold a token (a real one, with a ``mask``), wherever they sit in the
-    batch: an all-padding row counts as no sample."""
+    batch: an all-padding row counts as no sample. When ``group`` reduces, the CV² is that of
+    every rank's samples together (each rank's samples are distinct samples)."""
     T, E = probs.shape
+    pg = reduce_group(group, training)
     if samples is None:
         sample_idx, types = torch.zeros(T, dtype=torch.long, device=probs.device), None
     else:
@@ -289,17 +308,31 @@ def localized_balance(probs: Tensor, samples: tuple[Tensor, Tensor | None] | Non
     if mask is not None:  # its sample count is read from the data anyway, so selecting rows adds no sync
         probs, sample_idx = probs[mask], sample_idx[mask]
         types = None if types is None else types[mask]
-        if sample_idx.numel() == 0:
+        if sample_idx.numel() == 0 and pg is None:
             return probs.sum() * 0.0
     present, sample_idx = torch.unique(sample_idx, return_inverse=True)  # samples renumbered 0..M-1
     M = present.numel()
     Q = probs.new_zeros(M, E).index_add(0, sample_idx, probs)  # (M, E)
-    if types is None:
-        return weight * _cv2(Q.reshape(-1))
-    group = torch.arange(E, device=probs.device) * groups // E  # (E,)
-    mtype = torch.zeros(M, dtype=torch.long, device=probs.device).index_put((sample_idx,), types.long())
-    coef = torch.where(group[None, :] == mtype[:, None], 1.0 + delta, 1.0 - delta).to(probs.dtype)
-    return weight * _cv2((coef * Q).reshape(-1))
+    if types is not None:
+        group_of_expert = torch.arange(E, device=probs.device) * groups // E  # (E,)
+        mtype = torch.zeros(M, dtype=torch.long, device=probs.device).index_put((sample_idx,), types.long())
+        coef = torch.where(group_of_expert[None, :] == mtype[:, None], 1.0 + delta, 1.0 - delta).to(probs.dtype)
+        Q = coef * Q
+    if pg is not None:
+        return weight * _cv2_over_ranks(Q.reshape(-1), pg)
+    return weight * _cv2(Q.reshape(-1))
+
+
+def _cv2_over_ranks(v: Tensor, group) -> Tensor:
+    """:func:`_cv2` of the entries of ``v`` on every rank of ``group`` together: the mean from
+    one sum, then the squared deviations from it (two passes, as ``var`` computes)."""
+    head = all_sum(torch.cat([v.sum().reshape(1), v.new_full((1,), v.numel())]), group)
+    n = head[1].detach()
+    mean = head[0] / n.clamp_min(1)
+    sq = all_sum((v - mean).square().sum(), group)
+    if n < 2:  # the same on every rank: all take this branch
+        return sq * 0.0
+    return (sq / (n - 1)) / (mean ** 2 + 1e-10)
 
 
 def add_aux(*terms: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from moleforge.ir.values import TreeRouting
 
+from .dist import all_sum, reduce_group
 from .ops_tree_prop import act_, propagate_all
 from .ops_tree_route import route_switch_dense
 from .policy import TORCH_OPS, KernelPolicy
@@ -269,15 +270,20 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10) if v.numel() > 1 else v.sum() * 0.0
 
 
-def tree_aux(route: TreeRouting, kind: str, weight: float, mask: Tensor | None = None) -> Tensor:
+def tree_aux(route: TreeRouting, kind: str, weight: float, mask: Tensor | None = None, training: bool = False,
+             group=None) -> Tensor:
     """Sum over pools of the switch load balance or the CV² importance + load loss
     (training noisy gate: the smooth load). Dense trees carry none (zero). With a token
-    ``mask (T,)`` the statistics count the real tokens' contexts only."""
+    ``mask (T,)`` the statistics count the real tokens' contexts only; when ``group`` reduces
+    (``dist.py``), those of every rank's tokens."""
     indices, weights, probs = route.indices, route.weights, route.probs
     total = probs[0].new_zeros(())
     if route.gate == "dense":
         return total
     smooth = route.smooth_load or (None,) * len(indices)
+    pg = reduce_group(group, training)
+    if pg is not None:
+        return _tree_aux_over_ranks(route, smooth, kind, weight, mask, pg)
     for idx, w, p, load in zip(indices, weights, probs, smooth):
         if mask is not None:
             total = total + _pool_aux_masked(idx, w, p, load, kind, weight, mask)
@@ -294,6 +300,50 @@ def tree_aux(route: TreeRouting, kind: str, weight: float, mask: Tensor | None =
                 load = torch.bincount(flat[w.reshape(-1) > 0], minlength=s).to(p.dtype)
             else:
                 load = load.sum(1)
+            total = total + weight * (_cv2(importance) + _cv2(load))
+    return total
+
+
+def _pool_stats(idx: Tensor, w: Tensor, p: Tensor, load: Tensor | None, kind: str,
+                mask: Tensor | None) -> list[Tensor]:
+    """One pool's statistics, sums over its routed contexts (those of real tokens with a
+    ``mask``): ``switch_lb``: ``[Σ probs (s,), selections (s,), contexts (1,)]``; CV²:
+    ``[importance (s,), load (s,)]``."""
+    T, C, f = idx.shape
+    s = p.shape[-1]
+    flat = idx.reshape(-1)  # (T·C·f,)
+    real = None if mask is None else mask.view(T, 1, 1)
+    slot = None if mask is None else real.expand(T, C, f).reshape(-1)  # (T·C·f,) slot of a real token
+    ones = torch.ones_like(flat, dtype=p.dtype) if slot is None else slot.to(p.dtype)
+    if kind == "switch_lb":
+        p_sum = (p if real is None else torch.where(real, p, 0)).reshape(-1, s).sum(0)  # (s,)
+        counts = p.new_zeros(s).index_add(0, flat, ones)  # (s,)
+        n = p.new_full((1,), T * C) if mask is None else (mask.sum() * C).to(p.dtype).reshape(1)
+        return [p_sum, counts, n]
+    importance = p.new_zeros(s).index_add(0, flat, (w if real is None else torch.where(real, w, 0)).reshape(-1))
+    if load is None:
+        load = p.new_zeros(s).index_add(0, flat, ones * (w.reshape(-1) > 0))  # (s,)
+    else:
+        load = (load if mask is None else torch.where(mask.repeat_interleave(C), load, 0)).sum(1)  # (s,)
+    return [importance, load]
+
+
+def _tree_aux_over_ranks(route: TreeRouting, smooth: tuple, kind: str, weight: float, mask: Tensor | None,
+                         group) -> Tensor:
+    """:func:`tree_aux` of every rank's tokens: each pool's statistics (:func:`_pool_stats`)
+    summed over the ranks of ``group`` in one all-reduce, then each pool's loss."""
+    pools = [_pool_stats(idx, w, p, load, kind, mask)
+             for idx, w, p, load in zip(route.indices, route.weights, route.probs, smooth)]
+    sizes = [t.numel() for stats in pools for t in stats]
+    summed = iter(all_sum(torch.cat([t for stats in pools for t in stats]), group).split(sizes))
+    total = route.probs[0].new_zeros(())
+    for stats in pools:
+        if kind == "switch_lb":
+            p_sum, counts, n = (next(summed) for _ in stats)
+            n = n[0].clamp_min(1)
+            total = total + (weight * p_sum.numel() / n) * (counts @ (p_sum / n))
+        else:
+            importance, load = (next(summed) for _ in stats)
             total = total + weight * (_cv2(importance) + _cv2(load))
     return total
 

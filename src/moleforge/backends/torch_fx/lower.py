@@ -45,6 +45,7 @@ from ...ir import (
     nodes,
 )
 from ..runtime import ops, ops_block, ops_linear
+from ..runtime.dist import WORLD
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
@@ -80,6 +81,7 @@ class _Ctx:
         self.mask = self.g.placeholder("mask", default_value=None)
         self.plans: dict[str, fx.Node] = {}
         self._training: fx.Node | None = None
+        self._stat_group: fx.Node | None = None
         self._names: set[str] = set()
         self.fused: dict[str, fx.Node] = {}
         """Node id -> an input another emitter already computed for it (lower_tree)."""
@@ -104,6 +106,14 @@ class _Ctx:
         if self._training is None:
             self._training = self.g.get_attr("training")
         return self._training
+
+    @property
+    def stat_group(self) -> fx.Node:
+        """The module's ``stat_group``: the ranks its aux losses sum their statistics over
+        (``runtime/dist.py``)."""
+        if self._stat_group is None:
+            self._stat_group = self.g.get_attr("stat_group")
+        return self._stat_group
 
     def item(self, node: fx.Node, i: int | str, name: str) -> fx.Node:
         return self.call(operator.getitem, (node, i), name)
@@ -202,7 +212,8 @@ def _sibling(c: _Ctx, n: nodes.SiblingLinear) -> fx.Node:
 
 EMIT.add(lambda c, n: c.x, nodes.Input)
 EMIT.add(lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id), nodes.Add)
-EMIT.add(lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training), n.id), nodes.Jitter)
+EMIT.add(lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training, c.g.get_attr("noise_generator")), n.id),
+         nodes.Jitter)
 EMIT.add(lambda c, n: ROUTE[n.gate](c, n), nodes.Route)
 
 
@@ -260,11 +271,13 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
         gates = _gates(c, n.routing)
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
         index = routing_field(c, n.routing, Routing, "index", f"{n.id}_index")
-        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask), n.id)
+        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask, c.training, c.stat_group), n.id)
     if n.kind == "cv2_importance_load":
-        return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask), n.id)
+        return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask, c.training, c.stat_group),
+                      n.id)
     probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
-    return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask), n.id)
+    return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask, c.training,
+                                          c.stat_group), n.id)
 
 
 def _plan(c: _Ctx, rid: str) -> fx.Node:
@@ -356,6 +369,7 @@ class _Root(nn.Module):
                 counts = torch.zeros(gate.balance.shape, dtype=torch.float32, device=device)
                 self.register_buffer(counts_name(gate.balance.name), counts, persistent=False)
         self.noise_generator = None
+        self.stat_group = WORLD
 
 
 def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> None:
@@ -434,6 +448,7 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     root.sibling_group = c.groups[joined[0].group] if joined else None
     gm = fx.GraphModule(root, c.g, class_name="MoleforgeSite")
     gm.noise_generator = None
+    gm.stat_group = WORLD
     gm.kernel_policy = policy
     gm.sibling_group = root.sibling_group
     _keep_unread_tensors(gm, root, graph)

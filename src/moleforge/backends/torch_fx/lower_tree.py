@@ -96,4 +96,5 @@ def emit_tree(c, n) -> fx.Node:
 
 
 def emit_tree_aux(c, n) -> fx.Node:
-    return c.call(ops_tree.tree_aux, (c.env[n.routing], n.kind, n.weight, c.mask), n.id)
+    return c.call(ops_tree.tree_aux, (c.env[n.routing], n.kind, n.weight, c.mask, c.training, c.stat_group),
+                  n.id)
