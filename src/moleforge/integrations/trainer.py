@@ -11,6 +11,12 @@ compute the loss outside the model and so leave the aux loss out unless the user
 Trainer's ``resume_from_checkpoint`` reloads only weight files it knows (``model.safetensors``,
 PEFT adapters); restore a moleforge checkpoint with ``mf.load`` instead.
 
+On several processes (``torchrun``, ``accelerate launch``) the callback runs on every rank: the
+aux losses already hold the whole batch's statistics (summed over the ranks in the forward), the
+balancing update sums the ranks' counts before moving the biases, and ``trainer.save_model``
+writes on the main process only. Call ``handle.seed_noise(seed)`` after building the Trainer (it
+sets up ``torch.distributed``) to give each rank its own noise stream.
+
     handle = mf.compile("molora", model)
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[mf.MoleforgeTrainerCallback(handle)])
