@@ -15,12 +15,14 @@ table over :data:`NODE_KINDS` or :data:`GATE_KINDS`.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
+from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
+from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate
+from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
-from .types import PerExpertType, RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
+from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -35,140 +37,6 @@ __all__ = [
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
-
-BlockActivation = Literal["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]
-"""Activations of FFN blocks: ``silu(v) = v·σ(v)``, ``gelu`` (erf form), ``gelu_tanh`` (the tanh
-approximation, GPT-2's ``gelu_new``), ``relu``, ``quick_gelu(v) = v·σ(1.702 v)``."""
-
-_OPERAND = {"operand": True}
-
-
-def operand(*, default: Any = MISSING) -> Any:
-    """A field naming the node(s) a node reads: an id, a tuple of ids, or (with
-    ``default=None``) an optional id. ``inputs()`` lists the operands in field order."""
-    return field(metadata=_OPERAND) if default is MISSING else field(default=default, metadata=_OPERAND)
-
-
-@cache
-def _operands(kind: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(kind) if f.metadata.get("operand"))
-
-
-class NodeKind:
-    """Base of the node kinds: inputs from the operand fields, the result type per kind."""
-
-    __slots__ = ()
-
-    def inputs(self) -> tuple[str, ...]:
-        """The ids this node reads, in operand order (``None`` operands left out)."""
-        out: list[str] = []
-        for name in _operands(type(self)):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                out.append(v)
-            elif v is not None:
-                out.extend(v)
-        return tuple(out)
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        """The type of this node's value in ``graph`` (which gives its inputs' types)."""
-        raise NotImplementedError(type(self).__name__)
-
-
-class RouterNode(NodeKind):
-    """A node that routes tokens (its value is a routing; the lowered site reports it for
-    routing statistics): :class:`Route`, :class:`TreeRoute`."""
-
-    __slots__ = ()
-
-    @property
-    def sparse(self) -> bool:
-        """Whether each token uses only selected experts (top-k), not all of them."""
-        raise NotImplementedError
-
-    @property
-    def balances(self) -> bool:
-        """Whether a balancing bias, updated from the selection counts, shifts the selection."""
-        raise NotImplementedError
-
-    @property
-    def input_independent(self) -> bool:
-        """Whether every token gets the same gates (the routing does not read the input)."""
-        raise NotImplementedError
-
-
-# ---- gates: how a router turns scores into gate values -------------------------------
-
-class GateKind:
-    """Base of the gate kinds. Facts: ``k`` (experts per token, ``None`` when dense; a field of
-    the top-k gates), ``sparse``, ``balances`` (a balancing bias ``balance`` updated from the
-    selection counts) and ``input_independent`` (the scores are not read)."""
-
-    __slots__ = ()
-    balances: ClassVar[bool] = False
-    input_independent: ClassVar[bool] = False
-
-    @property
-    def sparse(self) -> bool:
-        return self.k is not None  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True, slots=True)
-class SoftmaxTopK(GateKind):
-    """``p = softmax(z/τ)``; keep the k largest p; renormalise them to sum 1 if asked."""
-
-    k: int
-    renormalize: bool = True
-    temperature: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class DenseSoftmax(GateKind):
-    """``g = p = softmax(z/τ)``."""
-
-    temperature: float = 1.0
-
-    @property
-    def k(self) -> None:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class SigmoidTopK(GateKind):
-    """SMoRA: ``u = σ(z) + b``; keep top-k of u; ``g = k · u_kept / Σ u_kept``."""
-
-    k: int
-    balance: ParamRef
-    balances: ClassVar[bool] = True
-
-
-@dataclass(frozen=True, slots=True)
-class AbsTopK(GateKind):
-    """FlyLoRA: binary mask of the k largest ``|z + d|``; ``g ∈ {0, 1}``."""
-
-    k: int
-    balance: ParamRef
-    balances: ClassVar[bool] = True
-
-
-@dataclass(frozen=True, slots=True)
-class StaticGate(GateKind):
-    """Input-independent gates: ``g_t = w`` for every token t, ``w (E,)`` a stored tensor; the
-    router's scores are not read (its ``src`` only gives the token count). Router probabilities
-    (for statistics) are ``|w| / Σ|w|``."""
-
-    weights: ParamRef
-    input_independent: ClassVar[bool] = True
-
-    @property
-    def k(self) -> None:
-        return None
-
-
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate]
-
-GATE_KINDS: tuple[type, ...] = get_args(Gate)
-"""Every gate kind."""
 
 
 # ---- tensor nodes -----------------------------------------------------------------------
@@ -501,98 +369,6 @@ class AuxLoss(NodeKind):
 
     def result_type(self, graph: "Graph") -> ValueType:
         return ScalarType()
-
-
-# ---- FFN-block experts (MixLoRA) -------------------------------------------------------
-# The frozen weights of a block are frozen inputs of the graph (``Graph.frozen``): the IR
-# references the model's own tensors and never copies them.
-
-@dataclass(frozen=True, slots=True)
-class ExpertLinear:
-    """One linear of an FFN block with a LoRA per expert: expert i computes
-    ``L_i(u) = u Wᵀ + b + scale · (u A_iᵀ) B_iᵀ``. ``W [out, in]`` and ``b`` are frozen
-    inputs; ``A (E, r, in)`` and ``B (E, out, r)`` the experts' factors, ``None`` when this
-    linear carries no adapter (then ``L_i(u) = u Wᵀ + b``)."""
-
-    weight: ParamRef
-    bias: ParamRef | None = None
-    a: ParamRef | None = None
-    b: ParamRef | None = None
-    scale: float = 1.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertFFN(NodeKind):
-    """Routed FFN-block experts sharing the frozen block (MixLoRA, METHODS.md §5):
-    ``h_i = act(G_i(x)) ⊙ U_i(x)`` (gated block) or ``act(U_i(x))`` (``gate=None``),
-    ``y = Σ_i g_i(x) · D_i(h_i)``: ``(T, d_in) -> (T, d_out)``; the block's output, not a delta.
-
-    ``gate_base`` / ``up_base`` (optional) name nodes holding the frozen projections
-    ``x W_gᵀ + b_g`` / ``x W_uᵀ + b_u``; then ``G_i(x) = gate_base + s (x A_iᵀ) B_iᵀ``."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    up: ExpertLinear
-    down: ExpertLinear
-    gate: ExpertLinear | None = None
-    activation: BlockActivation = "silu"
-    gate_base: str | None = operand(default=None)
-    up_base: str | None = operand(default=None)
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return TensorType(self.down.weight.shape[0])
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertHidden(NodeKind):
-    """The experts' hidden states ``h_i (T, d_ff)`` of an :class:`ExpertFFN` without its down
-    projection: a per-expert value, read only through the routing's gates (consumers weight
-    ``h_i`` by ``g_i``, so backends may compute it only where ``g_i ≠ 0``)."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    up: ExpertLinear
-    gate: ExpertLinear | None = None
-    activation: BlockActivation = "silu"
-    gate_base: str | None = operand(default=None)
-    up_base: str | None = operand(default=None)
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return PerExpertType(graph.routing(self.routing).experts, self.up.weight.shape[0])
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertSum(NodeKind):
-    """``y = Σ_i g_i h_i``: ``h`` an :class:`ExpertHidden` over the same routing -> ``(T, d_ff)``."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return TensorType(graph.per_expert(self.src).width)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertLoRA(NodeKind):
-    """``y = Σ_i g_i · scale · (h_i A_iᵀ) B_iᵀ``: each expert's low-rank update of its own
-    hidden state, ``A (E, r, d_ff)``, ``B (E, d_out, r)`` -> ``(T, d_out)``."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    a: ParamRef
-    b: ParamRef
-    scale: float
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return TensorType(self.b.shape[1])
 
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
