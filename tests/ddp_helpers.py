@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -11,13 +12,24 @@ import torch
 import torch.distributed as dist
 
 
+@contextlib.contextmanager
+def process_group(rank: int, world: int, folder: str):
+    """A gloo group over ``folder``'s file store. On success every rank meets at a barrier before
+    the group is destroyed, so no rank tears its sockets down while a peer still talks to it."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def ddp_worker(rank: int, world: int, folder: str) -> None:
     """Two optimizer steps of ``molora`` on a tiny Llama under DDP with
     ``find_unused_parameters=True`` (the HF Trainer's default); writes ``rank<N>.json`` with the
     losses and the summed adapter gradients of the last step."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, folder):
         import moleforge as mf
         from models import tiny
 
@@ -38,8 +50,6 @@ def ddp_worker(rank: int, world: int, folder: str) -> None:
         result = {"losses": losses, "aux": aux, "grads": grads, "output": type(out).__name__,
                   "finite": all(math.isfinite(v) for v in losses + aux)}
         Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- gradients of aux losses summed over the ranks --------------------------------------------
@@ -198,9 +208,7 @@ def ddp_stats_worker(rank: int, world: int, folder: str) -> None:
     """Under DDP: every grad case with the statistics summed over the ranks and without
     (``set_statistics_group(None)``), a ``smora`` balancing step, ``mf.save`` on every rank (to
     ``adapter_rank<N>``) and the noisy gate's logits seeded per rank; writes ``rank<N>.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, folder):
         import moleforge as mf
         from models import tiny
 
@@ -221,8 +229,6 @@ def ddp_stats_worker(rank: int, world: int, folder: str) -> None:
         mf.save(handle, Path(folder, f"adapter_rank{rank}"))
         torch.save({"grads": grads, "aux": aux, "biases": biases, "noise": noisy_logits()},
                    Path(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- FSDP2 -------------------------------------------------------------------------------------
@@ -243,9 +249,7 @@ def fsdp_worker(rank: int, world: int, folder: str) -> None:
     """Under FSDP2 (``fully_shard``): the grad cases' gradients, a ``smora`` balancing step, and
     ``mf.save`` called on every rank (to ``adapter_rank<N>``: only rank 0's may appear), read back
     into a fresh sharded adapter; writes ``rank<N>.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, folder):
         import moleforge as mf
         from models import tiny
         from moleforge.interop.own_format import read_adapter
@@ -272,5 +276,3 @@ def fsdp_worker(rank: int, world: int, folder: str) -> None:
         sharded = any(hasattr(v, "full_tensor") for v in again.state_dict().values())
         torch.save({"grads": grads, "biases": biases, "saved": saved, "loaded": loaded, "sharded": sharded},
                    Path(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
