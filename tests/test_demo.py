@@ -44,6 +44,24 @@ def test_demo_writes_every_promised_file(demo):
         assert height > 300 and width > 800, png
 
 
+def test_three_methods_at_one_budget_and_a_stated_result(demo):
+    out, printed = demo
+    report = json.loads((out / "report.json").read_text())
+    names = list(report["methods"])
+    assert names[0] == "smore" and names[1].startswith("molora r=") and names[2].startswith("lora r=")
+    budget = report["methods"]["smore"]["parameters"]
+    for name in names[1:]:
+        assert abs(report["methods"][name]["parameters"] - budget) / budget < 0.05, name
+    molora = mf.AdapterSpec.model_validate(json.loads((Path(report["methods"][names[1]]["adapter"])
+                                                       / "moleforge_config.json").read_text())["spec"])
+    assert molora.sites[0].target.roles == ["gate", "up", "down"]
+    result = next(line for line in printed.splitlines() if line.startswith("result:"))
+    exact = {n: sum(s["exact"] for s in report["methods"][n]["scores"].values()) / len(TASKS) for n in names}
+    for name in names:
+        assert f"{name} {100 * exact[name]:.0f}%" in result
+    assert "Best here: " in result
+
+
 def test_report_counts_match_the_saved_models(demo):
     out, printed = demo
     report = json.loads((out / "report.json").read_text())

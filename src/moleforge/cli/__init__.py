@@ -29,7 +29,7 @@ def main() -> None:
 
     \b
     Start here:
-      moleforge demo                      fine-tune S'MoRE and LoRA on a small model, with pictures
+      moleforge demo                      fine-tune S'MoRE, MoLoRA and LoRA on a small model, with pictures
       moleforge presets                   the methods that ship as presets
       moleforge inspect smore --model M   where a spec goes in model M and what it costs
       moleforge train smore --model M --data train.jsonl --out run
@@ -74,13 +74,13 @@ def schema_cmd(markdown: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def demo_cmd(out_dir: str, steps: int, pretrain_steps: int, seed: int, quiet: bool) -> None:
-    """Fine-tune S'MoRE and a same-budget LoRA side by side, offline, on a CPU.
+    """Fine-tune S'MoRE, MoLoRA and LoRA at one budget side by side, offline, on a CPU.
 
     Builds a small Llama-style model from a config shipped with moleforge, pretrains it
-    on four counting tasks, then fine-tunes the `smore` preset and a LoRA with the same
-    number of trainable parameters on four new ones. Writes loss curves, an expert-load
-    heatmap, S'MoRE routing trees, a report, the base model, the data and both adapters.
-    About a minute on two CPU cores with the defaults.
+    on four counting tasks, then fine-tunes the `smore` preset, a MoLoRA and a LoRA with the
+    same number of trainable parameters on four new ones, and says which did best. Writes
+    loss curves, an expert-load heatmap, S'MoRE routing trees, a report, the base model, the
+    data and the three adapters. About a minute and a half on two CPU cores with the defaults.
     """
     from ..demo import DemoConfig, run_demo
 

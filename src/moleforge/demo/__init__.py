@@ -1,10 +1,10 @@
-"""``moleforge demo``: S'MoRE and a same-budget LoRA fine-tuned side by side on a small model
+"""``moleforge demo``: S'MoRE, MoLoRA and LoRA at one parameter budget, fine-tuned side by side on a small model
 built from a shipped config, with pictures and a report. Runs offline on a CPU.
 
     from moleforge.demo import DemoConfig, run_demo
     paths = run_demo("runs/demo", DemoConfig(steps=300))
 """
 
-from .run import DemoConfig, MethodRun, build_model, matched_lora, run_demo
+from .run import DemoConfig, MethodRun, build_model, matched_lora, matched_molora, run_demo
 
-__all__ = ["DemoConfig", "MethodRun", "run_demo", "build_model", "matched_lora"]
+__all__ = ["DemoConfig", "MethodRun", "run_demo", "build_model", "matched_lora", "matched_molora"]

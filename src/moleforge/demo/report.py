@@ -10,7 +10,7 @@ from ..interop.atomic import atomic_write
 from ..report.structure import format_gamma
 from .tasks import PRETRAIN_TASKS, TASKS
 
-__all__ = ["render", "write", "final_loss"]
+__all__ = ["render", "write", "final_loss", "verdict"]
 
 
 def final_loss(losses: list[float], last: int = 20) -> float:
@@ -27,7 +27,7 @@ def render(cfg, pre, base_scores, runs, seconds: float) -> str:
     """The report as text: setup, one column per method, scores per task."""
     names = [r.name for r in runs]
     lines = [
-        "moleforge demo: S'MoRE and a same-budget LoRA, fine-tuned side by side",
+        "moleforge demo: S'MoRE, a flat mixture (MoLoRA) and LoRA at one parameter budget, fine-tuned side by side",
         "",
         f"base model   pretrained {cfg.pretrain_steps} steps on the tasks {' '.join(PRETRAIN_TASKS)} "
         f"(loss {final_loss(pre.loss[:20]):.3f} -> {final_loss(pre.loss):.3f})",
@@ -53,8 +53,18 @@ def render(cfg, pre, base_scores, runs, seconds: float) -> str:
         lines.append(_row(task, [f"{s.loss:.3f} / {100 * s.exact:3.0f}%" for s in cells]))
     means = [_mean(base_scores)] + [_mean(r.scores) for r in runs]
     lines.append(_row("mean", [f"{lo:.3f} / {100 * ex:3.0f}%" for lo, ex in means]))
-    lines += ["", f"total time {seconds:.0f} s"]
+    lines += ["", verdict(runs), "", f"total time {seconds:.0f} s"]
     return "\n".join(lines)
+
+
+def verdict(runs) -> str:
+    """The result in one sentence: each method's exact answers and loss, and which did best
+    (most prompts answered exactly, then the lower loss)."""
+    scored = [(r, *_mean(r.scores)) for r in runs]
+    best = max(scored, key=lambda t: (t[2], -t[1]))[0]
+    parts = ", ".join(f"{r.name} {100 * ex:.0f}% (loss {lo:.3f})" for r, lo, ex in scored)
+    return (f"result: prompts answered exactly after fine-tuning: {parts}. Best here: {best.name}. "
+            "One seed of one small task set: see the README's quality benchmark for methods on a real model.")
 
 
 def _mean(scores) -> tuple[float, float]:

@@ -1,5 +1,6 @@
-"""``moleforge demo``: pretrain a small model, fine-tune S'MoRE and a same-budget LoRA on four
-synthetic tasks side by side, and write pictures, a report and the adapters.
+"""``moleforge demo``: pretrain a small model, fine-tune S'MoRE, a flat mixture (MoLoRA) and a
+LoRA of the same parameter budget on four synthetic tasks side by side, and write pictures, a
+report and the adapters.
 
 Everything is built here (model from a shipped config, tokenizer, data): no downloads.
 """
@@ -28,7 +29,7 @@ from . import plots, report
 from .loop import Curve, TaskScore, evaluate, finetune, pretrain
 from .tasks import PRETRAIN_TASKS, TASKS, VOCAB, make_tokenizer, task_records
 
-__all__ = ["DemoConfig", "MethodRun", "run_demo", "build_model", "matched_lora"]
+__all__ = ["DemoConfig", "MethodRun", "run_demo", "build_model", "matched_lora", "matched_molora"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,26 @@ def build_model() -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
+def _closest_rank(budget: int, spec_of_rank: Callable[[int], AdapterSpec], model: nn.Module) -> int:
+    """The rank whose spec's trainable parameter count is closest to ``budget`` (counts grow
+    with the rank: a doubling search, then bisection)."""
+    def count(rank: int) -> int:
+        return compiler.count_parameters(spec_of_rank(rank), model)
+
+    lo, hi = 1, 2
+    while count(hi) < budget:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) < budget else (lo, mid)
+    return min((lo, hi), key=lambda r: abs(count(r) - budget))
+
+
 def matched_lora(reference: AdapterSpec, model: nn.Module) -> tuple[AdapterSpec, int]:
     """A LoRA on the same projections as ``reference`` whose rank makes its trainable
     parameter count closest to ``reference``'s (alpha = 2·rank, as in the ``lora`` preset).
-
-    LoRA's count is linear in the rank, ``n(r) = r · Σ_sites (d_in + d_out)``, so the rank is
-    ``round(n_ref / n(1))``. Returns the spec and its rank.
-    """
+    Returns the spec and its rank."""
     target = reference.sites[0].target.model_dump(mode="json")
-    budget = compiler.count_parameters(reference, model)
 
     def spec(rank: int) -> AdapterSpec:
         return AdapterSpec.model_validate({
@@ -86,8 +98,27 @@ def matched_lora(reference: AdapterSpec, model: nn.Module) -> tuple[AdapterSpec,
                            f"matched to {reference.name}'s parameter budget",
             "sites": [{"target": target, "adapter": {"kind": "lora", "rank": rank, "alpha": 2 * rank}}]})
 
-    per_rank = compiler.count_parameters(spec(1), model)
-    rank = max(1, round(budget / per_rank))
+    rank = _closest_rank(compiler.count_parameters(reference, model), spec, model)
+    return spec(rank), rank
+
+
+def matched_molora(reference: AdapterSpec, model: nn.Module) -> tuple[AdapterSpec, int]:
+    """The ``molora`` preset (8 experts, softmax top-2, Switch loss) on ``reference``'s
+    projections, its expert rank chosen to match ``reference``'s parameter count (alpha = 2·rank).
+    Returns the spec and the rank."""
+    target = reference.sites[0].target.model_dump(mode="json")
+    preset = presets.load("molora").model_dump(mode="json")
+
+    def spec(rank: int) -> AdapterSpec:
+        site = {**preset["sites"][0], "target": target}
+        site["adapter"] = {**site["adapter"], "rank": rank, "alpha": 2 * rank}
+        return AdapterSpec.model_validate({
+            "name": f"molora-r{rank}",
+            "description": f"MoLoRA, 8 rank-{rank} experts, top-2, on {', '.join(target['roles'] or target['modules'])}, "
+                           f"matched to {reference.name}'s parameter budget",
+            "sites": [site]})
+
+    rank = _closest_rank(compiler.count_parameters(reference, model), spec, model)
     return spec(rank), rank
 
 
@@ -150,10 +181,11 @@ def _run(out: Path, cfg: DemoConfig, progress: bool, echo: Callable[[str], None]
     _write_jsonl(paths["training data"], records)
 
     smore = presets.load("smore")
+    molora, molora_rank = matched_molora(smore, model)
     lora, rank = matched_lora(smore, model)
     runs, routing = [], None
     echo(f"fine-tuning adapters for {cfg.steps} steps on the new tasks {' '.join(TASKS)}")
-    for name, spec in (("smore", smore), (f"lora r={rank}", lora)):
+    for name, spec in (("smore", smore), (f"molora r={molora_rank}", molora), (f"lora r={rank}", lora)):
         n, gamma = compiler.count_parameters(spec, model), compiler.structural_flexibility(spec)
         echo(f"  {name}: {n:,} trainable parameters, Γ = {format_gamma(gamma)}")
         handle = compiler.compile(spec, model)
