@@ -48,8 +48,8 @@ from quality_methods import METHODS, matched_spec  # noqa: E402
 from quality_model import Encoded, TopLayers, encode, load_model  # noqa: E402
 from quality_tasks import TASKS, make_splits  # noqa: E402
 
-FULL = dict(methods=list(METHODS), seeds=3, lrs=[1e-3, 3e-3, 1e-2], steps=150, batch=8, top_layers=4,
-            train=300, validation=40, test=60)
+FULL = dict(methods=list(METHODS), seeds=3, lrs=[1e-3, 3e-3, 1e-2], steps=100, batch=8, top_layers=4,
+            train=200, validation=30, test=50)
 QUICK = dict(methods=["lora", "molora", "smore"], seeds=1, lrs=[3e-3], steps=20, batch=8, top_layers=2,
              train=40, validation=8, test=8)
 
@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top-layers", type=int)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine the methods of runs made with the same settings (e.g. one process per core) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge([Path(m) for m in args.merge], Path(args.out))
     cfg = dict(QUICK if args.quick else FULL)
     for key in ("methods", "seeds", "lrs", "steps", "batch", "top_layers"):
         if getattr(args, key) is not None:
@@ -190,6 +194,24 @@ def main(argv: list[str] | None = None) -> dict:
         results["methods"][name] = run_method(name, top, data, budget, cfg, lambda s: print(s, flush=True))
     results["wall_seconds"] = time.perf_counter() - t_start
     out = Path(args.out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    plot(results, out.with_suffix(".png"))
+    print(table(results))
+    return results
+
+
+def merge(paths: list[Path], out: Path) -> dict:
+    """One result file from several runs of the same settings, each with its own methods."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    first = parts[0]
+    for p, part in zip(paths, parts):
+        same = {k: v for k, v in part["config"].items() if k != "methods"} == \
+            {k: v for k, v in first["config"].items() if k != "methods"}
+        if not same or part["model"] != first["model"] or part["budget"] != first["budget"]:
+            raise SystemExit(f"{p} was run with other settings than {paths[0]}; merge runs of one configuration only")
+    results = {**first, "methods": {k: v for part in parts for k, v in part["methods"].items()},
+               "wall_seconds": max(part["wall_seconds"] for part in parts), "merged_from": [p.name for p in paths]}
+    results["config"] = {**first["config"], "methods": list(results["methods"])}
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     plot(results, out.with_suffix(".png"))
     print(table(results))

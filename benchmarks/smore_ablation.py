@@ -184,7 +184,18 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="*", type=float, default=[LR])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smore_ablation.json"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs (other seeds or variants) into --out")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(m).read_text()) for m in args.merge]
+        results: dict[str, dict] = {}
+        for part in parts:
+            if (part["steps"], part["batch"], part["lrs"]) != (STEPS, BATCH, args.lrs):
+                raise SystemExit("merge runs of the same steps, batch and learning rates only")
+            for key, entry in part["results"].items():
+                results.setdefault(key, {"runs": {}})["runs"].update(entry["runs"])
+        seeds = sorted({int(s) for e in results.values() for s in e["runs"]})
+        return _write(results, seeds, args)
     torch.set_num_threads(1)
     tokenizer = make_tokenizer()
     pad = tokenizer.pad_token_id
@@ -207,18 +218,25 @@ def main() -> None:
                 print(f"seed {seed} {key:28s} exact {run['exact']:.3f} loss {run['loss']:.4f} "
                       f"params {run['parameters']:,} grads {json.dumps({g: round(v, 4) for g, v in run['grad_norm_first_50'].items()})}",
                       flush=True)
+    _write(results, args.seeds, args)
+
+
+def _write(results: dict, seeds: list[int], args) -> None:
     for key, entry in results.items():
+        entry["runs"] = {str(k): v for k, v in sorted(entry["runs"].items(), key=lambda kv: int(kv[0]))}
         runs = list(entry["runs"].values())
         entry["exact_mean"] = statistics.mean(r["exact"] for r in runs)
         entry["exact_spread"] = (max(r["exact"] for r in runs) - min(r["exact"] for r in runs)) / 2
         entry["loss_mean"] = statistics.mean(r["loss"] for r in runs)
-    payload = {"benchmark": "smore_ablation", "steps": STEPS, "batch": BATCH, "seeds": args.seeds, "lrs": args.lrs,
+        entry["exact_sd"] = statistics.stdev(r["exact"] for r in runs) if len(runs) > 1 else 0.0
+    payload = {"benchmark": "smore_ablation", "steps": STEPS, "batch": BATCH, "seeds": seeds, "lrs": args.lrs,
                "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
                "results": results}
     atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-    print(f"{'variant':30s} exact (mean ± half-range)  loss")
+    print(f"{'variant':30s} seeds  exact (mean ± sd)  loss   " + "  ".join(f"seed {s}" for s in seeds))
     for key, e in results.items():
-        print(f"{key:30s} {e['exact_mean']:.3f} ± {e['exact_spread']:.3f}        {e['loss_mean']:.4f}")
+        per = "  ".join(f"{e['runs'][str(s)]['exact']:.3f} " if str(s) in e["runs"] else "   -   " for s in seeds)
+        print(f"{key:30s} {len(e['runs']):>5}  {e['exact_mean']:.3f} ± {e['exact_sd']:.3f}  {e['loss_mean']:.4f} {per}")
 
 
 if __name__ == "__main__":

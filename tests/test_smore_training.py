@@ -95,3 +95,30 @@ def test_a_training_step_runs_in_float32():
     loss.backward()
     opt.step()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in handle.trainable_parameters())
+
+
+@pytest.mark.parametrize("start", ["b_zero", "w_final_zero"])
+def test_each_start_is_a_no_op_with_the_named_factor_at_zero(start):
+    """``start`` picks the zero factor: ``b_zero`` every ``B_l``, ``w_final_zero`` the final
+    projection (the ``B_l`` then Kaiming-uniform, bound 1/√r); either way a fresh adapter leaves the
+    model's output as it was, and a training step moves it."""
+    from smore_helpers import Holder
+
+    tree = mf.ResidualTree(levels=[mf.TreeLevel(experts=4, rank=2, fanout=2), mf.TreeLevel(experts=3, rank=2, fanout=2)],
+                           router=mf.TreeRouter(down_dim=4, key_dim=3), start=start)
+    model = Holder(8, 6, torch.float32)
+    x = torch.randn(3, 8)
+    before = model(x).detach()
+    handle = mf.compile(mf.AdapterSpec(sites=[mf.Site(target=mf.Target(modules=["proj"]), adapter=tree)]), model)
+    site = dict(handle.named_parameters())
+    zero = ["proj.B0", "proj.B1"] if start == "b_zero" else ["proj.proj_w"]
+    live = ["proj.proj_w"] if start == "b_zero" else ["proj.B0", "proj.B1"]
+    assert all(site[k].abs().max() == 0 for k in zero)
+    assert all(site[k].abs().min() > 0 for k in live)
+    if start == "w_final_zero":
+        assert site["proj.B0"].abs().max() <= 1 / 2 ** 0.5
+    assert torch.equal(model(x).detach(), before)
+    opt = torch.optim.Adam(handle.trainable_parameters(), lr=0.1)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    assert not torch.allclose(model(x).detach(), before)

@@ -190,11 +190,12 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
                             conventions=spec.conventions, query_activation=rt.query_activation,
                             temperature=rt.temperature, origin=f"{origin}.router"))
     level_params = []
+    b_init, proj_init = ("kaiming", "up") if spec.start == "w_final_zero" else ("up", "kaiming")
     for l, lv in enumerate(spec.levels):
         s, r, dn, dp = lv.experts, lv.rank, widths[l + 1], widths[l]
         level_params.append(TreeLevelParams(
             a=b.param(f"A{l}", (s, r, d_in), "kaiming", fan_in=d_in),
-            b=b.param(f"B{l}", (s, dn, r), "up"),
+            b=b.param(f"B{l}", (s, dn, r), b_init, fan_in=r),
             scale=lora_scale(lv.alpha, r, "alpha_over_rank") if lv.alpha is not None else 1.0,
             a_bias=b.param(f"A{l}_bias", (s, r), "bias") if bias else None,
             b_bias=b.param(f"B{l}_bias", (s, dn), "bias") if bias else None,
@@ -203,7 +204,7 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
     hroot = b.add(TreeMix(id="tree", src="x", routing=route, levels=tuple(level_params),
                           activation=spec.activation, position=spec.activation_position,
                           origin=f"{origin}.levels"))
-    Wp = b.param("proj_w", (d_out, widths[-1]), "kaiming", fan_in=widths[-1])
+    Wp = b.param("proj_w", (d_out, widths[-1]), proj_init, fan_in=widths[-1])
     bp = b.param("proj_b", (d_out,), "bias") if bias else None
     out = b.add(Linear(id="proj", src=hroot, weight=Wp, bias=bp, origin=f"{origin}.final_projection"))
     for i, aux in enumerate(spec.aux_losses):

@@ -258,6 +258,12 @@ class ResidualTree(SpecModel):
     """Biases on A, B, the level transforms W_l and the final projection (as the official layer)."""
     conventions: Literal["paper", "official"] = "paper"
     """Where the official code departs from the paper (see the table above)."""
+    start: Literal["b_zero", "w_final_zero"] = "b_zero"
+    """Which factor starts at zero (the official ``init_method`` of the same names), so that a
+    fresh adapter is a no-op: ``b_zero`` every ``B_l`` (the final projection Kaiming-uniform);
+    ``w_final_zero`` the final projection (every ``B_l`` Kaiming-uniform, so the tree's hidden
+    state is live from the first step and the final projection learns from zero as LoRA's
+    ``B`` does). ``Init(up="normal")`` draws the zero factor instead."""
     aux_losses: list[AuxLoss] = []
     """``switch_lb`` (official with the switch gate) or ``cv2_importance_load`` (official with
     noisy_topk), summed over pools; the dense gate takes none."""
