@@ -48,6 +48,7 @@ from .specs import (
     TreeRouter,
     presets,
 )
+from .specs import SoftLoadBalance, TopPRouter, TsallisEntropy
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance",
 ]
 
 

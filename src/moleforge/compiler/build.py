@@ -32,6 +32,7 @@ from ..ir import (
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
+    TopPTsallis,
     TreeGateLevel,
     TreeLevelParams,
     TreeMix,
@@ -49,6 +50,7 @@ from ..specs import (
     SparseRandom,
     StaticRouter,
     TopKRouter,
+    TopPRouter,
     lora_scale,
 )
 
@@ -132,7 +134,7 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     for i, aux in enumerate(spec.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   origin=f"{origin}.aux_losses[{i}]")))
+                                   q=getattr(router, "entropy_index", 1.0), origin=f"{origin}.aux_losses[{i}]")))
     if spec.shared_expert is not None:
         shared = _lora(b, spec.shared_expert, "shared_", f"{origin}.shared_expert")
         out = b.add(Add(id="with_shared", srcs=(out, shared), origin=origin))
@@ -156,6 +158,8 @@ def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
             gate = DenseSoftmax(temperature=router.temperature)
         case SigmoidTopKRouter():
             gate = SigmoidTopK(k=router.k, balance=b.param("balance", (E,), "zero", trainable=False, buffer=True))
+        case TopPRouter():
+            gate = TopPTsallis(k=router.k, top_p=router.p, q=router.entropy_index, threshold=router.entropy_threshold)
         case _:
             raise TypeError(router)
     return b.add(Route(id="route", src=logits, gate=gate, experts=E, origin=f"{origin}.router"))

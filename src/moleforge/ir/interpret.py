@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import nodes
 from .graph import Graph
+from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
@@ -208,6 +209,9 @@ def _static(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
     return Routing(gates, probs), math.inf
 
 
+GATES.add(top_p_gate, nodes.TopPTsallis)
+
+
 @GATES.register(nodes.SoftmaxTopK)
 def _softmax_topk(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
     probs = torch.softmax(z / g.temperature, 1)
@@ -332,6 +336,8 @@ def _cv2(v: Tensor) -> Tensor:
 def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
     if isinstance(route, TreeRouting):
         return tree_aux(n, route)
+    if n.kind in ("tsallis_entropy", "soft_lb"):
+        return top_p_aux(n, route)
     gates, probs = route.gates, route.probs
     T, E = gates.shape
     if n.kind == "switch_lb":

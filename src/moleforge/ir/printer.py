@@ -56,6 +56,8 @@ GATE.add(lambda g: f"dense_softmax(tau={g.temperature:g})", nodes.DenseSoftmax)
 GATE.add(lambda g: f"sigmoid_topk(k={g.k}, bias={g.balance.name})", nodes.SigmoidTopK)
 GATE.add(lambda g: f"abs_topk(k={g.k}, bias={g.balance.name})", nodes.AbsTopK)
 GATE.add(lambda g: f"static(w={g.weights.name})", nodes.StaticGate)
+GATE.add(lambda g: f"top_p_tsallis(p={g.top_p:g}, k={g.k}, q={g.q:g}, threshold={g.threshold:g})",
+         nodes.TopPTsallis)
 
 
 # ---- nodes ------------------------------------------------------------------------------
@@ -124,6 +126,7 @@ LINE.add(_tree("tree_propagate"), nodes.TreePropagate)
 @LINE.register(nodes.AuxLoss)
 def _aux(n, t) -> str:
     extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
+    extra = f" q={n.q:g}" if n.kind == "tsallis_entropy" else extra
     return f"aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
 
 

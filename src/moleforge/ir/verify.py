@@ -173,6 +173,17 @@ def _scored_gate(g: Graph, n) -> list[str]:
     return p
 
 
+@GATE_RULES.register(nodes.TopPTsallis)
+def _top_p_gate(g: Graph, n) -> list[str]:
+    """A scored gate whose ``top_p`` lies in (0, 1], threshold in [0, 1] and index q > 0."""
+    p = _scored_gate(g, n)
+    gate = n.gate
+    if not (0 < gate.top_p <= 1 and 0 <= gate.threshold <= 1 and gate.q > 0):
+        p.append(f"top_p gate with p = {gate.top_p}, threshold = {gate.threshold}, q = {gate.q}: "
+                 "needs 0 < p <= 1, 0 <= threshold <= 1 and q > 0")
+    return p
+
+
 @RULES.register(nodes.BlockGate)
 def _block_gate(g: Graph, n) -> list[str]:
     p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
@@ -231,6 +242,8 @@ def _aux(g: Graph, n) -> list[str]:
     route = g.node(n.routing)
     if n.kind == "switch_lb" and isinstance(route, nodes.Route) and not isinstance(route.gate, nodes.SoftmaxTopK):
         return ["switch_lb needs a softmax top-k router"]
+    if n.kind in ("tsallis_entropy", "soft_lb") and not isinstance(t, RoutingType):
+        return [f"{n.kind} needs a flat routing, got a {t}"]
     return []
 
 

@@ -22,8 +22,11 @@ from .routing import (
     LocalizedBalance,
     SigmoidTopKRouter,
     StaticRouter,
+    SoftLoadBalance,
     SwitchLoadBalance,
     TopKRouter,
+    TopPRouter,
+    TsallisEntropy,
 )
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 
@@ -33,4 +36,5 @@ __all__ = [
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance",
 ]

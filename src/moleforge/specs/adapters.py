@@ -19,6 +19,7 @@ from .routing import (
     StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
+    check_entropy_loss,
 )
 
 __all__ = [
@@ -136,6 +137,7 @@ class ExpertPool(SpecModel):
     def _check(self) -> "ExpertPool":
         r = self.router
         _check_switch_router(r, self.aux_losses)
+        check_entropy_loss(r, self.aux_losses)
         if r.k is not None and r.k > self.experts:
             raise ValueError(
                 f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
@@ -168,6 +170,7 @@ class RankPartition(SpecModel):
     @model_validator(mode="after")
     def _check(self) -> "RankPartition":
         _check_switch_router(self.router, self.aux_losses)
+        check_entropy_loss(self.router, self.aux_losses)
         if self.rank % self.block:
             raise ValueError(f"rank = {self.rank} is not a multiple of block = {self.block}")
         if isinstance(self.router, ImplicitTopKRouter):
