@@ -45,6 +45,7 @@ from moleforge.specs import (
     SparseRandom,
     StaticRouter,
     TopKRouter,
+    TopPRouter,
     TreeLevel,
     TreeRouter,
 )
@@ -292,6 +293,19 @@ def path_gates_level():
 def aux_reads_a_tensor():
     g = _pool(aux_losses=[CV2ImportanceLoad()])
     return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), routing="logits")))
+
+
+@case("_aux", "tsallis_entropy needs a flat routing, got a tree routing .*")
+def entropy_loss_of_a_tree():
+    g = _tree(aux_losses=[CV2ImportanceLoad()])
+    return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), kind="tsallis_entropy")))
+
+
+@case("_top_p_gate", r"top_p gate with p = 1.5, threshold = 0.9, q = 1.1: needs 0 < p <= 1, "
+      r"0 <= threshold <= 1 and q > 0")
+def top_p_outside_its_range():
+    g = _pool(TopPRouter(k=1))
+    return g.replace(nodes=_nodes(g, route=replace(g.node("route"), gate=replace(g.node("route").gate, top_p=1.5))))
 
 
 @case("_aux", "switch_lb needs a softmax top-k router")

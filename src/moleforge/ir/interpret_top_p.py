@@ -48,7 +48,7 @@ def _keep(row: Tensor, h: float, g) -> tuple[Tensor, float]:
     margin = min([margin] + [abs(float(cum[j]) - g.top_p) for j in near if 0 <= j < E])
     count = E if h > g.threshold else max(m, g.k)
     if count < E:
-        margin = min(margin, float(row[order[count - 1]] - row[order[count]]))
+        margin = min(margin, float(row[order[count - 1]].detach() - row[order[count]].detach()))
     return order[:count], margin
 
 
@@ -58,7 +58,7 @@ def top_p_gate(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
     h = normalised_tsallis(probs, g.q)  # (T,)
     rows, margin = [], math.inf
     for t in range(probs.shape[0]):
-        sel, m = _keep(probs[t], float(h[t]), g)
+        sel, m = _keep(probs[t], float(h[t].detach()), g)
         margin = min(margin, m)
         row = torch.zeros(experts, dtype=F64)
         row[sel] = 1.0
