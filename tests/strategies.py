@@ -11,6 +11,7 @@ from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import Graph
 from moleforge.specs import (
+    CorePool,
     CV2ImportanceLoad,
     DenseRouter,
     ExpertPool,
@@ -170,8 +171,19 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
                         bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
 
 
+@st.composite
+def core_pools(draw):
+    """CoMoL core-space pools: 1-5 experts, rank 1-4, a dense or top-k softmax router (any
+    temperature, jitter), aux losses, both scalings."""
+    E = draw(st.integers(1, 5))
+    router = draw(routers(E, ("topk", "dense")))
+    return CorePool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 4.0])),
+                    scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router,
+                    aux_losses=draw(aux_losses(router)))
+
+
 def adapters():
-    return st.one_of(loras(), pools(), rank_partitions(), trees())
+    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools())
 
 
 def training_adapters():

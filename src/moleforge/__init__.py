@@ -48,7 +48,7 @@ from .specs import (
     TreeRouter,
     presets,
 )
-from .specs import SoftLoadBalance, TopPRouter, TsallisEntropy
+from .specs import CorePool, SoftLoadBalance, TopPRouter, TsallisEntropy
 
 __version__ = "0.1.0"
 
@@ -62,7 +62,7 @@ __all__ = [
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora",
-    "TopPRouter", "TsallisEntropy", "SoftLoadBalance",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool",
 ]
 
 

@@ -18,6 +18,7 @@ from ..ir import (
     BlockColumns,
     BlockGate,
     BlockRows,
+    CoreExperts,
     DenseSoftmax,
     ExpertFFN,
     ExpertLinear,
@@ -39,6 +40,7 @@ from ..ir import (
     TreeRoute,
 )
 from ..specs import (
+    CorePool,
     DenseRouter,
     ExpertPool,
     ImplicitTopKRouter,
@@ -90,6 +92,8 @@ def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
             out = _pool(b, adapter, origin)
         case ResidualTree():
             out = _tree(b, adapter, origin)
+        case CorePool():
+            out = _core_pool(b, adapter, origin)
         case _:
             raise TypeError(f"no IR for adapter kind {type(adapter).__name__}")
     return b.graph(out)
@@ -141,15 +145,34 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     return out
 
 
-def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
-    d_in = b.shape.d_in
+def _core_pool(b: _Builder, spec: CorePool, origin: str) -> str:
+    """CoMoL: ``h = A x`` (the core space), a router on h, the mixture of full experts
+    ``B M_i h`` (the ``merge_cores`` pass makes it one soft-merged core per token)."""
+    d_in, d_out, r = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
+    E = b.shape.experts or spec.experts
+    A = b.param("A", (r, d_in), "kaiming", fan_in=d_in)
+    M = b.param("cores", (E, r, r), "kaiming", fan_in=r)
+    B = b.param("B", (d_out, r), "up")
+    h = b.add(Linear(id="h", src="x", weight=A, origin=f"{origin}.down"))
+    route = _flat_router(b, spec.router, E, origin, src=h, width=r)
+    out = b.add(CoreExperts(id="mix", src=h, routing=route, cores=M, b=B,
+                            scale=lora_scale(spec.alpha, r, spec.scaling), origin=origin))
+    for i, aux in enumerate(spec.aux_losses):
+        b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
+                                   delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
+                                   origin=f"{origin}.aux_losses[{i}]")))
+    return out
+
+
+def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:
+    """The router of E experts reading ``src`` of ``width`` (the site input, or CoMoL's core space)."""
+    d_in = width or b.shape.d_in
     if isinstance(router, StaticRouter):
         w = b.param("router_w", (E,), "one", trainable=router.trainable, buffer=not router.trainable)
         return b.add(Route(id="route", src="x", gate=StaticGate(weights=w), experts=E, origin=f"{origin}.router"))
     W = b.param("router_w", (E, d_in), "kaiming", fan_in=d_in)
-    src = "x"
     if isinstance(router, TopKRouter) and router.jitter > 0:
-        src = b.add(Jitter(id="jitter", src="x", eps=router.jitter, origin=f"{origin}.router.jitter"))
+        src = b.add(Jitter(id="jitter", src=src, eps=router.jitter, origin=f"{origin}.router.jitter"))
     logits = b.add(Linear(id="logits", src=src, weight=W, origin=f"{origin}.router"))
     match router:
         case TopKRouter():

@@ -180,6 +180,19 @@ def _outer_gate(n, r: _Run) -> Tensor:
     return torch.cat([g[:, i:i + 1] * h for i in range(g.shape[1])], 1) * n.scale
 
 
+@RUN.register(nodes.CoreExperts)
+def _core_experts(n, r: _Run) -> Tensor:
+    g, h, M, B = r.env[n.routing].gates, r.env[n.src], eval_expr(n.cores, r.p), eval_expr(n.b, r.p)
+    return sum(g[:, i:i + 1] * n.scale * ((h @ M[i].T) @ B.T) for i in range(g.shape[1]))  # (T, d_out)
+
+
+@RUN.register(nodes.CoreMerge)
+def _core_merge(n, r: _Run) -> Tensor:
+    g, h, M = r.env[n.routing].gates, r.env[n.src], eval_expr(n.cores, r.p)
+    merged = torch.einsum("te,eoi->toi", g, M)  # (T, r, r): each token's soft-merged core
+    return torch.einsum("toi,ti->to", merged, h)  # (T, r)
+
+
 @RUN.register(nodes.ExpertSum)
 def _expert_sum(n, r: _Run) -> Tensor:
     g, h = r.env[n.routing].gates, r.env[n.src]  # (T, E), (E, T, d_ff)

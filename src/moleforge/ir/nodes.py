@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
+from .core_nodes import CoreExperts, CoreMerge
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
 from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate, TopPTsallis
 from .kinds import NodeKind, RouterNode, operand
@@ -33,7 +34,7 @@ __all__ = [
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
-    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node",
+    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -375,7 +376,7 @@ class AuxLoss(NodeKind):
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
-             ExpertHidden, ExpertSum, ExpertLoRA]
+             ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

@@ -103,6 +103,9 @@ def _mix(kind: str) -> Callable[..., str]:
 LINE.add(_mix("pool_mix"), nodes.PoolMix)
 LINE.add(_mix("grouped_mix"), nodes.GroupedMix)
 LINE.add(_mix("expert_lora"), nodes.ExpertLoRA)
+LINE.add(lambda n, t: (f"core_experts %{n.src} by %{n.routing} M={format_expr(n.cores)} B={format_expr(n.b)} "
+                       f"scale={n.scale:g} -> {t.width}"), nodes.CoreExperts)
+LINE.add(lambda n, t: f"core_merge %{n.src} by %{n.routing} M={format_expr(n.cores)} -> {t.width}", nodes.CoreMerge)
 
 
 @LINE.register(nodes.TreeRoute)

@@ -267,6 +267,23 @@ def _pool_rules(g: Graph, n) -> list[str]:
     return p
 
 
+@RULES.register(nodes.CoreExperts, nodes.CoreMerge)
+def _core_rules(g: Graph, n) -> list[str]:
+    """Cores ``(E, r, r)`` over a core-space source of width r routed over E experts; B ``(d_out, r)``."""
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.cores, "cores")
+    if isinstance(n, nodes.CoreExperts):
+        p += _expr(g, n.b, "B")
+    if p:
+        return p
+    shape, E, r = expr_shape(n.cores), g.routing(n.routing).experts, g.width(n.src)
+    if shape != (E, r, r):
+        p.append(f"cores have shape {shape}, expected ({E}, {r}, {r}): one r x r core per expert on the width-{r} "
+                 "source")
+    if isinstance(n, nodes.CoreExperts) and expr_shape(n.b)[1:] != (r,):
+        p.append(f"B has shape {expr_shape(n.b)}, expected (d_out, {r})")
+    return p
+
+
 @RULES.register(nodes.TreeMix, nodes.TreePropagate)
 def _tree_rules(g: Graph, n) -> list[str]:
     p = _need_tensor(g, n.src, "source") + _need_tree(g, n.routing)

@@ -96,6 +96,16 @@ FLOPS.add(lambda graph, n: _tree_route(n), nodes.TreeRoute)
 FLOPS.add(lambda graph, n: sum(_block(graph, n)), nodes.ExpertFFN, nodes.ExpertHidden)
 
 
+@FLOPS.register(nodes.CoreExperts)
+def _core_experts(graph: Graph, n: nodes.CoreExperts) -> int:
+    """Every expert's full up-projection ``B M_i``: ``2·E·(r·r + r·d_out)``."""
+    E, r, _ = expr_shape(n.cores)
+    return E * 2 * (r * r + r * expr_shape(n.b)[0])
+
+
+FLOPS.add(lambda graph, n: 2 * math.prod(expr_shape(n.cores)), nodes.CoreMerge)  # every core once: 2·E·r²
+
+
 @FLOPS.register(nodes.GateBias)
 def _gate_bias(graph: Graph, n: nodes.GateBias) -> int:
     shape = expr_shape(n.bias)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from ..specs import ExpertPool, LoRA, RankPartition, ResidualTree, TopPRouter, as_spec
+from ..specs import CorePool, ExpertPool, LoRA, RankPartition, ResidualTree, TopPRouter, as_spec
 
 __all__ = ["EXACT_DIGITS", "GammaEstimate", "format_gamma", "pool_gamma", "variable_pool_gamma", "tree_gamma",
            "tree_gamma_text",
@@ -274,6 +274,8 @@ def adapter_gamma(adapter: Any, experts: int | None = None) -> int | GammaEstima
         case ExpertPool() if isinstance(adapter.router, TopPRouter):
             return variable_pool_gamma(experts or adapter.experts, adapter.router.k)
         case ExpertPool():
+            return pool_gamma(experts or adapter.experts, adapter.router.k)
+        case CorePool():
             return pool_gamma(experts or adapter.experts, adapter.router.k)
         case ResidualTree():
             levels = [(lv.experts, fan) for lv, fan in zip(adapter.levels, adapter.fanouts())]

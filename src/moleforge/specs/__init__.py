@@ -1,6 +1,7 @@
 """The spec language: pure data (pydantic v2, frozen, ``extra="forbid"``), no torch."""
 
 from .adapters import (
+    CorePool,
     ExpertPool,
     Init,
     LoRA,
@@ -36,5 +37,5 @@ __all__ = [
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
-    "TopPRouter", "TsallisEntropy", "SoftLoadBalance",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool",
 ]

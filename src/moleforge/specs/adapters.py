@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
+from .core_pool import CorePool
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -34,6 +35,7 @@ __all__ = [
     "TreeLevel",
     "TreeRouter",
     "ResidualTree",
+    "CorePool",
     "Adapter",
     "lora_scale",
 ]
@@ -309,4 +311,4 @@ class ResidualTree(SpecModel):
         return d
 
 
-Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree], Field(discriminator="kind")]
+Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool], Field(discriminator="kind")]

@@ -44,7 +44,7 @@ from ...ir import (
     format_expr,
     nodes,
 )
-from ..runtime import ops, ops_block, ops_linear, ops_top_p
+from ..runtime import ops, ops_block, ops_core, ops_linear, ops_top_p
 from ..runtime.dist import WORLD
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
@@ -248,6 +248,10 @@ def _pool(c: _Ctx, n) -> fx.Node:
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
+EMIT.add(lambda c, n: c.call(ops_core.core_experts_loop, (c.env[n.src], _gates(c, n.routing), c.expr(n.cores),
+                                                         c.expr(n.b), n.scale), n.id), nodes.CoreExperts)
+EMIT.add(lambda c, n: c.call(ops_core.core_merge, (c.env[n.src], _gates(c, n.routing), c.expr(n.cores)), n.id),
+         nodes.CoreMerge)
 EMIT.add(lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
          nodes.BlockGate)
 EMIT.add(lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id), nodes.OuterGate)
