@@ -155,7 +155,8 @@ def _dynmole_p08() -> mf.AdapterSpec:
         "target": {"roles": ["q", "k", "v", "o", "gate", "up", "down"]},
         "adapter": {"kind": "pool", "experts": 8, "rank": 8, "alpha": 16,
                     "router": {"kind": "top_p", "p": 0.8, "k": 1},
-                    "aux_losses": [{"kind": "tsallis_entropy", "weight": 0.01}, {"kind": "soft_lb", "weight": 0.001}]}}]})
+                    "aux_losses": [{"kind": "tsallis_entropy", "weight": 0.01},
+                                   {"kind": "soft_lb", "weight": 0.001}]}}]})
 
 
 def mean_experts_per_token(base: nn.Module, ids: torch.Tensor) -> float:

@@ -26,6 +26,7 @@ from .interop.peft import export_merged, export_peft, from_peft
 from .interop.smore_official import import_smore_official
 from .specs import (
     AdapterSpec,
+    CorePool,
     CV2ImportanceLoad,
     DenseRouter,
     ExpertPool,
@@ -39,16 +40,18 @@ from .specs import (
     Shared,
     SigmoidTopKRouter,
     Site,
+    SoftLoadBalance,
     SparseRandom,
     StaticRouter,
     SwitchLoadBalance,
     Target,
     TopKRouter,
+    TopPRouter,
     TreeLevel,
     TreeRouter,
+    TsallisEntropy,
     presets,
 )
-from .specs import CorePool, SoftLoadBalance, TopPRouter, TsallisEntropy
 
 __version__ = "0.1.0"
 

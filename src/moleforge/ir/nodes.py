@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
-from .core_nodes import CoreExperts, CoreMerge
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
+from .core_nodes import CoreExperts, CoreMerge
 from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate, TopPTsallis
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
