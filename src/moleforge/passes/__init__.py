@@ -5,8 +5,9 @@ identity stated in its docstring (METHODS.md §20).
 trees into flat gated pools; compute all of a tree's down-projections with one GEMM; choose
 each pool's kernel (shared down-projection computed once, dense block-gated or grouped) from
 the cost model; merge CoMoL's core-space experts into one core per token; fuse the linears
-that read the same tensor (router into the down-projection); and, for FFN-block experts, compute the frozen gate/up projections once and hoist the frozen
-down projection out of the expert sum. Each pass leaves graphs it does not apply to unchanged.
+that read the same tensor (router into the down-projection); and, for FFN-block experts,
+compute the frozen gate/up projections once and hoist the frozen down projection out of the
+expert sum. Each pass leaves graphs it does not apply to unchanged.
 ``fuse_sibling_sites`` works across sites (q/k/v, gate/up) and is applied by the compiler,
 which finds the siblings on the model.
 """
