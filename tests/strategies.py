@@ -20,6 +20,7 @@ from moleforge.specs import (
     LoRA,
     PerExpert,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SigmoidTopKRouter,
@@ -182,8 +183,17 @@ def core_pools(draw):
                     aux_losses=draw(aux_losses(router)))
 
 
+@st.composite
+def rank_tasks(draw):
+    """MoRA-CL: 1-3 tasks of 1-3 rank-1 experts (the earlier frozen), budget, temperature, threshold."""
+    r = draw(st.integers(1, 3))
+    return RankTasks(ranks_per_task=r, tasks=draw(st.integers(1, 3)), k=draw(st.integers(1, r)),
+                     temperature=draw(st.sampled_from([1.0, 0.5])), threshold=draw(st.sampled_from([0.0, 0.2, 0.5])),
+                     alpha=draw(st.sampled_from([None, 3.0])))
+
+
 def adapters():
-    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools())
+    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools(), rank_tasks())
 
 
 def training_adapters():

@@ -36,6 +36,7 @@ from .specs import (
     LocalizedBalance,
     LoRA,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SigmoidTopKRouter,
@@ -65,7 +66,7 @@ __all__ = [
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora",
-    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
 ]
 
 

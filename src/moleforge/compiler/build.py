@@ -18,6 +18,7 @@ from ..ir import (
     BlockColumns,
     BlockGate,
     BlockRows,
+    Concat,
     CoreExperts,
     DenseSoftmax,
     ExpertFFN,
@@ -30,6 +31,7 @@ from ..ir import (
     ParamRef,
     PoolMix,
     Route,
+    SelfActivated,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
@@ -46,6 +48,7 @@ from ..specs import (
     ImplicitTopKRouter,
     LoRA,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SigmoidTopKRouter,
@@ -94,6 +97,8 @@ def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
             out = _tree(b, adapter, origin)
         case CorePool():
             out = _core_pool(b, adapter, origin)
+        case RankTasks():
+            out = _rank_tasks(b, adapter, origin)
         case _:
             raise TypeError(f"no IR for adapter kind {type(adapter).__name__}")
     return b.graph(out)
@@ -162,6 +167,25 @@ def _core_pool(b: _Builder, spec: CorePool, origin: str) -> str:
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
                                    origin=f"{origin}.aux_losses[{i}]")))
     return out
+
+
+def _rank_tasks(b: _Builder, spec: RankTasks, origin: str) -> str:
+    """MoRA-CL: per task t, ``A_t{t} (r, d_in)`` and ``B_t{t} (d_out, r)``, buffers for every task but
+    the last; ``h = A x`` over every task's experts routes itself (no router GEMM)."""
+    d_in, d_out, r = b.shape.d_in, b.shape.d_out, spec.ranks_per_task
+    As, Bs = [], []
+    for t in range(spec.tasks):
+        learn = t == spec.tasks - 1
+        As.append(b.param(f"A_t{t}", (r, d_in), "kaiming", fan_in=d_in, trainable=learn, buffer=not learn))
+        Bs.append(b.param(f"B_t{t}", (d_out, r), "up", trainable=learn, buffer=not learn))
+    A = As[0] if len(As) == 1 else Concat(tuple(As), 0)
+    B = Bs[0] if len(Bs) == 1 else Concat(tuple(Bs), 1)
+    h = b.add(Linear(id="h", src="x", weight=A, origin=f"{origin}.down"))
+    gate = SelfActivated(k=spec.k, temperature=spec.temperature, threshold=spec.threshold)
+    route = b.add(Route(id="route", src=h, gate=gate, experts=spec.experts, origin=f"{origin}.router"))
+    g = b.add(BlockGate(id="gated", src=h, routing=route, rank=1, scale=lora_scale(spec.alpha, r, "alpha_over_rank"),
+                        origin=origin))
+    return b.add(Linear(id="mix", src=g, weight=B, origin=f"{origin}.up"))
 
 
 def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:

@@ -138,7 +138,8 @@ REDUCE.add(lambda graph, n, env, params: REDUCE_GATE[n.gate](graph, n, env, para
 
 
 @REDUCE.register(nodes.TreeRoute)
-@REDUCE_GATE.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.TopPTsallis)
+@REDUCE_GATE.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.TopPTsallis,
+                      nodes.SelfActivated)
 def _input_dependent(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
     raise _routed(graph, n)
 

@@ -11,8 +11,8 @@ from typing import ClassVar, Union, get_args
 
 from .params import ParamRef
 
-__all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis", "Gate",
-           "GATE_KINDS"]
+__all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis",
+           "SelfActivated", "Gate", "GATE_KINDS"]
 
 
 class GateKind:
@@ -24,7 +24,10 @@ class GateKind:
     balances: ClassVar[bool] = False
     input_independent: ClassVar[bool] = False
     variable: ClassVar[bool] = False
-    """Whether the number of experts per token depends on the token (``k`` is then the least)."""
+    """Whether the number of experts per token depends on the token (``k`` is then the least, or
+    for a mode-dependent gate the training count)."""
+    mode_dependent: ClassVar[bool] = False
+    """Whether training and evaluation select differently (the rule takes ``training``)."""
 
     @property
     def sparse(self) -> bool:
@@ -106,7 +109,20 @@ class TopPTsallis(GateKind):
         return min(experts, max(self.k, math.ceil(self.top_p * experts)))
 
 
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis]
+@dataclass(frozen=True, slots=True)
+class SelfActivated(GateKind):
+    """MoRA-CL: the scores are the experts' own activations ``h``; ``w = softmax(|h| / τ)``.
+    Training keeps the ``k`` largest w; evaluation every expert with ``w >= threshold``. ``g = w``
+    on the kept experts (not renormalised), 0 elsewhere."""
+
+    k: int
+    temperature: float
+    threshold: float
+    variable: ClassVar[bool] = True
+    mode_dependent: ClassVar[bool] = True
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis, SelfActivated]
 
 GATE_KINDS: tuple[type, ...] = get_args(Gate)
 """Every gate kind."""

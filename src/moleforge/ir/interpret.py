@@ -105,7 +105,8 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
         noise: training mode: of noisy tree gates, ``{tree router id: (ε_0, ..., ε_{L-1})}``,
             ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`); of
             router jitter, ``{jitter id: (u,)}``, ``u (T, width)`` uniform on ``[0, 1)`` (see
-            :class:`~moleforge.ir.nodes.Jitter`). Nodes without noise run as in evaluation.
+            :class:`~moleforge.ir.nodes.Jitter`); of a mode-dependent gate (MoRA-CL's self-activated
+            one), ``{router id: ()}``. Nodes without noise run as in evaluation.
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
@@ -151,7 +152,8 @@ def _gate_bias(n, r: _Run) -> Tensor:
 
 @RUN.register(nodes.Route)
 def _route(n, r: _Run) -> Routing:
-    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id))
+    mode = {"training": n.id in r.noise} if n.gate.mode_dependent else {}
+    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id), **mode)
     r.res.routes[n.id], r.res.margins[n.id] = routing.index, margin
     return routing
 
@@ -223,6 +225,18 @@ def _static(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
 
 
 GATES.add(top_p_gate, nodes.TopPTsallis)
+
+
+@GATES.register(nodes.SelfActivated)
+def _self_activated(g, z: Tensor, p, experts: int, fixed, training: bool = False) -> tuple[Routing, float]:
+    """MoRA-CL: ``w = softmax(|h| / τ)``; training the top-k of w, evaluation ``w >= threshold``;
+    the evaluation margin is the smallest distance of a score from the threshold."""
+    w = torch.softmax(z.abs() / g.temperature, 1)  # (T, R)
+    if training:
+        return _top_k(w, w, g.k, fixed, lambda v: v)
+    gates = torch.where(w >= g.threshold, w, 0.0)  # (T, R)
+    margin = float((w.detach() - g.threshold).abs().min()) if w.numel() else math.inf
+    return Routing(gates, w), margin
 
 
 @GATES.register(nodes.SoftmaxTopK)

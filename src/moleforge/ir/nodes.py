@@ -20,7 +20,18 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
 from .core_nodes import CoreExperts, CoreMerge
-from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate, TopPTsallis
+from .gates import (
+    GATE_KINDS,
+    AbsTopK,
+    DenseSoftmax,
+    Gate,
+    GateKind,
+    SelfActivated,
+    SigmoidTopK,
+    SoftmaxTopK,
+    StaticGate,
+    TopPTsallis,
+)
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
@@ -30,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "operand", "NodeKind", "RouterNode", "GateKind", "NODE_KINDS", "GATE_KINDS",
-    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis", "Gate",
+    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis", "SelfActivated", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",

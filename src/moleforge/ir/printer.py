@@ -58,6 +58,7 @@ GATE.add(lambda g: f"abs_topk(k={g.k}, bias={g.balance.name})", nodes.AbsTopK)
 GATE.add(lambda g: f"static(w={g.weights.name})", nodes.StaticGate)
 GATE.add(lambda g: f"top_p_tsallis(p={g.top_p:g}, k={g.k}, q={g.q:g}, threshold={g.threshold:g})",
          nodes.TopPTsallis)
+GATE.add(lambda g: f"self_activated(k={g.k}, tau={g.temperature:g}, threshold={g.threshold:g})", nodes.SelfActivated)
 
 
 # ---- nodes ------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def _static_gate(g: Graph, n) -> list[str]:
     return p
 
 
-@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK)
+@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.SelfActivated)
 def _scored_gate(g: Graph, n) -> list[str]:
     """A gate on scores ``src (T, E)``: ``1 <= k <= E``, and its balancing bias declared."""
     p = _need_tensor(g, n.src, "scores")

@@ -16,6 +16,7 @@ from ..ir import (
     ExpertHidden,
     Graph,
     Route,
+    SelfActivated,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
@@ -93,6 +94,7 @@ ROUTER_WORDS: dict[type, str] = {
     DenseSoftmax: "dense softmax",
     StaticGate: "static weights (the same for every token)",
     TopPTsallis: "top-p ∪ top-{k}, Tsallis-entropy broadcast (DynMoLE)",
+    SelfActivated: "self-activated |h| scores: top-{k} in training, a threshold in evaluation (MoRA-CL)",
 }
 """How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from ..specs import CorePool, ExpertPool, LoRA, RankPartition, ResidualTree, TopPRouter, as_spec
+from ..specs import CorePool, ExpertPool, LoRA, RankPartition, RankTasks, ResidualTree, TopPRouter, as_spec
 
 __all__ = ["EXACT_DIGITS", "GammaEstimate", "format_gamma", "pool_gamma", "variable_pool_gamma", "tree_gamma",
            "tree_gamma_text",
@@ -277,6 +277,8 @@ def adapter_gamma(adapter: Any, experts: int | None = None) -> int | GammaEstima
             return pool_gamma(experts or adapter.experts, adapter.router.k)
         case CorePool():
             return pool_gamma(experts or adapter.experts, adapter.router.k)
+        case RankTasks():  # training's budget: k of the R rank-1 experts
+            return pool_gamma(adapter.experts, adapter.k)
         case ResidualTree():
             levels = [(lv.experts, fan) for lv, fan in zip(adapter.levels, adapter.fanouts())]
             return tree_gamma(levels, adapter.activation, adapter.activation_position)

@@ -7,6 +7,7 @@ from .adapters import (
     LoRA,
     PerExpert,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SparseRandom,
@@ -16,6 +17,7 @@ from .adapters import (
 )
 from .base import SpecModel
 from .presets import as_spec
+from .rank_tasks import with_one_more_task
 from .routing import (
     CV2ImportanceLoad,
     DenseRouter,
@@ -37,5 +39,6 @@ __all__ = [
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
-    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
+    "with_one_more_task",
 ]

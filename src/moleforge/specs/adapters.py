@@ -11,6 +11,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
 from .core_pool import CorePool
+from .rank_tasks import RankTasks
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -36,6 +37,7 @@ __all__ = [
     "TreeRouter",
     "ResidualTree",
     "CorePool",
+    "RankTasks",
     "Adapter",
     "lora_scale",
 ]
@@ -311,4 +313,5 @@ class ResidualTree(SpecModel):
         return d
 
 
-Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool], Field(discriminator="kind")]
+Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool, RankTasks],
+                    Field(discriminator="kind")]

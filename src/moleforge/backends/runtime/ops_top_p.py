@@ -1,6 +1,7 @@
-"""Runtime ops of DynMoLE's routing (Li et al. 2025): the top-p ∪ top-k gate with its
-Tsallis-entropy broadcast, and its two aux losses. Vectorised; they agree with the reference
-interpreter (``ir/interpret_top_p.py``) up to the tolerance table and selection near-ties.
+"""Runtime ops of the variable-width routers: DynMoLE's (Li et al. 2025) top-p ∪ top-k gate
+with its Tsallis-entropy broadcast and its two aux losses, and MoRA-CL's self-activated gate.
+Vectorised; they agree with the reference interpreter (``ir/interpret_top_p.py``,
+``ir/interpret.py``) up to the tolerance table and selection near-ties.
 
 The gate's routing has no index tensor: each token keeps from ``k`` to E experts, so the sparse
 pool (``ops.grouped_mix``) takes its (token, expert) pairs from the non-zero gates.
@@ -16,7 +17,7 @@ from torch import Tensor
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
 
-__all__ = ["route_top_p", "normalised_tsallis", "tsallis_entropy_loss", "soft_lb"]
+__all__ = ["route_top_p", "route_self_activated", "normalised_tsallis", "tsallis_entropy_loss", "soft_lb"]
 
 
 def normalised_tsallis(probs: Tensor, q: float) -> Tensor:
@@ -42,6 +43,17 @@ def route_top_p(z: Tensor, k: int, top_p: float, q: float, threshold: float) -> 
         keep = torch.arange(E, device=z.device) < count.unsqueeze(-1)  # (T, E) in sorted order
         mask = torch.zeros_like(keep).scatter(-1, order, keep)  # (T, E)
     return Routing(probs * mask, probs, None)
+
+
+def route_self_activated(h: Tensor, k: int, temperature: float, threshold: float, training: bool) -> Routing:
+    """MoRA-CL's self-activated routing on the experts' own activations ``h (T, R)``:
+    ``w = softmax(|h| / τ)``; training keeps the top-k (``index (T, k)``), evaluation every
+    ``w >= threshold`` (a variable count, ``index None``). -> ``(gates, w, index)``."""
+    w = torch.softmax(h.abs() / temperature, dim=-1)  # (T, R)
+    if training:
+        top, index = w.topk(k, dim=-1)  # (T, k)
+        return Routing(torch.zeros_like(w).scatter(1, index, top), w, index)
+    return Routing(torch.where(w >= threshold, w, 0.0), w, None)
 
 
 def _mean_over_tokens(v: Tensor, mask: Tensor | None, training: bool, group) -> Tensor:

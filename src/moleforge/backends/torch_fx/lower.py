@@ -233,6 +233,8 @@ ROUTE.add(lambda c, n: _balanced(c, n, ops.route_sigmoid_topk), nodes.SigmoidTop
 ROUTE.add(lambda c, n: _balanced(c, n, ops.route_abs_topk), nodes.AbsTopK)
 ROUTE.add(lambda c, n: c.call(ops_top_p.route_top_p, (c.env[n.src], n.gate.k, n.gate.top_p, n.gate.q,
                                                      n.gate.threshold), n.id), nodes.TopPTsallis)
+ROUTE.add(lambda c, n: c.call(ops_top_p.route_self_activated, (c.env[n.src], n.gate.k, n.gate.temperature,
+                                                              n.gate.threshold, c.training), n.id), nodes.SelfActivated)
 
 
 def _gates(c: _Ctx, rid: str) -> fx.Node:
