@@ -19,7 +19,9 @@ heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurati
 - ``dynmole_p08``: DynMoLE's router at p = 0.8 (least k 1, entropy threshold 0.9, both losses) over
   molora's pools (E = 8, r = 8, all 7 projections), and ``molora_same_mean_k``: molora with top-k,
   k the mean number of experts per token that ``dynmole_p08`` routes on the benchmark batch
-  (rounded; measured before timing and printed), side by side in the same run.
+  (rounded; measured before timing and printed), side by side in the same run;
+- ``comol`` (8 cores of rank 8 on q/k/v/o and down) and ``mora_cl`` (8 rank-1 experts, one task,
+  all 7 projections): the presets.
 
 Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
 the frozen base then has a backward pass, and all configurations do the same base work.
@@ -188,6 +190,8 @@ def build_configs(base: nn.Module, only: set[str] | None, mean_k: float | None =
         "smore": lambda: _moleforge(base, "smore"),
         "peft_lora_ffn_r64": lambda: _peft(base, 64, FFN),
         "dynmole": lambda: _moleforge(base, "dynmole"),
+        "comol": lambda: _moleforge(base, "comol"),
+        "mora_cl": lambda: _moleforge(base, "mora_cl"),
         "dynmole_p08": lambda: _moleforge(base, _dynmole_p08()),
         "molora_same_mean_k": lambda: _moleforge(base, _molora_k(max(1, round(mean_k or 2)))),
     }
