@@ -15,6 +15,15 @@ heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurati
   FFN projections with the rank that gives the same number of trainable parameters;
 - ``smore`` (2 levels x 4 experts, fanout 2-2, rank 8, FFN) and ``peft_lora_ffn_r64``: a LoRA
   of S'MoRE's total rank d_L = 64 on the same projections.
+- ``dynmole``: the preset (6 rank-24 experts, top-p 0.75 ∪ top-2, entropy broadcast, FFN), and
+  ``naive_loop_dynmole``: the same topology as the official code writes it (every expert runs,
+  with masked weights), defined below;
+- ``dynmole_p08``: DynMoLE's router at p = 0.8 (least k 1, entropy threshold 0.9, both losses) over
+  molora's pools (E = 8, r = 8, all 7 projections), and ``molora_same_mean_k``: molora with top-k,
+  k the mean number of experts per token that ``dynmole_p08`` routes on the benchmark batch
+  (rounded; measured before timing and printed), side by side in the same run;
+- ``comol`` (8 cores of rank 8 on q/k/v/o and down) and ``mora_cl`` (8 rank-1 experts, one task,
+  all 7 projections): the presets.
 
 Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
 the frozen base then has a backward pass, and all configurations do the same base work.
@@ -86,18 +95,55 @@ class NaiveMoLoRA(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
-class NaiveModel(nn.Module):
-    """The base model with :class:`NaiveMoLoRA` on every projection; aux losses added to the loss."""
+class NaiveDynMoLE(nn.Module):
+    """DynMoLE around a frozen linear as its official code writes it (mikecovlee/DynMoLE): softmax,
+    the top-p ∪ top-k mask with the Tsallis-entropy broadcast, then a Python loop over every expert
+    with the masked (zero where not kept) weights; plus the entropy and soft-count balance losses."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, base: nn.Linear, experts: int = 6, rank: int = 24, alpha: float = 48, top_p: float = 0.75,
+                 k: int = 2, q: float = 1.1, threshold: float = 0.9, sink: list | None = None):
+        super().__init__()
+        self.base, self.scale, self.top_p, self.k, self.q, self.threshold = base, alpha / rank, top_p, k, q, threshold
+        self.router = nn.Linear(base.in_features, experts, bias=False)
+        self.lora_a = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(experts))
+        self.lora_b = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(experts))
+        for b in self.lora_b:
+            nn.init.normal_(b.weight, std=0.02)
+        self.sink = sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        probs = torch.softmax(self.router(flat), dim=-1)  # (T, E)
+        E = probs.shape[-1]
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) < self.top_p).roll(1, -1)  # the prefix reaching top_p
+        keep[:, 0] = True
+        keep[:, :self.k] = True
+        entropy = (1 - probs.pow(self.q).sum(-1)) / (1 - E ** (1 - self.q))  # (T,)
+        mask = torch.zeros_like(probs).scatter(-1, order, keep.to(probs.dtype))
+        mask[entropy > self.threshold] = 1.0
+        weights = probs * mask  # (T, E)
+        out = self.base(flat)  # (T, d_out)
+        for e, (a, b) in enumerate(zip(self.lora_a, self.lora_b)):
+            out = out + weights[:, e:e + 1] * b(a(flat)) * self.scale
+        if self.sink is not None:
+            self.sink.append(0.01 * entropy.mean() + 0.001 * E * torch.sum(weights.mean(0) * probs.mean(0)))
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class NaiveModel(nn.Module):
+    """The base model with a naive layer (:class:`NaiveMoLoRA`) on every projection of ``projections``;
+    aux losses added to the loss."""
+
+    def __init__(self, model: nn.Module, layer: type = NaiveMoLoRA, projections: list[str] = PROJECTIONS):
         super().__init__()
         self.model, self.sink = model, []
         for p in model.parameters():
             p.requires_grad_(False)
         for module in list(model.modules()):
-            for child in PROJECTIONS:
+            for child in projections:
                 if isinstance(getattr(module, child, None), nn.Linear):
-                    setattr(module, child, NaiveMoLoRA(getattr(module, child), sink=self.sink))
+                    setattr(module, child, layer(getattr(module, child), sink=self.sink))
 
     def forward(self, **kwargs):
         self.sink.clear()
@@ -128,9 +174,10 @@ def _peft(base: nn.Module, rank: int, targets: list[str]) -> nn.Module:
                                                                      target_modules=targets, lora_dropout=0.0))
 
 
-def _moleforge(base: nn.Module, preset: str, **kw) -> nn.Module:
+def _moleforge(base: nn.Module, preset: str | mf.AdapterSpec, **kw) -> nn.Module:
     model = copy.deepcopy(base)
-    spec = mf.presets.load(preset).with_init(mf.Init(up="normal", std=0.02, seed=0))
+    spec = (mf.presets.load(preset) if isinstance(preset, str) else preset).with_init(
+        mf.Init(up="normal", std=0.02, seed=0))
     mf.compile(spec, model, **kw)
     return model
 
@@ -143,7 +190,34 @@ def _same_params_rank(base: nn.Module) -> int:
     return max(1, round(hydra / per_rank))
 
 
-def build_configs(base: nn.Module, only: set[str] | None) -> dict[str, nn.Module]:
+def _dynmole_p08() -> mf.AdapterSpec:
+    """molora's topology (E = 8, r = 8, alpha 16, all 7 projections) under DynMoLE's router at p = 0.8."""
+    return mf.AdapterSpec.model_validate({"name": "dynmole_p08", "sites": [{
+        "target": {"roles": ["q", "k", "v", "o", "gate", "up", "down"]},
+        "adapter": {"kind": "pool", "experts": 8, "rank": 8, "alpha": 16,
+                    "router": {"kind": "top_p", "p": 0.8, "k": 1},
+                    "aux_losses": [{"kind": "tsallis_entropy", "weight": 0.01},
+                                   {"kind": "soft_lb", "weight": 0.001}]}}]})
+
+
+def mean_experts_per_token(base: nn.Module, ids: torch.Tensor) -> float:
+    """Experts per token that ``dynmole_p08`` routes on ``ids``, averaged over its sites."""
+    model = copy.deepcopy(base)
+    handle = mf.compile(_dynmole_p08().with_init(mf.Init(up="normal", std=0.02, seed=0)), model)
+    with handle.record_routing() as log, torch.no_grad():
+        model(input_ids=ids)
+    counts = [float((r.gates != 0).sum(-1).float().mean()) for _, routes in log.entries for r in routes.values()]
+    return sum(counts) / len(counts)
+
+
+def _molora_k(k: int) -> mf.AdapterSpec:
+    spec = mf.presets.load("molora")
+    data = spec.model_dump()
+    data["sites"][0]["adapter"]["router"]["k"] = k
+    return mf.AdapterSpec.model_validate({**data, "name": f"molora_k{k}"})
+
+
+def build_configs(base: nn.Module, only: set[str] | None, mean_k: float | None = None) -> dict[str, nn.Module]:
     makers = {
         "frozen_base": lambda: copy.deepcopy(base),
         "peft_lora_r16": lambda: _peft(base, 16, PROJECTIONS),
@@ -154,6 +228,12 @@ def build_configs(base: nn.Module, only: set[str] | None) -> dict[str, nn.Module
         "peft_lora_ffn_same_params": lambda: _peft(base, _same_params_rank(base), FFN),
         "smore": lambda: _moleforge(base, "smore"),
         "peft_lora_ffn_r64": lambda: _peft(base, 64, FFN),
+        "dynmole": lambda: _moleforge(base, "dynmole"),
+        "naive_loop_dynmole": lambda: NaiveModel(copy.deepcopy(base), NaiveDynMoLE, FFN),
+        "comol": lambda: _moleforge(base, "comol"),
+        "mora_cl": lambda: _moleforge(base, "mora_cl"),
+        "dynmole_p08": lambda: _moleforge(base, _dynmole_p08()),
+        "molora_same_mean_k": lambda: _moleforge(base, _molora_k(max(1, round(mean_k or 2)))),
     }
     out = {}
     for name, make in makers.items():
@@ -240,10 +320,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
     base = build_base(args.vocab)
-    configs = build_configs(base, set(args.only) if args.only else None)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    only = set(args.only) if args.only else None
+    mean_k = mean_experts_per_token(base, ids) if only is None or "molora_same_mean_k" in only else None
+    if mean_k is not None:
+        print(f"dynmole_p08 routes {mean_k:.2f} experts per token on average: molora_same_mean_k uses "
+              f"k = {max(1, round(mean_k))}")
+    configs = build_configs(base, only, mean_k)
     samples = measure(configs, ids, args.rounds, args.warmup)
     result = report(configs, samples, args, load_before)
+    result["dynmole_p08_mean_experts_per_token"] = mean_k
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"\nwrote {args.out}")
 

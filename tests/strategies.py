@@ -11,6 +11,7 @@ from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import Graph
 from moleforge.specs import (
+    CorePool,
     CV2ImportanceLoad,
     DenseRouter,
     ExpertPool,
@@ -19,15 +20,19 @@ from moleforge.specs import (
     LoRA,
     PerExpert,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SigmoidTopKRouter,
+    SoftLoadBalance,
     SparseRandom,
     StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
+    TopPRouter,
     TreeLevel,
     TreeRouter,
+    TsallisEntropy,
 )
 
 small = st.integers(1, 6)
@@ -44,13 +49,18 @@ def loras(draw):
 FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static")
 """The flat routers :func:`routers` draws (``implicit_topk`` needs a FlyLoRA pool: :func:`pools`)."""
 
+LINEAR_ROUTERS = (*FLAT_ROUTERS, "top_p")
+"""The flat routers of pools and rank partitions at linear sites (FFN-block experts take no
+``top_p``: its number of experts per token varies)."""
+
 JITTERS = (0.0, 0.1, 0.5)
 
 
 @st.composite
 def routers(draw, experts: int, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS):
     """A flat router of one of ``kinds``: top-k (renormalised or not, temperature, a jitter from
-    ``jitters``), dense, sigmoid top-k (balancing rate), static (trainable or fixed weights)."""
+    ``jitters``), dense, sigmoid top-k (balancing rate), static (trainable or fixed weights),
+    DynMoLE's top-p (p, least k, Tsallis index and threshold)."""
     kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, experts))
     if kind == "topk":
@@ -60,23 +70,34 @@ def routers(draw, experts: int, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: 
         return DenseRouter(temperature=draw(st.sampled_from([1.0, 2.0])))
     if kind == "static":
         return StaticRouter(trainable=draw(st.booleans()))
+    if kind == "top_p":
+        return TopPRouter(k=k, p=draw(st.sampled_from([0.3, 0.6, 0.8, 1.0])),
+                          entropy_index=draw(st.sampled_from([0.5, 1.0, 1.1, 2.0])),
+                          entropy_threshold=draw(st.sampled_from([0.5, 0.9, 1.0])))
     return SigmoidTopKRouter(k=k, bias_update_rate=draw(st.sampled_from([0.0, 1e-3, 0.1])))
 
 
 @st.composite
 def aux_losses(draw, router) -> list:
-    """Up to one loss of each kind the router takes: ``switch_lb`` on softmax top-k only, none
-    on a static router; weights, LoRAMoE's delta and its groups drawn."""
+    """Up to one loss of each kind the router takes: ``switch_lb`` on softmax top-k only,
+    ``tsallis_entropy`` on top-p only, none on a static router; weights, LoRAMoE's delta and its
+    groups drawn."""
     if isinstance(router, StaticRouter):
         return []
     weight = st.sampled_from([0.1, 0.5])
-    kinds = ["cv2_importance_load", "localized_balance"] + (["switch_lb"] if isinstance(router, TopKRouter) else [])
+    kinds = ["cv2_importance_load", "localized_balance", "soft_lb"] + (
+        ["switch_lb"] if isinstance(router, TopKRouter) else []) + (
+        ["tsallis_entropy"] if isinstance(router, TopPRouter) else [])
     out = []
     for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
         if kind == "switch_lb":
             out.append(SwitchLoadBalance(weight=draw(weight)))
         elif kind == "cv2_importance_load":
             out.append(CV2ImportanceLoad(weight=draw(weight)))
+        elif kind == "soft_lb":
+            out.append(SoftLoadBalance(weight=draw(weight)))
+        elif kind == "tsallis_entropy":
+            out.append(TsallisEntropy(weight=draw(weight)))
         else:
             out.append(LocalizedBalance(weight=draw(weight), delta=draw(st.sampled_from([0.0, 0.2, 0.6])),
                                         groups=draw(st.integers(1, 3))))
@@ -84,7 +105,7 @@ def aux_losses(draw, router) -> list:
 
 
 @st.composite
-def pools(draw, kinds: tuple[str, ...] = (*FLAT_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS):
+def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS):
     """Expert pools over every option: per-expert or shared factors, a router of ``kinds``
     (FlyLoRA's ``implicit_topk`` over a sparse random down-projection of any density, one pool
     in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
@@ -106,7 +127,7 @@ def pools(draw, kinds: tuple[str, ...] = (*FLAT_ROUTERS, "implicit_topk"), jitte
 
 
 @st.composite
-def rank_partitions(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS):
+def rank_partitions(draw, kinds: tuple[str, ...] = LINEAR_ROUTERS, jitters: tuple[float, ...] = JITTERS):
     """SMoRA rank partitions: blocks of 1-2 ranks under a flat router of ``kinds``."""
     block = draw(st.integers(1, 2))
     blocks = draw(st.integers(1, 5))
@@ -151,8 +172,28 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
                         bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
 
 
+@st.composite
+def core_pools(draw):
+    """CoMoL core-space pools: 1-5 experts, rank 1-4, a dense or top-k softmax router (any
+    temperature, jitter), aux losses, both scalings."""
+    E = draw(st.integers(1, 5))
+    router = draw(routers(E, ("topk", "dense")))
+    return CorePool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 4.0])),
+                    scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router,
+                    aux_losses=draw(aux_losses(router)))
+
+
+@st.composite
+def rank_tasks(draw):
+    """MoRA-CL: 1-3 tasks of 1-3 rank-1 experts (the earlier frozen), budget, temperature, threshold."""
+    r = draw(st.integers(1, 3))
+    return RankTasks(ranks_per_task=r, tasks=draw(st.integers(1, 3)), k=draw(st.integers(1, r)),
+                     temperature=draw(st.sampled_from([1.0, 0.5])), threshold=draw(st.sampled_from([0.0, 0.2, 0.5])),
+                     alpha=draw(st.sampled_from([None, 3.0])))
+
+
 def adapters():
-    return st.one_of(loras(), pools(), rank_partitions(), trees())
+    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools(), rank_tasks())
 
 
 def training_adapters():

@@ -26,6 +26,7 @@ from .interop.peft import export_merged, export_peft, from_peft
 from .interop.smore_official import import_smore_official
 from .specs import (
     AdapterSpec,
+    CorePool,
     CV2ImportanceLoad,
     DenseRouter,
     ExpertPool,
@@ -35,17 +36,21 @@ from .specs import (
     LocalizedBalance,
     LoRA,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SigmoidTopKRouter,
     Site,
+    SoftLoadBalance,
     SparseRandom,
     StaticRouter,
     SwitchLoadBalance,
     Target,
     TopKRouter,
+    TopPRouter,
     TreeLevel,
     TreeRouter,
+    TsallisEntropy,
     presets,
 )
 
@@ -61,6 +66,7 @@ __all__ = [
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
 ]
 
 

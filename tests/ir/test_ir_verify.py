@@ -36,6 +36,7 @@ from moleforge.ir import (
 )
 from moleforge.passes import collapse_linear_trees, hoist_frozen_down, hoist_tree_down_projections
 from moleforge.specs import (
+    CorePool,
     CV2ImportanceLoad,
     DenseRouter,
     ExpertPool,
@@ -45,6 +46,7 @@ from moleforge.specs import (
     SparseRandom,
     StaticRouter,
     TopKRouter,
+    TopPRouter,
     TreeLevel,
     TreeRouter,
 )
@@ -292,6 +294,40 @@ def path_gates_level():
 def aux_reads_a_tensor():
     g = _pool(aux_losses=[CV2ImportanceLoad()])
     return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), routing="logits")))
+
+
+@case("_aux", "tsallis_entropy needs a flat routing, got a tree routing .*")
+def entropy_loss_of_a_tree():
+    g = _tree(aux_losses=[CV2ImportanceLoad()])
+    return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), kind="tsallis_entropy")))
+
+
+@case("_top_p_gate", r"top_p gate with p = 1.5, threshold = 0.9, q = 1.1: needs 0 < p <= 1, "
+      r"0 <= threshold <= 1 and q > 0")
+def top_p_outside_its_range():
+    g = _pool(TopPRouter(k=1))
+    return g.replace(nodes=_nodes(g, route=replace(g.node("route"), gate=replace(g.node("route").gate, top_p=1.5))))
+
+
+def _core() -> Graph:
+    """CoMoL: x -> h (A (2, 5)) -> logits (router_w (3, 2)) -> route -> mix (cores (3, 2, 2), B (7, 2))."""
+    return _build(CorePool(experts=3, rank=2))
+
+
+@case("_core_rules", r"cores have shape \(3, 3, 2\), expected \(3, 2, 2\): one r x r core per expert on the "
+      "width-2 source")
+def cores_of_another_width():
+    g = _core()
+    cores = ParamRef("cores3", (3, 3, 2))
+    g = g.replace(params=g.params + (ParamDecl(name="cores3", shape=(3, 3, 2), init="kaiming"),))
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), cores=cores)))
+
+
+@case("_core_rules", r"B has shape \(7, 3\), expected \(d_out, 2\)")
+def core_up_projection_of_another_rank():
+    g = _core()
+    g = g.replace(params=g.params + (ParamDecl(name="B3", shape=(7, 3), init="up"),))
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), b=ParamRef("B3", (7, 3)))))
 
 
 @case("_aux", "switch_lb needs a softmax top-k router")

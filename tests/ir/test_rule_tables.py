@@ -36,6 +36,8 @@ GATES = {
     nodes.SigmoidTopK: nodes.SigmoidTopK(k=2, balance=ParamRef("balance", (4,))),
     nodes.AbsTopK: nodes.AbsTopK(k=2, balance=ParamRef("balance", (4,))),
     nodes.StaticGate: nodes.StaticGate(weights=ParamRef("router_w", (4,))),
+    nodes.TopPTsallis: nodes.TopPTsallis(k=2, top_p=0.75, q=1.1, threshold=0.9),
+    nodes.SelfActivated: nodes.SelfActivated(k=2, temperature=1.0, threshold=0.1),
 }
 
 

@@ -21,7 +21,8 @@ STYLE.add(("#C6DBEF", "linear (GEMM)"), nodes.Linear, nodes.SiblingLinear)
 STYLE.add(("#F2F2F2", "slice / add"), nodes.Columns, nodes.Add)
 STYLE.add(("#FDD0A2", "router"), nodes.Jitter, nodes.Route, nodes.TreeRoute, nodes.TreePathGates)
 STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGate, nodes.OuterGate, nodes.TreeMix,
-          nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA)
+          nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA,
+          nodes.CoreExperts, nodes.CoreMerge)
 STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss)
 
 

@@ -18,6 +18,8 @@ from ..ir import (
     BlockColumns,
     BlockGate,
     BlockRows,
+    Concat,
+    CoreExperts,
     DenseSoftmax,
     ExpertFFN,
     ExpertLinear,
@@ -29,26 +31,31 @@ from ..ir import (
     ParamRef,
     PoolMix,
     Route,
+    SelfActivated,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
+    TopPTsallis,
     TreeGateLevel,
     TreeLevelParams,
     TreeMix,
     TreeRoute,
 )
 from ..specs import (
+    CorePool,
     DenseRouter,
     ExpertPool,
     ImplicitTopKRouter,
     LoRA,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SigmoidTopKRouter,
     SparseRandom,
     StaticRouter,
     TopKRouter,
+    TopPRouter,
     lora_scale,
 )
 
@@ -88,6 +95,10 @@ def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
             out = _pool(b, adapter, origin)
         case ResidualTree():
             out = _tree(b, adapter, origin)
+        case CorePool():
+            out = _core_pool(b, adapter, origin)
+        case RankTasks():
+            out = _rank_tasks(b, adapter, origin)
         case _:
             raise TypeError(f"no IR for adapter kind {type(adapter).__name__}")
     return b.graph(out)
@@ -132,22 +143,60 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     for i, aux in enumerate(spec.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   origin=f"{origin}.aux_losses[{i}]")))
+                                   q=getattr(router, "entropy_index", 1.0), origin=f"{origin}.aux_losses[{i}]")))
     if spec.shared_expert is not None:
         shared = _lora(b, spec.shared_expert, "shared_", f"{origin}.shared_expert")
         out = b.add(Add(id="with_shared", srcs=(out, shared), origin=origin))
     return out
 
 
-def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
-    d_in = b.shape.d_in
+def _core_pool(b: _Builder, spec: CorePool, origin: str) -> str:
+    """CoMoL: ``h = A x`` (the core space), a router on h, the mixture of full experts
+    ``B M_i h`` (the ``merge_cores`` pass makes it one soft-merged core per token)."""
+    d_in, d_out, r = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
+    E = b.shape.experts or spec.experts
+    A = b.param("A", (r, d_in), "kaiming", fan_in=d_in)
+    M = b.param("cores", (E, r, r), "kaiming", fan_in=r)
+    B = b.param("B", (d_out, r), "up")
+    h = b.add(Linear(id="h", src="x", weight=A, origin=f"{origin}.down"))
+    route = _flat_router(b, spec.router, E, origin, src=h, width=r)
+    out = b.add(CoreExperts(id="mix", src=h, routing=route, cores=M, b=B,
+                            scale=lora_scale(spec.alpha, r, spec.scaling), origin=origin))
+    for i, aux in enumerate(spec.aux_losses):
+        b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
+                                   delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
+                                   origin=f"{origin}.aux_losses[{i}]")))
+    return out
+
+
+def _rank_tasks(b: _Builder, spec: RankTasks, origin: str) -> str:
+    """MoRA-CL: per task t, ``A_t{t} (r, d_in)`` and ``B_t{t} (d_out, r)``, buffers for every task but
+    the last; ``h = A x`` over every task's experts routes itself (no router GEMM)."""
+    d_in, d_out, r = b.shape.d_in, b.shape.d_out, spec.ranks_per_task
+    As, Bs = [], []
+    for t in range(spec.tasks):
+        learn = t == spec.tasks - 1
+        As.append(b.param(f"A_t{t}", (r, d_in), "kaiming", fan_in=d_in, trainable=learn, buffer=not learn))
+        Bs.append(b.param(f"B_t{t}", (d_out, r), "up", trainable=learn, buffer=not learn))
+    A = As[0] if len(As) == 1 else Concat(tuple(As), 0)
+    B = Bs[0] if len(Bs) == 1 else Concat(tuple(Bs), 1)
+    h = b.add(Linear(id="h", src="x", weight=A, origin=f"{origin}.down"))
+    gate = SelfActivated(k=spec.k, temperature=spec.temperature, threshold=spec.threshold)
+    route = b.add(Route(id="route", src=h, gate=gate, experts=spec.experts, origin=f"{origin}.router"))
+    g = b.add(BlockGate(id="gated", src=h, routing=route, rank=1, scale=lora_scale(spec.alpha, r, "alpha_over_rank"),
+                        origin=origin))
+    return b.add(Linear(id="mix", src=g, weight=B, origin=f"{origin}.up"))
+
+
+def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:
+    """The router of E experts reading ``src`` of ``width`` (the site input, or CoMoL's core space)."""
+    d_in = width or b.shape.d_in
     if isinstance(router, StaticRouter):
         w = b.param("router_w", (E,), "one", trainable=router.trainable, buffer=not router.trainable)
         return b.add(Route(id="route", src="x", gate=StaticGate(weights=w), experts=E, origin=f"{origin}.router"))
     W = b.param("router_w", (E, d_in), "kaiming", fan_in=d_in)
-    src = "x"
     if isinstance(router, TopKRouter) and router.jitter > 0:
-        src = b.add(Jitter(id="jitter", src="x", eps=router.jitter, origin=f"{origin}.router.jitter"))
+        src = b.add(Jitter(id="jitter", src=src, eps=router.jitter, origin=f"{origin}.router.jitter"))
     logits = b.add(Linear(id="logits", src=src, weight=W, origin=f"{origin}.router"))
     match router:
         case TopKRouter():
@@ -156,6 +205,8 @@ def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
             gate = DenseSoftmax(temperature=router.temperature)
         case SigmoidTopKRouter():
             gate = SigmoidTopK(k=router.k, balance=b.param("balance", (E,), "zero", trainable=False, buffer=True))
+        case TopPRouter():
+            gate = TopPTsallis(k=router.k, top_p=router.p, q=router.entropy_index, threshold=router.entropy_threshold)
         case _:
             raise TypeError(router)
     return b.add(Route(id="route", src=logits, gate=gate, experts=E, origin=f"{origin}.router"))

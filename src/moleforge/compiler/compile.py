@@ -87,7 +87,9 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
             q.requires_grad_(True)
     if policy != p.policy:
         p = dataclasses.replace(p, policy=policy)
-    return AdapterHandle(model, p, modules, originals, collector, requires_grad)
+    handle = AdapterHandle(model, p, modules, originals, collector, requires_grad)
+    handle._recompile = compile  # what handle.add_task() (MoRA-CL) compiles the grown spec with
+    return handle
 
 
 def explain(spec: Any, model: nn.Module | None = None, *, passes: Sequence[Pass] | None = None,

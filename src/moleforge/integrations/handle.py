@@ -22,6 +22,7 @@ from ..ir import Route
 from ..report.explain import explain_plan
 from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
+from .tasks import ContinualTasks
 
 if TYPE_CHECKING:
     from ..compiler.planner import Plan
@@ -219,7 +220,7 @@ def _unignore_in_ddp(model: nn.Module, added: list[str]) -> None:
         delattr(model, _DDP_IGNORE)
 
 
-class AdapterHandle:
+class AdapterHandle(ContinualTasks):
     """A compiled adapter living inside ``model``.
 
     While it is injected, the model's forward adds the aux losses to ``outputs.loss`` (see

@@ -5,12 +5,14 @@ consumers ask instead of testing kinds: ``k`` (experts per token, ``None`` when 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Union, get_args
 
 from .params import ParamRef
 
-__all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate", "GATE_KINDS"]
+__all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis",
+           "SelfActivated", "Gate", "GATE_KINDS"]
 
 
 class GateKind:
@@ -21,10 +23,19 @@ class GateKind:
     __slots__ = ()
     balances: ClassVar[bool] = False
     input_independent: ClassVar[bool] = False
+    variable: ClassVar[bool] = False
+    """Whether the number of experts per token depends on the token (``k`` is then the least, or
+    for a mode-dependent gate the training count)."""
+    mode_dependent: ClassVar[bool] = False
+    """Whether training and evaluation select differently (the rule takes ``training``)."""
 
     @property
     def sparse(self) -> bool:
         return self.k is not None  # type: ignore[attr-defined]
+
+    def typical_k(self, experts: int) -> int | None:
+        """Experts a token typically uses, for cost models: ``k`` (``None`` when dense)."""
+        return self.k  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +90,39 @@ class StaticGate(GateKind):
         return None
 
 
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate]
+@dataclass(frozen=True, slots=True)
+class TopPTsallis(GateKind):
+    """DynMoLE: ``p = softmax(z)``; per token keep the smallest prefix of the experts sorted by
+    ``p`` (descending, ties to the lower index) whose sum reaches ``top_p``, and at least its top
+    ``k``; every expert when the normalised Tsallis entropy ``H_q(p)`` exceeds ``threshold``.
+    ``g = p`` on the kept experts (no renormalisation), 0 elsewhere. Variable: ``k`` to E experts."""
+
+    k: int
+    top_p: float
+    q: float
+    threshold: float
+    variable: ClassVar[bool] = True
+
+    def typical_k(self, experts: int) -> int:
+        """``max(k, ⌈top_p · E⌉)``: near-uniform probabilities (a fresh router) keep about
+        ``top_p · E`` experts; a sharp router fewer, a broadcast all."""
+        return min(experts, max(self.k, math.ceil(self.top_p * experts)))
+
+
+@dataclass(frozen=True, slots=True)
+class SelfActivated(GateKind):
+    """MoRA-CL: the scores are the experts' own activations ``h``; ``w = softmax(|h| / τ)``.
+    Training keeps the ``k`` largest w; evaluation every expert with ``w >= threshold``. ``g = w``
+    on the kept experts (not renormalised), 0 elsewhere."""
+
+    k: int
+    temperature: float
+    threshold: float
+    variable: ClassVar[bool] = True
+    mode_dependent: ClassVar[bool] = True
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis, SelfActivated]
 
 GATE_KINDS: tuple[type, ...] = get_args(Gate)
 """Every gate kind."""

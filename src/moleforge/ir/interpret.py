@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import nodes
 from .graph import Graph
+from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
@@ -104,7 +105,8 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
         noise: training mode: of noisy tree gates, ``{tree router id: (ε_0, ..., ε_{L-1})}``,
             ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`); of
             router jitter, ``{jitter id: (u,)}``, ``u (T, width)`` uniform on ``[0, 1)`` (see
-            :class:`~moleforge.ir.nodes.Jitter`). Nodes without noise run as in evaluation.
+            :class:`~moleforge.ir.nodes.Jitter`); of a mode-dependent gate (MoRA-CL's self-activated
+            one), ``{router id: ()}``. Nodes without noise run as in evaluation.
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
@@ -150,7 +152,8 @@ def _gate_bias(n, r: _Run) -> Tensor:
 
 @RUN.register(nodes.Route)
 def _route(n, r: _Run) -> Routing:
-    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id))
+    mode = {"training": n.id in r.noise} if n.gate.mode_dependent else {}
+    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id), **mode)
     r.res.routes[n.id], r.res.margins[n.id] = routing.index, margin
     return routing
 
@@ -177,6 +180,19 @@ def _block_gate(n, r: _Run) -> Tensor:
 def _outer_gate(n, r: _Run) -> Tensor:
     g, h = r.env[n.routing].gates, r.env[n.src]
     return torch.cat([g[:, i:i + 1] * h for i in range(g.shape[1])], 1) * n.scale
+
+
+@RUN.register(nodes.CoreExperts)
+def _core_experts(n, r: _Run) -> Tensor:
+    g, h, M, B = r.env[n.routing].gates, r.env[n.src], eval_expr(n.cores, r.p), eval_expr(n.b, r.p)
+    return sum(g[:, i:i + 1] * n.scale * ((h @ M[i].T) @ B.T) for i in range(g.shape[1]))  # (T, d_out)
+
+
+@RUN.register(nodes.CoreMerge)
+def _core_merge(n, r: _Run) -> Tensor:
+    g, h, M = r.env[n.routing].gates, r.env[n.src], eval_expr(n.cores, r.p)
+    merged = torch.einsum("te,eoi->toi", g, M)  # (T, r, r): each token's soft-merged core
+    return torch.einsum("toi,ti->to", merged, h)  # (T, r)
 
 
 @RUN.register(nodes.ExpertSum)
@@ -206,6 +222,21 @@ def _static(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
     gates = w.expand(T, experts)  # (T, E): the same weights for every token
     probs = (w.abs() / w.abs().sum().clamp_min(1e-12)).expand(T, experts)  # (T, E)
     return Routing(gates, probs), math.inf
+
+
+GATES.add(top_p_gate, nodes.TopPTsallis)
+
+
+@GATES.register(nodes.SelfActivated)
+def _self_activated(g, z: Tensor, p, experts: int, fixed, training: bool = False) -> tuple[Routing, float]:
+    """MoRA-CL: ``w = softmax(|h| / τ)``; training the top-k of w, evaluation ``w >= threshold``;
+    the evaluation margin is the smallest distance of a score from the threshold."""
+    w = torch.softmax(z.abs() / g.temperature, 1)  # (T, R)
+    if training:
+        return _top_k(w, w, g.k, fixed, lambda v: v)
+    gates = torch.where(w >= g.threshold, w, 0.0)  # (T, R)
+    margin = float((w.detach() - g.threshold).abs().min()) if w.numel() else math.inf
+    return Routing(gates, w), margin
 
 
 @GATES.register(nodes.SoftmaxTopK)
@@ -332,6 +363,8 @@ def _cv2(v: Tensor) -> Tensor:
 def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
     if isinstance(route, TreeRouting):
         return tree_aux(n, route)
+    if n.kind in ("tsallis_entropy", "soft_lb"):
+        return top_p_aux(n, route)
     gates, probs = route.gates, route.probs
     T, E = gates.shape
     if n.kind == "switch_lb":

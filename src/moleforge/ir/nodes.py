@@ -19,7 +19,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
-from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate
+from .core_nodes import CoreExperts, CoreMerge
+from .gates import (
+    GATE_KINDS,
+    AbsTopK,
+    DenseSoftmax,
+    Gate,
+    GateKind,
+    SelfActivated,
+    SigmoidTopK,
+    SoftmaxTopK,
+    StaticGate,
+    TopPTsallis,
+)
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
@@ -29,11 +41,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "operand", "NodeKind", "RouterNode", "GateKind", "NODE_KINDS", "GATE_KINDS",
-    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate",
+    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis", "SelfActivated", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
-    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node",
+    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -120,7 +132,7 @@ class Route(RouterNode):
     origin: str = ""
 
     def result_type(self, graph: "Graph") -> ValueType:
-        return RoutingType(self.experts, self.gate.k)
+        return RoutingType(self.experts, self.gate.k, self.gate.variable)
 
     @property
     def k(self) -> int | None:
@@ -361,10 +373,12 @@ class AuxLoss(NodeKind):
 
     id: str
     routing: str = operand()
-    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance"]
+    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance", "tsallis_entropy", "soft_lb"]
     weight: float
     delta: float = 0.0
     groups: int = 1
+    q: float = 1.0
+    """The Tsallis index of ``tsallis_entropy``."""
     origin: str = ""
 
     def result_type(self, graph: "Graph") -> ValueType:
@@ -373,7 +387,7 @@ class AuxLoss(NodeKind):
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
-             ExpertHidden, ExpertSum, ExpertLoRA]
+             ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

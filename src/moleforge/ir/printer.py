@@ -56,6 +56,9 @@ GATE.add(lambda g: f"dense_softmax(tau={g.temperature:g})", nodes.DenseSoftmax)
 GATE.add(lambda g: f"sigmoid_topk(k={g.k}, bias={g.balance.name})", nodes.SigmoidTopK)
 GATE.add(lambda g: f"abs_topk(k={g.k}, bias={g.balance.name})", nodes.AbsTopK)
 GATE.add(lambda g: f"static(w={g.weights.name})", nodes.StaticGate)
+GATE.add(lambda g: f"top_p_tsallis(p={g.top_p:g}, k={g.k}, q={g.q:g}, threshold={g.threshold:g})",
+         nodes.TopPTsallis)
+GATE.add(lambda g: f"self_activated(k={g.k}, tau={g.temperature:g}, threshold={g.threshold:g})", nodes.SelfActivated)
 
 
 # ---- nodes ------------------------------------------------------------------------------
@@ -101,6 +104,9 @@ def _mix(kind: str) -> Callable[..., str]:
 LINE.add(_mix("pool_mix"), nodes.PoolMix)
 LINE.add(_mix("grouped_mix"), nodes.GroupedMix)
 LINE.add(_mix("expert_lora"), nodes.ExpertLoRA)
+LINE.add(lambda n, t: (f"core_experts %{n.src} by %{n.routing} M={format_expr(n.cores)} B={format_expr(n.b)} "
+                       f"scale={n.scale:g} -> {t.width}"), nodes.CoreExperts)
+LINE.add(lambda n, t: f"core_merge %{n.src} by %{n.routing} M={format_expr(n.cores)} -> {t.width}", nodes.CoreMerge)
 
 
 @LINE.register(nodes.TreeRoute)
@@ -124,6 +130,7 @@ LINE.add(_tree("tree_propagate"), nodes.TreePropagate)
 @LINE.register(nodes.AuxLoss)
 def _aux(n, t) -> str:
     extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
+    extra = f" q={n.q:g}" if n.kind == "tsallis_entropy" else extra
     return f"aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
 
 

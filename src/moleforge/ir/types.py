@@ -38,12 +38,16 @@ class RoutingType:
 
     experts: int
     k: int | None = None
+    variable: bool = False
+    """Whether tokens use different numbers of experts (``k`` the least of them)."""
 
     @property
     def sparse(self) -> bool:
         return self.k is not None
 
     def __str__(self) -> str:
+        if self.variable:
+            return f"routing over {self.experts} experts, {self.k} to {self.experts} per token"
         return f"routing over {self.experts} experts" + (f", top-{self.k}" if self.k is not None else ", dense")
 
 

@@ -159,7 +159,7 @@ def _static_gate(g: Graph, n) -> list[str]:
     return p
 
 
-@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK)
+@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.SelfActivated)
 def _scored_gate(g: Graph, n) -> list[str]:
     """A gate on scores ``src (T, E)``: ``1 <= k <= E``, and its balancing bias declared."""
     p = _need_tensor(g, n.src, "scores")
@@ -170,6 +170,17 @@ def _scored_gate(g: Graph, n) -> list[str]:
         p.append(f"k = {k} outside 1..{n.experts}")
     if n.gate.balances:
         p += _expr(g, n.gate.balance, "balance bias")
+    return p
+
+
+@GATE_RULES.register(nodes.TopPTsallis)
+def _top_p_gate(g: Graph, n) -> list[str]:
+    """A scored gate whose ``top_p`` lies in (0, 1], threshold in [0, 1] and index q > 0."""
+    p = _scored_gate(g, n)
+    gate = n.gate
+    if not (0 < gate.top_p <= 1 and 0 <= gate.threshold <= 1 and gate.q > 0):
+        p.append(f"top_p gate with p = {gate.top_p}, threshold = {gate.threshold}, q = {gate.q}: "
+                 "needs 0 < p <= 1, 0 <= threshold <= 1 and q > 0")
     return p
 
 
@@ -231,6 +242,8 @@ def _aux(g: Graph, n) -> list[str]:
     route = g.node(n.routing)
     if n.kind == "switch_lb" and isinstance(route, nodes.Route) and not isinstance(route.gate, nodes.SoftmaxTopK):
         return ["switch_lb needs a softmax top-k router"]
+    if n.kind in ("tsallis_entropy", "soft_lb") and not isinstance(t, RoutingType):
+        return [f"{n.kind} needs a flat routing, got a {t}"]
     return []
 
 
@@ -251,6 +264,23 @@ def _pool_rules(g: Graph, n) -> list[str]:
         p.append(f"rank of A ({a[1]}) != rank of B ({b[2]})")
     if isinstance(n, nodes.GroupedMix) and not g.routing(n.routing).sparse:
         p.append("grouped_mix needs a sparse (top-k) router")
+    return p
+
+
+@RULES.register(nodes.CoreExperts, nodes.CoreMerge)
+def _core_rules(g: Graph, n) -> list[str]:
+    """Cores ``(E, r, r)`` over a core-space source of width r routed over E experts; B ``(d_out, r)``."""
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.cores, "cores")
+    if isinstance(n, nodes.CoreExperts):
+        p += _expr(g, n.b, "B")
+    if p:
+        return p
+    shape, E, r = expr_shape(n.cores), g.routing(n.routing).experts, g.width(n.src)
+    if shape != (E, r, r):
+        p.append(f"cores have shape {shape}, expected ({E}, {r}, {r}): one r x r core per expert on the width-{r} "
+                 "source")
+    if isinstance(n, nodes.CoreExperts) and expr_shape(n.b)[1:] != (r,):
+        p.append(f"B has shape {expr_shape(n.b)}, expected (d_out, {r})")
     return p
 
 

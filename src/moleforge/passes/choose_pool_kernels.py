@@ -68,7 +68,11 @@ def pool_cost(experts: int, rank: int, d_in: int, d_out: int, k: int | None, tok
 def cost_of(n: PoolMix, graph: Graph, tokens: int) -> PoolCost:
     _, r, d_in = expr_shape(n.a)
     d_out = expr_shape(n.b)[1]
-    return pool_cost(graph.routing(n.routing).experts, r, d_in, d_out, sparse_k(graph, n.routing), tokens)
+    t = graph.routing(n.routing)
+    k = sparse_k(graph, n.routing)
+    if t.variable:  # from k to E experts per token: price the typical count
+        k = graph.node(n.routing).gate.typical_k(t.experts)
+    return pool_cost(t.experts, r, d_in, d_out, k, tokens)
 
 
 @dataclass(frozen=True)

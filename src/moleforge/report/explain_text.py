@@ -16,14 +16,16 @@ from ..ir import (
     ExpertHidden,
     Graph,
     Route,
+    SelfActivated,
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
+    TopPTsallis,
     TreeMix,
     TreePropagate,
     TreeRoute,
 )
-from .structure import format_gamma, pool_gamma, tree_gamma_text
+from .structure import format_gamma, pool_gamma, tree_gamma_text, variable_pool_gamma
 
 __all__ = ["ROLES", "ROUTER_WORDS", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text",
            "router_text", "gamma_text"]
@@ -91,6 +93,8 @@ ROUTER_WORDS: dict[type, str] = {
     AbsTopK: "|h| top-{k} mask (FlyLoRA)",
     DenseSoftmax: "dense softmax",
     StaticGate: "static weights (the same for every token)",
+    TopPTsallis: "top-p ∪ top-{k}, Tsallis-entropy broadcast (DynMoLE)",
+    SelfActivated: "self-activated |h| scores: top-{k} in training, a threshold in evaluation (MoRA-CL)",
 }
 """How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
 
@@ -112,4 +116,7 @@ def gamma_text(g: Graph) -> str:
     k = None if route is None else route.k
     if k is None:
         return "1 (no top-k routing)"
+    if route.gate.variable:
+        E = route.experts
+        return f"{format_gamma(variable_pool_gamma(E, k))} = Σ_(j={k}..{E}) C({E},j) expert sets per token"
     return f"{format_gamma(pool_gamma(route.experts, k))} = C({route.experts},{k}) expert sets per token"

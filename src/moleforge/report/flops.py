@@ -9,7 +9,8 @@ it names:
 - ``Linear`` / ``SiblingLinear``: ``2·in·out`` (a sibling counts its own columns of the shared
   GEMM);
 - ``PoolMix``: every one of the E experts, ``2·E·r·(d_in + d_out)``; ``GroupedMix``: only the
-  k selected, ``2·k·r·(d_in + d_out)`` (a dense router activates all E);
+  k selected, ``2·k·r·(d_in + d_out)`` (a dense router activates all E; a variable one, DynMoLE's
+  top-p, from k to E: counted at E, the most a token can use);
 - ``TreeRoute``: per pool l, every context (``Π_{j>l} f_j``) runs the query MLP and scores the
   pool's ``s_l`` keys, ``2·(g·in_l + g·g + s_l·g)`` each;
 - ``TreeMix``: every expert's residual once, ``2·s_l·r_l·(d_in + d_{l+1})`` per pool, plus the
@@ -95,6 +96,16 @@ FLOPS.add(lambda graph, n: _tree_route(n), nodes.TreeRoute)
 FLOPS.add(lambda graph, n: sum(_block(graph, n)), nodes.ExpertFFN, nodes.ExpertHidden)
 
 
+@FLOPS.register(nodes.CoreExperts)
+def _core_experts(graph: Graph, n: nodes.CoreExperts) -> int:
+    """Every expert's full up-projection ``B M_i``: ``2·E·(r·r + r·d_out)``."""
+    E, r, _ = expr_shape(n.cores)
+    return E * 2 * (r * r + r * expr_shape(n.b)[0])
+
+
+FLOPS.add(lambda graph, n: 2 * math.prod(expr_shape(n.cores)), nodes.CoreMerge)  # every core once: 2·E·r²
+
+
 @FLOPS.register(nodes.GateBias)
 def _gate_bias(graph: Graph, n: nodes.GateBias) -> int:
     shape = expr_shape(n.bias)
@@ -108,9 +119,10 @@ def _expert_lora(graph: Graph, n: nodes.ExpertLoRA) -> int:
 
 
 def _active(graph: Graph, routing: str) -> int:
-    """Experts a flat router activates per token: k for a top-k gate, all E otherwise."""
+    """Experts a flat router activates per token: k for a top-k gate, all E otherwise (and for a
+    variable gate, whose tokens use from k to E: the count is an upper bound)."""
     t = graph.routing(routing)
-    return t.k if t.k is not None else t.experts
+    return t.k if t.k is not None and not t.variable else t.experts
 
 
 @FLOPS.register(nodes.PoolMix, nodes.GroupedMix)

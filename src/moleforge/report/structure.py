@@ -39,9 +39,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from ..specs import ExpertPool, LoRA, RankPartition, ResidualTree, as_spec
+from ..specs import CorePool, ExpertPool, LoRA, RankPartition, RankTasks, ResidualTree, TopPRouter, as_spec
 
-__all__ = ["EXACT_DIGITS", "GammaEstimate", "format_gamma", "pool_gamma", "tree_gamma", "tree_gamma_text",
+__all__ = ["EXACT_DIGITS", "GammaEstimate", "format_gamma", "pool_gamma", "variable_pool_gamma", "tree_gamma",
+           "tree_gamma_text",
            "adapter_gamma", "structural_flexibility"]
 
 EXACT_DIGITS = 300
@@ -173,6 +174,14 @@ def pool_gamma(experts: int, k: int | None) -> int | GammaEstimate:
     return _result(_ln_comb(experts, k), lambda: math.comb(experts, k))
 
 
+def variable_pool_gamma(experts: int, k: int) -> int | GammaEstimate:
+    """A flat pool whose tokens use from ``k`` to all E experts (DynMoLE's top-p ∪ top-k with
+    entropy broadcast: every set of at least k experts is the kept prefix of some ordering):
+    ``Σ_{j=k}^{E} C(E, j)`` expert sets."""
+    return _result(_ln_binom_sum(experts, k, experts),
+                   lambda: sum(math.comb(experts, j) for j in range(k, experts + 1)))
+
+
 def _parents(fanouts: Sequence[int]) -> list[int]:
     """``F_{l+1} = Π_{j>l} f_j``: the tree nodes that choose children from pool l."""
     out, F = [0] * len(fanouts), 1
@@ -262,8 +271,14 @@ def adapter_gamma(adapter: Any, experts: int | None = None) -> int | GammaEstima
             return 1
         case RankPartition():
             return adapter_gamma(adapter.as_pool())
+        case ExpertPool() if isinstance(adapter.router, TopPRouter):
+            return variable_pool_gamma(experts or adapter.experts, adapter.router.k)
         case ExpertPool():
             return pool_gamma(experts or adapter.experts, adapter.router.k)
+        case CorePool():
+            return pool_gamma(experts or adapter.experts, adapter.router.k)
+        case RankTasks():  # training's budget: k of the R rank-1 experts
+            return pool_gamma(adapter.experts, adapter.k)
         case ResidualTree():
             levels = [(lv.experts, fan) for lv, fan in zip(adapter.levels, adapter.fanouts())]
             return tree_gamma(levels, adapter.activation, adapter.activation_position)

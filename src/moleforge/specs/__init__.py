@@ -1,11 +1,13 @@
 """The spec language: pure data (pydantic v2, frozen, ``extra="forbid"``), no torch."""
 
 from .adapters import (
+    CorePool,
     ExpertPool,
     Init,
     LoRA,
     PerExpert,
     RankPartition,
+    RankTasks,
     ResidualTree,
     Shared,
     SparseRandom,
@@ -15,15 +17,19 @@ from .adapters import (
 )
 from .base import SpecModel
 from .presets import as_spec
+from .rank_tasks import with_one_more_task
 from .routing import (
     CV2ImportanceLoad,
     DenseRouter,
     ImplicitTopKRouter,
     LocalizedBalance,
     SigmoidTopKRouter,
+    SoftLoadBalance,
     StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
+    TopPRouter,
+    TsallisEntropy,
 )
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 
@@ -33,4 +39,6 @@ __all__ = [
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
+    "with_one_more_task",
 ]

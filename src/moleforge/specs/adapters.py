@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
+from .core_pool import CorePool
+from .rank_tasks import RankTasks
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -19,6 +21,7 @@ from .routing import (
     StaticRouter,
     SwitchLoadBalance,
     TopKRouter,
+    check_entropy_loss,
 )
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "TreeLevel",
     "TreeRouter",
     "ResidualTree",
+    "CorePool",
+    "RankTasks",
     "Adapter",
     "lora_scale",
 ]
@@ -136,6 +141,7 @@ class ExpertPool(SpecModel):
     def _check(self) -> "ExpertPool":
         r = self.router
         _check_switch_router(r, self.aux_losses)
+        check_entropy_loss(r, self.aux_losses)
         if r.k is not None and r.k > self.experts:
             raise ValueError(
                 f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
@@ -168,6 +174,7 @@ class RankPartition(SpecModel):
     @model_validator(mode="after")
     def _check(self) -> "RankPartition":
         _check_switch_router(self.router, self.aux_losses)
+        check_entropy_loss(self.router, self.aux_losses)
         if self.rank % self.block:
             raise ValueError(f"rank = {self.rank} is not a multiple of block = {self.block}")
         if isinstance(self.router, ImplicitTopKRouter):
@@ -312,4 +319,5 @@ class ResidualTree(SpecModel):
         return d
 
 
-Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree], Field(discriminator="kind")]
+Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool, RankTasks],
+                    Field(discriminator="kind")]

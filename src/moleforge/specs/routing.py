@@ -20,11 +20,15 @@ __all__ = [
     "SigmoidTopKRouter",
     "ImplicitTopKRouter",
     "StaticRouter",
+    "TopPRouter",
     "Router",
     "SwitchLoadBalance",
     "CV2ImportanceLoad",
     "LocalizedBalance",
+    "TsallisEntropy",
+    "SoftLoadBalance",
     "AuxLoss",
+    "check_entropy_loss",
 ]
 
 
@@ -92,8 +96,32 @@ class StaticRouter(SpecModel):
         return None
 
 
+class TopPRouter(SpecModel):
+    """DynMoLE's hybrid router (Li et al. 2025, arXiv 2504.00661). ``p = softmax(x W_g)``; a token
+    keeps the smallest set of its most probable experts whose probabilities sum to at least
+    ``p`` (top-p), united with its ``k`` most probable (top-k); when the normalised Tsallis
+    entropy ``H_q(p) = (1 - Σ_i p_i^q) / (1 - E^{1-q})`` (Shannon's ``-Σ p_i ln p_i / ln E`` at
+    ``q = 1``) exceeds ``entropy_threshold`` it uses every expert. Gates are the kept
+    probabilities, not renormalised. The number of experts per token varies from ``k`` to E;
+    sparse pools run exactly the kept ones.
+
+    The official code (mikecovlee/DynMoLE) keeps the prefix whose cumulative probability stays
+    at or below ``p``; here the prefix reaches ``p`` (the usual nucleus rule), which keeps one more
+    expert where the two differ."""
+
+    kind: Literal["top_p"] = "top_p"
+    p: float = Field(0.75, gt=0, le=1)
+    """Probability mass the kept experts reach."""
+    k: PositiveInt = 2
+    """The least number of experts a token uses (the official ``keep_top_k``)."""
+    entropy_index: float = Field(1.1, gt=0, le=10)
+    """Tsallis index q (1: Shannon entropy)."""
+    entropy_threshold: float = Field(0.9, ge=0, le=1)
+    """A token whose normalised entropy exceeds it uses every expert (1: never)."""
+
+
 Router = Annotated[
-    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter],
+    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TopPRouter],
     Field(discriminator="kind"),
 ]
 
@@ -130,7 +158,33 @@ class LocalizedBalance(SpecModel):
     groups: PositiveInt = 2
 
 
+class TsallisEntropy(SpecModel):
+    """DynMoLE's entropy loss ``weight · mean_t H_q(p_t)``: the mean over tokens of the normalised
+    Tsallis entropy of the router probabilities, with the ``top_p`` router's ``entropy_index``
+    (it needs that router). Lowering it sharpens the routing."""
+
+    kind: Literal["tsallis_entropy"] = "tsallis_entropy"
+    weight: float = Field(0.01, ge=0, le=MAX_LOSS_WEIGHT)
+
+
+class SoftLoadBalance(SpecModel):
+    """DynMoLE's load balance with soft counts ``weight · E · Σ_i f̃_i P_i``: ``f̃_i`` the mean of
+    expert i's gate values over the tokens (the kept probabilities, zero where not kept),
+    ``P_i`` its mean router probability."""
+
+    kind: Literal["soft_lb"] = "soft_lb"
+    weight: float = Field(0.001, ge=0, le=MAX_LOSS_WEIGHT)
+
+
 AuxLoss = Annotated[
-    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance],
+    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TsallisEntropy, SoftLoadBalance],
     Field(discriminator="kind"),
 ]
+
+
+def check_entropy_loss(router, aux_losses: list) -> None:
+    """``tsallis_entropy`` takes its index q from the ``top_p`` router: it needs that router."""
+    for j, aux in enumerate(aux_losses):
+        if isinstance(aux, TsallisEntropy) and not isinstance(router, TopPRouter):
+            raise ValueError(f"aux_losses[{j}].kind = 'tsallis_entropy' reads the entropy index of a 'top_p' router, "
+                             f"got router.kind = {router.kind!r}: set router.kind = 'top_p' or remove the loss")

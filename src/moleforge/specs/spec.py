@@ -10,7 +10,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 
 from .adapters import Adapter, ExpertPool, Init, LoRA, PerExpert, ResidualTree
 from .base import MAX_LOSS_WEIGHT, SpecModel
-from .routing import ImplicitTopKRouter
+from .routing import ImplicitTopKRouter, TopPRouter
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
 
@@ -119,6 +119,10 @@ class Site(SpecModel):
             raise ValueError("adapter: FFN-block experts have their own A and B on each linear (down.kind = "
                              "'per_expert', up = 'per_expert', no shared_expert); shared factors and shared experts "
                              "are not defined for scope 'ffn_block'")
+        if isinstance(a.router, TopPRouter):
+            raise ValueError("adapter.router.kind = 'top_p': FFN-block experts take a fixed number of experts per "
+                             "token (topk, dense, sigmoid_topk, static); use scope 'linear' for DynMoLE's top-p "
+                             "routing (per adapted linear, as the dynmole preset does)")
         attention = [r for r in self.target.roles if r not in _FFN_ROLES]
         if attention:
             raise ValueError(f"target.roles {attention}: scope 'ffn_block' routes FFN blocks, whose linears are "

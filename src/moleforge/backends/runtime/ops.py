@@ -133,48 +133,50 @@ def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) 
     return out * scale
 
 
-def grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float,
+def grouped_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, scale: float,
                 policy: KernelPolicy = TORCH_OPS) -> Tensor:
-    """Sparse pool: each expert runs only on the tokens that selected it. The ``T·k`` (token,
-    slot) pairs are sorted by expert; one grouped GEMM gives every pair's ``h = A_e x``, a second
-    ``B_e (s·g·h)``; a scatter-add sums each token's k results. FLOPs ``T·k·r·(d_in + d_out)``.
+    """Sparse pool: each expert runs only on the tokens that selected it. The ``P`` (token,
+    expert) pairs are sorted by expert; one grouped GEMM gives every pair's ``h = A_e x``, a second
+    ``B_e (s·g·h)``; a scatter-add sums each token's results. FLOPs ``P·r·(d_in + d_out)``.
 
-    ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)``, ``a (E|1, r, d_in)``, ``b (E|1, d_out, r)``.
-    When the module's kernel ``policy`` chooses Triton for ``x``'s device and dtype
+    ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)`` (``P = T·k``), ``a (E|1, r, d_in)``,
+    ``b (E|1, d_out, r)``. ``index=None`` is a variable routing (DynMoLE's top-p: from k to E
+    experts per token): the pairs are the non-zero gates (counting them synchronises with the
+    device once). When the module's kernel ``policy`` chooses Triton for ``x``'s device and dtype
     (``policy.grouped_kernel``: float32/16, bfloat16), one fused Triton op does the sorted pairs'
     products and their scatter (``backends/triton/grouped.py``). The default policy runs the torch
     ops.
     """
+    tokens, w, counts = _pairs(gates, index, scale)  # (P,), (P,), (E,)
     if policy.grouped_kernel(x.device, x.dtype) == "triton":
-        return _triton_grouped_mix(x, gates, index, a, b, scale)
-    T, k = index.shape
+        from moleforge.backends.triton.grouped import grouped_lowrank  # imports Triton
+
+        return grouped_lowrank(x, tokens, w.to(x.dtype), counts.cumsum(0), a.to(x.dtype), b.to(x.dtype))
     E = gates.shape[1]
     a, b = _per_expert(a, E), _per_expert(b, E)
-    flat = index.reshape(-1)  # (T*k,)
-    order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
-    tokens = order // k  # (T*k,) token of each sorted pair
-    w = gates.gather(1, index).reshape(-1)[order] * scale  # (T*k,)
-    counts = _counts(flat, E, torch.long)  # (E,)
-    xs = x.index_select(0, tokens)  # (T*k, d_in)
+    xs = x.index_select(0, tokens)  # (P, d_in)
     if _grouped_mm_fits(x, a, b):
         offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
-        hs = F.grouped_mm(xs, a.transpose(1, 2), offs=offs)  # (T*k, r)
-        ys = F.grouped_mm(hs * w[:, None], b.transpose(1, 2), offs=offs)  # (T*k, d_out)
+        hs = F.grouped_mm(xs, a.transpose(1, 2), offs=offs)  # (P, r)
+        ys = F.grouped_mm(hs * w[:, None], b.transpose(1, 2), offs=offs)  # (P, d_out)
     else:
-        ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (T*k, d_out)
-    return x.new_zeros(T, b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
+        ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (P, d_out)
+    return x.new_zeros(x.shape[0], b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
 
 
-def _triton_grouped_mix(x: Tensor, gates: Tensor, index: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``grouped_mix`` by the Triton op; shared factors (leading dim 1) are passed as they are."""
-    from moleforge.backends.triton.grouped import grouped_lowrank  # imports Triton
-
-    T, k = index.shape
+def _pairs(gates: Tensor, index: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The routed (token, expert) pairs sorted by expert: each pair's token ``(P,)`` and weight
+    ``scale · g`` ``(P,)``, and the pairs per expert ``(E,)``."""
+    E = gates.shape[1]
+    if index is None:  # a variable routing: its non-zero gates, expert-major
+        active = gates.detach().T != 0  # (E, T)
+        expert, tokens = active.nonzero(as_tuple=True)  # (P,) each, sorted by expert then token
+        return tokens, gates[tokens, expert] * scale, active.sum(1)
+    k = index.shape[1]
     flat = index.reshape(-1)  # (T*k,)
     order = torch.argsort(flat, stable=True)  # (T*k,) pairs sorted by expert
     w = gates.gather(1, index).reshape(-1)[order] * scale  # (T*k,)
-    offs = _counts(flat, gates.shape[1], torch.long).cumsum(0)  # (E,) end of each expert's pairs
-    return grouped_lowrank(x, order // k, w.to(x.dtype), offs, a.to(x.dtype), b.to(x.dtype))  # (T, d_out)
+    return order // k, w, _counts(flat, E, torch.long)
 
 
 def _per_expert(t: Tensor, E: int) -> Tensor:

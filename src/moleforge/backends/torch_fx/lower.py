@@ -44,7 +44,7 @@ from ...ir import (
     format_expr,
     nodes,
 )
-from ..runtime import ops, ops_block, ops_linear
+from ..runtime import ops, ops_block, ops_core, ops_linear, ops_top_p
 from ..runtime.dist import WORLD
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
@@ -231,6 +231,10 @@ ROUTE.add(lambda c, n: c.call(ops.route_dense, (c.env[n.src], n.gate.temperature
 ROUTE.add(lambda c, n: c.call(ops.route_static, (c.env[n.src], c.expr(n.gate.weights)), n.id), nodes.StaticGate)
 ROUTE.add(lambda c, n: _balanced(c, n, ops.route_sigmoid_topk), nodes.SigmoidTopK)
 ROUTE.add(lambda c, n: _balanced(c, n, ops.route_abs_topk), nodes.AbsTopK)
+ROUTE.add(lambda c, n: c.call(ops_top_p.route_top_p, (c.env[n.src], n.gate.k, n.gate.top_p, n.gate.q,
+                                                     n.gate.threshold), n.id), nodes.TopPTsallis)
+ROUTE.add(lambda c, n: c.call(ops_top_p.route_self_activated, (c.env[n.src], n.gate.k, n.gate.temperature,
+                                                              n.gate.threshold, c.training), n.id), nodes.SelfActivated)
 
 
 def _gates(c: _Ctx, rid: str) -> fx.Node:
@@ -246,6 +250,10 @@ def _pool(c: _Ctx, n) -> fx.Node:
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
+EMIT.add(lambda c, n: c.call(ops_core.core_experts_loop, (c.env[n.src], _gates(c, n.routing), c.expr(n.cores),
+                                                         c.expr(n.b), n.scale), n.id), nodes.CoreExperts)
+EMIT.add(lambda c, n: c.call(ops_core.core_merge, (c.env[n.src], _gates(c, n.routing), c.expr(n.cores)), n.id),
+         nodes.CoreMerge)
 EMIT.add(lambda c, n: c.call(ops.block_gate, (c.env[n.src], _gates(c, n.routing), n.rank, n.scale), n.id),
          nodes.BlockGate)
 EMIT.add(lambda c, n: c.call(ops.outer_gate, (c.env[n.src], _gates(c, n.routing), n.scale), n.id), nodes.OuterGate)
@@ -267,6 +275,13 @@ EMIT.add(emit_tree, nodes.TreeMix, nodes.TreePropagate)
 def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
     if isinstance(c.ir.type(n.routing), TreeRoutingType):
         return emit_tree_aux(c, n)
+    if n.kind == "tsallis_entropy":
+        probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
+        return c.call(ops_top_p.tsallis_entropy_loss, (probs, n.q, n.weight, c.mask, c.training, c.stat_group), n.id)
+    if n.kind == "soft_lb":
+        probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
+        return c.call(ops_top_p.soft_lb, (_gates(c, n.routing), probs, n.weight, c.mask, c.training, c.stat_group),
+                      n.id)
     if n.kind == "switch_lb":
         gates = _gates(c, n.routing)
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
