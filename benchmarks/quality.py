@@ -190,11 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
                "base_model": base, "methods": {},
                "machine": {"python": platform.python_version(), "torch": torch.__version__,
                            "threads": args.threads}}
+    out = Path(args.out)
     for name in cfg["methods"]:
         results["methods"][name] = run_method(name, top, data, budget, cfg, lambda s: print(s, flush=True))
-    results["wall_seconds"] = time.perf_counter() - t_start
-    out = Path(args.out)
-    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        results["wall_seconds"] = time.perf_counter() - t_start
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))  # after each method
     plot(results, out.with_suffix(".png"))
     print(table(results))
     return results
