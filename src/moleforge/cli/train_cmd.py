@@ -12,6 +12,7 @@ import click
 from ..data import DataError, Example, encode_all, read_jsonl
 from ..interop.atomic import atomic_write
 from .common import friendly_errors, load_model, load_spec, load_tokenizer
+from .experts import experts_option, with_experts
 
 __all__ = ["train_cmd"]
 
@@ -75,10 +76,11 @@ def _precision_flags(precision: str) -> dict:
 @click.option("--save-steps", type=click.IntRange(min=1), help="Checkpoint every N steps.  [default: steps / 4]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@experts_option
 @friendly_errors
 def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer_dir: str | None, steps: int,
               batch_size: int, lr: float, precision: str, max_length: int, save_steps: int | None, seed: int,
-              resume: bool) -> None:
+              resume: bool, experts: tuple[str, ...] = ()) -> None:
     """Fine-tune SPEC on a model with the HuggingFace Trainer.
 
     SPEC is a preset name (see `moleforge presets`) or a JSON spec file. Only the
@@ -98,7 +100,7 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
     """
     out = Path(out_dir)
     last = _check_out(out, resume)
-    spec_obj = load_spec(spec)
+    spec_obj = with_experts(load_spec(spec), experts)
     flags = _precision_flags(precision)
     if tokenizer_dir is not None and load_tokenizer(tokenizer_dir) is None:
         raise click.BadParameter(f"{tokenizer_dir!r} holds no tokenizer (tokenizer.json or tokenizer_config.json)",

@@ -43,7 +43,8 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None,  # noqa: A001
-            siblings: bool | None = None, policy: KernelPolicy | None = None) -> AdapterHandle:
+            siblings: bool | None = None, policy: KernelPolicy | None = None,
+            read_sources: bool = True) -> AdapterHandle:
     """Compile ``spec`` into ``model`` in place and return the handle: :func:`plan`, then lower
     every site and swap it in.
 
@@ -61,11 +62,14 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         siblings: give sites that read the same tensor (q/k/v, gate/up) one input GEMM
             (default: with the default pipeline).
         policy: the kernels the sites run (default: ``KernelPolicy.from_env()``, read once).
+        read_sources: load the experts of pools with ``experts_from`` from their PEFT LoRA folders
+            (``False``: leave them initialised, for a caller that loads saved tensors).
 
     Example:
         >>> handle = mf.compile(mf.presets.load("smore"), model)  # doctest: +SKIP
     """
-    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings, policy=policy)
+    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings, policy=policy,
+                                                 read_sources=read_sources)
     groups = {n.group: SiblingGroup(n.group) for s in p.sites for n in s.final.nodes if isinstance(n, SiblingLinear)}
     collector = AuxCollector()
     seeds = {s.init.seed for s in p.spec.sites} - {None}
@@ -87,7 +91,10 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
             q.requires_grad_(True)
     if policy != p.policy:
         p = dataclasses.replace(p, policy=policy)
-    return AdapterHandle(model, p, modules, originals, collector, requires_grad)
+    handle = AdapterHandle(model, p, modules, originals, collector, requires_grad)
+    if p.source_tensors:
+        handle.load_state_dict(p.source_tensors)
+    return handle
 
 
 def explain(spec: Any, model: nn.Module | None = None, *, passes: Sequence[Pass] | None = None,

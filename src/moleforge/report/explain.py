@@ -39,6 +39,7 @@ from ..ir import (
 )
 from ..passes import ChoosePoolKernels, Pass, group_pools, pool_cost
 from .explain_blocks import block_fields
+from .explain_sources import sources_lines
 from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
 from .flops import base_flops_per_token, flops_per_token
 
@@ -68,6 +69,7 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
     if plan.sibling_note:
         head.append(f"  sibling fusion: {plan.sibling_note}")
     head += [f"  kernels: {line}" for line in plan.policy.describe(_kernel_families(sites))]
+    head += sources_lines(plan.spec)
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])

@@ -25,6 +25,7 @@ from .routing import (
     SwitchLoadBalance,
     TopKRouter,
 )
+from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 
 __all__ = [
@@ -32,5 +33,5 @@ __all__ = [
     "LoRA", "ExpertPool", "RankPartition", "ResidualTree", "TreeLevel", "TreeRouter",
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
-    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
+    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource",
 ]
