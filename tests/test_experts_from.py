@@ -157,3 +157,30 @@ def test_explain_shows_the_sources(folders):
     text = mf.explain(_spec(folders), tiny("llama"), ir="none")
     for p, (r, a) in zip(folders, [(4, 8), (2, 3), (4, 8)]):
         assert f"{p} (rank {r}, alpha {a}, frozen)" in text
+
+
+def test_cli_composes_folders_with_a_preset(folders, tmp_path):
+    from click.testing import CliRunner
+
+    from moleforge.cli import main
+
+    tiny("llama").save_pretrained(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": batch(seed=s)[0].tolist()}) for s in range(8)) + "\n")
+    experts = ["--experts", f"{folders[0]},{folders[1]}", "--experts", str(folders[2])]
+    run = CliRunner().invoke(main, ["inspect", "lora_soups", "--model", str(tmp_path / "model"), *experts],
+                             catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert f"expert 1: PEFT LoRA {folders[1]} (rank 2, alpha 3, frozen)" in run.output
+    out = tmp_path / "run"
+    run = CliRunner().invoke(main, ["train", "lora_soups", "--model", str(tmp_path / "model"), "--data", str(data),
+                                    "--out", str(out), "--steps", "2", "--batch-size", "4", *experts],
+                             catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(main, ["export", str(out), "--peft", str(tmp_path / "peft"), "--merged",
+                                    str(tmp_path / "merged")], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    model = tiny("llama")
+    mf.load(model, out / "adapter")
+    exported = PeftModel.from_pretrained(tiny("llama"), str(tmp_path / "peft"))
+    assert_close(logits(exported), logits(model), "float32_model")

@@ -21,6 +21,14 @@ def _ce(arch: str, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def _standalone(spec: mf.AdapterSpec) -> mf.AdapterSpec:
+    """Presets of frozen imported experts (lora_soups ...) stand for trained LoRAs: without folders,
+    their experts get random up-projections (a zero expert leaves the router nothing to learn)."""
+    sites = [s.model_copy(update={"init": s.init.model_copy(update={"up": "normal", "std": 0.2})})
+             if getattr(s.adapter, "frozen_experts", False) else s for s in spec.sites]
+    return spec.model_copy(update={"sites": sites})
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("preset", mf.presets.names())
 def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
@@ -31,7 +39,7 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # roles a family lacks (BERT has no gate_proj) are reported as warnings
-        handle = mf.compile(mf.presets.load(preset), model)
+        handle = mf.compile(_standalone(mf.presets.load(preset)), model)
     params = list(handle.trainable_parameters())
     assert params and all(p.requires_grad for p in params)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".site." not in n)
