@@ -47,8 +47,9 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     opt = torch.optim.AdamW(params, lr=1e-2)
     model.train()
     losses = []
+    tasks = {"task_ids": torch.arange(ids.shape[0]) % 2} if handle.reads_task_ids else {}  # MeteoRA's labels
     for _ in range(30):
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, labels=ids, **tasks)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -58,7 +59,7 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
 
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, labels=ids, **tasks)
     aux = handle.aux_loss()
     has_aux = any(getattr(s.adapter, "aux_losses", []) for s in handle.spec.sites)
     if has_aux:

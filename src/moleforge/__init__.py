@@ -43,6 +43,9 @@ from .specs import (
     StaticRouter,
     SwitchLoadBalance,
     Target,
+    TaskEmbeddingRouter,
+    TaskRouter,
+    TaskRoutingLoss,
     TopKRouter,
     TreeLevel,
     TreeRouter,
@@ -60,7 +63,7 @@ __all__ = [
     "MoleforgeError", "SpecError", "IRVerificationError", "PassError", "LoweringError", "InjectionError",
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
-    "import_smore_official", "import_mixlora",
+    "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
 ]
 
 

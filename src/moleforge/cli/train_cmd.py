@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..data import DataError, Example, encode_all, read_jsonl
+from ..data import DataError, Example, encode_all, number_tasks, read_jsonl
 from ..interop.atomic import atomic_write
 from .common import friendly_errors, load_model, load_spec, load_tokenizer
 from .experts import experts_option, with_experts
@@ -116,6 +116,19 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
                 model=str(Path(model_dir).resolve())))
 
 
+def _tasks_for(handle, examples: list[Example]) -> list[Example]:
+    """The records' tasks as ids when the adapter routes by task (the batches then carry
+    ``task_ids``); dropped otherwise."""
+    if not handle.reads_task_ids:
+        return [Example(e.input_ids, e.labels) for e in examples]
+    numbered, ids = number_tasks(examples)
+    if not ids:
+        raise DataError("this adapter routes by task: give every JSONL record a 'task' field (an id 0, 1, ... "
+                        "or a name; names are numbered in sorted order)")
+    _say("tasks: " + ", ".join(f"{name!r} -> {i}" for name, i in ids.items()))
+    return numbered
+
+
 def _pad_id(tokenizer) -> int:
     if tokenizer is None:
         return 0
@@ -136,6 +149,7 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     handle = compiler.compile(spec, model)
     n = sum(p.numel() for p in handle.trainable_parameters())
     _say(f"adapter: {spec.name}, {len(handle.modules)} sites, {n:,} trainable parameters")
+    examples = _tasks_for(handle, examples)
     args = TrainingArguments(
         output_dir=str(out), max_steps=opts["steps"], per_device_train_batch_size=opts["batch_size"],
         learning_rate=opts["lr"], warmup_steps=max(0, round(0.05 * opts["steps"])), weight_decay=0.0,

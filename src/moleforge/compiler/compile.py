@@ -19,7 +19,7 @@ from ..integrations.block_module import build_block_module
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import AdaptedLinear, AuxCollector, swap_modules
 from ..integrations.sites import ResolvedSite
-from ..ir import AuxLoss, Graph, SiblingLinear
+from ..ir import AuxLoss, Graph, SiblingLinear, TaskScores
 from ..passes import Pass
 from ..report.explain import IRView, explain_plan
 from ..report.structure import structural_flexibility
@@ -131,7 +131,8 @@ def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: 
     block = site.block
     base = model.get_submodule(block.traced.full_name("down") if block is not None else site.name)
     what = f"the routed FFN block {site.name!r}" if block is not None else f"the adapter for module {site.name!r}"
-    uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graph.nodes)
+    uses_samples = any((isinstance(n, AuxLoss) and n.kind in ("localized_balance", "task_routing"))
+                       or isinstance(n, TaskScores) for n in graph.nodes)
     dtype = _adapter_dtype(base.weight)
     try:
         store = ParamStore(graph.params, up=init.up, std=init.std, generator=gen, dtype=dtype)

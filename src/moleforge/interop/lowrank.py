@@ -128,7 +128,8 @@ def _not_reducible(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
 
 
 REDUCE.add(_not_reducible, nodes.SiblingLinear, nodes.TreeMix, nodes.TreePropagate, nodes.TreePathGates,
-           nodes.GateBias, nodes.AuxLoss, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA)
+           nodes.GateBias, nodes.AuxLoss, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA,
+           nodes.TaskScores)
 REDUCE.add(lambda graph, n, env, params: _Map(1.0, None, None), nodes.Input)
 REDUCE.add(lambda graph, n, env, params: env[n.src], nodes.Jitter)  # evaluation: the identity
 REDUCE.add(lambda graph, n, env, params: _columns(env[n.src], n.start, n.stop, graph.d_in), nodes.Columns)

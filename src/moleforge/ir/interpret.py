@@ -26,6 +26,7 @@ from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 from .rules import Rules
+from .task_nodes import task_labels
 from .values import Routing, TreeRouting
 
 __all__ = ["interpret", "Result", "eval_expr", "block_activation", "RUN", "GATES"]
@@ -146,6 +147,14 @@ def _jitter(n, r: _Run) -> Tensor:
 def _gate_bias(n, r: _Run) -> Tensor:
     g, bias = r.env[n.routing].gates, eval_expr(n.bias, r.p)
     return n.scale * (g @ bias if bias.dim() == 2 else g.sum(1, keepdim=True) * bias)
+
+
+@RUN.register(nodes.TaskScores)
+def _task_scores(n: nodes.TaskScores, r: _Run) -> Tensor:
+    """``z = (src if token_scores else 0) + (table[t] or onehot(t))`` per token."""
+    t = task_labels(r.samples, n.tasks, f"router {n.origin or n.id}")
+    add = eval_expr(n.table, r.p)[t] if n.table is not None else torch.nn.functional.one_hot(t, n.experts).to(F64)
+    return r.env[n.src] + add if n.token_scores else add
 
 
 @RUN.register(nodes.Route)
@@ -340,6 +349,12 @@ def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
         return n.weight * E * torch.sum(counts / T * probs.mean(0))
     if n.kind == "cv2_importance_load":
         return n.weight * (_cv2(gates.sum(0)) + _cv2((gates > 0).to(F64).sum(0)))
+    if n.kind == "task_routing":
+        if samples is None or samples[1] is None:  # no labels (inference): no supervised loss
+            return torch.zeros((), dtype=F64)
+        label = task_labels(samples, E, f"aux loss {n.origin or n.id}")
+        logp = torch.log_softmax(torch.log(probs) / n.temperature, 1)  # (T, E)
+        return -n.weight * logp[torch.arange(T), label].mean()
     sample_idx = torch.zeros(T, dtype=torch.long) if samples is None else samples[0]
     types = None if samples is None else samples[1]
     # the samples are those that hold a token, whatever their indices: Q has one row per such sample

@@ -22,6 +22,7 @@ from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear,
 from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
+from .task_nodes import TaskScores
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ __all__ = [
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
-    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node",
+    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node", "TaskScores",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -361,11 +362,13 @@ class AuxLoss(NodeKind):
 
     id: str
     routing: str = operand()
-    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance"]
+    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance", "task_routing"]
     weight: float
     delta: float = 0.0
     groups: int = 1
     origin: str = ""
+    temperature: float = 1.0
+    """``task_routing``: the cross-entropy's temperature (``log p / τ`` are its logits)."""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return ScalarType()
@@ -373,7 +376,7 @@ class AuxLoss(NodeKind):
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
-             ExpertHidden, ExpertSum, ExpertLoRA]
+             ExpertHidden, ExpertSum, ExpertLoRA, TaskScores]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

@@ -121,9 +121,17 @@ LINE.add(_tree("tree_mix"), nodes.TreeMix)
 LINE.add(_tree("tree_propagate"), nodes.TreePropagate)
 
 
+@LINE.register(nodes.TaskScores)
+def _task_scores(n, t) -> str:
+    base = f"%{n.src} + " if n.token_scores else f"(T of %{n.src}) "
+    table = f"{n.table.name}[task]" if n.table is not None else "onehot(task)"
+    return f"task_scores {base}{table} tasks={n.tasks} -> {n.experts}"
+
+
 @LINE.register(nodes.AuxLoss)
 def _aux(n, t) -> str:
     extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
+    extra += f" temperature={n.temperature:g}" if n.kind == "task_routing" else ""
     return f"aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
 
 

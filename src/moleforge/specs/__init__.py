@@ -26,6 +26,7 @@ from .routing import (
     TopKRouter,
 )
 from .sources import LoRASource
+from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource",
+    "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
 ]

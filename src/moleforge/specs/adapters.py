@@ -20,6 +20,7 @@ from .routing import (
     SwitchLoadBalance,
     TopKRouter,
 )
+from .task_routing import TaskRoutingLoss
 from .sources import LoRASource
 
 __all__ = [
@@ -112,6 +113,9 @@ def _check_switch_router(router, aux_losses: list) -> None:
                     else "use cv2_importance_load or localized_balance")
             raise ValueError(f"aux_losses[{j}].kind = 'switch_lb' needs a softmax top-k router (router.kind = "
                              f"'topk'), got router.kind = {router.kind!r}: {hint}, or set router.kind = 'topk'")
+        if isinstance(aux, TaskRoutingLoss) and isinstance(router, (SigmoidTopKRouter, ImplicitTopKRouter)):
+            raise ValueError(f"aux_losses[{j}].kind = 'task_routing' is a cross-entropy of softmax probabilities; "
+                             f"router.kind = {router.kind!r} has none: use topk, dense, task or task_embedding")
 
 
 class ExpertPool(SpecModel):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveInt
 
 from .base import MAX_BIAS_RATE, MAX_LOSS_WEIGHT, MIN_TEMPERATURE, SpecModel
+from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 
 __all__ = [
     "TopKRouter",
@@ -93,7 +94,8 @@ class StaticRouter(SpecModel):
 
 
 Router = Annotated[
-    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter],
+    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TaskRouter,
+          TaskEmbeddingRouter],
     Field(discriminator="kind"),
 ]
 
@@ -131,6 +133,6 @@ class LocalizedBalance(SpecModel):
 
 
 AuxLoss = Annotated[
-    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance],
+    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TaskRoutingLoss],
     Field(discriminator="kind"),
 ]
