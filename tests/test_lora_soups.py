@@ -77,7 +77,8 @@ def test_exported_lora_equals_peft_cat_with_the_learned_weights(folders, trained
     assert_close(logits(exported), logits(model), "float32_model")
     for module in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]:
         layer = exported.base_model.model.get_submodule(module)
-        ours = layer.scaling["default"] * (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double())
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        ours = layer.scaling["default"] * (b @ a)
         assert_close(ours, _peft_cat_delta(folders, weights[module], module), "float32_model")
 
 

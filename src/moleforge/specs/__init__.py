@@ -26,8 +26,8 @@ from .routing import (
     TopKRouter,
 )
 from .sources import LoRASource
-from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
+from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 
 __all__ = [
     "AdapterSpec", "as_spec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",

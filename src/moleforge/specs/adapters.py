@@ -20,8 +20,8 @@ from .routing import (
     SwitchLoadBalance,
     TopKRouter,
 )
-from .task_routing import TaskRoutingLoss
 from .sources import LoRASource
+from .task_routing import TaskRoutingLoss
 
 __all__ = [
     "Scaling",
