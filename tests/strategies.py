@@ -13,6 +13,7 @@ from moleforge.ir import Graph
 from moleforge.specs import (
     CV2ImportanceLoad,
     DenseRouter,
+    DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
     LocalizedBalance,
@@ -20,6 +21,7 @@ from moleforge.specs import (
     PerExpert,
     RankPartition,
     ResidualTree,
+    RSLLoss,
     Shared,
     SigmoidTopKRouter,
     SparseRandom,
@@ -41,7 +43,7 @@ def loras(draw):
                 scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])))
 
 
-FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static")
+FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static", "dense_train_topk")
 """The flat routers :func:`routers` draws (``implicit_topk`` needs a FlyLoRA pool: :func:`pools`)."""
 
 JITTERS = (0.0, 0.1, 0.5)
@@ -60,6 +62,8 @@ def routers(draw, experts: int, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: 
         return DenseRouter(temperature=draw(st.sampled_from([1.0, 2.0])))
     if kind == "static":
         return StaticRouter(trainable=draw(st.booleans()))
+    if kind == "dense_train_topk":
+        return DenseTrainTopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])))
     return SigmoidTopKRouter(k=k, bias_update_rate=draw(st.sampled_from([0.0, 1e-3, 0.1])))
 
 
@@ -71,10 +75,13 @@ def aux_losses(draw, router) -> list:
         return []
     weight = st.sampled_from([0.1, 0.5])
     kinds = ["cv2_importance_load", "localized_balance"] + (["switch_lb"] if isinstance(router, TopKRouter) else [])
+    kinds += ["rsl"] if isinstance(router, (TopKRouter, DenseRouter, DenseTrainTopKRouter)) else []
     out = []
     for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
         if kind == "switch_lb":
             out.append(SwitchLoadBalance(weight=draw(weight)))
+        elif kind == "rsl":
+            out.append(RSLLoss(weight=draw(weight), entropy=draw(st.sampled_from([-0.3, 0.0, 0.4]))))
         elif kind == "cv2_importance_load":
             out.append(CV2ImportanceLoad(weight=draw(weight)))
         else:

@@ -63,7 +63,7 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     aux = handle.aux_loss()
     has_aux = any(getattr(s.adapter, "aux_losses", []) for s in handle.spec.sites)
     if has_aux:
-        assert aux is not None and float(aux) > 0
+        assert aux is not None and float(aux) != 0  # RSL may be negative (its entropy term)
         assert_close(out.loss, _ce(arch, out.logits, ids) + aux, "float32_model")
         assert torch.equal(out.aux_loss, aux)
     else:

@@ -28,6 +28,7 @@ from .specs import (
     AdapterSpec,
     CV2ImportanceLoad,
     DenseRouter,
+    DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
     Init,
@@ -36,6 +37,7 @@ from .specs import (
     LoRA,
     RankPartition,
     ResidualTree,
+    RSLLoss,
     Shared,
     SigmoidTopKRouter,
     Site,
@@ -64,6 +66,7 @@ __all__ = [
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
+    "DenseTrainTopKRouter", "RSLLoss",
 ]
 
 

@@ -597,3 +597,12 @@ def task_routing_on_a_static_gate():
 
     aux = AuxLoss(id="aux0", routing="route", kind="task_routing", weight=0.1)
     return g.replace(nodes=(*g.nodes, aux), aux=("aux0",))
+
+
+@case("_aux", r"rsl needs a flat softmax router")
+def rsl_on_a_static_gate():
+    g = _pool(StaticRouter())
+    from moleforge.ir import AuxLoss
+
+    aux = AuxLoss(id="aux0", routing="route", kind="rsl", weight=0.1, entropy=0.1, top_k=1)
+    return g.replace(nodes=(*g.nodes, aux), aux=("aux0",))

@@ -36,6 +36,7 @@ GATES = {
     nodes.SigmoidTopK: nodes.SigmoidTopK(k=2, balance=ParamRef("balance", (4,))),
     nodes.AbsTopK: nodes.AbsTopK(k=2, balance=ParamRef("balance", (4,))),
     nodes.StaticGate: nodes.StaticGate(weights=ParamRef("router_w", (4,))),
+    nodes.DenseTrainTopK: nodes.DenseTrainTopK(infer_k=2),
 }
 
 

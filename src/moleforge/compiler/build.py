@@ -19,6 +19,7 @@ from ..ir import (
     BlockGate,
     BlockRows,
     DenseSoftmax,
+    DenseTrainTopK,
     ExpertFFN,
     ExpertLinear,
     Graph,
@@ -40,6 +41,7 @@ from ..ir import (
 )
 from ..specs import (
     DenseRouter,
+    DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
     LoRA,
@@ -135,8 +137,8 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     for i, aux in enumerate(spec.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   temperature=getattr(aux, "temperature", 1.0),
-                                   origin=f"{origin}.aux_losses[{i}]")))
+                                   temperature=getattr(aux, "temperature", 1.0), entropy=getattr(aux, "entropy", 0.0),
+                                   top_k=router.k or 1, origin=f"{origin}.aux_losses[{i}]")))
     if spec.shared_expert is not None:
         shared = _lora(b, spec.shared_expert, "shared_", f"{origin}.shared_expert")
         out = b.add(Add(id="with_shared", srcs=(out, shared), origin=origin))
@@ -160,6 +162,8 @@ def _flat_router(b: _Builder, router, E: int, origin: str) -> str:
             gate = SoftmaxTopK(k=router.k, renormalize=router.renormalize, temperature=router.temperature)
         case DenseRouter():
             gate = DenseSoftmax(temperature=router.temperature)
+        case DenseTrainTopKRouter():
+            gate = DenseTrainTopK(infer_k=router.k, renormalize=router.renormalize, temperature=router.temperature)
         case SigmoidTopKRouter():
             gate = SigmoidTopK(k=router.k, balance=b.param("balance", (E,), "zero", trainable=False, buffer=True))
         case _:
@@ -271,6 +275,6 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
     for j, aux in enumerate(pool.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{j}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   temperature=getattr(aux, "temperature", 1.0),
-                                   origin=f"{origin}.aux_losses[{j}]")))
+                                   temperature=getattr(aux, "temperature", 1.0), entropy=getattr(aux, "entropy", 0.0),
+                                   top_k=pool.router.k or 1, origin=f"{origin}.aux_losses[{j}]")))
     return b.graph(out).replace(frozen=tuple(frozen))

@@ -138,7 +138,7 @@ REDUCE.add(lambda graph, n, env, params: REDUCE_GATE[n.gate](graph, n, env, para
 
 
 @REDUCE.register(nodes.TreeRoute)
-@REDUCE_GATE.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK)
+@REDUCE_GATE.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.DenseTrainTopK)
 def _input_dependent(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
     raise _routed(graph, n)
 

@@ -10,7 +10,8 @@ from typing import ClassVar, Union, get_args
 
 from .params import ParamRef
 
-__all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate", "GATE_KINDS"]
+__all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "DenseTrainTopK", "Gate",
+           "GATE_KINDS"]
 
 
 class GateKind:
@@ -25,6 +26,11 @@ class GateKind:
     @property
     def sparse(self) -> bool:
         return self.k is not None  # type: ignore[attr-defined]
+
+    def in_mode(self, training: bool) -> "GateKind":
+        """The gate a forward in this mode computes (itself, unless it differs between training
+        and evaluation)."""
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,27 @@ class StaticGate(GateKind):
         return None
 
 
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate]
+@dataclass(frozen=True, slots=True)
+class DenseTrainTopK(GateKind):
+    """LoRA-Mixer: ``g = softmax(z/τ)`` (every expert) in training; in evaluation the top
+    ``infer_k`` of it, renormalised if asked (a :class:`SoftmaxTopK`). Dense as a whole
+    (``k = None``): lowered forms must hold every expert."""
+
+    infer_k: int
+    renormalize: bool = True
+    temperature: float = 1.0
+
+    @property
+    def k(self) -> None:
+        return None
+
+    def in_mode(self, training: bool) -> GateKind:
+        if training:
+            return DenseSoftmax(temperature=self.temperature)
+        return SoftmaxTopK(k=self.infer_k, renormalize=self.renormalize, temperature=self.temperature)
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, DenseTrainTopK]
 
 GATE_KINDS: tuple[type, ...] = get_args(Gate)
 """Every gate kind."""

@@ -83,6 +83,7 @@ class _Run:
     noise: dict[str, tuple[Tensor, ...]]
     samples: tuple[Tensor, Tensor | None] | None
     res: Result
+    training: bool = False
 
 
 RUN: Rules[Callable[[object, _Run], object]] = Rules("the interpreter", nodes.NODE_KINDS)
@@ -95,7 +96,7 @@ GATES: Rules[Callable[..., tuple[Routing, float]]] = Rules("the interpreter's ga
 def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
               routing: Mapping[str, object] | None = None,
               samples: tuple[Tensor, Tensor | None] | None = None,
-              noise: Mapping[str, tuple[Tensor, ...]] | None = None) -> Result:
+              noise: Mapping[str, tuple[Tensor, ...]] | None = None, training: bool = False) -> Result:
     """Run ``graph`` on ``x (T, d_in)`` in float64 (autograd flows to ``params`` and ``x``).
 
     Args:
@@ -106,11 +107,13 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
             ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`); of
             router jitter, ``{jitter id: (u,)}``, ``u (T, width)`` uniform on ``[0, 1)`` (see
             :class:`~moleforge.ir.nodes.Jitter`). Nodes without noise run as in evaluation.
+        training: the mode of gates that differ between training and evaluation
+            (:class:`~moleforge.ir.nodes.DenseTrainTopK`).
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
     run = _Run(env={}, p=p, x=x.to(F64), fixed=dict(routing or {}), noise=dict(noise or {}), samples=samples,
-               res=res)
+               res=res, training=training)
     for n in graph.nodes:
         run.env[n.id] = RUN[n](n, run)
     res.output = run.env[graph.output]  # type: ignore[assignment]
@@ -159,7 +162,8 @@ def _task_scores(n: nodes.TaskScores, r: _Run) -> Tensor:
 
 @RUN.register(nodes.Route)
 def _route(n, r: _Run) -> Routing:
-    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id))
+    gate = n.gate.in_mode(r.training)
+    routing, margin = GATES[gate](gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id))
     r.res.routes[n.id], r.res.margins[n.id] = routing.index, margin
     return routing
 
@@ -215,6 +219,12 @@ def _static(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
     gates = w.expand(T, experts)  # (T, E): the same weights for every token
     probs = (w.abs() / w.abs().sum().clamp_min(1e-12)).expand(T, experts)  # (T, E)
     return Routing(gates, probs), math.inf
+
+
+@GATES.register(nodes.DenseTrainTopK)
+def _dense_train_topk(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    """Evaluation (``_route`` asks the gate for the training one when training)."""
+    return _softmax_topk(g.in_mode(False), z, p, experts, fixed)
 
 
 @GATES.register(nodes.SoftmaxTopK)
@@ -338,6 +348,18 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10)
 
 
+def _rsl(n: nodes.AuxLoss, probs: Tensor) -> Tensor:
+    """LoRA-Mixer: ``weight · Σ_i P_i f_i - entropy · mean_t H(p_t)``, ``f_i`` expert i's share of
+    the top-``top_k`` selections of the probabilities, ``P_i`` its mean probability."""
+    T, E = probs.shape
+    counts = torch.zeros(E, dtype=F64)
+    for t in range(T):
+        counts[stable_top(probs[t].detach(), n.top_k)[0]] += 1
+    share = counts / (T * n.top_k)
+    entropy = -(probs * torch.log(probs)).sum(1).mean()
+    return n.weight * torch.sum(probs.mean(0) * share) - n.entropy * entropy
+
+
 def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
     if isinstance(route, TreeRouting):
         return tree_aux(n, route)
@@ -349,6 +371,8 @@ def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
         return n.weight * E * torch.sum(counts / T * probs.mean(0))
     if n.kind == "cv2_importance_load":
         return n.weight * (_cv2(gates.sum(0)) + _cv2((gates > 0).to(F64).sum(0)))
+    if n.kind == "rsl":
+        return _rsl(n, probs)
     if n.kind == "task_routing":
         if samples is None or samples[1] is None:  # no labels (inference): no supervised loss
             return torch.zeros((), dtype=F64)

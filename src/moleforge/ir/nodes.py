@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
-from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate
+from .gates import (
+    GATE_KINDS,
+    AbsTopK,
+    DenseSoftmax,
+    DenseTrainTopK,
+    Gate,
+    GateKind,
+    SigmoidTopK,
+    SoftmaxTopK,
+    StaticGate,
+)
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
 from .task_nodes import TaskScores
@@ -30,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "operand", "NodeKind", "RouterNode", "GateKind", "NODE_KINDS", "GATE_KINDS",
-    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "Gate",
+    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "DenseTrainTopK", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
@@ -362,13 +372,17 @@ class AuxLoss(NodeKind):
 
     id: str
     routing: str = operand()
-    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance", "task_routing"]
+    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance", "task_routing", "rsl"]
     weight: float
     delta: float = 0.0
     groups: int = 1
     origin: str = ""
     temperature: float = 1.0
     """``task_routing``: the cross-entropy's temperature (``log p / τ`` are its logits)."""
+    entropy: float = 0.0
+    """``rsl``: λ of its ``- λ · mean_t H(p_t)`` term."""
+    top_k: int = 1
+    """``rsl``: the k of its top-k load shares."""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return ScalarType()

@@ -56,6 +56,8 @@ GATE.add(lambda g: f"dense_softmax(tau={g.temperature:g})", nodes.DenseSoftmax)
 GATE.add(lambda g: f"sigmoid_topk(k={g.k}, bias={g.balance.name})", nodes.SigmoidTopK)
 GATE.add(lambda g: f"abs_topk(k={g.k}, bias={g.balance.name})", nodes.AbsTopK)
 GATE.add(lambda g: f"static(w={g.weights.name})", nodes.StaticGate)
+GATE.add(lambda g: f"dense_train_topk(k={g.infer_k}, renorm={g.renormalize}, tau={g.temperature:g})",
+         nodes.DenseTrainTopK)
 
 
 # ---- nodes ------------------------------------------------------------------------------
@@ -132,6 +134,7 @@ def _task_scores(n, t) -> str:
 def _aux(n, t) -> str:
     extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
     extra += f" temperature={n.temperature:g}" if n.kind == "task_routing" else ""
+    extra += f" entropy={n.entropy:g} top_k={n.top_k}" if n.kind == "rsl" else ""
     return f"aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
 
 

@@ -174,13 +174,13 @@ def _static_gate(g: Graph, n) -> list[str]:
     return p
 
 
-@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK)
+@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.DenseTrainTopK)
 def _scored_gate(g: Graph, n) -> list[str]:
     """A gate on scores ``src (T, E)``: ``1 <= k <= E``, and its balancing bias declared."""
     p = _need_tensor(g, n.src, "scores")
     if not p and g.width(n.src) != n.experts:
         p.append(f"scores have width {g.width(n.src)}, router has {n.experts} experts")
-    k = n.gate.k
+    k = n.gate.in_mode(False).k
     if k is not None and not (1 <= k <= n.experts):
         p.append(f"k = {k} outside 1..{n.experts}")
     if n.gate.balances:
@@ -246,8 +246,12 @@ def _aux(g: Graph, n) -> list[str]:
     route = g.node(n.routing)
     if n.kind == "switch_lb" and isinstance(route, nodes.Route) and not isinstance(route.gate, nodes.SoftmaxTopK):
         return ["switch_lb needs a softmax top-k router"]
+    if n.kind == "rsl" and not (isinstance(route, nodes.Route) and
+                                 isinstance(route.gate, (nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.DenseTrainTopK))):
+        return ["rsl needs a flat softmax router"]
     if n.kind == "task_routing" and not (isinstance(route, nodes.Route) and
-                                          isinstance(route.gate, (nodes.SoftmaxTopK, nodes.DenseSoftmax))):
+                                          isinstance(route.gate, (nodes.SoftmaxTopK, nodes.DenseSoftmax,
+                                                                  nodes.DenseTrainTopK))):
         return ["task_routing needs a flat softmax router (top-k or dense)"]
     return []
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..ir import (
+    DenseTrainTopK,
     AbsTopK,
     DenseSoftmax,
     ExpertFFN,
@@ -91,13 +92,14 @@ ROUTER_WORDS: dict[type, str] = {
     AbsTopK: "|h| top-{k} mask (FlyLoRA)",
     DenseSoftmax: "dense softmax",
     StaticGate: "static weights (the same for every token)",
+    DenseTrainTopK: "dense softmax in training, softmax top-{k} in evaluation",
 }
 """How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
 
 
 def router_text(route: Route) -> str:
     gate = route.gate
-    return ROUTER_WORDS[type(gate)].format(k=gate.k)
+    return ROUTER_WORDS[type(gate)].format(k=gate.in_mode(False).k)
 
 
 def gamma_text(g: Graph) -> str:

@@ -25,6 +25,7 @@ from .routing import (
     SwitchLoadBalance,
     TopKRouter,
 )
+from .mixer import DenseTrainTopKRouter, RSLLoss
 from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
@@ -35,5 +36,5 @@ __all__ = [
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource",
-    "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
+    "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss", "DenseTrainTopKRouter", "RSLLoss",
 ]

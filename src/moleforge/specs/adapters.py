@@ -21,6 +21,7 @@ from .routing import (
     TopKRouter,
 )
 from .sources import LoRASource
+from .mixer import RSLLoss
 from .task_routing import TaskRoutingLoss
 
 __all__ = [
@@ -113,9 +114,9 @@ def _check_switch_router(router, aux_losses: list) -> None:
                     else "use cv2_importance_load or localized_balance")
             raise ValueError(f"aux_losses[{j}].kind = 'switch_lb' needs a softmax top-k router (router.kind = "
                              f"'topk'), got router.kind = {router.kind!r}: {hint}, or set router.kind = 'topk'")
-        if isinstance(aux, TaskRoutingLoss) and isinstance(router, (SigmoidTopKRouter, ImplicitTopKRouter)):
-            raise ValueError(f"aux_losses[{j}].kind = 'task_routing' is a cross-entropy of softmax probabilities; "
-                             f"router.kind = {router.kind!r} has none: use topk, dense, task or task_embedding")
+        if isinstance(aux, (TaskRoutingLoss, RSLLoss)) and isinstance(router, (SigmoidTopKRouter, ImplicitTopKRouter)):
+            raise ValueError(f"aux_losses[{j}].kind = {aux.kind!r} reads softmax probabilities; router.kind = "
+                             f"{router.kind!r} has none: use topk, dense, dense_train_topk, task or task_embedding")
 
 
 class ExpertPool(SpecModel):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveInt
 
 from .base import MAX_BIAS_RATE, MAX_LOSS_WEIGHT, MIN_TEMPERATURE, SpecModel
+from .mixer import DenseTrainTopKRouter, RSLLoss
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 
 __all__ = [
@@ -95,7 +96,7 @@ class StaticRouter(SpecModel):
 
 Router = Annotated[
     Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TaskRouter,
-          TaskEmbeddingRouter],
+          TaskEmbeddingRouter, DenseTrainTopKRouter],
     Field(discriminator="kind"),
 ]
 
@@ -133,6 +134,6 @@ class LocalizedBalance(SpecModel):
 
 
 AuxLoss = Annotated[
-    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TaskRoutingLoss],
+    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TaskRoutingLoss, RSLLoss],
     Field(discriminator="kind"),
 ]
