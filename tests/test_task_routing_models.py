@@ -14,7 +14,7 @@ from peft import PeftModel
 
 import moleforge as mf
 from models import VOCAB, tiny
-from peft_helpers import logits, make_peft_adapter
+from peft_helpers import make_peft_adapter
 from tolerances import assert_close
 
 MODULES = ["q_proj", "v_proj", "down_proj"]

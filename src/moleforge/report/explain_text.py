@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..ir import (
-    DenseTrainTopK,
     AbsTopK,
     DenseSoftmax,
+    DenseTrainTopK,
     ExpertFFN,
     ExpertHidden,
     Graph,

@@ -14,6 +14,7 @@ from .adapters import (
     lora_scale,
 )
 from .base import SpecModel
+from .mixer import DenseTrainTopKRouter, RSLLoss
 from .presets import as_spec
 from .routing import (
     CV2ImportanceLoad,
@@ -25,7 +26,6 @@ from .routing import (
     SwitchLoadBalance,
     TopKRouter,
 )
-from .mixer import DenseTrainTopKRouter, RSLLoss
 from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss

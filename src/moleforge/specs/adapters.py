@@ -10,6 +10,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
+from .mixer import RSLLoss
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -21,7 +22,6 @@ from .routing import (
     TopKRouter,
 )
 from .sources import LoRASource
-from .mixer import RSLLoss
 from .task_routing import TaskRoutingLoss
 
 __all__ = [
