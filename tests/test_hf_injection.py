@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import moleforge as mf
 from models import ARCHS, batch, tiny
+from moleforge.integrations.task_ids import reads_task_ids
 from tolerances import assert_close
 
 
@@ -47,7 +48,7 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     opt = torch.optim.AdamW(params, lr=1e-2)
     model.train()
     losses = []
-    tasks = {"task_ids": torch.arange(ids.shape[0]) % 2} if handle.reads_task_ids else {}  # MeteoRA's labels
+    tasks = {"task_ids": torch.arange(ids.shape[0]) % 2} if reads_task_ids(handle.graphs) else {}  # MeteoRA
     for _ in range(30):
         out = model(input_ids=ids, labels=ids, **tasks)
         out.loss.backward()

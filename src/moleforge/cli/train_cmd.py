@@ -119,7 +119,9 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
 def _tasks_for(handle, examples: list[Example]) -> list[Example]:
     """The records' tasks as ids when the adapter routes by task (the batches then carry
     ``task_ids``); dropped otherwise."""
-    if not handle.reads_task_ids:
+    from ..integrations.task_ids import reads_task_ids
+
+    if not reads_task_ids(handle.graphs):
         return [Example(e.input_ids, e.labels) for e in examples]
     numbered, ids = number_tasks(examples)
     if not ids:

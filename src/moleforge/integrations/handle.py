@@ -16,12 +16,13 @@ from torch import nn
 
 from ..backends.runtime.dist import WORLD, all_sum_, group_of, rank_in, rank_seed
 from ..backends.torch_fx.lower import counts_name
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from ..interop.own_format import save
-from ..ir import AuxLoss, Route, TaskScores
+from ..ir import Route
 from ..report.explain import explain_plan
 from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
+from .task_ids import task_id_hooks
 
 if TYPE_CHECKING:
     from ..compiler.planner import Plan
@@ -52,17 +53,6 @@ def _token_share(kwargs: dict, shifts_labels: bool) -> torch.Tensor | None:
     if total is None or labels is None:
         return None
     return labels.ne(-100).sum() / total
-
-
-_NOT_SET = object()
-
-
-def _task_ids(value) -> torch.Tensor:
-    """A model call's ``task_ids``: one integer per batch row, ``(batch,)``."""
-    ids = torch.as_tensor(value)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() > 1:
-        raise InputError(f"task_ids must be integers of shape (batch,), got {ids.dtype} of shape {tuple(ids.shape)}")
-    return ids.reshape(-1).long()
 
 
 def _attention_mask_position(model: nn.Module) -> int | None:
@@ -267,10 +257,8 @@ class AdapterHandle:
         self._collector = collector
         self._requires_grad = requires_grad
         self._hooks = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-                       model.register_forward_hook(self._post_hook)]
+                       model.register_forward_hook(self._post_hook), *task_id_hooks(model, collector, plan.graphs)]
         self._last_aux: torch.Tensor | None = None
-        self._types_before: Any = _NOT_SET
-        self._warned_tasks = False
         self._share: torch.Tensor | None = None
         self._warned = False
         self._shifts_labels = _shifts_labels(model)
@@ -302,13 +290,6 @@ class AdapterHandle:
                     names.append(f"{name}.site.{counts_name(n.gate.balance.name)}")
         return names
 
-    @property
-    def reads_task_ids(self) -> bool:
-        """Whether a site routes by task or takes a supervised routing loss: the model is then
-        called with ``task_ids`` ``(batch,)``."""
-        return any(isinstance(n, TaskScores) or (isinstance(n, AuxLoss) and n.kind == "task_routing")
-                   for g in self.graphs.values() for n in g.nodes)
-
     def aux_loss(self) -> torch.Tensor | None:
         """The last forward's weighted aux loss (times ``spec.aux_loss_coef``), or ``None``."""
         return self._last_aux
@@ -320,18 +301,6 @@ class AdapterHandle:
         self._collector.reset()
         self._collector.padding_mask = _padding_mask(args, kwargs, self._mask_position)
         self._share = _token_share(kwargs, self._shifts_labels)
-        if "task_ids" not in kwargs and module.training and torch.is_grad_enabled() and not self._warned_tasks \
-                and self.reads_task_ids:
-            self._warned_tasks = True
-            warnings.warn("this adapter routes by task or has a supervised routing loss, and the model was called "
-                          "in training without task_ids: the routing loss is 0 in this forward; pass task_ids=(batch,) "
-                          "(the HF Trainer: a 'task_ids' column with remove_unused_columns=False)", stacklevel=2)
-        if "task_ids" in kwargs:  # routing by task: the model itself does not take them
-            kwargs = dict(kwargs)
-            self._types_before = self._collector.sample_types
-            self._collector.sample_types = _task_ids(kwargs.pop("task_ids"))
-            return args, kwargs
-        return None
 
     def _post_hook(self, module, args, output):
         """``loss += coef · aux`` (times the batch's share of ``num_items_in_batch``); ``aux_loss = coef · aux``.
@@ -342,8 +311,6 @@ class AdapterHandle:
         this is the token-weighted mean of their aux losses, as without accumulation.
         """
         self._collector.padding_mask = None  # it belongs to this call only
-        if self._types_before is not _NOT_SET:  # so do the call's task ids
-            self._collector.sample_types, self._types_before = self._types_before, _NOT_SET
         total = self._collector.total()
         if total is None:
             self._last_aux = None
