@@ -142,3 +142,14 @@ def test_train_command_reads_the_jsonl_task_field(folders, tmp_path):
     assert "tasks: 'chat' -> 0, 'code' -> 1, 'math' -> 2" in run.output
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert any(h.get("aux_loss", 0) > 0 for h in summary["log_history"]), "the supervised loss must be on"
+
+
+@pytest.mark.parametrize("router, words", [
+    ({"kind": "task"}, "softmax top-1 of one-hot task ids (task t -> expert t)"),
+    ({"kind": "task_embedding", "k": 1}, "softmax top-1 of token logits + task embeddings (3 tasks)"),
+    ({"kind": "task_embedding", "reads": "task", "k": None, "tasks": 2}, "dense softmax of task embeddings (2 tasks)"),
+])
+def test_explain_says_what_the_router_reads_of_the_task(router, words):
+    spec = {"sites": [{"target": {"roles": ["q"]}, "adapter": {"kind": "pool", "experts": 3, "rank": 2,
+                                                               "router": router}}]}
+    assert f"pool of 3 experts of rank 2, {words}" in mf.explain(spec, tiny("llama"), ir="none")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from ..ir import Graph, TaskScores
 from ..specs import AdapterSpec, ExpertPool
 
-__all__ = ["sources_lines"]
+__all__ = ["sources_lines", "task_text"]
 
 
 def sources_lines(spec: AdapterSpec) -> list[str]:
@@ -21,3 +22,13 @@ def sources_lines(spec: AdapterSpec) -> list[str]:
             state = "trainable" if src.trainable else "frozen"
             lines.append(f"  sites[{i}] expert {j}: PEFT LoRA {src.path} ({rank}{alpha}, {state})")
     return lines
+
+
+def task_text(g: Graph) -> str:
+    """What a router reads of the task ids, when it reads them."""
+    n = next((n for n in g.nodes if isinstance(n, TaskScores)), None)
+    if n is None:
+        return ""
+    if n.table is None:
+        return " of one-hot task ids (task t -> expert t)"
+    return f" of {'token logits + ' if n.token_scores else ''}task embeddings ({n.tasks} tasks)"
