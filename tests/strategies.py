@@ -102,10 +102,12 @@ def pools(draw, kinds: tuple[str, ...] = (*FLAT_ROUTERS, "implicit_topk"), jitte
     flat = tuple(k for k in kinds if k != "implicit_topk")
     if "implicit_topk" in kinds and (not flat or draw(st.integers(0, 5)) == 0):  # FlyLoRA-style
         router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
+        common["frozen_experts"] &= E > 1  # one frozen expert under a token router: nothing trains (a SpecError)
         return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
                           router=router, alpha=draw(st.sampled_from([None, 2.0])),
                           aux_losses=draw(aux_losses(router)), **common)
     router = draw(routers(E, flat, jitters))
+    common["frozen_experts"] &= E > 1 or isinstance(router, StaticRouter)
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),

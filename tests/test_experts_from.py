@@ -184,3 +184,9 @@ def test_cli_composes_folders_with_a_preset(folders, tmp_path):
     mf.load(model, out / "adapter")
     exported = PeftModel.from_pretrained(tiny("llama"), str(tmp_path / "peft"))
     assert_close(logits(exported), logits(model), "float32_model")
+
+
+def test_one_frozen_expert_under_a_token_router_is_refused(folders):
+    with pytest.raises(mf.SpecError, match=r"experts = 1 and router.kind = 'topk'.*nothing would train"):
+        mf.AdapterSpec.model_validate(_spec(folders[:1], router={"kind": "topk", "k": 1}))
+    mf.AdapterSpec.model_validate(_spec(folders[:1]))  # a static router scales it: that trains
