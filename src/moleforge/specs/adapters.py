@@ -165,7 +165,8 @@ class ExpertPool(SpecModel):
         if isinstance(r, StaticRouter) and self.aux_losses:
             raise ValueError("a static router gives every token the same weights: there is no routing to "
                              "balance; remove aux_losses or use a token-level router (topk, dense)")
-        if self.frozen_experts and self.experts == 1 and self.shared_expert is None and not isinstance(r, StaticRouter):
+        one_frozen = self.frozen_experts and self.experts == 1 and self.shared_expert is None
+        if one_frozen and not isinstance(r, StaticRouter):
             raise ValueError(f"frozen_experts with experts = 1 and router.kind = {r.kind!r}: a token router's gate over "
                              "one expert is always 1, so nothing would train; use a static router (a learned scale), "
                              "more experts, or trainable experts")
