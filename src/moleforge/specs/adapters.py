@@ -167,9 +167,9 @@ class ExpertPool(SpecModel):
                              "balance; remove aux_losses or use a token-level router (topk, dense)")
         one_frozen = self.frozen_experts and self.experts == 1 and self.shared_expert is None
         if one_frozen and not isinstance(r, StaticRouter):
-            raise ValueError(f"frozen_experts with experts = 1 and router.kind = {r.kind!r}: a token router's gate over "
-                             "one expert is always 1, so nothing would train; use a static router (a learned scale), "
-                             "more experts, or trainable experts")
+            raise ValueError(f"frozen_experts with experts = 1 and router.kind = {r.kind!r}: a token router's gate "
+                             "over one expert is always 1, so nothing would train; use a static router (a learned "
+                             "scale), more experts, or trainable experts")
         check_sources(self)
         return self
 
