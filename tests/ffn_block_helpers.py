@@ -16,7 +16,7 @@ from moleforge.integrations.ffn_trace import ACTIVATION_NAMES, BlockLinear
 from moleforge.ir import Graph, interpret, print_graph, verify
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down
 from moleforge.passes.share_frozen_projections import share_frozen_projections
-from moleforge.specs import ExpertPool, SwitchLoadBalance, TopKRouter
+from moleforge.specs import ExpertPool, StaticRouter, SwitchLoadBalance, TopKRouter
 from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, make_params, routers
 from tolerances import assert_close
 
@@ -58,7 +58,8 @@ def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[flo
     router = draw(routers(E, kinds, jitters))
     pool = ExpertPool(experts=E, rank=draw(st.integers(1, 3)), alpha=draw(st.sampled_from([None, 4.0])),
                       scaling=draw(st.sampled_from(SCALINGS)), router=router,
-                      aux_losses=draw(aux_losses(router)), frozen_experts=draw(st.booleans()))
+                      aux_losses=draw(aux_losses(router)),
+                      frozen_experts=draw(st.booleans()) and (E > 1 or isinstance(router, StaticRouter)))
     graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
                               SiteShape(label="block", d_in=d, d_out=d_out))
     return verify(graph)

@@ -14,6 +14,7 @@ from moleforge.specs import (
     CorePool,
     CV2ImportanceLoad,
     DenseRouter,
+    DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
     LocalizedBalance,
@@ -22,6 +23,7 @@ from moleforge.specs import (
     RankPartition,
     RankTasks,
     ResidualTree,
+    RSLLoss,
     Shared,
     SigmoidTopKRouter,
     SoftLoadBalance,
@@ -46,7 +48,7 @@ def loras(draw):
                 scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])))
 
 
-FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static")
+FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static", "dense_train_topk")
 """The flat routers :func:`routers` draws (``implicit_topk`` needs a FlyLoRA pool: :func:`pools`)."""
 
 LINEAR_ROUTERS = (*FLAT_ROUTERS, "top_p")
@@ -74,6 +76,8 @@ def routers(draw, experts: int, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: 
         return TopPRouter(k=k, p=draw(st.sampled_from([0.3, 0.6, 0.8, 1.0])),
                           entropy_index=draw(st.sampled_from([0.5, 1.0, 1.1, 2.0])),
                           entropy_threshold=draw(st.sampled_from([0.5, 0.9, 1.0])))
+    if kind == "dense_train_topk":
+        return DenseTrainTopKRouter(k=k, renormalize=draw(st.booleans()), temperature=draw(st.sampled_from([1.0, 0.5])))
     return SigmoidTopKRouter(k=k, bias_update_rate=draw(st.sampled_from([0.0, 1e-3, 0.1])))
 
 
@@ -88,10 +92,13 @@ def aux_losses(draw, router) -> list:
     kinds = ["cv2_importance_load", "localized_balance", "soft_lb"] + (
         ["switch_lb"] if isinstance(router, TopKRouter) else []) + (
         ["tsallis_entropy"] if isinstance(router, TopPRouter) else [])
+    kinds += ["rsl"] if isinstance(router, (TopKRouter, DenseRouter, DenseTrainTopKRouter)) else []
     out = []
     for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
         if kind == "switch_lb":
             out.append(SwitchLoadBalance(weight=draw(weight)))
+        elif kind == "rsl":
+            out.append(RSLLoss(weight=draw(weight), entropy=draw(st.sampled_from([-0.3, 0.0, 0.4]))))
         elif kind == "cv2_importance_load":
             out.append(CV2ImportanceLoad(weight=draw(weight)))
         elif kind == "soft_lb":
@@ -116,10 +123,12 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     flat = tuple(k for k in kinds if k != "implicit_topk")
     if "implicit_topk" in kinds and (not flat or draw(st.integers(0, 5)) == 0):  # FlyLoRA-style
         router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
+        common["frozen_experts"] &= E > 1  # one frozen expert under a token router: nothing trains (a SpecError)
         return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
                           router=router, alpha=draw(st.sampled_from([None, 2.0])),
                           aux_losses=draw(aux_losses(router)), **common)
     router = draw(routers(E, flat, jitters))
+    common["frozen_experts"] &= E > 1 or isinstance(router, StaticRouter)
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),

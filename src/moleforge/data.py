@@ -22,7 +22,8 @@ import torch
 
 from .errors import MoleforgeError
 
-__all__ = ["DataError", "Example", "read_jsonl", "record_kind", "encode", "encode_all", "collate", "IGNORE"]
+__all__ = ["DataError", "Example", "read_jsonl", "record_kind", "encode", "encode_all", "collate", "IGNORE",
+           "number_tasks"]
 
 IGNORE = -100
 """Label of a position that takes no loss (the HF convention)."""
@@ -49,6 +50,9 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    task: int | str | None = None
+    """The record's ``task`` field: a task id, or a task name (``encode_all`` numbers the names in
+    sorted order), for routers that read it (the model input ``task_ids``)."""
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -133,6 +137,41 @@ def encode(rec: dict, tokenizer: Tokenizer | None, max_length: int) -> Example:
     Raises:
         DataError: a text record and no tokenizer.
     """
+    ex = _encode(rec, tokenizer, max_length)
+    return ex if rec.get("task") is None else Example(ex.input_ids, ex.labels, _task(rec["task"]))
+
+
+def _task(value) -> int | str:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"'task' = {value!r}: a task is a non-negative integer id (0, 1, ...) or a name")
+    return value
+
+
+def number_tasks(examples: list[Example]) -> tuple[list[Example], dict]:
+    """Examples whose tasks are ids: names become ``0, 1, ...`` in sorted order. Returns the
+    examples and ``{name or id: id}``.
+
+    Raises:
+        DataError: ids and names mixed, or some records with a task and some without.
+    """
+    tasks = [e.task for e in examples]
+    given = [t for t in tasks if t is not None]
+    if not given:
+        return examples, {}
+    if len(given) < len(tasks):
+        first = tasks.index(None)
+        raise DataError(f"record {first + 1} has no 'task' field but {len(given)} other records have one: give "
+                        "every record its task, or none")
+    if len({type(t) for t in given}) > 1:
+        raise DataError("the 'task' fields mix integer ids and names: use one or the other")
+    names = sorted(set(given))
+    ids = {t: (t if isinstance(t, int) else names.index(t)) for t in names}
+    return [Example(e.input_ids, e.labels, ids[e.task]) for e in examples], ids
+
+
+def _encode(rec: dict, tokenizer: Tokenizer | None, max_length: int) -> Example:
     kind = record_kind(rec)
     if kind == "input_ids":
         ids = list(rec["input_ids"])[:max_length]
@@ -165,7 +204,8 @@ def encode_all(records: Sequence[dict], tokenizer: Tokenizer | None, max_length:
 
 
 def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad on the right: ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, S_max)``."""
+    """Pad on the right: ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, S_max)``; and
+    ``task_ids (B,)`` when the examples carry task ids."""
     S = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), S), pad_id, dtype=torch.long)  # (B, S)
     labels = torch.full((len(batch), S), IGNORE, dtype=torch.long)  # (B, S)
@@ -175,4 +215,7 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if batch and all(isinstance(e.task, int) for e in batch):
+        out["task_ids"] = torch.tensor([e.task for e in batch], dtype=torch.long)  # (B,)
+    return out

@@ -16,6 +16,7 @@ __all__ = [
     "InjectionError",
     "NotMergeableError",
     "CheckpointError",
+    "InputError",
 ]
 
 
@@ -53,3 +54,7 @@ class NotMergeableError(MoleforgeError):
 
 class CheckpointError(MoleforgeError):
     """A saved adapter does not fit the model it is loaded into, or its files are damaged."""
+
+
+class InputError(MoleforgeError, ValueError):
+    """A model input the adapter reads (``task_ids``) is missing or out of range."""

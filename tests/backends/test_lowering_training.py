@@ -85,7 +85,7 @@ def _reference(graph: Graph, params: dict, x, samples, noise):
     trainable = [d.name for d in graph.params if d.trainable]
     leaves = {k: params[k].clone().requires_grad_(True) for k in trainable}
     xl = x.clone().requires_grad_(True)
-    res = interpret(graph, {**params, **leaves}, xl, samples=samples, noise=noise)
+    res = interpret(graph, {**params, **leaves}, xl, samples=samples, noise=noise, training=True)
     loss = (res.output * _probe(res.output)).sum() + res.aux_total
     grads = torch.autograd.grad(loss, [xl, *leaves.values()], allow_unused=True)
     return res, dict(zip(["x", *leaves], grads))
@@ -175,6 +175,8 @@ FEATURES = {
     "static router, trainable": lambda a, r: isinstance(r, StaticRouter) and r.trainable,
     "static router, fixed": lambda a, r: isinstance(r, StaticRouter) and not r.trainable,
     "top-k jitter": lambda a, r: isinstance(r, TopKRouter) and r.jitter > 0,
+    "dense in training, top-k in evaluation, RSL": lambda a, r: type(r).__name__ == "DenseTrainTopKRouter"
+    and any(x.kind == "rsl" for x in a.aux_losses),
     "frozen experts": lambda a, r: getattr(a, "frozen_experts", False),
     "frozen experts with a shared expert": lambda a, r: getattr(a, "frozen_experts", False)
     and a.shared_expert is not None,

@@ -594,3 +594,51 @@ def test_every_verifier_message_has_a_negative_test():
                 if not any(c.rule == fn and any(pattern.fullmatch(p) for p in produced[name])
                            for name, c in CASES.items())]
     assert not untested, "verifier messages without a negative test:\n" + "\n".join(untested)
+
+
+# ---- routing by task ------------------------------------------------------------------------
+
+def _task_pool(**router) -> Graph:
+    from moleforge.specs import TaskEmbeddingRouter
+
+    return _pool(TaskEmbeddingRouter(tasks=2, **router))
+
+
+@case("_task_scores", r"task table has shape \(3, 3\), expected \(tasks, experts\) = \(2, 3\)")
+def task_table_shape():
+    g = _task_pool()
+    scores = replace(g.node("task_scores"), table=ParamRef("task_table", (3, 3)))
+    return g.replace(params=_declare(g, task_table=(3, 3)), nodes=_nodes(g, task_scores=scores))
+
+
+@case("_task_scores", r"hard task routing \(no table\) sends task t to expert t: it needs tasks <= experts and no "
+                      r"token scores \(tasks = 2, experts = 3, token_scores = True\)")
+def hard_task_routing_with_token_scores():
+    g = _task_pool()
+    scores = replace(g.node("task_scores"), table=None)
+    return g.replace(params=tuple(p for p in g.params if p.name != "task_table"), nodes=_nodes(g, task_scores=scores))
+
+
+@case("_task_scores", r"token scores %logits have width 4, the router has 3 experts", alone=False)
+def task_token_scores_width():
+    g = _task_pool()
+    logits = replace(g.node("logits"), weight=ParamRef("router_w", (4, 5)))
+    return g.replace(params=_declare(g, router_w=(4, 5)), nodes=_nodes(g, logits=logits))
+
+
+@case("_aux", r"task_routing needs a flat softmax router \(top-k or dense\)")
+def task_routing_on_a_static_gate():
+    g = _pool(StaticRouter())
+    from moleforge.ir import AuxLoss
+
+    aux = AuxLoss(id="aux0", routing="route", kind="task_routing", weight=0.1)
+    return g.replace(nodes=(*g.nodes, aux), aux=("aux0",))
+
+
+@case("_aux", r"rsl needs a flat softmax router")
+def rsl_on_a_static_gate():
+    g = _pool(StaticRouter())
+    from moleforge.ir import AuxLoss
+
+    aux = AuxLoss(id="aux0", routing="route", kind="rsl", weight=0.1, entropy=0.1, top_k=1)
+    return g.replace(nodes=(*g.nodes, aux), aux=("aux0",))

@@ -105,7 +105,8 @@ FLOAT_FIELDS = [(cls, name) for cls in _spec_models() for name, info in cls.mode
 """Every float field of every spec object (``float``, ``float | None``, ``tuple[float, float]``)."""
 
 VALID = {mf.LayerOverride: {"layers": [0], "experts": 2}, mf.Target: {"roles": ["q"]},
-         mf.Site: {"target": {"roles": ["q"]}}, mf.AdapterSpec: {"sites": [{"target": {"roles": ["q"]}}]}}
+         mf.Site: {"target": {"roles": ["q"]}}, mf.AdapterSpec: {"sites": [{"target": {"roles": ["q"]}}]},
+         mf.specs.LoRASource: {"path": "lora"}}
 """The fields a spec object needs besides defaults."""
 
 

@@ -18,10 +18,12 @@ from ..integrations.sites import ResolvedSite
 from ..ir import Graph, print_graph
 from ..report.explain import site_row
 from ..report.explain_blocks import block_fields
+from ..report.explain_sources import sources_lines
 from ..report.flops import adapter_flops_per_token, base_flops_per_token
 from ..report.structure import format_gamma
 from ..specs import AdapterSpec
 from .common import friendly_errors, load_model, load_spec
+from .experts import experts_option, with_experts
 
 __all__ = ["inspect_cmd", "group_sites"]
 
@@ -138,8 +140,10 @@ def _block_lines(groups: list[SiteGroup], planned: Plan) -> list[str]:
               help="Print (and draw) the IR of this module only. Default: one site of each kind.")
 @click.option("--graph", "graph_png", metavar="PNG", type=click.Path(dir_okay=False),
               help="Draw the adapter graph of --site (or of the first site) to this PNG file.")
+@experts_option
 @friendly_errors
-def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | None) -> None:
+def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | None,
+                experts: tuple[str, ...] = ()) -> None:
     """Show where SPEC goes in a model and what it costs, without training.
 
     SPEC is a preset name (see `moleforge presets`) or a JSON spec file. Prints the
@@ -152,9 +156,9 @@ def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | No
     Example:
       moleforge inspect smore --model runs/demo/base_model --graph smore.png
     """
-    spec_obj = load_spec(spec)
     model = load_model(model_dir)
-    planned = plan(spec_obj, model)
+    planned = plan(with_experts(load_spec(spec), experts), model)
+    spec_obj = planned.spec
     sites = [s.resolved for s in planned.sites if s.scope == "linear"]
     blocks = [s.resolved for s in planned.sites if s.scope == "ffn_block"]
     graphs = planned.graphs
@@ -173,6 +177,9 @@ def inspect_cmd(spec: str, model_dir: str, site: str | None, graph_png: str | No
     echo(f"Γ           {_gamma(spec_obj)}")
     echo(f"\nsites       {_sites_line(len(sites), len(blocks))}")
     echo("\n".join(_sites_table(groups)))
+    if sources_lines(spec_obj):
+        echo("\nexperts     from PEFT LoRA folders")
+        echo("\n".join(sources_lines(spec_obj)))
     if block_groups:
         echo("\nFFN blocks  routed experts replace these modules (scope ffn_block)")
         echo("\n".join(_block_lines(block_groups, planned)))

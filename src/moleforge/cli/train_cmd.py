@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from ..data import DataError, Example, encode_all, read_jsonl
+from ..data import DataError, Example, encode_all, number_tasks, read_jsonl
 from ..interop.atomic import atomic_write
 from .common import friendly_errors, load_model, load_spec, load_tokenizer
+from .experts import experts_option, with_experts
 
 __all__ = ["train_cmd"]
 
@@ -75,10 +76,11 @@ def _precision_flags(precision: str) -> dict:
 @click.option("--save-steps", type=click.IntRange(min=1), help="Checkpoint every N steps.  [default: steps / 4]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@experts_option
 @friendly_errors
 def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer_dir: str | None, steps: int,
               batch_size: int, lr: float, precision: str, max_length: int, save_steps: int | None, seed: int,
-              resume: bool) -> None:
+              resume: bool, experts: tuple[str, ...] = ()) -> None:
     """Fine-tune SPEC on a model with the HuggingFace Trainer.
 
     SPEC is a preset name (see `moleforge presets`) or a JSON spec file. Only the
@@ -98,7 +100,7 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
     """
     out = Path(out_dir)
     last = _check_out(out, resume)
-    spec_obj = load_spec(spec)
+    spec_obj = with_experts(load_spec(spec), experts)
     flags = _precision_flags(precision)
     if tokenizer_dir is not None and load_tokenizer(tokenizer_dir) is None:
         raise click.BadParameter(f"{tokenizer_dir!r} holds no tokenizer (tokenizer.json or tokenizer_config.json)",
@@ -112,6 +114,21 @@ def train_cmd(spec: str, model_dir: str, data_path: str, out_dir: str, tokenizer
     _train(spec_obj, model, tokenizer, examples, out, last, flags,
            dict(steps=steps, batch_size=batch_size, lr=lr, save_steps=save_steps or max(1, steps // 4), seed=seed,
                 model=str(Path(model_dir).resolve())))
+
+
+def _tasks_for(handle, examples: list[Example]) -> list[Example]:
+    """The records' tasks as ids when the adapter routes by task (the batches then carry
+    ``task_ids``); dropped otherwise."""
+    from ..integrations.task_ids import reads_task_ids
+
+    if not reads_task_ids(handle.graphs):
+        return [Example(e.input_ids, e.labels) for e in examples]
+    numbered, ids = number_tasks(examples)
+    if not ids:
+        raise DataError("this adapter routes by task: give every JSONL record a 'task' field (an id 0, 1, ... "
+                        "or a name; names are numbered in sorted order)")
+    _say("tasks: " + ", ".join(f"{name!r} -> {i}" for name, i in ids.items()))
+    return numbered
 
 
 def _pad_id(tokenizer) -> int:
@@ -134,6 +151,7 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     handle = compiler.compile(spec, model)
     n = sum(p.numel() for p in handle.trainable_parameters())
     _say(f"adapter: {spec.name}, {len(handle.modules)} sites, {n:,} trainable parameters")
+    examples = _tasks_for(handle, examples)
     args = TrainingArguments(
         output_dir=str(out), max_steps=opts["steps"], per_device_train_batch_size=opts["batch_size"],
         learning_rate=opts["lr"], warmup_steps=max(0, round(0.05 * opts["steps"])), weight_decay=0.0,

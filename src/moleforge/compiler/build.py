@@ -21,6 +21,7 @@ from ..ir import (
     Concat,
     CoreExperts,
     DenseSoftmax,
+    DenseTrainTopK,
     ExpertFFN,
     ExpertLinear,
     Graph,
@@ -36,6 +37,7 @@ from ..ir import (
     SoftmaxTopK,
     StaticGate,
     TopPTsallis,
+    TaskScores,
     TreeGateLevel,
     TreeLevelParams,
     TreeMix,
@@ -44,6 +46,7 @@ from ..ir import (
 from ..specs import (
     CorePool,
     DenseRouter,
+    DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
     LoRA,
@@ -54,6 +57,8 @@ from ..specs import (
     SigmoidTopKRouter,
     SparseRandom,
     StaticRouter,
+    TaskEmbeddingRouter,
+    TaskRouter,
     TopKRouter,
     TopPRouter,
     lora_scale,
@@ -143,7 +148,9 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     for i, aux in enumerate(spec.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   q=getattr(router, "entropy_index", 1.0), origin=f"{origin}.aux_losses[{i}]")))
+                                   q=getattr(router, "entropy_index", 1.0),
+                                   temperature=getattr(aux, "temperature", 1.0), entropy=getattr(aux, "entropy", 0.0),
+                                   top_k=router.k or 1, origin=f"{origin}.aux_losses[{i}]")))
     if spec.shared_expert is not None:
         shared = _lora(b, spec.shared_expert, "shared_", f"{origin}.shared_expert")
         out = b.add(Add(id="with_shared", srcs=(out, shared), origin=origin))
@@ -194,6 +201,8 @@ def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width
     if isinstance(router, StaticRouter):
         w = b.param("router_w", (E,), "one", trainable=router.trainable, buffer=not router.trainable)
         return b.add(Route(id="route", src="x", gate=StaticGate(weights=w), experts=E, origin=f"{origin}.router"))
+    if isinstance(router, (TaskRouter, TaskEmbeddingRouter)):
+        return _task_router(b, router, E, origin)
     W = b.param("router_w", (E, d_in), "kaiming", fan_in=d_in)
     if isinstance(router, TopKRouter) and router.jitter > 0:
         src = b.add(Jitter(id="jitter", src=src, eps=router.jitter, origin=f"{origin}.router.jitter"))
@@ -203,6 +212,8 @@ def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width
             gate = SoftmaxTopK(k=router.k, renormalize=router.renormalize, temperature=router.temperature)
         case DenseRouter():
             gate = DenseSoftmax(temperature=router.temperature)
+        case DenseTrainTopKRouter():
+            gate = DenseTrainTopK(infer_k=router.k, renormalize=router.renormalize, temperature=router.temperature)
         case SigmoidTopKRouter():
             gate = SigmoidTopK(k=router.k, balance=b.param("balance", (E,), "zero", trainable=False, buffer=True))
         case TopPRouter():
@@ -210,6 +221,26 @@ def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width
         case _:
             raise TypeError(router)
     return b.add(Route(id="route", src=logits, gate=gate, experts=E, origin=f"{origin}.router"))
+
+
+def _task_router(b: _Builder, router, E: int, origin: str) -> str:
+    """Scores from the task id (one-hot for hard routing, a learned table for task embeddings),
+    plus the token logits when the router reads both; a softmax gate on them."""
+    where = f"{origin}.router"
+    if isinstance(router, TaskRouter):
+        z = b.add(TaskScores(id="task_scores", src="x", experts=E, tasks=E, origin=where))
+        return b.add(Route(id="route", src=z, gate=SoftmaxTopK(k=1), experts=E, origin=where))
+    tasks = router.tasks or E
+    table = b.param("task_table", (tasks, E), "zero")
+    src, token = "x", router.reads == "token_and_task"
+    if token:
+        W = b.param("router_w", (E, b.shape.d_in), "kaiming", fan_in=b.shape.d_in)
+        src = b.add(Linear(id="logits", src="x", weight=W, origin=where))
+    z = b.add(TaskScores(id="task_scores", src=src, experts=E, tasks=tasks, table=table, token_scores=token,
+                         origin=where))
+    gate = (DenseSoftmax(temperature=router.temperature) if router.k is None else
+            SoftmaxTopK(k=router.k, renormalize=router.renormalize, temperature=router.temperature))
+    return b.add(Route(id="route", src=z, gate=gate, experts=E, origin=where))
 
 
 def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
@@ -297,5 +328,6 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
     for j, aux in enumerate(pool.aux_losses):
         b.aux.append(b.add(AuxLoss(id=f"aux{j}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   origin=f"{origin}.aux_losses[{j}]")))
+                                   temperature=getattr(aux, "temperature", 1.0), entropy=getattr(aux, "entropy", 0.0),
+                                   top_k=pool.router.k or 1, origin=f"{origin}.aux_losses[{j}]")))
     return b.graph(out).replace(frozen=tuple(frozen))

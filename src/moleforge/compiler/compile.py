@@ -19,7 +19,7 @@ from ..integrations.block_module import build_block_module
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import AdaptedLinear, AuxCollector, swap_modules
 from ..integrations.sites import ResolvedSite
-from ..ir import AuxLoss, Graph, SiblingLinear
+from ..ir import AuxLoss, Graph, SiblingLinear, TaskScores
 from ..passes import Pass
 from ..report.explain import IRView, explain_plan
 from ..report.structure import structural_flexibility
@@ -43,7 +43,8 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None,  # noqa: A001
-            siblings: bool | None = None, policy: KernelPolicy | None = None) -> AdapterHandle:
+            siblings: bool | None = None, policy: KernelPolicy | None = None,
+            read_sources: bool = True) -> AdapterHandle:
     """Compile ``spec`` into ``model`` in place and return the handle: :func:`plan`, then lower
     every site and swap it in.
 
@@ -61,11 +62,14 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         siblings: give sites that read the same tensor (q/k/v, gate/up) one input GEMM
             (default: with the default pipeline).
         policy: the kernels the sites run (default: ``KernelPolicy.from_env()``, read once).
+        read_sources: load the experts of pools with ``experts_from`` from their PEFT LoRA folders
+            (``False``: leave them initialised, for a caller that loads saved tensors).
 
     Example:
         >>> handle = mf.compile(mf.presets.load("smore"), model)  # doctest: +SKIP
     """
-    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings, policy=policy)
+    p = spec if isinstance(spec, Plan) else plan(spec, model, passes, siblings=siblings, policy=policy,
+                                                 read_sources=read_sources)
     groups = {n.group: SiblingGroup(n.group) for s in p.sites for n in s.final.nodes if isinstance(n, SiblingLinear)}
     collector = AuxCollector()
     seeds = {s.init.seed for s in p.spec.sites} - {None}
@@ -89,6 +93,8 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
         p = dataclasses.replace(p, policy=policy)
     handle = AdapterHandle(model, p, modules, originals, collector, requires_grad)
     handle._recompile = compile  # what handle.add_task() (MoRA-CL) compiles the grown spec with
+    if p.source_tensors:
+        handle.load_state_dict(p.source_tensors)
     return handle
 
 
@@ -126,7 +132,8 @@ def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: 
     block = site.block
     base = model.get_submodule(block.traced.full_name("down") if block is not None else site.name)
     what = f"the routed FFN block {site.name!r}" if block is not None else f"the adapter for module {site.name!r}"
-    uses_samples = any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for n in graph.nodes)
+    uses_samples = any((isinstance(n, AuxLoss) and n.kind in ("localized_balance", "task_routing"))
+                       or isinstance(n, TaskScores) for n in graph.nodes)
     dtype = _adapter_dtype(base.weight)
     try:
         store = ParamStore(graph.params, up=init.up, std=init.std, generator=gen, dtype=dtype)

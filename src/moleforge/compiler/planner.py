@@ -23,6 +23,7 @@ from ..passes import DEFAULT_PIPELINE, Pass, PipelineTrace, fuse_sibling_sites, 
 from ..specs import AdapterSpec, as_spec
 from .build import build_block_graph, build_graph
 from .sizes import SizeCheck
+from .sources import resolve_sources
 
 __all__ = ["Plan", "PlannedSite", "plan", "as_spec"]
 
@@ -70,6 +71,9 @@ class Plan:
     """Why sibling fusion found nothing to fuse or was not looked for, when that is so."""
     policy: KernelPolicy = field(default_factory=KernelPolicy.from_env)
     """Which kernels the lowered sites run (Triton, the CPU kernel or torch ops, per device)."""
+    source_tensors: dict = field(default_factory=dict, repr=False, compare=False)
+    """``{"<module>.A"/"<module>.B": tensor}`` read from the PEFT LoRA folders of pools with
+    ``experts_from``; ``compile`` loads them into the sites."""
 
     def site(self, name: str) -> PlannedSite:
         for s in self.sites:
@@ -93,7 +97,8 @@ class Plan:
 
 
 def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
-         siblings: bool | None = None, policy: KernelPolicy | None = None, check_sizes: bool = True) -> Plan:
+         siblings: bool | None = None, policy: KernelPolicy | None = None, check_sizes: bool = True,
+         read_sources: bool = True) -> Plan:
     """Resolve every site of ``spec`` on ``model``, build its graph and run the pipeline on it.
 
     Args:
@@ -107,13 +112,16 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
             ``MOLEFORGE_TRITON`` and ``MOLEFORGE_CPU_KERNELS`` now, once).
         check_sizes: refuse adapters too large for the model (``False`` to plan one anyway, e.g.
             to count its parameters).
+        read_sources: read the PEFT LoRA folders of pools with ``experts_from`` (their ranks,
+            alphas and tensors); ``False`` when the spec already records them and the tensors
+            come from elsewhere (``mf.load``).
 
     Raises:
         SpecError, InjectionError: the spec does not fit the model (the message names the site), or
             a site's adapter is too large for it (:class:`~moleforge.compiler.sizes.SizeCheck`),
             found before the passes run and before anything is allocated.
     """
-    spec = as_spec(spec)
+    spec, sources = resolve_sources(as_spec(spec), model) if read_sources else (as_spec(spec), {})
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
     linear = resolve_sites(spec, model)
     blocks = resolve_blocks(spec, model, {s.name for s in linear})
@@ -130,7 +138,7 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
         planned = _fuse_siblings(planned, groups)
     return Plan(spec=spec, model_name=type(model).__name__, sites=tuple(planned), pipeline=pipeline,
                 sibling_groups=groups, sibling_note=note,
-                policy=KernelPolicy.from_env() if policy is None else policy)
+                policy=KernelPolicy.from_env() if policy is None else policy, source_tensors=sources)
 
 
 def _plain(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, size: SizeCheck | None) -> Graph:

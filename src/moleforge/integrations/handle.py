@@ -23,6 +23,7 @@ from ..report.explain import explain_plan
 from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
 from .tasks import ContinualTasks
+from .task_ids import task_id_hooks
 
 if TYPE_CHECKING:
     from ..compiler.planner import Plan
@@ -257,7 +258,7 @@ class AdapterHandle(ContinualTasks):
         self._collector = collector
         self._requires_grad = requires_grad
         self._hooks = [model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-                       model.register_forward_hook(self._post_hook)]
+                       model.register_forward_hook(self._post_hook), *task_id_hooks(model, collector, plan.graphs)]
         self._last_aux: torch.Tensor | None = None
         self._share: torch.Tensor | None = None
         self._warned = False

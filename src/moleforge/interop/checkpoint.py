@@ -32,7 +32,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, passes: Sequence[Pas
     except (KeyError, MoleforgeError) as e:
         raise CheckpointError(f"{directory}: the saved spec is not valid: {e}") from None
     saved_sites: dict = config.get("sites", {})
-    handle = compile(spec, model, passes=passes)
+    handle = compile(spec, model, passes=passes, read_sources=False)
     problems = _mismatches(handle, saved_sites, tensors)
     if problems:
         handle.remove()

@@ -12,7 +12,7 @@ from typing import ClassVar, Union, get_args
 from .params import ParamRef
 
 __all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis",
-           "SelfActivated", "Gate", "GATE_KINDS"]
+           "SelfActivated", "DenseTrainTopK", "Gate", "GATE_KINDS"]
 
 
 class GateKind:
@@ -36,6 +36,11 @@ class GateKind:
     def typical_k(self, experts: int) -> int | None:
         """Experts a token typically uses, for cost models: ``k`` (``None`` when dense)."""
         return self.k  # type: ignore[attr-defined]
+
+    def in_mode(self, training: bool) -> "GateKind":
+        """The gate a forward in this mode computes (itself, unless it differs between training
+        and evaluation)."""
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +127,27 @@ class SelfActivated(GateKind):
     mode_dependent: ClassVar[bool] = True
 
 
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis, SelfActivated]
+@dataclass(frozen=True, slots=True)
+class DenseTrainTopK(GateKind):
+    """LoRA-Mixer: ``g = softmax(z/τ)`` (every expert) in training; in evaluation the top
+    ``infer_k`` of it, renormalised if asked (a :class:`SoftmaxTopK`). Dense as a whole
+    (``k = None``): lowered forms must hold every expert."""
+
+    infer_k: int
+    renormalize: bool = True
+    temperature: float = 1.0
+
+    @property
+    def k(self) -> None:
+        return None
+
+    def in_mode(self, training: bool) -> GateKind:
+        if training:
+            return DenseSoftmax(temperature=self.temperature)
+        return SoftmaxTopK(k=self.infer_k, renormalize=self.renormalize, temperature=self.temperature)
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis, SelfActivated, DenseTrainTopK]
 
 GATE_KINDS: tuple[type, ...] = get_args(Gate)
 """Every gate kind."""

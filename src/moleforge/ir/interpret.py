@@ -27,6 +27,7 @@ from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
 from .params import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick
 from .rules import Rules
+from .task_nodes import task_labels
 from .values import Routing, TreeRouting
 
 __all__ = ["interpret", "Result", "eval_expr", "block_activation", "RUN", "GATES"]
@@ -83,6 +84,7 @@ class _Run:
     noise: dict[str, tuple[Tensor, ...]]
     samples: tuple[Tensor, Tensor | None] | None
     res: Result
+    training: bool = False
 
 
 RUN: Rules[Callable[[object, _Run], object]] = Rules("the interpreter", nodes.NODE_KINDS)
@@ -95,7 +97,7 @@ GATES: Rules[Callable[..., tuple[Routing, float]]] = Rules("the interpreter's ga
 def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
               routing: Mapping[str, object] | None = None,
               samples: tuple[Tensor, Tensor | None] | None = None,
-              noise: Mapping[str, tuple[Tensor, ...]] | None = None) -> Result:
+              noise: Mapping[str, tuple[Tensor, ...]] | None = None, training: bool = False) -> Result:
     """Run ``graph`` on ``x (T, d_in)`` in float64 (autograd flows to ``params`` and ``x``).
 
     Args:
@@ -107,11 +109,13 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
             router jitter, ``{jitter id: (u,)}``, ``u (T, width)`` uniform on ``[0, 1)`` (see
             :class:`~moleforge.ir.nodes.Jitter`); of a mode-dependent gate (MoRA-CL's self-activated
             one), ``{router id: ()}``. Nodes without noise run as in evaluation.
+        training: the mode of gates that differ between training and evaluation
+            (:class:`~moleforge.ir.nodes.DenseTrainTopK`).
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
     run = _Run(env={}, p=p, x=x.to(F64), fixed=dict(routing or {}), noise=dict(noise or {}), samples=samples,
-               res=res)
+               res=res, training=training)
     for n in graph.nodes:
         run.env[n.id] = RUN[n](n, run)
     res.output = run.env[graph.output]  # type: ignore[assignment]
@@ -150,10 +154,19 @@ def _gate_bias(n, r: _Run) -> Tensor:
     return n.scale * (g @ bias if bias.dim() == 2 else g.sum(1, keepdim=True) * bias)
 
 
+@RUN.register(nodes.TaskScores)
+def _task_scores(n: nodes.TaskScores, r: _Run) -> Tensor:
+    """``z = (src if token_scores else 0) + (table[t] or onehot(t))`` per token."""
+    t = task_labels(r.samples, n.tasks, f"router {n.origin or n.id}")
+    add = eval_expr(n.table, r.p)[t] if n.table is not None else torch.nn.functional.one_hot(t, n.experts).to(F64)
+    return r.env[n.src] + add if n.token_scores else add
+
+
 @RUN.register(nodes.Route)
 def _route(n, r: _Run) -> Routing:
-    mode = {"training": n.id in r.noise} if n.gate.mode_dependent else {}
-    routing, margin = GATES[n.gate](n.gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id), **mode)
+    gate = n.gate.in_mode(r.training)
+    mode = {"training": n.id in r.noise} if gate.mode_dependent else {}
+    routing, margin = GATES[gate](gate, r.env[n.src], r.p, n.experts, r.fixed.get(n.id), **mode)
     r.res.routes[n.id], r.res.margins[n.id] = routing.index, margin
     return routing
 
@@ -237,6 +250,12 @@ def _self_activated(g, z: Tensor, p, experts: int, fixed, training: bool = False
     gates = torch.where(w >= g.threshold, w, 0.0)  # (T, R)
     margin = float((w.detach() - g.threshold).abs().min()) if w.numel() else math.inf
     return Routing(gates, w), margin
+
+
+@GATES.register(nodes.DenseTrainTopK)
+def _dense_train_topk(g, z: Tensor, p, experts: int, fixed) -> tuple[Routing, float]:
+    """Evaluation (``_route`` asks the gate for the training one when training)."""
+    return _softmax_topk(g.in_mode(False), z, p, experts, fixed)
 
 
 @GATES.register(nodes.SoftmaxTopK)
@@ -360,6 +379,18 @@ def _cv2(v: Tensor) -> Tensor:
     return v.var(unbiased=True) / (v.mean() ** 2 + 1e-10)
 
 
+def _rsl(n: nodes.AuxLoss, probs: Tensor) -> Tensor:
+    """LoRA-Mixer: ``weight · Σ_i P_i f_i - entropy · mean_t H(p_t)``, ``f_i`` expert i's share of
+    the top-``top_k`` selections of the probabilities, ``P_i`` its mean probability."""
+    T, E = probs.shape
+    counts = torch.zeros(E, dtype=F64)
+    for t in range(T):
+        counts[stable_top(probs[t].detach(), n.top_k)[0]] += 1
+    share = counts / (T * n.top_k)
+    entropy = -(probs * torch.log(probs)).sum(1).mean()
+    return n.weight * torch.sum(probs.mean(0) * share) - n.entropy * entropy
+
+
 def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
     if isinstance(route, TreeRouting):
         return tree_aux(n, route)
@@ -373,6 +404,14 @@ def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
         return n.weight * E * torch.sum(counts / T * probs.mean(0))
     if n.kind == "cv2_importance_load":
         return n.weight * (_cv2(gates.sum(0)) + _cv2((gates > 0).to(F64).sum(0)))
+    if n.kind == "rsl":
+        return _rsl(n, probs)
+    if n.kind == "task_routing":
+        if samples is None or samples[1] is None:  # no labels (inference): no supervised loss
+            return torch.zeros((), dtype=F64)
+        label = task_labels(samples, E, f"aux loss {n.origin or n.id}")
+        logp = torch.log_softmax(torch.log(probs) / n.temperature, 1)  # (T, E)
+        return -n.weight * logp[torch.arange(T), label].mean()
     sample_idx = torch.zeros(T, dtype=torch.long) if samples is None else samples[0]
     types = None if samples is None else samples[1]
     # the samples are those that hold a token, whatever their indices: Q has one row per such sample

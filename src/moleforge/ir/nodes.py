@@ -24,6 +24,7 @@ from .gates import (
     GATE_KINDS,
     AbsTopK,
     DenseSoftmax,
+    DenseTrainTopK,
     Gate,
     GateKind,
     SelfActivated,
@@ -34,6 +35,7 @@ from .gates import (
 )
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
+from .task_nodes import TaskScores
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
 
 if TYPE_CHECKING:
@@ -41,11 +43,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "operand", "NodeKind", "RouterNode", "GateKind", "NODE_KINDS", "GATE_KINDS",
-    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis", "SelfActivated", "Gate",
+    "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis", "SelfActivated",
+    "DenseTrainTopK", "Gate",
     "Input", "Linear", "Columns", "Add", "Jitter", "Route", "PoolMix", "GroupedMix",
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
-    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node",
+    "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -373,13 +376,20 @@ class AuxLoss(NodeKind):
 
     id: str
     routing: str = operand()
-    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance", "tsallis_entropy", "soft_lb"]
+    kind: Literal["switch_lb", "cv2_importance_load", "localized_balance", "tsallis_entropy", "soft_lb", "task_routing",
+                  "rsl"]
     weight: float
     delta: float = 0.0
     groups: int = 1
     q: float = 1.0
     """The Tsallis index of ``tsallis_entropy``."""
     origin: str = ""
+    temperature: float = 1.0
+    """``task_routing``: the cross-entropy's temperature (``log p / τ`` are its logits)."""
+    entropy: float = 0.0
+    """``rsl``: λ of its ``- λ · mean_t H(p_t)`` term."""
+    top_k: int = 1
+    """``rsl``: the k of its top-k load shares."""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return ScalarType()
@@ -387,7 +397,7 @@ class AuxLoss(NodeKind):
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
-             ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge]
+             ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

@@ -59,6 +59,8 @@ GATE.add(lambda g: f"static(w={g.weights.name})", nodes.StaticGate)
 GATE.add(lambda g: f"top_p_tsallis(p={g.top_p:g}, k={g.k}, q={g.q:g}, threshold={g.threshold:g})",
          nodes.TopPTsallis)
 GATE.add(lambda g: f"self_activated(k={g.k}, tau={g.temperature:g}, threshold={g.threshold:g})", nodes.SelfActivated)
+GATE.add(lambda g: f"dense_train_topk(k={g.infer_k}, renorm={g.renormalize}, tau={g.temperature:g})",
+         nodes.DenseTrainTopK)
 
 
 # ---- nodes ------------------------------------------------------------------------------
@@ -127,10 +129,19 @@ LINE.add(_tree("tree_mix"), nodes.TreeMix)
 LINE.add(_tree("tree_propagate"), nodes.TreePropagate)
 
 
+@LINE.register(nodes.TaskScores)
+def _task_scores(n, t) -> str:
+    base = f"%{n.src} + " if n.token_scores else f"(T of %{n.src}) "
+    table = f"{n.table.name}[task]" if n.table is not None else "onehot(task)"
+    return f"task_scores {base}{table} tasks={n.tasks} -> {n.experts}"
+
+
 @LINE.register(nodes.AuxLoss)
 def _aux(n, t) -> str:
     extra = f" delta={n.delta:g} groups={n.groups}" if n.kind == "localized_balance" else ""
     extra = f" q={n.q:g}" if n.kind == "tsallis_entropy" else extra
+    extra += f" temperature={n.temperature:g}" if n.kind == "task_routing" else ""
+    extra += f" entropy={n.entropy:g} top_k={n.top_k}" if n.kind == "rsl" else ""
     return f"aux_loss {n.kind} %{n.routing} weight={n.weight:g}{extra}"
 
 

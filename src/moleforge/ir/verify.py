@@ -148,6 +148,21 @@ def _add(g: Graph, n) -> list[str]:
 
 
 RULES.add(lambda g, n: _need_tensor(g, n.src, "source"), nodes.Jitter)
+
+
+@RULES.register(nodes.TaskScores)
+def _task_scores(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "token scores")
+    if n.table is not None:
+        p += _expr(g, n.table, "task table")
+        if not p and expr_shape(n.table) != (n.tasks, n.experts):
+            p.append(f"task table has shape {expr_shape(n.table)}, expected (tasks, experts) = {(n.tasks, n.experts)}")
+    elif n.token_scores or n.tasks > n.experts:
+        p.append(f"hard task routing (no table) sends task t to expert t: it needs tasks <= experts and no token "
+                 f"scores (tasks = {n.tasks}, experts = {n.experts}, token_scores = {n.token_scores})")
+    if not p and n.token_scores and g.width(n.src) != n.experts:
+        p.append(f"token scores %{n.src} have width {g.width(n.src)}, the router has {n.experts} experts")
+    return p
 RULES.add(lambda g, n: GATE_RULES[n.gate](g, n), nodes.Route)
 
 
@@ -159,13 +174,14 @@ def _static_gate(g: Graph, n) -> list[str]:
     return p
 
 
-@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.SelfActivated)
+@GATE_RULES.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.SelfActivated,
+                     nodes.DenseTrainTopK)
 def _scored_gate(g: Graph, n) -> list[str]:
     """A gate on scores ``src (T, E)``: ``1 <= k <= E``, and its balancing bias declared."""
     p = _need_tensor(g, n.src, "scores")
     if not p and g.width(n.src) != n.experts:
         p.append(f"scores have width {g.width(n.src)}, router has {n.experts} experts")
-    k = n.gate.k
+    k = n.gate.in_mode(False).k
     if k is not None and not (1 <= k <= n.experts):
         p.append(f"k = {k} outside 1..{n.experts}")
     if n.gate.balances:
@@ -244,6 +260,13 @@ def _aux(g: Graph, n) -> list[str]:
         return ["switch_lb needs a softmax top-k router"]
     if n.kind in ("tsallis_entropy", "soft_lb") and not isinstance(t, RoutingType):
         return [f"{n.kind} needs a flat routing, got a {t}"]
+    if n.kind == "rsl" and not (isinstance(route, nodes.Route) and
+                                 isinstance(route.gate, (nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.DenseTrainTopK))):
+        return ["rsl needs a flat softmax router"]
+    if n.kind == "task_routing" and not (isinstance(route, nodes.Route) and
+                                          isinstance(route.gate, (nodes.SoftmaxTopK, nodes.DenseSoftmax,
+                                                                  nodes.DenseTrainTopK))):
+        return ["task_routing needs a flat softmax router (top-k or dense)"]
     return []
 
 

@@ -39,6 +39,7 @@ from ..ir import (
 )
 from ..passes import ChoosePoolKernels, Pass, group_pools, pool_cost
 from .explain_blocks import block_fields
+from .explain_sources import sources_lines, task_text
 from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
 from .flops import base_flops_per_token, flops_per_token
 
@@ -68,6 +69,7 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
     if plan.sibling_note:
         head.append(f"  sibling fusion: {plan.sibling_note}")
     head += [f"  kernels: {line}" for line in plan.policy.describe(_kernel_families(sites))]
+    head += sources_lines(plan.spec)
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])
@@ -191,7 +193,7 @@ def _describe(g: Graph) -> str:
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
     always = g.param_decls.get("shared_A")
     extra = f", plus an always-on shared LoRA of rank {always.shape[0]}" if always is not None else ""
-    return f"pool of {route.experts} experts of rank {rank}{shared}, {router_text(route)}{extra}{tail}"
+    return f"pool of {route.experts} experts of rank {rank}{shared}, {router_text(route)}{task_text(g)}{extra}{tail}"
 
 
 def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:

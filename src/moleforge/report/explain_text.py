@@ -12,6 +12,7 @@ from typing import Mapping
 from ..ir import (
     AbsTopK,
     DenseSoftmax,
+    DenseTrainTopK,
     ExpertFFN,
     ExpertHidden,
     Graph,
@@ -95,13 +96,14 @@ ROUTER_WORDS: dict[type, str] = {
     StaticGate: "static weights (the same for every token)",
     TopPTsallis: "top-p ∪ top-{k}, Tsallis-entropy broadcast (DynMoLE)",
     SelfActivated: "self-activated |h| scores: top-{k} in training, a threshold in evaluation (MoRA-CL)",
+    DenseTrainTopK: "dense softmax in training, softmax top-{k} in evaluation",
 }
 """How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
 
 
 def router_text(route: Route) -> str:
     gate = route.gate
-    return ROUTER_WORDS[type(gate)].format(k=gate.k)
+    return ROUTER_WORDS[type(gate)].format(k=gate.in_mode(False).k)
 
 
 def gamma_text(g: Graph) -> str:

@@ -16,6 +16,7 @@ from .adapters import (
     lora_scale,
 )
 from .base import SpecModel
+from .mixer import DenseTrainTopKRouter, RSLLoss
 from .presets import as_spec
 from .rank_tasks import with_one_more_task
 from .routing import (
@@ -31,14 +32,17 @@ from .routing import (
     TopPRouter,
     TsallisEntropy,
 )
+from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
+from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 
 __all__ = [
     "AdapterSpec", "as_spec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
     "LoRA", "ExpertPool", "RankPartition", "ResidualTree", "TreeLevel", "TreeRouter",
     "PerExpert", "Shared", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
-    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
+    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource",
+    "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss", "DenseTrainTopKRouter", "RSLLoss",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
     "with_one_more_task",
 ]

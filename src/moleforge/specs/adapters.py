@@ -12,6 +12,7 @@ from pydantic import Field, PositiveInt, model_validator
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
 from .core_pool import CorePool
 from .rank_tasks import RankTasks
+from .mixer import RSLLoss
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -23,6 +24,8 @@ from .routing import (
     TopKRouter,
     check_entropy_loss,
 )
+from .sources import LoRASource
+from .task_routing import TaskRoutingLoss
 
 __all__ = [
     "Scaling",
@@ -116,6 +119,9 @@ def _check_switch_router(router, aux_losses: list) -> None:
                     else "use cv2_importance_load or localized_balance")
             raise ValueError(f"aux_losses[{j}].kind = 'switch_lb' needs a softmax top-k router (router.kind = "
                              f"'topk'), got router.kind = {router.kind!r}: {hint}, or set router.kind = 'topk'")
+        if isinstance(aux, (TaskRoutingLoss, RSLLoss)) and isinstance(router, (SigmoidTopKRouter, ImplicitTopKRouter)):
+            raise ValueError(f"aux_losses[{j}].kind = {aux.kind!r} reads softmax probabilities; router.kind = "
+                             f"{router.kind!r} has none: use topk, dense, dense_train_topk, task or task_embedding")
 
 
 class ExpertPool(SpecModel):
@@ -136,6 +142,15 @@ class ExpertPool(SpecModel):
     """Keep the experts' A and B fixed (pre-trained adapters imported with ``mf.from_peft``:
     X-LoRA, MeteoRA, CAT, LoRA-Mixer's plug-and-play mode); only the router (and a shared
     expert) train."""
+    experts_from: list[LoRASource] = []
+    """The experts' trained PEFT LoRA folders, one per expert in order (``experts`` is their
+    number). Their rank and alpha come from the folders; ``frozen_experts`` follows their
+    ``trainable`` flags."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_sources(cls, data):
+        return sources_defaults(data)
 
     @model_validator(mode="after")
     def _check(self) -> "ExpertPool":
@@ -156,7 +171,48 @@ class ExpertPool(SpecModel):
         if isinstance(r, StaticRouter) and self.aux_losses:
             raise ValueError("a static router gives every token the same weights: there is no routing to "
                              "balance; remove aux_losses or use a token-level router (topk, dense)")
+        one_frozen = self.frozen_experts and self.experts == 1 and self.shared_expert is None
+        if one_frozen and not isinstance(r, StaticRouter):
+            raise ValueError(f"frozen_experts with experts = 1 and router.kind = {r.kind!r}: a token router's gate "
+                             "over one expert is always 1, so nothing would train; use a static router (a learned "
+                             "scale), more experts, or trainable experts")
+        check_sources(self)
         return self
+
+
+def sources_defaults(data):
+    """With ``experts_from``: ``experts`` defaults to their number and ``frozen_experts`` to
+    none of them being trainable."""
+    if not isinstance(data, dict) or not data.get("experts_from"):
+        return data
+    srcs = data["experts_from"]
+    data = dict(data)
+    data.setdefault("experts", len(srcs))
+    flags = {s.trainable if isinstance(s, LoRASource) else bool(s.get("trainable", False))
+             for s in srcs if isinstance(s, (LoRASource, dict))}
+    if len(flags) == 1:
+        data.setdefault("frozen_experts", not flags.pop())
+    return data
+
+
+def check_sources(pool: "ExpertPool") -> None:
+    """The cross-field rules of a pool whose experts come from PEFT LoRA folders."""
+    srcs = pool.experts_from
+    if not srcs:
+        return
+    if pool.experts != len(srcs):
+        raise ValueError(f"experts = {pool.experts} but experts_from names {len(srcs)} folders; "
+                         f"set experts = {len(srcs)} or leave it out")
+    flags = [s.trainable for s in srcs]
+    if len(set(flags)) > 1:
+        raise ValueError(f"experts_from[*].trainable = {flags}: the experts of one pool are all frozen or all "
+                         "trainable; split them into two sites or give every folder the same flag")
+    if pool.frozen_experts == flags[0]:
+        raise ValueError(f"frozen_experts = {pool.frozen_experts} contradicts experts_from[*].trainable = "
+                         f"{flags[0]}; leave frozen_experts out (it follows the folders' flags)")
+    if not isinstance(pool.down, PerExpert) or pool.up != "per_expert" or pool.shared_expert is not None:
+        raise ValueError("experts_from needs each expert's own A and B (down.kind = 'per_expert', up = "
+                         "'per_expert') and no shared_expert: a trained LoRA brings both factors")
 
 
 class RankPartition(SpecModel):

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveInt
 
 from .base import MAX_BIAS_RATE, MAX_LOSS_WEIGHT, MIN_TEMPERATURE, SpecModel
+from .mixer import DenseTrainTopKRouter, RSLLoss
+from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
 
 __all__ = [
     "TopKRouter",
@@ -121,7 +123,8 @@ class TopPRouter(SpecModel):
 
 
 Router = Annotated[
-    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TopPRouter],
+    Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TopPRouter, TaskRouter,
+          TaskEmbeddingRouter, DenseTrainTopKRouter],
     Field(discriminator="kind"),
 ]
 
@@ -177,7 +180,8 @@ class SoftLoadBalance(SpecModel):
 
 
 AuxLoss = Annotated[
-    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TsallisEntropy, SoftLoadBalance],
+    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TsallisEntropy, SoftLoadBalance, TaskRoutingLoss,
+          RSLLoss],
     Field(discriminator="kind"),
 ]
 

@@ -11,6 +11,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from .adapters import Adapter, ExpertPool, Init, LoRA, PerExpert, ResidualTree
 from .base import MAX_LOSS_WEIGHT, SpecModel
 from .routing import ImplicitTopKRouter, TopPRouter
+from .sources import check_site_sources
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
 
@@ -107,6 +108,7 @@ class Site(SpecModel):
                     raise ValueError(f"target.overrides[{i}].experts = {ov.experts} is below router.k = {k}")
         if self.scope == "ffn_block":
             self._check_block_scope()
+        check_site_sources(self)
         return self
 
     def _check_block_scope(self) -> None:

@@ -117,6 +117,8 @@ def route_abs_topk(h: Tensor, balance: Tensor, counts: Tensor, k: int, training:
 def route_static(x: Tensor, weights: Tensor):
     """Input-independent gates ``g_t = w``: ``x (T, ·)`` gives only T. -> (gates, probs, None)."""
     T, E = x.shape[0], weights.shape[0]
+    if not torch.is_grad_enabled():  # a view of a parameter made under no_grad would still require grad
+        weights = weights.detach()
     gates = weights.unsqueeze(0).expand(T, E)  # (T, E)
     a = weights.abs()  # (E,)
     probs = (a / a.sum().clamp_min(1e-12)).unsqueeze(0).expand(T, E)  # (T, E)

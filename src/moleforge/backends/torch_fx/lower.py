@@ -44,7 +44,7 @@ from ...ir import (
     format_expr,
     nodes,
 )
-from ..runtime import ops, ops_block, ops_core, ops_linear, ops_top_p
+from ..runtime import ops, ops_block, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p
 from ..runtime.dist import WORLD
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
@@ -215,6 +215,9 @@ EMIT.add(lambda c, n: c.call(ops.add_aux, tuple(c.env[s] for s in n.srcs), n.id)
 EMIT.add(lambda c, n: c.call(ops.jitter, (c.env[n.src], n.eps, c.training, c.g.get_attr("noise_generator")), n.id),
          nodes.Jitter)
 EMIT.add(lambda c, n: ROUTE[n.gate](c, n), nodes.Route)
+EMIT.add(lambda c, n: c.call(ops_task.task_scores, (c.env[n.src], c.opt(n.table), c.samples, n.experts, n.tasks,
+                                                     n.token_scores, f"router {n.origin or n.id}"), n.id),
+         nodes.TaskScores)
 
 
 def _balanced(c: _Ctx, n: nodes.Route, op: Callable) -> fx.Node:
@@ -229,6 +232,9 @@ ROUTE.add(lambda c, n: c.call(ops.route_softmax_topk, (c.env[n.src], n.gate.k, n
                                                         n.gate.temperature), n.id), nodes.SoftmaxTopK)
 ROUTE.add(lambda c, n: c.call(ops.route_dense, (c.env[n.src], n.gate.temperature), n.id), nodes.DenseSoftmax)
 ROUTE.add(lambda c, n: c.call(ops.route_static, (c.env[n.src], c.expr(n.gate.weights)), n.id), nodes.StaticGate)
+ROUTE.add(lambda c, n: c.call(ops_mixer.route_dense_train_topk, (c.env[n.src], n.gate.infer_k, n.gate.renormalize,
+                                                                 n.gate.temperature, c.training), n.id),
+          nodes.DenseTrainTopK)
 ROUTE.add(lambda c, n: _balanced(c, n, ops.route_sigmoid_topk), nodes.SigmoidTopK)
 ROUTE.add(lambda c, n: _balanced(c, n, ops.route_abs_topk), nodes.AbsTopK)
 ROUTE.add(lambda c, n: c.call(ops_top_p.route_top_p, (c.env[n.src], n.gate.k, n.gate.top_p, n.gate.q,
@@ -291,6 +297,12 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
         return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask, c.training, c.stat_group),
                       n.id)
     probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
+    if n.kind == "rsl":
+        return c.call(ops_mixer.rsl_loss, (probs, n.top_k, n.weight, n.entropy, c.mask, c.training, c.stat_group),
+                      n.id)
+    if n.kind == "task_routing":
+        return c.call(ops_task.task_routing_loss, (probs, c.samples, n.weight, n.temperature, c.mask, c.training,
+                                                   c.stat_group, f"aux loss {n.origin or n.id}"), n.id)
     return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask, c.training,
                                           c.stat_group), n.id)
 
