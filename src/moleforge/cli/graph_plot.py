@@ -22,7 +22,9 @@ STYLE.add(("#F2F2F2", "slice / add"), nodes.Columns, nodes.Add)
 STYLE.add(("#FDD0A2", "router"), nodes.Jitter, nodes.Route, nodes.TreeRoute, nodes.TreePathGates)
 STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGate, nodes.OuterGate, nodes.TreeMix,
           nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA)
-STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss)
+STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss, nodes.ZLoss)
+STYLE.add(("#FDD0A2", "router"), nodes.Dropout, nodes.CapacityLimit)
+STYLE.add(("#C7E9C0", "experts"), nodes.RaggedMix)
 
 
 def _label(graph: Graph, node) -> str:

@@ -353,3 +353,6 @@ def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
         same = group[None, :] == mtype[:, None]
         coef = torch.where(same, 1.0 + n.delta, 1.0 - n.delta).to(F64)
     return n.weight * _cv2((coef * Q).reshape(-1))
+
+
+from . import interpret_basics  # noqa: E402,F401  (registers the rules of basics_nodes)

@@ -8,6 +8,7 @@ from .adapters import (
     RankPartition,
     ResidualTree,
     Shared,
+    SharedExperts,
     SparseRandom,
     TreeLevel,
     TreeRouter,
@@ -20,6 +21,7 @@ from .routing import (
     DenseRouter,
     ImplicitTopKRouter,
     LocalizedBalance,
+    RouterZLoss,
     SigmoidTopKRouter,
     StaticRouter,
     SwitchLoadBalance,
@@ -30,7 +32,7 @@ from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 __all__ = [
     "AdapterSpec", "as_spec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
     "LoRA", "ExpertPool", "RankPartition", "ResidualTree", "TreeLevel", "TreeRouter",
-    "PerExpert", "Shared", "SparseRandom", "lora_scale",
+    "PerExpert", "Shared", "SharedExperts", "SparseRandom", "lora_scale",
     "TopKRouter", "DenseRouter", "SigmoidTopKRouter", "ImplicitTopKRouter", "StaticRouter",
-    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance",
+    "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "RouterZLoss",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "SwitchLoadBalance",
     "CV2ImportanceLoad",
     "LocalizedBalance",
+    "RouterZLoss",
     "AuxLoss",
 ]
 
@@ -130,7 +131,16 @@ class LocalizedBalance(SpecModel):
     groups: PositiveInt = 2
 
 
+class RouterZLoss(SpecModel):
+    """ST-MoE's router z-loss ``weight · mean_t (log Σ_i exp z_ti)²`` on the router logits
+    ``z = x W_g`` (before the temperature): keeps the logits small. Needs a router with logits
+    (``topk``, ``dense``, ``sigmoid_topk``)."""
+
+    kind: Literal["z_loss"] = "z_loss"
+    weight: float = Field(1e-3, ge=0, le=MAX_LOSS_WEIGHT)
+
+
 AuxLoss = Annotated[
-    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance],
+    Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, RouterZLoss],
     Field(discriminator="kind"),
 ]

@@ -455,3 +455,6 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     for n in joined:
         c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
     return gm
+
+
+from . import lower_basics  # noqa: E402,F401  (registers the emitters of basics_nodes)
