@@ -20,7 +20,9 @@ from moleforge.specs import (
     PerExpert,
     RankPartition,
     ResidualTree,
+    RouterZLoss,
     Shared,
+    SharedExperts,
     SigmoidTopKRouter,
     SparseRandom,
     StaticRouter,
@@ -35,10 +37,22 @@ small = st.integers(1, 6)
 SCALINGS = ["alpha_over_rank", "rslora", "alpha_over_active_rank", "alpha_over_total_rank"]
 
 
+DROPOUTS = (0.0, 0.0, 0.3)
+
+
 @st.composite
-def loras(draw):
+def loras(draw, dropouts: tuple[float, ...] = DROPOUTS):
     return LoRA(rank=draw(small), alpha=draw(st.sampled_from([None, 4.0, 16.0])),
-                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])))
+                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), dropout=draw(st.sampled_from(dropouts)))
+
+
+@st.composite
+def shared_experts(draw):
+    """None, one LoRA (without its own dropout: it reads the pool's input) or DeepSeek-style groups."""
+    return draw(st.one_of(st.none(), loras(dropouts=(0.0,)),
+                          st.builds(SharedExperts, count=st.integers(1, 3), rank=st.integers(1, 3),
+                                    alpha=st.sampled_from([None, 4.0]),
+                                    scaling=st.sampled_from(["alpha_over_rank", "rslora"]))))
 
 
 FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static")
@@ -71,12 +85,15 @@ def aux_losses(draw, router) -> list:
         return []
     weight = st.sampled_from([0.1, 0.5])
     kinds = ["cv2_importance_load", "localized_balance"] + (["switch_lb"] if isinstance(router, TopKRouter) else [])
+    kinds += [] if isinstance(router, ImplicitTopKRouter) else ["z_loss"]
     out = []
     for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
         if kind == "switch_lb":
             out.append(SwitchLoadBalance(weight=draw(weight)))
         elif kind == "cv2_importance_load":
             out.append(CV2ImportanceLoad(weight=draw(weight)))
+        elif kind == "z_loss":
+            out.append(RouterZLoss(weight=draw(weight)))
         else:
             out.append(LocalizedBalance(weight=draw(weight), delta=draw(st.sampled_from([0.0, 0.2, 0.6])),
                                         groups=draw(st.integers(1, 3))))
@@ -90,19 +107,29 @@ def pools(draw, kinds: tuple[str, ...] = (*FLAT_ROUTERS, "implicit_topk"), jitte
     in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
     experts."""
     E = draw(st.integers(1, 5))
-    common = dict(scaling=draw(st.sampled_from(SCALINGS)), shared_expert=draw(st.one_of(st.none(), loras())),
-                  frozen_experts=draw(st.booleans()))
+    common = dict(shared_expert=draw(shared_experts()), frozen_experts=draw(st.booleans()))
     flat = tuple(k for k in kinds if k != "implicit_topk")
     if "implicit_topk" in kinds and (not flat or draw(st.integers(0, 5)) == 0):  # FlyLoRA-style
         router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
         return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
-                          router=router, alpha=draw(st.sampled_from([None, 2.0])),
-                          aux_losses=draw(aux_losses(router)), **common)
+                          router=router, alpha=draw(st.sampled_from([None, 2.0])), scaling=draw(st.sampled_from(SCALINGS)),
+                          aux_losses=draw(aux_losses(router)), capacity_factor=draw(capacities()), **common)
     router = draw(routers(E, flat, jitters))
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
+    ranks = None
+    if isinstance(down, PerExpert) and up == "per_expert" and draw(st.integers(0, 3)) == 0:  # FlexMoRE
+        ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
+    scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
-                      down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), **common)
+                      down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
+                      scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),
+                      capacity_factor=draw(capacities()) if router.k is not None else None, **common)
+
+
+def capacities():
+    """No capacity, or a factor small enough that some slots overflow."""
+    return st.sampled_from([None, None, 0.5, 1.0])
 
 
 @st.composite
@@ -112,7 +139,8 @@ def rank_partitions(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[
     blocks = draw(st.integers(1, 5))
     router = draw(routers(blocks, kinds, jitters))
     return RankPartition(rank=block * blocks, block=block, alpha=draw(st.sampled_from([None, 4.0])),
-                         scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)))
+                         scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)),
+                         dropout=draw(st.sampled_from(DROPOUTS)))
 
 
 @st.composite
@@ -137,6 +165,7 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
             leaves *= f
         levels.append(TreeLevel(experts=s, rank=draw(st.integers(1, 3)), fanout=f,
                                 alpha=draw(st.sampled_from([None, 2.0])),
+                                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])),
                                 key_dim=draw(st.sampled_from([None, 2, 3]))))
     aux = []
     if gate != "dense" and draw(st.booleans()):

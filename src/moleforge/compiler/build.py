@@ -140,7 +140,8 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
         h = b.add(Linear(id="h", src="x", weight=BlockRows(A), origin=f"{origin}.down"))
         route = b.add(Route(id="route", src=h, gate=AbsTopK(k=router.k, balance=bal), experts=E,
                             origin=f"{origin}.router"))
-        g = b.add(BlockGate(id="gated", src=h, routing=route, rank=r, scale=scale, origin=origin))
+        g = b.add(BlockGate(id="gated", src=h, routing=_capacity(b, spec, route, origin), rank=r, scale=scale,
+                            origin=origin))
         out = b.add(Linear(id="mix", src=g, weight=BlockColumns(B), origin=f"{origin}.up"))
     else:
         route = _flat_router(b, router, E, origin)
