@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,7 +24,7 @@ from ..specs import AdapterSpec, ExpertPool, Init, LoRA, Site, StaticRouter, Tar
 from . import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 from .lowrank import LowRank, NotReducibleError, reduce_site
 from .merged import dedupe_shared, fold_delta, write_hf_model
-from .peft_format import PeftLoRA, lora_config, read_peft_lora, write_peft_lora
+from .peft_format import PeftLoRA, _most_common, lora_config, read_peft_lora, write_peft_lora
 
 __all__ = ["from_peft", "export_peft", "export_merged"]
 
@@ -40,7 +41,8 @@ def from_peft(model: nn.Module, path_or_paths: PathLike | Sequence[PathLike], *,
     One adapter and no ``router``: every adapted module becomes a moleforge ``lora`` site with
     PEFT's rank and scaling (``rank_pattern``, ``alpha_pattern``, rsLoRA and
     ``layers_to_transform`` are honoured: the modules and ranks come from the saved tensors), so
-    the logits equal PEFT's. Several adapters (or a ``router``): each module gets a pool whose
+    the logits equal PEFT's; ``lora_dropout`` becomes the sites' ``dropout`` (of a pool: the
+    adapters' value when they agree, else none). Several adapters (or a ``router``): each module gets a pool whose
     experts are the adapters, ``Δy = Σ_i g_i(x) s_i (x A_iᵀ) B_iᵀ`` (X-LoRA, MeteoRA, LoRA-Mixer,
     CAT). Ranks are zero-padded to the largest; when the adapters' scales differ they are folded
     into the B's; an adapter that does not touch a module is a zero expert there.
@@ -118,7 +120,8 @@ def _lora_spec(ad: PeftLoRA, names: dict[str, str], label: str):
         groups.setdefault((lora.rank, lora.alpha, lora.rslora), []).append(names[peft_name])
         tensors[f"{names[peft_name]}.A"], tensors[f"{names[peft_name]}.B"] = lora.a, lora.b
     sites = [Site(target=_targets(mods),
-                  adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank"))
+                  adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank",
+                               dropout=_dropout([ad])))
              for (r, alpha, rs), mods in sorted(groups.items())]
     return AdapterSpec(name=label, description=f"imported from the PEFT LoRA {ad.path}", sites=sites), tensors
 
@@ -142,7 +145,7 @@ def _pool_spec(adapters: list[PeftLoRA], names: dict[str, str], label: str, rout
         tensors[f"{module}.A"], tensors[f"{module}.B"] = _stack(loras, R, fold=not same)
     sites = [Site(target=_targets(mods), init=Init(seed=seed),
                   adapter=ExpertPool(experts=E, rank=R, alpha=alpha, scaling=scaling, router=router,
-                                     aux_losses=aux, frozen_experts=frozen))
+                                     aux_losses=aux, frozen_experts=frozen, dropout=_dropout(adapters)))
              for (R, alpha, scaling), mods in sorted(groups.items())]
     desc = "experts imported from the PEFT LoRAs " + ", ".join(str(a.path) for a in adapters)
     return AdapterSpec(name=label, description=desc, sites=sites), tensors
@@ -207,6 +210,22 @@ def _refusal(handle: AdapterHandle, refused: Mapping[str, NotReducibleError], wh
 _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
 
 
+def _dropout(adapters: list[PeftLoRA]) -> float:
+    """The adapters' ``lora_dropout`` when they agree, else 0."""
+    values = {float(ad.config.get("lora_dropout") or 0.0) for ad in adapters}
+    return values.pop() if len(values) == 1 else 0.0
+
+
+def _site_dropout(handle: AdapterHandle) -> float:
+    """PEFT has one ``lora_dropout``: the sites' common dropout (the most common one, with a
+    warning, when they differ)."""
+    values = [float(getattr(s.adapter, "dropout", 0.0)) for s in handle.spec.sites]
+    if len(set(values)) > 1:
+        warnings.warn(f"the sites' dropouts differ ({sorted(set(values))}); PEFT keeps one lora_dropout: "
+                      f"writing the most common, {_most_common(values)}", stacklevel=3)
+    return _most_common(values)
+
+
 def _task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
     return next((t for suffix, t in _TASKS if cls.endswith(suffix)), None)
@@ -239,7 +258,8 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
         ranks[name], alphas[name] = lr.rank, lr.scale * lr.rank
     conv1d = any(not isinstance(handle.modules[n].base_layer, nn.Linear) for n in done)
     base = getattr(getattr(handle.model, "config", None), "_name_or_path", None) or None
-    config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=_task_type(handle.model), base_model=base)
+    config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=_task_type(handle.model), base_model=base,
+                         dropout=_site_dropout(handle))
     return write_peft_lora(path, config, factors)
 
 

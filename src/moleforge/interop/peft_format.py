@@ -150,9 +150,9 @@ def _most_common(values: list) -> Any:
 
 
 def lora_config(ranks: dict[str, int], alphas: dict[str, float], *, fan_in_fan_out: bool,
-                task_type: str | None, base_model: str | None) -> dict[str, Any]:
+                task_type: str | None, base_model: str | None, dropout: float = 0.0) -> dict[str, Any]:
     """A ``LoraConfig`` dict: global ``r`` / ``lora_alpha`` the most common values, the others as
-    patterns anchored on the full module name (``^name``)."""
+    patterns anchored on the full module name (``^name``); ``lora_dropout`` = ``dropout``."""
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     rank_pattern = {f"^{re.escape(n)}": v for n, v in sorted(ranks.items()) if v != r}
     alpha_pattern = {f"^{re.escape(n)}": v for n, v in sorted(alphas.items()) if v != alpha}
@@ -161,7 +161,7 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], *, fan_in_fan_o
         "r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(ranks), "exclude_modules": None, "layers_to_transform": None,
         "layers_pattern": None, "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_bias": False,
-        "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "lora_dropout": dropout, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
     }
 
