@@ -15,6 +15,8 @@ heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurati
   FFN projections with the rank that gives the same number of trainable parameters;
 - ``smore`` (2 levels x 4 experts, fanout 2-2, rank 8, FFN) and ``peft_lora_ffn_r64``: a LoRA
   of S'MoRE's total rank d_L = 64 on the same projections.
+- ``deepseek_mole`` (16 routed rank-2 experts, top-4, plus 2 shared rank-4 experts, FFN) and
+  ``flexmore`` (6 experts of ranks 2-2-4-4-8-8, top-2, all 7 projections).
 
 Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
 the frozen base then has a backward pass, and all configurations do the same base work.
@@ -154,6 +156,8 @@ def build_configs(base: nn.Module, only: set[str] | None) -> dict[str, nn.Module
         "peft_lora_ffn_same_params": lambda: _peft(base, _same_params_rank(base), FFN),
         "smore": lambda: _moleforge(base, "smore"),
         "peft_lora_ffn_r64": lambda: _peft(base, 64, FFN),
+        "deepseek_mole": lambda: _moleforge(base, "deepseek_mole"),
+        "flexmore": lambda: _moleforge(base, "flexmore"),
     }
     out = {}
     for name, make in makers.items():
