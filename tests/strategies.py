@@ -41,15 +41,18 @@ DROPOUTS = (0.0, 0.0, 0.3)
 
 
 @st.composite
-def loras(draw, dropouts: tuple[float, ...] = DROPOUTS):
+def loras(draw, dropouts: tuple[float, ...] = DROPOUTS, magnitude: bool = True):
+    """LoRA over every option: rank, alpha, rsLoRA, dropout, DoRA magnitudes (not for a pool's
+    shared expert: ``magnitude=False``)."""
     return LoRA(rank=draw(small), alpha=draw(st.sampled_from([None, 4.0, 16.0])),
-                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), dropout=draw(st.sampled_from(dropouts)))
+                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), dropout=draw(st.sampled_from(dropouts)),
+                magnitude=magnitude and draw(st.booleans()))
 
 
 @st.composite
 def shared_experts(draw):
     """None, one LoRA (without its own dropout: it reads the pool's input) or DeepSeek-style groups."""
-    return draw(st.one_of(st.none(), loras(dropouts=(0.0,)),
+    return draw(st.one_of(st.none(), loras(dropouts=(0.0,), magnitude=False),
                           st.builds(SharedExperts, count=st.integers(1, 3), rank=st.integers(1, 3),
                                     alpha=st.sampled_from([None, 4.0]),
                                     scaling=st.sampled_from(["alpha_over_rank", "rslora"]))))
@@ -201,10 +204,11 @@ def graphs(draw, adapter_strategy=None) -> Graph:
 
 
 def make_params(graph: Graph, seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
-    """Non-trivial parameters: every tensor random (no zero-initialised up-projections)."""
+    """Non-trivial parameters: every tensor random (no zero-initialised up-projections), and the
+    frozen inputs (a DoRA site's ``W``)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for d in graph.params:
+    for d in (*graph.params, *graph.frozen):
         if d.init == "sparse_random":
             out[d.name] = init_tensor(d, "normal", 0.5, gen, dtype)
         else:
@@ -243,6 +247,11 @@ def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None, policy=N
     kernel ``policy`` (default: the environment's)."""
     store = ParamStore(graph.params, dtype=torch.float64)
     with torch.no_grad():
-        for name, value in params.items():
-            getattr(store, name).copy_(value)
+        for d in graph.params:
+            getattr(store, d.name).copy_(params[d.name])
     return lower(graph, store, groups, policy).eval()
+
+
+def frozen_inputs(graph: Graph, params: dict[str, torch.Tensor]) -> dict:
+    """The lowered module's ``frozen`` keyword for ``graph`` (its frozen inputs from ``params``)."""
+    return {"frozen": {d.name: params[d.name] for d in graph.frozen}} if graph.frozen else {}

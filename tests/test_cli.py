@@ -294,7 +294,7 @@ def test_inspect_a_spec_file(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["nosuch", "--model", "{model}"], 2, "neither a preset nor a JSON file; presets: flylora"),
+    (["nosuch", "--model", "{model}"], 2, "neither a preset nor a JSON file; presets: "),
     (["missing/spec.json", "--model", "{model}"], 2, "spec file 'missing/spec.json' does not exist"),
     (["smore", "--model", "no/such/dir"], 2, "model directory 'no/such/dir' does not exist"),
     (["smore", "--model", "{empty}"], 2, "has no config.json"),

@@ -103,3 +103,54 @@ def test_peft_lora_dropout_is_imported_and_exported(tmp_path):
     again = PeftModel.from_pretrained(tiny("llama"), str(out))
     assert again.peft_config["default"].lora_dropout == 0.15
     assert_close(logits(again), peft_logits("llama", path), "float32_model")
+
+
+def _peft_dora(arch: str, path, mods: list[str]):
+    """A PEFT DoRA adapter with random A, B and magnitudes moved off their initial norms."""
+    make_peft_adapter(arch, path, seed=7, r=4, lora_alpha=8, target_modules=mods, use_dora=True)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors = {k: v * 1.3 if k.endswith("lora_magnitude_vector") else v for k, v in tensors.items()}
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_peft_dora_imports_and_exports_with_peft_logits(tmp_path):
+    for arch, mods in (("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])):
+        path = _peft_dora(arch, tmp_path / arch, mods)
+        want = peft_logits(arch, path)
+        model = tiny(arch)
+        assert (want - logits(model)).abs().max() > 1e-2, "the DoRA adapter changes the logits"
+        handle = mf.from_peft(model, path)
+        assert all(s.adapter.magnitude for s in handle.spec.sites)
+        assert_close(logits(model), want, "float32_model")
+        out = mf.export_peft(handle, tmp_path / f"{arch}-out")
+        assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+        assert_close(peft_logits(arch, out), want, "float32_model")
+
+
+def test_dora_trains_saves_and_loads(tmp_path):
+    for arch in ("llama", "gpt2"):
+        model = tiny(arch)
+        spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["q", "v", "down"]),
+                                             adapter=mf.LoRA(rank=4, magnitude=True, dropout=0.1))])
+        handle = mf.compile(spec, model)
+        ids = batch()
+        base = logits(tiny(arch))
+        assert_close(logits(model), base, "float32_model")  # B = 0 and m = ‖W‖: the frozen layer
+        opt = torch.optim.AdamW(list(handle.trainable_parameters()), lr=1e-2)
+        model.train()
+        losses = []
+        for _ in range(8):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        assert any(n.endswith("magnitude") and p.abs().max() > 0 for n, p in handle.model.named_parameters())
+        adapted = logits(model)
+        mf.save(handle, tmp_path / arch)
+        other = tiny(arch)
+        mf.load(other, tmp_path / arch)
+        assert_close(logits(other), adapted, "save_load")

@@ -191,6 +191,13 @@ FEATURES = {
 }
 
 
+ROUTERLESS = {
+    "DoRA magnitudes": lambda a: getattr(a, "magnitude", False),
+    "LoRA dropout": lambda a: a.kind == "lora" and a.dropout > 0,
+}
+"""Features of adapters without a router (plain LoRA)."""
+
+
 def test_strategies_draw_every_feature():
     """Each option the properties are meant to cover is drawn by ``strategies.adapters`` (in 300
     derandomized draws)."""
@@ -200,9 +207,10 @@ def test_strategies_draw_every_feature():
     @given(adapter=adapters())
     def draw(adapter):
         seen.update(name for name, feature in FEATURES.items() if _has(adapter, feature))
+        seen.update(name for name, feature in ROUTERLESS.items() if feature(adapter))
 
     draw()
-    assert seen == set(FEATURES), f"never drawn: {sorted(set(FEATURES) - seen)}"
+    assert seen == set(FEATURES) | set(ROUTERLESS), f"never drawn: {sorted(set(FEATURES) | set(ROUTERLESS) - seen)}"
 
 
 def _run(gm, x, seeds=None):

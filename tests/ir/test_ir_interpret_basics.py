@@ -111,3 +111,13 @@ def test_ragged_mix_op_sparse_equals_dense_on_the_same_gates():
     ranks, scales = (1, 2, 4), (1.0, 0.5, 0.25)
     sparse = ops_basics.ragged_mix(x, gates, index, a, b, ranks, scales)
     assert_close(sparse, ops_basics.ragged_mix(x, gates, None, a, b, ranks, scales))
+
+
+def test_dora_is_the_magnitude_times_the_normalised_adapted_weight():
+    g = build_graph(LoRA(rank=3, alpha=6.0, magnitude=True), SiteShape("s", 6, 4))
+    p = make_params(g, 10)  # W (4, 6) drawn too: a frozen input
+    W, A, B = p["W"], p["A"], p["B"]
+    V = W + 2.0 * B @ A  # (4, 6)
+    m = torch.linalg.vector_norm(W, dim=1) + p["magnitude"]
+    adapted = m[:, None] * V / torch.linalg.vector_norm(V, dim=1, keepdim=True)
+    assert_close(interpret(g, p, X).output, X @ adapted.T - X @ W.T)

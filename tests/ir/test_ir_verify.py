@@ -543,6 +543,31 @@ def ragged_b_shape():
     return g.replace(params=_declare(g, B=(7, 5)), nodes=_nodes(g, mix=replace(g.node("mix"), b=ParamRef("B", (7, 5)))))
 
 
+def _dora() -> Graph:
+    """A DoRA LoRA of rank 2 on 5 -> 7: frozen W (7, 5), magnitude (7,)."""
+    return _build(LoRA(rank=2, magnitude=True))
+
+
+@case("_magnitude", "W 'W' must be a frozen input \\(declared in graph.frozen\\)")
+def dora_weight_not_frozen():
+    g = _dora()
+    return g.replace(frozen=(), params=g.params + g.frozen)
+
+
+@case("_magnitude", r"reads widths \(5, 7\), W \(6, 5\) needs \(5, 6\)", alone=False)
+def dora_weight_width():
+    g = _dora()
+    w = ParamRef("W", (6, 5))
+    return g.replace(frozen=(replace(g.frozen[0], shape=(6, 5)),), nodes=_nodes(g, dora=replace(g.node("dora"), weight=w)))
+
+
+@case("_magnitude", r"A \(2, 5\), B \(7, 2\) and magnitude \(6,\) do not fit W \(7, 5\)")
+def dora_magnitude_shape():
+    g = _dora()
+    m = ParamRef("magnitude", (6,))
+    return g.replace(params=_declare(g, magnitude=(6,)), nodes=_nodes(g, dora=replace(g.node("dora"), magnitude=m)))
+
+
 # ---- the tests ---------------------------------------------------------------------------------
 
 def problems(g: Graph) -> list[str]:

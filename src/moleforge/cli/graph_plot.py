@@ -24,7 +24,7 @@ STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGa
           nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA)
 STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss, nodes.ZLoss)
 STYLE.add(("#FDD0A2", "router"), nodes.Dropout, nodes.CapacityLimit)
-STYLE.add(("#C7E9C0", "experts"), nodes.RaggedMix)
+STYLE.add(("#C7E9C0", "experts"), nodes.RaggedMix, nodes.Magnitude)
 
 
 def _label(graph: Graph, node) -> str:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from ..integrations.block_module import frozen_names
 from ..integrations.ffn_trace import BlockLinear
+from ..integrations.inject import FROZEN_WEIGHT
 from ..integrations.sites import SiteShape
 from ..ir import (
     AbsTopK,
@@ -27,6 +28,7 @@ from ..ir import (
     Input,
     Jitter,
     Linear,
+    Magnitude,
     ParamDecl,
     ParamRef,
     PoolMix,
@@ -66,6 +68,7 @@ class _Builder:
         self.shape = shape
         self.nodes: list = [Input(id="x", width=shape.d_in, origin="input")]
         self.params: list[ParamDecl] = []
+        self.frozen: list[ParamDecl] = []
         self.aux: list[str] = []
 
     def param(self, name: str, shape: tuple[int, ...], init: str, **kw) -> ParamRef:
@@ -79,7 +82,7 @@ class _Builder:
     def graph(self, output: str) -> Graph:
         s = self.shape
         return Graph(nodes=tuple(self.nodes), output=output, aux=tuple(self.aux), params=tuple(self.params),
-                     d_in=s.d_in, d_out=s.d_out, label=s.label)
+                     d_in=s.d_in, d_out=s.d_out, label=s.label, frozen=tuple(self.frozen))
 
 
 def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
@@ -112,7 +115,15 @@ def _lora(b: _Builder, spec: LoRA | SharedExperts, prefix: str, origin: str, src
     B = b.param(f"{prefix}B", (d_out, r), "up")
     h = b.add(Linear(id=f"{prefix}h", src=src, weight=A, origin=f"{origin}.down"))
     s = lora_scale(spec.alpha, r, spec.scaling)
-    return b.add(Linear(id=f"{prefix}up", src=h, weight=B, scale=s, origin=f"{origin}.up"))
+    up = b.add(Linear(id=f"{prefix}up", src=h, weight=B, scale=s, origin=f"{origin}.up"))
+    if not getattr(spec, "magnitude", False):
+        return up
+    # DoRA: the frozen weight is an input of the graph (the model's own tensor, read in place); its
+    # product reads the dropped input, as PEFT's DoRA does in training
+    b.frozen.append(ParamDecl(name=FROZEN_WEIGHT, shape=(d_out, d_in), init="frozen", trainable=False))
+    m = b.param(f"{prefix}magnitude", (d_out,), "zero")
+    return b.add(Magnitude(id=f"{prefix}dora", src=src, lora=up, weight=ParamRef(FROZEN_WEIGHT, (d_out, d_in)),
+                           a=A, b=B, scale=s, magnitude=m, origin=f"{origin}.magnitude"))
 
 
 def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:

@@ -259,3 +259,4 @@ def _ragged_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _M
     m, g = env[n.src], env[n.routing].g.to(F64)
     d = torch.repeat_interleave(g * torch.tensor(n.scales, dtype=F64), torch.tensor(n.ranks))  # (Σ r_i,)
     return _compact(_Map(m.s, _through(m, eval_expr(n.a, params)), eval_expr(n.b, params).to(F64) * d[None, :]))
+REDUCE.add(_not_reducible, nodes.Magnitude)  # DoRA rescales the frozen rows: not a low-rank update

@@ -18,7 +18,7 @@ from ..compiler.compile import compile
 from ..errors import CheckpointError, NotMergeableError, SpecError
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import linear_dims
-from ..ir import Graph
+from ..ir import Graph, Magnitude
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, Init, LoRA, Site, StaticRouter, Target
 from . import CONFIG_NAME, WEIGHTS_NAME, write_adapter
@@ -76,7 +76,7 @@ def from_peft(model: nn.Module, path_or_paths: PathLike | Sequence[PathLike], *,
     if len(adapters) == 1 and router is None:
         if aux_losses:
             raise SpecError("aux_losses need a routed pool: pass a router (e.g. mf.TopKRouter(k=1))")
-        spec, tensors = _lora_spec(adapters[0], names, label)
+        spec, tensors = _lora_spec(adapters[0], names, label, model)
     else:
         spec, tensors = _pool_spec(adapters, names, label, router or StaticRouter(), list(aux_losses), frozen, seed)
     handle = compile(spec, model, passes=passes)
@@ -113,22 +113,34 @@ def _targets(modules: list[str]) -> Target:
     return Target(modules=[re.escape(m) for m in sorted(modules)])
 
 
-def _lora_spec(ad: PeftLoRA, names: dict[str, str], label: str):
-    groups: dict[tuple[int, float, bool], list[str]] = {}
+def _lora_spec(ad: PeftLoRA, names: dict[str, str], label: str, model: nn.Module):
+    groups: dict[tuple[int, float, bool, bool], list[str]] = {}
     tensors: dict[str, torch.Tensor] = {}
     for peft_name, lora in ad.modules.items():
-        groups.setdefault((lora.rank, lora.alpha, lora.rslora), []).append(names[peft_name])
-        tensors[f"{names[peft_name]}.A"], tensors[f"{names[peft_name]}.B"] = lora.a, lora.b
+        name = names[peft_name]
+        groups.setdefault((lora.rank, lora.alpha, lora.rslora, lora.magnitude is not None), []).append(name)
+        tensors[f"{name}.A"], tensors[f"{name}.B"] = lora.a, lora.b
+        if lora.magnitude is not None:  # DoRA: the site stores m - ‖W‖ (zero at PEFT's initialisation of m)
+            tensors[f"{name}.magnitude"] = lora.magnitude - _row_norms(model.get_submodule(name)).to(lora.magnitude)
     sites = [Site(target=_targets(mods),
                   adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank",
-                               dropout=_dropout([ad])))
-             for (r, alpha, rs), mods in sorted(groups.items())]
+                               dropout=_dropout([ad]), magnitude=dora))
+             for (r, alpha, rs, dora), mods in sorted(groups.items())]
     return AdapterSpec(name=label, description=f"imported from the PEFT LoRA {ad.path}", sites=sites), tensors
+
+
+def _row_norms(module: nn.Module) -> torch.Tensor:
+    """``‖W‖`` per output row of a linear (a ``Conv1D`` stores ``W`` transposed), ``(d_out,)``."""
+    w = module.weight.detach()
+    return torch.linalg.vector_norm(w if isinstance(module, nn.Linear) else w.t(), dim=1)
 
 
 def _pool_spec(adapters: list[PeftLoRA], names: dict[str, str], label: str, router, aux, frozen: bool,
                seed: int | None):
     E = len(adapters)
+    if any(lo.magnitude is not None for ad in adapters for lo in ad.modules.values()):
+        raise CheckpointError("DoRA adapters (use_dora) import as LoRA sites, one adapter at a time; pool experts "
+                              "have no magnitude vectors: import the adapter alone, without a router")
     per_module: dict[str, list] = {}
     for i, ad in enumerate(adapters):
         for peft_name, lora in ad.modules.items():
@@ -245,6 +257,7 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
             router and what to use instead.
     """
     done, refused = _reduce_all(handle)
+    magnitudes = _dora_sites(handle, done, refused)
     if refused:
         raise NotMergeableError(_refusal(
             handle, refused, "export as a PEFT LoRA",
@@ -260,7 +273,27 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
     base = getattr(getattr(handle.model, "config", None), "_name_or_path", None) or None
     config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=_task_type(handle.model), base_model=base,
                          dropout=_site_dropout(handle))
-    return write_peft_lora(path, config, factors)
+    if magnitudes and len(magnitudes) != len(done):
+        raise NotMergeableError(f"PEFT keeps one use_dora for every module: {len(magnitudes)} of {len(done)} sites "
+                                "have DoRA magnitudes; export the DoRA sites and the others as separate adapters")
+    config["use_dora"] = bool(magnitudes)
+    return write_peft_lora(path, config, factors, magnitudes)
+
+
+def _dora_sites(handle: AdapterHandle, done: dict[str, LowRank], refused: dict[str, NotReducibleError]) -> dict:
+    """DoRA LoRA sites (refused by the low-rank reduction: they rescale the frozen rows) move from
+    ``refused`` to ``done`` with their own ``A``, ``B`` and scale; returns PEFT's ``m = ‖W‖ + magnitude``."""
+    out = {}
+    for name in list(refused):
+        dora = next((n for n in handle.plain_graphs[name].nodes if isinstance(n, Magnitude)), None)
+        if dora is None or handle.plain_graphs[name].output != dora.id:
+            continue
+        site = handle.modules[name]
+        A, B, dm = (getattr(site.site, r.name).detach() for r in (dora.a, dora.b, dora.magnitude))
+        done[name] = LowRank(scale=dora.scale, a=A, b=B)
+        out[name] = _row_norms(site.base_layer).to(dm) + dm
+        del refused[name]
+    return out
 
 
 # ---- merged out ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from .types import RoutingType, ScalarType, TensorType, ValueType
 if TYPE_CHECKING:
     from .graph import Graph
 
-__all__ = ["Dropout", "CapacityLimit", "ZLoss", "RaggedMix"]
+__all__ = ["Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,3 +99,26 @@ class RaggedMix(NodeKind):
         for r in self.ranks:
             out.append(out[-1] + r)
         return tuple(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Magnitude(NodeKind):
+    """DoRA (Liu et al. 2024): the adapted layer is ``x W'ᵀ`` with ``W' = m ⊙ V / ‖V‖``, ``V = W +
+    s·B A`` and ``‖V‖ (d_out,)`` its row norms over ``d_in``. With ``lora = s (x Aᵀ) Bᵀ`` of ``src =
+    x`` (the dropped input in training, as PEFT) the node yields the change of the frozen layer's output,
+    ``Δy = (c - 1) ⊙ (x Wᵀ) + c ⊙ lora``, ``c = m / ‖V‖``, ``m = ‖W‖ + magnitude`` (the vector starts at
+    0, so ``m`` starts at the frozen row norms). As in PEFT, ``‖V‖`` passes no gradient.
+    ``weight`` is the frozen ``W (d_out, d_in)`` (a frozen input of the graph)."""
+
+    id: str
+    src: str = operand()
+    lora: str = operand()
+    weight: ParamRef
+    a: ParamRef
+    b: ParamRef
+    scale: float
+    magnitude: ParamRef
+    origin: str = ""
+
+    def result_type(self, graph: "Graph") -> ValueType:
+        return TensorType(self.weight.shape[0])

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from . import nodes
+from . import interpret_basics, nodes
 from .graph import Graph
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
@@ -355,4 +355,10 @@ def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
     return n.weight * _cv2((coef * Q).reshape(-1))
 
 
-from . import interpret_basics  # noqa: E402,F401  (registers the rules of basics_nodes)
+# ---- input dropout, capacity, z-loss, ragged pools, DoRA (basics_nodes) ---------------------
+
+RUN.add(interpret_basics.run_dropout, nodes.Dropout)
+RUN.add(interpret_basics.run_capacity, nodes.CapacityLimit)
+RUN.add(interpret_basics.run_z_loss, nodes.ZLoss)
+RUN.add(interpret_basics.run_ragged_mix, nodes.RaggedMix)
+RUN.add(interpret_basics.run_magnitude, nodes.Magnitude)

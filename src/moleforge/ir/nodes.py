@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
-from .basics_nodes import CapacityLimit, Dropout, RaggedMix, ZLoss
+from .basics_nodes import CapacityLimit, Dropout, Magnitude, RaggedMix, ZLoss
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
 from .gates import GATE_KINDS, AbsTopK, DenseSoftmax, Gate, GateKind, SigmoidTopK, SoftmaxTopK, StaticGate
 from .kinds import NodeKind, RouterNode, operand
@@ -35,7 +35,7 @@ __all__ = [
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "Node",
-    "Dropout", "CapacityLimit", "ZLoss", "RaggedMix",
+    "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -375,7 +375,8 @@ class AuxLoss(NodeKind):
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
-             ExpertHidden, ExpertSum, ExpertLoRA, Dropout, CapacityLimit, ZLoss, RaggedMix]
+             ExpertHidden, ExpertSum, ExpertLoRA, Dropout, CapacityLimit, ZLoss, RaggedMix,
+             Magnitude]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

@@ -419,3 +419,20 @@ def _ragged_mix(g: Graph, n) -> list[str]:
     if len(n.b.shape) != 2 or n.b.shape[1] != R:
         p.append(f"B has shape {n.b.shape}, expected (d_out, sum of ranks {R})")
     return p
+
+
+@RULES.register(nodes.Magnitude)
+def _magnitude(g: Graph, n) -> list[str]:
+    p = _need_tensor(g, n.src, "source") + _need_tensor(g, n.lora, "LoRA output")
+    p += [x for ref, what in ((n.weight, "W"), (n.a, "A"), (n.b, "B"), (n.magnitude, "magnitude"))
+          for x in _expr(g, ref, what)]
+    if p:
+        return p
+    if n.weight.name not in {d.name for d in g.frozen}:
+        p.append(f"W {n.weight.name!r} must be a frozen input (declared in graph.frozen)")
+    d_out, d_in = n.weight.shape
+    if (g.width(n.src), g.width(n.lora)) != (d_in, d_out):
+        p.append(f"reads widths ({g.width(n.src)}, {g.width(n.lora)}), W {n.weight.shape} needs ({d_in}, {d_out})")
+    if n.a.shape != (n.b.shape[1], d_in) or n.b.shape[0] != d_out or n.magnitude.shape != (d_out,):
+        p.append(f"A {n.a.shape}, B {n.b.shape} and magnitude {n.magnitude.shape} do not fit W {n.weight.shape}")
+    return p

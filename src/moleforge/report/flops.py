@@ -77,6 +77,8 @@ def frozen_flops_per_token(graph: Graph) -> int:
                 total += node_flops(graph, n)
             case nodes.ExpertFFN() | nodes.ExpertHidden():
                 total += _block(graph, n)[0]
+            case nodes.Magnitude():  # DoRA's x Wᵀ
+                total += node_flops(graph, n)
     return total
 
 
@@ -186,3 +188,4 @@ def _ragged(graph: Graph, n: nodes.RaggedMix) -> int:
     k = graph.routing(n.routing).k
     ranks = sorted(n.ranks, reverse=True)[:k] if k is not None else n.ranks
     return 2 * sum(ranks) * (d_in + d_out)
+FLOPS.add(lambda graph, n: 2 * n.weight.shape[0] * n.weight.shape[1], nodes.Magnitude)  # x Wᵀ; the norm is per forward

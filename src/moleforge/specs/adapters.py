@@ -82,6 +82,10 @@ class LoRA(SpecModel):
     """PEFT's ``lora_dropout``: in training, ``A`` reads ``dropout(x)`` (inverted dropout,
     each feature zeroed with this probability and the rest scaled by ``1 / (1 - p)``); the
     frozen layer reads ``x``. Evaluation: no dropout."""
+    magnitude: bool = False
+    """DoRA (Liu et al. 2024): a trainable magnitude per output row, ``W' = m ⊙ V / ‖V‖`` with
+    ``V = W + s·B A`` (``m`` starts at the frozen rows' norms; ``‖V‖`` passes no gradient, as
+    PEFT). Of a LoRA site (not of a pool's shared expert)."""
 
 
 class SharedExperts(SpecModel):
@@ -210,6 +214,9 @@ class ExpertPool(SpecModel):
         if self.dropout > 0 and isinstance(self.router, ImplicitTopKRouter):
             raise ValueError(f"dropout = {self.dropout}: an implicit_topk router routes on x A, so dropout on A's "
                              "input would change the routing; remove dropout")
+        if isinstance(self.shared_expert, LoRA) and self.shared_expert.magnitude:
+            raise ValueError("shared_expert.magnitude: DoRA magnitudes are an option of a LoRA site; a shared "
+                             "expert adds to routed experts, not to the frozen weight alone: remove it")
         if isinstance(self.shared_expert, LoRA) and self.shared_expert.dropout > 0:
             raise ValueError(f"shared_expert.dropout = {self.shared_expert.dropout}: a shared expert reads the "
                              "pool's input; set the pool's dropout instead")

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
 
-__all__ = ["dropout", "capacity_limit", "z_loss", "ragged_mix"]
+__all__ = ["dropout", "capacity_limit", "z_loss", "ragged_mix", "magnitude"]
 
 
 def dropout(x: Tensor, p: float, training: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -81,3 +81,13 @@ def ragged_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Ten
         start, off = start + n, off + r
     ys = torch.cat(parts) if parts else x.new_zeros(0, b.shape[0])  # (T·k, d_out)
     return x.new_zeros(T, b.shape[0]).index_add(0, tokens, ys)  # (T, d_out)
+
+
+def magnitude(x: Tensor, lora: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: float, dm: Tensor) -> Tensor:
+    """DoRA's ``(c - 1) ⊙ (x Wᵀ) + c ⊙ lora``, ``c = (‖W‖ + dm) / ‖W + s·B A‖`` (row norms; the
+    denominator without gradient, as PEFT). ``w (d_out, d_in)`` is the frozen weight."""
+    w = w.to(x.dtype)
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)  # (d_out,)
+    c = (torch.linalg.vector_norm(w, dim=1) + dm) / norm  # (d_out,)
+    return (c - 1.0) * F.linear(x, w) + c * lora  # (T, d_out)
