@@ -130,7 +130,7 @@ def test_flops_from_ir_match_what_torch_counts(preset):
 def _ragged_slack(graph, n) -> int:
     """How far below its count a top-k pool of experts of their own ranks may run: the count
     takes the k largest ranks, the least a token can use is the k smallest."""
-    if type(n).__name__ != "RaggedMix" or graph.routing(n.routing).k is None:
+    if type(n).__name__ != "RaggedMix" or not n.grouped:
         return 0
     k, width = graph.routing(n.routing).k, n.a.shape[1] + n.b.shape[0]
     return node_flops(graph, n) - 2 * sum(sorted(n.ranks)[:k]) * width

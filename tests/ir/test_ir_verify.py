@@ -543,6 +543,12 @@ def ragged_b_shape():
     return g.replace(params=_declare(g, B=(7, 5)), nodes=_nodes(g, mix=replace(g.node("mix"), b=ParamRef("B", (7, 5)))))
 
 
+@case("_ragged_mix", r"the grouped form needs a sparse \(top-k\) routing")
+def ragged_grouped_on_dense():
+    g = _build(ExpertPool(experts=3, ranks=[1, 2, 3], router=DenseRouter()))
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), grouped=True)))
+
+
 def _dora() -> Graph:
     """A DoRA LoRA of rank 2 on 5 -> 7: frozen W (7, 5), magnitude (7,)."""
     return _build(LoRA(rank=2, magnitude=True))

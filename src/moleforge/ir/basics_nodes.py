@@ -78,8 +78,9 @@ class RaggedMix(NodeKind):
     """A pool whose experts have their own ranks (FlexMoRE):
     ``y = Σ_i g_i · s_i · (x A_iᵀ) B_iᵀ`` with the experts' factors concatenated,
     ``a (Σ r_i, d_in)`` (expert i: rows ``o_i : o_i + r_i``, ``o_i = Σ_{j<i} r_j``) and
-    ``b (d_out, Σ r_i)`` (the same columns). Dense routings run the two GEMMs with the gates
-    repeated over each expert's ranks; sparse ones only the selected experts."""
+    ``b (d_out, Σ r_i)`` (the same columns). Computed as two GEMMs of rank ``Σ r_i`` with the gates
+    repeated over each expert's ranks; ``grouped`` (a top-k routing): for the selected experts only,
+    one pair of GEMMs of its own rank per expert (``choose_pool_kernels`` picks the form)."""
 
     id: str
     src: str = operand()
@@ -88,6 +89,7 @@ class RaggedMix(NodeKind):
     b: ParamRef
     ranks: tuple[int, ...]
     scales: tuple[float, ...]
+    grouped: bool = False
     origin: str = ""
 
     def result_type(self, graph: "Graph") -> ValueType:

@@ -158,7 +158,8 @@ LINE.add(lambda n, t: f"z_loss %{n.src} weight={n.weight:g}", nodes.ZLoss)
 @LINE.register(nodes.RaggedMix)
 def _ragged(n, t) -> str:
     scales = ",".join(f"{s:g}" for s in n.scales)
-    return (f"ragged_mix %{n.src} by %{n.routing} A={n.a.name} B={n.b.name} "
+    form = " grouped" if n.grouped else ""
+    return (f"ragged_mix{form} %{n.src} by %{n.routing} A={n.a.name} B={n.b.name} "
             f"ranks={list(n.ranks)} scales=[{scales}] -> {t.width}")
 LINE.add(lambda n, t: (f"magnitude %{n.src} %{n.lora} W={n.weight.name} A={n.a.name} B={n.b.name} "
                        f"scale={n.scale:g} m={n.magnitude.name} -> {t.width}"), nodes.Magnitude)

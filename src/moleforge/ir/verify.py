@@ -418,6 +418,8 @@ def _ragged_mix(g: Graph, n) -> list[str]:
         p.append(f"A has shape {n.a.shape}, expected (sum of ranks {R}, source width {g.width(n.src)})")
     if len(n.b.shape) != 2 or n.b.shape[1] != R:
         p.append(f"B has shape {n.b.shape}, expected (d_out, sum of ranks {R})")
+    if n.grouped and not g.routing(n.routing).sparse:
+        p.append("the grouped form needs a sparse (top-k) routing")
     return p
 
 

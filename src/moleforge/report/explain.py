@@ -226,7 +226,7 @@ def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
     for n in final.nodes:
         if isinstance(n, nodes.RaggedMix):
             return ("experts of their own ranks: one pair of GEMMs per selected expert over its tokens"
-                    if final.routing(n.routing).sparse else
+                    if n.grouped else
                     f"experts of their own ranks: dense block-gated LoRA of rank {sum(n.ranks)}")
         if isinstance(n, (GroupedMix, BlockGate, OuterGate)):
             return _pool_kernel(final, n, tokens)

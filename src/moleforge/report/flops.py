@@ -17,9 +17,9 @@ it names:
   ``2·F_l·d_l·d_{l+1}``; ``TreePropagate`` the same without the down-projections (their GEMM is
   a ``Linear`` of the graph);
 - ``GateBias`` with per-expert biases ``(E, d)``: the product ``g @ bias``, ``2·E·d``;
-- ``RaggedMix`` (experts of their own ranks): a dense router runs every rank,
-  ``2·Σ r_i·(d_in + d_out)``; a top-k one the selected experts', bounded by the k largest
-  ranks, ``2·Σ_{k largest} r_i·(d_in + d_out)`` (the count; what runs depends on the routing);
+- ``RaggedMix`` (experts of their own ranks): every rank, ``2·Σ r_i·(d_in + d_out)``; the
+  grouped form the selected experts', bounded by the k largest ranks,
+  ``2·Σ_{k largest} r_i·(d_in + d_out)`` (the count; what runs depends on the routing);
 - FFN-block experts (``ExpertFFN`` / ``ExpertHidden`` / ``ExpertLoRA``): per active expert, its
   LoRAs and the block's frozen GEMMs not computed once outside the experts.
 
@@ -183,9 +183,9 @@ FLOPS.add(lambda graph, n: 0, nodes.Dropout, nodes.CapacityLimit, nodes.ZLoss)
 
 @FLOPS.register(nodes.RaggedMix)
 def _ragged(graph: Graph, n: nodes.RaggedMix) -> int:
-    """Every rank for a dense router; the k largest ranks (an upper bound) for a top-k one."""
+    """Every rank; grouped: the k largest ranks (an upper bound)."""
     d_in, d_out = n.a.shape[1], n.b.shape[0]
     k = graph.routing(n.routing).k
-    ranks = sorted(n.ranks, reverse=True)[:k] if k is not None else n.ranks
+    ranks = sorted(n.ranks, reverse=True)[:k] if n.grouped and k is not None else n.ranks
     return 2 * sum(ranks) * (d_in + d_out)
 FLOPS.add(lambda graph, n: 2 * n.weight.shape[0] * n.weight.shape[1], nodes.Magnitude)  # x Wᵀ; the norm is per forward
