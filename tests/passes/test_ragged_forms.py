@@ -24,10 +24,19 @@ def to_grouped(graph):
                                      for n in graph.nodes))
 
 
-ragged_topk = pools(kinds=("topk", "sigmoid_topk")).filter(lambda p: p.ranks is not None)
+@st.composite
+def ragged_topk(draw):
+    """A top-k pool of experts of their own ranks, over the options ``strategies.pools`` draws."""
+    base = draw(pools(kinds=("topk", "sigmoid_topk")))
+    E = base.experts
+    return ExpertPool(experts=E, ranks=draw(st.lists(st.integers(1, 4), min_size=E, max_size=E)),
+                      alpha=base.alpha, router=base.router, aux_losses=base.aux_losses, dropout=base.dropout,
+                      capacity_factor=base.capacity_factor, shared_expert=base.shared_expert,
+                      frozen_experts=base.frozen_experts,
+                      scaling=draw(st.sampled_from(["alpha_over_rank", "rslora", "alpha_over_total_rank"])))
 
 
-@given(case=cases(graphs(ragged_topk)))
+@given(case=cases(graphs(ragged_topk())))
 def test_grouped_form_equals_the_interpreter(case):
     out = check_pass(to_grouped, *case)
     assert any(isinstance(n, RaggedMix) and n.grouped for n in out.nodes)
