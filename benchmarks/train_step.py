@@ -23,7 +23,9 @@ heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurati
   k the mean number of experts per token that ``dynmole_p08`` routes on the benchmark batch
   (rounded; measured before timing and printed), side by side in the same run;
 - ``comol`` (8 cores of rank 8 on q/k/v/o and down) and ``mora_cl`` (8 rank-1 experts, one task,
-  all 7 projections): the presets.
+  all 7 projections): the presets;
+- ``deepseek_mole`` (16 routed rank-2 experts, top-4, plus 2 shared rank-4 experts, FFN) and
+  ``flexmore`` (6 experts of ranks 2-2-4-4-8-8, top-2, all 7 projections).
 
 Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
 the frozen base then has a backward pass, and all configurations do the same base work.
@@ -234,6 +236,8 @@ def build_configs(base: nn.Module, only: set[str] | None, mean_k: float | None =
         "mora_cl": lambda: _moleforge(base, "mora_cl"),
         "dynmole_p08": lambda: _moleforge(base, _dynmole_p08()),
         "molora_same_mean_k": lambda: _moleforge(base, _molora_k(max(1, round(mean_k or 2)))),
+        "deepseek_mole": lambda: _moleforge(base, "deepseek_mole"),
+        "flexmore": lambda: _moleforge(base, "flexmore"),
     }
     out = {}
     for name, make in makers.items():

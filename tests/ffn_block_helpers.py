@@ -17,7 +17,7 @@ from moleforge.ir import Graph, interpret, print_graph, verify
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down
 from moleforge.passes.share_frozen_projections import share_frozen_projections
 from moleforge.specs import ExpertPool, StaticRouter, SwitchLoadBalance, TopKRouter
-from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, make_params, routers
+from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, capacities, make_params, routers
 from tolerances import assert_close
 
 __all__ = ["POOL", "block_spec", "routed_blocks", "block_graphs", "block_params", "block_inputs",
@@ -46,8 +46,8 @@ def routed_blocks(model: nn.Module) -> dict[str, MoleforgeBlock]:
 def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS) -> Graph:
     """Plain IR of random FFN blocks: gated or not, any activation, biases, a router of ``kinds``
     (top-k with or without renormalisation and with a jitter of ``jitters``, dense, sigmoid
-    top-k, static) with its aux losses, experts on a random non-empty subset of linears, trained
-    or frozen."""
+    top-k, static) with its aux losses (the z-loss too), expert capacity, experts on a random non-empty
+    subset of linears, trained or frozen."""
     d, d_ff, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 7)), draw(st.integers(1, 6))
     E = draw(st.integers(1, 4))
     linears = {"up": BlockLinear("up", "up", d, d_ff, draw(st.booleans()), False),
@@ -59,7 +59,8 @@ def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[flo
     pool = ExpertPool(experts=E, rank=draw(st.integers(1, 3)), alpha=draw(st.sampled_from([None, 4.0])),
                       scaling=draw(st.sampled_from(SCALINGS)), router=router,
                       aux_losses=draw(aux_losses(router)),
-                      frozen_experts=draw(st.booleans()) and (E > 1 or isinstance(router, StaticRouter)))
+                      frozen_experts=draw(st.booleans()) and (E > 1 or isinstance(router, StaticRouter)),
+                      capacity_factor=draw(capacities()) if router.k is not None else None)
     graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
                               SiteShape(label="block", d_in=d, d_out=d_out))
     return verify(graph)

@@ -23,8 +23,10 @@ from moleforge.specs import (
     RankPartition,
     RankTasks,
     ResidualTree,
+    RouterZLoss,
     RSLLoss,
     Shared,
+    SharedExperts,
     SigmoidTopKRouter,
     SoftLoadBalance,
     SparseRandom,
@@ -42,10 +44,25 @@ small = st.integers(1, 6)
 SCALINGS = ["alpha_over_rank", "rslora", "alpha_over_active_rank", "alpha_over_total_rank"]
 
 
+DROPOUTS = (0.0, 0.0, 0.3)
+
+
 @st.composite
-def loras(draw):
+def loras(draw, dropouts: tuple[float, ...] = DROPOUTS, magnitude: bool = True):
+    """LoRA over every option: rank, alpha, rsLoRA, dropout, DoRA magnitudes (not for a pool's
+    shared expert: ``magnitude=False``)."""
     return LoRA(rank=draw(small), alpha=draw(st.sampled_from([None, 4.0, 16.0])),
-                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])))
+                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), dropout=draw(st.sampled_from(dropouts)),
+                magnitude=magnitude and draw(st.booleans()))
+
+
+@st.composite
+def shared_experts(draw):
+    """None, one LoRA (without its own dropout: it reads the pool's input) or DeepSeek-style groups."""
+    return draw(st.one_of(st.none(), loras(dropouts=(0.0,), magnitude=False),
+                          st.builds(SharedExperts, count=st.integers(1, 3), rank=st.integers(1, 3),
+                                    alpha=st.sampled_from([None, 4.0]),
+                                    scaling=st.sampled_from(["alpha_over_rank", "rslora"]))))
 
 
 FLAT_ROUTERS = ("topk", "dense", "sigmoid_topk", "static", "dense_train_topk")
@@ -93,6 +110,7 @@ def aux_losses(draw, router) -> list:
         ["switch_lb"] if isinstance(router, TopKRouter) else []) + (
         ["tsallis_entropy"] if isinstance(router, TopPRouter) else [])
     kinds += ["rsl"] if isinstance(router, (TopKRouter, DenseRouter, DenseTrainTopKRouter)) else []
+    kinds += [] if isinstance(router, ImplicitTopKRouter) else ["z_loss"]
     out = []
     for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
         if kind == "switch_lb":
@@ -105,6 +123,8 @@ def aux_losses(draw, router) -> list:
             out.append(SoftLoadBalance(weight=draw(weight)))
         elif kind == "tsallis_entropy":
             out.append(TsallisEntropy(weight=draw(weight)))
+        elif kind == "z_loss":
+            out.append(RouterZLoss(weight=draw(weight)))
         else:
             out.append(LocalizedBalance(weight=draw(weight), delta=draw(st.sampled_from([0.0, 0.2, 0.6])),
                                         groups=draw(st.integers(1, 3))))
@@ -118,21 +138,31 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
     experts."""
     E = draw(st.integers(1, 5))
-    common = dict(scaling=draw(st.sampled_from(SCALINGS)), shared_expert=draw(st.one_of(st.none(), loras())),
-                  frozen_experts=draw(st.booleans()))
+    common = dict(shared_expert=draw(shared_experts()), frozen_experts=draw(st.booleans()))
     flat = tuple(k for k in kinds if k != "implicit_topk")
     if "implicit_topk" in kinds and (not flat or draw(st.integers(0, 5)) == 0):  # FlyLoRA-style
         router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
         common["frozen_experts"] &= E > 1  # one frozen expert under a token router: nothing trains (a SpecError)
         return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
-                          router=router, alpha=draw(st.sampled_from([None, 2.0])),
-                          aux_losses=draw(aux_losses(router)), **common)
+                          router=router, alpha=draw(st.sampled_from([None, 2.0])), scaling=draw(st.sampled_from(SCALINGS)),
+                          aux_losses=draw(aux_losses(router)), capacity_factor=draw(capacities()), **common)
     router = draw(routers(E, flat, jitters))
     common["frozen_experts"] &= E > 1 or isinstance(router, StaticRouter)
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
+    ranks = None
+    if isinstance(down, PerExpert) and up == "per_expert" and draw(st.integers(0, 3)) == 0:  # FlexMoRE
+        ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
+    scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
-                      down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), **common)
+                      down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
+                      scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),
+                      capacity_factor=draw(capacities()) if router.k is not None else None, **common)
+
+
+def capacities():
+    """No capacity, or a factor small enough that some slots overflow."""
+    return st.sampled_from([None, None, 0.5, 1.0])
 
 
 @st.composite
@@ -142,7 +172,8 @@ def rank_partitions(draw, kinds: tuple[str, ...] = LINEAR_ROUTERS, jitters: tupl
     blocks = draw(st.integers(1, 5))
     router = draw(routers(blocks, kinds, jitters))
     return RankPartition(rank=block * blocks, block=block, alpha=draw(st.sampled_from([None, 4.0])),
-                         scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)))
+                         scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)),
+                         dropout=draw(st.sampled_from(DROPOUTS)))
 
 
 @st.composite
@@ -167,6 +198,7 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
             leaves *= f
         levels.append(TreeLevel(experts=s, rank=draw(st.integers(1, 3)), fanout=f,
                                 alpha=draw(st.sampled_from([None, 2.0])),
+                                scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])),
                                 key_dim=draw(st.sampled_from([None, 2, 3]))))
     aux = []
     if gate != "dense" and draw(st.booleans()):
@@ -222,10 +254,11 @@ def graphs(draw, adapter_strategy=None) -> Graph:
 
 
 def make_params(graph: Graph, seed: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
-    """Non-trivial parameters: every tensor random (no zero-initialised up-projections)."""
+    """Non-trivial parameters: every tensor random (no zero-initialised up-projections), and the
+    frozen inputs (a DoRA site's ``W``)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for d in graph.params:
+    for d in (*graph.params, *graph.frozen):
         if d.init == "sparse_random":
             out[d.name] = init_tensor(d, "normal", 0.5, gen, dtype)
         else:
@@ -264,6 +297,11 @@ def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None, policy=N
     kernel ``policy`` (default: the environment's)."""
     store = ParamStore(graph.params, dtype=torch.float64)
     with torch.no_grad():
-        for name, value in params.items():
-            getattr(store, name).copy_(value)
+        for d in graph.params:
+            getattr(store, d.name).copy_(params[d.name])
     return lower(graph, store, groups, policy).eval()
+
+
+def frozen_inputs(graph: Graph, params: dict[str, torch.Tensor]) -> dict:
+    """The lowered module's ``frozen`` keyword for ``graph`` (its frozen inputs from ``params``)."""
+    return {"frozen": {d.name: params[d.name] for d in graph.frozen}} if graph.frozen else {}

@@ -110,9 +110,12 @@ def test_topk_router_over_imported_experts_saves_and_loads(two_adapters, tmp_pat
 
 
 def test_unsupported_variants_and_mismatched_models_are_refused(tmp_path):
+    variant = make_peft_adapter("llama", tmp_path / "variant", seed=0, r=2, target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(mf.CheckpointError, match="a bias on lora_B"):
+        mf.from_peft(tiny("llama"), variant)
     dora = make_peft_adapter("llama", tmp_path / "dora", seed=0, r=2, target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(mf.CheckpointError, match="DoRA"):
-        mf.from_peft(tiny("llama"), dora)
+    with pytest.raises(mf.CheckpointError, match="DoRA adapters \\(use_dora\\) import as LoRA sites"):
+        mf.from_peft(tiny("llama"), [dora, dora])  # pool experts have no magnitudes
     gpt2 = make_peft_adapter("gpt2", tmp_path / "gpt2", seed=0, r=2, target_modules=["c_attn"])
     model = tiny("llama")
     with pytest.raises(mf.CheckpointError, match="c_attn"):

@@ -15,7 +15,7 @@ from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret, verify
 from moleforge.specs import presets
-from strategies import graphs, inputs_for, make_params, samples_for
+from strategies import frozen_inputs, graphs, inputs_for, make_params, samples_for
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -24,8 +24,8 @@ MARGIN = 1e-7
 def _lowered(graph, params):
     store = ParamStore(graph.params, dtype=torch.float64)
     with torch.no_grad():
-        for name, value in params.items():
-            getattr(store, name).copy_(value)
+        for d in graph.params:
+            getattr(store, d.name).copy_(params[d.name])
     return lower(graph, store).eval()
 
 
@@ -60,7 +60,7 @@ def test_lowered_module_matches_interpreter(graph, data):
     out_ref, aux_ref, g_ref = _grads(run_ref, tensors)
     # gradients of the GraphModule's own parameters
     x_leaf = x.clone().requires_grad_(True)
-    y, aux, _ = gm(x_leaf, samples)
+    y, aux, _ = gm(x_leaf, samples, **frozen_inputs(graph, params))
     probe = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
     ((y * probe).sum() + (aux if aux is not None else 0.0)).backward()
     assert_close(y.detach(), out_ref)

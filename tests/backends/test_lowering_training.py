@@ -24,7 +24,7 @@ from ffn_block_helpers import REWRITES, block_graphs, block_params
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import counts_name, lower
 from moleforge.compiler.build import SiteShape, build_graph
-from moleforge.ir import Graph, Jitter, Route, TreeRoute, interpret
+from moleforge.ir import Dropout, Graph, Jitter, Route, TreeRoute, interpret
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import (
     CorePool,
@@ -61,10 +61,10 @@ def draw_noise(graph: Graph, T: int, tree_seed: int, jitter_seed: int) -> dict:
     noisy tree gate's ``ε_l (T, C_l, s_l)``, pool by pool from the top; ``()`` for each
     mode-dependent gate (it selects as in training). Torch's global generator
     (seeded with ``jitter_seed``) must play no part."""
-    jitter = tree = torch.Generator().manual_seed(tree_seed)
+    jitter = tree = torch.Generator().manual_seed(tree_seed)  # dropout draws from it too
     noise = {}
     for n in graph.nodes:
-        if isinstance(n, Jitter):
+        if isinstance(n, (Jitter, Dropout)):
             noise[n.id] = (torch.rand(T, graph.width(n.src), generator=jitter, dtype=F64),)
         elif isinstance(n, TreeRoute) and n.gate == "noisy_topk":
             C, eps = contexts(n), [None] * len(n.levels)
@@ -184,6 +184,13 @@ FEATURES = {
     "implicit top-k": lambda a, r: isinstance(r, ImplicitTopKRouter),
     "localized balance in groups": lambda a, r: any(isinstance(x, LocalizedBalance) and x.groups > 2
                                                     for x in getattr(a, "aux_losses", ())),
+    "input dropout": lambda a, r: getattr(a, "dropout", 0) > 0,
+    "expert capacity": lambda a, r: getattr(a, "capacity_factor", None) is not None,
+    "router z-loss": lambda a, r: any(x.kind == "z_loss" for x in getattr(a, "aux_losses", ())),
+    "a rank per expert": lambda a, r: getattr(a, "ranks", None) is not None,
+    "a rank per expert, top-k": lambda a, r: getattr(a, "ranks", None) is not None and r.k is not None,
+    "shared expert groups": lambda a, r: getattr(getattr(a, "shared_expert", None), "kind", "") == "shared_experts",
+    "rsLoRA tree level": lambda a, r: any(lv.scaling == "rslora" and lv.alpha for lv in getattr(a, "levels", [])),
     "noisy tree gate": lambda a, r: isinstance(r, TreeRouter) and r.gate == "noisy_topk",
     "tree, child_v2 position": lambda a, r: getattr(a, "activation_position", "") == "child_v2",
     "tree, own key width": lambda a, r: any(getattr(lv, "key_dim", None) for lv in getattr(a, "levels", [])),
@@ -197,6 +204,13 @@ FEATURES = {
 }
 
 
+ROUTERLESS = {
+    "DoRA magnitudes": lambda a: getattr(a, "magnitude", False),
+    "LoRA dropout": lambda a: a.kind == "lora" and a.dropout > 0,
+}
+"""Features of adapters without a router (plain LoRA)."""
+
+
 def test_strategies_draw_every_feature():
     """Each option the properties are meant to cover is drawn by ``strategies.adapters`` (in 600
     derandomized draws)."""
@@ -206,9 +220,10 @@ def test_strategies_draw_every_feature():
     @given(adapter=adapters())
     def draw(adapter):
         seen.update(name for name, feature in FEATURES.items() if _has(adapter, feature))
+        seen.update(name for name, feature in ROUTERLESS.items() if feature(adapter))
 
     draw()
-    assert seen == set(FEATURES), f"never drawn: {sorted(set(FEATURES) - seen)}"
+    assert seen == set(FEATURES) | set(ROUTERLESS), f"never drawn: {sorted(set(FEATURES) | set(ROUTERLESS) - seen)}"
 
 
 def _run(gm, x, seeds=None):

@@ -19,6 +19,7 @@ from moleforge.errors import IRVerificationError
 from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import (
     Add,
+    CapacityLimit,
     BlockRows,
     Columns,
     GateBias,
@@ -43,6 +44,7 @@ from moleforge.specs import (
     ImplicitTopKRouter,
     LoRA,
     ResidualTree,
+    RouterZLoss,
     SparseRandom,
     StaticRouter,
     TopKRouter,
@@ -523,6 +525,89 @@ def aux_must_name_aux_losses():
 def dead_node():
     g = _pool()
     return g.replace(nodes=g.nodes + (Linear(id="unused", src="x", weight=ParamRef("router_w", (3, 5))),))
+
+
+# ---- input dropout, capacity, z-loss, ragged pools ---------------------------------------------
+
+def _ragged() -> Graph:
+    """A FlexMoRE pool of ranks 1, 2, 3: A (6, 5), B (7, 6), top-2 with capacity and a z-loss."""
+    return _build(ExpertPool(experts=3, ranks=[1, 2, 3], router=TopKRouter(k=2), capacity_factor=1.0,
+                             dropout=0.2, aux_losses=[RouterZLoss()]))
+
+
+@case("_dropout", r"dropout probability 1\.5 outside \[0, 1\)")
+def dropout_probability():
+    g = _ragged()
+    return g.replace(nodes=_nodes(g, drop=replace(g.node("drop"), p=1.5)))
+
+
+@case("_capacity", "capacity needs a top-k routing; %route sends every token to every expert")
+def capacity_of_dense_routing():
+    g = _build(ExpertPool(experts=3, rank=2, router=DenseRouter()))
+    cap = CapacityLimit(id="capacity", routing="route", factor=1.0)
+    mix = replace(g.node("mix"), routing="capacity")
+    return g.replace(nodes=g.nodes[:-1] + (cap, mix))
+
+
+@case("_capacity", r"capacity factor 0\.0 is not positive")
+def capacity_factor_zero():
+    g = _ragged()
+    return g.replace(nodes=_nodes(g, capacity=replace(g.node("capacity"), factor=0.0)))
+
+
+@case("_z_loss", "a z-loss must be listed among the graph's aux losses", alone=False)
+def z_loss_not_an_aux_loss():
+    g = _ragged()
+    return g.replace(aux=())
+
+
+@case("_ragged_mix", "2 ranks and 3 scales for a router of 3 experts")
+def ragged_rank_count():
+    g = _ragged()
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), ranks=(3, 3))))
+
+
+@case("_ragged_mix", r"A has shape \(5, 5\), expected \(sum of ranks 6, source width 5\)")
+def ragged_a_shape():
+    g = _ragged()
+    return g.replace(params=_declare(g, A=(5, 5)), nodes=_nodes(g, mix=replace(g.node("mix"), a=ParamRef("A", (5, 5)))))
+
+
+@case("_ragged_mix", r"B has shape \(7, 5\), expected \(d_out, sum of ranks 6\)")
+def ragged_b_shape():
+    g = _ragged()
+    return g.replace(params=_declare(g, B=(7, 5)), nodes=_nodes(g, mix=replace(g.node("mix"), b=ParamRef("B", (7, 5)))))
+
+
+@case("_ragged_mix", r"the grouped form needs a sparse \(top-k\) routing")
+def ragged_grouped_on_dense():
+    g = _build(ExpertPool(experts=3, ranks=[1, 2, 3], router=DenseRouter()))
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), grouped=True)))
+
+
+def _dora() -> Graph:
+    """A DoRA LoRA of rank 2 on 5 -> 7: frozen W (7, 5), magnitude (7,)."""
+    return _build(LoRA(rank=2, magnitude=True))
+
+
+@case("_magnitude", "W 'W' must be a frozen input \\(declared in graph.frozen\\)")
+def dora_weight_not_frozen():
+    g = _dora()
+    return g.replace(frozen=(), params=g.params + g.frozen)
+
+
+@case("_magnitude", r"reads widths \(5, 7\), W \(6, 5\) needs \(5, 6\)", alone=False)
+def dora_weight_width():
+    g = _dora()
+    w = ParamRef("W", (6, 5))
+    return g.replace(frozen=(replace(g.frozen[0], shape=(6, 5)),), nodes=_nodes(g, dora=replace(g.node("dora"), weight=w)))
+
+
+@case("_magnitude", r"A \(2, 5\), B \(7, 2\) and magnitude \(6,\) do not fit W \(7, 5\)")
+def dora_magnitude_shape():
+    g = _dora()
+    m = ParamRef("magnitude", (6,))
+    return g.replace(params=_declare(g, magnitude=(6,)), nodes=_nodes(g, dora=replace(g.node("dora"), magnitude=m)))
 
 
 # ---- the tests ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hypothesis import assume
 from hypothesis.control import currently_in_test_context
 
 from moleforge.ir import Graph, interpret, print_graph, verify
-from strategies import lowered, make_params  # noqa: F401  (lowered: re-exported for pass tests)
+from strategies import frozen_inputs, lowered, make_params  # noqa: F401  (lowered: re-exported for pass tests)
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -47,7 +47,7 @@ def reference_grads(graph: Graph, params: dict, x: torch.Tensor):
 def _module_grads(graph: Graph, params: dict, x: torch.Tensor):
     gm = lowered(graph, params)
     x_leaf = x.clone().requires_grad_(True)
-    y, aux, _ = gm(x_leaf)
+    y, aux, _ = gm(x_leaf, **frozen_inputs(graph, params))
     loss = (y * _probe(y)).sum() + (aux if aux is not None else 0.0)
     loss.backward()
     named = {"x": x_leaf.grad}

@@ -33,7 +33,8 @@ def one_expert_pools(draw):
                                    TopKRouter(k=1, jitter=0.1), DenseRouter(), SigmoidTopKRouter(k=1),
                                    StaticRouter(), StaticRouter(trainable=False)]))
     base = draw(pools())
-    return base.model_copy(update={"experts": 1, "router": router,
+    # no capacity (it can drop the only expert: the gate is not 1) and one rank for all experts
+    return base.model_copy(update={"experts": 1, "router": router, "capacity_factor": None, "ranks": None,
                                    "aux_losses": base.aux_losses if isinstance(router, TopKRouter) else []})
 
 

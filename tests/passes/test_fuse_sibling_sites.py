@@ -13,7 +13,7 @@ from moleforge.backends.runtime.siblings import SiblingGroup
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import SiblingLinear, interpret, print_graph, verify
 from moleforge.passes import DEFAULT_PIPELINE, fuse_sibling_sites, run_pipeline
-from strategies import adapters, make_params
+from strategies import adapters, frozen_inputs, make_params
 from tolerances import assert_close
 
 
@@ -35,7 +35,7 @@ def _members_output_and_grads(graphs, params, x):
     groups = {n.group: SiblingGroup(n.group) for g in graphs.values() for n in g.nodes if isinstance(n, SiblingLinear)}
     modules = {name: lowered(g, params[name], groups) for name, g in graphs.items()}
     x_leaf = x.clone().requires_grad_(True)
-    results = {name: m(x_leaf) for name, m in modules.items()}
+    results = {name: m(x_leaf, **frozen_inputs(graphs[name], params[name])) for name, m in modules.items()}
     outs = {name: r[0] for name, r in results.items()}
     loss = sum((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum() for y in outs.values())
     loss = loss + sum(r[1] for r in results.values() if r[1] is not None)

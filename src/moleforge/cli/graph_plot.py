@@ -23,7 +23,9 @@ STYLE.add(("#FDD0A2", "router"), nodes.Jitter, nodes.Route, nodes.TreeRoute, nod
 STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGate, nodes.OuterGate, nodes.TreeMix,
           nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA,
           nodes.CoreExperts, nodes.CoreMerge)
-STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss)
+STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss, nodes.ZLoss)
+STYLE.add(("#FDD0A2", "router"), nodes.Dropout, nodes.CapacityLimit)
+STYLE.add(("#C7E9C0", "experts"), nodes.RaggedMix, nodes.Magnitude)
 
 
 def _label(graph: Graph, node) -> str:

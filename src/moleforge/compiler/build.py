@@ -10,6 +10,7 @@ from typing import Sequence
 
 from ..integrations.block_module import frozen_names
 from ..integrations.ffn_trace import BlockLinear
+from ..integrations.inject import FROZEN_WEIGHT
 from ..integrations.sites import SiteShape
 from ..ir import (
     AbsTopK,
@@ -18,19 +19,23 @@ from ..ir import (
     BlockColumns,
     BlockGate,
     BlockRows,
+    CapacityLimit,
     Concat,
     CoreExperts,
     DenseSoftmax,
     DenseTrainTopK,
+    Dropout,
     ExpertFFN,
     ExpertLinear,
     Graph,
     Input,
     Jitter,
     Linear,
+    Magnitude,
     ParamDecl,
     ParamRef,
     PoolMix,
+    RaggedMix,
     Route,
     SelfActivated,
     SigmoidTopK,
@@ -42,6 +47,7 @@ from ..ir import (
     TreeLevelParams,
     TreeMix,
     TreeRoute,
+    ZLoss,
 )
 from ..specs import (
     CorePool,
@@ -53,7 +59,9 @@ from ..specs import (
     RankPartition,
     RankTasks,
     ResidualTree,
+    RouterZLoss,
     Shared,
+    SharedExperts,
     SigmoidTopKRouter,
     SparseRandom,
     StaticRouter,
@@ -72,6 +80,7 @@ class _Builder:
         self.shape = shape
         self.nodes: list = [Input(id="x", width=shape.d_in, origin="input")]
         self.params: list[ParamDecl] = []
+        self.frozen: list[ParamDecl] = []
         self.aux: list[str] = []
 
     def param(self, name: str, shape: tuple[int, ...], init: str, **kw) -> ParamRef:
@@ -85,7 +94,7 @@ class _Builder:
     def graph(self, output: str) -> Graph:
         s = self.shape
         return Graph(nodes=tuple(self.nodes), output=output, aux=tuple(self.aux), params=tuple(self.params),
-                     d_in=s.d_in, d_out=s.d_out, label=s.label)
+                     d_in=s.d_in, d_out=s.d_out, label=s.label, frozen=tuple(self.frozen))
 
 
 def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
@@ -109,13 +118,28 @@ def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
     return b.graph(out)
 
 
-def _lora(b: _Builder, spec: LoRA, prefix: str, origin: str) -> str:
+def _dropped(b: _Builder, p: float, nid: str, origin: str) -> str:
+    """``x``, or ``x`` through PEFT's ``lora_dropout`` when ``p > 0``."""
+    return "x" if p == 0 else b.add(Dropout(id=nid, src="x", p=p, origin=f"{origin}.dropout"))
+
+
+def _lora(b: _Builder, spec: LoRA | SharedExperts, prefix: str, origin: str, src: str | None = None) -> str:
     d_in, d_out, r = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
+    if src is None:  # a LoRA site of its own: its dropout
+        src = _dropped(b, spec.dropout, f"{prefix}drop", origin)  # type: ignore[union-attr]
     A = b.param(f"{prefix}A", (r, d_in), "kaiming", fan_in=d_in)
     B = b.param(f"{prefix}B", (d_out, r), "up")
-    h = b.add(Linear(id=f"{prefix}h", src="x", weight=A, origin=f"{origin}.down"))
+    h = b.add(Linear(id=f"{prefix}h", src=src, weight=A, origin=f"{origin}.down"))
     s = lora_scale(spec.alpha, r, spec.scaling)
-    return b.add(Linear(id=f"{prefix}up", src=h, weight=B, scale=s, origin=f"{origin}.up"))
+    up = b.add(Linear(id=f"{prefix}up", src=h, weight=B, scale=s, origin=f"{origin}.up"))
+    if not getattr(spec, "magnitude", False):
+        return up
+    # DoRA: the frozen weight is an input of the graph (the model's own tensor, read in place); its
+    # product reads the dropped input, as PEFT's DoRA does in training
+    b.frozen.append(ParamDecl(name=FROZEN_WEIGHT, shape=(d_out, d_in), init="frozen", trainable=False))
+    m = b.param(f"{prefix}magnitude", (d_out,), "zero")
+    return b.add(Magnitude(id=f"{prefix}dora", src=src, lora=up, weight=ParamRef(FROZEN_WEIGHT, (d_out, d_in)),
+                           a=A, b=B, scale=s, magnitude=m, origin=f"{origin}.magnitude"))
 
 
 def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
@@ -129,6 +153,9 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     Ea = 1 if isinstance(spec.down, Shared) else E
     Eb = 1 if spec.up == "shared" else E
     learn = not spec.frozen_experts
+    src = _dropped(b, spec.dropout, "drop", origin)
+    if spec.ranks is not None:
+        return _ragged_pool(b, spec, src, origin)
     if isinstance(spec.down, SparseRandom):
         A = b.param("A", (E, r, d_in), "sparse_random", trainable=False, buffer=True, density=spec.down.density)
     else:
@@ -140,21 +167,65 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
         h = b.add(Linear(id="h", src="x", weight=BlockRows(A), origin=f"{origin}.down"))
         route = b.add(Route(id="route", src=h, gate=AbsTopK(k=router.k, balance=bal), experts=E,
                             origin=f"{origin}.router"))
-        g = b.add(BlockGate(id="gated", src=h, routing=route, rank=r, scale=scale, origin=origin))
+        g = b.add(BlockGate(id="gated", src=h, routing=_capacity(b, spec, route, origin), rank=r, scale=scale,
+                            origin=origin))
         out = b.add(Linear(id="mix", src=g, weight=BlockColumns(B), origin=f"{origin}.up"))
     else:
         route = _flat_router(b, router, E, origin)
-        out = b.add(PoolMix(id="mix", src="x", routing=route, a=A, b=B, scale=scale, origin=origin))
-    for i, aux in enumerate(spec.aux_losses):
+        mixed = _capacity(b, spec, route, origin)
+        out = b.add(PoolMix(id="mix", src=src, routing=mixed, a=A, b=B, scale=scale, origin=origin))
+    _aux_losses(b, spec.aux_losses, route, origin, spec.router)
+    return _with_shared(b, spec, src, out, origin)
+
+
+def _capacity(b: _Builder, spec: ExpertPool, route: str, origin: str) -> str:
+    """The routing the experts read: ``route``, limited to the experts' capacity if the spec sets one."""
+    if spec.capacity_factor is None:
+        return route
+    return b.add(CapacityLimit(id="capacity", routing=route, factor=spec.capacity_factor,
+                               origin=f"{origin}.capacity_factor"))
+
+
+def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router) -> None:
+    """The aux-loss nodes: ``z_loss`` reads the router logits, the others the routing."""
+    for i, aux in enumerate(losses):
+        where = f"{origin}.aux_losses[{i}]"
+        if isinstance(aux, RouterZLoss):
+            b.aux.append(b.add(ZLoss(id=f"aux{i}", src="logits", weight=aux.weight, origin=where)))
+            continue
         b.aux.append(b.add(AuxLoss(id=f"aux{i}", routing=route, kind=aux.kind, weight=aux.weight,
                                    delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
                                    q=getattr(router, "entropy_index", 1.0),
                                    temperature=getattr(aux, "temperature", 1.0), entropy=getattr(aux, "entropy", 0.0),
-                                   top_k=router.k or 1, origin=f"{origin}.aux_losses[{i}]")))
-    if spec.shared_expert is not None:
-        shared = _lora(b, spec.shared_expert, "shared_", f"{origin}.shared_expert")
-        out = b.add(Add(id="with_shared", srcs=(out, shared), origin=origin))
-    return out
+                                   top_k=router.k or 1, origin=where)))
+
+
+def _with_shared(b: _Builder, spec: ExpertPool, src: str, out: str, origin: str) -> str:
+    """``out`` plus the always-on shared expert(s), which read ``src`` (the pool's input)."""
+    shared = spec.shared_expert
+    if shared is None:
+        return out
+    where = f"{origin}.shared_expert"
+    if isinstance(shared, LoRA):
+        terms = [_lora(b, shared, "shared_", where, src)]
+    else:
+        terms = [_lora(b, shared, f"shared{j}_", f"{where}[{j}]", src) for j in range(shared.count)]
+    return b.add(Add(id="with_shared", srcs=(out, *terms), origin=origin))
+
+
+def _ragged_pool(b: _Builder, spec: ExpertPool, src: str, origin: str) -> str:
+    """FlexMoRE: experts of their own ranks, stored concatenated (``A (Σ r_i, d_in)``, ``B (d_out, Σ r_i)``)."""
+    d_in, d_out, ranks = b.shape.d_in, b.shape.d_out, tuple(spec.expert_ranks())
+    learn = not spec.frozen_experts
+    R = sum(ranks)
+    A = b.param("A", (R, d_in), "kaiming", fan_in=d_in, trainable=learn, buffer=not learn)
+    B = b.param("B", (d_out, R), "up", trainable=learn, buffer=not learn)
+    scales = tuple(lora_scale(spec.alpha, r, spec.scaling, total=R) for r in ranks)
+    route = _flat_router(b, spec.router, len(ranks), origin)
+    mixed = _capacity(b, spec, route, origin)
+    out = b.add(RaggedMix(id="mix", src=src, routing=mixed, a=A, b=B, ranks=ranks, scales=scales, origin=origin))
+    _aux_losses(b, spec.aux_losses, route, origin, spec.router)
+    return _with_shared(b, spec, src, out, origin)
 
 
 def _core_pool(b: _Builder, spec: CorePool, origin: str) -> str:
@@ -278,7 +349,7 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
         level_params.append(TreeLevelParams(
             a=b.param(f"A{l}", (s, r, d_in), "kaiming", fan_in=d_in),
             b=b.param(f"B{l}", (s, dn, r), b_init, fan_in=r),
-            scale=lora_scale(lv.alpha, r, "alpha_over_rank") if lv.alpha is not None else 1.0,
+            scale=lora_scale(lv.alpha, r, lv.scaling) if lv.alpha is not None else 1.0,
             a_bias=b.param(f"A{l}_bias", (s, r), "bias") if bias else None,
             b_bias=b.param(f"B{l}_bias", (s, dn), "bias") if bias else None,
             w=b.param(f"W{l}", (dn, dp), "kaiming", fan_in=dp) if l > 0 else None,
@@ -323,11 +394,8 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
             up = b.param(f"B_{role}", (E, info.d_out, r), "up", trainable=learn, buffer=not learn)
         experts[role] = ExpertLinear(weight=ParamRef(w_name, (info.d_out, info.d_in)), bias=bias, a=a, b=up,
                                      scale=scale)
-    out = b.add(ExpertFFN(id="experts", src="x", routing=route, up=experts["up"], gate=experts.get("gate"),
-                          down=experts["down"], activation=activation, origin=origin))  # type: ignore[arg-type]
-    for j, aux in enumerate(pool.aux_losses):
-        b.aux.append(b.add(AuxLoss(id=f"aux{j}", routing=route, kind=aux.kind, weight=aux.weight,
-                                   delta=getattr(aux, "delta", 0.0), groups=getattr(aux, "groups", 1),
-                                   temperature=getattr(aux, "temperature", 1.0), entropy=getattr(aux, "entropy", 0.0),
-                                   top_k=pool.router.k or 1, origin=f"{origin}.aux_losses[{j}]")))
+    out = b.add(ExpertFFN(id="experts", src="x", routing=_capacity(b, pool, route, origin), up=experts["up"],
+                          gate=experts.get("gate"), down=experts["down"], activation=activation,
+                          origin=origin))  # type: ignore[arg-type]
+    _aux_losses(b, pool.aux_losses, route, origin, pool.router)
     return b.graph(out).replace(frozen=tuple(frozen))

@@ -140,7 +140,8 @@ def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: 
         gm = lower(graph, store, groups, policy, device=base.weight.device).to(base.weight.device)
         if block is not None:
             return build_block_module(block.traced, gm, collector, uses_samples=uses_samples, dtype=dtype)
-        adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples, site_name=site.name)
+        adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples, site_name=site.name,
+                                reads_weight=bool(graph.frozen))
         return {site.name: adapted.train(base.training)}
     except MoleforgeError:
         raise

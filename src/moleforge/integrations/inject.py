@@ -17,7 +17,8 @@ from ..backends.runtime.ops import in_backward
 from ..errors import InjectionError
 from ..ir import Routing, TreeRouting
 
-__all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent", "logged_routes"]
+__all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent", "logged_routes",
+           "FROZEN_WEIGHT"]
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -100,11 +101,16 @@ def _drawing_from(gen: torch.Generator | None, state: torch.Tensor | None) -> It
         gen.set_state(after)
 
 
+FROZEN_WEIGHT = "W"
+"""The frozen input of a linear site whose adapter reads the frozen weight (DoRA): the base layer's
+``W (d_out, d_in)``, read in place (a GPT-2 ``Conv1D``'s weight transposed)."""
+
+
 class AdaptedLinear(nn.Module):
     """``y = base_layer(x) + Δy(x)``, ``Δy`` computed by the generated ``site`` module."""
 
     def __init__(self, base_layer: nn.Module, site: fx.GraphModule, collector: AuxCollector,
-                 uses_samples: bool = False, site_name: str = ""):
+                 uses_samples: bool = False, site_name: str = "", reads_weight: bool = False):
         super().__init__()
         dims = linear_dims(base_layer)
         if dims is None:
@@ -116,6 +122,8 @@ class AdaptedLinear(nn.Module):
         self._uses_samples = uses_samples
         self.site_name = site_name
         """The adapted module's path in the model (the key of its routing log entries)."""
+        self._reads_weight = reads_weight
+        """Whether the site reads the frozen weight (its graph's frozen input ``W``: DoRA)."""
         self._first_run: tuple = (None, None, None)
         """``(samples, token mask, noise generator state)`` of the last forward: activation
         checkpointing recomputes the forward during backward, after the model call (and a
@@ -145,8 +153,9 @@ class AdaptedLinear(nn.Module):
             self._first_run = (self._samples(x) if self._uses_samples else None, self._collector.token_mask(x),
                                None if gen is None else gen.get_state())
         samples, mask, noise_state = self._first_run
+        frozen = {"frozen": {FROZEN_WEIGHT: self._weight()}} if self._reads_weight else {}
         with _drawing_from(gen, noise_state if recompute else None):
-            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask)
+            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask, **frozen)
         # The aux loss and routing of this token batch were collected by the first run; keep
         # them counted once.
         if not recompute:
@@ -155,6 +164,11 @@ class AdaptedLinear(nn.Module):
             if self._collector.routing_log is not None and routes:
                 self._collector.routing_log.append((self.site_name, logged_routes(routes, mask)))
         return y
+
+    def _weight(self) -> torch.Tensor:
+        """The frozen ``W (d_out, d_in)`` (a view; a ``Conv1D`` stores it ``(d_in, d_out)``)."""
+        w = self.base_layer.weight
+        return w if isinstance(self.base_layer, nn.Linear) else w.t()
 
     def _samples(self, x: torch.Tensor):
         # sample index per token for (batch, seq, d) inputs; one sample otherwise

@@ -16,7 +16,8 @@ class RoutingLog:
     """What ``handle.record_routing()`` collected: ``entries`` of ``(module, {router id: routing})``.
 
     A flat routing is a :class:`~moleforge.ir.Routing` ``(gates (T, E), probs (T, E), index (T, k) |
-    None)``; a tree routing a :class:`~moleforge.ir.TreeRouting` ``(indices, weights, probs, gate)``,
+    None, dropped (T, k) | None)`` (a capacity-limited routing is logged beside the routing it limits;
+    its load counts the kept slots); a tree routing a :class:`~moleforge.ir.TreeRouting` ``(indices, weights, probs, gate)``,
     tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
     ``T`` counts the real tokens of a padded batch only (the model call's ``attention_mask``).
     """
@@ -34,6 +35,16 @@ class RoutingLog:
             prev = acc.get(module)
             acc[module] = loads if prev is None else [a + b for a, b in zip(prev, loads)]
         return {m: [v / v.sum().clamp_min(1e-12) for v in loads] for m, loads in acc.items()}
+
+    def dropped(self) -> dict[str, int]:
+        """``{module: (token, slot) assignments over their expert's capacity}`` over every recorded
+        forward: the tokens that passed an expert by (``capacity_factor``); 0 for modules without
+        capacity."""
+        out: dict[str, int] = {}
+        for module, routes in self.entries:
+            n = sum(int(v.dropped.sum()) for v in routes.values() if getattr(v, "dropped", None) is not None)
+            out[module] = out.get(module, 0) + n
+        return out
 
     def entropy(self) -> dict[str, list[float]]:
         """``{module: [mean entropy (nats) of the router probabilities per router or pool]}``."""
@@ -54,5 +65,7 @@ def _loads(value) -> list[torch.Tensor]:
         return [torch.bincount(idx.reshape(-1), minlength=p.shape[-1]).float()
                 for idx, p in zip(value.indices, value.probs)]
     gates = value.gates
-    return [(gates > 0).float().sum(0) if value.index is None else
-            torch.bincount(value.index.reshape(-1), minlength=gates.shape[-1]).float()]
+    if value.index is None:
+        return [(gates > 0).float().sum(0)]
+    index = value.index if value.dropped is None else value.index[~value.dropped]  # capacity: the kept slots
+    return [torch.bincount(index.reshape(-1), minlength=gates.shape[-1]).float()]

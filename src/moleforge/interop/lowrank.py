@@ -246,3 +246,19 @@ def _outer(m: _Map, g: Tensor, scale: float, d_in: int) -> _Map:
     a, b = _dense(m, d_in)
     b = torch.cat([scale * g.to(F64)[i] * b for i in range(g.shape[0])], 0)  # (E·w, R)
     return _compact(_Map(m.s, a, b))
+
+
+# ---- input dropout, capacity, z-loss, ragged pools (basics_nodes) -------------------------
+
+REDUCE.add(lambda graph, n, env, params: env[n.src], nodes.Dropout)  # evaluation: the identity
+REDUCE.add(_not_reducible, nodes.ZLoss)
+REDUCE.add(_input_dependent, nodes.CapacityLimit)
+
+
+@REDUCE.register(nodes.RaggedMix)
+def _ragged_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Map:
+    """``b ← b diag(repeat(g_i s_i, r_i))``, ``a ← A`` after the source map."""
+    m, g = env[n.src], env[n.routing].g.to(F64)
+    d = torch.repeat_interleave(g * torch.tensor(n.scales, dtype=F64), torch.tensor(n.ranks))  # (Σ r_i,)
+    return _compact(_Map(m.s, _through(m, eval_expr(n.a, params)), eval_expr(n.b, params).to(F64) * d[None, :]))
+REDUCE.add(_not_reducible, nodes.Magnitude)  # DoRA rescales the frozen rows: not a low-rank update

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,13 +18,13 @@ from ..compiler.compile import compile
 from ..errors import CheckpointError, NotMergeableError, SpecError
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import linear_dims
-from ..ir import Graph
+from ..ir import Graph, Magnitude
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, Init, LoRA, Site, StaticRouter, Target
 from . import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 from .lowrank import LowRank, NotReducibleError, reduce_site
 from .merged import dedupe_shared, fold_delta, write_hf_model
-from .peft_format import PeftLoRA, lora_config, read_peft_lora, write_peft_lora
+from .peft_format import PeftLoRA, _most_common, lora_config, read_peft_lora, write_peft_lora
 
 __all__ = ["from_peft", "export_peft", "export_merged"]
 
@@ -40,7 +41,8 @@ def from_peft(model: nn.Module, path_or_paths: PathLike | Sequence[PathLike], *,
     One adapter and no ``router``: every adapted module becomes a moleforge ``lora`` site with
     PEFT's rank and scaling (``rank_pattern``, ``alpha_pattern``, rsLoRA and
     ``layers_to_transform`` are honoured: the modules and ranks come from the saved tensors), so
-    the logits equal PEFT's. Several adapters (or a ``router``): each module gets a pool whose
+    the logits equal PEFT's; ``lora_dropout`` becomes the sites' ``dropout`` (of a pool: the
+    adapters' value when they agree, else none). Several adapters (or a ``router``): each module gets a pool whose
     experts are the adapters, ``Δy = Σ_i g_i(x) s_i (x A_iᵀ) B_iᵀ`` (X-LoRA, MeteoRA, LoRA-Mixer,
     CAT). Ranks are zero-padded to the largest; when the adapters' scales differ they are folded
     into the B's; an adapter that does not touch a module is a zero expert there.
@@ -74,7 +76,7 @@ def from_peft(model: nn.Module, path_or_paths: PathLike | Sequence[PathLike], *,
     if len(adapters) == 1 and router is None:
         if aux_losses:
             raise SpecError("aux_losses need a routed pool: pass a router (e.g. mf.TopKRouter(k=1))")
-        spec, tensors = _lora_spec(adapters[0], names, label)
+        spec, tensors = _lora_spec(adapters[0], names, label, model)
     else:
         spec, tensors = _pool_spec(adapters, names, label, router or StaticRouter(), list(aux_losses), frozen, seed)
     handle = compile(spec, model, passes=passes)
@@ -111,21 +113,34 @@ def _targets(modules: list[str]) -> Target:
     return Target(modules=[re.escape(m) for m in sorted(modules)])
 
 
-def _lora_spec(ad: PeftLoRA, names: dict[str, str], label: str):
-    groups: dict[tuple[int, float, bool], list[str]] = {}
+def _lora_spec(ad: PeftLoRA, names: dict[str, str], label: str, model: nn.Module):
+    groups: dict[tuple[int, float, bool, bool], list[str]] = {}
     tensors: dict[str, torch.Tensor] = {}
     for peft_name, lora in ad.modules.items():
-        groups.setdefault((lora.rank, lora.alpha, lora.rslora), []).append(names[peft_name])
-        tensors[f"{names[peft_name]}.A"], tensors[f"{names[peft_name]}.B"] = lora.a, lora.b
+        name = names[peft_name]
+        groups.setdefault((lora.rank, lora.alpha, lora.rslora, lora.magnitude is not None), []).append(name)
+        tensors[f"{name}.A"], tensors[f"{name}.B"] = lora.a, lora.b
+        if lora.magnitude is not None:  # DoRA: the site stores m - ‖W‖ (zero at PEFT's initialisation of m)
+            tensors[f"{name}.magnitude"] = lora.magnitude - _row_norms(model.get_submodule(name)).to(lora.magnitude)
     sites = [Site(target=_targets(mods),
-                  adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank"))
-             for (r, alpha, rs), mods in sorted(groups.items())]
+                  adapter=LoRA(rank=r, alpha=alpha, scaling="rslora" if rs else "alpha_over_rank",
+                               dropout=_dropout([ad]), magnitude=dora))
+             for (r, alpha, rs, dora), mods in sorted(groups.items())]
     return AdapterSpec(name=label, description=f"imported from the PEFT LoRA {ad.path}", sites=sites), tensors
+
+
+def _row_norms(module: nn.Module) -> torch.Tensor:
+    """``‖W‖`` per output row of a linear (a ``Conv1D`` stores ``W`` transposed), ``(d_out,)``."""
+    w = module.weight.detach()
+    return torch.linalg.vector_norm(w if isinstance(module, nn.Linear) else w.t(), dim=1)
 
 
 def _pool_spec(adapters: list[PeftLoRA], names: dict[str, str], label: str, router, aux, frozen: bool,
                seed: int | None):
     E = len(adapters)
+    if any(lo.magnitude is not None for ad in adapters for lo in ad.modules.values()):
+        raise CheckpointError("DoRA adapters (use_dora) import as LoRA sites, one adapter at a time; pool experts "
+                              "have no magnitude vectors: import the adapter alone, without a router")
     per_module: dict[str, list] = {}
     for i, ad in enumerate(adapters):
         for peft_name, lora in ad.modules.items():
@@ -142,7 +157,7 @@ def _pool_spec(adapters: list[PeftLoRA], names: dict[str, str], label: str, rout
         tensors[f"{module}.A"], tensors[f"{module}.B"] = _stack(loras, R, fold=not same)
     sites = [Site(target=_targets(mods), init=Init(seed=seed),
                   adapter=ExpertPool(experts=E, rank=R, alpha=alpha, scaling=scaling, router=router,
-                                     aux_losses=aux, frozen_experts=frozen))
+                                     aux_losses=aux, frozen_experts=frozen, dropout=_dropout(adapters)))
              for (R, alpha, scaling), mods in sorted(groups.items())]
     desc = "experts imported from the PEFT LoRAs " + ", ".join(str(a.path) for a in adapters)
     return AdapterSpec(name=label, description=desc, sites=sites), tensors
@@ -207,6 +222,22 @@ def _refusal(handle: AdapterHandle, refused: Mapping[str, NotReducibleError], wh
 _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
 
 
+def _dropout(adapters: list[PeftLoRA]) -> float:
+    """The adapters' ``lora_dropout`` when they agree, else 0."""
+    values = {float(ad.config.get("lora_dropout") or 0.0) for ad in adapters}
+    return values.pop() if len(values) == 1 else 0.0
+
+
+def _site_dropout(handle: AdapterHandle) -> float:
+    """PEFT has one ``lora_dropout``: the sites' common dropout (the most common one, with a
+    warning, when they differ)."""
+    values = [float(getattr(s.adapter, "dropout", 0.0)) for s in handle.spec.sites]
+    if len(set(values)) > 1:
+        warnings.warn(f"the sites' dropouts differ ({sorted(set(values))}); PEFT keeps one lora_dropout: "
+                      f"writing the most common, {_most_common(values)}", stacklevel=3)
+    return _most_common(values)
+
+
 def _task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
     return next((t for suffix, t in _TASKS if cls.endswith(suffix)), None)
@@ -226,6 +257,7 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
             router and what to use instead.
     """
     done, refused = _reduce_all(handle)
+    magnitudes = _dora_sites(handle, done, refused)
     if refused:
         raise NotMergeableError(_refusal(
             handle, refused, "export as a PEFT LoRA",
@@ -239,8 +271,29 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
         ranks[name], alphas[name] = lr.rank, lr.scale * lr.rank
     conv1d = any(not isinstance(handle.modules[n].base_layer, nn.Linear) for n in done)
     base = getattr(getattr(handle.model, "config", None), "_name_or_path", None) or None
-    config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=_task_type(handle.model), base_model=base)
-    return write_peft_lora(path, config, factors)
+    config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=_task_type(handle.model), base_model=base,
+                         dropout=_site_dropout(handle))
+    if magnitudes and len(magnitudes) != len(done):
+        raise NotMergeableError(f"PEFT keeps one use_dora for every module: {len(magnitudes)} of {len(done)} sites "
+                                "have DoRA magnitudes; export the DoRA sites and the others as separate adapters")
+    config["use_dora"] = bool(magnitudes)
+    return write_peft_lora(path, config, factors, magnitudes)
+
+
+def _dora_sites(handle: AdapterHandle, done: dict[str, LowRank], refused: dict[str, NotReducibleError]) -> dict:
+    """DoRA LoRA sites (refused by the low-rank reduction: they rescale the frozen rows) move from
+    ``refused`` to ``done`` with their own ``A``, ``B`` and scale; returns PEFT's ``m = ‖W‖ + magnitude``."""
+    out = {}
+    for name in list(refused):
+        dora = next((n for n in handle.plain_graphs[name].nodes if isinstance(n, Magnitude)), None)
+        if dora is None or handle.plain_graphs[name].output != dora.id:
+            continue
+        site = handle.modules[name]
+        A, B, dm = (getattr(site.site, r.name).detach() for r in (dora.a, dora.b, dora.magnitude))
+        done[name] = LowRank(scale=dora.scale, a=A, b=B)
+        out[name] = _row_norms(site.base_layer).to(dm) + dm
+        del refused[name]
+    return out
 
 
 # ---- merged out ------------------------------------------------------------------------

@@ -34,10 +34,10 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_MAGNITUDE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector$")
 
 # LoraConfig fields whose non-default value changes the forward beyond ``scaling · B A x``.
 _UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA's magnitude vector",
     "lora_bias": "a bias on lora_B",
     "alora_invocation_tokens": "aLoRA's token-dependent activation",
     "use_qalora": "QA-LoRA's input pooling",
@@ -60,6 +60,8 @@ class ModuleLoRA:
     b: torch.Tensor
     alpha: float
     rslora: bool
+    magnitude: torch.Tensor | None = None
+    """DoRA's ``m (d_out,)`` (``use_dora``): the adapted weight is ``m ⊙ V / ‖V‖``, ``V = W + scale·b a``."""
 
     @property
     def rank(self) -> int:
@@ -126,7 +128,12 @@ def read_peft_lora(directory: str | os.PathLike) -> PeftLoRA:
     config, tensors = _read_files(d)
     _check_config(config, d)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
+        dora = _MAGNITUDE.match(key) if config.get("use_dora") else None
+        if dora is not None and t.dim() == 1:
+            magnitudes[dora["module"]] = t
+            continue
         m = _KEY.match(key)
         if m is None or t.dim() != 2:
             raise CheckpointError(f"{d / PEFT_WEIGHTS_NAME}: tensor {key!r} {tuple(t.shape)} is not a linear LoRA "
@@ -139,7 +146,10 @@ def read_peft_lora(directory: str | os.PathLike) -> PeftLoRA:
                                   f"{[tuple(v.shape) for v in ab.values()]}; expected lora_A (r, d_in), "
                                   "lora_B (d_out, r)")
         alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        modules[name] = ModuleLoRA(a=ab["A"], b=ab["B"], alpha=float(alpha), rslora=bool(config.get("use_rslora")))
+        if config.get("use_dora") and name not in magnitudes:
+            raise CheckpointError(f"{d}: module {name!r} has no lora_magnitude_vector, which use_dora needs")
+        modules[name] = ModuleLoRA(a=ab["A"], b=ab["B"], alpha=float(alpha), rslora=bool(config.get("use_rslora")),
+                                   magnitude=magnitudes.get(name))
     if not modules:
         raise CheckpointError(f"{d / PEFT_WEIGHTS_NAME} holds no LoRA factors")
     return PeftLoRA(modules=modules, config=config, path=d)
@@ -150,9 +160,9 @@ def _most_common(values: list) -> Any:
 
 
 def lora_config(ranks: dict[str, int], alphas: dict[str, float], *, fan_in_fan_out: bool,
-                task_type: str | None, base_model: str | None) -> dict[str, Any]:
+                task_type: str | None, base_model: str | None, dropout: float = 0.0) -> dict[str, Any]:
     """A ``LoraConfig`` dict: global ``r`` / ``lora_alpha`` the most common values, the others as
-    patterns anchored on the full module name (``^name``)."""
+    patterns anchored on the full module name (``^name``); ``lora_dropout`` = ``dropout``."""
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     rank_pattern = {f"^{re.escape(n)}": v for n, v in sorted(ranks.items()) if v != r}
     alpha_pattern = {f"^{re.escape(n)}": v for n, v in sorted(alphas.items()) if v != alpha}
@@ -161,13 +171,14 @@ def lora_config(ranks: dict[str, int], alphas: dict[str, float], *, fan_in_fan_o
         "r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(ranks), "exclude_modules": None, "layers_to_transform": None,
         "layers_pattern": None, "fan_in_fan_out": fan_in_fan_out, "bias": "none", "lora_bias": False,
-        "lora_dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "lora_dropout": dropout, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "inference_mode": True,
     }
 
 
 def write_peft_lora(directory: str | os.PathLike, config: dict[str, Any],
-                    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+                    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    magnitudes: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (both to temporary files first,
 so a failed write leaves the folder as it was).
 
@@ -178,6 +189,8 @@ so a failed write leaves the folder as it was).
     for name, (a, b) in factors.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().to("cpu").contiguous().clone()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().to("cpu").contiguous().clone()
+    for name, m in (magnitudes or {}).items():  # DoRA
+        tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = m.detach().to("cpu").contiguous().clone()
     text = json.dumps(config, indent=2, sort_keys=True)
     atomic_write_many([(d / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
                        (d / PEFT_CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))])

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from . import nodes
+from . import interpret_basics, nodes
 from .graph import Graph
 from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
@@ -425,3 +425,12 @@ def _aux(n: nodes.AuxLoss, route: Routing | TreeRouting, samples) -> Tensor:
         same = group[None, :] == mtype[:, None]
         coef = torch.where(same, 1.0 + n.delta, 1.0 - n.delta).to(F64)
     return n.weight * _cv2((coef * Q).reshape(-1))
+
+
+# ---- input dropout, capacity, z-loss, ragged pools, DoRA (basics_nodes) ---------------------
+
+RUN.add(interpret_basics.run_dropout, nodes.Dropout)
+RUN.add(interpret_basics.run_capacity, nodes.CapacityLimit)
+RUN.add(interpret_basics.run_z_loss, nodes.ZLoss)
+RUN.add(interpret_basics.run_ragged_mix, nodes.RaggedMix)
+RUN.add(interpret_basics.run_magnitude, nodes.Magnitude)

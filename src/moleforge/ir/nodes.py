@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 
+from .basics_nodes import CapacityLimit, Dropout, Magnitude, RaggedMix, ZLoss
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
 from .core_nodes import CoreExperts, CoreMerge
 from .gates import (
@@ -49,6 +50,7 @@ __all__ = [
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
+    "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -397,7 +399,8 @@ class AuxLoss(NodeKind):
 
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
-             ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores]
+             ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores, Dropout, CapacityLimit, ZLoss,
+             RaggedMix, Magnitude]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

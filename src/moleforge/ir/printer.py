@@ -164,3 +164,20 @@ def _expert_block(kind: str, down: bool) -> Callable[..., str]:
 
 LINE.add(_expert_block("expert_ffn", True), nodes.ExpertFFN)
 LINE.add(_expert_block("expert_hidden", False), nodes.ExpertHidden)
+
+
+# ---- input dropout, capacity, z-loss, ragged pools (basics_nodes) -------------------------
+
+LINE.add(lambda n, t: f"dropout %{n.src} p={n.p:g}", nodes.Dropout)
+LINE.add(lambda n, t: f"capacity %{n.routing} factor={n.factor:g} E={t.experts}", nodes.CapacityLimit)
+LINE.add(lambda n, t: f"z_loss %{n.src} weight={n.weight:g}", nodes.ZLoss)
+
+
+@LINE.register(nodes.RaggedMix)
+def _ragged(n, t) -> str:
+    scales = ",".join(f"{s:g}" for s in n.scales)
+    form = " grouped" if n.grouped else ""
+    return (f"ragged_mix{form} %{n.src} by %{n.routing} A={n.a.name} B={n.b.name} "
+            f"ranks={list(n.ranks)} scales=[{scales}] -> {t.width}")
+LINE.add(lambda n, t: (f"magnitude %{n.src} %{n.lora} W={n.weight.name} A={n.a.name} B={n.b.name} "
+                       f"scale={n.scale:g} m={n.magnitude.name} -> {t.width}"), nodes.Magnitude)

@@ -27,6 +27,9 @@ class Routing(NamedTuple):
     """``(T, E)``: the router probabilities (for aux losses and statistics)."""
     index: Optional[Tensor] = None
     """``(T, k)``: the selected experts of a top-k gate; ``None`` for a dense one."""
+    dropped: Optional[Tensor] = None
+    """``(T, k)`` bool: the selected slots over their expert's capacity (gate 0), of a
+    :class:`~moleforge.ir.nodes.CapacityLimit`; ``None`` otherwise."""
 
 
 class TreeRouting(NamedTuple):

@@ -7,6 +7,9 @@ Both rewrites are exact identities (``stack_pools``, ``share_down_projections``,
 - a shared down-projection (A with E = 1): computed once, ``share_down_projections``;
 - a dense router: the stacked block-gated form, ``stack_pools``;
 - a top-k router: stacked or grouped, by the estimates below.
+- experts of their own ranks (``RaggedMix``) under a top-k router: its grouped form when the
+  estimates below, at the experts' mean rank, prefer it (the dense form is exact too: its gates
+  are zero outside the selected experts).
 
 Cost model (multiply-add equivalents of a forward + backward over ``T`` tokens; the backward of
 a trainable low-rank GEMM costs twice its forward):
@@ -25,9 +28,9 @@ the token count through the fixed terms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..ir import Graph, PoolMix, expr_shape
+from ..ir import Graph, PoolMix, RaggedMix, expr_shape
 from ._rewrite import rewrite_nodes
 from .group_pools import group_pool, sparse_k
 from .share_down_projections import share_down, shared_down
@@ -75,6 +78,16 @@ def cost_of(n: PoolMix, graph: Graph, tokens: int) -> PoolCost:
     return pool_cost(t.experts, r, d_in, d_out, k, tokens)
 
 
+def choose_ragged_form(n: RaggedMix, graph: Graph, tokens: int) -> tuple | None:
+    """A pool of experts of their own ranks takes the grouped form when the cost model, at its mean
+    rank, prefers it (exact either way: the dense form's gates are zero outside the selected)."""
+    k = sparse_k(graph, n.routing)
+    if n.grouped or k is None:
+        return None
+    cost = pool_cost(len(n.ranks), sum(n.ranks) / len(n.ranks), n.a.shape[1], n.b.shape[0], k, tokens)  # type: ignore[arg-type]
+    return (replace(n, grouped=True),) if cost.choice == "grouped" else None
+
+
 @dataclass(frozen=True)
 class ChoosePoolKernels:
     """The pass, parameterised by the token count per step it optimises for."""
@@ -84,6 +97,8 @@ class ChoosePoolKernels:
 
     def __call__(self, graph: Graph) -> Graph:
         def rule(n, g, ids):
+            if isinstance(n, RaggedMix):
+                return choose_ragged_form(n, g, self.tokens)
             if not isinstance(n, PoolMix):
                 return None
             if shared_down(n, g):

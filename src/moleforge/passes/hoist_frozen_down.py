@@ -8,7 +8,8 @@ Identity (linearity of ``W_d``): for the experts' hidden states ``h_i`` and gate
 so the frozen ``d_ff × d_out`` GEMM runs once on the gated sum of hidden states instead of
 once per expert, and each expert keeps only its low-rank delta. Exact for any gates when
 the down projection has no bias; with a bias it needs ``Σ_i g_i = 1`` (renormalised top-k,
-or dense softmax), and otherwise the node is left unchanged.
+or dense softmax, without an expert capacity that drops slots), and otherwise the node is left
+unchanged.
 
 Rewrites ``%y = expert_ffn ...`` into ``%y_hidden = expert_hidden``, ``%y_sum = expert_sum``,
 a frozen ``linear`` of the sum, ``expert_lora`` of the hidden states (if the down projection
@@ -17,15 +18,17 @@ carries experts) and an ``add`` that keeps the id ``%y``. Idempotent: no ``exper
 
 from __future__ import annotations
 
-from ..ir import Add, DenseSoftmax, ExpertFFN, ExpertHidden, ExpertLoRA, ExpertSum, Graph, Linear, SoftmaxTopK
+from ..ir import Add, DenseSoftmax, ExpertFFN, ExpertHidden, ExpertLoRA, ExpertSum, Graph, Linear, Route, SoftmaxTopK
 from ._rewrite import Ids
 
 __all__ = ["hoist_frozen_down"]
 
 
 def _gates_sum_to_one(graph: Graph, routing: str) -> bool:
-    gate = graph.node(routing).gate
-    match gate:
+    node = graph.node(routing)
+    if not isinstance(node, Route):  # a capacity limit drops slots: its gates need not sum to 1
+        return False
+    match node.gate:
         case SoftmaxTopK(k=k, renormalize=renorm):
             return renorm or k == graph.routing(routing).experts
         case DenseSoftmax():

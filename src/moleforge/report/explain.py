@@ -35,6 +35,7 @@ from ..ir import (
     TreeMix,
     TreePathGates,
     TreePropagate,
+    nodes,
     print_graph,
 )
 from ..passes import ChoosePoolKernels, Pass, group_pools, pool_cost
@@ -177,6 +178,7 @@ def _base_flops(final: Graph) -> str:
 
 def _describe(g: Graph) -> str:
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
+    aux += [f"z_loss {n.weight:g}" for n in g.nodes if isinstance(n, nodes.ZLoss)]
     tail = f"; aux {', '.join(aux)}" if aux else ""
     tree = next((n for n in g.nodes if isinstance(n, TreeMix)), None)
     if tree is not None:
@@ -188,12 +190,28 @@ def _describe(g: Graph) -> str:
     if route is None:
         rank = next(n for n in g.nodes if isinstance(n, Linear)).weight.shape[0]  # type: ignore[union-attr]
         return f"LoRA of rank {rank}"
-    pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate))), None)
+    pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate, nodes.RaggedMix))), None)
     rank = pool.a.shape[1] if isinstance(pool, (PoolMix, GroupedMix)) else getattr(pool, "rank", "?")
+    ranks = f"ranks {list(pool.ranks)}" if isinstance(pool, nodes.RaggedMix) else f"rank {rank}"
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
+    return (f"pool of {route.experts} experts of {ranks}{shared}, {router_text(route)}{task_text(g)}{_capacity_text(g)}"
+            f"{_shared_text(g)}{tail}")
+
+
+def _capacity_text(g: Graph) -> str:
+    cap = next((n for n in g.nodes if isinstance(n, nodes.CapacityLimit)), None)
+    return "" if cap is None else f", capacity factor {cap.factor:g} (tokens over capacity pass the expert by)"
+
+
+def _shared_text(g: Graph) -> str:
+    """The always-on shared expert(s): ``shared_A`` (one LoRA) or ``shared{j}_A`` (DeepSeek-style groups)."""
     always = g.param_decls.get("shared_A")
-    extra = f", plus an always-on shared LoRA of rank {always.shape[0]}" if always is not None else ""
-    return f"pool of {route.experts} experts of rank {rank}{shared}, {router_text(route)}{task_text(g)}{extra}{tail}"
+    if always is not None:
+        return f", plus an always-on shared LoRA of rank {always.shape[0]}"
+    group = [d for name, d in g.param_decls.items() if name.startswith("shared") and name.endswith("_A")]
+    if not group:
+        return ""
+    return f", plus {len(group)} always-on shared LoRA experts of rank {group[0].shape[0]}"
 
 
 def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
@@ -208,6 +226,10 @@ def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
     if TreeMix in kinds:
         return "tree propagation with per-pool down-projections"
     for n in final.nodes:
+        if isinstance(n, nodes.RaggedMix):
+            return ("experts of their own ranks: one pair of GEMMs per selected expert over its tokens"
+                    if n.grouped else
+                    f"experts of their own ranks: dense block-gated LoRA of rank {sum(n.ranks)}")
         if isinstance(n, (GroupedMix, BlockGate, OuterGate)):
             return _pool_kernel(final, n, tokens)
     return "plain LoRA: two GEMMs"
@@ -215,6 +237,8 @@ def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
 
 def _pool_kernel(g: Graph, n, tokens: int) -> str:
     route = g.node(n.routing)
+    if isinstance(route, nodes.CapacityLimit):  # the gate is that of the routing it limits
+        route = g.node(route.routing)
     E = route.experts
     if isinstance(n, OuterGate):
         return f"shared down-projection once, outer-product gate, one up-projection of rank {g.width(n.id)}"

@@ -8,7 +8,7 @@ import math
 from typing import Mapping
 
 from ..backends.torch_fx.lower import runs_as_routed_ffn
-from ..ir import AuxLoss, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, Graph, Route
+from ..ir import AuxLoss, CapacityLimit, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, Graph, Route
 from .explain_text import (
     ROLES,
     SiteRow,
@@ -92,8 +92,14 @@ def _linears_lines(members: list[SiteRow], node: ExpertFFN) -> list[str]:
     return lines
 
 
+def _router(g: Graph, rid: str) -> Route:
+    """The flat router of routing ``rid`` (through an expert-capacity limit)."""
+    node = g.node(rid)
+    return g.node(node.routing) if isinstance(node, CapacityLimit) else node  # type: ignore[return-value]
+
+
 def _describe_block(g: Graph, node: ExpertFFN, short: Mapping[str, str]) -> str:
-    route = g.node(node.routing)
+    route = _router(g, node.routing)
     assert isinstance(route, Route), f"%{node.routing} is not a flat router"
     linears = _expert_linears(node)
     adapted = {role: lin.a.shape[1] for role, lin in linears.items() if lin.a is not None}
@@ -130,7 +136,7 @@ def _block_kernel(g: Graph, short: Mapping[str, str]) -> str:
     its tokens, where the down projection goes, and whether one fused op runs the experts."""
     node = block_node(g)
     assert node is not None, "not an FFN-block graph"
-    route = g.node(node.routing)
+    route = _router(g, node.routing)
     k = route.k
     who = f"each token's top-{k} of {route.experts} experts" if k is not None else f"all {route.experts} experts"
     pairs = (("gate", node.gate, node.gate_base), ("up", node.up, node.up_base))

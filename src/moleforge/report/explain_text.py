@@ -26,7 +26,7 @@ from ..ir import (
     TreePropagate,
     TreeRoute,
 )
-from .structure import format_gamma, pool_gamma, tree_gamma_text, variable_pool_gamma
+from .structure import capacity_pool_gamma, format_gamma, pool_gamma, tree_gamma_text, variable_pool_gamma
 
 __all__ = ["ROLES", "ROUTER_WORDS", "SiteRow", "block_node", "where", "field", "field_lines", "parameters_text",
            "router_text", "gamma_text"]
@@ -121,4 +121,7 @@ def gamma_text(g: Graph) -> str:
     if route.gate.variable:
         E = route.experts
         return f"{format_gamma(variable_pool_gamma(E, k))} = Σ_(j={k}..{E}) C({E},j) expert sets per token"
+    if any(type(n).__name__ == "CapacityLimit" for n in g.nodes):
+        return (f"{format_gamma(capacity_pool_gamma(route.experts, k))} = Σ_{{i<={k}}} C({route.experts},i) expert "
+                "sets per token (capacity may drop any of the k)")
     return f"{format_gamma(pool_gamma(route.experts, k))} = C({route.experts},{k}) expert sets per token"

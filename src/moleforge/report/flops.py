@@ -18,6 +18,9 @@ it names:
   ``2·F_l·d_l·d_{l+1}``; ``TreePropagate`` the same without the down-projections (their GEMM is
   a ``Linear`` of the graph);
 - ``GateBias`` with per-expert biases ``(E, d)``: the product ``g @ bias``, ``2·E·d``;
+- ``RaggedMix`` (experts of their own ranks): every rank, ``2·Σ r_i·(d_in + d_out)``; the
+  grouped form the selected experts', bounded by the k largest ranks,
+  ``2·Σ_{k largest} r_i·(d_in + d_out)`` (the count; what runs depends on the routing);
 - FFN-block experts (``ExpertFFN`` / ``ExpertHidden`` / ``ExpertLoRA``): per active expert, its
   LoRAs and the block's frozen GEMMs not computed once outside the experts.
 
@@ -75,6 +78,8 @@ def frozen_flops_per_token(graph: Graph) -> int:
                 total += node_flops(graph, n)
             case nodes.ExpertFFN() | nodes.ExpertHidden():
                 total += _block(graph, n)[0]
+            case nodes.Magnitude():  # DoRA's x Wᵀ
+                total += node_flops(graph, n)
     return total
 
 
@@ -181,3 +186,18 @@ def _block(graph: Graph, n: nodes.ExpertFFN | nodes.ExpertHidden) -> tuple[int, 
         parts.append(_expert_linear(n.down, False))
     active = _active(graph, n.routing)
     return active * sum(p[0] for p in parts), active * sum(p[1] for p in parts)
+
+
+# ---- input dropout, capacity, z-loss, ragged pools (basics_nodes) -------------------------
+
+FLOPS.add(lambda graph, n: 0, nodes.Dropout, nodes.CapacityLimit, nodes.ZLoss)
+
+
+@FLOPS.register(nodes.RaggedMix)
+def _ragged(graph: Graph, n: nodes.RaggedMix) -> int:
+    """Every rank; grouped: the k largest ranks (an upper bound)."""
+    d_in, d_out = n.a.shape[1], n.b.shape[0]
+    k = graph.routing(n.routing).k
+    ranks = sorted(n.ranks, reverse=True)[:k] if n.grouped and k is not None else n.ranks
+    return 2 * sum(ranks) * (d_in + d_out)
+FLOPS.add(lambda graph, n: 2 * n.weight.shape[0] * n.weight.shape[1], nodes.Magnitude)  # x Wᵀ; the norm is per forward

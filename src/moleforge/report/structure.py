@@ -6,7 +6,9 @@ are binary masks, so two routings count as one structure when they give the same
 experts' parameters. What "the same" means depends on what the propagation can tell apart:
 
 - A flat top-k pool: the set of active experts, ``C(E, k)``; a dense or static router (and a
-  plain LoRA): 1.
+  plain LoRA): 1. Always-on shared experts add no choice; experts of their own ranks (FlexMoRE)
+  are still told apart by their set. With expert capacity a token may lose any of its k experts,
+  so every set of at most k experts is reachable: ``Σ_{i=0}^{k} C(E, i)``.
 - An S'MoRE tree with a nonlinear activation on the whole message (``activation_position =
   "all"``; node ``Σ_p σ(u_{e_p} + W h_child(p))``): every child keeps its expert paired with its
   own subtree, and σ keeps the pairs apart, so a structure is a whole tree up to the order of
@@ -182,6 +184,11 @@ def variable_pool_gamma(experts: int, k: int) -> int | GammaEstimate:
                    lambda: sum(math.comb(experts, j) for j in range(k, experts + 1)))
 
 
+def capacity_pool_gamma(experts: int, k: int) -> int | GammaEstimate:
+    """A top-k pool with expert capacity: every set of at most ``k`` experts, ``Σ_{i=0}^{k} C(E, i)``."""
+    return _result(_ln_binom_sum(experts, 0, k), lambda: sum(math.comb(experts, i) for i in range(k + 1)))
+
+
 def _parents(fanouts: Sequence[int]) -> list[int]:
     """``F_{l+1} = Π_{j>l} f_j``: the tree nodes that choose children from pool l."""
     out, F = [0] * len(fanouts), 1
@@ -273,6 +280,8 @@ def adapter_gamma(adapter: Any, experts: int | None = None) -> int | GammaEstima
             return adapter_gamma(adapter.as_pool())
         case ExpertPool() if isinstance(adapter.router, TopPRouter):
             return variable_pool_gamma(experts or adapter.experts, adapter.router.k)
+        case ExpertPool() if adapter.capacity_factor is not None and adapter.router.k is not None:
+            return capacity_pool_gamma(experts or adapter.experts, adapter.router.k)
         case ExpertPool():
             return pool_gamma(experts or adapter.experts, adapter.router.k)
         case CorePool():

@@ -18,6 +18,7 @@ from .routing import (
     CV2ImportanceLoad,
     ImplicitTopKRouter,
     Router,
+    RouterZLoss,
     SigmoidTopKRouter,
     StaticRouter,
     SwitchLoadBalance,
@@ -31,6 +32,7 @@ __all__ = [
     "Scaling",
     "Init",
     "LoRA",
+    "SharedExperts",
     "PerExpert",
     "Shared",
     "SparseRandom",
@@ -84,6 +86,30 @@ class LoRA(SpecModel):
     alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
     """``None``: alpha = rank."""
     scaling: Literal["alpha_over_rank", "rslora"] = "alpha_over_rank"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """PEFT's ``lora_dropout``: in training, ``A`` reads ``dropout(x)`` (inverted dropout,
+    each feature zeroed with this probability and the rest scaled by ``1 / (1 - p)``); the
+    frozen layer reads ``x``. Evaluation: no dropout."""
+    magnitude: bool = False
+    """DoRA (Liu et al. 2024): a trainable magnitude per output row, ``W' = m ⊙ V / ‖V‖`` with
+    ``V = W + s·B A`` (``m`` starts at the frozen rows' norms; ``‖V‖`` passes no gradient, as
+    PEFT). Of a LoRA site (not of a pool's shared expert)."""
+
+
+class SharedExperts(SpecModel):
+    """DeepSeekMoE's shared experts: ``count`` always-on LoRA experts of rank ``rank`` beside the
+    routed pool, ``Δy_shared = Σ_j s (x A_jᵀ) B_jᵀ`` (gate 1), ``s = alpha / rank`` (or
+    ``alpha / sqrt(rank)`` with ``rslora``)."""
+
+    kind: Literal["shared_experts"] = "shared_experts"
+    count: PositiveInt = 2
+    rank: PositiveInt = 8
+    alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
+    """``None``: alpha = rank."""
+    scaling: Literal["alpha_over_rank", "rslora"] = "alpha_over_rank"
+
+
+SharedExpert = Annotated[Union[LoRA, SharedExperts], Field(discriminator="kind")]
 
 
 class PerExpert(SpecModel):
@@ -124,8 +150,20 @@ def _check_switch_router(router, aux_losses: list) -> None:
                              f"{router.kind!r} has none: use topk, dense, dense_train_topk, task or task_embedding")
 
 
+def _check_z_loss(router, aux_losses: list) -> None:
+    """``z_loss`` reads the router's logits ``x W_g``: the implicit and static routers have none."""
+    for j, aux in enumerate(aux_losses):
+        if isinstance(aux, RouterZLoss) and isinstance(router, (ImplicitTopKRouter, StaticRouter)):
+            raise ValueError(f"aux_losses[{j}].kind = 'z_loss' reads router logits; router.kind = {router.kind!r} "
+                             "has none: use a topk, dense or sigmoid_topk router, or remove the loss")
+
+
 class ExpertPool(SpecModel):
-    """``Δy = Σ_i g_i(x) · s · (x A_i) B_i`` (+ an optional always-on shared expert)."""
+    """``Δy = Σ_i g_i(x) · s_i · (x A_i) B_i`` (+ always-on shared experts).
+
+    Options every LoRA user expects: ``dropout`` (PEFT's ``lora_dropout`` on the experts' input,
+    the router reads ``x``), ``capacity_factor`` (tokens over an expert's capacity pass through
+    it), ``ranks`` (FlexMoRE: a rank per expert)."""
 
     kind: Literal["pool"] = "pool"
     experts: PositiveInt = 8
@@ -136,8 +174,9 @@ class ExpertPool(SpecModel):
     up: Literal["per_expert", "shared"] = "per_expert"
     router: Router = TopKRouter()
     aux_losses: list[AuxLoss] = []
-    shared_expert: LoRA | None = None
-    """An always-on LoRA added to the routed mixture (DeepSeek-style shared expert)."""
+    shared_expert: SharedExpert | None = None
+    """An always-on LoRA added to the routed mixture, or several of them (``kind:
+    "shared_experts"``, DeepSeekMoE). They read the experts' input (after ``dropout``)."""
     frozen_experts: bool = False
     """Keep the experts' A and B fixed (pre-trained adapters imported with ``mf.from_peft``:
     X-LoRA, MeteoRA, CAT, LoRA-Mixer's plug-and-play mode); only the router (and a shared
@@ -151,12 +190,26 @@ class ExpertPool(SpecModel):
     @classmethod
     def _from_sources(cls, data):
         return sources_defaults(data)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """PEFT's ``lora_dropout`` on the input of the experts' down-projections (and of the shared
+    experts) in training; the router reads ``x``."""
+    capacity_factor: float | None = Field(None, gt=0, le=64)
+    """Expert capacity (Switch/GShard): each expert takes at most ``C = ceil(factor · T · k / E)``
+    of the forward's ``T`` tokens, slots taken first choices first, then in token order; a
+    token over capacity passes the expert by (gate 0), counted by ``record_routing()``.
+    Needs a top-k router. ``None``: no capacity."""
+    ranks: list[PositiveInt] | None = None
+    """FlexMoRE: one rank per expert (``len(ranks) == experts``; ``rank`` is then not read).
+    Stored concatenated, ``A (Σ r_i, d_in)``, ``B (d_out, Σ r_i)``; scale ``alpha / r_i`` per
+    expert (``rslora``: ``alpha / sqrt(r_i)``; ``alpha_over_total_rank``: ``alpha / Σ r_i``)."""
 
     @model_validator(mode="after")
     def _check(self) -> "ExpertPool":
         r = self.router
         _check_switch_router(r, self.aux_losses)
         check_entropy_loss(r, self.aux_losses)
+        _check_z_loss(r, self.aux_losses)
+        self._check_options()
         if r.k is not None and r.k > self.experts:
             raise ValueError(
                 f"router.k = {r.k} exceeds experts = {self.experts}; use k <= experts or a dense router")
@@ -178,6 +231,37 @@ class ExpertPool(SpecModel):
                              "scale), more experts, or trainable experts")
         check_sources(self)
         return self
+
+    def _check_options(self) -> None:
+        """``capacity_factor``, ``ranks`` and a LoRA shared expert's own ``dropout``."""
+        if self.capacity_factor is not None and self.router.k is None:
+            raise ValueError(f"capacity_factor = {self.capacity_factor} limits the tokens of top-k experts; "
+                             f"router.kind = {self.router.kind!r} sends every token to every expert: use a "
+                             "top-k router or remove capacity_factor")
+        if self.dropout > 0 and isinstance(self.router, ImplicitTopKRouter):
+            raise ValueError(f"dropout = {self.dropout}: an implicit_topk router routes on x A, so dropout on A's "
+                             "input would change the routing; remove dropout")
+        if isinstance(self.shared_expert, LoRA) and self.shared_expert.magnitude:
+            raise ValueError("shared_expert.magnitude: DoRA magnitudes are an option of a LoRA site; a shared "
+                             "expert adds to routed experts, not to the frozen weight alone: remove it")
+        if isinstance(self.shared_expert, LoRA) and self.shared_expert.dropout > 0:
+            raise ValueError(f"shared_expert.dropout = {self.shared_expert.dropout}: a shared expert reads the "
+                             "pool's input; set the pool's dropout instead")
+        if self.ranks is None:
+            return
+        if len(self.ranks) != self.experts:
+            raise ValueError(f"ranks has {len(self.ranks)} entries for experts = {self.experts}: give one rank "
+                             "per expert")
+        if not isinstance(self.down, PerExpert) or self.up != "per_expert":
+            raise ValueError("ranks (one per expert) needs per-expert factors: down.kind = 'per_expert' and "
+                             "up = 'per_expert'")
+        if self.scaling == "alpha_over_active_rank":
+            raise ValueError("scaling = 'alpha_over_active_rank' is not defined with ranks (the active rank "
+                             "varies per token); use alpha_over_rank, rslora or alpha_over_total_rank")
+
+    def expert_ranks(self) -> list[int]:
+        """The rank of each expert."""
+        return list(self.ranks) if self.ranks is not None else [self.rank] * self.experts
 
 
 def sources_defaults(data):
@@ -226,11 +310,14 @@ class RankPartition(SpecModel):
     scaling: Scaling = "alpha_over_active_rank"
     router: Router = SigmoidTopKRouter()
     aux_losses: list[AuxLoss] = []
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """PEFT's ``lora_dropout`` on the input of the down-projection (training only)."""
 
     @model_validator(mode="after")
     def _check(self) -> "RankPartition":
         _check_switch_router(self.router, self.aux_losses)
         check_entropy_loss(self.router, self.aux_losses)
+        _check_z_loss(self.router, self.aux_losses)
         if self.rank % self.block:
             raise ValueError(f"rank = {self.rank} is not a multiple of block = {self.block}")
         if isinstance(self.router, ImplicitTopKRouter):
@@ -244,7 +331,8 @@ class RankPartition(SpecModel):
 
     def as_pool(self) -> ExpertPool:
         return ExpertPool(experts=self.rank // self.block, rank=self.block, alpha=self.alpha,
-                          scaling=self.scaling, router=self.router, aux_losses=self.aux_losses)
+                          scaling=self.scaling, router=self.router, aux_losses=self.aux_losses,
+                          dropout=self.dropout)
 
 
 class TreeLevel(SpecModel):
@@ -256,6 +344,8 @@ class TreeLevel(SpecModel):
     fanout: PositiveInt | None = 2
     alpha: float | None = Field(None, gt=0, le=MAX_ALPHA)
     """Per-level scale ``c_l = alpha / rank``; ``None``: ``c_l = 1`` (the official default)."""
+    scaling: Literal["alpha_over_rank", "rslora"] = "alpha_over_rank"
+    """With ``alpha``: ``c_l = alpha / rank`` or (rsLoRA) ``alpha / sqrt(rank)``."""
     key_dim: PositiveInt | None = None
     """Width of this pool's keys and queries (the official ``gate_dims[l]``); ``None``:
     ``router.key_dim``."""

@@ -29,6 +29,7 @@ __all__ = [
     "LocalizedBalance",
     "TsallisEntropy",
     "SoftLoadBalance",
+    "RouterZLoss",
     "AuxLoss",
     "check_entropy_loss",
 ]
@@ -179,9 +180,18 @@ class SoftLoadBalance(SpecModel):
     weight: float = Field(0.001, ge=0, le=MAX_LOSS_WEIGHT)
 
 
+class RouterZLoss(SpecModel):
+    """ST-MoE's router z-loss ``weight · mean_t (log Σ_i exp z_ti)²`` on the router logits
+    ``z = x W_g`` (before the temperature): keeps the logits small. Needs a router with logits
+    (``topk``, ``dense``, ``sigmoid_topk``)."""
+
+    kind: Literal["z_loss"] = "z_loss"
+    weight: float = Field(1e-3, ge=0, le=MAX_LOSS_WEIGHT)
+
+
 AuxLoss = Annotated[
     Union[SwitchLoadBalance, CV2ImportanceLoad, LocalizedBalance, TsallisEntropy, SoftLoadBalance, TaskRoutingLoss,
-          RSLLoss],
+          RSLLoss, RouterZLoss],
     Field(discriminator="kind"),
 ]
 

@@ -102,6 +102,9 @@ class Site(SpecModel):
             if ov.rank not in (None, 1) and isinstance(getattr(a, "router", None), ImplicitTopKRouter):
                 raise ValueError(f"target.overrides[{i}].rank = {ov.rank}: an implicit_topk router routes single "
                                  "ranks; remove the override's rank or set it to 1")
+            if isinstance(a, ExpertPool) and a.ranks is not None:
+                raise ValueError(f"target.overrides[{i}] changes experts or rank of a pool with one rank per "
+                                 "expert (ranks); give the ranks in a second site for those layers instead")
             if isinstance(a, ExpertPool) and ov.experts is not None:
                 k = a.router.k
                 if k is not None and k > ov.experts:
@@ -125,6 +128,9 @@ class Site(SpecModel):
             raise ValueError("adapter.router.kind = 'top_p': FFN-block experts take a fixed number of experts per "
                              "token (topk, dense, sigmoid_topk, static); use scope 'linear' for DynMoLE's top-p "
                              "routing (per adapted linear, as the dynmole preset does)")
+        if a.dropout > 0 or a.ranks is not None:
+            raise ValueError("adapter: dropout and ranks (one per expert) are defined for scope 'linear' pools; "
+                             "FFN-block experts take neither: remove them or use scope 'linear'")
         attention = [r for r in self.target.roles if r not in _FFN_ROLES]
         if attention:
             raise ValueError(f"target.roles {attention}: scope 'ffn_block' routes FFN blocks, whose linears are "

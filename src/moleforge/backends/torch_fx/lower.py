@@ -48,6 +48,7 @@ from ..runtime import ops, ops_block, ops_core, ops_linear, ops_mixer, ops_task,
 from ..runtime.dist import WORLD
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
+from . import lower_basics
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
 __all__ = ["lower", "counts_name", "runs_as_routed_ffn", "EMIT", "ROUTE"]
@@ -482,3 +483,12 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     for n in joined:
         c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
     return gm
+
+
+# ---- input dropout, capacity, z-loss, ragged pools, DoRA (basics_nodes) ---------------------
+
+EMIT.add(lower_basics.emit_dropout, nodes.Dropout)
+EMIT.add(lower_basics.emit_capacity, nodes.CapacityLimit)
+EMIT.add(lower_basics.emit_z_loss, nodes.ZLoss)
+EMIT.add(lower_basics.emit_ragged, nodes.RaggedMix)
+EMIT.add(lower_basics.emit_magnitude, nodes.Magnitude)
