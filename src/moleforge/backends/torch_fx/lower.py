@@ -46,6 +46,7 @@ from ...ir import (
 )
 from ..runtime import ops, ops_block, ops_linear
 from ..runtime.dist import WORLD
+from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
@@ -69,6 +70,8 @@ class _Ctx:
         self.groups = groups
         self.policy = policy
         self._policy: fx.Node | None = None
+        self._pack_cache: fx.Node | None = None
+        self._eval_aux: fx.Node | None = None
         self.ir = graph
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -129,19 +132,43 @@ class _Ctx:
             case BlockRows(src=s):
                 out = self.call(ops.block_rows, (self.expr(s),), f"rows_{format_expr(s)}")
             case BlockColumns(src=s):
-                out = self.call(ops.block_columns, (self.expr(s),), f"cols_{format_expr(s)}")
+                out = self.call(packed_columns, (self.pack_cache, f"cols_{format_expr(s)}", self.expr(s)),
+                                f"cols_{format_expr(s)}")
             case Pick(src=s, index=i) if expr_shape(s)[0] == 1:  # a shared factor: a view, no copy back
                 out = self.call(torch.squeeze, (self.expr(s), 0), f"{format_expr(s)}_{i}")
             case Pick(src=s, index=i):
                 out = self.item(self.expr(s), i, f"{format_expr(s)}_{i}")
             case Concat(parts=ps, dim=0):
-                out = self.call(torch.cat, (self._whole_rows(ps), 0), "fused_weight")
+                out = self._cat(self._whole_rows(ps), 0)
             case Concat(parts=ps, dim=d):
-                out = self.call(torch.cat, ([self.expr(p) for p in ps], d), "fused_weight")
+                out = self._cat([self.expr(p) for p in ps], d)
             case _:
                 raise LoweringError(f"no lowering for parameter expression {e!r}")
         self.exprs[e] = out
         return out
+
+    @property
+    def eval_aux(self) -> dict[str, fx.Node]:
+        """``eval_aux=``: the module's ``eval_aux``, whether its aux losses are computed in
+        evaluation mode without autograd too (``ops_decode.aux_wanted``)."""
+        if self._eval_aux is None:
+            self._eval_aux = self.g.get_attr("eval_aux")
+        return {"eval_aux": self._eval_aux}
+
+    @property
+    def pack_cache(self) -> fx.Node:
+        """The module's :class:`~moleforge.backends.runtime.packed.PackCache`: weight-only
+        tensors kept between forwards without autograd (the decode path)."""
+        if self._pack_cache is None:
+            self._pack_cache = self.g.get_attr("pack_cache")
+        return self._pack_cache
+
+    def _cat(self, parts: list[fx.Node], dim: int) -> fx.Node:
+        name = "fused_weight"
+        unique, i = name, 1
+        while unique in self._names:
+            unique, i = f"{name}_{i}", i + 1
+        return self.call(packed_cat, (self.pack_cache, unique, parts, dim), name)
 
     def _whole_rows(self, parts: tuple[ParamExpr, ...]) -> list[fx.Node]:
         """The parts of a row concatenation, with each run ``Pick(p, 0), ..., Pick(p, E-1)`` that
@@ -242,7 +269,8 @@ def _pool(c: _Ctx, n) -> fx.Node:
     args = (c.env[n.src], _gates(c, n.routing))
     if isinstance(n, nodes.GroupedMix):
         idx = routing_field(c, n.routing, Routing, "index", f"{n.routing}_index")
-        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id, c.kernels)
+        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id,
+                      {**c.kernels, "cache": c.pack_cache, "name": n.id})
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
@@ -271,13 +299,14 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
         gates = _gates(c, n.routing)
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
         index = routing_field(c, n.routing, Routing, "index", f"{n.id}_index")
-        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask, c.training, c.stat_group), n.id)
+        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask, c.training, c.stat_group), n.id,
+                      c.eval_aux)
     if n.kind == "cv2_importance_load":
         return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask, c.training, c.stat_group),
-                      n.id)
+                      n.id, c.eval_aux)
     probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
     return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask, c.training,
-                                          c.stat_group), n.id)
+                                          c.stat_group), n.id, c.eval_aux)
 
 
 def _plan(c: _Ctx, rid: str) -> fx.Node:
@@ -357,6 +386,8 @@ class _Root(nn.Module):
     def __init__(self, store: nn.Module, graph: Graph, policy: KernelPolicy):
         super().__init__()
         self.kernel_policy = policy
+        self.pack_cache = PackCache()
+        self.eval_aux = False
         for name, t in list(store.named_parameters(recurse=False)) + list(store.named_buffers(recurse=False)):
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
@@ -450,6 +481,8 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     gm.noise_generator = None
     gm.stat_group = WORLD
     gm.kernel_policy = policy
+    gm.pack_cache = root.pack_cache
+    gm.eval_aux = False
     gm.sibling_group = root.sibling_group
     _keep_unread_tensors(gm, root, graph)
     for n in joined:
