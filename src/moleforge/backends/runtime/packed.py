@@ -7,10 +7,10 @@ small against ``T`` tokens; in a decoding step (one token per sequence) it is mo
 site's time. Without autograd (``torch.no_grad()``, ``torch.inference_mode()``) a
 :class:`PackCache` keeps each such tensor and rebuilds it only when a source changed.
 
-A source "changed" when its storage address, shape, strides, dtype or version counter did:
-an optimizer step, ``load_state_dict``, ``copy_`` or ``.to()`` all change one of them. The
-cache holds the sources it was built from, so their storage cannot be freed and its address
-reused while an entry refers to it. With autograd enabled, or while ``torch.compile`` traces,
+A source "changed" when its data address, shape or version counter did: an optimizer step,
+``load_state_dict``, ``copy_``, ``.data = …`` or ``.to()`` all change one of them. The cache
+holds the sources it was built from, so their storage cannot be freed and its address reused
+by another tensor while an entry refers to it. With autograd enabled, or while ``torch.compile`` traces,
 nothing is cached: the tensors are built as before, with their graph.
 """
 
@@ -31,7 +31,7 @@ def caching() -> bool:
 
 def _key(sources: Sequence[Tensor]) -> tuple | None:
     try:
-        return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version) for t in sources)
+        return tuple((t.data_ptr(), t._version, t.shape) for t in sources)
     except RuntimeError:  # an inference tensor has no version counter: build afresh
         return None
 

@@ -53,6 +53,8 @@ class SiblingGroup:
     def __init__(self, name: str):
         self.name = name
         self._members: list[tuple[nn.Module, ParamExpr, ParamExpr | None, int, int]] = []
+        self._refs: list[tuple[nn.Module, str]] = []
+        """Every member tensor the fused weights read, as ``(module, attribute)``."""
         self._key: tuple | None = None
         self._base: Tensor | None = None
         self._parts: dict[int, Tensor] = {}
@@ -66,6 +68,8 @@ class SiblingGroup:
         """Add a member whose linear is columns ``[start:stop]`` of the group's GEMM."""
         self._members.append((module, weight, bias, start, stop))
         self._members.sort(key=lambda m: m[3])
+        self._refs = [(module, r.name) for module, w, b, _, _ in self._members
+                      for e in (w, b) if e is not None for r in expr_refs(e)]
 
     @property
     def width(self) -> int:
@@ -98,8 +102,7 @@ class SiblingGroup:
         return torch.cat(weights), bias
 
     def _sources(self) -> list[Tensor]:
-        return [getattr(module, r.name) for module, w, b, _, _ in self._members
-                for e in (w, b) if e is not None for r in expr_refs(e)]
+        return [getattr(module, name) for module, name in self._refs]
 
     def _fuse(self, x: Tensor, base: Tensor, key: tuple) -> None:
         weight, bias = self._packed.get("weights", self._sources(), self._fused_weights)
@@ -116,8 +119,7 @@ class SiblingGroup:
         return getattr(module, expr_refs(w)[0].name).device
 
     def _weight_versions(self) -> int:
-        return sum(getattr(module, r.name)._version for module, w, b, _, _ in self._members
-                   for e in (w, b) if e is not None for r in expr_refs(e))
+        return sum(getattr(module, name)._version for module, name in self._refs)
 
     def __repr__(self) -> str:
         return f"SiblingGroup({self.name!r}, {len(self._members)} members, {self.width} columns)"
