@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed generations per configuration (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new", type=int, default=32, help="new tokens per generation")
-    parser.add_argument("--vocab", type=int, default=2048, help="the train-step Llama's vocabulary (small: the LM head does not hide the adapters)")
+    parser.add_argument("--vocab", type=int, default=2048,
+                        help="the train-step Llama's vocabulary (small: the LM head does not hide the adapters)")
     parser.add_argument("--models", nargs="*", default=["llama", "smollm2"])
     parser.add_argument("--only", nargs="*", help="configurations to run (the base always runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
