@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from train_step import PROJECTIONS, build_base  # noqa: E402
+
 import moleforge as mf  # noqa: E402
 from moleforge.interop.atomic import atomic_write  # noqa: E402
-from train_step import PROJECTIONS, build_base  # noqa: E402
 
 PRESETS = ["lora", "molora", "mixlora", "smore"]
 BATCHES = (1, 8)

@@ -160,8 +160,8 @@ class AdaptedLinear(nn.Module):
 
     def _run_inference(self, x: torch.Tensor, flat: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         """Evaluation mode without autograd (generation, evaluation), no aux loss asked for
-        (``handle.eval_aux``): no samples and no padding mask; nothing to replay in a backward. The mask is read only for a
-        routing log, which counts real tokens."""
+        (``handle.eval_aux``): no samples and no padding mask; nothing to replay in a backward.
+        The mask is read only for a routing log, which counts real tokens."""
         log = self._collector.routing_log
         mask = self._collector.token_mask(x) if log is not None else None
         y, _, routes = self.site(flat, None, acc=acc, mask=mask)

@@ -126,7 +126,7 @@ def _route(xd: Tensor, meta: tuple, params, tables: tuple) -> tuple[tuple, list,
     """The forward of :class:`_Route` from the weight ``tables`` (:func:`_tables`): its outputs,
     what the backward reads per pool, and the token part of the first query layers."""
     fanouts, gate, official, qact, temperature = meta
-    L, (T, m) = len(fanouts), xd.shape
+    L, T = len(fanouts), xd.shape[0]
     w_tok, b_tok, anc_tables, kw2s, kb2s = tables
     widths = _widths(params)
     token_parts = F.linear(xd, w_tok, b_tok).split(widths, dim=1)  # (T, g_l) each
@@ -136,7 +136,7 @@ def _route(xd: Tensor, meta: tuple, params, tables: tuple) -> tuple[tuple, list,
     for l in reversed(range(L)):
         s, g = params[5 * l].shape
         pre = token_parts[l].unsqueeze(1)  # (T, 1, g)
-        for table, (j, e) in zip(anc_tables[l], ancestors):
+        for table, (_, e) in zip(anc_tables[l], ancestors):
             pre = pre + F.embedding(e, table)  # (T, C, g)
         C = pre.shape[1]
         h = act_(qact, pre.reshape(T * C, g))  # in place: pre is read by nothing else

@@ -35,8 +35,8 @@ import torch
 from .. import cpu as cpu_kernels
 from .. import triton as triton_backend
 
-__all__ = ["KernelPolicy", "TORCH_OPS", "DECODE_TOKENS", "TRITON_VERIFIED_DEVICES", "TRITON_DTYPES", "CPU_KERNEL_DTYPES",
-           "INTERPRETER_EXCLUDED_DTYPES", "Setting"]
+__all__ = ["KernelPolicy", "TORCH_OPS", "DECODE_TOKENS", "TRITON_VERIFIED_DEVICES", "TRITON_DTYPES",
+           "CPU_KERNEL_DTYPES", "INTERPRETER_EXCLUDED_DTYPES", "Setting"]
 
 Setting = Literal["auto", "on", "off"]
 
