@@ -14,6 +14,11 @@ one GEMM (``siblings.SiblingGroup``); without its group it is a plain linear.
 The ops with a kernel choice (sparse pools, residual trees, routed FFN blocks) get the module's
 kernel policy (``runtime/policy.py``), its constant attribute ``kernel_policy``, as their
 ``policy`` argument; the C++ CPU kernel is built here when that policy may choose it.
+
+The decode path (``runtime/ops_decode.py``): tensors built from weights alone (fused
+down-projections, block columns, tree tables) go through the module's ``pack_cache``
+(``runtime/packed.py``), which keeps them between forwards without autograd; the aux losses
+read the module's ``eval_aux`` (``False``: none in evaluation mode without autograd).
 """
 
 from __future__ import annotations
@@ -356,7 +361,7 @@ def _routed_ffn(c: _Ctx, n: nodes.ExpertHidden) -> fx.Node:
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
     down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
-    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, c.kernels)
+    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, {**c.kernels, "cache": c.pack_cache})
     c.fused[total.id] = c.item(out, 0, total.id)
     if lora is not None:
         c.fused[lora.id] = c.item(out, 1, lora.id)
