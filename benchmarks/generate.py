@@ -118,7 +118,7 @@ def run_model(label: str, base: nn.Module, vocab: int, args) -> dict:
     print(f"\n{label}")
     configs = build_configs(base, set(args.only) if args.only else None)
     results = {}
-    for batch in BATCHES:
+    for batch in args.batches:
         ids = torch.randint(1, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
         results[f"batch_{batch}"] = summarise(measure(configs, ids, args.new, args.rounds), args.new, batch)
     return results
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048,
                         help="the train-step Llama's vocabulary (small: the LM head does not hide the adapters)")
     parser.add_argument("--models", nargs="*", default=["llama", "smollm2"])
+    parser.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
     parser.add_argument("--only", nargs="*", help="configurations to run (the base always runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
     args = parser.parse_args()
@@ -151,7 +152,7 @@ def main() -> None:
             models["smollm2_135m"] = run_model("SmolLM2-135M-Instruct", model, len(tok), args)
     result = {
         "benchmark": "generate",
-        "config": {"new_tokens": args.new, "prompt_tokens": PROMPT, "batches": list(BATCHES), "dtype": "float32",
+        "config": {"new_tokens": args.new, "prompt_tokens": PROMPT, "batches": args.batches, "dtype": "float32",
                    "threads": args.threads, "rounds": args.rounds, "greedy": True, "kv_cache": True},
         "ratio": "median over rounds of (generation time / the base generation run just before it), in one run",
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
