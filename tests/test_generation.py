@@ -102,3 +102,14 @@ def test_grouped_pools_decode_densely_and_give_the_planned_forms_logits():
         assert all((node in cache._entries) == (tokens > 0) for cache, node in grouped)
     assert torch.equal(logits[0][0], logits[16][0])
     assert_close(logits[16][1], logits[0][1], "float32_model")
+
+
+def test_explain_shows_which_form_runs_at_which_sizes():
+    spec = mf.AdapterSpec(sites=[mf.Site(target=mf.Target(roles=["q"]), adapter=mf.ExpertPool(
+        experts=6, rank=4, alpha=8, router=mf.TopKRouter(k=2)))])
+    text = " ".join(mf.explain(mf.plan(spec, tiny("llama", layers=1), passes=(group_pools,))).split())  # unwrapped
+    assert "grouped GEMMs over each token's top-2 experts" in text
+    assert "at <= 16 tokens (decode path): all 24 ranks in one dense GEMM, gated after" in text
+    assert "kernels: decode path: sparse pools at <= 16 tokens per site as one dense GEMM" in text
+    off = mf.plan(spec, tiny("llama", layers=1), passes=(group_pools,), policy=KernelPolicy(decode_tokens=0))
+    assert "decode path): all" not in mf.explain(off)
