@@ -114,14 +114,15 @@ def summarise(samples: dict[str, dict], new: int, batch: int) -> dict[str, dict]
     return out
 
 
-def run_model(label: str, base: nn.Module, vocab: int, args) -> dict:
+def run_model(label: str, base: nn.Module, vocab: int, args, batches: list[int], results: dict, save) -> None:
+    """Every configuration of ``base`` at each batch size, into ``results``; ``save()`` after each
+    (a long run keeps what it measured)."""
     print(f"\n{label}")
     configs = build_configs(base, set(args.only) if args.only else None)
-    results = {}
-    for batch in args.batches:
+    for batch in batches:
         ids = torch.randint(1, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
         results[f"batch_{batch}"] = summarise(measure(configs, ids, args.new, args.rounds), args.new, batch)
-    return results
+        save()
 
 
 def main() -> None:
@@ -133,15 +134,32 @@ def main() -> None:
                         help="the train-step Llama's vocabulary (small: the LM head does not hide the adapters)")
     parser.add_argument("--models", nargs="*", default=["llama", "smollm2"])
     parser.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    parser.add_argument("--smollm2-batches", nargs="*", type=int, default=None,
+                        help="batch sizes for SmolLM2 (default: --batches)")
     parser.add_argument("--only", nargs="*", help="configurations to run (the base always runs)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
-    models = {}
+    models: dict = {}
+
+    def save() -> None:
+        result = {
+            "benchmark": "generate",
+            "config": {"new_tokens": args.new, "prompt_tokens": PROMPT, "dtype": "float32", "threads": args.threads,
+                       "rounds": args.rounds, "greedy": True, "kv_cache": True},
+            "ratio": "median over rounds of (generation time / the base generation run just before it), in one run",
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                            "load_average_before": load_before, "load_average_now": list(os.getloadavg())},
+            "models": models,
+        }
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+
     if "llama" in args.models:
-        models[f"llama_vocab{args.vocab}"] = run_model(f"train-step Llama, vocabulary {args.vocab}",
-                                                       build_base(args.vocab), args.vocab, args)
+        models[f"llama_vocab{args.vocab}"] = {}
+        run_model(f"train-step Llama, vocabulary {args.vocab}", build_base(args.vocab), args.vocab, args,
+                  args.batches, models[f"llama_vocab{args.vocab}"], save)
     if "smollm2" in args.models:
         try:
             from moleforge.pretrained import load_smollm2
@@ -149,18 +167,10 @@ def main() -> None:
         except ImportError as e:
             print(f"\nSmolLM2-135M skipped: {e}")
         else:
-            models["smollm2_135m"] = run_model("SmolLM2-135M-Instruct", model, len(tok), args)
-    result = {
-        "benchmark": "generate",
-        "config": {"new_tokens": args.new, "prompt_tokens": PROMPT, "batches": args.batches, "dtype": "float32",
-                   "threads": args.threads, "rounds": args.rounds, "greedy": True, "kv_cache": True},
-        "ratio": "median over rounds of (generation time / the base generation run just before it), in one run",
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "load_average_before": load_before, "load_average_after": list(os.getloadavg())},
-        "models": models,
-    }
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+            batches = args.smollm2_batches if args.smollm2_batches is not None else args.batches
+            models["smollm2_135m"] = {}
+            run_model("SmolLM2-135M-Instruct", model, len(tok), args, batches, models["smollm2_135m"], save)
+    save()
     print(f"\nwrote {args.out}")
 
 
