@@ -262,6 +262,7 @@ def test_eval_mode_sites_follow_the_model():
 def test_sample_types_drive_localized_balancing():
     model = tiny("llama")
     h = mf.compile("loramoe", model)
+    h.eval_aux()  # evaluation mode without autograd computes no aux loss unless asked
     ids = batch(B=2)
     with torch.no_grad():
         for p in h.trainable_parameters():

@@ -59,6 +59,11 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     assert losses[-1] < losses[0] - 1e-3, f"loss did not fall: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
     model.eval()
+    with torch.no_grad():  # evaluation without autograd: no aux loss unless asked for
+        plain = model(input_ids=ids, labels=ids)
+    assert handle.aux_loss() is None
+    assert_close(plain.loss, _ce(arch, plain.logits, ids), "float32_model")
+    handle.eval_aux()
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids, **tasks)
     aux = handle.aux_loss()

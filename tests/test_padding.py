@@ -38,8 +38,11 @@ TYPES = torch.tensor([0, 1])
 
 
 def _compiled(name: str, arch: str = "llama"):
+    """The model and its handle, with aux losses computed in evaluation mode without autograd too."""
     model = tiny(arch)
-    return model, mf.compile(SPECS[name].with_init(INIT), model)
+    handle = mf.compile(SPECS[name].with_init(INIT), model)
+    handle.eval_aux()
+    return model, handle
 
 
 def _pad(real: torch.Tensor, pad: int, sides: tuple[str, ...]):
@@ -223,6 +226,7 @@ def test_localized_balance_does_not_depend_on_where_a_padding_row_sits(types):
     first or last (the samples are the rows with a real token), and that of the real row alone."""
     model = tiny("llama")
     handle = mf.compile(mf.presets.load("loramoe").with_init(INIT), model)
+    handle.eval_aux()
     real = batch(seed=6, B=1, S=6)
     runs = []
     for first in (True, False):

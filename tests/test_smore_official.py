@@ -60,6 +60,7 @@ def _model_for(t: dict[str, torch.Tensor]) -> Holder:
 def _check_against_official(meta: dict, t: dict[str, torch.Tensor], source) -> mf.AdapterHandle:
     model = _model_for(t)
     handle = mf.import_smore_official(model, source, meta["official_config"])
+    handle.eval_aux()  # the official layer's aux loss, in evaluation mode without autograd
     with torch.no_grad():
         y = model(t["x"])
     assert (y - t["y"]).abs().max().item() <= REF_TOL

@@ -151,6 +151,9 @@ def test_describe_one_line_per_op_family():
         "residual trees: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
         "routed FFN blocks: compiled CPU kernel on CPU float32/float64 tensors (built when a routed FFN block "
         "is lowered for a CPU), torch ops elsewhere",
+        "decode path: sparse pools at <= 16 tokens per site as one dense GEMM of all experts, gated after (no "
+        "sort, gather or scatter), in their planned form above; without autograd, weights packed once and kept "
+        "between calls; no aux losses in evaluation mode without autograd (handle.eval_aux asks for them)",
     ]
     on = KernelPolicy(triton="on", cpu="off", has_triton=True).describe()
     assert on[0].startswith("sparse pools: Triton kernels on CUDA tensors of float32, float16 and bfloat16 "
@@ -214,7 +217,7 @@ def test_lowering_with_an_explicit_policy_bakes_the_choice(monkeypatch, setting,
     calls = _spy_grouped(monkeypatch)
     monkeypatch.setenv("MOLEFORGE_TRITON", "0" if launched else "1")
     graph = _pool_graph()
-    gm = lower(graph, _store(graph), policy=KernelPolicy(triton=setting, interpret=True))
+    gm = lower(graph, _store(graph), policy=KernelPolicy(triton=setting, interpret=True, decode_tokens=0))
     gm(torch.randn(5, 8))
     assert bool(calls) == launched
 
@@ -274,7 +277,7 @@ def test_a_forward_reads_no_environment_variable_and_keeps_the_compile_time_choi
     recording = _Recording(os.environ)
     monkeypatch.setattr(os, "environ", recording)
     for model in (pooled, blocks):
-        model(input_ids=batch(B=1, S=4)).logits.sum().backward()
+        model(input_ids=batch(B=1, S=20)).logits.sum().backward()  # above the decode path's sizes
     monkeypatch.undo()
     assert bool(calls) == (flag == "1") and bool(cpu_calls) == (flag == "1")
     assert not [k for k in recording.read if k.startswith("MOLEFORGE_")], recording.read

@@ -32,7 +32,8 @@ from tolerances import assert_close
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DEVICE = "cuda"
-TRITON = KernelPolicy(triton="on", cpu="off", interpret=False, has_triton=True)
+TRITON = KernelPolicy(triton="on", cpu="off", interpret=False, has_triton=True,
+                      decode_tokens=0)  # the kernels at every size
 """The Triton kernels on CUDA tensors (``MOLEFORGE_TRITON=1``)."""
 
 

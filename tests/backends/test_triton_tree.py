@@ -27,8 +27,8 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton kernels on CPU tensors, in Triton's interpreter")
 
-TRITON = KernelPolicy(triton="on", cpu="off", interpret=True)
-"""The Triton kernels, on CPU tensors in the interpreter."""
+TRITON = KernelPolicy(triton="on", cpu="off", interpret=True, decode_tokens=0)
+"""The Triton kernels, on CPU tensors in the interpreter, at every size (no decode path)."""
 
 
 @st.composite

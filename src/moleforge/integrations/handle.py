@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..interop.own_format import save
 from ..ir import Route
 from ..report.explain import explain_plan
+from .handle_inference import InferenceControls
 from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
 from .tasks import ContinualTasks
@@ -221,7 +222,7 @@ def _unignore_in_ddp(model: nn.Module, added: list[str]) -> None:
         delattr(model, _DDP_IGNORE)
 
 
-class AdapterHandle(ContinualTasks):
+class AdapterHandle(ContinualTasks, InferenceControls):
     """A compiled adapter living inside ``model``.
 
     While it is injected, the model's forward adds the aux losses to ``outputs.loss`` (see

@@ -147,6 +147,8 @@ class AdaptedLinear(nn.Module):
 
     def _run(self, x: torch.Tensor, flat: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
+        if not self.training and not torch.is_grad_enabled() and not getattr(self.site, "eval_aux", False):
+            return self._run_inference(x, flat, acc)
         gen = getattr(self.site, "noise_generator", None)
         recompute = in_backward()
         if not recompute:
@@ -169,6 +171,17 @@ class AdaptedLinear(nn.Module):
         """The frozen ``W (d_out, d_in)`` (a view; a ``Conv1D`` stores it ``(d_in, d_out)``)."""
         w = self.base_layer.weight
         return w if isinstance(self.base_layer, nn.Linear) else w.t()
+
+    def _run_inference(self, x: torch.Tensor, flat: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+        """Evaluation mode without autograd (generation, evaluation), no aux loss asked for
+        (``handle.eval_aux``): no samples and no padding mask; nothing to replay in a backward.
+        The mask is read only for a routing log, which counts real tokens."""
+        log = self._collector.routing_log
+        mask = self._collector.token_mask(x) if log is not None else None
+        y, _, routes = self.site(flat, None, acc=acc, mask=mask)
+        if log is not None and routes:
+            log.append((self.site_name, logged_routes(routes, mask)))
+        return y
 
     def _samples(self, x: torch.Tensor):
         # sample index per token for (batch, seq, d) inputs; one sample otherwise

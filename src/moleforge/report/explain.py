@@ -35,6 +35,7 @@ from ..ir import (
     TreeMix,
     TreePathGates,
     TreePropagate,
+    TreeRoute,
     nodes,
     print_graph,
 )
@@ -74,7 +75,7 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])
-        texts.append(_group(members, plan.pipeline, ir, shown.get(structure)))
+        texts.append(_group(members, plan.pipeline, ir, shown.get(structure), plan.policy.decode_tokens))
         shown.setdefault(structure, where([m.name for m in members]))
     return "\n".join(head) + "\n\n" + "\n\n".join(texts) + "\n"
 
@@ -83,7 +84,8 @@ def _kernel_families(sites: list[SiteRow]) -> list[str]:
     """The op families whose kernel the policy chooses that these sites run."""
     kinds = {type(n) for s in sites for n in s.final.nodes}
     used = {"grouped": GroupedMix in kinds, "tree": bool(kinds & {TreeMix, TreePropagate}),
-            "routed_ffn": bool(kinds & {ExpertFFN, ExpertHidden})}
+            "routed_ffn": bool(kinds & {ExpertFFN, ExpertHidden}),
+            "decode": bool(kinds & {Route, TreeRoute})}
     return [family for family, yes in used.items() if yes]
 
 
@@ -126,9 +128,10 @@ def _shape_text(g: Graph) -> str:
     return re.sub(r"group=\S*?(\{[^}]*\})", r"group=\1", text)
 
 
-def _group(members: list[SiteRow], pipeline: Sequence[Pass], ir: IRView, same_as: str | None) -> str:
+def _group(members: list[SiteRow], pipeline: Sequence[Pass], ir: IRView, same_as: str | None,
+           decode_tokens: int = 0) -> str:
     first = members[0]
-    lines = block_fields(members) if _is_block(first) else _linear_fields(members, pipeline)
+    lines = block_fields(members) if _is_block(first) else _linear_fields(members, pipeline, decode_tokens)
     if ir == "none":
         return "\n".join(lines)
     if same_as is not None:
@@ -143,7 +146,7 @@ def _count(members: list[SiteRow]) -> str:
     return f"{len(members)} sites" if len(members) > 1 else "1 site"
 
 
-def _linear_fields(members: list[SiteRow], pipeline: Sequence[Pass]) -> list[str]:
+def _linear_fields(members: list[SiteRow], pipeline: Sequence[Pass], decode_tokens: int = 0) -> list[str]:
     first = members[0]
     g, final = first.plain, first.final
     lines = [f"== {where([m.name for m in members])}  ({_count(members)}, d_in {g.d_in} -> d_out {g.d_out})"]
@@ -151,7 +154,7 @@ def _linear_fields(members: list[SiteRow], pipeline: Sequence[Pass]) -> list[str
     lines += field("parameters", parameters_text(g))
     lines += field("FLOPs/token", _flops(g, final))
     lines += field("base FLOPs", _base_flops(final))
-    lines += field("kernel", _kernel(final, pipeline))
+    lines += field("kernel", _kernel(final, pipeline, decode_tokens))
     sib = next((n for n in final.nodes if isinstance(n, SiblingLinear)), None)
     if sib is not None:
         members_text = sib.group[sib.group.find("{"):] if "{" in sib.group else sib.group
@@ -214,7 +217,7 @@ def _shared_text(g: Graph) -> str:
     return f", plus {len(group)} always-on shared LoRA experts of rank {group[0].shape[0]}"
 
 
-def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
+def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> str:
     tokens = next((p.tokens for p in pipeline if isinstance(p, ChoosePoolKernels)), ChoosePoolKernels().tokens)
     kinds = {type(n) for n in final.nodes}
     if PoolMix in kinds:
@@ -231,7 +234,7 @@ def _kernel(final: Graph, pipeline: Sequence[Pass]) -> str:
                     if n.grouped else
                     f"experts of their own ranks: dense block-gated LoRA of rank {sum(n.ranks)}")
         if isinstance(n, (GroupedMix, BlockGate, OuterGate)):
-            return _pool_kernel(final, n, tokens)
+            return _pool_kernel(final, n, tokens) + _decode_kernel(final, n, decode_tokens)
     return "plain LoRA: two GEMMs"
 
 
@@ -251,6 +254,14 @@ def _pool_kernel(g: Graph, n, tokens: int) -> str:
     cost = pool_cost(E, rank, g.d_in, g.d_out, k, tokens)
     return f"{form}; cost model at {tokens:,} tokens: dense {cost.dense / 1e6:.0f}M vs grouped " \
            f"{cost.grouped / 1e6:.0f}M multiply-add equivalents"
+
+
+def _decode_kernel(g: Graph, n, decode_tokens: int) -> str:
+    """Which form a grouped pool takes at the decode path's sizes (``KernelPolicy.decode_tokens``)."""
+    if not isinstance(n, GroupedMix) or decode_tokens == 0:
+        return ""
+    E, rank = g.routing(n.routing).experts, n.a.shape[1]
+    return f"; at <= {decode_tokens} tokens (decode path): all {E * rank} ranks in one dense GEMM, gated after"
 
 
 def _node_lines(g: Graph) -> list[str]:

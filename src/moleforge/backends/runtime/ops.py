@@ -17,6 +17,8 @@ from torch import Tensor
 
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
+from .ops_decode import aux_wanted, dense_mix
+from .packed import PackCache
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = [
@@ -136,7 +138,7 @@ def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) 
 
 
 def grouped_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, scale: float,
-                policy: KernelPolicy = TORCH_OPS) -> Tensor:
+                policy: KernelPolicy = TORCH_OPS, cache: PackCache | None = None, name: str = "grouped") -> Tensor:
     """Sparse pool: each expert runs only on the tokens that selected it. The ``P`` (token,
     expert) pairs are sorted by expert; one grouped GEMM gives every pair's ``h = A_e x``, a second
     ``B_e (s·g·h)``; a scatter-add sums each token's results. FLOPs ``P·r·(d_in + d_out)``.
@@ -147,8 +149,11 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Te
     device once). When the module's kernel ``policy`` chooses Triton for ``x``'s device and dtype
     (``policy.grouped_kernel``: float32/16, bfloat16), one fused Triton op does the sorted pairs'
     products and their scatter (``backends/triton/grouped.py``). The default policy runs the torch
-    ops.
+    ops. At the policy's decode sizes (``policy.decode``) all experts run densely
+    (``ops_decode.dense_mix``, their stacked factors kept by ``cache`` without autograd).
     """
+    if policy.decode(x.shape[0]):
+        return dense_mix(x, gates, a, b, scale, cache, name)
     tokens, w, counts = _pairs(gates, index, scale)  # (P,), (P,), (E,)
     if policy.grouped_kernel(x.device, x.dtype) == "triton":
         from moleforge.backends.triton.grouped import grouped_lowrank  # imports Triton
@@ -263,9 +268,12 @@ def _real_tokens(mask: Tensor) -> Tensor:
 
 
 def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float,
-              mask: Tensor | None = None, training: bool = False, group=None) -> Tensor:
+              mask: Tensor | None = None, training: bool = False, group=None, eval_aux: bool = True) -> Tensor:
     """``weight · E · Σ_i f_i P_i`` over the tokens (the real ones with a ``mask``); over the
-    tokens of every rank of ``group`` when it reduces (``dist.py``)."""
+    tokens of every rank of ``group`` when it reduces (``dist.py``). ``None`` in evaluation mode
+    without autograd unless ``eval_aux`` (``ops_decode.aux_wanted``), as every aux loss."""
+    if not aux_wanted(training, eval_aux):
+        return None
     T, E = probs.shape
     if index is None:
         counts = _token_sum((gates > 0).to(probs.dtype), mask)  # (E,)
@@ -284,9 +292,11 @@ def switch_lb(gates: Tensor, probs: Tensor, index: Tensor | None, weight: float,
 
 
 def cv2_importance_load(gates: Tensor, weight: float, mask: Tensor | None = None, training: bool = False,
-                        group=None) -> Tensor:
+                        group=None, eval_aux: bool = True) -> Tensor:
     """``weight · (CV²(importance) + CV²(load))`` over the tokens (the real ones with a ``mask``);
     of every rank's tokens when ``group`` reduces."""
+    if not aux_wanted(training, eval_aux):
+        return None
     importance = _token_sum(gates, mask)  # (E,)
     load = _token_sum((gates > 0).to(gates.dtype), mask)  # (E,)
     pg = reduce_group(group, training)
@@ -297,12 +307,14 @@ def cv2_importance_load(gates: Tensor, weight: float, mask: Tensor | None = None
 
 def localized_balance(probs: Tensor, samples: tuple[Tensor, Tensor | None] | None, weight: float,
                       delta: float, groups: int, mask: Tensor | None = None, training: bool = False,
-                      group=None) -> Tensor:
+                      group=None, eval_aux: bool = True) -> Tensor:
     """LoRAMoE's localized balance; with a ``mask``, that of the real tokens alone (their
     probabilities, sample indices and types), as if the padding had never been there. The
     samples are those that hold a token (a real one, with a ``mask``), wherever they sit in the
     batch: an all-padding row counts as no sample. When ``group`` reduces, the CV² is that of
     every rank's samples together (each rank's samples are distinct samples)."""
+    if not aux_wanted(training, eval_aux):
+        return None
     T, E = probs.shape
     pg = reduce_group(group, training)
     if samples is None:
@@ -339,8 +351,10 @@ def _cv2_over_ranks(v: Tensor, group) -> Tensor:
     return (sq / (n - 1)) / (mean ** 2 + 1e-10)
 
 
-def add_aux(*terms: Tensor) -> Tensor:
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
+def add_aux(*terms: Tensor | None) -> Tensor | None:
+    """The sum of the aux terms that were computed (``None`` when none was)."""
+    total = None
+    for t in terms:
+        if t is not None:
+            total = t if total is None else total + t
     return total

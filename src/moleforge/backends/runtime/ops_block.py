@@ -19,6 +19,7 @@ from torch import Tensor
 from ..cpu.routed_ffn import token_routed_ffn
 from .ops_block_fused import CHUNK, RoutedFFN
 from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
+from .packed import PackCache, caching, packed
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["ACTIVATIONS", "SlotPlan", "slot_plan", "expert_hidden", "routed_ffn", "expert_sum", "expert_lora",
@@ -105,17 +106,20 @@ def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | 
 def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
                gate_base: Tensor | None, activation: str, down_a: Tensor | None = None, down_b: Tensor | None = None,
                down_scale: float = 1.0, chunk: int = CHUNK,
-               policy: KernelPolicy = TORCH_OPS) -> tuple[Tensor, Tensor | None]:
+               policy: KernelPolicy = TORCH_OPS, cache: PackCache | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a (E, r, d_ff)``, ``down_b
     (E, d_out, r)``) :func:`expert_lora` of it: ``((T, d_ff), (T, d_out) or None)``. Needs the shared
     frozen projections. Where the module's kernel ``policy`` chooses it (``routed_ffn_kernel``: CPU
     float32/float64 tensors, the kernel built at lowering) the compiled kernel runs it token by
     token (``backends.cpu``); otherwise ``RoutedFFN`` runs it expert by expert in cache, in runs of
-    ``chunk`` values."""
+    ``chunk`` values. Without autograd the CPU kernel's packed factors are kept by ``cache``
+    (``packed.py``)."""
     if policy.routed_ffn_kernel(up_base.device, up_base.dtype) == "cpu":
         _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
-        zu, zg = _all_z(x, up[2], ga)
-        return token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb,
+        zu, zg = _all_z(x, up[2], ga, cache=cache)
+        ub, gb, down_b = (_kernel_layout(cache, name, b) for name, b in (("up_b", up[3]), ("gate_b", gb),
+                                                                          ("down_b", down_b)))
+        return token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, ub, up[4], gate_base, zg, gb,
                                 gs, down_a, down_b, down_scale)
     zu = None if up[2] is None else _expert_z(x, plan, up[2])
     zg = None if gate is None or gate[2] is None else _expert_z(x, plan, gate[2])
@@ -125,14 +129,23 @@ def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
     return y, (None if down_a is None else expert_lora_up(z, plan, down_b, down_scale))
 
 
-def _all_z(x: Tensor, *factors: Tensor | None) -> list[Tensor | None]:
+def _kernel_layout(cache: PackCache | None, name: str, b: Tensor | None) -> Tensor | None:
+    """Without autograd, an up factor ``(E, F, r)`` kept by ``cache`` with its transpose contiguous,
+    the layout the CPU kernel reads (its launcher's copy is then a no-op); otherwise ``b``."""
+    if b is None or cache is None or not caching():
+        return b
+    return packed(cache, name, (b,), lambda: b.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def _all_z(x: Tensor, *factors: Tensor | None, cache: PackCache | None = None) -> list[Tensor | None]:
     """Every expert's ``x_t A_eᵀ`` for each ``A (E, r, d)`` given (``None`` gives ``None``), all in one
-    GEMM: ``(T, E, r)`` each, slices of its ``(T, Σ E·r)`` output."""
+    GEMM: ``(T, E, r)`` each, slices of its ``(T, Σ E·r)`` output; the stacked factors kept by
+    ``cache`` without autograd."""
     present = [a for a in factors if a is not None]
     if not present:
         return [None] * len(factors)
-    stacked = torch.cat([a.reshape(-1, a.shape[2]) for a in present]) if len(present) > 1 else \
-        present[0].reshape(-1, present[0].shape[2])
+    stacked = packed(cache, "all_z", present, lambda: torch.cat([a.reshape(-1, a.shape[2]) for a in present])) \
+        if len(present) > 1 else present[0].reshape(-1, present[0].shape[2])
     z = F.linear(x, stacked)  # (T, Σ E·r)
     out, col = [], 0
     for a in factors:

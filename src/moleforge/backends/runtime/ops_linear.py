@@ -46,9 +46,16 @@ class NarrowLinear(torch.autograd.Function):
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``F.linear``, through :class:`NarrowLinear` when ``x`` is 2-D and ``w`` has a narrow side."""
-    if x.dim() == 2 and min(w.shape) <= NARROW:
+    if x.dim() == 2 and min(w.shape) <= NARROW and torch.is_grad_enabled():
         return NarrowLinear.apply(x, w, b)
     return F.linear(x, w, b)
+
+
+def _accumulate(acc: Tensor, h: Tensor, w: Tensor, b: Tensor | None, scale: float) -> None:
+    """``acc += scale · h wᵀ (+ b)`` in place."""
+    flat = acc.view(-1, w.shape[0]).addmm_(h, w.T, alpha=scale)
+    if b is not None:
+        flat.add_(b)
 
 
 class _LinearInto(torch.autograd.Function):
@@ -60,9 +67,7 @@ class _LinearInto(torch.autograd.Function):
     def forward(ctx, acc: Tensor, h: Tensor, w: Tensor, b: Tensor | None, scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(h, w)
         ctx.scale = scale
-        flat = acc.view(-1, w.shape[0]).addmm_(h, w.T, alpha=scale)
-        if b is not None:
-            flat.add_(b)
+        _accumulate(acc, h, w, b, scale)
         ctx.mark_dirty(acc)
         return acc
 
@@ -89,6 +94,9 @@ def linear_into(acc: Tensor | None, h: Tensor, w: Tensor, b: Tensor | None, scal
     if torch.compiler.is_compiling():
         flat = torch.addmm(acc.reshape(-1, w.shape[0]), h, w.T, alpha=scale)
         return (flat if b is None else flat + b).view(acc.shape)
+    if not torch.is_grad_enabled():  # no autograd: the same in-place sum without the Function's overhead
+        _accumulate(acc, h, w, b, scale)
+        return acc
     return _LinearInto.apply(acc, h, w, b, scale)
 
 

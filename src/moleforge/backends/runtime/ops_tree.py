@@ -16,8 +16,10 @@ from torch import Tensor
 from moleforge.ir.values import TreeRouting
 
 from .dist import all_sum, reduce_group
+from .ops_decode import aux_wanted
 from .ops_tree_prop import act_, propagate_all
 from .ops_tree_route import route_switch_dense
+from .packed import PackCache, packed
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["TreeRouting", "tree_route", "tree_down", "tree_inputs", "tree_block", "tree_project",
@@ -34,13 +36,13 @@ def _act(name: str, v: Tensor) -> Tensor:
 
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
-               generator: torch.Generator | None = None) -> TreeRouting:
+               generator: torch.Generator | None = None, cache: PackCache | None = None) -> TreeRouting:
     """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`): the switch and
     dense gates as one autograd function (``ops_tree_route.py``), the noisy gate by
-    :func:`_route_noisy`."""
+    :func:`_route_noisy`. ``cache``: the module's packed weights (the decode path, ``packed.py``)."""
     if gate != "noisy_topk":
         idx, weights, probs = route_switch_dense(xd, levels, fanouts, gate, conventions, query_activation,
-                                                 temperature)
+                                                 temperature, cache)
         return TreeRouting(idx, weights, probs, gate)
     return _route_noisy(xd, levels, fanouts, conventions, query_activation, temperature, training, generator)
 
@@ -151,16 +153,18 @@ def tree_down(x: Tensor, a_list: list[Tensor], a_bias: list[Tensor | None]) -> T
     return F.linear(x, _rows(a_list, d), _bias(a_list, a_bias, d))
 
 
-def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor]) -> Tensor:
+def tree_inputs(x: Tensor, down_w: Tensor, a_list: list[Tensor], cache: PackCache | None = None) -> Tensor:
     """``x [W_down; A_0; ...; A_{L-1}]ᵀ`` ``(T, m + Σ s_l r_l)``: the router's down-projection
     and every expert's down-projection from one GEMM, without biases (:func:`tree_block`
-    adds them)."""
-    return x @ _rows([down_w, *a_list], x.shape[-1]).T
+    adds them); the stacked rows kept by ``cache`` without autograd."""
+    rows = packed(cache, "tree_inputs", [down_w, *a_list], lambda: _rows([down_w, *a_list], x.shape[-1]))
+    return x @ rows.T
 
 
 def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor | None], route: tuple,
                levels: list, activation: str, position: str,
-               ones: bool = False, policy: KernelPolicy = TORCH_OPS) -> tuple[TreeRouting, Tensor]:
+               ones: bool = False, policy: KernelPolicy = TORCH_OPS,
+               cache: PackCache | None = None) -> tuple[TreeRouting, Tensor]:
     """Routing and propagation from :func:`tree_inputs` ``both``: ``x_down = both[:, :m] + b``,
     ``h_all = both[:, m:] + a``; ``route`` holds the arguments of :func:`tree_route` after
     ``xd``, ``levels`` those of :func:`tree_propagate`. Returns ``(routing, root hidden
@@ -172,7 +176,7 @@ def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor 
     if any(ab is not None for ab in a_bias):
         h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
                                    for ab, (B, *_) in zip(a_bias, levels)])
-    routing = tree_route(xd, *route)
+    routing = tree_route(xd, *route, cache=cache)
     h = tree_propagate(h_all, routing.indices, routing.weights, levels, activation, position, policy)
     return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
 
@@ -271,11 +275,14 @@ def _cv2(v: Tensor) -> Tensor:
 
 
 def tree_aux(route: TreeRouting, kind: str, weight: float, mask: Tensor | None = None, training: bool = False,
-             group=None) -> Tensor:
+             group=None, eval_aux: bool = True) -> Tensor:
     """Sum over pools of the switch load balance or the CV² importance + load loss
-    (training noisy gate: the smooth load). Dense trees carry none (zero). With a token
+    (training noisy gate: the smooth load). Dense trees carry none (zero); none is computed
+    in evaluation mode without autograd unless ``eval_aux`` (``None``, ``ops_decode.aux_wanted``). With a token
     ``mask (T,)`` the statistics count the real tokens' contexts only; when ``group`` reduces
     (``dist.py``), those of every rank's tokens."""
+    if not aux_wanted(training, eval_aux):
+        return None
     indices, weights, probs = route.indices, route.weights, route.probs
     total = probs[0].new_zeros(())
     if route.gate == "dense":

@@ -52,32 +52,10 @@ class _PropagateAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_all: Tensor, L: int, activation: str, scales: tuple, *per_pool):  # type: ignore[override]
-        T = h_all.shape[0]
-        saved: list[Tensor | None] = [h_all]
-        off, h = 0, None
-        for l in range(L):
-            idx, weight, B, b, W, wb = per_pool[6 * l:6 * l + 6]
-            s, d, r = B.shape
-            C, f = idx.shape[1], idx.shape[2]
-            scale = scales[l]
-            hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
-            off += s * r
-            Bt = B.transpose(1, 2) if scale == 1.0 else B.transpose(1, 2) * scale  # (s, r, d)
-            U = torch.bmm(hl, Bt)  # (s, T, d)
-            bias = _node_bias(b, wb, scale, s, d, U)
-            if bias is not None:
-                U += bias.unsqueeze(1)
-            flat = _expert_major(idx, T)  # (T·N,) rows of U viewed (s·T, d)
-            pre = U.view(s * T, d).index_select(0, flat)  # (T·N, d)
-            if l > 0 and W is not None:
-                pre = torch.addmm(pre, h.reshape(T * C * f, -1), W.T)
-            a = act_(activation, pre)
-            out = (weight.reshape(T * C, f, 1) * a.view(T * C, f, d)).sum(1)  # (T·C, d)
-            saved += [flat, a, h if l > 0 else None]
-            h = out.view(T, C, d)
+        root, saved = _propagate_forward(h_all, L, activation, scales, per_pool)
         ctx.L, ctx.activation, ctx.scales = L, activation, scales
         ctx.save_for_backward(*saved, *per_pool)
-        return h.reshape(T, -1)
+        return root
 
     @staticmethod
     def backward(ctx, g_root: Tensor):  # type: ignore[override]
@@ -124,6 +102,35 @@ class _PropagateAll(torch.autograd.Function):
         return (g_h_all, None, None, None, *grads)
 
 
+
+def _propagate_forward(h_all: Tensor, L: int, activation: str, scales: tuple, per_pool) -> tuple[Tensor, list]:
+    """The forward of :class:`_PropagateAll`: the root hidden ``(T, C·d)`` and the tensors its
+    backward reads."""
+    T = h_all.shape[0]
+    saved: list[Tensor | None] = [h_all]
+    off, h = 0, None
+    for l in range(L):
+        idx, weight, B, b, W, wb = per_pool[6 * l:6 * l + 6]
+        s, d, r = B.shape
+        C, f = idx.shape[1], idx.shape[2]
+        scale = scales[l]
+        hl = h_all[:, off:off + s * r].reshape(T, s, r).transpose(0, 1)  # (s, T, r)
+        off += s * r
+        Bt = B.transpose(1, 2) if scale == 1.0 else B.transpose(1, 2) * scale  # (s, r, d)
+        U = torch.bmm(hl, Bt)  # (s, T, d)
+        bias = _node_bias(b, wb, scale, s, d, U)
+        if bias is not None:
+            U += bias.unsqueeze(1)
+        flat = _expert_major(idx, T)  # (T·N,) rows of U viewed (s·T, d)
+        pre = U.view(s * T, d).index_select(0, flat)  # (T·N, d)
+        if l > 0 and W is not None:
+            pre = torch.addmm(pre, h.reshape(T * C * f, -1), W.T)
+        a = act_(activation, pre)
+        out = (weight.reshape(T * C, f, 1) * a.view(T * C, f, d)).sum(1)  # (T·C, d)
+        saved += [flat, a, h if l > 0 else None]
+        h = out.view(T, C, d)
+    return h.reshape(T, -1), saved
+
 def _node_bias(b: Tensor | None, wb: Tensor | None, scale: float, s: int, d: int, like: Tensor) -> Tensor | None:
     """``c·b_e + w`` per expert ``(s, d)`` (``None`` when neither bias exists)."""
     if b is None and wb is None:
@@ -149,6 +156,8 @@ def propagate_all(h_all: Tensor, indices: tuple, weights: tuple, levels: list, a
     for idx, w, (B, b, W, wb, _) in zip(indices, weights, levels):
         per_pool += [idx, w, B, b, W, wb]
     scales = tuple(float(lv[4]) for lv in levels)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # nothing to save for a backward
+        return _propagate_forward(h_all, len(levels), activation, scales, per_pool)[0]
     return _PropagateAll.apply(h_all, len(levels), activation, scales, *per_pool)
 
 

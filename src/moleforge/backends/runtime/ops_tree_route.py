@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops_tree_prop import act_, act_grad
+from .packed import PackCache, caching, packed
 
 __all__ = ["route_switch_dense"]
 
@@ -35,52 +36,12 @@ class _Route(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xd: Tensor, meta: tuple, *params: Tensor):  # type: ignore[override]
-        fanouts, gate, official, qact, temperature = meta
-        L, (T, m) = len(fanouts), xd.shape
-        keys = params[0::5]
-        w1s, b1s, w2s, b2s = params[1::5], params[2::5], params[3::5], params[4::5]
-        widths = [k.shape[1] for k in keys]  # key widths: the ancestor slots of the query input
-        w_tok = torch.cat([w[:, :m] for w in w1s])
-        token_parts = F.linear(xd, w_tok, torch.cat(b1s)).split(widths, dim=1)  # (T, g_l) each
-        ancestors: list[tuple[int, Tensor]] = []  # (pool j, its expert per current context (T, C))
-        idx_out, w_out, p_out = [None] * L, [None] * L, [None] * L
-        saved: list = [None] * L
-        for l in reversed(range(L)):
-            s, g = keys[l].shape
-            pre = token_parts[l].unsqueeze(1)  # (T, 1, g)
-            off = m
-            for j, e in ancestors:
-                gj = widths[j]
-                pre = pre + F.embedding(e, keys[j] @ w1s[l][:, off:off + gj].T)  # (T, C, g)
-                off += gj
-            C = pre.shape[1]
-            h = act_(qact, pre.reshape(T * C, g))  # in place: pre is read by nothing else
-            kw2 = keys[l] @ w2s[l]  # (s, g)
-            logits = torch.addmm((keys[l] @ b2s[l]).unsqueeze(1), kw2, h.T)  # (s, N)
-            if temperature != 1.0:
-                logits = logits / temperature
-            probs = torch.softmax(logits, dim=0)
-            if gate == "dense":
-                index = torch.arange(s, device=xd.device).unsqueeze(1).expand(s, T * C)
-                weights, top_sum = probs, None
-            else:
-                top, index = probs.topk(fanouts[l], dim=0)
-                raw = official and fanouts[l] == 1
-                top_sum = None if raw else top.sum(0, keepdim=True)
-                weights = top if raw else top / top_sum
-            f = index.shape[0]
-            idx_out[l] = index.T.reshape(T, C, f)
-            w_out[l] = weights.T.reshape(T, C, f)
-            p_out[l] = probs.T.reshape(T, C, s)
-            saved[l] = (h, probs, index, weights, top_sum, kw2, [(j, e) for j, e in ancestors], C)
-            if l > 0:
-                ancestors = [(j, e.repeat_interleave(f, dim=1)) for j, e in ancestors]
-                ancestors.append((l, idx_out[l].reshape(T, C * f)))
-        ctx.meta, ctx.T, ctx.m, ctx.widths, ctx.w_tok = meta, T, m, widths, w_tok
+        out, saved, w_tok = _route(xd, meta, params, _tables(meta[0], xd.shape[1], params))
+        ctx.meta, ctx.T, ctx.m, ctx.widths, ctx.w_tok = meta, xd.shape[0], xd.shape[1], _widths(params), w_tok
         ctx.pools = saved
         ctx.save_for_backward(xd, *params)
-        ctx.mark_non_differentiable(*idx_out)
-        return (*idx_out, *w_out, *p_out)
+        ctx.mark_non_differentiable(*out[:len(meta[0])])
+        return out
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
@@ -137,6 +98,70 @@ class _Route(torch.autograd.Function):
         return (g_xd, None, *g_params)
 
 
+def _widths(params) -> list[int]:
+    return [k.shape[1] for k in params[0::5]]  # key widths: the ancestor slots of the query input
+
+
+def _tables(fanouts: tuple, m: int, params) -> tuple:
+    """What routing computes from the weights alone: the token part of every pool's first query
+    layer ``(cat W1[:, :m], cat b1)``, each pool's tables ``K_j W1[:, slot_j]ᵀ`` per ancestor
+    ``j``, and the folded keys ``K W2`` and ``K b2``."""
+    keys, w1s, b1s, w2s, b2s = params[0::5], params[1::5], params[2::5], params[3::5], params[4::5]
+    widths = _widths(params)
+    L = len(fanouts)
+    w_tok = torch.cat([w[:, :m] for w in w1s])
+    ancestors: list[list[Tensor]] = []
+    for l in range(L):
+        off, tables = m, []
+        for j in range(L - 1, l, -1):  # the ancestors of pool l, from the top, as the query reads them
+            tables.append(keys[j] @ w1s[l][:, off:off + widths[j]].T)  # (s_j, g_l)
+            off += widths[j]
+        ancestors.append(tables)
+    kw2 = [k @ w2 for k, w2 in zip(keys, w2s)]  # (s, g) each
+    kb2 = [(k @ b2).unsqueeze(1) for k, b2 in zip(keys, b2s)]  # (s, 1) each
+    return w_tok, torch.cat(b1s), ancestors, kw2, kb2
+
+
+def _route(xd: Tensor, meta: tuple, params, tables: tuple) -> tuple[tuple, list, Tensor]:
+    """The forward of :class:`_Route` from the weight ``tables`` (:func:`_tables`): its outputs,
+    what the backward reads per pool, and the token part of the first query layers."""
+    fanouts, gate, official, qact, temperature = meta
+    L, T = len(fanouts), xd.shape[0]
+    w_tok, b_tok, anc_tables, kw2s, kb2s = tables
+    widths = _widths(params)
+    token_parts = F.linear(xd, w_tok, b_tok).split(widths, dim=1)  # (T, g_l) each
+    ancestors: list[tuple[int, Tensor]] = []  # (pool j, its expert per current context (T, C))
+    idx_out, w_out, p_out = [None] * L, [None] * L, [None] * L
+    saved: list = [None] * L
+    for l in reversed(range(L)):
+        s, g = params[5 * l].shape
+        pre = token_parts[l].unsqueeze(1)  # (T, 1, g)
+        for table, (_, e) in zip(anc_tables[l], ancestors):
+            pre = pre + F.embedding(e, table)  # (T, C, g)
+        C = pre.shape[1]
+        h = act_(qact, pre.reshape(T * C, g))  # in place: pre is read by nothing else
+        logits = torch.addmm(kb2s[l], kw2s[l], h.T)  # (s, N)
+        if temperature != 1.0:
+            logits = logits / temperature
+        probs = torch.softmax(logits, dim=0)
+        if gate == "dense":
+            index = torch.arange(s, device=xd.device).unsqueeze(1).expand(s, T * C)
+            weights, top_sum = probs, None
+        else:
+            top, index = probs.topk(fanouts[l], dim=0)
+            raw = official and fanouts[l] == 1
+            top_sum = None if raw else top.sum(0, keepdim=True)
+            weights = top if raw else top / top_sum
+        f = index.shape[0]
+        idx_out[l] = index.T.reshape(T, C, f)
+        w_out[l] = weights.T.reshape(T, C, f)
+        p_out[l] = probs.T.reshape(T, C, s)
+        saved[l] = (h, probs, index, weights, top_sum, kw2s[l], [(j, e) for j, e in ancestors], C)
+        if l > 0:
+            ancestors = [(j, e.repeat_interleave(f, dim=1)) for j, e in ancestors]
+            ancestors.append((l, idx_out[l].reshape(T, C * f)))
+    return (*idx_out, *w_out, *p_out), saved, w_tok
+
 def _spans(widths: list[int]) -> list[tuple[int, int]]:
     out, a = [], 0
     for w in widths:
@@ -146,11 +171,17 @@ def _spans(widths: list[int]) -> list[tuple[int, int]]:
 
 
 def route_switch_dense(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
-                       query_activation: str, temperature: float) -> tuple[tuple, tuple, tuple]:
+                       query_activation: str, temperature: float,
+                       cache: PackCache | None = None) -> tuple[tuple, tuple, tuple]:
     """``(indices, weights, probs)`` per pool (see the module doc); ``levels`` per pool
-    ``(keys, w1, b1, w2, b2, _)``."""
+    ``(keys, w1, b1, w2, b2, _)``. Without autograd the forward runs alone, its weight tables
+    kept by ``cache`` between calls (the decode path, ``packed.py``)."""
     params = [t for lv in levels for t in lv[:5]]
     meta = (tuple(fanouts), gate, conventions == "official", query_activation, float(temperature))
-    out = _Route.apply(xd, meta, *params)
+    if caching():
+        tables = packed(cache, "tree_route", params, lambda: _tables(meta[0], xd.shape[1], params))  # type: ignore[arg-type]
+        out = _route(xd, meta, params, tables)[0]  # type: ignore[arg-type]
+    else:
+        out = _Route.apply(xd, meta, *params)
     L = len(levels)
     return tuple(out[:L]), tuple(out[L:2 * L]), tuple(out[2 * L:])

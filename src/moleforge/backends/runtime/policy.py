@@ -35,8 +35,8 @@ import torch
 from .. import cpu as cpu_kernels
 from .. import triton as triton_backend
 
-__all__ = ["KernelPolicy", "TORCH_OPS", "TRITON_VERIFIED_DEVICES", "TRITON_DTYPES", "CPU_KERNEL_DTYPES",
-           "INTERPRETER_EXCLUDED_DTYPES", "Setting"]
+__all__ = ["KernelPolicy", "TORCH_OPS", "DECODE_TOKENS", "TRITON_VERIFIED_DEVICES", "TRITON_DTYPES",
+           "CPU_KERNEL_DTYPES", "INTERPRETER_EXCLUDED_DTYPES", "Setting"]
 
 Setting = Literal["auto", "on", "off"]
 
@@ -54,6 +54,11 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 INTERPRETER_EXCLUDED_DTYPES = (torch.bfloat16,)
 """Dtypes Triton's CPU interpreter gets wrong (NumPy has no bfloat16: the grouped op returns
 garbage, the tree op raises), so CPU tensors of them run the torch ops even with ``"on"``."""
+
+DECODE_TOKENS = 16
+"""Default :attr:`KernelPolicy.decode_tokens`: at up to 16 tokens a site's fixed costs (sorting,
+gathers, kernel launches) outweigh the dense form's extra ``T·(E - k)·r·(d_in + d_out)``
+multiply-adds for every pool of the presets (``benchmarks/generate.py``)."""
 
 _SETTINGS = ("auto", "on", "off")
 _ENV_VALUES: Mapping[str, Setting] = {"": "auto", "auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
@@ -92,6 +97,10 @@ class KernelPolicy:
         has_triton: Triton can be imported (found once when the policy is made).
         cpu_built: the CPU kernel's build outcome: ``None`` until :meth:`with_cpu_build` (at
             lowering) tried it, then whether it is loaded. Only a built kernel is chosen.
+        decode_tokens: the decode path runs at a site that sees at most this many tokens (rows
+            of its input; one per sequence in a decoding step): sparse pools compute all
+            experts in one dense GEMM and gate afterwards (no sort, gather or scatter); with
+            autograd off, weight-only tensors are kept between calls (``packed.py``). ``0``: never.
     """
 
     triton: Setting = "auto"
@@ -99,8 +108,12 @@ class KernelPolicy:
     interpret: bool = False
     has_triton: bool = field(default_factory=triton_backend.available)
     cpu_built: bool | None = None
+    decode_tokens: int = DECODE_TOKENS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.decode_tokens, int) or self.decode_tokens < 0:
+            raise ValueError(f"KernelPolicy.decode_tokens={self.decode_tokens!r}; expected a token count >= 0 "
+                             f"(0 turns the decode path off)")
         for name in ("triton", "cpu"):
             value = getattr(self, name)
             if value not in _SETTINGS:
@@ -156,6 +169,10 @@ class KernelPolicy:
         usable = self.cpu != "off" and self.cpu_built is True
         return "cpu" if usable and _device_type(device) == "cpu" and dtype in CPU_KERNEL_DTYPES else "torch"
 
+    def decode(self, tokens: int) -> bool:
+        """Whether a site seeing ``tokens`` tokens takes the decode path."""
+        return tokens <= self.decode_tokens
+
     # ---- the CPU kernel's build, at lowering -------------------------------------------------
 
     def wants_cpu_build(self) -> bool:
@@ -180,10 +197,12 @@ class KernelPolicy:
         """One line per op family: the kernel on CPU and on CUDA tensors and how to change it,
         e.g. ``sparse pools: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on
         CUDA)``. ``families``: some of ``"grouped"`` (sparse pools), ``"tree"`` (residual trees),
-        ``"routed_ffn"`` (routed FFN blocks), in that order; default all."""
+        ``"routed_ffn"`` (routed FFN blocks), ``"decode"`` (the decode path), in that order;
+        default all."""
         lines = {"grouped": f"sparse pools: {self._triton_text('float32, float16 and bfloat16')}",
                  "tree": f"residual trees: {self._triton_text('floating dtypes')}",
-                 "routed_ffn": f"routed FFN blocks: {self._cpu_text()}"}
+                 "routed_ffn": f"routed FFN blocks: {self._cpu_text()}",
+                 "decode": f"decode path: {self._decode_text()}"}
         unknown = set(families or ()) - lines.keys()
         if unknown:
             raise ValueError(f"unknown op families {sorted(unknown)}; expected some of {list(lines)}")
@@ -203,6 +222,14 @@ class KernelPolicy:
         why = "MOLEFORGE_TRITON=1" if self.triton == "on" else "verified"
         return f"Triton kernels on {where} tensors of {dtypes} ({why}{note}), torch ops elsewhere"
 
+    def _decode_text(self) -> str:
+        packed = ("without autograd, weights packed once and kept between calls; no aux losses in evaluation "
+                  "mode without autograd (handle.eval_aux asks for them)")
+        if self.decode_tokens == 0:
+            return f"off (decode_tokens=0): sparse pools in their planned form at every size; {packed}"
+        return (f"sparse pools at <= {self.decode_tokens} tokens per site as one dense GEMM of all experts, gated "
+                f"after (no sort, gather or scatter), in their planned form above; {packed}")
+
     def _cpu_text(self) -> str:
         if self.cpu == "off":
             return "torch ops (CPU kernel off: MOLEFORGE_CPU_KERNELS=0)"
@@ -213,5 +240,6 @@ class KernelPolicy:
         return f"compiled CPU kernel on CPU float32/float64 tensors ({state}), torch ops elsewhere"
 
 
-TORCH_OPS = KernelPolicy(triton="off", cpu="off")
-"""The policy that runs the torch ops everywhere: the default of a runtime op called directly."""
+TORCH_OPS = KernelPolicy(triton="off", cpu="off", decode_tokens=0)
+"""The policy that runs the torch ops everywhere, each op in the form it names at every size (no
+decode path): the default of a runtime op called directly."""

@@ -7,7 +7,8 @@ GEMM; the others called with that same tensor take their slices of it. "The same
 the same view of the same base object (each adapted module reshapes its input, so members
 see distinct view objects of one hidden state), unchanged since (version counter), under the
 same grad mode and with the same weights (their version counters). Any other call computes afresh,
-so the result is always exactly the member's own linear. The fused output is released once
+so the result is always exactly the member's own linear. Without autograd the concatenated
+weights are kept between calls (``packed.py``) until a member's weight changes. The fused output is released once
 every member has read it. Under ``torch.compile``, or for an input on another device than the
 group's weights (a replica), the member computes its own linear from its own weights.
 """
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ...errors import LoweringError
 from ...ir import BlockColumns, BlockRows, Concat, ParamExpr, ParamRef, Pick, expr_refs
 from . import ops
+from .packed import PackCache
 
 __all__ = ["SiblingGroup", "param_value"]
 
@@ -51,10 +53,14 @@ class SiblingGroup:
     def __init__(self, name: str):
         self.name = name
         self._members: list[tuple[nn.Module, ParamExpr, ParamExpr | None, int, int]] = []
+        self._refs: list[tuple[nn.Module, str]] = []
+        """Every member tensor the fused weights read, as ``(module, attribute)``."""
         self._key: tuple | None = None
         self._base: Tensor | None = None
         self._parts: dict[int, Tensor] = {}
         self._unread: set[int] = set()
+        self._packed = PackCache()
+        """The fused weights, kept between forwards without autograd (``packed.py``)."""
         self.gemms = 0
         """Fused GEMMs computed so far (one per input shared by the members)."""
 
@@ -62,6 +68,8 @@ class SiblingGroup:
         """Add a member whose linear is columns ``[start:stop]`` of the group's GEMM."""
         self._members.append((module, weight, bias, start, stop))
         self._members.sort(key=lambda m: m[3])
+        self._refs = [(module, r.name) for module, w, b, _, _ in self._members
+                      for e in (w, b) if e is not None for r in expr_refs(e)]
 
     @property
     def width(self) -> int:
@@ -82,7 +90,8 @@ class SiblingGroup:
             self._base, self._key, self._parts = None, None, {}
         return out
 
-    def _fuse(self, x: Tensor, base: Tensor, key: tuple) -> None:
+    def _fused_weights(self) -> tuple[Tensor, Tensor | None]:
+        """``(cat(W_1, …, W_n), cat(b_1, …, b_n) or None)``, a missing bias as zeros."""
         weights, biases = [], []
         for module, w, b, _, _ in self._members:
             weights.append(param_value(w, module))
@@ -90,7 +99,14 @@ class SiblingGroup:
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        out = F.linear(x, torch.cat(weights), bias)  # (T, width)
+        return torch.cat(weights), bias
+
+    def _sources(self) -> list[Tensor]:
+        return [getattr(module, name) for module, name in self._refs]
+
+    def _fuse(self, x: Tensor, base: Tensor, key: tuple) -> None:
+        weight, bias = self._packed.get("weights", self._sources(), self._fused_weights)
+        out = F.linear(x, weight, bias)  # (T, width)
         self.gemms += 1
         sizes = [m[4] - m[3] for m in self._members]
         # one split: its backward is one concatenation of the members' gradients
@@ -103,8 +119,7 @@ class SiblingGroup:
         return getattr(module, expr_refs(w)[0].name).device
 
     def _weight_versions(self) -> int:
-        return sum(getattr(module, r.name)._version for module, w, b, _, _ in self._members
-                   for e in (w, b) if e is not None for r in expr_refs(e))
+        return sum(getattr(module, name)._version for module, name in self._refs)
 
     def __repr__(self) -> str:
         return f"SiblingGroup({self.name!r}, {len(self._members)} members, {self.width} columns)"

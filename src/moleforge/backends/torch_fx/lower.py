@@ -14,6 +14,11 @@ one GEMM (``siblings.SiblingGroup``); without its group it is a plain linear.
 The ops with a kernel choice (sparse pools, residual trees, routed FFN blocks) get the module's
 kernel policy (``runtime/policy.py``), its constant attribute ``kernel_policy``, as their
 ``policy`` argument; the C++ CPU kernel is built here when that policy may choose it.
+
+The decode path (``runtime/ops_decode.py``): tensors built from weights alone (fused
+down-projections, block columns, tree tables) go through the module's ``pack_cache``
+(``runtime/packed.py``), which keeps them between forwards without autograd; the aux losses
+read the module's ``eval_aux`` (``False``: none in evaluation mode without autograd).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ...ir import (
 )
 from ..runtime import ops, ops_block, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p
 from ..runtime.dist import WORLD
+from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
 from . import lower_basics
@@ -70,6 +76,8 @@ class _Ctx:
         self.groups = groups
         self.policy = policy
         self._policy: fx.Node | None = None
+        self._pack_cache: fx.Node | None = None
+        self._eval_aux: fx.Node | None = None
         self.ir = graph
         self.g = fx.Graph()
         self.env: dict[str, fx.Node] = {}
@@ -130,19 +138,43 @@ class _Ctx:
             case BlockRows(src=s):
                 out = self.call(ops.block_rows, (self.expr(s),), f"rows_{format_expr(s)}")
             case BlockColumns(src=s):
-                out = self.call(ops.block_columns, (self.expr(s),), f"cols_{format_expr(s)}")
+                out = self.call(packed_columns, (self.pack_cache, f"cols_{format_expr(s)}", self.expr(s)),
+                                f"cols_{format_expr(s)}")
             case Pick(src=s, index=i) if expr_shape(s)[0] == 1:  # a shared factor: a view, no copy back
                 out = self.call(torch.squeeze, (self.expr(s), 0), f"{format_expr(s)}_{i}")
             case Pick(src=s, index=i):
                 out = self.item(self.expr(s), i, f"{format_expr(s)}_{i}")
             case Concat(parts=ps, dim=0):
-                out = self.call(torch.cat, (self._whole_rows(ps), 0), "fused_weight")
+                out = self._cat(self._whole_rows(ps), 0)
             case Concat(parts=ps, dim=d):
-                out = self.call(torch.cat, ([self.expr(p) for p in ps], d), "fused_weight")
+                out = self._cat([self.expr(p) for p in ps], d)
             case _:
                 raise LoweringError(f"no lowering for parameter expression {e!r}")
         self.exprs[e] = out
         return out
+
+    @property
+    def eval_aux(self) -> dict[str, fx.Node]:
+        """``eval_aux=``: the module's ``eval_aux``, whether its aux losses are computed in
+        evaluation mode without autograd too (``ops_decode.aux_wanted``)."""
+        if self._eval_aux is None:
+            self._eval_aux = self.g.get_attr("eval_aux")
+        return {"eval_aux": self._eval_aux}
+
+    @property
+    def pack_cache(self) -> fx.Node:
+        """The module's :class:`~moleforge.backends.runtime.packed.PackCache`: weight-only
+        tensors kept between forwards without autograd (the decode path)."""
+        if self._pack_cache is None:
+            self._pack_cache = self.g.get_attr("pack_cache")
+        return self._pack_cache
+
+    def _cat(self, parts: list[fx.Node], dim: int) -> fx.Node:
+        name = "fused_weight"
+        unique, i = name, 1
+        while unique in self._names:
+            unique, i = f"{name}_{i}", i + 1
+        return self.call(packed_cat, (self.pack_cache, unique, parts, dim), name)
 
     def _whole_rows(self, parts: tuple[ParamExpr, ...]) -> list[fx.Node]:
         """The parts of a row concatenation, with each run ``Pick(p, 0), ..., Pick(p, E-1)`` that
@@ -253,7 +285,8 @@ def _pool(c: _Ctx, n) -> fx.Node:
     args = (c.env[n.src], _gates(c, n.routing))
     if isinstance(n, nodes.GroupedMix):
         idx = routing_field(c, n.routing, Routing, "index", f"{n.routing}_index")
-        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id, c.kernels)
+        return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id,
+                      {**c.kernels, "cache": c.pack_cache, "name": n.id})
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
@@ -293,10 +326,11 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
         gates = _gates(c, n.routing)
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
         index = routing_field(c, n.routing, Routing, "index", f"{n.id}_index")
-        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask, c.training, c.stat_group), n.id)
+        return c.call(ops.switch_lb, (gates, probs, index, n.weight, c.mask, c.training, c.stat_group), n.id,
+                      c.eval_aux)
     if n.kind == "cv2_importance_load":
         return c.call(ops.cv2_importance_load, (_gates(c, n.routing), n.weight, c.mask, c.training, c.stat_group),
-                      n.id)
+                      n.id, c.eval_aux)
     probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
     if n.kind == "rsl":
         return c.call(ops_mixer.rsl_loss, (probs, n.top_k, n.weight, n.entropy, c.mask, c.training, c.stat_group),
@@ -305,7 +339,7 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
         return c.call(ops_task.task_routing_loss, (probs, c.samples, n.weight, n.temperature, c.mask, c.training,
                                                    c.stat_group, f"aux loss {n.origin or n.id}"), n.id)
     return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask, c.training,
-                                          c.stat_group), n.id)
+                                          c.stat_group), n.id, c.eval_aux)
 
 
 def _plan(c: _Ctx, rid: str) -> fx.Node:
@@ -355,7 +389,7 @@ def _routed_ffn(c: _Ctx, n: nodes.ExpertHidden) -> fx.Node:
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
     down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
-    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, c.kernels)
+    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, {**c.kernels, "cache": c.pack_cache})
     c.fused[total.id] = c.item(out, 0, total.id)
     if lora is not None:
         c.fused[lora.id] = c.item(out, 1, lora.id)
@@ -385,6 +419,8 @@ class _Root(nn.Module):
     def __init__(self, store: nn.Module, graph: Graph, policy: KernelPolicy):
         super().__init__()
         self.kernel_policy = policy
+        self.pack_cache = PackCache()
+        self.eval_aux = False
         for name, t in list(store.named_parameters(recurse=False)) + list(store.named_buffers(recurse=False)):
             if isinstance(t, nn.Parameter):
                 self.register_parameter(name, t)
@@ -478,6 +514,8 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     gm.noise_generator = None
     gm.stat_group = WORLD
     gm.kernel_policy = policy
+    gm.pack_cache = root.pack_cache
+    gm.eval_aux = False
     gm.sibling_group = root.sibling_group
     _keep_unread_tensors(gm, root, graph)
     for n in joined:

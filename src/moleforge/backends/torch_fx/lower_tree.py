@@ -48,15 +48,16 @@ def emit_tree_route(c, n: TreeRoute) -> fx.Node:
             c.training, c.g.get_attr("noise_generator"))
     mix = _fusable_mix(c.ir, n)
     if mix is None:
-        return c.call(ops_tree.tree_route, (c.env[n.src], *args), n.id)
+        return c.call(ops_tree.tree_route, (c.env[n.src], *args), n.id, {"cache": c.pack_cache})
     lin = c.ir.node(n.src)
     a_list = [c.expr(lv.a) for lv in mix.levels]
-    both = c.call(ops_tree.tree_inputs, (c.env[mix.src], c.expr(lin.weight), a_list), f"{mix.id}_inputs")
+    both = c.call(ops_tree.tree_inputs, (c.env[mix.src], c.expr(lin.weight), a_list), f"{mix.id}_inputs",
+                  {"cache": c.pack_cache})
     proj = _projection(c.ir, mix)
     block = c.call(ops_tree.tree_block, (both, expr_shape(lin.weight)[0], c.opt(lin.bias),
                                          [c.opt(lv.a_bias) for lv in mix.levels], args, _levels(c, mix),
                                          mix.activation, mix.position, proj is not None), f"{mix.id}_block",
-                   c.kernels)
+                   {**c.kernels, "cache": c.pack_cache})
     old = c.env[n.src]
     if not old.users:
         c.g.erase_node(old)
@@ -97,4 +98,4 @@ def emit_tree(c, n) -> fx.Node:
 
 def emit_tree_aux(c, n) -> fx.Node:
     return c.call(ops_tree.tree_aux, (c.env[n.routing], n.kind, n.weight, c.mask, c.training, c.stat_group),
-                  n.id)
+                  n.id, c.eval_aux)
