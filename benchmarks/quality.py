@@ -26,9 +26,7 @@ changes). ``--top-layers 30`` adapts every layer.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -41,12 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import moleforge as mf  # noqa: E402
-from moleforge.demo.loop import _schedule  # noqa: E402
-from moleforge.interop.atomic import atomic_write  # noqa: E402
 from quality_methods import METHODS, matched_spec  # noqa: E402
 from quality_model import Encoded, TopLayers, encode, load_model  # noqa: E402
 from quality_tasks import TASKS, make_splits  # noqa: E402
+
+import moleforge as mf  # noqa: E402
+from moleforge.demo.loop import _schedule  # noqa: E402
+from moleforge.interop.atomic import atomic_write  # noqa: E402
 
 FULL = dict(methods=list(METHODS), seeds=3, lrs=[1e-3, 3e-3, 1e-2], steps=100, batch=8, top_layers=4,
             train=200, validation=30, test=50)

@@ -17,7 +17,7 @@ from moleforge.ir import Graph, interpret, print_graph, verify
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down
 from moleforge.passes.share_frozen_projections import share_frozen_projections
 from moleforge.specs import ExpertPool, StaticRouter, SwitchLoadBalance, TopKRouter
-from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, capacities, make_params, routers
+from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, capacities, make_params, routers, takes_capacity
 from tolerances import assert_close
 
 __all__ = ["POOL", "block_spec", "routed_blocks", "block_graphs", "block_params", "block_inputs",
@@ -60,7 +60,7 @@ def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[flo
                       scaling=draw(st.sampled_from(SCALINGS)), router=router,
                       aux_losses=draw(aux_losses(router)),
                       frozen_experts=draw(st.booleans()) and (E > 1 or isinstance(router, StaticRouter)),
-                      capacity_factor=draw(capacities()) if router.k is not None else None)
+                      capacity_factor=draw(capacities()) if takes_capacity(router) else None)
     graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
                               SiteShape(label="block", d_in=d, d_out=d_out))
     return verify(graph)

@@ -157,7 +157,12 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
                       down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
                       scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),
-                      capacity_factor=draw(capacities()) if router.k is not None else None, **common)
+                      capacity_factor=draw(capacities()) if takes_capacity(router) else None, **common)
+
+
+def takes_capacity(router) -> bool:
+    """Whether a pool with ``router`` may set ``capacity_factor``: a fixed number of experts per token."""
+    return router.k is not None and router.kind not in ("top_p", "dense_train_topk")
 
 
 def capacities():

@@ -19,8 +19,8 @@ from moleforge.errors import IRVerificationError
 from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import (
     Add,
-    CapacityLimit,
     BlockRows,
+    CapacityLimit,
     Columns,
     GateBias,
     Graph,

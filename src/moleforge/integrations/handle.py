@@ -23,8 +23,8 @@ from ..report.explain import explain_plan
 from .handle_inference import InferenceControls
 from .inject import AuxCollector, get_submodule_parent
 from .routing_log import RoutingLog
-from .tasks import ContinualTasks
 from .task_ids import task_id_hooks
+from .tasks import ContinualTasks
 
 if TYPE_CHECKING:
     from ..compiler.planner import Plan

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamRef
-from .types import RoutingType, ScalarType, TensorType, ValueType
+from .types import ScalarType, TensorType, ValueType
 
 if TYPE_CHECKING:
     from .graph import Graph

@@ -11,8 +11,8 @@ from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
 from .core_pool import CorePool
-from .rank_tasks import RankTasks
 from .mixer import RSLLoss
+from .rank_tasks import RankTasks
 from .routing import (
     AuxLoss,
     CV2ImportanceLoad,
@@ -238,6 +238,11 @@ class ExpertPool(SpecModel):
             raise ValueError(f"capacity_factor = {self.capacity_factor} limits the tokens of top-k experts; "
                              f"router.kind = {self.router.kind!r} sends every token to every expert: use a "
                              "top-k router or remove capacity_factor")
+        if self.capacity_factor is not None and self.router.kind in ("top_p", "dense_train_topk"):
+            raise ValueError(f"capacity_factor = {self.capacity_factor} limits the tokens of a fixed number of "
+                             f"experts per token; router.kind = {self.router.kind!r} routes a varying number "
+                             "(top_p) or every expert in training (dense_train_topk): use topk, sigmoid_topk or "
+                             "implicit_topk, or remove capacity_factor")
         if self.dropout > 0 and isinstance(self.router, ImplicitTopKRouter):
             raise ValueError(f"dropout = {self.dropout}: an implicit_topk router routes on x A, so dropout on A's "
                              "input would change the routing; remove dropout")
