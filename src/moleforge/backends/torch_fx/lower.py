@@ -35,7 +35,6 @@ from ...ir import (
     BlockColumns,
     BlockRows,
     Concat,
-    ExpertLinear,
     Graph,
     MissingRuleError,
     ParamExpr,
@@ -49,12 +48,13 @@ from ...ir import (
     format_expr,
     nodes,
 )
-from ..runtime import ops, ops_block, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p
+from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p
 from ..runtime.dist import WORLD
 from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
-from . import lower_basics
+from . import lower_basics, lower_block
+from .lower_block import runs_as_routed_ffn
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
 __all__ = ["lower", "counts_name", "runs_as_routed_ffn", "EMIT", "ROUTE"]
@@ -342,74 +342,9 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
                                           c.stat_group), n.id, c.eval_aux)
 
 
-def _plan(c: _Ctx, rid: str) -> fx.Node:
-    """The routing's slots sorted by expert, computed once per router."""
-    if rid not in c.plans:
-        gates = _gates(c, rid)
-        index = routing_field(c, rid, Routing, "index", f"{rid}_index")
-        c.plans[rid] = c.call(ops_block.slot_plan, (gates, index), f"{rid}_slots")
-    return c.plans[rid]
-
-
-def _expert_linear(c: _Ctx, lin: ExpertLinear | None):
-    if lin is None:
-        return None
-    return (c.expr(lin.weight), c.opt(lin.bias), c.opt(lin.a), c.opt(lin.b), lin.scale)
-
-
-@EMIT.register(nodes.ExpertFFN, nodes.ExpertHidden)
-def _expert_block(c: _Ctx, n) -> fx.Node:
-    if runs_as_routed_ffn(c.ir, n):
-        return _routed_ffn(c, n)
-    base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
-    head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
-    if isinstance(n, nodes.ExpertFFN):
-        down = (_expert_linear(c, n.down),)
-        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id)
-    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
-
-
-def runs_as_routed_ffn(graph: Graph, n) -> bool:
-    """Whether FFN-block node ``n`` lowers to one fused op (``routed_ffn``): hidden states with
-    shared frozen projections, read by one ``expert_sum`` and at most one ``expert_lora`` of the
-    same routing."""
-    if not isinstance(n, nodes.ExpertHidden):
-        return False
-    users = graph.users(n.id)
-    sums = [u for u in users if isinstance(u, nodes.ExpertSum) and u.routing == n.routing]
-    loras = [u for u in users if isinstance(u, nodes.ExpertLoRA) and u.routing == n.routing]
-    shared = n.up_base is not None and (n.gate is None or n.gate_base is not None)
-    return shared and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
-
-
-def _routed_ffn(c: _Ctx, n: nodes.ExpertHidden) -> fx.Node:
-    users = c.ir.users(n.id)
-    total = next(u for u in users if isinstance(u, nodes.ExpertSum))
-    lora = next((u for u in users if isinstance(u, nodes.ExpertLoRA)), None)
-    base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
-    args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
-    down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
-    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, {**c.kernels, "cache": c.pack_cache})
-    c.fused[total.id] = c.item(out, 0, total.id)
-    if lora is not None:
-        c.fused[lora.id] = c.item(out, 1, lora.id)
-    return out
-
-
-@EMIT.register(nodes.ExpertSum)
-def _expert_sum(c: _Ctx, n: nodes.ExpertSum) -> fx.Node:
-    if n.id in c.fused:
-        return c.fused[n.id]
-    return c.call(ops_block.expert_sum, (c.env[n.src], _plan(c, n.routing)), n.id)
-
-
-@EMIT.register(nodes.ExpertLoRA)
-def _expert_lora(c: _Ctx, n: nodes.ExpertLoRA) -> fx.Node:
-    if n.id in c.fused:
-        return c.fused[n.id]
-    plan = _plan(c, n.routing)
-    z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
-    return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
+EMIT.add(lower_block.emit_expert_block, nodes.ExpertFFN, nodes.ExpertHidden)
+EMIT.add(lower_block.emit_expert_sum, nodes.ExpertSum)
+EMIT.add(lower_block.emit_expert_lora, nodes.ExpertLoRA)
 
 
 class _Root(nn.Module):
