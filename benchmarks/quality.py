@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON",
-                   help="combine the methods of runs made with the same settings (e.g. one process per core) into --out")
+                   help="combine the methods of runs made with the same settings (e.g. one process per core) "
+                        "into --out")
     args = p.parse_args(argv)
     if args.merge:
         return merge([Path(m) for m in args.merge], Path(args.out))

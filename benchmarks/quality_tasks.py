@@ -31,8 +31,10 @@ CATEGORIES = {
     "fruit": "apple banana cherry grape lemon mango orange peach pear plum melon kiwi apricot lime papaya".split(),
     "animal": "horse tiger zebra rabbit monkey donkey camel wolf bear lion sheep goat mouse eagle whale".split(),
     "color": "purple yellow green blue brown pink violet crimson scarlet indigo beige maroon teal amber navy".split(),
-    "tool": "hammer wrench saw drill chisel shovel rake screwdriver pliers axe spanner trowel ladder file clamp".split(),
-    "country": "france spain italy germany japan china brazil canada egypt india kenya mexico peru norway chile".split(),
+    "tool": ("hammer wrench saw drill chisel shovel rake screwdriver pliers axe spanner trowel ladder file "
+             "clamp").split(),
+    "country": ("france spain italy germany japan china brazil canada egypt india kenya mexico peru norway "
+                "chile").split(),
 }
 
 

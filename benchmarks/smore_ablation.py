@@ -216,13 +216,14 @@ def main() -> None:
                 run = finetune(base, table[name], seed, lr, examples, batches, pad)
                 results.setdefault(key, {"runs": {}})["runs"][seed] = run
                 print(f"seed {seed} {key:28s} exact {run['exact']:.3f} loss {run['loss']:.4f} "
-                      f"params {run['parameters']:,} grads {json.dumps({g: round(v, 4) for g, v in run['grad_norm_first_50'].items()})}",
+                      f"params {run['parameters']:,} grads "
+                      f"{json.dumps({g: round(v, 4) for g, v in run['grad_norm_first_50'].items()})}",
                       flush=True)
     _write(results, args.seeds, args)
 
 
 def _write(results: dict, seeds: list[int], args) -> None:
-    for key, entry in results.items():
+    for entry in results.values():
         entry["runs"] = {str(k): v for k, v in sorted(entry["runs"].items(), key=lambda kv: int(kv[0]))}
         runs = list(entry["runs"].values())
         entry["exact_mean"] = statistics.mean(r["exact"] for r in runs)

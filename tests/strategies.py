@@ -144,7 +144,8 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
         router = ImplicitTopKRouter(k=draw(st.integers(1, E)), bias_update_rate=draw(st.sampled_from([0.0, 1e-3])))
         common["frozen_experts"] &= E > 1  # one frozen expert under a token router: nothing trains (a SpecError)
         return ExpertPool(experts=E, rank=1, down=SparseRandom(density=draw(st.sampled_from([0.25, 0.5, 1.0]))),
-                          router=router, alpha=draw(st.sampled_from([None, 2.0])), scaling=draw(st.sampled_from(SCALINGS)),
+                          router=router, alpha=draw(st.sampled_from([None, 2.0])),
+                          scaling=draw(st.sampled_from(SCALINGS)),
                           aux_losses=draw(aux_losses(router)), capacity_factor=draw(capacities()), **common)
     router = draw(routers(E, flat, jitters))
     common["frozen_experts"] &= E > 1 or isinstance(router, StaticRouter)

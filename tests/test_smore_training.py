@@ -104,7 +104,8 @@ def test_each_start_is_a_no_op_with_the_named_factor_at_zero(start):
     model's output as it was, and a training step moves it."""
     from smore_helpers import Holder
 
-    tree = mf.ResidualTree(levels=[mf.TreeLevel(experts=4, rank=2, fanout=2), mf.TreeLevel(experts=3, rank=2, fanout=2)],
+    levels = [mf.TreeLevel(experts=4, rank=2, fanout=2), mf.TreeLevel(experts=3, rank=2, fanout=2)]
+    tree = mf.ResidualTree(levels=levels,
                            router=mf.TreeRouter(down_dim=4, key_dim=3), start=start)
     model = Holder(8, 6, torch.float32)
     x = torch.randn(3, 8)

@@ -600,7 +600,8 @@ def dora_weight_not_frozen():
 def dora_weight_width():
     g = _dora()
     w = ParamRef("W", (6, 5))
-    return g.replace(frozen=(replace(g.frozen[0], shape=(6, 5)),), nodes=_nodes(g, dora=replace(g.node("dora"), weight=w)))
+    return g.replace(frozen=(replace(g.frozen[0], shape=(6, 5)),),
+                     nodes=_nodes(g, dora=replace(g.node("dora"), weight=w)))
 
 
 @case("_magnitude", r"A \(2, 5\), B \(7, 2\) and magnitude \(6,\) do not fit W \(7, 5\)")

@@ -114,7 +114,8 @@ def matched_molora(reference: AdapterSpec, model: nn.Module) -> tuple[AdapterSpe
         site["adapter"] = {**site["adapter"], "rank": rank, "alpha": 2 * rank}
         return AdapterSpec.model_validate({
             "name": f"molora-r{rank}",
-            "description": f"MoLoRA, 8 rank-{rank} experts, top-2, on {', '.join(target['roles'] or target['modules'])}, "
+            "description": f"MoLoRA, 8 rank-{rank} experts, top-2, on "
+                           f"{', '.join(target['roles'] or target['modules'])}, "
                            f"matched to {reference.name}'s parameter budget",
             "sites": [site]})
 

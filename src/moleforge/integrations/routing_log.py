@@ -17,8 +17,8 @@ class RoutingLog:
 
     A flat routing is a :class:`~moleforge.ir.Routing` ``(gates (T, E), probs (T, E), index (T, k) |
     None, dropped (T, k) | None)`` (a capacity-limited routing is logged beside the routing it limits;
-    its load counts the kept slots); a tree routing a :class:`~moleforge.ir.TreeRouting` ``(indices, weights, probs, gate)``,
-    tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
+    its load counts the kept slots); a tree routing a :class:`~moleforge.ir.TreeRouting`
+    ``(indices, weights, probs, gate)``, tuples over pools of ``(T, F_{l+1}, f_l)`` / ``(T, F, s_l)``.
     ``T`` counts the real tokens of a padded batch only (the model call's ``attention_mask``).
     """
 
