@@ -67,3 +67,18 @@ def kernel_choices_agree(spec, passes=None, code: str = "") -> None:
     assert all(g is not None for g in g0) and any(g.abs().max() > 0 for g in g0)
     for got, want in zip(g1, g0):
         assert_close(got, want, "float32_model")
+
+
+def assert_reloads_to_the_same_logits(model, handle, ids: torch.Tensor, arch: str, folder) -> None:
+    """``mf.save`` of ``handle``, loaded into a fresh ``tiny(arch)``, gives ``model``'s
+    evaluation logits on ``ids`` exactly."""
+    import moleforge as mf
+
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    mf.save(handle, folder)
+    fresh = tiny(arch)
+    mf.load(fresh, folder)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moleforge as mf
-from models import batch, tiny
+from models import assert_reloads_to_the_same_logits, batch, tiny
 from moleforge.errors import NotMergeableError, SpecError
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
@@ -48,14 +48,7 @@ def test_preset_trains_and_reloads(arch, tmp_path):
         opt.step()
         opt.zero_grad()
     assert not torch.equal(cores, before), "the cores train"
-    model.eval()
-    with torch.no_grad():
-        want = model(ids).logits
-    mf.save(handle, tmp_path / "a")
-    fresh = tiny(arch)
-    mf.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, want)
+    assert_reloads_to_the_same_logits(model, handle, ids, arch, tmp_path / "a")
 
 
 def test_routed_cores_do_not_merge(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import moleforge as mf
 from backends.test_lowering import _grads, _lowered
-from models import batch, tiny
+from models import assert_reloads_to_the_same_logits, batch, tiny
 from moleforge.backends.runtime.ops_top_p import route_self_activated
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.errors import InjectionError, SpecError
@@ -159,13 +159,7 @@ def test_preset_parameters_gamma_training_and_reload(arch, tmp_path):
     handle = mf.compile(mf.presets.load("mora_cl").with_init(mf.Init(up="normal", std=0.1, seed=0)), model)
     ids = batch()
     _train(model, handle, ids)
-    with torch.no_grad():
-        want = model(ids).logits
-    mf.save(handle, tmp_path / "a")
-    fresh = tiny(arch)
-    mf.load(fresh, tmp_path / "a")
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, want)
+    assert_reloads_to_the_same_logits(model, handle, ids, arch, tmp_path / "a")
     assert "arXiv 2506.21035" in mf.presets.describe()["mora_cl"]
 
 
