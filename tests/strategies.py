@@ -112,7 +112,12 @@ def aux_losses(draw, router) -> list:
     kinds += ["rsl"] if isinstance(router, (TopKRouter, DenseRouter, DenseTrainTopKRouter)) else []
     kinds += [] if isinstance(router, ImplicitTopKRouter) else ["z_loss"]
     out = []
-    for kind in draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True)):
+    chosen = draw(st.lists(st.sampled_from(kinds), max_size=2, unique=True))
+    own = "tsallis_entropy" if isinstance(router, TopPRouter) else "rsl" if isinstance(router, DenseTrainTopKRouter) \
+        else None
+    if own is not None and own not in chosen and draw(st.booleans()):
+        chosen = [own, *chosen[:1]]  # the loss DynMoLE's or LoRA-Mixer's router is made for, often
+    for kind in chosen:
         if kind == "switch_lb":
             out.append(SwitchLoadBalance(weight=draw(weight)))
         elif kind == "rsl":
@@ -152,7 +157,7 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"),
                                      (PerExpert(), "shared")]))
     ranks = None
-    if isinstance(down, PerExpert) and up == "per_expert" and draw(st.integers(0, 3)) == 0:  # FlexMoRE
+    if isinstance(down, PerExpert) and up == "per_expert" and draw(st.booleans()):  # FlexMoRE
         ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
     scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),

@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 from moleforge.backends.runtime.policy import KernelPolicy
 from moleforge.ir import GroupedMix, interpret, verify
 from moleforge.passes import DEFAULT_PIPELINE, group_pools, run_pipeline, stack_pools
-from strategies import adapters, graphs, inputs_for, lowered, make_params, pools, rank_partitions
+from strategies import (
+    adapters,
+    frozen_inputs,
+    graphs,
+    inputs_for,
+    lowered,
+    make_params,
+    pools,
+    rank_partitions,
+    samples_for,
+)
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -76,11 +86,12 @@ def test_packed_weights_follow_every_weight_change(graph, how, data):
     verify(graph)
     params = make_params(graph, data.draw(st.integers(0, 2**16)))
     x = data.draw(inputs_for(graph))
+    samples = data.draw(samples_for(x.shape[0]))
     gm = lowered(graph, params, policy=data.draw(st.sampled_from([DECODE, TRAIN])))
-    ref = interpret(graph, params, x)
+    ref = interpret(graph, params, x, samples=samples)
     assume(all(m > MARGIN for m in ref.margins.values()))
     with torch.no_grad():
-        first, second = gm(x)[0], gm(x)[0]
+        first, second = (gm(x, samples, **frozen_inputs(graph, params))[0] for _ in range(2))
     assert_close(first, ref.output)
     assert torch.equal(first, second)
     if len(gm.pack_cache):
@@ -95,10 +106,10 @@ def test_packed_weights_follow_every_weight_change(graph, how, data):
                 t.data = new[name].clone()
             else:
                 t.copy_(new[name])
-    ref_new = interpret(graph, new, x)
+    ref_new = interpret(graph, new, x, samples=samples)
     assume(all(m > MARGIN for m in ref_new.margins.values()))
     with torch.no_grad():
-        after = gm(x)[0]
+        after = gm(x, samples, **frozen_inputs(graph, new))[0]
     assert_close(after, ref_new.output)
 
 
@@ -108,16 +119,18 @@ def test_no_aux_loss_in_evaluation_without_autograd_unless_asked(graph, data):
     assume(graph.aux)
     params = make_params(graph, data.draw(st.integers(0, 2**16)))
     x = data.draw(inputs_for(graph))
-    ref = interpret(graph, params, x)
+    samples = data.draw(samples_for(x.shape[0]))
+    ref = interpret(graph, params, x, samples=samples)
     assume(all(m > MARGIN for m in ref.margins.values()))
     gm = lowered(graph, params, policy=DECODE)
+    frozen = frozen_inputs(graph, params)
     with torch.no_grad():
-        y, aux, _ = gm(x)
+        y, aux, _ = gm(x, samples, **frozen)
     assert aux is None
     assert_close(y, ref.output)
     gm.eval_aux = True
     with torch.no_grad():
-        asked = gm(x)[1]
+        asked = gm(x, samples, **frozen)[1]
     assert_close(asked, ref.aux_total)
     gm.eval_aux = False
-    assert_close(gm(x)[1].detach(), ref.aux_total)  # autograd on: computed
+    assert_close(gm(x, samples, **frozen)[1].detach(), ref.aux_total)  # autograd on: computed

@@ -223,7 +223,7 @@ def test_strategies_draw_every_feature():
         seen.update(name for name, feature in ROUTERLESS.items() if feature(adapter))
 
     draw()
-    assert seen == set(FEATURES) | set(ROUTERLESS), f"never drawn: {sorted(set(FEATURES) | set(ROUTERLESS) - seen)}"
+    assert seen == set(FEATURES) | set(ROUTERLESS), f"never drawn: {sorted((set(FEATURES) | set(ROUTERLESS)) - seen)}"
 
 
 def _run(gm, x, seeds=None):

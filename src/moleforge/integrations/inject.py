@@ -155,9 +155,8 @@ class AdaptedLinear(nn.Module):
             self._first_run = (self._samples(x) if self._uses_samples else None, self._collector.token_mask(x),
                                None if gen is None else gen.get_state())
         samples, mask, noise_state = self._first_run
-        frozen = {"frozen": {FROZEN_WEIGHT: self._weight()}} if self._reads_weight else {}
         with _drawing_from(gen, noise_state if recompute else None):
-            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask, **frozen)
+            y, aux, routes = self.site(flat, samples, acc=acc, mask=mask, **self._frozen())
         # The aux loss and routing of this token batch were collected by the first run; keep
         # them counted once.
         if not recompute:
@@ -166,6 +165,10 @@ class AdaptedLinear(nn.Module):
             if self._collector.routing_log is not None and routes:
                 self._collector.routing_log.append((self.site_name, logged_routes(routes, mask)))
         return y
+
+    def _frozen(self) -> dict:
+        """The site's frozen inputs as keyword arguments: the weight for DoRA, nothing otherwise."""
+        return {"frozen": {FROZEN_WEIGHT: self._weight()}} if self._reads_weight else {}
 
     def _weight(self) -> torch.Tensor:
         """The frozen ``W (d_out, d_in)`` (a view; a ``Conv1D`` stores it ``(d_in, d_out)``)."""
@@ -178,7 +181,8 @@ class AdaptedLinear(nn.Module):
         The mask is read only for a routing log, which counts real tokens."""
         log = self._collector.routing_log
         mask = self._collector.token_mask(x) if log is not None else None
-        y, _, routes = self.site(flat, None, acc=acc, mask=mask)
+        samples = self._samples(x) if self._uses_samples else None  # task ids, sample types
+        y, _, routes = self.site(flat, samples, acc=acc, mask=mask, **self._frozen())
         if log is not None and routes:
             log.append((self.site_name, logged_routes(routes, mask)))
         return y

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
+from .ops_decode import aux_wanted
 
 __all__ = ["dropout", "capacity_limit", "z_loss", "ragged_mix", "magnitude"]
 
@@ -41,9 +42,13 @@ def capacity_limit(route: Routing, factor: float) -> Routing:
     return Routing(gates.scatter(1, index, kept), route.probs, index, ~keep)
 
 
-def z_loss(z: Tensor, weight: float, mask: Tensor | None = None, training: bool = False, group=None) -> Tensor:
+def z_loss(z: Tensor, weight: float, mask: Tensor | None = None, training: bool = False, group=None,
+           eval_aux: bool = True) -> Tensor | None:
     """``weight · mean_t (logsumexp z_t)²`` over the tokens (the real ones with a ``mask``); over
-    the tokens of every rank of ``group`` when it reduces (``dist.py``)."""
+    the tokens of every rank of ``group`` when it reduces (``dist.py``); ``None`` in evaluation
+    mode without autograd unless ``eval_aux``."""
+    if not aux_wanted(training, eval_aux):
+        return None
     lse2 = torch.logsumexp(z, dim=-1).square()  # (T,)
     if mask is not None:
         lse2 = torch.where(mask, lse2, 0)

@@ -9,6 +9,7 @@ from torch import Tensor
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
 from .ops import route_dense, route_softmax_topk
+from .ops_decode import aux_wanted
 
 __all__ = ["route_dense_train_topk", "rsl_loss"]
 
@@ -21,10 +22,12 @@ def route_dense_train_topk(z: Tensor, k: int, renormalize: bool, temperature: fl
 
 
 def rsl_loss(probs: Tensor, k: int, weight: float, entropy: float, mask: Tensor | None = None,
-             training: bool = False, group=None) -> Tensor:
+             training: bool = False, group=None, eval_aux: bool = True) -> Tensor | None:
     """``weight · Σ_i P_i f_i - entropy · mean_t H(p_t)`` over the tokens (the real ones with a
     ``mask``; of every rank's when ``group`` reduces): ``f_i`` expert i's share of the top-k
     selections of the probabilities, ``P_i`` its mean probability."""
+    if not aux_wanted(training, eval_aux):
+        return None
     T, E = probs.shape
     index = probs.detach().topk(k, dim=-1).indices  # (T, k)
     hits = torch.zeros_like(probs).scatter(1, index, 1.0)  # (T, E)

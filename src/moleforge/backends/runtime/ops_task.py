@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ...ir.task_nodes import task_labels
 from .dist import all_sum, reduce_group
+from .ops_decode import aux_wanted
 
 __all__ = ["task_scores", "task_routing_loss"]
 
@@ -22,9 +23,11 @@ def task_scores(src: Tensor, table: Tensor | None, samples, experts: int, tasks:
 
 
 def task_routing_loss(probs: Tensor, samples, weight: float, temperature: float, mask: Tensor | None,
-                      training: bool, group, what: str) -> Tensor:
+                      training: bool, group, what: str, eval_aux: bool = True) -> Tensor | None:
     """``weight · mean_t CE(softmax(log p_t / τ), task_t)`` over the tokens (the real ones with a
     ``mask``; of every rank's when ``group`` reduces). Without task ids (inference) it is 0."""
+    if not aux_wanted(training, eval_aux):
+        return None
     T, E = probs.shape
     if samples is None or samples[1] is None:
         return probs.sum() * 0.0

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
+from .ops_decode import aux_wanted
 
 __all__ = ["route_top_p", "route_self_activated", "normalised_tsallis", "tsallis_entropy_loss", "soft_lb"]
 
@@ -71,14 +72,20 @@ def _mean_over_tokens(v: Tensor, mask: Tensor | None, training: bool, group) -> 
 
 
 def tsallis_entropy_loss(probs: Tensor, q: float, weight: float, mask: Tensor | None = None,
-                         training: bool = False, group=None) -> Tensor:
-    """``weight · mean_t H_q(p_t)`` over the tokens (the real ones with a ``mask``)."""
+                         training: bool = False, group=None, eval_aux: bool = True) -> Tensor | None:
+    """``weight · mean_t H_q(p_t)`` over the tokens (the real ones with a ``mask``); ``None`` in
+    evaluation mode without autograd unless ``eval_aux``."""
+    if not aux_wanted(training, eval_aux):
+        return None
     return weight * _mean_over_tokens(normalised_tsallis(probs, q), mask, training, group)
 
 
 def soft_lb(gates: Tensor, probs: Tensor, weight: float, mask: Tensor | None = None, training: bool = False,
-            group=None) -> Tensor:
-    """``weight · E · Σ_i mean_t(g_ti) · mean_t(p_ti)`` over the tokens (the real ones with a ``mask``)."""
+            group=None, eval_aux: bool = True) -> Tensor | None:
+    """``weight · E · Σ_i mean_t(g_ti) · mean_t(p_ti)`` over the tokens (the real ones with a ``mask``);
+    ``None`` in evaluation mode without autograd unless ``eval_aux``."""
+    if not aux_wanted(training, eval_aux):
+        return None
     E = probs.shape[-1]
     means = _mean_over_tokens(torch.cat([gates, probs], -1), mask, training, group)  # (2E,)
     return weight * E * torch.sum(means[:E] * means[E:])

@@ -317,11 +317,12 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
         return emit_tree_aux(c, n)
     if n.kind == "tsallis_entropy":
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
-        return c.call(ops_top_p.tsallis_entropy_loss, (probs, n.q, n.weight, c.mask, c.training, c.stat_group), n.id)
+        return c.call(ops_top_p.tsallis_entropy_loss, (probs, n.q, n.weight, c.mask, c.training, c.stat_group), n.id,
+                      c.eval_aux)
     if n.kind == "soft_lb":
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
         return c.call(ops_top_p.soft_lb, (_gates(c, n.routing), probs, n.weight, c.mask, c.training, c.stat_group),
-                      n.id)
+                      n.id, c.eval_aux)
     if n.kind == "switch_lb":
         gates = _gates(c, n.routing)
         probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
@@ -334,10 +335,10 @@ def _aux(c: _Ctx, n: nodes.AuxLoss) -> fx.Node:
     probs = routing_field(c, n.routing, Routing, "probs", f"{n.id}_probs")
     if n.kind == "rsl":
         return c.call(ops_mixer.rsl_loss, (probs, n.top_k, n.weight, n.entropy, c.mask, c.training, c.stat_group),
-                      n.id)
+                      n.id, c.eval_aux)
     if n.kind == "task_routing":
         return c.call(ops_task.task_routing_loss, (probs, c.samples, n.weight, n.temperature, c.mask, c.training,
-                                                   c.stat_group, f"aux loss {n.origin or n.id}"), n.id)
+                                                   c.stat_group, f"aux loss {n.origin or n.id}"), n.id, c.eval_aux)
     return c.call(ops.localized_balance, (probs, c.samples, n.weight, n.delta, n.groups, c.mask, c.training,
                                           c.stat_group), n.id, c.eval_aux)
 

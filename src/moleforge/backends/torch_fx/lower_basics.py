@@ -23,7 +23,7 @@ def emit_capacity(c, n: nodes.CapacityLimit) -> fx.Node:
 
 
 def emit_z_loss(c, n: nodes.ZLoss) -> fx.Node:
-    return c.call(ops_basics.z_loss, (c.env[n.src], n.weight, c.mask, c.training, c.stat_group), n.id)
+    return c.call(ops_basics.z_loss, (c.env[n.src], n.weight, c.mask, c.training, c.stat_group), n.id, c.eval_aux)
 
 
 def emit_ragged(c, n: nodes.RaggedMix) -> fx.Node:
