@@ -66,6 +66,7 @@ def variants(model) -> dict[str, dict]:
         "smore_alpha_2r": _smore(levels=alpha16),
         "smore_identity": _smore(activation="identity"),
         "smore_temperature_0.5": _smore(router__temperature=0.5),
+        "smore_key_dim_8": _smore(router__key_dim=8),
         "smore_no_aux_alpha_2r": _smore(aux_losses=[], levels=alpha16),
         "smore_dense": mf.presets.load("smore_dense").model_dump(mode="json"),
         "smore_w_final_zero": (_smore(), w_final_zero),
@@ -190,8 +191,8 @@ def main() -> None:
         parts = [json.loads(Path(m).read_text()) for m in args.merge]
         results: dict[str, dict] = {}
         for part in parts:
-            if (part["steps"], part["batch"], part["lrs"]) != (STEPS, BATCH, args.lrs):
-                raise SystemExit("merge runs of the same steps, batch and learning rates only")
+            if (part["steps"], part["batch"]) != (STEPS, BATCH):
+                raise SystemExit("merge runs of the same steps and batch only")
             for key, entry in part["results"].items():
                 results.setdefault(key, {"runs": {}})["runs"].update(entry["runs"])
         seeds = sorted({int(s) for e in results.values() for s in e["runs"]})
@@ -230,7 +231,8 @@ def _write(results: dict, seeds: list[int], args) -> None:
         entry["exact_spread"] = (max(r["exact"] for r in runs) - min(r["exact"] for r in runs)) / 2
         entry["loss_mean"] = statistics.mean(r["loss"] for r in runs)
         entry["exact_sd"] = statistics.stdev(r["exact"] for r in runs) if len(runs) > 1 else 0.0
-    payload = {"benchmark": "smore_ablation", "steps": STEPS, "batch": BATCH, "seeds": seeds, "lrs": args.lrs,
+    payload = {"benchmark": "smore_ablation", "steps": STEPS, "batch": BATCH, "seeds": seeds,
+               "lr": f"{LR:g} unless the variant's name ends in @<lr>",
                "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1},
                "results": results}
     atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
