@@ -57,6 +57,10 @@ METHODS: dict[str, tuple[str, Callable[[dict, int], None], int]] = {
     "smore": ("smore", _levels, 8),
     "smore_dense": ("smore_dense", _levels, 8),
     "smore_noisy": ("smore_noisy", _levels, 8),
+    "dynmole": ("dynmole", _rank(2.0), 24),
+    "comol": ("comol", _rank(2.0), 8),
+    "deepseek_mole": ("deepseek_mole", _rank(2.0), 2),
+    "lora_mixer": ("lora_mixer", _rank(2.0), 8),
 }
 """``{method: (preset, set_size(spec, size), the preset's size)}``."""
 

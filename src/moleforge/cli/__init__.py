@@ -80,7 +80,7 @@ def demo_cmd(out_dir: str, steps: int, pretrain_steps: int, seed: int, quiet: bo
     on four counting tasks, then fine-tunes the `smore` preset, a MoLoRA and a LoRA with the
     same number of trainable parameters on four new ones, and says which did best. Writes
     loss curves, an expert-load heatmap, S'MoRE routing trees, a report, the base model, the
-    data and the three adapters. About a minute and a half on two CPU cores with the defaults.
+    data and the three adapters. Under a minute on two CPU cores with the defaults.
     """
     from ..demo import DemoConfig, run_demo
 
