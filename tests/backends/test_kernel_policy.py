@@ -198,27 +198,27 @@ def test_lowering_without_a_policy_reads_the_environment_once(monkeypatch):
     assert reads == [1] and gm.kernel_policy.triton == "off"
 
 
-def _spy_grouped(monkeypatch):
-    triton = pytest.importorskip("triton")  # noqa: F841
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the Triton kernels on CPU tensors, in Triton's interpreter")
+def _spy_grouped(monkeypatch) -> tuple[list, str]:
+    """The Triton forward launches of the grouped op, recorded, and the device the kernels run on:
+    CPU tensors in Triton's interpreter (the test conftest turns it on without CUDA), else CUDA."""
     from moleforge.backends.triton import grouped
 
     calls = []
     real = grouped.launch_forward
     monkeypatch.setattr(grouped, "launch_forward", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return calls, "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 @pytest.mark.parametrize(("setting", "launched"), [("off", False), ("on", True), ("auto", False)])
 def test_lowering_with_an_explicit_policy_bakes_the_choice(monkeypatch, setting, launched):
     """Triton's interpreter is on (CPU tensors can run the kernels) and the environment says
     the opposite: the policy given to ``lower`` decides."""
-    calls = _spy_grouped(monkeypatch)
+    calls, device = _spy_grouped(monkeypatch)
     monkeypatch.setenv("MOLEFORGE_TRITON", "0" if launched else "1")
     graph = _pool_graph()
-    gm = lower(graph, _store(graph), policy=KernelPolicy(triton=setting, interpret=True, decode_tokens=0))
-    gm(torch.randn(5, 8))
+    policy = KernelPolicy(triton=setting, interpret=device == "cpu", decode_tokens=0)
+    gm = lower(graph, _store(graph), policy=policy).to(device)
+    gm(torch.randn(5, 8, device=device))
     assert bool(calls) == launched
 
 
@@ -257,7 +257,7 @@ def test_a_forward_reads_no_environment_variable_and_keeps_the_compile_time_choi
     """Compiled with the kernels on (``1``) or off; the forward runs with the variables flipped
     and with ``os.environ`` recording: the choice made at compile time holds and no moleforge
     variable is read."""
-    calls = _spy_grouped(monkeypatch)
+    calls, _ = _spy_grouped(monkeypatch)  # CPU models: the kernels in Triton's interpreter
     from moleforge.backends.cpu import routed_ffn
 
     cpu_calls = []
