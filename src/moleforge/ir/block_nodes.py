@@ -37,7 +37,23 @@ class ExpertLinear:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertFFN(NodeKind):
+class _ExpertBlock(NodeKind):
+    """The fields of :class:`ExpertFFN` and :class:`ExpertHidden`: the routed experts' gate and
+    up projections over the shared frozen block, and where the frozen projections come from."""
+
+    id: str
+    src: str = operand()
+    routing: str = operand()
+    up: ExpertLinear
+    gate: ExpertLinear | None = None
+    activation: BlockActivation = "silu"
+    gate_base: str | None = operand(default=None)
+    up_base: str | None = operand(default=None)
+    origin: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpertFFN(_ExpertBlock):
     """Routed FFN-block experts sharing the frozen block (MixLoRA, METHODS.md §5):
     ``h_i = act(G_i(x)) ⊙ U_i(x)`` (gated block) or ``act(U_i(x))`` (``gate=None``),
     ``y = Σ_i g_i(x) · D_i(h_i)``: ``(T, d_in) -> (T, d_out)``; the block's output, not a delta.
@@ -45,36 +61,17 @@ class ExpertFFN(NodeKind):
     ``gate_base`` / ``up_base`` (optional) name nodes holding the frozen projections
     ``x W_gᵀ + b_g`` / ``x W_uᵀ + b_u``; then ``G_i(x) = gate_base + s (x A_iᵀ) B_iᵀ``."""
 
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    up: ExpertLinear
     down: ExpertLinear
-    gate: ExpertLinear | None = None
-    activation: BlockActivation = "silu"
-    gate_base: str | None = operand(default=None)
-    up_base: str | None = operand(default=None)
-    origin: str = ""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return TensorType(self.down.weight.shape[0])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ExpertHidden(NodeKind):
+class ExpertHidden(_ExpertBlock):
     """The experts' hidden states ``h_i (T, d_ff)`` of an :class:`ExpertFFN` without its down
     projection: a per-expert value, read only through the routing's gates (consumers weight
     ``h_i`` by ``g_i``, so backends may compute it only where ``g_i ≠ 0``)."""
-
-    id: str
-    src: str = operand()
-    routing: str = operand()
-    up: ExpertLinear
-    gate: ExpertLinear | None = None
-    activation: BlockActivation = "silu"
-    gate_base: str | None = operand(default=None)
-    up_base: str | None = operand(default=None)
-    origin: str = ""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return PerExpertType(graph.routing(self.routing).experts, self.up.weight.shape[0])
