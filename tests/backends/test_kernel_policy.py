@@ -150,7 +150,7 @@ def test_describe_one_line_per_op_family():
         "sparse pools: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
         "residual trees: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
         "routed FFN blocks: compiled CPU kernel on CPU float32/float64 tensors (built when a routed FFN block "
-        "is lowered for a CPU), torch ops elsewhere",
+        "or a residual tree is lowered for a CPU), torch ops elsewhere",
         "decode path: sparse pools at <= 16 tokens per site as one dense GEMM of all experts, gated after (no "
         "sort, gather or scatter), in their planned form above; without autograd, weights packed once and kept "
         "between calls; no aux losses in evaluation mode without autograd (handle.eval_aux asks for them)",
@@ -163,6 +163,9 @@ def test_describe_one_line_per_op_family():
     assert KernelPolicy(triton="off").describe()[0].startswith("sparse pools: torch ops (Triton off")
     assert KernelPolicy(has_triton=False).describe()[1] == "residual trees: torch ops (Triton is not installed)"
     assert "(built)" in KernelPolicy(cpu_built=True).describe()[2]
+    built = KernelPolicy(cpu_built=True).describe()[3]
+    assert "residual trees routed and propagated by the compiled CPU kernel" in built
+    assert "residual trees" not in lines[3]
     assert KernelPolicy(has_triton=True).describe(["routed_ffn", "grouped"]) == [lines[0], lines[2]]
     with pytest.raises(ValueError, match="unknown op families"):
         KernelPolicy().describe(["pools"])

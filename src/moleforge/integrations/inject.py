@@ -136,14 +136,21 @@ class AdaptedLinear(nn.Module):
         out = self.base_layer(tokens)
         if out._base is not None and out._base.shape == out.shape and type(self.base_layer).__name__ == "Conv1D":
             out = out._base
-        p = next(self.site.parameters(), None)
-        dtype = p.dtype if p is not None else x.dtype
-        flat = tokens.to(dtype)  # (T, d_in)
+        dtype = self._dtype(x)
+        flat = tokens if tokens.dtype == dtype else tokens.to(dtype)  # (T, d_in)
         shape = (*x.shape[:-1], self.out_features)
         if _accumulable(out, dtype):
             return self._run(x, flat, out).view(shape)
         delta = self._run(x, flat, None)
         return out.view(shape) + delta.view(shape).to(out.dtype)
+
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The adapter's dtype: its first own parameter's (a lookup, not a walk of the module tree)."""
+        for p in self.site._parameters.values():
+            if p is not None:
+                return p.dtype
+        p = next(self.site.parameters(), None)
+        return p.dtype if p is not None else x.dtype
 
     def _run(self, x: torch.Tensor, flat: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         """The site on ``flat``; with ``acc``, its output added to ``acc`` (see ``lower``)."""
@@ -182,7 +189,9 @@ class AdaptedLinear(nn.Module):
         log = self._collector.routing_log
         mask = self._collector.token_mask(x) if log is not None else None
         samples = self._samples(x) if self._uses_samples else None  # task ids, sample types
-        y, _, routes = self.site(flat, samples, acc=acc, mask=mask, **self._frozen())
+        # the generated forward itself: no hooks are registered on a site module, and its
+        # module-call wrappers cost as much as a decoding step's adapter arithmetic
+        y, _, routes = self.site.forward(flat, samples, acc=acc, mask=mask, **self._frozen())
         if log is not None and routes:
             log.append((self.site_name, logged_routes(routes, mask)))
         return y

@@ -1,8 +1,10 @@
 """Compiled CPU kernels: the routed FFN-block experts fused token by token
-(``routed_ffn.cpp``, custom ops ``moleforge_cpu::routed_ffn`` and its backward).
+(``routed_ffn.cpp``, custom ops ``moleforge_cpu::routed_ffn`` and its backward), and a residual
+tree's routing and propagation for the few tokens of a decoding step (``tree_decode.cpp``,
+``moleforge_cpu::tree_route`` and ``tree_propagate``, no autograd).
 
 The source ships with the package and is compiled with ``torch.utils.cpp_extension`` when a
-module with routed FFN blocks is lowered under a kernel policy that may choose the kernel
+module with routed FFN blocks or residual trees is lowered under a kernel policy that may choose the kernel
 (:meth:`moleforge.backends.runtime.policy.KernelPolicy.with_cpu_build`; about half a minute the
 first time, then cached in torch's extensions directory, ``TORCH_EXTENSIONS_DIR``), never in a
 forward. Loops over a row of the FFN width are vectorised by the compiler, with glibc's vector
@@ -31,7 +33,7 @@ import torch
 
 __all__ = ["build", "load", "KernelBuildError"]
 
-_SOURCE = Path(__file__).with_name("routed_ffn.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("routed_ffn.cpp", "tree_decode.cpp")]
 
 
 class KernelBuildError(RuntimeError):
@@ -89,10 +91,10 @@ def load() -> None:
     name, flags = _flags()
     try:
         with _ninja_on_path():
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+            cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                                extra_ldflags=["-fopenmp", "-lmvec"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - compilers fail in many ways; report them as one
-        raise KernelBuildError(f"building the moleforge CPU kernels ({_SOURCE.name}) failed: "
+        raise KernelBuildError(f"building the moleforge CPU kernels ({', '.join(p.name for p in _SOURCES)}) failed: "
                                f"{type(e).__name__}: {e}") from e
     from .routed_ffn import register_fakes
 
@@ -113,8 +115,9 @@ def build(required: bool = False) -> bool:
         except KernelBuildError as e:
             _state["usable"], _state["error"] = False, e
             if not required:
-                warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks with torch ops instead (same values, "
-                              "slower). Set MOLEFORGE_CPU_KERNELS=0 to skip the build and this warning.",
+                warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks and residual trees with torch ops "
+                              "instead (same values, slower). Set MOLEFORGE_CPU_KERNELS=0 to skip the build and "
+                              "this warning.",
                               RuntimeWarning, stacklevel=3)
     if not _state["usable"] and required:
         raise _state["error"]  # type: ignore[misc]

@@ -239,10 +239,15 @@ def tree_path_gates(indices: tuple, weights: tuple, level: int, experts: int):
     return Routing(gates, gates, None)
 
 
-def sibling_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group, start: int, stop: int) -> Tensor:
+def sibling_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group, start: int, stop: int,
+                   policy: KernelPolicy = TORCH_OPS) -> Tensor:
     """``x Wᵀ + b`` as columns ``[start:stop]`` of the sibling group's one GEMM of ``x``:
     ``(T, stop - start)``. The member's own ``weight``/``bias`` serve when the group cannot
-    (under ``torch.compile``, or ``x`` on another device than the group's weights)."""
+    (under ``torch.compile``, or ``x`` on another device than the group's weights), and on the
+    decode path without autograd (``policy.decode``), where the group's bookkeeping costs more
+    than the GEMMs it merges."""
+    if group is None or (policy.decode(x.shape[0]) and not torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
     return group.columns(x, start, stop, weight, bias)
 
 

@@ -36,13 +36,15 @@ def _act(name: str, v: Tensor) -> Tensor:
 
 def tree_route(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                query_activation: str, temperature: float, training: bool,
-               generator: torch.Generator | None = None, cache: PackCache | None = None) -> TreeRouting:
+               generator: torch.Generator | None = None, cache: PackCache | None = None,
+               policy: KernelPolicy = TORCH_OPS) -> TreeRouting:
     """Route all tokens top-down (see :class:`~moleforge.ir.nodes.TreeRoute`): the switch and
     dense gates as one autograd function (``ops_tree_route.py``), the noisy gate by
-    :func:`_route_noisy`. ``cache``: the module's packed weights (the decode path, ``packed.py``)."""
+    :func:`_route_noisy`. ``cache``: the module's packed weights (the decode path, ``packed.py``);
+    ``policy``: the module's kernel policy (the CPU kernel at decode sizes)."""
     if gate != "noisy_topk":
         idx, weights, probs = route_switch_dense(xd, levels, fanouts, gate, conventions, query_activation,
-                                                 temperature, cache)
+                                                 temperature, cache, policy)
         return TreeRouting(idx, weights, probs, gate)
     return _route_noisy(xd, levels, fanouts, conventions, query_activation, temperature, training, generator)
 
@@ -176,7 +178,7 @@ def tree_block(both: Tensor, m: int, down_b: Tensor | None, a_bias: list[Tensor 
     if any(ab is not None for ab in a_bias):
         h_all = h_all + torch.cat([ab.reshape(-1) if ab is not None else B.new_zeros(B.shape[0] * B.shape[2])
                                    for ab, (B, *_) in zip(a_bias, levels)])
-    routing = tree_route(xd, *route, cache=cache)
+    routing = tree_route(xd, *route, cache=cache, policy=policy)
     h = tree_propagate(h_all, routing.indices, routing.weights, levels, activation, position, policy)
     return routing, torch.cat([h, h.new_ones(h.shape[0], 1)], 1) if ones else h
 

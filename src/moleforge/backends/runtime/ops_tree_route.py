@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..cpu import tree_decode
 from .ops_tree_prop import act_, act_grad
 from .packed import PackCache, caching, packed
+from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["route_switch_dense"]
 
@@ -172,15 +174,19 @@ def _spans(widths: list[int]) -> list[tuple[int, int]]:
 
 def route_switch_dense(xd: Tensor, levels: list, fanouts: list[int], gate: str, conventions: str,
                        query_activation: str, temperature: float,
-                       cache: PackCache | None = None) -> tuple[tuple, tuple, tuple]:
+                       cache: PackCache | None = None, policy: KernelPolicy = TORCH_OPS) -> tuple[tuple, tuple, tuple]:
     """``(indices, weights, probs)`` per pool (see the module doc); ``levels`` per pool
     ``(keys, w1, b1, w2, b2, _)``. Without autograd the forward runs alone, its weight tables
-    kept by ``cache`` between calls (the decode path, ``packed.py``)."""
+    kept by ``cache`` between calls (the decode path, ``packed.py``), in the compiled CPU kernel
+    where ``policy`` chooses it for these tokens (``backends/cpu/tree_decode.py``)."""
     params = [t for lv in levels for t in lv[:5]]
     meta = (tuple(fanouts), gate, conventions == "official", query_activation, float(temperature))
     if caching():
         tables = packed(cache, "tree_route", params, lambda: _tables(meta[0], xd.shape[1], params))  # type: ignore[arg-type]
-        out = _route(xd, meta, params, tables)[0]  # type: ignore[arg-type]
+        if policy.tree_decode_kernel(xd.device, xd.dtype, xd.shape[0]) == "cpu":
+            out = tree_decode.route(xd, tables, *meta)  # type: ignore[arg-type]
+        else:
+            out = _route(xd, meta, params, tables)[0]  # type: ignore[arg-type]
     else:
         out = _Route.apply(xd, meta, *params)
     L = len(levels)

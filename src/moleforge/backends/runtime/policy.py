@@ -12,7 +12,8 @@ Op families and their kernels:
 - sparse pools (``ops.grouped_mix``): the Triton grouped low-rank op (``backends/triton/grouped.py``)
   or torch ops;
 - residual trees (``ops_tree_prop.propagate_all``): the Triton node-mix op
-  (``backends/triton/tree.py``) or torch ops;
+  (``backends/triton/tree.py``) or torch ops; at decode sizes without autograd, the compiled C++
+  CPU kernel routes and propagates (``backends/cpu/tree_decode.py``);
 - routed FFN blocks (``ops_block.routed_ffn``): the compiled C++ CPU kernel (``backends/cpu``) or
   torch ops.
 
@@ -169,6 +170,13 @@ class KernelPolicy:
         usable = self.cpu != "off" and self.cpu_built is True
         return "cpu" if usable and _device_type(device) == "cpu" and dtype in CPU_KERNEL_DTYPES else "torch"
 
+    def tree_decode_kernel(self, device: torch.device | str, dtype: torch.dtype,
+                           tokens: int) -> Literal["cpu", "torch"]:
+        """A residual tree's routing and propagation without autograd at ``tokens`` tokens
+        (``backends/cpu/tree_decode.py``): the CPU kernel on CPU float32/float64 at decode sizes
+        once built, else the torch ops."""
+        return "cpu" if self.decode(tokens) and self.routed_ffn_kernel(device, dtype) == "cpu" else "torch"
+
     def decode(self, tokens: int) -> bool:
         """Whether a site seeing ``tokens`` tokens takes the decode path."""
         return tokens <= self.decode_tokens
@@ -227,13 +235,15 @@ class KernelPolicy:
                   "mode without autograd (handle.eval_aux asks for them)")
         if self.decode_tokens == 0:
             return f"off (decode_tokens=0): sparse pools in their planned form at every size; {packed}"
+        trees = ("; residual trees routed and propagated by the compiled CPU kernel on CPU float32/float64"
+                 if self.routed_ffn_kernel("cpu", torch.float32) == "cpu" else "")
         return (f"sparse pools at <= {self.decode_tokens} tokens per site as one dense GEMM of all experts, gated "
-                f"after (no sort, gather or scatter), in their planned form above; {packed}")
+                f"after (no sort, gather or scatter), in their planned form above{trees}; {packed}")
 
     def _cpu_text(self) -> str:
         if self.cpu == "off":
             return "torch ops (CPU kernel off: MOLEFORGE_CPU_KERNELS=0)"
-        state = {None: "built when a routed FFN block is lowered for a CPU", True: "built",
+        state = {None: "built when a routed FFN block or a residual tree is lowered for a CPU", True: "built",
                  False: "its build failed"}[self.cpu_built]
         if self.cpu_built is False:
             return f"torch ops (the compiled CPU kernel: {state})"

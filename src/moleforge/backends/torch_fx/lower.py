@@ -240,7 +240,7 @@ def _sibling(c: _Ctx, n: nodes.SiblingLinear) -> fx.Node:
     own = (c.env[n.src], c.expr(n.weight), c.opt(n.bias))
     if n.group not in c.groups:
         return c.call(F.linear, own, n.id)
-    return c.call(ops.sibling_linear, own + (c.g.get_attr("sibling_group"), n.start, n.stop), n.id)
+    return c.call(ops.sibling_linear, own + (c.g.get_attr("sibling_group"), n.start, n.stop), n.id, c.kernels)
 
 
 EMIT.add(lambda c, n: c.x, nodes.Input)
@@ -387,9 +387,12 @@ def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> N
 
 def _build_cpu_kernel(graph: Graph, store: nn.Module, policy: KernelPolicy,
                       device: torch.device | str | None) -> KernelPolicy:
-    """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks, a
-    module for a CPU (``device``, else the store's) with float32/float64 tensors."""
-    if not policy.wants_cpu_build() or not any(runs_as_routed_ffn(graph, n) for n in graph.nodes):
+    """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks or a
+    residual tree (its decode step), a module for a CPU (``device``, else the store's) with
+    float32/float64 tensors."""
+    uses = any(runs_as_routed_ffn(graph, n) or isinstance(n, (nodes.TreeRoute, nodes.TreePropagate, nodes.TreeMix))
+               for n in graph.nodes)
+    if not policy.wants_cpu_build() or not uses:
         return policy
     t = next(iter(list(store.parameters()) + list(store.buffers())), None)
     where = torch.device(device) if device is not None else (t.device if t is not None else torch.device("cpu"))

@@ -48,7 +48,7 @@ def emit_tree_route(c, n: TreeRoute) -> fx.Node:
             c.training, c.g.get_attr("noise_generator"))
     mix = _fusable_mix(c.ir, n)
     if mix is None:
-        return c.call(ops_tree.tree_route, (c.env[n.src], *args), n.id, {"cache": c.pack_cache})
+        return c.call(ops_tree.tree_route, (c.env[n.src], *args), n.id, {**c.kernels, "cache": c.pack_cache})
     lin = c.ir.node(n.src)
     a_list = [c.expr(lv.a) for lv in mix.levels]
     both = c.call(ops_tree.tree_inputs, (c.env[mix.src], c.expr(lin.weight), a_list), f"{mix.id}_inputs",
