@@ -13,7 +13,7 @@ from models import VOCAB, tiny
 from tolerances import assert_close
 
 
-@pytest.mark.parametrize("preset", ["molora", "smore"])
+@pytest.mark.parametrize("preset", ["molora", "smore", "mixlora"])
 def test_compiled_decode_step_has_no_graph_break_and_generates_the_eager_tokens(preset):
     model = tiny("llama", layers=1)
     mf.compile(mf.presets.load(preset).with_init(mf.Init(up="normal", std=0.3, seed=1)), model)

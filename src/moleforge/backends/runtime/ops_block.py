@@ -10,7 +10,7 @@ They must agree with the reference interpreter (``moleforge.ir.interpret``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,37 +29,44 @@ LinearArgs = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
 """``(W [out, in], b, A (E, r, in), B (E, out, r), scale)`` of one block linear."""
 
 
-@dataclass(frozen=True)
 class SlotPlan:
-    """The routed (token, expert) slots sorted by expert, built once per router: ``token``,
-    ``expert`` and ``gate`` are ``(S,)``; expert e owns ``counts[e]`` consecutive slots. The same
-    slots token by token: ``index`` and ``weights`` are ``(T, k)``, and sorted slot p is
-    token-major slot ``order[p]``."""
+    """The routed (token, expert) slots of one router, token by token: ``index`` and ``weights`` are
+    ``(T, k)`` over ``E`` experts. Sorted by expert on first use (once per router): ``token``, ``expert`` and ``gate``
+    are ``(S,)``; expert e owns ``counts[e]`` consecutive slots, and sorted slot p is token-major
+    slot ``order[p]``. The compiled CPU kernel reads the token-major slots only, so a forward that
+    runs it never sorts, and has no data-dependent size (``torch.compile`` traces it whole)."""
 
-    T: int
-    counts: list[int]
-    token: Tensor
-    expert: Tensor
-    gate: Tensor
-    index: Tensor
-    weights: Tensor
-    order: Tensor
+    def __init__(self, T: int, E: int, index: Tensor, weights: Tensor):
+        self.T, self.E, self.index, self.weights = T, E, index, weights
+
+    @functools.cached_property
+    def order(self) -> Tensor:
+        return torch.argsort(self.index.reshape(-1), stable=True)  # (S,)
+
+    @functools.cached_property
+    def token(self) -> Tensor:
+        return torch.div(self.order, self.index.shape[1], rounding_mode="floor")  # (S,)
+
+    @functools.cached_property
+    def expert(self) -> Tensor:
+        return self.index.reshape(-1).index_select(0, self.order)  # (S,)
+
+    @functools.cached_property
+    def gate(self) -> Tensor:
+        return self.weights.reshape(-1).index_select(0, self.order)  # (S,)
+
+    @functools.cached_property
+    def counts(self) -> list[int]:
+        return torch.bincount(self.index.reshape(-1), minlength=self.E).tolist()
 
 
 def slot_plan(gates: Tensor, index: Tensor | None) -> SlotPlan:
-    """Sort the routed slots by expert; ``index=None`` (dense router) makes every expert a slot."""
+    """The slots of a routing ``gates (T, E)``, ``index (T, k)``; ``index=None`` (dense router)
+    makes every expert a slot."""
     T, E = gates.shape
     if index is None:
         index = torch.arange(E, device=gates.device).expand(T, E)
-    k = index.shape[1]
-    flat = index.reshape(-1)  # (S,)
-    order = torch.argsort(flat, stable=True)  # (S,)
-    token = torch.div(order, k, rounding_mode="floor")  # (S,)
-    weights = gates.gather(1, index)  # (T, k)
-    gate = weights.reshape(-1).index_select(0, order)  # (S,)
-    counts = torch.bincount(flat, minlength=E).tolist()
-    return SlotPlan(T=T, counts=counts, token=token, expert=flat.index_select(0, order), gate=gate, index=index,
-                    weights=weights, order=order)
+    return SlotPlan(T, E, index, gates.gather(1, index))  # weights (T, k)
 
 
 def _segments(u: Tensor, w: Tensor, counts: list[int]) -> Tensor:
