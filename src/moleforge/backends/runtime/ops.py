@@ -61,7 +61,7 @@ def jitter(x: Tensor, eps: float, training: bool, generator: torch.Generator | N
 
 def route_softmax_topk(z: Tensor, k: int, renormalize: bool, temperature: float):
     """-> (gates (T, E), probs (T, E), index (T, k))."""
-    probs = torch.softmax(z / temperature, dim=-1)  # (T, E)
+    probs = torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)  # (T, E)
     top, index = probs.topk(k, dim=-1)  # (T, k)
     if renormalize:
         top = top / top.sum(-1, keepdim=True)
@@ -70,7 +70,7 @@ def route_softmax_topk(z: Tensor, k: int, renormalize: bool, temperature: float)
 
 
 def route_dense(z: Tensor, temperature: float):
-    probs = torch.softmax(z / temperature, dim=-1)  # (T, E)
+    probs = torch.softmax(z if temperature == 1.0 else z / temperature, dim=-1)  # (T, E)
     return Routing(probs, probs, None)
 
 
@@ -212,7 +212,7 @@ def _expert_loop(xs: Tensor, w: Tensor, counts: list[int], a: Tensor, b: Tensor)
 def block_gate(h: Tensor, gates: Tensor, rank: int, scale: float) -> Tensor:
     """``h ⊙ repeat(scale·g, rank)``: ``(T, E·r)``."""
     T, E = gates.shape
-    return (h.view(T, E, rank) * (gates * scale).unsqueeze(-1)).view(T, E * rank)
+    return (h.view(T, E, rank) * (gates if scale == 1.0 else gates * scale).unsqueeze(-1)).view(T, E * rank)
 
 
 def outer_gate(h: Tensor, gates: Tensor, scale: float) -> Tensor:
