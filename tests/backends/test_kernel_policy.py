@@ -152,7 +152,8 @@ def test_describe_one_line_per_op_family():
         "routed FFN blocks: compiled CPU kernel on CPU float32/float64 tensors (built when a routed FFN block "
         "or a residual tree is lowered for a CPU), torch ops elsewhere",
         "decode path: sparse pools at <= 16 tokens per site as one dense GEMM of all experts, gated after (no "
-        "sort, gather or scatter), in their planned form above; without autograd, weights packed once and kept "
+        "sort, gather or scatter), in their planned form above; residual trees routed and propagated by the "
+        "compiled CPU kernel on CPU float32/float64; without autograd, weights packed once and kept "
         "between calls; no aux losses in evaluation mode without autograd (handle.eval_aux asks for them)",
     ]
     on = KernelPolicy(triton="on", cpu="off", has_triton=True).describe()
@@ -163,9 +164,10 @@ def test_describe_one_line_per_op_family():
     assert KernelPolicy(triton="off").describe()[0].startswith("sparse pools: torch ops (Triton off")
     assert KernelPolicy(has_triton=False).describe()[1] == "residual trees: torch ops (Triton is not installed)"
     assert "(built)" in KernelPolicy(cpu_built=True).describe()[2]
-    built = KernelPolicy(cpu_built=True).describe()[3]
-    assert "residual trees routed and propagated by the compiled CPU kernel" in built
-    assert "residual trees" not in lines[3]
+    assert "residual trees routed and propagated by the compiled CPU kernel" in lines[3]
+    assert KernelPolicy(cpu_built=True).describe()[3] == lines[3]
+    assert "residual trees" not in KernelPolicy(cpu="off").describe()[3]
+    assert "residual trees" not in KernelPolicy(cpu_built=False).describe()[3]
     assert KernelPolicy(has_triton=True).describe(["routed_ffn", "grouped"]) == [lines[0], lines[2]]
     with pytest.raises(ValueError, match="unknown op families"):
         KernelPolicy().describe(["pools"])

@@ -236,7 +236,7 @@ class KernelPolicy:
         if self.decode_tokens == 0:
             return f"off (decode_tokens=0): sparse pools in their planned form at every size; {packed}"
         trees = ("; residual trees routed and propagated by the compiled CPU kernel on CPU float32/float64"
-                 if self.routed_ffn_kernel("cpu", torch.float32) == "cpu" else "")
+                 if self.cpu != "off" and self.cpu_built is not False else "")
         return (f"sparse pools at <= {self.decode_tokens} tokens per site as one dense GEMM of all experts, gated "
                 f"after (no sort, gather or scatter), in their planned form above{trees}; {packed}")
 
