@@ -18,9 +18,10 @@ LR = 0.1
 
 
 def ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
-            "optimizer": {"type": "SGD", "params": {"lr": LR}}, "zero_allow_untested_optimizer": True,
-            "gradient_clipping": 0.0}
+    """ZeRO at ``stage``, 2 sequences per process, plain SGD (DeepSpeed asks to allow it under ZeRO), no clipping."""
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage}, "optimizer": {"type": "SGD", "params": {"lr": LR}},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
 
 
 def step(stage: int, rank: int, folder: str) -> dict:

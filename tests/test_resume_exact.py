@@ -1,8 +1,10 @@
-"""A ``moleforge train`` run killed with SIGKILL right after a checkpoint, then resumed with
-``--resume``, ends bit-identical to a run that was never interrupted: adapter weights and
+"""A ``moleforge train`` run killed with SIGKILL in the middle of writing a checkpoint, then
+resumed with ``--resume``, goes on from the last complete checkpoint (the half-written one never
+appears as ``checkpoint-N``) and ends bit-identical to a run that was never interrupted: adapter weights and
 balancing biases, optimizer and scheduler state, torch's RNG states, the adapter's own noise
 generators (router noise and dropout masks), and every logged loss, on one process and on two
-``torchrun`` processes (gloo). The spec draws from every random stream a run has: S'MoRE's noisy
+``torchrun`` processes (gloo). One process runs the command in this process, except the run
+that is killed. The spec draws from every random stream a run has: S'MoRE's noisy
 gate, PEFT dropout, a SMoRA balancing bias, and the Trainer's shuffled data order."""
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from models import VOCAB, tiny
+from moleforge.cli import main
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 SPEC = TESTS / "data" / "resume_spec.json"
 TIMEOUT = 240
-STEPS, KILL_AT = 4, 2
+STEPS, KILL_AT = 4, 3
+"""The run is killed while it writes checkpoint 3 and resumes from checkpoint 2."""
 VOLATILE = ("runtime", "per_second", "total_flos")
 """Log entries that measure time, not training."""
 
@@ -49,18 +54,35 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _args(model: Path, data: Path, out: Path, resume: bool) -> list[str]:
+    return ["train", str(SPEC), "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
+            "--batch-size", "2", "--save-steps", "1", "--seed", "11", "--lr", "0.01", *(["--resume"] if resume else [])]
+
+
 def _run(world: int, model: Path, data: Path, out: Path, *, kill_at: int | None = None, resume: bool = False):
     """``moleforge train`` on ``world`` processes; with ``kill_at``, through the wrapper that
-    kills every process after that checkpoint. Returns the completed process."""
+    kills every process after that checkpoint. Returns ``(exit code, output)``."""
+    if world == 1 and kill_at is None:
+        return _in_process(_args(model, data, out, resume))
     if world == 1:
         launch = [sys.executable]
     else:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     target = [str(TESTS / "kill_after_checkpoint.py"), str(kill_at)] if kill_at else ["-m", "moleforge"]
-    args = ["train", str(SPEC), "--model", str(model), "--data", str(data), "--out", str(out), "--steps", str(STEPS),
-            "--batch-size", "2", "--save-steps", "1", "--seed", "11", "--lr", "0.01"]
-    cmd = [*launch, *target, *args, *(["--resume"] if resume else [])]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run([*launch, *target, *_args(model, data, out, resume)], env=_env(), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    return proc.returncode, proc.stdout + proc.stderr[-3000:]
+
+
+def _in_process(args: list[str]) -> tuple[int, str]:
+    """One process needs no launcher: run the command here, on one thread like the killed run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    return result.exit_code, result.output
 
 
 def _same(a, b, where: str) -> None:
@@ -102,15 +124,18 @@ def _state(out: Path) -> dict:
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_killed_run_resumes_bit_exactly(model_and_data, tmp_path, world):
     model, data = model_and_data
-    whole = _run(world, model, data, tmp_path / "whole")
-    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
-    killed = _run(world, model, data, tmp_path / "killed", kill_at=KILL_AT)
-    assert killed.returncode != 0 and not (tmp_path / "killed" / "adapter").exists(), "the run was killed"
+    code, output = _run(world, model, data, tmp_path / "whole")
+    assert code == 0, output[-5000:]
+    code, output = _run(world, model, data, tmp_path / "killed", kill_at=KILL_AT)
+    assert code != 0 and not (tmp_path / "killed" / "adapter").exists(), "the run was killed"
     left = sorted(p.name for p in (tmp_path / "killed").iterdir())
-    assert left == [f"checkpoint-{KILL_AT - 1}", f"checkpoint-{KILL_AT}"], left
-    resumed = _run(world, model, data, tmp_path / "killed", resume=True)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert f"resuming from {tmp_path / 'killed' / f'checkpoint-{KILL_AT}'}" in resumed.stdout
+    assert left == [".staging", f"checkpoint-{KILL_AT - 2}", f"checkpoint-{KILL_AT - 1}"], left
+    partial = tmp_path / "killed" / ".staging" / f"checkpoint-{KILL_AT}"
+    assert (partial / "optimizer.pt").is_file() and not list(partial.glob("rng_state*")), "killed mid-save"
+    code, output = _run(world, model, data, tmp_path / "killed", resume=True)
+    assert code == 0, output[-5000:]
+    assert f"resuming from {tmp_path / 'killed' / f'checkpoint-{KILL_AT - 1}'}" in output
+    assert not (tmp_path / "killed" / ".staging").exists(), "the next save cleared the half-written one"
     expected, got = _state(tmp_path / "whole"), _state(tmp_path / "killed")
     noise = [f"moleforge_noise_{r}.safetensors" for r in range(world)]
     assert set(noise) <= set(expected["files"]), "each rank saved its noise generators"
