@@ -85,7 +85,7 @@ def _in_process(args: list[str]) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def _same(a, b, where: str) -> None:
+def same(a, b, where: str) -> None:
     """``a`` and ``b`` (nested dicts, lists, tensors, numbers) are identical, bit for bit."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
@@ -94,11 +94,11 @@ def _same(a, b, where: str) -> None:
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
         for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
+            same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
+            same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
@@ -142,4 +142,4 @@ def test_a_killed_run_resumes_bit_exactly(model_and_data, tmp_path, world):
     assert any(k.endswith(".balance") and v.abs().max() > 0 for k, v in expected["adapter"].items()), \
         "the balancing bias moved, so its restoring is checked"
     assert [h["step"] for h in expected["logs"] if "loss" in h] == list(range(1, STEPS + 1))
-    _same(expected, got, "run")
+    same(expected, got, "run")
