@@ -96,7 +96,10 @@ def _publish(staged: str, final: str) -> None:
         shutil.rmtree(final)
     os.replace(staged, final)
     shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
-    fd = os.open(os.path.dirname(final), os.O_RDONLY)
+    try:
+        fd = os.open(os.path.dirname(final), os.O_RDONLY)
+    except OSError:  # a folder cannot be opened outside POSIX systems
+        return
     try:
         os.fsync(fd)
     finally:
