@@ -76,6 +76,7 @@ __all__ = [
     "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
     "DenseTrainTopKRouter", "RSLLoss",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
+    "MoleforgeTrainer",
 ]
 
 
@@ -84,4 +85,7 @@ def __getattr__(name: str):
     if name == "MoleforgeTrainerCallback":
         from .integrations.trainer import MoleforgeTrainerCallback
         return MoleforgeTrainerCallback
+    if name == "MoleforgeTrainer":
+        from .integrations.resumable_trainer import MoleforgeTrainer
+        return MoleforgeTrainer
     raise AttributeError(f"module 'moleforge' has no attribute {name!r}")

@@ -7,12 +7,9 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import Trainer
 
 from ..data import Example, collate
-from ..errors import CheckpointError
-from ..integrations.handle import AdapterHandle
-from ..interop import read_adapter
+from ..integrations.resumable_trainer import MoleforgeTrainer
 
 __all__ = ["ExampleDataset", "PadCollator", "AdapterTrainer", "checkpoint_dirs"]
 
@@ -40,28 +37,8 @@ class PadCollator:
         return collate(batch, self.pad_id)
 
 
-class AdapterTrainer(Trainer):
-    """``Trainer`` for a model holding a compiled adapter ``handle``: resuming reloads the
-    adapter from a ``checkpoint-N`` folder (which ``save_model`` wrote in ``mf.save`` format,
-    through the model's ``save_pretrained``), after checking it belongs to the same spec."""
-
-    def __init__(self, *args, handle: AdapterHandle, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.handle = handle
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        config, tensors = read_adapter(resume_from_checkpoint)
-        own = self.handle.state_dict()
-        if config.get("spec") != self.handle.spec.model_dump(mode="json"):
-            raise CheckpointError(f"{resume_from_checkpoint} holds an adapter of another spec "
-                                  f"({config.get('spec', {}).get('name')!r}); resume with the spec it was trained "
-                                  "with, or choose another --out")
-        problems = sorted(set(own) ^ set(tensors))
-        problems += [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
-        if problems:
-            raise CheckpointError(f"{resume_from_checkpoint} does not fit this model: {', '.join(problems[:5])}"
-                                  + (" ..." if len(problems) > 5 else ""))
-        self.handle.load_state_dict(tensors)
+AdapterTrainer = MoleforgeTrainer
+"""The Trainer ``moleforge train`` runs (``mf.MoleforgeTrainer``)."""
 
 
 def checkpoint_dirs(out: str | os.PathLike) -> list[str]:

@@ -141,13 +141,14 @@ def _pad_id(tokenizer) -> int:
 
 
 def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags: dict, opts: dict) -> None:
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
 
     from .. import compiler
     from ..integrations.trainer import MoleforgeTrainerCallback
     from ..interop.checkpoint import save
     from .hf_trainer import AdapterTrainer, ExampleDataset, PadCollator
 
+    set_seed(opts["seed"])  # the adapter's initial values (a spec without init.seed draws from torch's generator)
     handle = compiler.compile(spec, model)
     n = sum(p.numel() for p in handle.trainable_parameters())
     _say(f"adapter: {spec.name}, {len(handle.modules)} sites, {n:,} trainable parameters")

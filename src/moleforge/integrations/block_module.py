@@ -28,6 +28,7 @@ from ..backends.runtime.ops import in_backward, jitter
 from ..errors import InjectionError
 from .ffn_trace import TracedBlock
 from .inject import AuxCollector, logged_routes
+from .quantized import dequantized, is_quantized
 
 __all__ = ["MoleforgeBlock", "BlockInput", "build_block_module", "frozen_names", "flatten_tokens",
            "unflatten_tokens"]
@@ -165,6 +166,8 @@ def _frozen_inputs(g: fx.Graph, tb: TracedBlock, dtype: torch.dtype) -> dict[str
         module = tb.root.get_submodule(lin.target)
         w_name, b_name = frozen_names(role)
         w = g.get_attr(f"{lin.target}.weight")
+        if is_quantized(module.weight):  # run as the quantised linear would: W in floating point
+            w = g.call_function(dequantized, (g.get_attr(lin.target),))
         if lin.transposed:
             w = g.call_method("t", (w,))
         if module.weight.dtype != dtype:

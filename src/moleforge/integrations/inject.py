@@ -16,6 +16,7 @@ from torch import fx, nn
 from ..backends.runtime.ops import in_backward
 from ..errors import InjectionError
 from ..ir import Routing, TreeRouting
+from .quantized import dequantized
 
 __all__ = ["AdaptedLinear", "AuxCollector", "linear_dims", "swap_modules", "get_submodule_parent", "logged_routes",
            "FROZEN_WEIGHT"]
@@ -179,7 +180,7 @@ class AdaptedLinear(nn.Module):
 
     def _weight(self) -> torch.Tensor:
         """The frozen ``W (d_out, d_in)`` (a view; a ``Conv1D`` stores it ``(d_in, d_out)``)."""
-        w = self.base_layer.weight
+        w = dequantized(self.base_layer)
         return w if isinstance(self.base_layer, nn.Linear) else w.t()
 
     def _run_inference(self, x: torch.Tensor, flat: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,7 @@ balancing counts and the routing statistics count the real tokens only. Two Trai
 compute the loss outside the model and so leave the aux loss out unless the user adds
 ``outputs["aux_loss"]``: ``compute_loss_func`` and ``label_smoothing_factor``. The
 Trainer's ``resume_from_checkpoint`` reloads only weight files it knows (``model.safetensors``,
-PEFT adapters); restore a moleforge checkpoint with ``mf.load`` instead.
+PEFT adapters); ``mf.MoleforgeTrainer`` resumes a moleforge checkpoint, bit-exactly.
 
 On several processes (``torchrun``, ``accelerate launch``) the callback runs on every rank: the
 aux losses already hold the whole batch's statistics (summed over the ranks in the forward), the

@@ -18,6 +18,7 @@ from ..compiler.compile import compile
 from ..errors import CheckpointError, NotMergeableError, SpecError
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import linear_dims
+from ..integrations.quantized import dequantized, quantized_modules
 from ..ir import Graph, Magnitude
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, Init, LoRA, Site, StaticRouter, Target
@@ -340,7 +341,7 @@ def export_merged(handle: AdapterHandle, path: PathLike, *, static_only: bool = 
 def _merged_state(handle: AdapterHandle, merge: Mapping[str, LowRank]) -> dict[str, torch.Tensor]:
     """The model's state dict under its original names (adapters unwrapped), merged sites folded."""
     state: dict[str, torch.Tensor] = {}
-    for key, t in handle.model.state_dict().items():
+    for key, t in _dequantized_state(handle.model).items():
         module, sep, rest = key.partition(".base_layer.")
         if sep and module in handle.modules:
             key = f"{module}.{rest}"
@@ -362,9 +363,27 @@ def _merged_state(handle: AdapterHandle, merge: Mapping[str, LowRank]) -> dict[s
     return dedupe_shared(state)
 
 
+def _dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every quantised linear's weight as the floating-point ``W`` it
+    computes with, and its quantisation data (scales, code books) left out."""
+    quantized = {f"{name}.": mod for name, mod in quantized_modules(model).items()}
+    state = {}
+    for key, t in model.state_dict().items():
+        prefix = next((p for p in quantized if key.startswith(p)), None)
+        if prefix is None:
+            state[key] = t
+        elif key == f"{prefix}weight":
+            state[key] = dequantized(quantized[prefix]).detach()
+        elif key == f"{prefix}bias":
+            state[key] = t
+    return state
+
+
 def _json_files(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
+    if hasattr(config, "quantization_config"):  # the weights are written dequantised
+        del config.quantization_config
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     if floats:  # from_pretrained(dtype="auto") loads the weights in the dtype they were saved in
         config.dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.")
