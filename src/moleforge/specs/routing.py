@@ -15,6 +15,7 @@ from pydantic import Field, PositiveInt
 from .base import MAX_BIAS_RATE, MAX_LOSS_WEIGHT, MIN_TEMPERATURE, SpecModel
 from .mixer import DenseTrainTopKRouter, RSLLoss
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
+from .xlora import XLoRARouter
 
 __all__ = [
     "TopKRouter",
@@ -125,7 +126,7 @@ class TopPRouter(SpecModel):
 
 Router = Annotated[
     Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TopPRouter, TaskRouter,
-          TaskEmbeddingRouter, DenseTrainTopKRouter],
+          TaskEmbeddingRouter, DenseTrainTopKRouter, XLoRARouter],
     Field(discriminator="kind"),
 ]
 
