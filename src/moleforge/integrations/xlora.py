@@ -33,6 +33,8 @@ CLASSIFIER = "xlora_classifier"
 the adapter's tensors)."""
 
 _BASE_PASS_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache_position")
+_CACHE_KEYS = ("cache", "past_key_values")
+"""How a model call passes its KV cache (transformers >= 5.2x: ``cache``; before: ``past_key_values``)."""
 
 
 def xlora_router(spec) -> XLoRARouter | None:
@@ -128,7 +130,8 @@ class _TwoPass:
 
     def _cache_inputs(self, kwargs: dict) -> dict:
         """The first pass's own KV cache when the model's call uses one, kept in step with it."""
-        cache = kwargs.get("past_key_values")
+        key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), _CACHE_KEYS[-1])
+        cache = kwargs.get(key)
         use = kwargs.get("use_cache", getattr(getattr(self.model, "config", None), "use_cache", False))
         if cache is None or not use or not hasattr(cache, "get_seq_length"):
             self._cache = None
@@ -146,7 +149,7 @@ class _TwoPass:
             raise InputError(f"the X-LoRA first pass's cache holds {self._cache.get_seq_length()} tokens, the model's "
                              f"{past}: the model's cache was changed outside a plain decoding loop (beam search "
                              "reorders it); generate with greedy or sampled decoding, or use_cache=False")
-        return {"past_key_values": self._cache, "use_cache": True}
+        return {key: self._cache, "use_cache": True}
 
 
 class XLoRAHandle(AdapterHandle):
