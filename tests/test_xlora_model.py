@@ -134,3 +134,35 @@ def test_first_pass_skips_the_adapters_at_scaling_0_and_mixes_them_otherwise(pat
     handle = mf.compile(xlora_spec(paths, depth=2, size=16, scaling_pass_value=0.4), model)
     handle.load_state_dict(tensors)
     assert_close(_logits(model), _logits(peft_model), "float32_model")
+
+
+def test_cli_trains_xlora_on_peft_folders_and_exports_what_can_be_exported(paths, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from moleforge.cli import main
+
+    tiny("llama").save_pretrained(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": batch(seed=s)[0].tolist()}) for s in range(8)) + "\n")
+    out = tmp_path / "run"
+    run = CliRunner().invoke(main, ["train", "xlora", "--model", str(tmp_path / "model"), "--data", str(data),
+                                    "--out", str(out), "--steps", "2", "--batch-size", "4", "--experts",
+                                    ",".join(map(str, paths))], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    model = tiny("llama")
+    handle = mf.load(model, out / "adapter")
+    assert handle.spec.sites[0].adapter.router.kind == "xlora" and handle.classifier.experts == 3
+    run = CliRunner().invoke(main, ["export", str(out), "--peft", str(tmp_path / "peft")], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert "PEFT X-LoRA folder written" in run.output
+    peft_dir = tmp_path / "peft"
+    base = tiny("llama")
+    base.config.use_cache = False
+    loaded = PeftModel.from_pretrained(base, str(peft_dir), adapters={str(i): str(peft_dir / str(i)) for i in range(3)})
+    assert_close(_logits(loaded), _logits(model), "float32_model")
+    run = CliRunner().invoke(main, ["export", str(out), "--merged", str(tmp_path / "merged")])
+    assert run.exit_code != 0
+    assert "X-LoRA sites" in run.output and "--peft OUT" in run.output
+    assert not (tmp_path / "merged" / "model.safetensors").exists()

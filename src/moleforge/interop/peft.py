@@ -26,7 +26,7 @@ from . import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 from .lowrank import LowRank, NotReducibleError, reduce_site
 from .merged import dedupe_shared, fold_delta, write_hf_model
 from .peft_format import PeftLoRA, _most_common, lora_config, read_peft_lora, write_peft_lora
-from .xlora_peft import export_xlora_peft, is_xlora_folder, read_xlora_folder
+from .xlora_peft import export_xlora_peft, is_xlora_folder, read_xlora_folder, xlora_not_mergeable
 
 __all__ = ["from_peft", "export_peft", "export_merged"]
 
@@ -329,6 +329,8 @@ def export_merged(handle: AdapterHandle, path: PathLike, *, static_only: bool = 
             and router; or a merged module's weight is tied to another.
         CheckpointError: ``path`` holds a moleforge adapter that a full merge would leave stale.
     """
+    if isinstance(handle, XLoRAHandle):
+        raise NotMergeableError(xlora_not_mergeable(handle))
     done, refused = _reduce_all(handle)
     if refused and not static_only:
         raise NotMergeableError(_refusal(

@@ -140,6 +140,15 @@ def export_xlora_peft(handle: AdapterHandle, path: str | os.PathLike) -> Path:
     return out
 
 
+def xlora_not_mergeable(handle: XLoRAHandle) -> str:
+    """Why an X-LoRA adapter does not merge into the base weights."""
+    sites = handle.xlora_layers
+    return (f"cannot merge into the base weights: the {len(sites)} X-LoRA sites ({sites[0]}, ...; router 'xlora') "
+            "mix their experts with scalings the classifier computes per token from the base model's hidden states, "
+            "so no fixed weight equals them. Export as a PEFT X-LoRA folder with mf.export_peft(handle, path) "
+            "(moleforge export --peft OUT), or keep the adapter with mf.save(handle, path).")
+
+
 def _hidden(handle: XLoRAHandle) -> int:
     return int(handle.classifier.layers[0].weight.shape[1])
 
