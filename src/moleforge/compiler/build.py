@@ -273,7 +273,8 @@ def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width
     """The router of E experts reading ``src`` of ``width`` (the site input, or CoMoL's core space)."""
     d_in = width or b.shape.d_in
     if isinstance(router, StaticRouter):
-        w = b.param("router_w", (E,), "one", trainable=router.trainable, buffer=not router.trainable)
+        w = b.param("router_w", (E,), "one" if router.start == "sum" else "mean", trainable=router.trainable,
+                    buffer=not router.trainable)
         return b.add(Route(id="route", src="x", gate=StaticGate(weights=w), experts=E, origin=f"{origin}.router"))
     if isinstance(router, (TaskRouter, TaskEmbeddingRouter)):
         return _task_router(b, router, E, origin)

@@ -93,6 +93,9 @@ class StaticRouter(SpecModel):
     kind: Literal["static"] = "static"
     trainable: bool = True
     """``False`` keeps the weights fixed (a buffer), e.g. a fixed sum of imported adapters."""
+    start: Literal["sum", "mean"] = "sum"
+    """The weights' starting value: ``sum`` 1 (the sum of the experts), ``mean`` ``1/E`` (their
+    average, a uniform soup: composing task LoRAs trained apart, the sum overshoots)."""
 
     @property
     def k(self) -> None:
