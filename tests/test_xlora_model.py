@@ -89,6 +89,12 @@ def test_save_and_load_keep_the_classifier(paths, tmp_path):
     assert_reloads_to_the_same_logits(model, handle, batch(), "llama", tmp_path / "saved")
 
 
+def test_explain_names_the_classifier(paths):
+    text = mf.explain(xlora_spec(paths, depth=2, size=16, layerwise=True), tiny("llama"), ir="none")
+    assert "X-LoRA classifier (trainable, beside the sites' parameters): depth 2, size 16" in text
+    assert "one set per the 6 X-LoRA sites" in text
+
+
 def test_remove_restores_the_model(paths):
     model, handle = _compiled(paths)
     ref = _logits(tiny("llama"))

@@ -266,7 +266,7 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
             router and what to use instead.
     """
     if isinstance(handle, XLoRAHandle):
-        return export_xlora_peft(handle, path)
+        return export_xlora_peft(handle, path, _task_type(handle.model))
     done, refused = _reduce_all(handle)
     magnitudes = _dora_sites(handle, done, refused)
     if refused:

@@ -94,7 +94,7 @@ def read_xlora_folder(path: str | os.PathLike) -> tuple[XLoRARouter, list[PeftLo
     return router, experts, bool(config.get("use_trainable_adapters", False)), tensors
 
 
-def export_xlora_peft(handle: AdapterHandle, path: str | os.PathLike) -> Path:
+def export_xlora_peft(handle: AdapterHandle, path: str | os.PathLike, task_type: str | None = None) -> Path:
     """Write ``handle`` (an X-LoRA adapter) as a PEFT X-LoRA folder: the experts as PEFT LoRA
     subfolders ``0``, ``1``, ... (each expert's factors with its scale), the classifier, the config.
     Load it with ``PeftModel.from_pretrained(model, path, adapters={"0": path/0, ...})``.
@@ -125,10 +125,10 @@ def export_xlora_peft(handle: AdapterHandle, path: str | os.PathLike) -> Path:
     for i, factors in enumerate(per_expert):
         ranks = {n: int(a.shape[0]) for n, (a, _, _) in factors.items()}
         alphas = {n: s * ranks[n] for n, (_, _, s) in factors.items()}
-        config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=_task_type(handle.model), base_model=None)
+        config = lora_config(ranks, alphas, fan_in_fan_out=conv1d, task_type=task_type, base_model=None)
         write_peft_lora(out / str(i), config, {n: (a, b) for n, (a, b, _) in factors.items()})
         folders[str(i)] = str(out / str(i))
-    config = {"peft_type": "XLORA", "task_type": _task_type(handle.model), "hidden_size": _hidden(handle),
+    config = {"peft_type": "XLORA", "task_type": task_type, "hidden_size": _hidden(handle),
               "adapters": folders, "use_trainable_adapters": not handle.spec.sites[0].adapter.frozen_experts,
               "base_model_name_or_path": None, "revision": None, "inference_mode": True,
               **{theirs: getattr(router, ours) for theirs, ours in _FIELDS.items()}}
@@ -152,8 +152,3 @@ def xlora_not_mergeable(handle: XLoRAHandle) -> str:
 def _hidden(handle: XLoRAHandle) -> int:
     return int(handle.classifier.layers[0].weight.shape[1])
 
-
-def _task_type(model: nn.Module) -> str | None:
-    from .peft import _task_type as task_type
-
-    return task_type(model)
