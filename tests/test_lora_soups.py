@@ -100,7 +100,8 @@ def test_only_the_weights_train(trained):
 def test_static_weights_start_at_the_mean_when_asked():
     """``start: "mean"`` (the lora_soups preset): CAT starts from the average of the experts, 1/E."""
     router = {"kind": "static", "start": "mean"}
-    spec = {"sites": [{"target": {"roles": ["q"]}, "adapter": {"kind": "pool", "experts": 4, "rank": 2, "router": router}}]}
+    pool = {"kind": "pool", "experts": 4, "rank": 2, "router": router}
+    spec = {"sites": [{"target": {"roles": ["q"]}, "adapter": pool}]}
     handle = mf.compile(spec, tiny("llama"))
     for m in handle.modules.values():
         assert torch.equal(m.site.router_w, torch.full((4,), 0.25))

@@ -70,8 +70,8 @@ from ..specs import (
     TaskEmbeddingRouter,
     TaskRouter,
     TopKRouter,
-    XLoRARouter,
     TopPRouter,
+    XLoRARouter,
     lora_scale,
 )
 

@@ -200,8 +200,9 @@ class XLoRAHandle(AdapterHandle):
             with torch.no_grad():
                 for k, v in own.items():
                     if k not in ref or ref[k].shape != v.shape:
-                        raise CheckpointError(f"{prefix}{k}: the saved X-LoRA classifier has shape {tuple(v.shape)}, this "
-                                         f"adapter's {tuple(ref[k].shape) if k in ref else 'has no such tensor'}")
+                        have = tuple(ref[k].shape) if k in ref else "no such tensor"
+                        raise CheckpointError(f"{prefix}{k}: the saved X-LoRA classifier has shape {tuple(v.shape)}, "
+                                              f"this adapter's: {have}")
                     ref[k].copy_(v.to(ref[k].dtype))
 
     def remove(self) -> nn.Module:

@@ -108,8 +108,9 @@ def export_xlora_peft(handle: AdapterHandle, path: str | os.PathLike, task_type:
         raise CheckpointError("export as PEFT X-LoRA needs an adapter whose sites all have an xlora router")
     others = [n for n in handle.modules if n not in handle.xlora_layers]
     if others:
-        raise CheckpointError(f"PEFT's X-LoRA model holds X-LoRA pools only; sites {others[:3]} have other adapters: "
-                              "export them separately (mf.export_peft on an adapter of those sites) or mf.save the whole")
+        raise CheckpointError(f"PEFT's X-LoRA model holds X-LoRA pools only; sites {others[:3]} have other "
+                              "adapters: export them separately (mf.export_peft on an adapter of those sites) or "
+                              "mf.save the whole")
     out = Path(path)
     experts = handle.classifier.experts
     per_expert: list[dict] = [{} for _ in range(experts)]
