@@ -17,6 +17,7 @@ model's cache and not this one: it is refused.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -108,10 +109,10 @@ class _TwoPass:
         if "input_ids" not in call and "inputs_embeds" not in call:
             raise InputError("an X-LoRA model is called with input_ids or inputs_embeds (its classifier reads the "
                              "base model's hidden states of those tokens)")
-        call.update(self._cache_inputs(kwargs))
+        backbone = getattr(self.model, "base_model", self.model)
+        call.update(self._cache_inputs(kwargs, backbone))
         value = self.router.scaling_pass_value
         tokens = call.get("input_ids", call.get("inputs_embeds"))
-        backbone = getattr(self.model, "base_model", self.model)
         self._inside = True
         try:
             with torch.no_grad():
@@ -128,14 +129,15 @@ class _TwoPass:
                 layer.bypass = False
         return out.last_hidden_state
 
-    def _cache_inputs(self, kwargs: dict) -> dict:
-        """The first pass's own KV cache when the model's call uses one, kept in step with it."""
+    def _cache_inputs(self, kwargs: dict, backbone: nn.Module) -> dict:
+        """The first pass's own KV cache when the model's call uses one, kept in step with it
+        (``use_cache=False`` otherwise, for a backbone that takes it)."""
         key = next((k for k in _CACHE_KEYS if kwargs.get(k) is not None), _CACHE_KEYS[-1])
         cache = kwargs.get(key)
         use = kwargs.get("use_cache", getattr(getattr(self.model, "config", None), "use_cache", False))
         if cache is None or not use or not hasattr(cache, "get_seq_length"):
             self._cache = None
-            return {"use_cache": False}
+            return {"use_cache": False} if "use_cache" in inspect.signature(backbone.forward).parameters else {}
         past = cache.get_seq_length()
         if past == 0 or self._cache is None:
             if past != 0:
