@@ -5,7 +5,8 @@ The model is the Llama of ``train_step.py`` (hidden 512, 4 layers, vocabulary ``
 weights, float32; three PEFT LoRAs (r = 8 on all 7 projections, A and B drawn) saved with PEFT;
 the classifier of the ``xlora`` preset (depth 2, size 2048; PEFT's defaults otherwise), its weights
 copied from PEFT's. One forward ``model(ids)`` of ``--batch`` x ``--seq`` tokens under
-``torch.no_grad()`` in evaluation mode, ``torch.set_num_threads(--threads)``. Each timed forward of
+``torch.no_grad()`` in evaluation mode, ``torch.set_num_threads(--threads)``, timed in wall time or
+in the process's CPU time (``--clock cpu``: less disturbed by other processes on a busy machine). Each timed forward of
 an X-LoRA model runs right after one of the base; its ratio is the median over ``--rounds`` of its
 time over that paired base forward, and the two X-LoRA models alternate which goes first. Both
 run two passes (the base model, then the adapted one): moleforge skips the adapters in the first
@@ -77,11 +78,14 @@ def build(base: nn.Module, paths: list[Path]) -> dict[str, nn.Module]:
     return {"base": base.eval(), "moleforge_xlora": ours.eval(), "peft_xlora": peft_model}
 
 
+CLOCK = time.perf_counter
+
+
 def forward(model: nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
-        start = time.perf_counter()
+        start = CLOCK()
         out = model(input_ids=ids, use_cache=False).logits
-        return time.perf_counter() - start, out
+        return CLOCK() - start, out
 
 
 def measure(models: dict[str, nn.Module], ids: torch.Tensor, rounds: int) -> dict[str, dict]:
@@ -107,8 +111,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: perf_counter; cpu: this process's CPU time (all its threads), which other "
+                             "processes on a busy machine disturb less")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "xlora.json"))
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
     base = build_base(args.vocab)
@@ -131,7 +140,7 @@ def main() -> None:
         "benchmark": "xlora_forward",
         "config": {"batch": args.batch, "seq": args.seq, "vocab": args.vocab, "experts": EXPERTS, "rank": RANK,
                    "classifier_depth": DEPTH, "classifier_size": SIZE, "projections": PROJECTIONS,
-                   "dtype": "float32", "threads": args.threads, "rounds": args.rounds,
+                   "dtype": "float32", "threads": args.threads, "rounds": args.rounds, "clock": args.clock,
                    "model": "Llama hidden 512, 4 layers (benchmarks/train_step.py)"},
         "ratio": "median over rounds of (forward time / the base forward run just before it), in one run",
         "max_abs_logit_difference_moleforge_vs_peft": agree,
