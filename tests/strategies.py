@@ -316,3 +316,13 @@ def lowered(graph: Graph, params: dict[str, torch.Tensor], groups=None, policy=N
 def frozen_inputs(graph: Graph, params: dict[str, torch.Tensor]) -> dict:
     """The lowered module's ``frozen`` keyword for ``graph`` (its frozen inputs from ``params``)."""
     return {"frozen": {d.name: params[d.name] for d in graph.frozen}} if graph.frozen else {}
+
+
+def xlora_scalings(graph: Graph, x: torch.Tensor) -> torch.Tensor | None:
+    """The X-LoRA scalings ``(T, E)`` a site of ``graph`` reads (softmaxed, drawn from ``x``'s
+    values), or ``None`` when it reads none."""
+    node = next((n for n in graph.nodes if type(n).__name__ == "LayerScalings"), None)
+    if node is None:
+        return None
+    gen = torch.Generator().manual_seed(int(x.shape[0]) * 7 + node.experts)
+    return torch.softmax(torch.randn(x.shape[0], node.experts, generator=gen, dtype=x.dtype) * 2, 1)

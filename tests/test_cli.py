@@ -29,6 +29,7 @@ from moleforge.report.flops import (
     frozen_flops_per_token,
     node_flops,
 )
+from strategies import xlora_scalings
 from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,7 @@ def test_flops_from_ir_match_what_torch_counts(preset):
         T = 5
         x = torch.randn(T, graph.d_in)
         module.site.eval()
+        module.site.xlora_scalings = xlora_scalings(graph, x)  # an X-LoRA site reads its layer's scalings
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             module.site(x, None)
         measured, counted = counter.get_total_flops(), T * flops_per_token(graph)

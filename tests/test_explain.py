@@ -216,6 +216,10 @@ def test_every_router_kind_is_explained(router_cls, scope):
         with pytest.raises(mf.SpecError, match=r"sites\[0\]: adapter.router.kind = 'top_p'"):  # refused by the spec
             mf.AdapterSpec.model_validate(data)
         return
+    if scope == "ffn_block" and router_cls.model_fields["kind"].default == "xlora":
+        with pytest.raises(mf.SpecError, match=r"sites\[0\].scope = 'ffn_block': X-LoRA mixes the LoRAs of single"):
+            mf.AdapterSpec.model_validate(data)  # refused by the spec
+        return
     spec = mf.AdapterSpec.model_validate(data)
     text = mf.explain(spec, tiny("llama"), ir="none")
     assert "Γ" in text and not any(g.__name__ in text for g in typing.get_args(Gate))  # every gate has words

@@ -95,3 +95,14 @@ def test_only_the_weights_train(trained):
     site = next(iter(handle.modules.values())).site
     assert site.router_w.requires_grad and not site.A.requires_grad and not site.B.requires_grad
     assert sum(p.numel() for p in handle.trainable_parameters()) == 3 * len(handle.modules)
+
+
+def test_static_weights_start_at_the_mean_when_asked():
+    """``start: "mean"`` (the lora_soups preset): CAT starts from the average of the experts, 1/E."""
+    router = {"kind": "static", "start": "mean"}
+    pool = {"kind": "pool", "experts": 4, "rank": 2, "router": router}
+    spec = {"sites": [{"target": {"roles": ["q"]}, "adapter": pool}]}
+    handle = mf.compile(spec, tiny("llama"))
+    for m in handle.modules.values():
+        assert torch.equal(m.site.router_w, torch.full((4,), 0.25))
+    assert mf.presets.load("lora_soups").sites[0].adapter.router.start == "mean"

@@ -58,6 +58,7 @@ from .specs import (
     TreeLevel,
     TreeRouter,
     TsallisEntropy,
+    XLoRARouter,
     presets,
 )
 
@@ -74,7 +75,7 @@ __all__ = [
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
-    "DenseTrainTopKRouter", "RSLLoss",
+    "DenseTrainTopKRouter", "RSLLoss", "XLoRARouter",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
     "MoleforgeTrainer",
 ]

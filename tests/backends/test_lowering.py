@@ -15,7 +15,7 @@ from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret, verify
 from moleforge.specs import presets
-from strategies import frozen_inputs, graphs, inputs_for, make_params, samples_for
+from strategies import frozen_inputs, graphs, inputs_for, make_params, samples_for, xlora_scalings
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -81,8 +81,10 @@ def test_every_preset_lowers_and_matches():
         graph = build_graph(adapter, SiteShape("site", 12, 10))
         params = make_params(graph, 3)
         x = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-        ref = interpret(graph, params, x)
+        scalings = xlora_scalings(graph, x)  # an X-LoRA site reads its layer's scalings
+        ref = interpret(graph, params, x, scalings=scalings)
         gm = _lowered(graph, params)
+        gm.xlora_scalings = scalings
         y, aux, routes = gm(x)
         assert_close(y, ref.output, msg=name)
         assert set(routes) == {n.id for n in graph.nodes if type(n).__name__ in ("Route", "TreeRoute")}

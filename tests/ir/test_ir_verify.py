@@ -728,3 +728,30 @@ def rsl_on_a_static_gate():
 
     aux = AuxLoss(id="aux0", routing="route", kind="rsl", weight=0.1, entropy=0.1, top_k=1)
     return g.replace(nodes=(*g.nodes, aux), aux=("aux0",))
+
+
+# ---- X-LoRA ---------------------------------------------------------------------------------
+
+def _xlora_pool(**router) -> Graph:
+    from moleforge.specs import XLoRARouter
+
+    return _build(ExpertPool(experts=3, rank=2, router=XLoRARouter(**router), frozen_experts=True))
+
+
+@case("_xlora_gate", r"an xlora gate reads the site's X-LoRA scalings; %x is a Input")
+def xlora_gate_on_the_input():
+    g = _xlora_pool()
+    return g.replace(nodes=_nodes(g, route=replace(g.node("route"), src="x")))
+
+
+@case("_xlora_gate", r"scalings have width 2, router has 3 experts")
+def xlora_scalings_narrower_than_the_pool():
+    g = _xlora_pool()
+    return g.replace(nodes=_nodes(g, scalings=replace(g.node("scalings"), experts=2)))
+
+
+@case("_xlora_gate", r"top_k = 4 outside \[1, 3\]")
+def xlora_top_k_above_the_experts():
+    g = _xlora_pool(top_k=2)
+    route = g.node("route")
+    return g.replace(nodes=_nodes(g, route=replace(route, gate=replace(route.gate, top_k=4))))

@@ -39,6 +39,7 @@ GATES = {
     nodes.TopPTsallis: nodes.TopPTsallis(k=2, top_p=0.75, q=1.1, threshold=0.9),
     nodes.SelfActivated: nodes.SelfActivated(k=2, temperature=1.0, threshold=0.1),
     nodes.DenseTrainTopK: nodes.DenseTrainTopK(infer_k=2),
+    nodes.XLoRAScale: nodes.XLoRAScale(top_k=2, softmax_topk=True, weight=1.5),
 }
 
 

@@ -17,7 +17,7 @@ from hypothesis import assume
 from hypothesis.control import currently_in_test_context
 
 from moleforge.ir import Graph, interpret, print_graph, verify
-from strategies import frozen_inputs, lowered, make_params  # noqa: F401  (lowered: re-exported for pass tests)
+from strategies import frozen_inputs, lowered, make_params, xlora_scalings  # noqa: F401  (lowered: re-exported)
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -35,7 +35,7 @@ def reference_grads(graph: Graph, params: dict, x: torch.Tensor):
     trainable = [d.name for d in graph.params if d.trainable]
     leaves = {k: params[k].clone().requires_grad_(True) for k in trainable}
     x_leaf = x.clone().requires_grad_(True)
-    res = interpret(graph, {**params, **leaves}, x_leaf)
+    res = interpret(graph, {**params, **leaves}, x_leaf, scalings=xlora_scalings(graph, x))
     aux = res.aux_total if graph.aux else None
     loss = (res.output * _probe(res.output)).sum() + (aux if aux is not None else 0.0)
     tensors = [x_leaf, *leaves.values()]
@@ -46,6 +46,7 @@ def reference_grads(graph: Graph, params: dict, x: torch.Tensor):
 
 def _module_grads(graph: Graph, params: dict, x: torch.Tensor):
     gm = lowered(graph, params)
+    gm.xlora_scalings = xlora_scalings(graph, x)
     x_leaf = x.clone().requires_grad_(True)
     y, aux, _ = gm(x_leaf, **frozen_inputs(graph, params))
     loss = (y * _probe(y)).sum() + (aux if aux is not None else 0.0)
@@ -74,8 +75,9 @@ def check_pass(pass_fn, graph: Graph, seed: int, x: torch.Tensor, params: dict |
     assert pass_fn(out) == out, "the pass is not idempotent"                # 3. idempotent
     assert print_graph(graph) == text and graph == snapshot, "the pass mutated its input"  # 4.
     params = make_params(graph, seed) if params is None else params
-    ref = interpret(graph, params, x)
-    fixed = interpret(out, params, x, routing=ref.routes)                   # 2. same meaning
+    s = xlora_scalings(graph, x)
+    ref = interpret(graph, params, x, scalings=s)
+    fixed = interpret(out, params, x, routing=ref.routes, scalings=s)                   # 2. same meaning
     assert_close(fixed.output, ref.output, msg="interpreter output after the pass")
     for name, value in ref.aux.items():
         assert_close(fixed.aux[name], value, msg=f"aux loss {name}")

@@ -51,7 +51,9 @@ def _out_dir(path: str | None, option: str) -> None:
 @click.argument("adapter_path", metavar="DIR")
 @click.option("--merged", "merged_out", metavar="OUT",
               help="Write a HuggingFace model directory with the adapter folded into the weights.")
-@click.option("--peft", "peft_out", metavar="OUT", help="Write a PEFT LoRA adapter (adapter_config.json + weights).")
+@click.option("--peft", "peft_out", metavar="OUT",
+              help="Write a PEFT LoRA adapter (adapter_config.json + weights); an X-LoRA adapter as a PEFT X-LoRA "
+                   "folder (the classifier, the experts in subfolders 0, 1, ...).")
 @click.option("--model", "model_dir", metavar="DIR",
               help="The base model the adapter was trained on.  [default: the one `moleforge train` recorded]")
 @click.option("--static-only", is_flag=True,
@@ -97,4 +99,8 @@ def export_cmd(adapter_path: str, merged_out: str | None, peft_out: str | None, 
             click.echo(f"the routed sites stay a moleforge adapter in the same folder (mf.load(model, {str(path)!r}))")
     if peft_out is not None:
         path = mf.export_peft(handle, peft_out)
-        click.echo(f"PEFT adapter written to {path}  (PeftModel.from_pretrained(base_model, {str(path)!r}))")
+        if hasattr(handle, "xlora_layers"):  # a PEFT X-LoRA folder: PEFT is told where the experts are
+            click.echo(f"PEFT X-LoRA folder written to {path}  (PeftModel.from_pretrained(base_model, {str(path)!r}, "
+                       f"adapters={{'0': {str(Path(path) / '0')!r}, ...}}))")
+        else:
+            click.echo(f"PEFT adapter written to {path}  (PeftModel.from_pretrained(base_model, {str(path)!r}))")

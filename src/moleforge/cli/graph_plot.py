@@ -19,7 +19,8 @@ STYLE: Rules[tuple[str, str]] = Rules("the graph plot", nodes.NODE_KINDS)
 STYLE.add(("#E0E0E0", "input"), nodes.Input)
 STYLE.add(("#C6DBEF", "linear (GEMM)"), nodes.Linear, nodes.SiblingLinear)
 STYLE.add(("#F2F2F2", "slice / add"), nodes.Columns, nodes.Add)
-STYLE.add(("#FDD0A2", "router"), nodes.Jitter, nodes.Route, nodes.TreeRoute, nodes.TreePathGates, nodes.TaskScores)
+STYLE.add(("#FDD0A2", "router"), nodes.Jitter, nodes.Route, nodes.TreeRoute, nodes.TreePathGates, nodes.TaskScores,
+          nodes.LayerScalings)
 STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGate, nodes.OuterGate, nodes.TreeMix,
           nodes.TreePropagate, nodes.GateBias, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA,
           nodes.CoreExperts, nodes.CoreMerge)

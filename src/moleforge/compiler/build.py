@@ -30,6 +30,7 @@ from ..ir import (
     Graph,
     Input,
     Jitter,
+    LayerScalings,
     Linear,
     Magnitude,
     ParamDecl,
@@ -47,6 +48,7 @@ from ..ir import (
     TreeLevelParams,
     TreeMix,
     TreeRoute,
+    XLoRAScale,
     ZLoss,
 )
 from ..specs import (
@@ -69,6 +71,7 @@ from ..specs import (
     TaskRouter,
     TopKRouter,
     TopPRouter,
+    XLoRARouter,
     lora_scale,
 )
 
@@ -270,10 +273,16 @@ def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width
     """The router of E experts reading ``src`` of ``width`` (the site input, or CoMoL's core space)."""
     d_in = width or b.shape.d_in
     if isinstance(router, StaticRouter):
-        w = b.param("router_w", (E,), "one", trainable=router.trainable, buffer=not router.trainable)
+        w = b.param("router_w", (E,), "one" if router.start == "sum" else "mean", trainable=router.trainable,
+                    buffer=not router.trainable)
         return b.add(Route(id="route", src="x", gate=StaticGate(weights=w), experts=E, origin=f"{origin}.router"))
     if isinstance(router, (TaskRouter, TaskEmbeddingRouter)):
         return _task_router(b, router, E, origin)
+    if isinstance(router, XLoRARouter):
+        where = f"{origin}.router"
+        s = b.add(LayerScalings(id="scalings", src="x", experts=E, origin=where))
+        gate = XLoRAScale(top_k=router.top_k, softmax_topk=router.softmax_topk, weight=router.global_scaling_weight)
+        return b.add(Route(id="route", src=s, gate=gate, experts=E, origin=where))
     W = b.param("router_w", (E, d_in), "kaiming", fan_in=d_in)
     if isinstance(router, TopKRouter) and router.jitter > 0:
         src = b.add(Jitter(id="jitter", src=src, eps=router.jitter, origin=f"{origin}.router.jitter"))

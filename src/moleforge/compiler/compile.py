@@ -19,6 +19,7 @@ from ..integrations.block_module import build_block_module
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import AdaptedLinear, AuxCollector, swap_modules
 from ..integrations.sites import ResolvedSite
+from ..integrations.xlora import XLoRAHandle, xlora_router
 from ..ir import AuxLoss, Graph, SiblingLinear, TaskScores
 from ..passes import Pass
 from ..report.explain import IRView, explain_plan
@@ -91,7 +92,8 @@ def compile(spec: Any, model: nn.Module, *, passes: Sequence[Pass] | None = None
             q.requires_grad_(True)
     if policy != p.policy:
         p = dataclasses.replace(p, policy=policy)
-    handle = AdapterHandle(model, p, modules, originals, collector, requires_grad)
+    kind = XLoRAHandle if xlora_router(p.spec) is not None else AdapterHandle
+    handle = kind(model, p, modules, originals, collector, requires_grad)
     handle._recompile = compile  # what handle.add_task() (MoRA-CL) compiles the grown spec with
     if p.source_tensors:
         handle.load_state_dict(p.source_tensors)

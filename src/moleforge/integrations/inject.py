@@ -130,7 +130,12 @@ class AdaptedLinear(nn.Module):
         checkpointing recomputes the forward during backward, after the model call (and a
         ``sample_types`` block around it) ended, and must run the same computation."""
 
+    bypass = False
+    """Set while X-LoRA's first pass runs with scalings 0: the frozen layer alone, nothing computed."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.base_layer(x)
         tokens = x.reshape(-1, self.in_features)
         # on the token matrix, an nn.Linear's output is the GEMM's own tensor, not a view of it;
         # a GPT-2 Conv1D returns its GEMM's output under a view of the same shape

@@ -129,7 +129,7 @@ def _not_reducible(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
 
 REDUCE.add(_not_reducible, nodes.SiblingLinear, nodes.TreeMix, nodes.TreePropagate, nodes.TreePathGates,
            nodes.GateBias, nodes.AuxLoss, nodes.ExpertFFN, nodes.ExpertHidden, nodes.ExpertSum, nodes.ExpertLoRA,
-           nodes.CoreExperts, nodes.CoreMerge, nodes.TaskScores)
+           nodes.CoreExperts, nodes.CoreMerge, nodes.TaskScores, nodes.LayerScalings)
 REDUCE.add(lambda graph, n, env, params: _Map(1.0, None, None), nodes.Input)
 REDUCE.add(lambda graph, n, env, params: env[n.src], nodes.Jitter)  # evaluation: the identity
 REDUCE.add(lambda graph, n, env, params: _columns(env[n.src], n.start, n.stop, graph.d_in), nodes.Columns)
@@ -139,7 +139,7 @@ REDUCE.add(lambda graph, n, env, params: REDUCE_GATE[n.gate](graph, n, env, para
 
 @REDUCE.register(nodes.TreeRoute)
 @REDUCE_GATE.register(nodes.SoftmaxTopK, nodes.DenseSoftmax, nodes.SigmoidTopK, nodes.AbsTopK, nodes.TopPTsallis,
-                      nodes.SelfActivated, nodes.DenseTrainTopK)
+                      nodes.SelfActivated, nodes.DenseTrainTopK, nodes.XLoRAScale)
 def _input_dependent(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
     raise _routed(graph, n)
 

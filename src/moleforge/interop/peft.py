@@ -19,6 +19,7 @@ from ..errors import CheckpointError, NotMergeableError, SpecError
 from ..integrations.handle import AdapterHandle
 from ..integrations.inject import linear_dims
 from ..integrations.quantized import dequantized, quantized_modules
+from ..integrations.xlora import XLoRAHandle
 from ..ir import Graph, Magnitude
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, Init, LoRA, Site, StaticRouter, Target
@@ -26,6 +27,7 @@ from . import CONFIG_NAME, WEIGHTS_NAME, write_adapter
 from .lowrank import LowRank, NotReducibleError, reduce_site
 from .merged import dedupe_shared, fold_delta, write_hf_model
 from .peft_format import PeftLoRA, _most_common, lora_config, read_peft_lora, write_peft_lora
+from .xlora_peft import export_xlora_peft, is_xlora_folder, read_xlora_folder, xlora_not_mergeable
 
 __all__ = ["from_peft", "export_peft", "export_merged"]
 
@@ -69,6 +71,13 @@ def from_peft(model: nn.Module, path_or_paths: PathLike | Sequence[PathLike], *,
         SpecError: ``router`` / ``aux_losses`` do not form a valid pool.
     """
     paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+    if len(paths) == 1 and router is None and is_xlora_folder(paths[0]):  # a PEFT X-LoRA folder
+        xrouter, experts, trainable, classifier = read_xlora_folder(paths[0])
+        spec, tensors = _pool_spec(experts, _resolve_modules(model, experts), name or f"xlora_{Path(paths[0]).name}",
+                                   xrouter, [], not trainable, seed)
+        handle = compile(spec, model, passes=passes)
+        handle.load_state_dict({**tensors, **classifier})
+        return handle
     if not paths:
         raise SpecError("from_peft needs at least one PEFT adapter directory")
     adapters = [read_peft_lora(p) for p in paths]
@@ -257,6 +266,8 @@ def export_peft(handle: AdapterHandle, path: PathLike) -> Path:
         NotMergeableError: a site routes on its input; the message names each such site and
             router and what to use instead.
     """
+    if isinstance(handle, XLoRAHandle):
+        return export_xlora_peft(handle, path, _task_type(handle.model))
     done, refused = _reduce_all(handle)
     magnitudes = _dora_sites(handle, done, refused)
     if refused:
@@ -319,6 +330,8 @@ def export_merged(handle: AdapterHandle, path: PathLike, *, static_only: bool = 
             and router; or a merged module's weight is tied to another.
         CheckpointError: ``path`` holds a moleforge adapter that a full merge would leave stale.
     """
+    if isinstance(handle, XLoRAHandle):
+        raise NotMergeableError(xlora_not_mergeable(handle))
     done, refused = _reduce_all(handle)
     if refused and not static_only:
         raise NotMergeableError(_refusal(

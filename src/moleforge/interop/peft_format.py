@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -117,8 +117,8 @@ def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return config, tensors
 
 
-def read_peft_lora(directory: str | os.PathLike) -> PeftLoRA:
-    """Read a PEFT LoRA directory.
+def read_peft_lora(directory: str | os.PathLike, keys: Callable[[str], str | None] | None = None) -> PeftLoRA:
+    """Read a PEFT LoRA directory (``keys``: each saved key's name as read, ``None`` to leave it out).
 
     Raises:
         CheckpointError: missing or damaged files, another PEFT method or LoRA variant, or a
@@ -126,6 +126,8 @@ def read_peft_lora(directory: str | os.PathLike) -> PeftLoRA:
     """
     d = Path(directory)
     config, tensors = _read_files(d)
+    if keys is not None:
+        tensors = {new: t for k, t in tensors.items() if (new := keys(k)) is not None}
     _check_config(config, d)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     magnitudes: dict[str, torch.Tensor] = {}

@@ -12,7 +12,7 @@ from typing import ClassVar, Union, get_args
 from .params import ParamRef
 
 __all__ = ["GateKind", "SoftmaxTopK", "DenseSoftmax", "SigmoidTopK", "AbsTopK", "StaticGate", "TopPTsallis",
-           "SelfActivated", "DenseTrainTopK", "Gate", "GATE_KINDS"]
+           "SelfActivated", "DenseTrainTopK", "XLoRAScale", "Gate", "GATE_KINDS"]
 
 
 class GateKind:
@@ -147,7 +147,25 @@ class DenseTrainTopK(GateKind):
         return SoftmaxTopK(k=self.infer_k, renormalize=self.renormalize, temperature=self.temperature)
 
 
-Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis, SelfActivated, DenseTrainTopK]
+@dataclass(frozen=True, slots=True)
+class XLoRAScale(GateKind):
+    """X-LoRA (PEFT's ``XLoraLayer.get_maybe_topk_scalings``): the scores are the site's
+    scalings ``s (T, E)`` (:class:`~moleforge.ir.xlora_nodes.LayerScalings`). With ``top_k`` keep
+    the k largest per token (ties to the lower index), 0 elsewhere; with ``softmax_topk`` replace
+    the non-zero kept ones by their softmax (zeros stay 0); ``g = weight · s'``. Probabilities:
+    ``s``. Dense as a whole (``k = None``): every expert is computed, as in PEFT."""
+
+    top_k: int | None = None
+    softmax_topk: bool = False
+    weight: float = 1.0
+
+    @property
+    def k(self) -> None:
+        return None
+
+
+Gate = Union[SoftmaxTopK, DenseSoftmax, SigmoidTopK, AbsTopK, StaticGate, TopPTsallis, SelfActivated, DenseTrainTopK,
+             XLoRAScale]
 
 GATE_KINDS: tuple[type, ...] = get_args(Gate)
 """Every gate kind."""

@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from . import interpret_basics, nodes
+from . import interpret_basics, interpret_xlora, nodes
 from .graph import Graph
 from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
@@ -85,6 +85,7 @@ class _Run:
     samples: tuple[Tensor, Tensor | None] | None
     res: Result
     training: bool = False
+    scalings: Tensor | None = None
 
 
 RUN: Rules[Callable[[object, _Run], object]] = Rules("the interpreter", nodes.NODE_KINDS)
@@ -97,7 +98,8 @@ GATES: Rules[Callable[..., tuple[Routing, float]]] = Rules("the interpreter's ga
 def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
               routing: Mapping[str, object] | None = None,
               samples: tuple[Tensor, Tensor | None] | None = None,
-              noise: Mapping[str, tuple[Tensor, ...]] | None = None, training: bool = False) -> Result:
+              noise: Mapping[str, tuple[Tensor, ...]] | None = None, training: bool = False,
+              scalings: Tensor | None = None) -> Result:
     """Run ``graph`` on ``x (T, d_in)`` in float64 (autograd flows to ``params`` and ``x``).
 
     Args:
@@ -111,11 +113,13 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
             one), ``{router id: ()}``. Nodes without noise run as in evaluation.
         training: the mode of gates that differ between training and evaluation
             (:class:`~moleforge.ir.nodes.DenseTrainTopK`).
+        scalings: X-LoRA: the site's scalings ``(T, E)`` for the call
+            (:class:`~moleforge.ir.nodes.LayerScalings`).
     """
     p = {k: v.to(F64) for k, v in params.items()}
     res = Result(output=torch.empty(0))
     run = _Run(env={}, p=p, x=x.to(F64), fixed=dict(routing or {}), noise=dict(noise or {}), samples=samples,
-               res=res, training=training)
+               res=res, training=training, scalings=scalings)
     for n in graph.nodes:
         run.env[n.id] = RUN[n](n, run)
     res.output = run.env[graph.output]  # type: ignore[assignment]
@@ -434,3 +438,8 @@ RUN.add(interpret_basics.run_capacity, nodes.CapacityLimit)
 RUN.add(interpret_basics.run_z_loss, nodes.ZLoss)
 RUN.add(interpret_basics.run_ragged_mix, nodes.RaggedMix)
 RUN.add(interpret_basics.run_magnitude, nodes.Magnitude)
+
+# ---- X-LoRA (xlora_nodes) ---------------------------------------------------------------------
+
+RUN.add(lambda n, r: interpret_xlora.run_layer_scalings(n, r.env[n.src], r.scalings), nodes.LayerScalings)
+GATES.add(interpret_xlora.xlora_gate, nodes.XLoRAScale)

@@ -33,11 +33,13 @@ from .gates import (
     SoftmaxTopK,
     StaticGate,
     TopPTsallis,
+    XLoRAScale,
 )
 from .kinds import NodeKind, RouterNode, operand
 from .params import ParamExpr, ParamRef, expr_shape
 from .task_nodes import TaskScores
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
+from .xlora_nodes import LayerScalings
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -50,7 +52,7 @@ __all__ = [
     "BlockGate", "OuterGate", "TreeGateLevel", "TreeRoute", "TreeLevelParams", "TreeMix",
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
-    "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude",
+    "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude", "XLoRAScale", "LayerScalings",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -400,7 +402,7 @@ class AuxLoss(NodeKind):
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
              ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores, Dropout, CapacityLimit, ZLoss,
-             RaggedMix, Magnitude]
+             RaggedMix, Magnitude, LayerScalings]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

@@ -64,9 +64,9 @@ class ParamDecl:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen"]
+    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen", "mean"]
     """``frozen``: a frozen input (``Graph.frozen``), bound to the model's own tensor, never initialised;
-    ``one``: ones."""
+    ``one``: ones; ``mean``: ``1 / n`` of the last dimension's n (weights that average)."""
     trainable: bool = True
     buffer: bool = False
     fan_in: int = 0

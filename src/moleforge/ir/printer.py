@@ -61,6 +61,7 @@ GATE.add(lambda g: f"top_p_tsallis(p={g.top_p:g}, k={g.k}, q={g.q:g}, threshold=
 GATE.add(lambda g: f"self_activated(k={g.k}, tau={g.temperature:g}, threshold={g.threshold:g})", nodes.SelfActivated)
 GATE.add(lambda g: f"dense_train_topk(k={g.infer_k}, renorm={g.renormalize}, tau={g.temperature:g})",
          nodes.DenseTrainTopK)
+GATE.add(lambda g: f"xlora(top_k={g.top_k}, softmax_topk={g.softmax_topk}, weight={g.weight:g})", nodes.XLoRAScale)
 
 
 # ---- nodes ------------------------------------------------------------------------------
@@ -134,6 +135,9 @@ def _task_scores(n, t) -> str:
     base = f"%{n.src} + " if n.token_scores else f"(T of %{n.src}) "
     table = f"{n.table.name}[task]" if n.table is not None else "onehot(task)"
     return f"task_scores {base}{table} tasks={n.tasks} -> {n.experts}"
+
+
+LINE.add(lambda n, t: f"xlora_scalings (T of %{n.src}) -> {n.experts}", nodes.LayerScalings)
 
 
 @LINE.register(nodes.AuxLoss)

@@ -164,6 +164,18 @@ def _task_scores(g: Graph, n) -> list[str]:
         p.append(f"token scores %{n.src} have width {g.width(n.src)}, the router has {n.experts} experts")
     return p
 RULES.add(lambda g, n: GATE_RULES[n.gate](g, n), nodes.Route)
+RULES.add(lambda g, n: _need_tensor(g, n.src, "token source"), nodes.LayerScalings)
+
+
+@GATE_RULES.register(nodes.XLoRAScale)
+def _xlora_gate(g: Graph, n) -> list[str]:
+    """Scalings ``(T, E)`` from the site's X-LoRA input; ``1 <= top_k <= E``."""
+    if not isinstance(g.node(n.src), nodes.LayerScalings):
+        return [f"an xlora gate reads the site's X-LoRA scalings; %{n.src} is a {type(g.node(n.src)).__name__}"]
+    p = [] if g.width(n.src) == n.experts else [f"scalings have width {g.width(n.src)}, router has {n.experts} experts"]
+    if n.gate.top_k is not None and not (1 <= n.gate.top_k <= n.experts):
+        p.append(f"top_k = {n.gate.top_k} outside [1, {n.experts}]")
+    return p
 
 
 @GATE_RULES.register(nodes.StaticGate)

@@ -36,6 +36,7 @@ from ..ir import (
     TreePathGates,
     TreePropagate,
     TreeRoute,
+    XLoRAScale,
     nodes,
     print_graph,
 )
@@ -43,6 +44,7 @@ from ..passes import ChoosePoolKernels, Pass, group_pools, pool_cost
 from .explain_blocks import block_fields
 from .explain_sources import sources_lines, task_text
 from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
+from .explain_xlora import xlora_lines
 from .flops import base_flops_per_token, flops_per_token
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
         head.append(f"  sibling fusion: {plan.sibling_note}")
     head += [f"  kernels: {line}" for line in plan.policy.describe(_kernel_families(sites))]
     head += sources_lines(plan.spec)
+    head += xlora_lines(plan.spec, sum(isinstance(n, Route) and isinstance(n.gate, XLoRAScale)
+                                       for s in plan.sites for n in s.plain.nodes))
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])

@@ -25,6 +25,7 @@ from ..ir import (
     TreeMix,
     TreePropagate,
     TreeRoute,
+    XLoRAScale,
 )
 from .structure import capacity_pool_gamma, format_gamma, pool_gamma, tree_gamma_text, variable_pool_gamma
 
@@ -97,6 +98,7 @@ ROUTER_WORDS: dict[type, str] = {
     TopPTsallis: "top-p ∪ top-{k}, Tsallis-entropy broadcast (DynMoLE)",
     SelfActivated: "self-activated |h| scores: top-{k} in training, a threshold in evaluation (MoRA-CL)",
     DenseTrainTopK: "dense softmax in training, softmax top-{k} in evaluation",
+    XLoRAScale: "X-LoRA scalings of the model-scope classifier (per token, per layer)",
 }
 """How :func:`router_text` names each gate of the IR (every member of ``ir.Gate``)."""
 

@@ -96,7 +96,8 @@ def node_flops(graph: Graph, n: Node) -> int:
 
 FLOPS.add(lambda graph, n: 2 * math.prod(expr_shape(n.weight)), nodes.Linear, nodes.SiblingLinear)
 FLOPS.add(lambda graph, n: 0, nodes.BlockGate, nodes.OuterGate, nodes.ExpertSum, nodes.TreePathGates,
-          nodes.Input, nodes.Columns, nodes.Add, nodes.Jitter, nodes.Route, nodes.AuxLoss, nodes.TaskScores)
+          nodes.Input, nodes.Columns, nodes.Add, nodes.Jitter, nodes.Route, nodes.AuxLoss, nodes.TaskScores,
+          nodes.LayerScalings)
 FLOPS.add(lambda graph, n: _tree_route(n), nodes.TreeRoute)
 FLOPS.add(lambda graph, n: sum(_block(graph, n)), nodes.ExpertFFN, nodes.ExpertHidden)
 

@@ -37,6 +37,7 @@ from .routing import (
 from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
+from .xlora import XLoRARouter
 
 __all__ = [
     "AdapterSpec", "as_spec", "Site", "Target", "LayerOverride", "ROLES", "SpecModel", "Init",
@@ -46,5 +47,5 @@ __all__ = [
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource", "RouterZLoss",
     "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss", "DenseTrainTopKRouter", "RSLLoss",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
-    "with_one_more_task",
+    "with_one_more_task", "XLoRARouter",
 ]

@@ -27,6 +27,7 @@ from .routing import (
 )
 from .sources import LoRASource
 from .task_routing import TaskRoutingLoss
+from .xlora import check_xlora_pool
 
 __all__ = [
     "Scaling",
@@ -230,6 +231,7 @@ class ExpertPool(SpecModel):
                              "over one expert is always 1, so nothing would train; use a static router (a learned "
                              "scale), more experts, or trainable experts")
         check_sources(self)
+        check_xlora_pool(self)
         return self
 
     def _check_options(self) -> None:

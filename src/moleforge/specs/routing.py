@@ -15,6 +15,7 @@ from pydantic import Field, PositiveInt
 from .base import MAX_BIAS_RATE, MAX_LOSS_WEIGHT, MIN_TEMPERATURE, SpecModel
 from .mixer import DenseTrainTopKRouter, RSLLoss
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
+from .xlora import XLoRARouter
 
 __all__ = [
     "TopKRouter",
@@ -92,6 +93,9 @@ class StaticRouter(SpecModel):
     kind: Literal["static"] = "static"
     trainable: bool = True
     """``False`` keeps the weights fixed (a buffer), e.g. a fixed sum of imported adapters."""
+    start: Literal["sum", "mean"] = "sum"
+    """The weights' starting value: ``sum`` 1 (the sum of the experts), ``mean`` ``1/E`` (their
+    average, a uniform soup: composing task LoRAs trained apart, the sum overshoots)."""
 
     @property
     def k(self) -> None:
@@ -125,7 +129,7 @@ class TopPRouter(SpecModel):
 
 Router = Annotated[
     Union[TopKRouter, DenseRouter, SigmoidTopKRouter, ImplicitTopKRouter, StaticRouter, TopPRouter, TaskRouter,
-          TaskEmbeddingRouter, DenseTrainTopKRouter],
+          TaskEmbeddingRouter, DenseTrainTopKRouter, XLoRARouter],
     Field(discriminator="kind"),
 ]
 

@@ -12,6 +12,7 @@ from .adapters import Adapter, ExpertPool, Init, LoRA, PerExpert, ResidualTree
 from .base import MAX_LOSS_WEIGHT, SpecModel
 from .routing import ImplicitTopKRouter, TopPRouter
 from .sources import check_site_sources
+from .xlora import check_xlora_sites
 
 __all__ = ["Role", "ROLES", "LayerOverride", "Target", "Site", "AdapterSpec"]
 
@@ -152,6 +153,11 @@ class AdapterSpec(SpecModel):
     sites: list[Site] = Field(min_length=1)
     aux_loss_coef: float = Field(1.0, ge=0, le=MAX_LOSS_WEIGHT)
     """Multiplies the sum of the sites' (already weighted) aux losses added to ``outputs.loss``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterSpec":
+        check_xlora_sites(self.sites)
+        return self
 
     def with_init(self, init: Init) -> "AdapterSpec":
         """The same spec with every site's initialisation replaced (tests use ``up='normal'``)."""

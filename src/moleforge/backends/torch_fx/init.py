@@ -42,6 +42,8 @@ def init_tensor(decl: ParamDecl, up: str, std: float, generator: torch.Generator
             pass
         case "one":
             t.fill_(1.0)
+        case "mean":
+            t.fill_(1.0 / decl.shape[-1])
         case other:
             raise ValueError(f"unknown initialisation {other!r} for {decl.name}")
     return t

@@ -48,7 +48,7 @@ from ...ir import (
     format_expr,
     nodes,
 )
-from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p
+from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p, ops_xlora
 from ..runtime.dist import WORLD
 from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
@@ -370,6 +370,7 @@ class _Root(nn.Module):
                 self.register_buffer(counts_name(gate.balance.name), counts, persistent=False)
         self.noise_generator = None
         self.stat_group = WORLD
+        self.xlora_scalings = None
 
 
 def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> None:
@@ -456,6 +457,7 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     gm.pack_cache = root.pack_cache
     gm.eval_aux = False
     gm.sibling_group = root.sibling_group
+    gm.xlora_scalings = None
     _keep_unread_tensors(gm, root, graph)
     for n in joined:
         c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
@@ -469,3 +471,10 @@ EMIT.add(lower_basics.emit_capacity, nodes.CapacityLimit)
 EMIT.add(lower_basics.emit_z_loss, nodes.ZLoss)
 EMIT.add(lower_basics.emit_ragged, nodes.RaggedMix)
 EMIT.add(lower_basics.emit_magnitude, nodes.Magnitude)
+
+# ---- X-LoRA (xlora_nodes): the site's scalings are its attribute ``xlora_scalings`` for the call -----
+
+EMIT.add(lambda c, n: c.call(ops_xlora.site_scalings, (c.g.get_attr("xlora_scalings"), c.env[n.src], n.experts,
+                                                        f"router {n.origin or n.id}"), n.id), nodes.LayerScalings)
+ROUTE.add(lambda c, n: c.call(ops_xlora.route_xlora, (c.env[n.src], n.gate.top_k, n.gate.softmax_topk,
+                                                      n.gate.weight), n.id), nodes.XLoRAScale)
