@@ -87,6 +87,14 @@ def _accumulable(out: torch.Tensor, dtype: torch.dtype) -> bool:
     return out.grad_fn is None or type(out.grad_fn).__name__ in _OUTPUT_NOT_SAVED
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own, or a global one) would run on calling ``module``."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 @contextmanager
 def _drawing_from(gen: torch.Generator | None, state: torch.Tensor | None) -> Iterator[None]:
     """Draws from ``gen`` as from ``state`` (a recomputation replays the first run's routing
@@ -195,9 +203,11 @@ class AdaptedLinear(nn.Module):
         log = self._collector.routing_log
         mask = self._collector.token_mask(x) if log is not None else None
         samples = self._samples(x) if self._uses_samples else None  # task ids, sample types
-        # the generated forward itself: no hooks are registered on a site module, and its
-        # module-call wrappers cost as much as a decoding step's adapter arithmetic
-        y, _, routes = self.site.forward(flat, samples, acc=acc, mask=mask, **self._frozen())
+        # the generated forward itself unless a hook watches the site: the module-call wrappers
+        # cost as much as a decoding step's adapter arithmetic
+        site = self.site
+        call = site if _hooked(site) else site.forward
+        y, _, routes = call(flat, samples, acc=acc, mask=mask, **self._frozen())
         if log is not None and routes:
             log.append((self.site_name, logged_routes(routes, mask)))
         return y
