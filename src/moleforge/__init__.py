@@ -33,6 +33,7 @@ from .specs import (
     ExpertPool,
     ImplicitTopKRouter,
     Init,
+    KroneckerPool,
     LayerOverride,
     LocalizedBalance,
     LoRA,
@@ -52,6 +53,7 @@ from .specs import (
     Target,
     TaskEmbeddingRouter,
     TaskRouter,
+    TaskContrastiveLoss,
     TaskRoutingLoss,
     TopKRouter,
     TopPRouter,
@@ -75,7 +77,8 @@ __all__ = [
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
     "DenseTrainTopKRouter", "RSLLoss",
-    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks", "KroneckerPool",
+    "TaskContrastiveLoss",
 ]
 
 

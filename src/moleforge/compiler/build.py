@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..errors import InjectionError
 from ..integrations.block_module import frozen_names
 from ..integrations.ffn_trace import BlockLinear
 from ..integrations.inject import FROZEN_WEIGHT
@@ -30,6 +31,7 @@ from ..ir import (
     Graph,
     Input,
     Jitter,
+    KroneckerMix,
     Linear,
     Magnitude,
     ParamDecl,
@@ -41,6 +43,9 @@ from ..ir import (
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
+    TaskContrastive,
+    TaskEmbed,
+    TaskScale,
     TaskScores,
     TopPTsallis,
     TreeGateLevel,
@@ -55,6 +60,7 @@ from ..specs import (
     DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
+    KroneckerPool,
     LoRA,
     RankPartition,
     RankTasks,
@@ -65,6 +71,7 @@ from ..specs import (
     SigmoidTopKRouter,
     SparseRandom,
     StaticRouter,
+    TaskContrastiveLoss,
     TaskEmbeddingRouter,
     TaskRouter,
     TopKRouter,
@@ -113,6 +120,8 @@ def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
             out = _core_pool(b, adapter, origin)
         case RankTasks():
             out = _rank_tasks(b, adapter, origin)
+        case KroneckerPool():
+            out = _kronecker_pool(b, adapter, origin)
         case _:
             raise TypeError(f"no IR for adapter kind {type(adapter).__name__}")
     return b.graph(out)
@@ -186,9 +195,9 @@ def _capacity(b: _Builder, spec: ExpertPool, route: str, origin: str) -> str:
                                origin=f"{origin}.capacity_factor"))
 
 
-def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router) -> None:
-    """The aux-loss nodes: ``z_loss`` reads the router logits, the others the routing."""
-    for i, aux in enumerate(losses):
+def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router, first: int = 0) -> None:
+    """The aux-loss nodes (``aux{first}``, ...): ``z_loss`` reads the router logits, the others the routing."""
+    for i, aux in enumerate(losses, first):
         where = f"{origin}.aux_losses[{i}]"
         if isinstance(aux, RouterZLoss):
             b.aux.append(b.add(ZLoss(id=f"aux{i}", src="logits", weight=aux.weight, origin=where)))
@@ -264,6 +273,46 @@ def _rank_tasks(b: _Builder, spec: RankTasks, origin: str) -> str:
     g = b.add(BlockGate(id="gated", src=h, routing=route, rank=1, scale=lora_scale(spec.alpha, r, "alpha_over_rank"),
                         origin=origin))
     return b.add(Linear(id="mix", src=g, weight=B, origin=f"{origin}.up"))
+
+
+def _kronecker_pool(b: _Builder, spec: KroneckerPool, origin: str) -> str:
+    """EPT: the shared meta-seed ``meta_B (d_out/s_min, R)``, ``meta_A (R, d_in/s_min)``, one kernel
+    ``K{i} (s_i, s_i)`` per expert; a router on the token (plus its task's embedding); the mixture
+    of Kronecker experts, times the task's frequency compensation; the aux losses.
+
+    Raises:
+        InjectionError: a width of the adapted linear is not a multiple of a kernel.
+    """
+    d_in, d_out, R = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
+    for i, s in enumerate(spec.kernels):
+        for what, width in (("input", d_in), ("output", d_out)):
+            if width % s:
+                raise InjectionError(
+                    f"{b.shape.label}: its {what} width {width} is not a multiple of kernel {s} ({origin}.kernels[{i}]); "
+                    f"Kronecker experts need every kernel to divide both widths ({d_in}, {d_out}): use kernels "
+                    f"that divide them, or leave this module out of the site's target")
+    s0 = min(spec.kernels)
+    A = b.param("meta_A", (R, d_in // s0), "gaussian", fan_in=d_in // s0)
+    B = b.param("meta_B", (d_out // s0, R), "gaussian", fan_in=R)
+    kernels = tuple(b.param(f"K{i}", (s, s), "up") for i, s in enumerate(spec.kernels))
+    src = "x"
+    if spec.tasks is not None:
+        table = b.param("task_embedding", (spec.tasks, d_in), "gaussian", fan_in=d_in)
+        src = b.add(TaskEmbed(id="x_task", src="x", table=table, origin=f"{origin}.tasks"))
+    route = _flat_router(b, spec.router, spec.experts, origin, src=src)
+    out = b.add(KroneckerMix(id="mix", src="x", routing=route, a=A, b=B, kernels=kernels, d_out=d_out,
+                             scale=lora_scale(spec.alpha, R, spec.scaling), origin=origin))
+    if spec.task_frequencies is not None:
+        out = b.add(TaskScale(id="per_task", src=out, factors=tuple(spec.task_frequencies),
+                              origin=f"{origin}.task_frequencies"))
+    for i, aux in enumerate(spec.aux_losses):
+        if isinstance(aux, TaskContrastiveLoss):
+            b.aux.append(b.add(TaskContrastive(id=f"aux{i}", src="x", table=ParamRef("task_embedding", (spec.tasks, d_in)),
+                                               weight=aux.weight, temperature=aux.temperature,
+                                               origin=f"{origin}.aux_losses[{i}]")))
+        else:
+            _aux_losses(b, [aux], route, origin, spec.router, first=i)
+    return out
 
 
 def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:

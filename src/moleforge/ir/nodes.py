@@ -35,6 +35,7 @@ from .gates import (
     TopPTsallis,
 )
 from .kinds import NodeKind, RouterNode, operand
+from .kronecker_nodes import KroneckerMix, TaskContrastive, TaskEmbed, TaskScale
 from .params import ParamExpr, ParamRef, expr_shape
 from .task_nodes import TaskScores
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
@@ -51,6 +52,7 @@ __all__ = [
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
     "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude",
+    "KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -400,7 +402,7 @@ class AuxLoss(NodeKind):
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
              ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores, Dropout, CapacityLimit, ZLoss,
-             RaggedMix, Magnitude]
+             RaggedMix, Magnitude, KroneckerMix, TaskEmbed, TaskScale, TaskContrastive]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

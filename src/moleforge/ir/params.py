@@ -64,9 +64,9 @@ class ParamDecl:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen"]
+    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen", "gaussian"]
     """``frozen``: a frozen input (``Graph.frozen``), bound to the model's own tensor, never initialised;
-    ``one``: ones."""
+    ``one``: ones; ``gaussian``: N(0, 1/fan_in) (EPT's meta-seed and task embeddings)."""
     trainable: bool = True
     buffer: bool = False
     fan_in: int = 0

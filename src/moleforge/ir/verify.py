@@ -423,7 +423,7 @@ def _outputs(g: Graph) -> list[str]:
     elif g.width(g.output) != g.d_out:
         out.append(f"output width {g.width(g.output)} != d_out {g.d_out}")
     for a in g.aux:
-        if not isinstance(g.by_id.get(a), (nodes.AuxLoss, nodes.ZLoss)):
+        if not isinstance(g.by_id.get(a), (nodes.AuxLoss, nodes.ZLoss, nodes.TaskContrastive)):
             out.append(f"aux %{a} is not an aux loss")
     dead = [n.id for n in g.nodes if n.id not in g.live_ids()]
     if dead:
@@ -491,3 +491,7 @@ def _magnitude(g: Graph, n) -> list[str]:
     if n.a.shape != (n.b.shape[1], d_in) or n.b.shape[0] != d_out or n.magnitude.shape != (d_out,):
         p.append(f"A {n.a.shape}, B {n.b.shape} and magnitude {n.magnitude.shape} do not fit W {n.weight.shape}")
     return p
+
+
+
+from . import verify_kronecker  # noqa: E402,F401 - registers the rules of EPT's nodes in RULES

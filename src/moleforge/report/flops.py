@@ -201,3 +201,18 @@ def _ragged(graph: Graph, n: nodes.RaggedMix) -> int:
     ranks = sorted(n.ranks, reverse=True)[:k] if n.grouped and k is not None else n.ranks
     return 2 * sum(ranks) * (d_in + d_out)
 FLOPS.add(lambda graph, n: 2 * n.weight.shape[0] * n.weight.shape[1], nodes.Magnitude)  # x Wᵀ; the norm is per forward
+
+
+# ---- EPT (kronecker_nodes) -----------------------------------------------------------------
+
+FLOPS.add(lambda graph, n: 0, nodes.TaskEmbed, nodes.TaskScale, nodes.TaskContrastive)
+
+
+@FLOPS.register(nodes.KroneckerMix)
+def _kronecker(graph: Graph, n: nodes.KroneckerMix) -> int:
+    """Per expert ``X K_iᵀ`` and the meta-seed's two GEMMs, ``2·(d_in·s_i + R·(d_in + d_out))``;
+    every expert under a dense router, the k of largest kernels under a top-k one (an upper bound)."""
+    d_in, R = graph.width(n.src), n.a.shape[0]
+    k = graph.routing(n.routing).k
+    sizes = sorted(n.sizes(), reverse=True)[:k] if k is not None else n.sizes()
+    return sum(2 * (d_in * s + R * (d_in + n.d_out)) for s in sizes)

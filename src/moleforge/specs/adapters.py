@@ -11,6 +11,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
 from .core_pool import CorePool
+from .kronecker_pool import KroneckerPool
 from .mixer import RSLLoss
 from .rank_tasks import RankTasks
 from .routing import (
@@ -42,6 +43,7 @@ __all__ = [
     "TreeRouter",
     "ResidualTree",
     "CorePool",
+    "KroneckerPool",
     "RankTasks",
     "Adapter",
     "lora_scale",
@@ -470,5 +472,5 @@ class ResidualTree(SpecModel):
         return d
 
 
-Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool, RankTasks],
+Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool, RankTasks, KroneckerPool],
                     Field(discriminator="kind")]
