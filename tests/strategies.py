@@ -17,6 +17,7 @@ from moleforge.specs import (
     DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
+    KroneckerPool,
     LocalizedBalance,
     LoRA,
     PerExpert,
@@ -32,6 +33,7 @@ from moleforge.specs import (
     SparseRandom,
     StaticRouter,
     SwitchLoadBalance,
+    TaskContrastiveLoss,
     TopKRouter,
     TopPRouter,
     TreeLevel,
@@ -244,8 +246,30 @@ def rank_tasks(draw):
                      alpha=draw(st.sampled_from([None, 3.0])))
 
 
+@st.composite
+def kronecker_pools(draw, tasks: bool = False):
+    """EPT's Kronecker experts: 1-4 kernels of sizes 1-3 (widths drawn as multiples of them), meta-seed
+    rank 1-3, a top-k, dense or static router, both scalings, aux losses; with ``tasks``, task
+    embeddings, per-task factors and the contrastive loss (the model is then called with task ids)."""
+    kernels = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    E = len(kernels)
+    router = draw(routers(E, ("topk", "dense") if tasks else ("topk", "dense", "static")))
+    aux = [] if isinstance(router, StaticRouter) else draw(st.lists(st.sampled_from(
+        [CV2ImportanceLoad(weight=0.1), RouterZLoss(weight=0.1)]
+        + ([SwitchLoadBalance(weight=0.1)] if isinstance(router, TopKRouter) else [])), max_size=1))
+    n_tasks = draw(st.integers(1, 3)) if tasks else None
+    frequencies = draw(st.one_of(st.none(), st.lists(st.sampled_from([0.25, 1.0, 3.0]), min_size=n_tasks,
+                                                     max_size=n_tasks))) if tasks else None
+    if tasks and draw(st.booleans()):
+        aux = [TaskContrastiveLoss(weight=draw(st.sampled_from([0.1, 1.0])),
+                                   temperature=draw(st.sampled_from([0.05, 1.0]))), *aux]
+    return KroneckerPool(kernels=kernels, rank=draw(st.integers(1, 3)), alpha=draw(st.sampled_from([None, 4.0])),
+                         scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router, tasks=n_tasks,
+                         task_frequencies=frequencies, aux_losses=aux)
+
+
 def adapters():
-    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools(), rank_tasks())
+    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools(), rank_tasks(), kronecker_pools())
 
 
 def training_adapters():
@@ -260,7 +284,8 @@ def training_adapters():
 @st.composite
 def graphs(draw, adapter_strategy=None) -> Graph:
     adapter = draw(adapter_strategy if adapter_strategy is not None else adapters())
-    d_in, d_out = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    m = adapter.width_multiple() if isinstance(adapter, KroneckerPool) else 1  # EPT: kernels divide the widths
+    d_in, d_out = m * draw(st.integers(1, max(1, 9 // m))), m * draw(st.integers(1, max(1, 9 // m)))
     return build_graph(adapter, SiteShape(label="site", d_in=d_in, d_out=d_out))
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 import moleforge as mf
-from models import VOCAB, tiny
+from models import VOCAB, tiny, tiny_for
 from moleforge.cli import main
 from moleforge.cli.schema_doc import render_reference
 from moleforge.compiler import as_spec, build_site_graphs
@@ -103,7 +103,7 @@ def test_flops_from_ir_match_what_torch_counts(preset):
     (the query's token part once per token, ancestor keys through per-pool tables, ``K W_2``
     folded for switch and dense gates), so the runtime spends less than the IR's count, and
     more than the count of everything but the router."""
-    model = tiny("llama")
+    model = tiny_for(preset)
     handle = mf.compile(preset, model, siblings=False)  # a site called alone must not pay for its siblings
     for name, module in handle.modules.items():
         graph = handle.graphs[name]
@@ -128,8 +128,11 @@ def test_flops_from_ir_match_what_torch_counts(preset):
 
 
 def _ragged_slack(graph, n) -> int:
-    """How far below its count a top-k pool of experts of their own ranks may run: the count
-    takes the k largest ranks, the least a token can use is the k smallest."""
+    """How far below its count a top-k pool of experts of their own ranks (or EPT's kernels) may
+    run: the count takes the k largest, the least a token can use is the k smallest."""
+    if type(n).__name__ == "KroneckerMix" and graph.routing(n.routing).k is not None:
+        k, d_in, R = graph.routing(n.routing).k, graph.width(n.src), n.a.shape[0]
+        return node_flops(graph, n) - sum(2 * (d_in * s + R * (d_in + n.d_out)) for s in sorted(n.sizes())[:k])
     if type(n).__name__ != "RaggedMix" or not n.grouped:
         return 0
     k, width = graph.routing(n.routing).k, n.a.shape[1] + n.b.shape[0]

@@ -278,24 +278,14 @@ def _rank_tasks(b: _Builder, spec: RankTasks, origin: str) -> str:
 def _kronecker_pool(b: _Builder, spec: KroneckerPool, origin: str) -> str:
     """EPT: the shared meta-seed ``meta_B (d_out/s_min, R)``, ``meta_A (R, d_in/s_min)``, one kernel
     ``K{i} (s_i, s_i)`` per expert; a router on the token (plus its task's embedding); the mixture
-    of Kronecker experts, times the task's frequency compensation; the aux losses.
-
-    Raises:
-        InjectionError: a width of the adapted linear is not a multiple of a kernel.
-    """
+    of Kronecker experts, times the task's frequency compensation; the aux losses."""
     d_in, d_out, R = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
-    for i, s in enumerate(spec.kernels):
-        for what, width in (("input", d_in), ("output", d_out)):
-            if width % s:
-                raise InjectionError(
-                    f"{b.shape.label}: its {what} width {width} is not a multiple of kernel {s} ({origin}.kernels[{i}]); "
-                    f"Kronecker experts need every kernel to divide both widths ({d_in}, {d_out}): use kernels "
-                    f"that divide them, or leave this module out of the site's target")
+    _check_kernels(b.shape, spec.kernels, origin)
     s0 = min(spec.kernels)
     A = b.param("meta_A", (R, d_in // s0), "gaussian", fan_in=d_in // s0)
     B = b.param("meta_B", (d_out // s0, R), "gaussian", fan_in=R)
     kernels = tuple(b.param(f"K{i}", (s, s), "up") for i, s in enumerate(spec.kernels))
-    src = "x"
+    src, table = "x", None
     if spec.tasks is not None:
         table = b.param("task_embedding", (spec.tasks, d_in), "gaussian", fan_in=d_in)
         src = b.add(TaskEmbed(id="x_task", src="x", table=table, origin=f"{origin}.tasks"))
@@ -306,13 +296,28 @@ def _kronecker_pool(b: _Builder, spec: KroneckerPool, origin: str) -> str:
         out = b.add(TaskScale(id="per_task", src=out, factors=tuple(spec.task_frequencies),
                               origin=f"{origin}.task_frequencies"))
     for i, aux in enumerate(spec.aux_losses):
-        if isinstance(aux, TaskContrastiveLoss):
-            b.aux.append(b.add(TaskContrastive(id=f"aux{i}", src="x", table=ParamRef("task_embedding", (spec.tasks, d_in)),
-                                               weight=aux.weight, temperature=aux.temperature,
-                                               origin=f"{origin}.aux_losses[{i}]")))
-        else:
+        if not isinstance(aux, TaskContrastiveLoss):
             _aux_losses(b, [aux], route, origin, spec.router, first=i)
+        elif table is not None:
+            b.aux.append(b.add(TaskContrastive(id=f"aux{i}", src="x", table=table, weight=aux.weight,
+                                               temperature=aux.temperature, origin=f"{origin}.aux_losses[{i}]")))
     return out
+
+
+def _check_kernels(shape: SiteShape, kernels: Sequence[int], origin: str) -> None:
+    """Every kernel divides both widths of the adapted linear.
+
+    Raises:
+        InjectionError: naming the module, the width and the kernel.
+    """
+    for i, s in enumerate(kernels):
+        for what, width in (("input", shape.d_in), ("output", shape.d_out)):
+            if width % s:
+                raise InjectionError(
+                    f"module {shape.label!r}: its {what} width {width} is not a multiple of kernel {s} "
+                    f"({origin}.kernels[{i}]); Kronecker experts need every kernel to divide both widths "
+                    f"({shape.d_in}, {shape.d_out}): use kernels that divide them, or leave this module out of "
+                    "the site's target")
 
 
 def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:

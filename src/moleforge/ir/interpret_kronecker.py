@@ -32,25 +32,29 @@ def run_kronecker_mix(n: kn.KroneckerMix, r) -> Tensor:
     return out
 
 
-def _tasks(r, bound: int, n) -> Tensor:
+def _tasks(r, bound: int, n) -> Tensor | None:
+    """Each token's task id, or ``None`` without task ids."""
+    if r.samples is None or r.samples[1] is None:
+        return None
     return task_labels(r.samples, bound, f"{n.origin or n.id}")
 
 
 def run_task_embed(n: kn.TaskEmbed, r) -> Tensor:
     table = r.p[n.table.name]
-    return r.env[n.src] + table[_tasks(r, table.shape[0], n)]
+    t = _tasks(r, table.shape[0], n)
+    return r.env[n.src] if t is None else r.env[n.src] + table[t]
 
 
 def run_task_scale(n: kn.TaskScale, r) -> Tensor:
-    c = torch.tensor(n.factors, dtype=F64)[_tasks(r, len(n.factors), n)]  # (T,)
-    return r.env[n.src] * c[:, None]
+    t = _tasks(r, len(n.factors), n)
+    return r.env[n.src] if t is None else r.env[n.src] * torch.tensor(n.factors, dtype=F64)[t][:, None]
 
 
 def run_task_contrastive(n: kn.TaskContrastive, r) -> Tensor:
-    if r.samples is None or r.samples[1] is None:  # no labels (inference): no loss
-        return torch.zeros((), dtype=F64)
     x, table = r.env[n.src], r.p[n.table.name]
     label = _tasks(r, table.shape[0], n)
+    if label is None:  # no labels (inference): no loss
+        return torch.zeros((), dtype=F64)
     u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     v = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
     logp = torch.log_softmax(u @ v.T / n.temperature, dim=1)  # (T, tasks)

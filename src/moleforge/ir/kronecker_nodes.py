@@ -44,7 +44,8 @@ class KroneckerMix(NodeKind):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskEmbed(NodeKind):
-    """``y_t = src_t + table[task_t]``: each token plus its task's embedding, ``table (tasks, width)``."""
+    """``y_t = src_t + table[task_t]``: each token plus its task's embedding, ``table (tasks, width)``;
+    ``y = src`` without task ids."""
 
     id: str
     src: str = operand()
@@ -57,7 +58,8 @@ class TaskEmbed(NodeKind):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskScale(NodeKind):
-    """``y_t = factors[task_t] · src_t``: EPT's frequency compensation ``d_t / T``."""
+    """``y_t = factors[task_t] · src_t``: EPT's frequency compensation ``d_t / T``; ``y = src``
+    without task ids."""
 
     id: str
     src: str = operand()

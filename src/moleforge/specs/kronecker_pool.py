@@ -45,7 +45,9 @@ class KroneckerPool(SpecModel):
     ``y = x W + c_t · Σ_i g_i · s · x ΔW_iᵀ`` with ``g = topk(softmax(z / τ))``, ``z = (x + e_t) W_r``
     when ``tasks`` is set (``e_t ∈ R^{d_in}`` the task embedding of the sample's task) and
     ``z = x W_r`` otherwise, ``s`` the scaling of ``alpha`` and ``rank``, and ``c_t`` the task's
-    frequency compensation ``d_t / T`` (``task_frequencies``; 1 without). Every width of an
+    frequency compensation ``d_t / T`` (``task_frequencies``; 1 without). A call without
+    ``task_ids`` routes on the token alone, with ``c_t = 1`` and no contrastive loss (a training
+    forward without them warns once); ids outside ``[0, tasks)`` are an error. Every width of an
     adapted linear must be a multiple of every kernel. Parameters per adapted linear
     ``R·(d_in + d_out)/s_min + Σ s_i² + E·d_in`` (+ ``tasks·d_in``)."""
 
@@ -59,8 +61,8 @@ class KroneckerPool(SpecModel):
     scaling: Literal["alpha_over_rank", "rslora"] = "alpha_over_rank"
     router: KroneckerRouter = TopKRouter(k=2, temperature=0.05)
     tasks: PositiveInt | None = None
-    """Number of task ids ``[0, tasks)`` with a learned embedding each; the model is then called
-    with ``task_ids``."""
+    """Number of task ids ``[0, tasks)`` with a learned embedding each (``N(0, 1/d_in)`` at first),
+    read from the model call's ``task_ids``."""
     task_frequencies: list[Annotated[float, Field(gt=0, le=1e3)]] | None = None
     """``d_t / T`` per task: the factor of task t's adapter output (needs ``tasks`` entries)."""
     aux_losses: list[KroneckerAuxLoss] = []

@@ -48,13 +48,17 @@ def kronecker_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, kernels: tuple
 
 
 def task_embed(x: Tensor, table: Tensor, samples, what: str) -> Tensor:
-    """``x_t + table[task_t]``: ``(T, width)``."""
+    """``x_t + table[task_t]``: ``(T, width)``; ``x`` without task ids."""
+    if samples is None or samples[1] is None:
+        return x
     t = task_labels(samples, table.shape[0], what).to(x.device)
     return x + table[t]
 
 
 def task_scale(x: Tensor, factors: tuple[float, ...], samples, what: str) -> Tensor:
-    """``factors[task_t] · x_t``."""
+    """``factors[task_t] · x_t``; ``x`` without task ids."""
+    if samples is None or samples[1] is None:
+        return x
     t = task_labels(samples, len(factors), what).to(x.device)
     return x * x.new_tensor(factors)[t][:, None]
 
