@@ -281,10 +281,15 @@ def training_adapters():
                      rank_partitions(kinds=("sigmoid_topk",)), trees(gates=("noisy_topk",)))
 
 
+def width_multiple(adapter) -> int:
+    """What the widths of a site of ``adapter`` are a multiple of: EPT's kernels divide them (1 otherwise)."""
+    return adapter.width_multiple() if isinstance(adapter, KroneckerPool) else 1
+
+
 @st.composite
 def graphs(draw, adapter_strategy=None) -> Graph:
     adapter = draw(adapter_strategy if adapter_strategy is not None else adapters())
-    m = adapter.width_multiple() if isinstance(adapter, KroneckerPool) else 1  # EPT: kernels divide the widths
+    m = width_multiple(adapter)
     d_in, d_out = m * draw(st.integers(1, max(1, 9 // m))), m * draw(st.integers(1, max(1, 9 // m)))
     return build_graph(adapter, SiteShape(label="site", d_in=d_in, d_out=d_out))
 

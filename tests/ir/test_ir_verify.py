@@ -54,6 +54,8 @@ from moleforge.specs import (
 )
 
 VERIFIER = importlib.import_module("moleforge.ir.verify")
+VERIFIERS = (VERIFIER, importlib.import_module("moleforge.ir.verify_kronecker"))
+"""The modules whose rules hold verifier messages (EPT's nodes have theirs in a module of their own)."""
 
 
 # ---- valid graphs to corrupt ---------------------------------------------------------------
@@ -654,7 +656,7 @@ def verifier_messages() -> dict[tuple[str, str], re.Pattern]:
     """Every message template of ``ir/verify.py``, by (function, source): the strings a rule
     appends to its problems or returns in a list (``verify`` itself only formats them)."""
     out = {}
-    for fn in ast.parse(inspect.getsource(VERIFIER)).body:
+    for fn in (f for module in VERIFIERS for f in ast.parse(inspect.getsource(module)).body):
         if not isinstance(fn, ast.FunctionDef) or fn.name == "verify":
             continue
         for node in ast.walk(fn):
@@ -728,3 +730,85 @@ def rsl_on_a_static_gate():
 
     aux = AuxLoss(id="aux0", routing="route", kind="rsl", weight=0.1, entropy=0.1, top_k=1)
     return g.replace(nodes=(*g.nodes, aux), aux=("aux0",))
+
+
+# ---- EPT: Kronecker experts, task embeddings and factors, the contrastive loss ---------------
+
+def _ept() -> Graph:
+    """x -> x_task (task_embedding (2, 6)) -> logits -> route -> mix (meta_A (2, 3), meta_B (5, 2),
+    K0 (1, 1), K1 (2, 2)) -> per_task; aux0 the contrastive loss."""
+    from moleforge.specs import KroneckerPool, TaskContrastiveLoss
+
+    return _build(KroneckerPool(kernels=[2, 2], rank=2, tasks=2, task_frequencies=[1.0, 2.0],
+                                aux_losses=[TaskContrastiveLoss()]), d_in=6, d_out=10)
+
+
+@case("_kronecker_mix", r"1 kernels for a router of 2 experts")
+def kronecker_kernels_fewer_than_experts():
+    g = _ept()
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), kernels=g.node("mix").kernels[:1])))
+
+
+@case("_kronecker_mix", r"A \(3, 3\) and B \(5, 2\) disagree on the meta-seed rank")
+def kronecker_seed_ranks_disagree():
+    g = _ept()
+    return g.replace(params=_declare(g, meta_A=(3, 3)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), a=ParamRef("meta_A", (3, 3)))))
+
+
+@case("_kronecker_mix", r"K1 has shape \(2, 3\), expected a square kernel")
+def kronecker_kernel_not_square():
+    g = _ept()
+    k = g.node("mix").kernels
+    return g.replace(params=_declare(g, K1=(2, 3)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(k[0], ParamRef("K1", (2, 3))))))
+
+
+@case("_kronecker_mix", r"kernel 4 of expert 1 does not divide the widths \(6, 10\)")
+def kronecker_kernel_not_dividing():
+    g = _ept()
+    k = g.node("mix").kernels
+    return g.replace(params=_declare(g, K1=(4, 4)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(k[0], ParamRef("K1", (4, 4))))))
+
+
+@case("_kronecker_mix", r"expert 0 slices \(10, 6\) beyond the meta-seed \(5, 3\)")
+def kronecker_slice_beyond_the_seed():
+    g = _ept()
+    k = g.node("mix").kernels
+    return g.replace(params=_declare(g, K0=(1, 1)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(ParamRef("K0", (1, 1)), k[1]))))
+
+
+@case("_task_embed", r"table has shape \(2, 5\), expected \(tasks, 6\)", alone=False)
+def task_embedding_of_another_width():
+    g = _ept()
+    table = ParamRef("task_embedding", (2, 5))
+    return g.replace(params=_declare(g, task_embedding=(2, 5)),
+                     nodes=_nodes(g, x_task=replace(g.node("x_task"), table=table),
+                                  aux0=replace(g.node("aux0"), table=table)))
+
+
+@case("_task_scale", r"no per-task factors")
+def task_scale_without_factors():
+    g = _ept()
+    return g.replace(nodes=_nodes(g, per_task=replace(g.node("per_task"), factors=())))
+
+
+@case("_task_contrastive", r"table has shape \(2, 5\), expected \(tasks, 6\)")
+def contrastive_table_of_another_width():
+    g = _ept()
+    return g.replace(params=_declare(g, other=(2, 5)),
+                     nodes=_nodes(g, aux0=replace(g.node("aux0"), table=ParamRef("other", (2, 5)))))
+
+
+@case("_task_contrastive", r"temperature 0 is not positive")
+def contrastive_without_temperature():
+    g = _ept()
+    return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), temperature=0)))
+
+
+@case("_task_contrastive", r"a contrastive loss must be listed among the graph's aux losses")
+def contrastive_not_an_aux_output():
+    g = _ept()
+    return g.replace(aux=())
