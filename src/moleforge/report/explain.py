@@ -182,6 +182,7 @@ def _base_flops(final: Graph) -> str:
 def _describe(g: Graph) -> str:
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
     aux += [f"z_loss {n.weight:g}" for n in g.nodes if isinstance(n, nodes.ZLoss)]
+    aux += [f"task_contrastive {n.weight:g}" for n in g.nodes if isinstance(n, nodes.TaskContrastive)]
     tail = f"; aux {', '.join(aux)}" if aux else ""
     tree = next((n for n in g.nodes if isinstance(n, TreeMix)), None)
     if tree is not None:
@@ -190,6 +191,9 @@ def _describe(g: Graph) -> str:
                            for lv, gl in zip(tree.levels, route.levels))
         return f"residual tree [{levels}], {tree.activation}, {route.gate} gate{tail}"
     route = next((n for n in g.nodes if isinstance(n, Route)), None)
+    kron = next((n for n in g.nodes if isinstance(n, nodes.KroneckerMix)), None)
+    if kron is not None and route is not None:
+        return f"{_kronecker_text(g, kron)}, {router_text(route)}{tail}"
     if route is None:
         rank = next(n for n in g.nodes if isinstance(n, Linear)).weight.shape[0]  # type: ignore[union-attr]
         return f"LoRA of rank {rank}"
@@ -199,6 +203,16 @@ def _describe(g: Graph) -> str:
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
     return (f"pool of {route.experts} experts of {ranks}{shared}, {router_text(route)}{task_text(g)}{_capacity_text(g)}"
             f"{_shared_text(g)}{tail}")
+
+
+def _kronecker_text(g: Graph, n: nodes.KroneckerMix) -> str:
+    """EPT's experts: kernels, meta-seed rank, task embeddings and factors."""
+    embed = next((m for m in g.nodes if isinstance(m, nodes.TaskEmbed)), None)
+    scale = next((m for m in g.nodes if isinstance(m, nodes.TaskScale)), None)
+    tasks = "" if embed is None else f" on the token plus its task's embedding ({embed.table.shape[0]} tasks)"
+    factors = "" if scale is None else f", per-task factors {list(scale.factors)}"
+    return (f"{len(n.kernels)} Kronecker experts (meta-seed rank {n.a.shape[0]}, kernels {list(n.sizes())})"
+            f"{tasks}{factors}")
 
 
 def _capacity_text(g: Graph) -> str:
@@ -229,6 +243,10 @@ def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> s
     if TreeMix in kinds:
         return "tree propagation with per-pool down-projections"
     for n in final.nodes:
+        if isinstance(n, nodes.KroneckerMix):
+            tokens_of = "over its routed tokens" if final.routing(n.routing).sparse else "on every token"
+            return ("Kronecker experts by the vec trick (X K_iᵀ, then the meta-seed's two GEMMs; no d_out x d_in "
+                    f"matrix), each {tokens_of}")
         if isinstance(n, nodes.RaggedMix):
             return ("experts of their own ranks: one pair of GEMMs per selected expert over its tokens"
                     if n.grouped else
