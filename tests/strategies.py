@@ -162,6 +162,8 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     if isinstance(down, PerExpert) and up == "per_expert" and draw(st.booleans()):  # FlexMoRE
         ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
     scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
+    own_factors = isinstance(down, PerExpert) and up == "per_expert" and ranks is None
+    common["magnitude"] = own_factors and draw(st.integers(0, 3)) == 0  # DoRA experts, one pool in four
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
                       down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
                       scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),

@@ -54,8 +54,10 @@ from moleforge.specs import (
 )
 
 VERIFIER = importlib.import_module("moleforge.ir.verify")
-VERIFIERS = (VERIFIER, importlib.import_module("moleforge.ir.verify_kronecker"))
-"""The modules whose rules hold verifier messages (EPT's nodes have theirs in a module of their own)."""
+VERIFIERS = (VERIFIER, importlib.import_module("moleforge.ir.verify_kronecker"),
+             importlib.import_module("moleforge.ir.verify_dora"))
+"""The modules whose rules hold verifier messages (EPT's and DoRA experts' nodes have theirs in modules of
+their own)."""
 
 
 # ---- valid graphs to corrupt ---------------------------------------------------------------
@@ -812,3 +814,31 @@ def contrastive_without_temperature():
 def contrastive_not_an_aux_output():
     g = _ept()
     return g.replace(aux=())
+
+
+# ---- DoRA experts ------------------------------------------------------------------------------
+
+def _dora_pool() -> Graph:
+    """x -> logits -> route -> mix: pool_magnitude with A (3, 2, 5), B (3, 7, 2), magnitude (3, 7), W (7, 5)."""
+    return _build(ExpertPool(experts=3, rank=2, magnitude=True, router=TopKRouter(k=2)))
+
+
+@case("_pool_magnitude", r"W 'W' must be a frozen input \(declared in graph.frozen\)")
+def dora_pool_weight_not_frozen():
+    g = _dora_pool()
+    return g.replace(frozen=(), params=g.params + g.frozen)
+
+
+@case("_pool_magnitude", r"reads width 5, W \(7, 4\) needs 4", alone=False)
+def dora_pool_weight_of_another_width():
+    g = _dora_pool()
+    w = ParamRef("W", (7, 4))
+    return g.replace(frozen=(replace(g.frozen[0], shape=(7, 4)),),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), weight=w)))
+
+
+@case("_pool_magnitude", r"A \(3, 2, 5\), B \(3, 7, 2\) and magnitude \(2, 7\) do not fit 3 experts on W \(7, 5\)")
+def dora_pool_magnitude_of_fewer_experts():
+    g = _dora_pool()
+    return g.replace(params=_declare(g, magnitude=(2, 7)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), magnitude=ParamRef("magnitude", (2, 7)))))

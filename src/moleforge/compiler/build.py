@@ -36,6 +36,7 @@ from ..ir import (
     Magnitude,
     ParamDecl,
     ParamRef,
+    PoolMagnitude,
     PoolMix,
     RaggedMix,
     Route,
@@ -182,9 +183,22 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     else:
         route = _flat_router(b, router, E, origin)
         mixed = _capacity(b, spec, route, origin)
-        out = b.add(PoolMix(id="mix", src=src, routing=mixed, a=A, b=B, scale=scale, origin=origin))
+        if spec.magnitude:
+            out = _dora_experts(b, src, mixed, A, B, scale, origin)
+        else:
+            out = b.add(PoolMix(id="mix", src=src, routing=mixed, a=A, b=B, scale=scale, origin=origin))
     _aux_losses(b, spec.aux_losses, route, origin, spec.router)
     return _with_shared(b, spec, src, out, origin)
+
+
+def _dora_experts(b: _Builder, src: str, routing: str, A: ParamRef, B: ParamRef, scale: float, origin: str) -> str:
+    """Every expert DoRA-adapted (``specs/pool_magnitude.py``): a magnitude ``(E, d_out)`` per expert over
+    the frozen weight, read in place (a frozen input of the graph)."""
+    d_in, d_out, E = b.shape.d_in, b.shape.d_out, A.shape[0]
+    b.frozen.append(ParamDecl(name=FROZEN_WEIGHT, shape=(d_out, d_in), init="frozen", trainable=False))
+    m = b.param("magnitude", (E, d_out), "zero")
+    return b.add(PoolMagnitude(id="mix", src=src, routing=routing, weight=ParamRef(FROZEN_WEIGHT, (d_out, d_in)),
+                               a=A, b=B, scale=scale, magnitude=m, origin=f"{origin}.magnitude"))
 
 
 def _capacity(b: _Builder, spec: ExpertPool, route: str, origin: str) -> str:

@@ -267,6 +267,7 @@ REDUCE.add(_not_reducible, nodes.Magnitude)  # DoRA rescales the frozen rows: no
 # ---- EPT (kronecker_nodes) -------------------------------------------------------------------
 
 REDUCE.add(_not_reducible, nodes.TaskContrastive)
+REDUCE.add(_not_reducible, nodes.PoolMagnitude)  # DoRA rescales the frozen rows: not a low-rank update
 
 
 @REDUCE.register(nodes.TaskEmbed, nodes.TaskScale)

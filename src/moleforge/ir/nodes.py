@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 from .basics_nodes import CapacityLimit, Dropout, Magnitude, RaggedMix, ZLoss
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
 from .core_nodes import CoreExperts, CoreMerge
+from .dora_nodes import PoolMagnitude
 from .gates import (
     GATE_KINDS,
     AbsTopK,
@@ -52,7 +53,7 @@ __all__ = [
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
     "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude",
-    "KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive",
+    "KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive", "PoolMagnitude",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -402,7 +403,7 @@ class AuxLoss(NodeKind):
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
              ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores, Dropout, CapacityLimit, ZLoss,
-             RaggedMix, Magnitude, KroneckerMix, TaskEmbed, TaskScale, TaskContrastive]
+             RaggedMix, Magnitude, KroneckerMix, TaskEmbed, TaskScale, TaskContrastive, PoolMagnitude]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

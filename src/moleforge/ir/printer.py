@@ -192,3 +192,5 @@ LINE.add(lambda n, t: f"task_embed %{n.src} + {n.table.name}[task]", nodes.TaskE
 LINE.add(lambda n, t: f"task_scale %{n.src} by [{','.join(f'{c:g}' for c in n.factors)}][task]", nodes.TaskScale)
 LINE.add(lambda n, t: (f"task_contrastive %{n.src} vs {n.table.name} weight={n.weight:g} "
                        f"temperature={n.temperature:g}"), nodes.TaskContrastive)
+LINE.add(lambda n, t: (f"pool_magnitude %{n.src} by %{n.routing} W={n.weight.name} A={n.a.name} B={n.b.name} "
+                       f"scale={n.scale:g} m={n.magnitude.name} -> {t.width}"), nodes.PoolMagnitude)

@@ -494,4 +494,4 @@ def _magnitude(g: Graph, n) -> list[str]:
 
 
 
-from . import verify_kronecker  # noqa: E402,F401 - registers the rules of EPT's nodes in RULES
+from . import verify_dora, verify_kronecker  # noqa: E402,F401 - register the rules of their nodes in RULES

@@ -197,10 +197,13 @@ def _describe(g: Graph) -> str:
     if route is None:
         rank = next(n for n in g.nodes if isinstance(n, Linear)).weight.shape[0]  # type: ignore[union-attr]
         return f"LoRA of rank {rank}"
-    pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate, nodes.RaggedMix))), None)
-    rank = pool.a.shape[1] if isinstance(pool, (PoolMix, GroupedMix)) else getattr(pool, "rank", "?")
+    pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate, nodes.RaggedMix,
+                                                      nodes.PoolMagnitude))), None)
+    stacked = isinstance(pool, (PoolMix, GroupedMix, nodes.PoolMagnitude))
+    rank = pool.a.shape[1] if stacked else getattr(pool, "rank", "?")
     ranks = f"ranks {list(pool.ranks)}" if isinstance(pool, nodes.RaggedMix) else f"rank {rank}"
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
+    shared += " with DoRA magnitudes" if isinstance(pool, nodes.PoolMagnitude) else ""
     return (f"pool of {route.experts} experts of {ranks}{shared}, {router_text(route)}{task_text(g)}{_capacity_text(g)}"
             f"{_shared_text(g)}{tail}")
 
@@ -243,6 +246,8 @@ def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> s
     if TreeMix in kinds:
         return "tree propagation with per-pool down-projections"
     for n in final.nodes:
+        if isinstance(n, nodes.PoolMagnitude):
+            return "DoRA experts: the frozen product once, every expert's LoRA as one batched product"
         if isinstance(n, nodes.KroneckerMix):
             tokens_of = "over its routed tokens" if final.routing(n.routing).sparse else "on every token"
             return ("Kronecker experts by the vec trick (X K_iᵀ, then the meta-seed's two GEMMs; no d_out x d_in "

@@ -208,6 +208,14 @@ FLOPS.add(lambda graph, n: 2 * n.weight.shape[0] * n.weight.shape[1], nodes.Magn
 FLOPS.add(lambda graph, n: 0, nodes.TaskEmbed, nodes.TaskScale, nodes.TaskContrastive)
 
 
+@FLOPS.register(nodes.PoolMagnitude)
+def _pool_magnitude(graph: Graph, n: nodes.PoolMagnitude) -> int:
+    """DoRA experts: ``x Wᵀ`` once and every expert's LoRA, ``2·(d_in·d_out + E·r·(d_in + d_out))``
+    (the norms are per forward, not per token)."""
+    (d_out, d_in), (E, r, _) = n.weight.shape, n.a.shape
+    return 2 * (d_in * d_out + E * r * (d_in + d_out))
+
+
 @FLOPS.register(nodes.KroneckerMix)
 def _kronecker(graph: Graph, n: nodes.KroneckerMix) -> int:
     """Per expert ``X K_iᵀ`` and the meta-seed's two GEMMs, ``2·(d_in·s_i + R·(d_in + d_out))``;
