@@ -39,9 +39,7 @@ def kronecker_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, kernels: tuple
         if not sparse:
             out = out + (g * scale)[:, None] * kronecker_expert(x, a, b, kernel, d_out)
             continue
-        idx = g.nonzero().squeeze(1)  # (T_i,)
-        if idx.numel() == 0:
-            continue
+        idx = g.nonzero().squeeze(1)  # (T_i,) possibly none: the expert's tensors still get their (zero) gradient
         y = kronecker_expert(x[idx], a, b, kernel, d_out)  # (T_i, d_out)
         out = out.index_add(0, idx, (g[idx] * scale)[:, None] * y)
     return out
