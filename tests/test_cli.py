@@ -26,6 +26,7 @@ from moleforge.report.flops import (
     base_flops_per_token,
     flops_per_token,
     frozen_flops_per_token,
+    kronecker_group_flops,
     node_flops,
 )
 from tolerances import assert_close
@@ -130,9 +131,8 @@ def test_flops_from_ir_match_what_torch_counts(preset):
 def _ragged_slack(graph, n) -> int:
     """How far below its count a top-k pool of experts of their own ranks (or EPT's kernels) may
     run: the count takes the k largest, the least a token can use is the k smallest."""
-    if type(n).__name__ == "KroneckerMix" and graph.routing(n.routing).k is not None:
-        k, d_in, R = graph.routing(n.routing).k, graph.width(n.src), n.a.shape[0]
-        return node_flops(graph, n) - sum(2 * (d_in * s + R * (d_in + n.d_out)) for s in sorted(n.sizes())[:k])
+    if type(n).__name__ == "KroneckerMix" and graph.routing(n.routing).k is not None:  # one group, the cheapest
+        return node_flops(graph, n) - min(kronecker_group_flops(graph.width(n.src), n.d_out, n.a.shape[0], n.sizes()))
     if type(n).__name__ != "RaggedMix" or not n.grouped:
         return 0
     k, width = graph.routing(n.routing).k, n.a.shape[1] + n.b.shape[0]

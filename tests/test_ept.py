@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import moleforge as mf
 from models import assert_reloads_to_the_same_logits, batch, tiny, tiny_for
-from moleforge.backends.runtime.ops_kronecker import kronecker_expert
+from moleforge.backends.runtime.ops_kronecker import kronecker_group
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.errors import InjectionError, NotMergeableError, SpecError
 from moleforge.ir import interpret, verify
@@ -45,14 +45,17 @@ def test_one_kronecker_expert_by_hand():
     assert_close(y, x @ dw.T)
 
 
-@given(s=st.integers(1, 4), w=st.integers(1, 3), h=st.integers(1, 3), R=st.integers(1, 3), T=st.integers(1, 4))
-def test_vec_trick_equals_the_kronecker_matrix(s, w, h, R, T):
-    """The runtime's ``vec(B (A (X Kᵀ)))`` is ``x ((B A) ⊗ K)ᵀ``, for meta-seeds wider than the slice."""
+@given(s=st.integers(1, 4), w=st.integers(1, 3), h=st.integers(1, 3), R=st.integers(1, 3), T=st.integers(1, 4),
+       E=st.integers(1, 3))
+def test_vec_trick_with_merged_kernels_equals_the_kronecker_matrices(s, w, h, R, T, E):
+    """The runtime's ``(Z X) K̃_tᵀ`` with ``K̃_t = Σ_i g_ti K_i`` is ``Σ_i g_ti x ((B A) ⊗ K_i)ᵀ``, for
+    meta-seeds wider than the slice."""
     gen = torch.Generator().manual_seed(s * 100 + w * 10 + h)
     a, b = torch.randn(R, w + 2, generator=gen, dtype=F64), torch.randn(h + 1, R, generator=gen, dtype=F64)
-    K, x = torch.randn(s, s, generator=gen, dtype=F64), torch.randn(T, w * s, generator=gen, dtype=F64)
-    dw = torch.kron(b[:h] @ a[:, :w], K)
-    assert_close(kronecker_expert(x, a, b, K, h * s), x @ dw.T)
+    K, x = torch.randn(E, s, s, generator=gen, dtype=F64), torch.randn(T, w * s, generator=gen, dtype=F64)
+    g = torch.randn(T, E, generator=gen, dtype=F64)
+    want = sum(g[:, i:i + 1] * (x @ torch.kron(b[:h] @ a[:, :w], K[i]).T) for i in range(E))
+    assert_close(kronecker_group(x, g, a, b, K, h * s), want)
 
 
 def test_task_embedding_factor_and_contrastive_loss_by_hand():

@@ -250,8 +250,8 @@ def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> s
             return "DoRA experts: the frozen product once, every expert's LoRA as one batched product"
         if isinstance(n, nodes.KroneckerMix):
             tokens_of = "over its routed tokens" if final.routing(n.routing).sparse else "on every token"
-            return ("Kronecker experts by the vec trick (X K_iᵀ, then the meta-seed's two GEMMs; no d_out x d_in "
-                    f"matrix), each {tokens_of}")
+            return ("Kronecker experts by the vec trick, grouped by kernel size: Z X by the meta-seed's two GEMMs, "
+                    f"then each token's merged kernel (no d_out x d_in matrix), each group {tokens_of}")
         if isinstance(n, nodes.RaggedMix):
             return ("experts of their own ranks: one pair of GEMMs per selected expert over its tokens"
                     if n.grouped else

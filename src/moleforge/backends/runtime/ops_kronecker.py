@@ -13,36 +13,46 @@ from ...ir.task_nodes import task_labels
 from .dist import all_sum, reduce_group
 from .ops_decode import aux_wanted
 
-__all__ = ["kronecker_expert", "kronecker_mix", "task_embed", "task_scale", "task_contrastive"]
+__all__ = ["kronecker_group", "kronecker_mix", "task_embed", "task_scale", "task_contrastive"]
 
 
-def kronecker_expert(x: Tensor, a: Tensor, b: Tensor, kernel: Tensor, d_out: int) -> Tensor:
-    """``x ((b[:h] a[:, :w]) ⊗ K)ᵀ`` for ``x (T, d_in)``, ``w = d_in/s``, ``h = d_out/s``:
-    ``X K_iᵀ`` on the token's rows, then the meta-seed's two GEMMs on every column: ``(T, d_out)``."""
+def kronecker_group(x: Tensor, g: Tensor, a: Tensor, b: Tensor, kernels: Tensor, d_out: int) -> Tensor:
+    """``Σ_i g_i x ((b[:h] a[:, :w]) ⊗ K_i)ᵀ`` over experts of one kernel size ``s`` (``kernels (E_s, s,
+    s)``, ``g (T, E_s)``): they share ``Z = b[:h] a[:, :w]``, so ``V = Z X`` is computed once and the
+    kernels merge per token, ``Y = V K̃_tᵀ`` with ``K̃_t = Σ_i g_ti K_i``: ``(T, d_out)``."""
     T, d_in = x.shape
-    s = kernel.shape[0]
+    s = kernels.shape[-1]
     w, h = d_in // s, d_out // s
-    xk = x.reshape(T, w, s) @ kernel.T  # (T, w, s): X K_iᵀ
-    cols = xk.transpose(1, 2).reshape(T * s, w)  # (T·s, w): the s columns of every token
-    u = cols @ a[:, :w].T  # (T·s, R)
-    y = u @ b[:h].T  # (T·s, h)
-    return y.reshape(T, s, h).transpose(1, 2).reshape(T, d_out)  # y[a·s + c] = Y[a, c]
+    cols = x.reshape(T, w, s).transpose(1, 2).reshape(T * s, w)  # (T·s, w): the s columns of every token's X
+    v = (cols @ a[:, :w].T) @ b[:h].T  # (T·s, h): Z X, column by column
+    merged = (g @ kernels.reshape(kernels.shape[0], s * s)).reshape(T, s, s)  # (T, s, s): K̃_t
+    y = torch.bmm(v.reshape(T, s, h).transpose(1, 2), merged.transpose(1, 2))  # (T, h, s): (Z X) K̃_tᵀ
+    return y.reshape(T, d_out)  # y[a·s + c] = Y[a, c]
 
 
 def kronecker_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, kernels: tuple[Tensor, ...], d_out: int,
                   scale: float, sparse: bool) -> Tensor:
-    """``Σ_i g_i · scale · x ΔW_iᵀ``. ``sparse``: each expert runs on the tokens that route to it
-    (gathered, then added back), not on every token."""
+    """``Σ_i g_i · scale · x ΔW_iᵀ``, the experts grouped by kernel size (:func:`kronecker_group`).
+    ``sparse``: each group runs on the tokens routed to one of its experts (gathered, then added back)."""
     out = x.new_zeros(x.shape[0], d_out)
-    for i, kernel in enumerate(kernels):
-        g = gates[:, i]  # (T,)
+    for members in _by_size(kernels):
+        g = gates[:, members] * scale  # (T, E_s)
+        k = torch.stack([kernels[i] for i in members])  # (E_s, s, s)
         if not sparse:
-            out = out + (g * scale)[:, None] * kronecker_expert(x, a, b, kernel, d_out)
+            out = out + kronecker_group(x, g, a, b, k, d_out)
             continue
-        idx = g.nonzero().squeeze(1)  # (T_i,) possibly none: the expert's tensors still get their (zero) gradient
-        y = kronecker_expert(x[idx], a, b, kernel, d_out)  # (T_i, d_out)
-        out = out.index_add(0, idx, (g[idx] * scale)[:, None] * y)
+        # the group's tokens, possibly none (its tensors still get their zero gradient)
+        idx = (g != 0).any(1).nonzero().squeeze(1)  # (T_s,)
+        out = out.index_add(0, idx, kronecker_group(x[idx], g[idx], a, b, k, d_out))
     return out
+
+
+def _by_size(kernels: tuple[Tensor, ...]) -> list[list[int]]:
+    """The experts' indices grouped by kernel size, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(kernels):
+        groups.setdefault(k.shape[0], []).append(i)
+    return list(groups.values())
 
 
 def task_embed(x: Tensor, table: Tensor, samples, what: str) -> Tensor:
