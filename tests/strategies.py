@@ -225,7 +225,8 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
                                           query_activation=draw(st.sampled_from(["relu", "tanh", "identity"])),
                                           temperature=1.0 if conventions == "official"
                                           else draw(st.sampled_from([1.0, 0.5]))),
-                        bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
+                        bias=draw(st.booleans()), conventions=conventions, aux_losses=aux,
+                        dropout=draw(st.sampled_from(DROPOUTS)))
 
 
 @st.composite

@@ -422,7 +422,8 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
             b_bias=b.param(f"B{l}_bias", (s, dn), "bias") if bias else None,
             w=b.param(f"W{l}", (dn, dp), "kaiming", fan_in=dp) if l > 0 else None,
             w_bias=b.param(f"W{l}_bias", (dn,), "bias") if (l > 0 and bias) else None))
-    hroot = b.add(TreeMix(id="tree", src="x", routing=route, levels=tuple(level_params),
+    src = _dropped(b, spec.dropout, "drop", origin)
+    hroot = b.add(TreeMix(id="tree", src=src, routing=route, levels=tuple(level_params),
                           activation=spec.activation, position=spec.activation_position,
                           origin=f"{origin}.levels"))
     Wp = b.param("proj_w", (d_out, widths[-1]), proj_init, fan_in=widths[-1])

@@ -429,6 +429,9 @@ class ResidualTree(SpecModel):
     ``w_final_zero`` the final projection (every ``B_l`` Kaiming-uniform, so the tree's hidden
     state is live from the first step and the final projection learns from zero as LoRA's
     ``B`` does). ``Init(up="normal")`` draws the zero factor instead."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """PEFT's ``lora_dropout`` on the input of the experts' down-projections, in training only (the
+    router's down-projection reads the undropped input)."""
     aux_losses: list[AuxLoss] = []
     """``switch_lb`` (official with the switch gate) or ``cv2_importance_load`` (official with
     noisy_topk), summed over pools; the dense gate takes none."""
