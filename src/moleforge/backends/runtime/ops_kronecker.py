@@ -30,19 +30,22 @@ def kronecker_group(x: Tensor, g: Tensor, a: Tensor, b: Tensor, kernels: Tensor,
     return y.reshape(T, d_out)  # y[a·s + c] = Y[a, c]
 
 
-def kronecker_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, kernels: tuple[Tensor, ...], d_out: int,
-                  scale: float, sparse: bool) -> Tensor:
+def kronecker_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, kernels: tuple[Tensor, ...],
+                  d_out: int, scale: float) -> Tensor:
     """``Σ_i g_i · scale · x ΔW_iᵀ``, the experts grouped by kernel size (:func:`kronecker_group`).
-    ``sparse``: each group runs on the tokens routed to one of its experts (gathered, then added back)."""
+    With a top-k routing's ``index (T, k)``, each group runs on the tokens that selected one of its
+    experts (gathered, then added back; a selected gate that underflowed to 0 still passes its
+    gradient); ``None``: every group on every token."""
     out = x.new_zeros(x.shape[0], d_out)
     for members in _by_size(kernels):
         g = gates[:, members] * scale  # (T, E_s)
         k = torch.stack([kernels[i] for i in members])  # (E_s, s, s)
-        if not sparse:
+        if index is None:
             out = out + kronecker_group(x, g, a, b, k, d_out)
             continue
         # the group's tokens, possibly none (its tensors still get their zero gradient)
-        idx = (g != 0).any(1).nonzero().squeeze(1)  # (T_s,)
+        chosen = (index[:, :, None] == index.new_tensor(members)).any(2).any(1)  # (T,)
+        idx = chosen.nonzero().squeeze(1)  # (T_s,)
         out = out.index_add(0, idx, kronecker_group(x[idx], g[idx], a, b, k, d_out))
     return out
 

@@ -14,8 +14,11 @@ __all__ = ["emit_kronecker_mix", "emit_task_embed", "emit_task_scale", "emit_tas
 
 def emit_kronecker_mix(c, n: nodes.KroneckerMix) -> fx.Node:
     gates = routing_field(c, n.routing, Routing, "gates", f"{n.routing}_gates")
+    t = c.ir.routing(n.routing)
+    fixed_k = t.sparse and not t.variable  # a top-k routing: its index says which experts each token uses
+    index = routing_field(c, n.routing, Routing, "index", f"{n.routing}_index") if fixed_k else None
     kernels = tuple(c.expr(k) for k in n.kernels)
-    args = (c.env[n.src], gates, c.expr(n.a), c.expr(n.b), kernels, n.d_out, n.scale, c.ir.routing(n.routing).sparse)
+    args = (c.env[n.src], gates, index, c.expr(n.a), c.expr(n.b), kernels, n.d_out, n.scale)
     return c.call(ops_kronecker.kronecker_mix, args, n.id)
 
 
