@@ -26,8 +26,8 @@ def kronecker_group(x: Tensor, g: Tensor, a: Tensor, b: Tensor, kernels: Tensor,
     cols = x.reshape(T, w, s).transpose(1, 2).reshape(T * s, w)  # (T·s, w): the s columns of every token's X
     v = (cols @ a[:, :w].T) @ b[:h].T  # (T·s, h): Z X, column by column
     merged = (g @ kernels.reshape(kernels.shape[0], s * s)).reshape(T, s, s)  # (T, s, s): K̃_t
-    y = torch.bmm(v.reshape(T, s, h).transpose(1, 2), merged.transpose(1, 2))  # (T, h, s): (Z X) K̃_tᵀ
-    return y.reshape(T, d_out)  # y[a·s + c] = Y[a, c]
+    y = torch.bmm(merged, v.reshape(T, s, h))  # (T, s, h): (K̃_t (Z X)ᵀ), long rows for the batched product
+    return y.transpose(1, 2).reshape(T, d_out)  # y[a·s + c] = Y[a, c]
 
 
 def kronecker_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, kernels: tuple[Tensor, ...],
