@@ -139,11 +139,12 @@ def aux_losses(draw, router) -> list:
 
 
 @st.composite
-def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS):
+def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS,
+          magnitudes: bool = True):
     """Expert pools over every option: per-expert or shared factors, a router of ``kinds``
     (FlyLoRA's ``implicit_topk`` over a sparse random down-projection of any density, one pool
     in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
-    experts."""
+    experts, DoRA magnitudes on experts of their own factors (``magnitudes``: a frozen input ``W``)."""
     E = draw(st.integers(1, 5))
     common = dict(shared_expert=draw(shared_experts()), frozen_experts=draw(st.booleans()))
     flat = tuple(k for k in kinds if k != "implicit_topk")
@@ -163,7 +164,7 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
         ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
     scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
     own_factors = isinstance(down, PerExpert) and up == "per_expert" and ranks is None
-    common["magnitude"] = own_factors and draw(st.integers(0, 3)) == 0  # DoRA experts, one pool in four
+    common["magnitude"] = magnitudes and own_factors and draw(st.integers(0, 3)) == 0  # DoRA experts, 1 pool in 4
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
                       down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
                       scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),
@@ -192,11 +193,13 @@ def rank_partitions(draw, kinds: tuple[str, ...] = LINEAR_ROUTERS, jitters: tupl
 
 
 @st.composite
-def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense", "noisy_topk")):
+def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense", "noisy_topk"),
+          dropouts: tuple[float, ...] = (0.0,)):
     """Residual trees over every option: a gate of ``gates``, conventions (the official dense
     gate with any fanout, which it ignores), 1-3 levels of unequal pools with at most
     ``max_leaves`` leaves, per-level alpha and key widths, the router's down-projection (or none:
-    ``d_in``), query activations, activations and their position, biases, aux losses."""
+    ``d_in``), query activations, activations and their position, biases, aux losses, an input
+    dropout of ``dropouts``."""
     gate = draw(st.sampled_from(gates))
     conventions = draw(st.sampled_from(["paper", "official"]))
     levels, leaves = [], 1
@@ -226,7 +229,7 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
                                           temperature=1.0 if conventions == "official"
                                           else draw(st.sampled_from([1.0, 0.5]))),
                         bias=draw(st.booleans()), conventions=conventions, aux_losses=aux,
-                        dropout=draw(st.sampled_from(DROPOUTS)))
+                        dropout=draw(st.sampled_from(dropouts)))
 
 
 @st.composite
@@ -272,7 +275,8 @@ def kronecker_pools(draw, tasks: bool = False):
 
 
 def adapters():
-    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools(), rank_tasks(), kronecker_pools())
+    return st.one_of(loras(), pools(), rank_partitions(), trees(dropouts=DROPOUTS), core_pools(), rank_tasks(),
+                     kronecker_pools())
 
 
 def training_adapters():

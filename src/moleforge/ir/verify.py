@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import IRVerificationError
-from . import nodes
+from . import nodes, verify_dora, verify_kronecker
 from .graph import Graph
 from .nodes import ExpertHidden, ExpertLinear, Input
 from .params import ParamExpr, ParamRef, expr_refs, expr_shape
@@ -494,4 +494,5 @@ def _magnitude(g: Graph, n) -> list[str]:
 
 
 
-from . import verify_dora, verify_kronecker  # noqa: E402,F401 - register the rules of their nodes in RULES
+verify_kronecker.register(RULES, _need_tensor, _need_route, _expr)  # EPT's nodes
+verify_dora.register(RULES, _need_tensor, _need_route, _expr)  # DoRA experts

@@ -1,20 +1,19 @@
 """The verifier's rule of :class:`~moleforge.ir.dora_nodes.PoolMagnitude`, registered in
-``verify.RULES`` (``verify.py`` imports this module last)."""
+``verify.RULES`` by ``verify.py`` (:func:`register`), which gives them its checks of operands and
+parameter expressions."""
 
 from __future__ import annotations
 
 from .dora_nodes import PoolMagnitude
 from .graph import Graph
-from .verify import RULES, _expr, _need_route, _need_tensor
 
-__all__: list[str] = []
+__all__ = ["register"]
 
 
-@RULES.register(PoolMagnitude)
-def _pool_magnitude(g: Graph, n: PoolMagnitude) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+def _pool_magnitude(g: Graph, n: PoolMagnitude, need_tensor, need_route, expr) -> list[str]:
+    p = need_tensor(g, n.src, "source") + need_route(g, n.routing)
     p += [x for ref, what in ((n.weight, "W"), (n.a, "A"), (n.b, "B"), (n.magnitude, "magnitude"))
-          for x in _expr(g, ref, what)]
+          for x in expr(g, ref, what)]
     if p:
         return p
     if n.weight.name not in {d.name for d in g.frozen}:
@@ -27,3 +26,9 @@ def _pool_magnitude(g: Graph, n: PoolMagnitude) -> list[str]:
         p.append(f"A {n.a.shape}, B {n.b.shape} and magnitude {n.magnitude.shape} do not fit {E} experts "
                  f"on W {n.weight.shape}")
     return p
+
+
+def register(rules, need_tensor, need_route, expr) -> None:
+    """Add this module's rules to the verifier's ``rules``, with its checks."""
+    checks = (need_tensor, need_route, expr)
+    rules.add(lambda g, n, f=_pool_magnitude: f(g, n, *checks), PoolMagnitude)

@@ -1,19 +1,17 @@
-"""The verifier's rules of EPT's nodes (:mod:`.kronecker_nodes`), registered in ``verify.RULES``
-(``verify.py`` imports this module last)."""
+"""The verifier's rules of EPT's nodes (:mod:`.kronecker_nodes`), registered in ``verify.RULES`` by
+``verify.py`` (:func:`register`), which gives them its checks of operands and parameter expressions."""
 
 from __future__ import annotations
 
 from .graph import Graph
 from .kronecker_nodes import KroneckerMix, TaskContrastive, TaskEmbed, TaskScale
-from .verify import RULES, _expr, _need_route, _need_tensor
 
-__all__: list[str] = []
+__all__ = ["register"]
 
 
-@RULES.register(KroneckerMix)
-def _kronecker_mix(g: Graph, n: KroneckerMix) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
-    p += [x for i, k in enumerate(n.kernels) for x in _expr(g, k, f"K{i}")]
+def _kronecker_mix(g: Graph, n: KroneckerMix, need_tensor, need_route, expr) -> list[str]:
+    p = need_tensor(g, n.src, "source") + need_route(g, n.routing) + expr(g, n.a, "A") + expr(g, n.b, "B")
+    p += [x for i, k in enumerate(n.kernels) for x in expr(g, k, f"K{i}")]
     if p:
         return p
     E, d_in = g.routing(n.routing).experts, g.width(n.src)
@@ -33,25 +31,22 @@ def _kronecker_mix(g: Graph, n: KroneckerMix) -> list[str]:
     return p
 
 
-@RULES.register(TaskEmbed)
-def _task_embed(g: Graph, n: TaskEmbed) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _expr(g, n.table, "table")
+def _task_embed(g: Graph, n: TaskEmbed, need_tensor, need_route, expr) -> list[str]:
+    p = need_tensor(g, n.src, "source") + expr(g, n.table, "table")
     if not p and (len(n.table.shape) != 2 or n.table.shape[1] != g.width(n.src)):
         p.append(f"table has shape {n.table.shape}, expected (tasks, {g.width(n.src)})")
     return p
 
 
-@RULES.register(TaskScale)
-def _task_scale(g: Graph, n: TaskScale) -> list[str]:
-    p = _need_tensor(g, n.src, "source")
+def _task_scale(g: Graph, n: TaskScale, need_tensor, need_route, expr) -> list[str]:
+    p = need_tensor(g, n.src, "source")
     if not n.factors:
         p.append("no per-task factors")
     return p
 
 
-@RULES.register(TaskContrastive)
-def _task_contrastive(g: Graph, n: TaskContrastive) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _expr(g, n.table, "table")
+def _task_contrastive(g: Graph, n: TaskContrastive, need_tensor, need_route, expr) -> list[str]:
+    p = need_tensor(g, n.src, "source") + expr(g, n.table, "table")
     if not p and (len(n.table.shape) != 2 or n.table.shape[1] != g.width(n.src)):
         p.append(f"table has shape {n.table.shape}, expected (tasks, {g.width(n.src)})")
     if n.temperature <= 0:
@@ -59,3 +54,12 @@ def _task_contrastive(g: Graph, n: TaskContrastive) -> list[str]:
     if n.id not in g.aux:
         p.append("a contrastive loss must be listed among the graph's aux losses")
     return p
+
+
+def register(rules, need_tensor, need_route, expr) -> None:
+    """Add this module's rules to the verifier's ``rules``, with its checks."""
+    checks = (need_tensor, need_route, expr)
+    rules.add(lambda g, n, f=_kronecker_mix: f(g, n, *checks), KroneckerMix)
+    rules.add(lambda g, n, f=_task_embed: f(g, n, *checks), TaskEmbed)
+    rules.add(lambda g, n, f=_task_scale: f(g, n, *checks), TaskScale)
+    rules.add(lambda g, n, f=_task_contrastive: f(g, n, *checks), TaskContrastive)
