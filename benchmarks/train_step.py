@@ -25,7 +25,11 @@ heads), batch 4 x 256 tokens, float32, ``torch.set_num_threads(2)``. Configurati
 - ``comol`` (8 cores of rank 8 on q/k/v/o and down) and ``mora_cl`` (8 rank-1 experts, one task,
   all 7 projections): the presets;
 - ``deepseek_mole`` (16 routed rank-2 experts, top-4, plus 2 shared rank-4 experts, FFN) and
-  ``flexmore`` (6 experts of ranks 2-2-4-4-8-8, top-2, all 7 projections).
+  ``flexmore`` (6 experts of ranks 2-2-4-4-8-8, top-2, all 7 projections);
+- ``ept``: the preset with kernels 2-2-4-4-8-8-8-8 (6 divides neither width; 8 Kronecker experts
+  over a rank-8 meta-seed, top-2 at τ = 0.05, all 7 projections; called without task ids, so the
+  token alone routes), and ``naive_loop_ept``: the same topology as a per-expert loop that forms
+  each ``ΔW_i = Z_i ⊗ K_i`` and applies it to the expert's gathered tokens, defined below.
 
 Every configuration backpropagates to the input embeddings (``enable_input_require_grads``):
 the frozen base then has a backward pass, and all configurations do the same base work.
@@ -133,6 +137,44 @@ class NaiveDynMoLE(nn.Module):
         return out.reshape(*x.shape[:-1], -1)
 
 
+class NaiveEPT(nn.Module):
+    """EPT around a frozen linear written the usual way: a softmax top-k router at temperature τ,
+    then a Python loop over experts, each forming its ``ΔW_i = (B_m[:h] A_m[:, :w]) ⊗ K_i``
+    (``d_out × d_in``) and applying it to its gathered tokens."""
+
+    def __init__(self, base: nn.Linear, kernels: tuple[int, ...] = (2, 2, 4, 4, 8, 8, 8, 8), rank: int = 8,
+                 alpha: float = 16, k: int = 2, tau: float = 0.05, sink: list | None = None):
+        super().__init__()
+        self.base, self.k, self.tau, self.scale, self.kernels = base, k, tau, alpha / rank, kernels
+        d_in, d_out, s0 = base.in_features, base.out_features, min(kernels)
+        self.router = nn.Linear(d_in, len(kernels), bias=False)
+        self.meta_a = nn.Parameter(torch.randn(rank, d_in // s0) / (d_in // s0) ** 0.5)
+        self.meta_b = nn.Parameter(torch.randn(d_out // s0, rank) / rank ** 0.5)
+        self.kernel = nn.ParameterList(nn.Parameter(torch.randn(s, s) * 0.02) for s in kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
+        probs = torch.softmax(self.router(flat) / self.tau, dim=-1)  # (T, E)
+        top, index = probs.topk(self.k, dim=-1)  # (T, k)
+        top = top / top.sum(-1, keepdim=True)
+        out = self.base(flat)  # (T, d_out)
+        d_in, d_out = flat.shape[-1], out.shape[-1]
+        for e, (s, kernel) in enumerate(zip(self.kernels, self.kernel)):
+            token, slot = torch.where(index == e)
+            if token.numel() == 0:
+                continue
+            delta = torch.kron(self.meta_b[:d_out // s] @ self.meta_a[:, :d_in // s], kernel)  # (d_out, d_in)
+            out = out.index_add(0, token, (flat[token] @ delta.T) * (top[token, slot, None] * self.scale))
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def _ept_benchmark() -> mf.AdapterSpec:
+    """The ``ept`` preset with kernels 2-2-4-4-8-8-8-8: 6 divides neither 512 nor 1408."""
+    data = mf.presets.load("ept").model_dump()
+    data["sites"][0]["adapter"]["kernels"] = [2, 2, 4, 4, 8, 8, 8, 8]
+    return mf.AdapterSpec.model_validate({**data, "name": "ept_benchmark"})
+
+
 class NaiveModel(nn.Module):
     """The base model with a naive layer (:class:`NaiveMoLoRA`) on every projection of ``projections``;
     aux losses added to the loss."""
@@ -238,6 +280,8 @@ def build_configs(base: nn.Module, only: set[str] | None, mean_k: float | None =
         "molora_same_mean_k": lambda: _moleforge(base, _molora_k(max(1, round(mean_k or 2)))),
         "deepseek_mole": lambda: _moleforge(base, "deepseek_mole"),
         "flexmore": lambda: _moleforge(base, "flexmore"),
+        "ept": lambda: _moleforge(base, _ept_benchmark()),
+        "naive_loop_ept": lambda: NaiveModel(copy.deepcopy(base), NaiveEPT),
     }
     out = {}
     for name, make in makers.items():

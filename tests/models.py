@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers as tf
 
 VOCAB = 64
 
 
-def tiny(arch: str, seed: int = 0, layers: int = 2):
-    """A small randomly initialised model of ``arch``, in eval mode."""
+def tiny(arch: str, seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A small randomly initialised model of ``arch`` (width ``hidden``, FFN ``2·hidden``), in eval mode."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB)
+    h, ff = hidden, 2 * hidden
     match arch:
         case "llama":
-            m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
                                                    num_attention_heads=4, num_key_value_heads=2, **common))
         case "qwen2":
-            m = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            m = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
                                                    num_attention_heads=4, num_key_value_heads=2, **common))
         case "mistral":
-            m = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=32, intermediate_size=64,
+            m = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=h, intermediate_size=ff,
                                                        num_hidden_layers=layers, num_attention_heads=4,
                                                        num_key_value_heads=2, **common))
         case "gpt2":
-            m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, **common))
+            m = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=h, n_layer=layers, n_head=4, n_positions=64, **common))
         case "bert":
-            m = tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+            m = tf.BertForMaskedLM(tf.BertConfig(hidden_size=h, intermediate_size=ff, num_hidden_layers=layers,
                                                  num_attention_heads=4, max_position_embeddings=64, **common))
         case _:
             raise ValueError(arch)
@@ -34,6 +37,26 @@ def tiny(arch: str, seed: int = 0, layers: int = 2):
 
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert")
+
+
+def preset_width(name: str) -> int:
+    """The least width every site of preset ``name`` fits: a multiple of every EPT kernel (1 otherwise)."""
+    from moleforge import KroneckerPool, presets
+    return math.lcm(1, *(s.adapter.width_multiple() for s in presets.load(name).sites
+                         if isinstance(s.adapter, KroneckerPool)))
+
+
+def tiny_for(name: str, arch: str = "llama", **kw):
+    """``tiny(arch)`` with widths preset ``name`` fits: 32, or the least multiple of 16 and its width (48 for EPT)."""
+    m = preset_width(name)
+    return tiny(arch, hidden=32 if 32 % m == 0 else math.lcm(16, m), **kw)
+
+
+def shape_for(name: str, d_in: int, d_out: int):
+    """``SiteShape("site", d_in, d_out)`` with each width rounded up to a multiple preset ``name`` fits."""
+    from moleforge.compiler.build import SiteShape
+    m = preset_width(name)
+    return SiteShape("site", -(-d_in // m) * m, -(-d_out // m) * m)
 
 
 def batch(seed: int = 1, B: int = 2, S: int = 9) -> torch.Tensor:
@@ -69,16 +92,17 @@ def kernel_choices_agree(spec, passes=None, code: str = "") -> None:
         assert_close(got, want, "float32_model")
 
 
-def assert_reloads_to_the_same_logits(model, handle, ids: torch.Tensor, arch: str, folder) -> None:
-    """``mf.save`` of ``handle``, loaded into a fresh ``tiny(arch)``, gives ``model``'s
-    evaluation logits on ``ids`` exactly."""
+def assert_reloads_to_the_same_logits(model, handle, ids: torch.Tensor, arch: str, folder, hidden: int = 32,
+                                      **inputs) -> None:
+    """``mf.save`` of ``handle``, loaded into a fresh ``tiny(arch, hidden=hidden)``, gives ``model``'s
+    evaluation logits on ``ids`` (and ``inputs``, such as ``task_ids``) exactly."""
     import moleforge as mf
 
     model.eval()
     with torch.no_grad():
-        want = model(ids).logits
+        want = model(ids, **inputs).logits
     mf.save(handle, folder)
-    fresh = tiny(arch)
+    fresh = tiny(arch, hidden=hidden)
     mf.load(fresh, folder)
     with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, want)
+        assert torch.equal(fresh(ids, **inputs).logits, want)

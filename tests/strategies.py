@@ -17,6 +17,7 @@ from moleforge.specs import (
     DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
+    KroneckerPool,
     LocalizedBalance,
     LoRA,
     PerExpert,
@@ -32,6 +33,7 @@ from moleforge.specs import (
     SparseRandom,
     StaticRouter,
     SwitchLoadBalance,
+    TaskContrastiveLoss,
     TopKRouter,
     TopPRouter,
     TreeLevel,
@@ -137,11 +139,12 @@ def aux_losses(draw, router) -> list:
 
 
 @st.composite
-def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS):
+def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jitters: tuple[float, ...] = JITTERS,
+          magnitudes: bool = True):
     """Expert pools over every option: per-expert or shared factors, a router of ``kinds``
     (FlyLoRA's ``implicit_topk`` over a sparse random down-projection of any density, one pool
     in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
-    experts."""
+    experts, DoRA magnitudes on experts of their own factors (``magnitudes``: a frozen input ``W``)."""
     E = draw(st.integers(1, 5))
     common = dict(shared_expert=draw(shared_experts()), frozen_experts=draw(st.booleans()))
     flat = tuple(k for k in kinds if k != "implicit_topk")
@@ -160,6 +163,8 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     if isinstance(down, PerExpert) and up == "per_expert" and draw(st.booleans()):  # FlexMoRE
         ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
     scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
+    own_factors = isinstance(down, PerExpert) and up == "per_expert" and ranks is None
+    common["magnitude"] = magnitudes and own_factors and draw(st.integers(0, 3)) == 0  # DoRA experts, 1 pool in 4
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
                       down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
                       scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),
@@ -188,11 +193,13 @@ def rank_partitions(draw, kinds: tuple[str, ...] = LINEAR_ROUTERS, jitters: tupl
 
 
 @st.composite
-def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense", "noisy_topk")):
+def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense", "noisy_topk"),
+          dropouts: tuple[float, ...] = (0.0,)):
     """Residual trees over every option: a gate of ``gates``, conventions (the official dense
     gate with any fanout, which it ignores), 1-3 levels of unequal pools with at most
     ``max_leaves`` leaves, per-level alpha and key widths, the router's down-projection (or none:
-    ``d_in``), query activations, activations and their position, biases, aux losses."""
+    ``d_in``), query activations, activations and their position, biases, aux losses, an input
+    dropout of ``dropouts``."""
     gate = draw(st.sampled_from(gates))
     conventions = draw(st.sampled_from(["paper", "official"]))
     levels, leaves = [], 1
@@ -221,7 +228,8 @@ def trees(draw, max_leaves: int = 8, gates: tuple[str, ...] = ("switch", "dense"
                                           query_activation=draw(st.sampled_from(["relu", "tanh", "identity"])),
                                           temperature=1.0 if conventions == "official"
                                           else draw(st.sampled_from([1.0, 0.5]))),
-                        bias=draw(st.booleans()), conventions=conventions, aux_losses=aux)
+                        bias=draw(st.booleans()), conventions=conventions, aux_losses=aux,
+                        dropout=draw(st.sampled_from(dropouts)))
 
 
 @st.composite
@@ -244,8 +252,31 @@ def rank_tasks(draw):
                      alpha=draw(st.sampled_from([None, 3.0])))
 
 
+@st.composite
+def kronecker_pools(draw, tasks: bool = False):
+    """EPT's Kronecker experts: 1-4 kernels of sizes 1-3 (widths drawn as multiples of them), meta-seed
+    rank 1-3, a top-k, dense or static router, both scalings, aux losses; with ``tasks``, task
+    embeddings, per-task factors and the contrastive loss (the model is then called with task ids)."""
+    kernels = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    E = len(kernels)
+    router = draw(routers(E, ("topk", "dense") if tasks else ("topk", "dense", "static")))
+    aux = [] if isinstance(router, StaticRouter) else draw(st.lists(st.sampled_from(
+        [CV2ImportanceLoad(weight=0.1), RouterZLoss(weight=0.1)]
+        + ([SwitchLoadBalance(weight=0.1)] if isinstance(router, TopKRouter) else [])), max_size=1))
+    n_tasks = draw(st.integers(1, 3)) if tasks else None
+    frequencies = draw(st.one_of(st.none(), st.lists(st.sampled_from([0.25, 1.0, 3.0]), min_size=n_tasks,
+                                                     max_size=n_tasks))) if tasks else None
+    if tasks and draw(st.booleans()):
+        aux = [TaskContrastiveLoss(weight=draw(st.sampled_from([0.1, 1.0])),
+                                   temperature=draw(st.sampled_from([0.05, 1.0]))), *aux]
+    return KroneckerPool(kernels=kernels, rank=draw(st.integers(1, 3)), alpha=draw(st.sampled_from([None, 4.0])),
+                         scaling=draw(st.sampled_from(["alpha_over_rank", "rslora"])), router=router, tasks=n_tasks,
+                         task_frequencies=frequencies, aux_losses=aux)
+
+
 def adapters():
-    return st.one_of(loras(), pools(), rank_partitions(), trees(), core_pools(), rank_tasks())
+    return st.one_of(loras(), pools(), rank_partitions(), trees(dropouts=DROPOUTS), core_pools(), rank_tasks(),
+                     kronecker_pools())
 
 
 def training_adapters():
@@ -257,10 +288,16 @@ def training_adapters():
                      rank_partitions(kinds=("sigmoid_topk",)), trees(gates=("noisy_topk",)))
 
 
+def width_multiple(adapter) -> int:
+    """What the widths of a site of ``adapter`` are a multiple of: EPT's kernels divide them (1 otherwise)."""
+    return adapter.width_multiple() if isinstance(adapter, KroneckerPool) else 1
+
+
 @st.composite
 def graphs(draw, adapter_strategy=None) -> Graph:
     adapter = draw(adapter_strategy if adapter_strategy is not None else adapters())
-    d_in, d_out = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    m = width_multiple(adapter)
+    d_in, d_out = m * draw(st.integers(1, max(1, 9 // m))), m * draw(st.integers(1, max(1, 9 // m)))
     return build_graph(adapter, SiteShape(label="site", d_in=d_in, d_out=d_out))
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 import moleforge as mf
-from models import VOCAB, tiny
+from models import VOCAB, tiny, tiny_for
 from moleforge.backends.runtime.policy import KernelPolicy
 from moleforge.cli import main
 from moleforge.cli.schema_doc import render_reference
@@ -27,6 +27,7 @@ from moleforge.report.flops import (
     base_flops_per_token,
     flops_per_token,
     frozen_flops_per_token,
+    kronecker_group_flops,
     node_flops,
 )
 from strategies import xlora_scalings
@@ -105,7 +106,7 @@ def test_flops_from_ir_match_what_torch_counts(preset):
     (the query's token part once per token, ancestor keys through per-pool tables, ``K W_2``
     folded for switch and dense gates), so the runtime spends less than the IR's count, and
     more than the count of everything but the router."""
-    model = tiny("llama")
+    model = tiny_for(preset)
     # a site called alone must not pay for its siblings; torch ops only (the CPU kernel's
     # residual-tree decode step is arithmetic the counter cannot see)
     handle = mf.compile(preset, model, siblings=False, policy=KernelPolicy(cpu="off"))
@@ -133,8 +134,10 @@ def test_flops_from_ir_match_what_torch_counts(preset):
 
 
 def _ragged_slack(graph, n) -> int:
-    """How far below its count a top-k pool of experts of their own ranks may run: the count
-    takes the k largest ranks, the least a token can use is the k smallest."""
+    """How far below its count a top-k pool of experts of their own ranks (or EPT's kernels) may
+    run: the count takes the k largest, the least a token can use is the k smallest."""
+    if type(n).__name__ == "KroneckerMix" and graph.routing(n.routing).k is not None:  # one group, the cheapest
+        return node_flops(graph, n) - min(kronecker_group_flops(graph.width(n.src), n.d_out, n.a.shape[0], n.sizes()))
     if type(n).__name__ != "RaggedMix" or not n.grouped:
         return 0
     k, width = graph.routing(n.routing).k, n.a.shape[1] + n.b.shape[0]

@@ -33,6 +33,7 @@ from .specs import (
     ExpertPool,
     ImplicitTopKRouter,
     Init,
+    KroneckerPool,
     LayerOverride,
     LocalizedBalance,
     LoRA,
@@ -50,6 +51,7 @@ from .specs import (
     StaticRouter,
     SwitchLoadBalance,
     Target,
+    TaskContrastiveLoss,
     TaskEmbeddingRouter,
     TaskRouter,
     TaskRoutingLoss,
@@ -76,8 +78,8 @@ __all__ = [
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
     "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
     "DenseTrainTopKRouter", "RSLLoss", "XLoRARouter",
-    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
-    "MoleforgeTrainer",
+    "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks", "KroneckerPool",
+    "TaskContrastiveLoss", "MoleforgeTrainer",
 ]
 
 

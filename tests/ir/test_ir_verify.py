@@ -54,6 +54,11 @@ from moleforge.specs import (
 )
 
 VERIFIER = importlib.import_module("moleforge.ir.verify")
+VERIFIERS = (VERIFIER, importlib.import_module("moleforge.ir.verify_basics"),
+             importlib.import_module("moleforge.ir.verify_kronecker"),
+             importlib.import_module("moleforge.ir.verify_dora"))
+"""The modules whose rules hold verifier messages (EPT's and DoRA experts' nodes have theirs in modules of
+their own)."""
 
 
 # ---- valid graphs to corrupt ---------------------------------------------------------------
@@ -654,7 +659,7 @@ def verifier_messages() -> dict[tuple[str, str], re.Pattern]:
     """Every message template of ``ir/verify.py``, by (function, source): the strings a rule
     appends to its problems or returns in a list (``verify`` itself only formats them)."""
     out = {}
-    for fn in ast.parse(inspect.getsource(VERIFIER)).body:
+    for fn in (f for module in VERIFIERS for f in ast.parse(inspect.getsource(module)).body):
         if not isinstance(fn, ast.FunctionDef) or fn.name == "verify":
             continue
         for node in ast.walk(fn):
@@ -755,3 +760,113 @@ def xlora_top_k_above_the_experts():
     g = _xlora_pool(top_k=2)
     route = g.node("route")
     return g.replace(nodes=_nodes(g, route=replace(route, gate=replace(route.gate, top_k=4))))
+
+
+# ---- EPT: Kronecker experts, task embeddings and factors, the contrastive loss ---------------
+
+def _ept() -> Graph:
+    """x -> x_task (task_embedding (2, 6)) -> logits -> route -> mix (meta_A (2, 3), meta_B (5, 2),
+    K0 (1, 1), K1 (2, 2)) -> per_task; aux0 the contrastive loss."""
+    from moleforge.specs import KroneckerPool, TaskContrastiveLoss
+
+    return _build(KroneckerPool(kernels=[2, 2], rank=2, tasks=2, task_frequencies=[1.0, 2.0],
+                                aux_losses=[TaskContrastiveLoss()]), d_in=6, d_out=10)
+
+
+@case("_kronecker_mix", r"1 kernels for a router of 2 experts")
+def kronecker_kernels_fewer_than_experts():
+    g = _ept()
+    return g.replace(nodes=_nodes(g, mix=replace(g.node("mix"), kernels=g.node("mix").kernels[:1])))
+
+
+@case("_kronecker_mix", r"A \(3, 3\) and B \(5, 2\) disagree on the meta-seed rank")
+def kronecker_seed_ranks_disagree():
+    g = _ept()
+    return g.replace(params=_declare(g, meta_A=(3, 3)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), a=ParamRef("meta_A", (3, 3)))))
+
+
+@case("_kronecker_mix", r"K1 has shape \(2, 3\), expected a square kernel")
+def kronecker_kernel_not_square():
+    g = _ept()
+    k = g.node("mix").kernels
+    return g.replace(params=_declare(g, K1=(2, 3)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(k[0], ParamRef("K1", (2, 3))))))
+
+
+@case("_kronecker_mix", r"kernel 4 of expert 1 does not divide the widths \(6, 10\)")
+def kronecker_kernel_not_dividing():
+    g = _ept()
+    k = g.node("mix").kernels
+    return g.replace(params=_declare(g, K1=(4, 4)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(k[0], ParamRef("K1", (4, 4))))))
+
+
+@case("_kronecker_mix", r"expert 0 slices \(10, 6\) beyond the meta-seed \(5, 3\)")
+def kronecker_slice_beyond_the_seed():
+    g = _ept()
+    k = g.node("mix").kernels
+    return g.replace(params=_declare(g, K0=(1, 1)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(ParamRef("K0", (1, 1)), k[1]))))
+
+
+@case("_task_embed", r"table has shape \(2, 5\), expected \(tasks, 6\)", alone=False)
+def task_embedding_of_another_width():
+    g = _ept()
+    table = ParamRef("task_embedding", (2, 5))
+    return g.replace(params=_declare(g, task_embedding=(2, 5)),
+                     nodes=_nodes(g, x_task=replace(g.node("x_task"), table=table),
+                                  aux0=replace(g.node("aux0"), table=table)))
+
+
+@case("_task_scale", r"no per-task factors")
+def task_scale_without_factors():
+    g = _ept()
+    return g.replace(nodes=_nodes(g, per_task=replace(g.node("per_task"), factors=())))
+
+
+@case("_task_contrastive", r"table has shape \(2, 5\), expected \(tasks, 6\)")
+def contrastive_table_of_another_width():
+    g = _ept()
+    return g.replace(params=_declare(g, other=(2, 5)),
+                     nodes=_nodes(g, aux0=replace(g.node("aux0"), table=ParamRef("other", (2, 5)))))
+
+
+@case("_task_contrastive", r"temperature 0 is not positive")
+def contrastive_without_temperature():
+    g = _ept()
+    return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), temperature=0)))
+
+
+@case("_task_contrastive", r"a contrastive loss must be listed among the graph's aux losses")
+def contrastive_not_an_aux_output():
+    g = _ept()
+    return g.replace(aux=())
+
+
+# ---- DoRA experts ------------------------------------------------------------------------------
+
+def _dora_pool() -> Graph:
+    """x -> logits -> route -> mix: pool_magnitude with A (3, 2, 5), B (3, 7, 2), magnitude (3, 7), W (7, 5)."""
+    return _build(ExpertPool(experts=3, rank=2, magnitude=True, router=TopKRouter(k=2)))
+
+
+@case("_pool_magnitude", r"W 'W' must be a frozen input \(declared in graph.frozen\)")
+def dora_pool_weight_not_frozen():
+    g = _dora_pool()
+    return g.replace(frozen=(), params=g.params + g.frozen)
+
+
+@case("_pool_magnitude", r"reads width 5, W \(7, 4\) needs 4", alone=False)
+def dora_pool_weight_of_another_width():
+    g = _dora_pool()
+    w = ParamRef("W", (7, 4))
+    return g.replace(frozen=(replace(g.frozen[0], shape=(7, 4)),),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), weight=w)))
+
+
+@case("_pool_magnitude", r"A \(3, 2, 5\), B \(3, 7, 2\) and magnitude \(2, 7\) do not fit 3 experts on W \(7, 5\)")
+def dora_pool_magnitude_of_fewer_experts():
+    g = _dora_pool()
+    return g.replace(params=_declare(g, magnitude=(2, 7)),
+                     nodes=_nodes(g, mix=replace(g.node("mix"), magnitude=ParamRef("magnitude", (2, 7)))))

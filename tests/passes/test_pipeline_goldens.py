@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moleforge.compiler.build import SiteShape, build_graph
+from models import shape_for
+from moleforge.compiler.build import build_graph
 from moleforge.ir import print_graph
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import presets
@@ -23,7 +24,7 @@ ROUTER_PARAMS = ("keys", "query", "down_")
 
 
 def pipeline_text(preset: str) -> str:
-    graph = build_graph(presets.load(preset).sites[0].adapter, SiteShape("site", 16, 24))
+    graph = build_graph(presets.load(preset).sites[0].adapter, shape_for(preset, 16, 24))
     trace: list = []
     run_pipeline(graph, DEFAULT_PIPELINE, trace)
     out, prev = ["# plain", print_graph(graph)], graph
@@ -46,12 +47,16 @@ def test_pipeline_keeps_every_preset_exact(preset):
 
     from moleforge.passes import run_pipeline as run
 
-    graph = build_graph(presets.load(preset).sites[0].adapter, SiteShape("site", 12, 10))
-    x = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    adapter = presets.load(preset).sites[0].adapter
+    graph = build_graph(adapter, shape_for(preset, 12, 10))
+    x = torch.randn(6, graph.d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     params = make_params(graph, 5)
     for name in params:
         if name.startswith(ROUTER_PARAMS):  # keep the tree router's softmax away from saturation (clear top-k)
             params[name] = params[name] * 0.2
+    tau = getattr(getattr(adapter, "router", None), "temperature", 1.0)
+    if "router_w" in params and tau < 1:  # EPT's τ = 0.05: logits as far from saturation as at τ = 1
+        params["router_w"] = params["router_w"] * tau
     check_pass(lambda g: run(g, DEFAULT_PIPELINE), graph, 5, x, params)
 
 

@@ -102,7 +102,8 @@ def _has_float(annotation) -> bool:
 
 FLOAT_FIELDS = [(cls, name) for cls in _spec_models() for name, info in cls.model_fields.items()
                 if _has_float(info.annotation)]
-"""Every float field of every spec object (``float``, ``float | None``, ``tuple[float, float]``)."""
+"""Every float field of every spec object (``float``, ``float | None``, ``tuple[float, float]``,
+``list[float] | None``)."""
 
 VALID = {mf.LayerOverride: {"layers": [0], "experts": 2}, mf.Target: {"roles": ["q"]},
          mf.Site: {"target": {"roles": ["q"]}}, mf.AdapterSpec: {"sites": [{"target": {"roles": ["q"]}}]},
@@ -120,11 +121,11 @@ def test_the_float_fields_found_are_every_float_field():
 @pytest.mark.parametrize("cls, name", FLOAT_FIELDS, ids=[f"{c.__name__}.{n}" for c, n in FLOAT_FIELDS])
 def test_every_float_field_refuses_infinity_and_nan(cls, name, value):
     data = dict(VALID.get(cls, {}))
-    pair = any(typing.get_origin(a) is tuple for a in typing.get_args(cls.model_fields[name].annotation))
-    data[name] = (0.0, value) if pair else value
+    kinds = {typing.get_origin(a) for a in typing.get_args(cls.model_fields[name].annotation)}
+    data[name] = (0.0, value) if tuple in kinds else [value] if list in kinds else value
     with pytest.raises(SpecError) as info:
         cls.model_validate(data)
-    assert [p for p, _ in info.value.problems] in ([name], [f"{name}[1]"]), info.value.problems
+    assert [p for p, _ in info.value.problems] in ([name], [f"{name}[1]"], [f"{name}[0]"]), info.value.problems
     assert "finite number" in str(info.value) and name in str(info.value)
 
 

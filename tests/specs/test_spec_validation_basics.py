@@ -48,7 +48,7 @@ BAD = [
                  "adapter": {"kind": "pool", "experts": 2, "ranks": [1, 2]}}]}, r"sites\[0\]",
      "changes experts or rank of a pool with one rank per expert"),
     ({"sites": [{"target": {"roles": ["up"]}, "scope": "ffn_block", "adapter": {"kind": "pool", "dropout": 0.1}}]},
-     r"sites\[0\]", "dropout and ranks \\(one per expert\\) are defined for scope 'linear' pools"),
+     r"sites\[0\]", "dropout, ranks \\(one per expert\\) and magnitude are defined for scope 'linear' pools"),
 ]
 
 

@@ -27,6 +27,9 @@ STYLE.add(("#C7E9C0", "experts"), nodes.PoolMix, nodes.GroupedMix, nodes.BlockGa
 STYLE.add(("#FCBBA1", "aux loss"), nodes.AuxLoss, nodes.ZLoss)
 STYLE.add(("#FDD0A2", "router"), nodes.Dropout, nodes.CapacityLimit)
 STYLE.add(("#C7E9C0", "experts"), nodes.RaggedMix, nodes.Magnitude)
+STYLE.add(("#C7E9C0", "experts"), nodes.KroneckerMix, nodes.TaskScale, nodes.PoolMagnitude)
+STYLE.add(("#FDD0A2", "router"), nodes.TaskEmbed)
+STYLE.add(("#FCBBA1", "aux loss"), nodes.TaskContrastive)
 
 
 def _label(graph: Graph, node) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..errors import InjectionError
 from ..integrations.block_module import frozen_names
 from ..integrations.ffn_trace import BlockLinear
 from ..integrations.inject import FROZEN_WEIGHT
@@ -30,11 +31,13 @@ from ..ir import (
     Graph,
     Input,
     Jitter,
+    KroneckerMix,
     LayerScalings,
     Linear,
     Magnitude,
     ParamDecl,
     ParamRef,
+    PoolMagnitude,
     PoolMix,
     RaggedMix,
     Route,
@@ -42,6 +45,9 @@ from ..ir import (
     SigmoidTopK,
     SoftmaxTopK,
     StaticGate,
+    TaskContrastive,
+    TaskEmbed,
+    TaskScale,
     TaskScores,
     TopPTsallis,
     TreeGateLevel,
@@ -57,6 +63,7 @@ from ..specs import (
     DenseTrainTopKRouter,
     ExpertPool,
     ImplicitTopKRouter,
+    KroneckerPool,
     LoRA,
     RankPartition,
     RankTasks,
@@ -67,6 +74,7 @@ from ..specs import (
     SigmoidTopKRouter,
     SparseRandom,
     StaticRouter,
+    TaskContrastiveLoss,
     TaskEmbeddingRouter,
     TaskRouter,
     TopKRouter,
@@ -116,6 +124,8 @@ def build_graph(adapter, shape: SiteShape, origin: str = "adapter") -> Graph:
             out = _core_pool(b, adapter, origin)
         case RankTasks():
             out = _rank_tasks(b, adapter, origin)
+        case KroneckerPool():
+            out = _kronecker_pool(b, adapter, origin)
         case _:
             raise TypeError(f"no IR for adapter kind {type(adapter).__name__}")
     return b.graph(out)
@@ -176,9 +186,22 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     else:
         route = _flat_router(b, router, E, origin)
         mixed = _capacity(b, spec, route, origin)
-        out = b.add(PoolMix(id="mix", src=src, routing=mixed, a=A, b=B, scale=scale, origin=origin))
+        if spec.magnitude:
+            out = _dora_experts(b, src, mixed, A, B, scale, origin)
+        else:
+            out = b.add(PoolMix(id="mix", src=src, routing=mixed, a=A, b=B, scale=scale, origin=origin))
     _aux_losses(b, spec.aux_losses, route, origin, spec.router)
     return _with_shared(b, spec, src, out, origin)
+
+
+def _dora_experts(b: _Builder, src: str, routing: str, A: ParamRef, B: ParamRef, scale: float, origin: str) -> str:
+    """Every expert DoRA-adapted (``specs/pool_magnitude.py``): a magnitude ``(E, d_out)`` per expert over
+    the frozen weight, read in place (a frozen input of the graph)."""
+    d_in, d_out, E = b.shape.d_in, b.shape.d_out, A.shape[0]
+    b.frozen.append(ParamDecl(name=FROZEN_WEIGHT, shape=(d_out, d_in), init="frozen", trainable=False))
+    m = b.param("magnitude", (E, d_out), "zero")
+    return b.add(PoolMagnitude(id="mix", src=src, routing=routing, weight=ParamRef(FROZEN_WEIGHT, (d_out, d_in)),
+                               a=A, b=B, scale=scale, magnitude=m, origin=f"{origin}.magnitude"))
 
 
 def _capacity(b: _Builder, spec: ExpertPool, route: str, origin: str) -> str:
@@ -189,9 +212,9 @@ def _capacity(b: _Builder, spec: ExpertPool, route: str, origin: str) -> str:
                                origin=f"{origin}.capacity_factor"))
 
 
-def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router) -> None:
-    """The aux-loss nodes: ``z_loss`` reads the router logits, the others the routing."""
-    for i, aux in enumerate(losses):
+def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router, first: int = 0) -> None:
+    """The aux-loss nodes (``aux{first}``, ...): ``z_loss`` reads the router logits, the others the routing."""
+    for i, aux in enumerate(losses, first):
         where = f"{origin}.aux_losses[{i}]"
         if isinstance(aux, RouterZLoss):
             b.aux.append(b.add(ZLoss(id=f"aux{i}", src="logits", weight=aux.weight, origin=where)))
@@ -267,6 +290,51 @@ def _rank_tasks(b: _Builder, spec: RankTasks, origin: str) -> str:
     g = b.add(BlockGate(id="gated", src=h, routing=route, rank=1, scale=lora_scale(spec.alpha, r, "alpha_over_rank"),
                         origin=origin))
     return b.add(Linear(id="mix", src=g, weight=B, origin=f"{origin}.up"))
+
+
+def _kronecker_pool(b: _Builder, spec: KroneckerPool, origin: str) -> str:
+    """EPT: the shared meta-seed ``meta_B (d_out/s_min, R)``, ``meta_A (R, d_in/s_min)``, one kernel
+    ``K{i} (s_i, s_i)`` per expert; a router on the token (plus its task's embedding); the mixture
+    of Kronecker experts, times the task's frequency compensation; the aux losses."""
+    d_in, d_out, R = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
+    _check_kernels(b.shape, spec.kernels, origin)
+    s0 = min(spec.kernels)
+    A = b.param("meta_A", (R, d_in // s0), "gaussian", fan_in=d_in // s0)
+    B = b.param("meta_B", (d_out // s0, R), "gaussian", fan_in=R)
+    kernels = tuple(b.param(f"K{i}", (s, s), "up") for i, s in enumerate(spec.kernels))
+    src, table = "x", None
+    if spec.tasks is not None:
+        table = b.param("task_embedding", (spec.tasks, d_in), "gaussian", fan_in=d_in)
+        src = b.add(TaskEmbed(id="x_task", src="x", table=table, origin=f"{origin}.tasks"))
+    route = _flat_router(b, spec.router, spec.experts, origin, src=src)
+    out = b.add(KroneckerMix(id="mix", src="x", routing=route, a=A, b=B, kernels=kernels, d_out=d_out,
+                             scale=lora_scale(spec.alpha, R, spec.scaling), origin=origin))
+    if spec.task_frequencies is not None:
+        out = b.add(TaskScale(id="per_task", src=out, factors=tuple(spec.task_frequencies),
+                              origin=f"{origin}.task_frequencies"))
+    for i, aux in enumerate(spec.aux_losses):
+        if not isinstance(aux, TaskContrastiveLoss):
+            _aux_losses(b, [aux], route, origin, spec.router, first=i)
+        elif table is not None:
+            b.aux.append(b.add(TaskContrastive(id=f"aux{i}", src="x", table=table, weight=aux.weight,
+                                               temperature=aux.temperature, origin=f"{origin}.aux_losses[{i}]")))
+    return out
+
+
+def _check_kernels(shape: SiteShape, kernels: Sequence[int], origin: str) -> None:
+    """Every kernel divides both widths of the adapted linear.
+
+    Raises:
+        InjectionError: naming the module, the width and the kernel.
+    """
+    for i, s in enumerate(kernels):
+        for what, width in (("input", shape.d_in), ("output", shape.d_out)):
+            if width % s:
+                raise InjectionError(
+                    f"module {shape.label!r}: its {what} width {width} is not a multiple of kernel {s} "
+                    f"({origin}.kernels[{i}]); Kronecker experts need every kernel to divide both widths "
+                    f"({shape.d_in}, {shape.d_out}): use kernels that divide them, or leave this module out of "
+                    "the site's target")
 
 
 def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:
@@ -363,7 +431,8 @@ def _tree(b: _Builder, spec: ResidualTree, origin: str) -> str:
             b_bias=b.param(f"B{l}_bias", (s, dn), "bias") if bias else None,
             w=b.param(f"W{l}", (dn, dp), "kaiming", fan_in=dp) if l > 0 else None,
             w_bias=b.param(f"W{l}_bias", (dn,), "bias") if (l > 0 and bias) else None))
-    hroot = b.add(TreeMix(id="tree", src="x", routing=route, levels=tuple(level_params),
+    src = _dropped(b, spec.dropout, "drop", origin)
+    hroot = b.add(TreeMix(id="tree", src=src, routing=route, levels=tuple(level_params),
                           activation=spec.activation, position=spec.activation_position,
                           origin=f"{origin}.levels"))
     Wp = b.param("proj_w", (d_out, widths[-1]), proj_init, fan_in=widths[-1])

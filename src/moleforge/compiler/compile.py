@@ -20,7 +20,7 @@ from ..integrations.handle import AdapterHandle
 from ..integrations.inject import AdaptedLinear, AuxCollector, swap_modules
 from ..integrations.sites import ResolvedSite
 from ..integrations.xlora import XLoRAHandle, xlora_router
-from ..ir import AuxLoss, Graph, SiblingLinear, TaskScores
+from ..ir import AuxLoss, Graph, SiblingLinear, TaskContrastive, TaskEmbed, TaskScale, TaskScores
 from ..passes import Pass
 from ..report.explain import IRView, explain_plan
 from ..report.structure import structural_flexibility
@@ -135,7 +135,7 @@ def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: 
     base = model.get_submodule(block.traced.full_name("down") if block is not None else site.name)
     what = f"the routed FFN block {site.name!r}" if block is not None else f"the adapter for module {site.name!r}"
     uses_samples = any((isinstance(n, AuxLoss) and n.kind in ("localized_balance", "task_routing"))
-                       or isinstance(n, TaskScores) for n in graph.nodes)
+                       or isinstance(n, (TaskScores, TaskEmbed, TaskScale, TaskContrastive)) for n in graph.nodes)
     dtype = _adapter_dtype(base.weight)
     try:
         store = ParamStore(graph.params, up=init.up, std=init.std, generator=gen, dtype=dtype)

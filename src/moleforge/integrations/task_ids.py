@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import InputError
-from ..ir import AuxLoss, Graph, TaskScores
+from ..ir import AuxLoss, Graph, TaskContrastive, TaskEmbed, TaskScale, TaskScores
 from .inject import AuxCollector
 
 __all__ = ["TaskIds", "reads_task_ids", "task_id_hooks"]
@@ -19,8 +19,10 @@ _NOT_SET = object()
 
 
 def reads_task_ids(graphs: Mapping[str, Graph]) -> bool:
-    """Whether a site routes by task or takes a supervised routing loss."""
-    return any(isinstance(n, TaskScores) or (isinstance(n, AuxLoss) and n.kind == "task_routing")
+    """Whether a site routes by task, reads task embeddings or factors (EPT) or takes a supervised
+    routing loss."""
+    return any(isinstance(n, (TaskScores, TaskEmbed, TaskScale, TaskContrastive))
+               or (isinstance(n, AuxLoss) and n.kind == "task_routing")
                for g in graphs.values() for n in g.nodes)
 
 

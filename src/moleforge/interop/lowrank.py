@@ -262,3 +262,28 @@ def _ragged_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _M
     d = torch.repeat_interleave(g * torch.tensor(n.scales, dtype=F64), torch.tensor(n.ranks))  # (Σ r_i,)
     return _compact(_Map(m.s, _through(m, eval_expr(n.a, params)), eval_expr(n.b, params).to(F64) * d[None, :]))
 REDUCE.add(_not_reducible, nodes.Magnitude)  # DoRA rescales the frozen rows: not a low-rank update
+
+
+# ---- EPT (kronecker_nodes) -------------------------------------------------------------------
+
+REDUCE.add(_not_reducible, nodes.TaskContrastive)
+REDUCE.add(_not_reducible, nodes.PoolMagnitude)  # DoRA rescales the frozen rows: not a low-rank update
+
+
+@REDUCE.register(nodes.TaskEmbed, nodes.TaskScale)
+def _by_task(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
+    raise _refuse(graph, n, "reads each sample's task id, so the update is not one fixed map", True)
+
+
+@REDUCE.register(nodes.KroneckerMix)
+def _kronecker_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Map:
+    """``(B_i A_i) ⊗ K_i = (B_i ⊗ K_i)(A_i ⊗ I_s)``: expert i is a LoRA of rank ``R·s_i`` with
+    ``a_i = A_i ⊗ I``, ``b_i = g_i · scale · (B_i ⊗ K_i)``; the experts side by side."""
+    m, g = env[n.src], env[n.routing].g.to(F64)
+    A, B, d_in = params[n.a.name].to(F64), params[n.b.name].to(F64), graph.width(n.src)
+    a_parts, b_parts = [], []
+    for i, ref in enumerate(n.kernels):
+        K, s = params[ref.name].to(F64), ref.shape[0]
+        a_parts.append(torch.kron(A[:, :d_in // s], torch.eye(s, dtype=F64)))  # (R·s, d_in)
+        b_parts.append(g[i] * n.scale * torch.kron(B[:n.d_out // s], K))  # (d_out, R·s)
+    return _compact(_Map(m.s, _through(m, torch.cat(a_parts, 0)), torch.cat(b_parts, 1)))

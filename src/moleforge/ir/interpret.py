@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from . import interpret_basics, interpret_xlora, nodes
+from . import interpret_basics, interpret_dora, interpret_kronecker, interpret_xlora, nodes
 from .graph import Graph
 from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
@@ -443,3 +443,11 @@ RUN.add(interpret_basics.run_magnitude, nodes.Magnitude)
 
 RUN.add(lambda n, r: interpret_xlora.run_layer_scalings(n, r.env[n.src], r.scalings), nodes.LayerScalings)
 GATES.add(interpret_xlora.xlora_gate, nodes.XLoRAScale)
+
+# ---- EPT: Kronecker experts, task embeddings, frequency compensation, contrastive loss ---------
+
+RUN.add(interpret_kronecker.run_kronecker_mix, nodes.KroneckerMix)
+RUN.add(interpret_kronecker.run_task_embed, nodes.TaskEmbed)
+RUN.add(interpret_kronecker.run_task_scale, nodes.TaskScale)
+RUN.add(interpret_kronecker.run_task_contrastive, nodes.TaskContrastive)
+RUN.add(interpret_dora.run_pool_magnitude, nodes.PoolMagnitude)  # DoRA experts

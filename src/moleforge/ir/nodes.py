@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Union, get_args
 from .basics_nodes import CapacityLimit, Dropout, Magnitude, RaggedMix, ZLoss
 from .block_nodes import BlockActivation, ExpertFFN, ExpertHidden, ExpertLinear, ExpertLoRA, ExpertSum
 from .core_nodes import CoreExperts, CoreMerge
+from .dora_nodes import PoolMagnitude
 from .gates import (
     GATE_KINDS,
     AbsTopK,
@@ -36,6 +37,7 @@ from .gates import (
     XLoRAScale,
 )
 from .kinds import NodeKind, RouterNode, operand
+from .kronecker_nodes import KroneckerMix, TaskContrastive, TaskEmbed, TaskScale
 from .params import ParamExpr, ParamRef, expr_shape
 from .task_nodes import TaskScores
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
@@ -53,6 +55,7 @@ __all__ = [
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
     "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude", "XLoRAScale", "LayerScalings",
+    "KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive", "PoolMagnitude",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -402,7 +405,8 @@ class AuxLoss(NodeKind):
 Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, BlockGate, OuterGate,
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
              ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores, Dropout, CapacityLimit, ZLoss,
-             RaggedMix, Magnitude, LayerScalings]
+             RaggedMix, Magnitude, LayerScalings, KroneckerMix, TaskEmbed, TaskScale, TaskContrastive,
+             PoolMagnitude]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

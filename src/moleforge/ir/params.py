@@ -64,9 +64,10 @@ class ParamDecl:
 
     name: str
     shape: tuple[int, ...]
-    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen", "mean"]
+    init: Literal["kaiming", "zero", "up", "bias", "sparse_random", "keys", "one", "frozen", "mean", "gaussian"]
     """``frozen``: a frozen input (``Graph.frozen``), bound to the model's own tensor, never initialised;
-    ``one``: ones; ``mean``: ``1 / n`` of the last dimension's n (weights that average)."""
+    ``one``: ones; ``mean``: ``1 / n`` of the last dimension's n (weights that average); ``gaussian``:
+    N(0, 1/fan_in) (EPT's meta-seed and task embeddings)."""
     trainable: bool = True
     buffer: bool = False
     fan_in: int = 0

@@ -185,3 +185,16 @@ def _ragged(n, t) -> str:
             f"ranks={list(n.ranks)} scales=[{scales}] -> {t.width}")
 LINE.add(lambda n, t: (f"magnitude %{n.src} %{n.lora} W={n.weight.name} A={n.a.name} B={n.b.name} "
                        f"scale={n.scale:g} m={n.magnitude.name} -> {t.width}"), nodes.Magnitude)
+
+
+# ---- EPT: Kronecker experts, task embeddings, frequency compensation, contrastive loss ---------
+
+LINE.add(lambda n, t: (f"kronecker_mix %{n.src} by %{n.routing} A={n.a.name} B={n.b.name} "
+                       f"K=[{','.join(k.name for k in n.kernels)}] s={list(n.sizes())} scale={n.scale:g} "
+                       f"-> {t.width}"), nodes.KroneckerMix)
+LINE.add(lambda n, t: f"task_embed %{n.src} + {n.table.name}[task]", nodes.TaskEmbed)
+LINE.add(lambda n, t: f"task_scale %{n.src} by [{','.join(f'{c:g}' for c in n.factors)}][task]", nodes.TaskScale)
+LINE.add(lambda n, t: (f"task_contrastive %{n.src} vs {n.table.name} weight={n.weight:g} "
+                       f"temperature={n.temperature:g}"), nodes.TaskContrastive)
+LINE.add(lambda n, t: (f"pool_magnitude %{n.src} by %{n.routing} W={n.weight.name} A={n.a.name} B={n.b.name} "
+                       f"scale={n.scale:g} m={n.magnitude.name} -> {t.width}"), nodes.PoolMagnitude)

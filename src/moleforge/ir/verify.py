@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import IRVerificationError
-from . import nodes
+from . import nodes, verify_basics, verify_dora, verify_kronecker
 from .graph import Graph
 from .nodes import ExpertHidden, ExpertLinear, Input
 from .params import ParamExpr, ParamRef, expr_refs, expr_shape
@@ -435,7 +435,7 @@ def _outputs(g: Graph) -> list[str]:
     elif g.width(g.output) != g.d_out:
         out.append(f"output width {g.width(g.output)} != d_out {g.d_out}")
     for a in g.aux:
-        if not isinstance(g.by_id.get(a), (nodes.AuxLoss, nodes.ZLoss)):
+        if not isinstance(g.by_id.get(a), (nodes.AuxLoss, nodes.ZLoss, nodes.TaskContrastive)):
             out.append(f"aux %{a} is not an aux loss")
     dead = [n.id for n in g.nodes if n.id not in g.live_ids()]
     if dead:
@@ -443,63 +443,6 @@ def _outputs(g: Graph) -> list[str]:
     return out
 
 
-# ---- input dropout, capacity, z-loss, ragged pools (basics_nodes) -------------------------
-
-@RULES.register(nodes.Dropout)
-def _dropout(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "source")
-    if not 0.0 <= n.p < 1.0:
-        p.append(f"dropout probability {n.p} outside [0, 1)")
-    return p
-
-
-@RULES.register(nodes.CapacityLimit)
-def _capacity(g: Graph, n) -> list[str]:
-    p = _need_route(g, n.routing)
-    if not p and not g.routing(n.routing).sparse:
-        p.append(f"capacity needs a top-k routing; %{n.routing} sends every token to every expert")
-    if n.factor <= 0:
-        p.append(f"capacity factor {n.factor} is not positive")
-    return p
-
-
-@RULES.register(nodes.ZLoss)
-def _z_loss(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "router logits")
-    if n.id not in g.aux:
-        p.append("a z-loss must be listed among the graph's aux losses")
-    return p
-
-
-@RULES.register(nodes.RaggedMix)
-def _ragged_mix(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
-    if p:
-        return p
-    E, R = g.routing(n.routing).experts, sum(n.ranks)
-    if len(n.ranks) != E or len(n.scales) != E:
-        p.append(f"{len(n.ranks)} ranks and {len(n.scales)} scales for a router of {E} experts")
-    if n.a.shape != (R, g.width(n.src)):
-        p.append(f"A has shape {n.a.shape}, expected (sum of ranks {R}, source width {g.width(n.src)})")
-    if len(n.b.shape) != 2 or n.b.shape[1] != R:
-        p.append(f"B has shape {n.b.shape}, expected (d_out, sum of ranks {R})")
-    if n.grouped and not g.routing(n.routing).sparse:
-        p.append("the grouped form needs a sparse (top-k) routing")
-    return p
-
-
-@RULES.register(nodes.Magnitude)
-def _magnitude(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_tensor(g, n.lora, "LoRA output")
-    p += [x for ref, what in ((n.weight, "W"), (n.a, "A"), (n.b, "B"), (n.magnitude, "magnitude"))
-          for x in _expr(g, ref, what)]
-    if p:
-        return p
-    if n.weight.name not in {d.name for d in g.frozen}:
-        p.append(f"W {n.weight.name!r} must be a frozen input (declared in graph.frozen)")
-    d_out, d_in = n.weight.shape
-    if (g.width(n.src), g.width(n.lora)) != (d_in, d_out):
-        p.append(f"reads widths ({g.width(n.src)}, {g.width(n.lora)}), W {n.weight.shape} needs ({d_in}, {d_out})")
-    if n.a.shape != (n.b.shape[1], d_in) or n.b.shape[0] != d_out or n.magnitude.shape != (d_out,):
-        p.append(f"A {n.a.shape}, B {n.b.shape} and magnitude {n.magnitude.shape} do not fit W {n.weight.shape}")
-    return p
+verify_basics.register(RULES, _need_tensor, _need_route, _expr)  # dropout, capacity, z-loss, ragged pools, DoRA
+verify_kronecker.register(RULES, _need_tensor, _need_route, _expr)  # EPT's nodes
+verify_dora.register(RULES, _need_tensor, _need_route, _expr)  # DoRA experts

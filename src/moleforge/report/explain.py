@@ -186,6 +186,7 @@ def _base_flops(final: Graph) -> str:
 def _describe(g: Graph) -> str:
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
     aux += [f"z_loss {n.weight:g}" for n in g.nodes if isinstance(n, nodes.ZLoss)]
+    aux += [f"task_contrastive {n.weight:g}" for n in g.nodes if isinstance(n, nodes.TaskContrastive)]
     tail = f"; aux {', '.join(aux)}" if aux else ""
     tree = next((n for n in g.nodes if isinstance(n, TreeMix)), None)
     if tree is not None:
@@ -194,15 +195,31 @@ def _describe(g: Graph) -> str:
                            for lv, gl in zip(tree.levels, route.levels))
         return f"residual tree [{levels}], {tree.activation}, {route.gate} gate{tail}"
     route = next((n for n in g.nodes if isinstance(n, Route)), None)
+    kron = next((n for n in g.nodes if isinstance(n, nodes.KroneckerMix)), None)
+    if kron is not None and route is not None:
+        return f"{_kronecker_text(g, kron)}, {router_text(route)}{tail}"
     if route is None:
         rank = next(n for n in g.nodes if isinstance(n, Linear)).weight.shape[0]  # type: ignore[union-attr]
         return f"LoRA of rank {rank}"
-    pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate, nodes.RaggedMix))), None)
-    rank = pool.a.shape[1] if isinstance(pool, (PoolMix, GroupedMix)) else getattr(pool, "rank", "?")
+    pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate, nodes.RaggedMix,
+                                                      nodes.PoolMagnitude))), None)
+    stacked = isinstance(pool, (PoolMix, GroupedMix, nodes.PoolMagnitude))
+    rank = pool.a.shape[1] if stacked else getattr(pool, "rank", "?")
     ranks = f"ranks {list(pool.ranks)}" if isinstance(pool, nodes.RaggedMix) else f"rank {rank}"
     shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
+    shared += " with DoRA magnitudes" if isinstance(pool, nodes.PoolMagnitude) else ""
     return (f"pool of {route.experts} experts of {ranks}{shared}, {router_text(route)}{task_text(g)}{_capacity_text(g)}"
             f"{_shared_text(g)}{tail}")
+
+
+def _kronecker_text(g: Graph, n: nodes.KroneckerMix) -> str:
+    """EPT's experts: kernels, meta-seed rank, task embeddings and factors."""
+    embed = next((m for m in g.nodes if isinstance(m, nodes.TaskEmbed)), None)
+    scale = next((m for m in g.nodes if isinstance(m, nodes.TaskScale)), None)
+    tasks = "" if embed is None else f" on the token plus its task's embedding ({embed.table.shape[0]} tasks)"
+    factors = "" if scale is None else f", per-task factors {list(scale.factors)}"
+    return (f"{len(n.kernels)} Kronecker experts (meta-seed rank {n.a.shape[0]}, kernels {list(n.sizes())})"
+            f"{tasks}{factors}")
 
 
 def _capacity_text(g: Graph) -> str:
@@ -233,6 +250,12 @@ def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> s
     if TreeMix in kinds:
         return "tree propagation with per-pool down-projections"
     for n in final.nodes:
+        if isinstance(n, nodes.PoolMagnitude):
+            return "DoRA experts: the frozen product once, every expert's LoRA as one batched product"
+        if isinstance(n, nodes.KroneckerMix):
+            tokens_of = "over its routed tokens" if final.routing(n.routing).sparse else "on every token"
+            return ("Kronecker experts by the vec trick, grouped by kernel size: Z X by the meta-seed's two GEMMs, "
+                    f"then each token's merged kernel (no d_out x d_in matrix), each group {tokens_of}")
         if isinstance(n, nodes.RaggedMix):
             return ("experts of their own ranks: one pair of GEMMs per selected expert over its tokens"
                     if n.grouped else

@@ -21,6 +21,8 @@ it names:
 - ``RaggedMix`` (experts of their own ranks): every rank, ``2·Σ r_i·(d_in + d_out)``; the
   grouped form the selected experts', bounded by the k largest ranks,
   ``2·Σ_{k largest} r_i·(d_in + d_out)`` (the count; what runs depends on the routing);
+- ``KroneckerMix`` (EPT): per kernel size, ``Z X`` and the per-token merged kernel (see its rule);
+  ``PoolMagnitude`` (DoRA experts): ``x Wᵀ`` once and every expert's LoRA;
 - FFN-block experts (``ExpertFFN`` / ``ExpertHidden`` / ``ExpertLoRA``): per active expert, its
   LoRAs and the block's frozen GEMMs not computed once outside the experts.
 
@@ -44,7 +46,7 @@ from typing import Callable
 from ..ir import ExpertLinear, Graph, Node, ParamRef, Rules, expr_shape, nodes
 
 __all__ = ["flops_per_token", "node_flops", "base_flops_per_token", "frozen_flops_per_token",
-           "adapter_flops_per_token", "FLOPS"]
+           "adapter_flops_per_token", "FLOPS", "kronecker_group_flops"]
 
 FLOPS: Rules[Callable[[Graph, Node], int]] = Rules("the FLOP counter", nodes.NODE_KINDS)
 """Node kind -> ``(graph, node) -> forward FLOPs per token``."""
@@ -202,3 +204,31 @@ def _ragged(graph: Graph, n: nodes.RaggedMix) -> int:
     ranks = sorted(n.ranks, reverse=True)[:k] if n.grouped and k is not None else n.ranks
     return 2 * sum(ranks) * (d_in + d_out)
 FLOPS.add(lambda graph, n: 2 * n.weight.shape[0] * n.weight.shape[1], nodes.Magnitude)  # x Wᵀ; the norm is per forward
+
+
+# ---- EPT (kronecker_nodes) -----------------------------------------------------------------
+
+FLOPS.add(lambda graph, n: 0, nodes.TaskEmbed, nodes.TaskScale, nodes.TaskContrastive)
+
+
+@FLOPS.register(nodes.PoolMagnitude)
+def _pool_magnitude(graph: Graph, n: nodes.PoolMagnitude) -> int:
+    """DoRA experts: ``x Wᵀ`` once and every expert's LoRA, ``2·(d_in·d_out + E·r·(d_in + d_out))``
+    (the norms are per forward, not per token)."""
+    (d_out, d_in), (E, r, _) = n.weight.shape, n.a.shape
+    return 2 * (d_in * d_out + E * r * (d_in + d_out))
+
+
+@FLOPS.register(nodes.KroneckerMix)
+def _kronecker(graph: Graph, n: nodes.KroneckerMix) -> int:
+    """Per kernel size s (its ``E_s`` experts share ``Z``): ``Z X`` by the meta-seed's two GEMMs, the
+    per-token merged kernel and its product, ``2·(R·(d_in + d_out) + E_s·s² + d_out·s)``; every size
+    under a dense router, the k costliest under a top-k one (an upper bound)."""
+    k = graph.routing(n.routing).k
+    costs = sorted(kronecker_group_flops(graph.width(n.src), n.d_out, n.a.shape[0], n.sizes()), reverse=True)
+    return sum(costs[:k] if k is not None else costs)
+
+
+def kronecker_group_flops(d_in: int, d_out: int, R: int, sizes: tuple[int, ...]) -> list[int]:
+    """FLOPs per token of each kernel size's group of Kronecker experts."""
+    return [2 * (R * (d_in + d_out) + sizes.count(s) * s * s + d_out * s) for s in dict.fromkeys(sizes)]

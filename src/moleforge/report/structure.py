@@ -41,7 +41,17 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
-from ..specs import CorePool, ExpertPool, LoRA, RankPartition, RankTasks, ResidualTree, TopPRouter, as_spec
+from ..specs import (
+    CorePool,
+    ExpertPool,
+    KroneckerPool,
+    LoRA,
+    RankPartition,
+    RankTasks,
+    ResidualTree,
+    TopPRouter,
+    as_spec,
+)
 
 __all__ = ["EXACT_DIGITS", "GammaEstimate", "format_gamma", "pool_gamma", "variable_pool_gamma", "tree_gamma",
            "tree_gamma_text",
@@ -286,6 +296,8 @@ def adapter_gamma(adapter: Any, experts: int | None = None) -> int | GammaEstima
             return pool_gamma(experts or adapter.experts, adapter.router.k)
         case CorePool():
             return pool_gamma(experts or adapter.experts, adapter.router.k)
+        case KroneckerPool():  # EPT: C(E, k) of the E Kronecker experts
+            return pool_gamma(adapter.experts, adapter.router.k)
         case RankTasks():  # training's budget: k of the R rank-1 experts
             return pool_gamma(adapter.experts, adapter.k)
         case ResidualTree():

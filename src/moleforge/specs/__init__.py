@@ -17,6 +17,7 @@ from .adapters import (
     lora_scale,
 )
 from .base import SpecModel
+from .kronecker_pool import KroneckerPool, TaskContrastiveLoss
 from .mixer import DenseTrainTopKRouter, RSLLoss
 from .presets import as_spec
 from .rank_tasks import with_one_more_task
@@ -47,5 +48,5 @@ __all__ = [
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource", "RouterZLoss",
     "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss", "DenseTrainTopKRouter", "RSLLoss",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
-    "with_one_more_task", "XLoRARouter",
+    "with_one_more_task", "XLoRARouter", "KroneckerPool", "TaskContrastiveLoss",
 ]

@@ -11,7 +11,9 @@ from pydantic import Field, PositiveInt, model_validator
 
 from .base import MAX_ALPHA, MAX_INIT_STD, MIN_TEMPERATURE, SpecModel
 from .core_pool import CorePool
+from .kronecker_pool import KroneckerPool
 from .mixer import RSLLoss
+from .pool_magnitude import check_pool_magnitude
 from .rank_tasks import RankTasks
 from .routing import (
     AuxLoss,
@@ -43,6 +45,7 @@ __all__ = [
     "TreeRouter",
     "ResidualTree",
     "CorePool",
+    "KroneckerPool",
     "RankTasks",
     "Adapter",
     "lora_scale",
@@ -199,6 +202,9 @@ class ExpertPool(SpecModel):
     of the forward's ``T`` tokens, slots taken first choices first, then in token order; a
     token over capacity passes the expert by (gate 0), counted by ``record_routing()``.
     Needs a top-k router. ``None``: no capacity."""
+    magnitude: bool = False
+    """DoRA on every expert (``specs/pool_magnitude.py``): ``Δy = Σ_i g_i [(c_i - 1) ⊙ x Wᵀ + c_i ⊙ s (x A_iᵀ) B_iᵀ]``,
+    ``c_i = (‖W‖ + m_i) / ‖W + s B_i A_i‖`` per output row; needs per-expert factors."""
     ranks: list[PositiveInt] | None = None
     """FlexMoRE: one rank per expert (``len(ranks) == experts``; ``rank`` is then not read).
     Stored concatenated, ``A (Σ r_i, d_in)``, ``B (d_out, Σ r_i)``; scale ``alpha / r_i`` per
@@ -251,6 +257,7 @@ class ExpertPool(SpecModel):
         if isinstance(self.shared_expert, LoRA) and self.shared_expert.magnitude:
             raise ValueError("shared_expert.magnitude: DoRA magnitudes are an option of a LoRA site; a shared "
                              "expert adds to routed experts, not to the frozen weight alone: remove it")
+        check_pool_magnitude(self)
         if isinstance(self.shared_expert, LoRA) and self.shared_expert.dropout > 0:
             raise ValueError(f"shared_expert.dropout = {self.shared_expert.dropout}: a shared expert reads the "
                              "pool's input; set the pool's dropout instead")
@@ -424,6 +431,9 @@ class ResidualTree(SpecModel):
     ``w_final_zero`` the final projection (every ``B_l`` Kaiming-uniform, so the tree's hidden
     state is live from the first step and the final projection learns from zero as LoRA's
     ``B`` does). ``Init(up="normal")`` draws the zero factor instead."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """PEFT's ``lora_dropout`` on the input of the experts' down-projections, in training only (the
+    router's down-projection reads the undropped input)."""
     aux_losses: list[AuxLoss] = []
     """``switch_lb`` (official with the switch gate) or ``cv2_importance_load`` (official with
     noisy_topk), summed over pools; the dense gate takes none."""
@@ -472,5 +482,5 @@ class ResidualTree(SpecModel):
         return d
 
 
-Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool, RankTasks],
+Adapter = Annotated[Union[LoRA, ExpertPool, RankPartition, ResidualTree, CorePool, RankTasks, KroneckerPool],
                     Field(discriminator="kind")]

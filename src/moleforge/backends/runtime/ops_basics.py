@@ -13,6 +13,7 @@ from torch import Tensor
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
 from .ops_decode import aux_wanted
+from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["dropout", "capacity_limit", "z_loss", "ragged_mix", "magnitude"]
 
@@ -61,11 +62,13 @@ def z_loss(z: Tensor, weight: float, mask: Tensor | None = None, training: bool 
 
 
 def ragged_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, ranks: tuple[int, ...],
-               scales: tuple[float, ...]) -> Tensor:
+               scales: tuple[float, ...], policy: KernelPolicy = TORCH_OPS) -> Tensor:
     """``Σ_i g_i s_i (x A_iᵀ) B_iᵀ`` with ``a (Σ r_i, d_in)``, ``b (d_out, Σ r_i)`` concatenated per
     expert. Dense (``index`` None): two GEMMs, the gates repeated over each expert's ranks. Top-k:
     the ``T·k`` (token, slot) pairs sorted by expert, one pair of GEMMs per expert over the rows
-    that selected it (its own rank), summed back per token."""
+    that selected it (its own rank), summed back per token; when the kernel ``policy`` chooses
+    Triton for ``x`` (``policy.grouped_kernel``), one Triton grouped op over the pairs
+    (``backends/triton/ragged.py``)."""
     if index is None:
         d = torch.repeat_interleave(gates * gates.new_tensor(scales), torch.tensor(ranks, device=x.device),
                                     dim=1)  # (T, Σ r_i)
@@ -75,6 +78,12 @@ def ragged_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Ten
     order = torch.argsort(flat, stable=True)  # (T·k,) pairs sorted by expert
     tokens = order // k  # (T·k,)
     w = gates.gather(1, index).reshape(-1)[order]  # (T·k,)
+    if policy.grouped_kernel(x.device, x.dtype) == "triton":
+        from moleforge.backends.triton.ragged import ragged_lowrank  # imports Triton
+
+        w = w * gates.new_tensor(scales)[flat[order]]  # (T·k,) gate · the expert's scale
+        offs = torch.bincount(flat, minlength=len(ranks)).cumsum(0)  # (E,) end of each expert's pairs
+        return ragged_lowrank(x, tokens, w, offs, a, b, ranks)
     counts = torch.bincount(flat, minlength=len(ranks)).tolist()
     xs = x.index_select(0, tokens)  # (T·k, d_in)
     parts, start, off = [], 0, 0

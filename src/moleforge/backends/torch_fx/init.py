@@ -18,6 +18,7 @@ def init_tensor(decl: ParamDecl, up: str, std: float, generator: torch.Generator
 
     ``kaiming``: U(-1/√fan_in, 1/√fan_in) (PyTorch's Linear default, as PEFT's lora_A);
     ``up``/``bias``: zeros, or N(0, std²) when ``up == "normal"``; ``one``: ones; ``keys``: U(-1/√g, 1/√g);
+    ``gaussian``: N(0, 1/fan_in);
     ``sparse_random``: each row keeps ``density·d_in`` random inputs with N(0, 1/R²) weights,
     R the number of rows (FlyLoRA).
     """
@@ -38,6 +39,8 @@ def init_tensor(decl: ParamDecl, up: str, std: float, generator: torch.Generator
             for i in range(R):
                 cols = torch.randperm(d, generator=generator)[:nnz]
                 rows[i, cols] = torch.randn(nnz, generator=generator, dtype=dtype) / R
+        case "gaussian":
+            t.normal_(0.0, 1.0 / math.sqrt(decl.fan_in or shape[-1]), generator=generator)
         case "zero":
             pass
         case "one":

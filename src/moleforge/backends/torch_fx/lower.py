@@ -53,7 +53,7 @@ from ..runtime.dist import WORLD
 from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
-from . import lower_basics, lower_block
+from . import lower_basics, lower_block, lower_dora, lower_kronecker
 from .lower_block import runs_as_routed_ffn
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
@@ -478,3 +478,11 @@ EMIT.add(lambda c, n: c.call(ops_xlora.site_scalings, (c.g.get_attr("xlora_scali
                                                         f"router {n.origin or n.id}"), n.id), nodes.LayerScalings)
 ROUTE.add(lambda c, n: c.call(ops_xlora.route_xlora, (c.env[n.src], n.gate.top_k, n.gate.softmax_topk,
                                                       n.gate.weight), n.id), nodes.XLoRAScale)
+
+# ---- EPT: Kronecker experts, task embeddings, frequency compensation, contrastive loss ---------
+
+EMIT.add(lower_kronecker.emit_kronecker_mix, nodes.KroneckerMix)
+EMIT.add(lower_kronecker.emit_task_embed, nodes.TaskEmbed)
+EMIT.add(lower_kronecker.emit_task_scale, nodes.TaskScale)
+EMIT.add(lower_kronecker.emit_task_contrastive, nodes.TaskContrastive)
+EMIT.add(lower_dora.emit_pool_magnitude, nodes.PoolMagnitude)  # DoRA experts

@@ -30,7 +30,7 @@ def emit_ragged(c, n: nodes.RaggedMix) -> fx.Node:
     index = routing_field(c, n.routing, Routing, "index", f"{n.routing}_index") if n.grouped else None
     gates = routing_field(c, n.routing, Routing, "gates", f"{n.routing}_gates")
     args = (c.env[n.src], gates, index, c.expr(n.a), c.expr(n.b), n.ranks, n.scales)
-    return c.call(ops_basics.ragged_mix, args, n.id)
+    return c.call(ops_basics.ragged_mix, args, n.id, c.kernels if n.grouped else None)
 
 
 def emit_magnitude(c, n: nodes.Magnitude) -> fx.Node:

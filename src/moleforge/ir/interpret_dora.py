@@ -1,0 +1,24 @@
+"""The interpreter's rule of :class:`~moleforge.ir.dora_nodes.PoolMagnitude`, in float64: each
+expert as PEFT's DoRA computes a single LoRA (``interpret_basics.run_magnitude``), mixed by the gates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dora_nodes import PoolMagnitude
+from .interpret_basics import dora_norm
+
+__all__ = ["run_pool_magnitude"]
+
+
+def run_pool_magnitude(n: PoolMagnitude, r) -> Tensor:
+    x, g = r.env[n.src], r.env[n.routing].gates  # (T, d_in), (T, E)
+    W, A, B, M = r.p[n.weight.name], r.p[n.a.name], r.p[n.b.name], r.p[n.magnitude.name]
+    base = x @ W.T  # (T, d_out)
+    out = torch.zeros_like(base)
+    for i in range(A.shape[0]):
+        c = (torch.linalg.vector_norm(W, dim=1) + M[i]) / dora_norm(W, A[i], B[i], n.scale)  # (d_out,)
+        lora = n.scale * ((x @ A[i].T) @ B[i].T)  # (T, d_out)
+        out = out + g[:, i:i + 1] * ((c - 1.0) * base + c * lora)
+    return out

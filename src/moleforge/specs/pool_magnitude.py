@@ -1,0 +1,34 @@
+"""DoRA magnitudes on the experts of a pool (``ExpertPool.magnitude``).
+
+No paper defines DoRA over a routed mixture, so this is the one definition moleforge uses: every
+expert is a DoRA-adapted linear of its own, ``W_i' = m_i ⊙ V_i / ‖V_i‖`` with ``V_i = W + s B_i A_i``
+(Liu et al. 2024, arXiv 2402.09353, per expert), and the pool mixes the experts' changes of the
+frozen output:
+
+    Δy = Σ_i g_i (x W_i'ᵀ - x Wᵀ) = Σ_i g_i [(c_i - 1) ⊙ (x Wᵀ) + c_i ⊙ s (x A_iᵀ) B_iᵀ],
+    c_i = (‖W‖ + Δm_i) / ‖W + s B_i A_i‖   (row norms over d_in, the denominator without gradient)
+
+with ``Δm_i`` the expert's trainable magnitude (starting at 0, so a fresh expert is its plain LoRA
+form and an untrained pool changes nothing). Why per expert rather than one magnitude over
+``W + Σ_i g_i ΔW_i``: the site-level norm depends on each token's gates, so it would need a
+``d_out × d_in`` norm per token; per expert it is one norm per expert per forward, and a pool with
+one expert under a gate of 1 is exactly a DoRA LoRA (PEFT's ``use_dora``)."""
+
+from __future__ import annotations
+
+__all__ = ["check_pool_magnitude"]
+
+
+def check_pool_magnitude(pool) -> None:
+    """``magnitude`` needs experts with their own A and B, of one rank, with a trainable router's gates.
+
+    Raises:
+        ValueError: naming the field that conflicts.
+    """
+    if not pool.magnitude:
+        return
+    if pool.down.kind != "per_expert" or pool.up != "per_expert":
+        raise ValueError("magnitude: DoRA magnitudes are per expert and need its own factors (down.kind = "
+                         "'per_expert', up = 'per_expert')")
+    if pool.ranks is not None:
+        raise ValueError("magnitude with ranks (one per expert) is not defined; remove one of them")
