@@ -12,7 +12,7 @@ through its first two numbers.
 CAT learns one input-independent weight per expert and module: the same mixture for every prompt.
 Each LoRA here was trained on its own task alone, so no fixed mixture continues all three
 sequences; CAT's weights are trained right (on one task's prompts alone they reach that LoRA's
-accuracy), and they now start at the mean of the experts (``start: "mean"``): from the sum, the
+accuracy), and they start at the mean of the experts (``start: "mean"``): from the sum, the
 three updates added at full strength gave a loss of 3.8 that 150 steps only brought to 2.4, where
 from the mean they reach 1.1 (exact match stays near 0 either way). The routers that see the
 prompt (X-LoRA, MeteoRA, LoRA-Mixer) can pick a LoRA per token; X-LoRA's classifier learns slowest
