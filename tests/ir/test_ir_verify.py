@@ -595,7 +595,7 @@ def _dora() -> Graph:
     return _build(LoRA(rank=2, magnitude=True))
 
 
-@case("_magnitude", "W 'W' must be a frozen input \\(declared in graph.frozen\\)")
+@case("dora_fields", "W 'W' must be a frozen input \\(declared in graph.frozen\\)")
 def dora_weight_not_frozen():
     g = _dora()
     return g.replace(frozen=(), params=g.params + g.frozen)
@@ -851,7 +851,7 @@ def _dora_pool() -> Graph:
     return _build(ExpertPool(experts=3, rank=2, magnitude=True, router=TopKRouter(k=2)))
 
 
-@case("_pool_magnitude", r"W 'W' must be a frozen input \(declared in graph.frozen\)")
+@case("dora_fields", r"W 'W' must be a frozen input \(declared in graph.frozen\)")
 def dora_pool_weight_not_frozen():
     g = _dora_pool()
     return g.replace(frozen=(), params=g.params + g.frozen)

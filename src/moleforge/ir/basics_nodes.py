@@ -104,17 +104,13 @@ class RaggedMix(NodeKind):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Magnitude(NodeKind):
-    """DoRA (Liu et al. 2024): the adapted layer is ``x W'ᵀ`` with ``W' = m ⊙ V / ‖V‖``, ``V = W +
-    s·B A`` and ``‖V‖ (d_out,)`` its row norms over ``d_in``. With ``lora = s (x Aᵀ) Bᵀ`` of ``src =
-    x`` (the dropped input in training, as PEFT) the node yields the change of the frozen layer's output,
-    ``Δy = (c - 1) ⊙ (x Wᵀ) + c ⊙ lora``, ``c = m / ‖V‖``, ``m = ‖W‖ + magnitude`` (the vector starts at
-    0, so ``m`` starts at the frozen row norms). As in PEFT, ``‖V‖`` passes no gradient.
-    ``weight`` is the frozen ``W (d_out, d_in)`` (a frozen input of the graph)."""
+class _DoRAFields(NodeKind):
+    """The fields of :class:`Magnitude` and of DoRA pool experts (``dora_nodes.PoolMagnitude``): the
+    frozen ``weight`` ``W (d_out, d_in)`` (a frozen input of the graph), the factors ``a``, ``b``, their
+    ``scale`` and the ``magnitude`` vector(s); the result has ``W``'s ``d_out`` columns."""
 
     id: str
     src: str = operand()
-    lora: str = operand()
     weight: ParamRef
     a: ParamRef
     b: ParamRef
@@ -124,3 +120,15 @@ class Magnitude(NodeKind):
 
     def result_type(self, graph: "Graph") -> ValueType:
         return TensorType(self.weight.shape[0])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Magnitude(_DoRAFields):
+    """DoRA (Liu et al. 2024): the adapted layer is ``x W'ᵀ`` with ``W' = m ⊙ V / ‖V‖``, ``V = W +
+    s·B A`` and ``‖V‖ (d_out,)`` its row norms over ``d_in``. With ``lora = s (x Aᵀ) Bᵀ`` of ``src =
+    x`` (the dropped input in training, as PEFT) the node yields the change of the frozen layer's output,
+    ``Δy = (c - 1) ⊙ (x Wᵀ) + c ⊙ lora``, ``c = m / ‖V‖``, ``m = ‖W‖ + magnitude`` (the vector starts at
+    0, so ``m`` starts at the frozen row norms). As in PEFT, ``‖V‖`` passes no gradient.
+    ``weight`` is the frozen ``W (d_out, d_in)`` (a frozen input of the graph)."""
+
+    lora: str = operand()

@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .kinds import NodeKind, operand
-from .params import ParamRef
-from .types import TensorType, ValueType
-
-if TYPE_CHECKING:
-    from .graph import Graph
+from .basics_nodes import _DoRAFields
+from .kinds import operand
 
 __all__ = ["PoolMagnitude"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PoolMagnitude(NodeKind):
+class PoolMagnitude(_DoRAFields):
     """A pool of DoRA experts: ``Δy = Σ_i g_i [(c_i - 1) ⊙ (x Wᵀ) + c_i ⊙ scale (x A_iᵀ) B_iᵀ]``,
     ``c_i = (‖W‖ + magnitude_i) / ‖W + scale B_i A_i‖`` (row norms over ``d_in``; the denominator
     passes no gradient). ``src = x`` (the dropped input in training), ``a (E, r, d_in)``, ``b (E,
     d_out, r)``, ``magnitude (E, d_out)``, ``weight`` the frozen ``W (d_out, d_in)`` (a frozen input
     of the graph): ``(T, d_in) -> (T, d_out)``."""
 
-    id: str
-    src: str = operand()
     routing: str = operand()
-    weight: ParamRef
-    a: ParamRef
-    b: ParamRef
-    scale: float
-    magnitude: ParamRef
-    origin: str = ""
-
-    def result_type(self, graph: "Graph") -> ValueType:
-        return TensorType(self.weight.shape[0])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import nodes
 from .graph import Graph
 
-__all__ = ["register"]
+__all__ = ["register", "dora_fields"]
 
 
 def _dropout(g: Graph, n, need_tensor, need_route, expr) -> list[str]:
@@ -48,14 +48,20 @@ def _ragged_mix(g: Graph, n, need_tensor, need_route, expr) -> list[str]:
     return p
 
 
+def dora_fields(g: Graph, n, expr) -> list[str]:
+    """Problems of a DoRA node's tensors (:class:`~moleforge.ir.basics_nodes._DoRAFields`): its
+    parameter expressions, and its ``W`` a frozen input of the graph."""
+    p = [x for ref, what in ((n.weight, "W"), (n.a, "A"), (n.b, "B"), (n.magnitude, "magnitude"))
+         for x in expr(g, ref, what)]
+    if not p and n.weight.name not in {d.name for d in g.frozen}:
+        p.append(f"W {n.weight.name!r} must be a frozen input (declared in graph.frozen)")
+    return p
+
+
 def _magnitude(g: Graph, n, need_tensor, need_route, expr) -> list[str]:
-    p = need_tensor(g, n.src, "source") + need_tensor(g, n.lora, "LoRA output")
-    p += [x for ref, what in ((n.weight, "W"), (n.a, "A"), (n.b, "B"), (n.magnitude, "magnitude"))
-          for x in expr(g, ref, what)]
+    p = need_tensor(g, n.src, "source") + need_tensor(g, n.lora, "LoRA output") + dora_fields(g, n, expr)
     if p:
         return p
-    if n.weight.name not in {d.name for d in g.frozen}:
-        p.append(f"W {n.weight.name!r} must be a frozen input (declared in graph.frozen)")
     d_out, d_in = n.weight.shape
     if (g.width(n.src), g.width(n.lora)) != (d_in, d_out):
         p.append(f"reads widths ({g.width(n.src)}, {g.width(n.lora)}), W {n.weight.shape} needs ({d_in}, {d_out})")

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from .dora_nodes import PoolMagnitude
 from .graph import Graph
+from .verify_basics import dora_fields
 
 __all__ = ["register"]
 
 
 def _pool_magnitude(g: Graph, n: PoolMagnitude, need_tensor, need_route, expr) -> list[str]:
-    p = need_tensor(g, n.src, "source") + need_route(g, n.routing)
-    p += [x for ref, what in ((n.weight, "W"), (n.a, "A"), (n.b, "B"), (n.magnitude, "magnitude"))
-          for x in expr(g, ref, what)]
+    p = need_tensor(g, n.src, "source") + need_route(g, n.routing) + dora_fields(g, n, expr)
     if p:
         return p
-    if n.weight.name not in {d.name for d in g.frozen}:
-        p.append(f"W {n.weight.name!r} must be a frozen input (declared in graph.frozen)")
     (d_out, d_in), E = n.weight.shape, g.routing(n.routing).experts
     if g.width(n.src) != d_in:
         p.append(f"reads width {g.width(n.src)}, W {n.weight.shape} needs {d_in}")
