@@ -1,7 +1,9 @@
 """Train three task LoRAs with PEFT on a small model, then compose them with moleforge four ways
 (X-LoRA, CAT / LoRA Soups, MeteoRA, LoRA-Mixer) and print each method's exact-match accuracy per
-task, next to each single LoRA and a multi-task LoRA of the same rank budget. Offline, about ten
-minutes on two idle CPU cores (more when they are busy).
+task, next to each single LoRA and a multi-task LoRA of the same rank budget. Offline, about two
+minutes on two CPU cores. One run printed (exact match on +2 / -2 / +4, mean): single LoRAs 1.0 on
+their own task and 0.0 on the others; the multi-task LoRA 1.0 each; LoRA-Mixer 1.0 / 0.8 / 0.8 (0.87);
+MeteoRA 0.6 / 0.7 / 0.5 (0.60); X-LoRA 0.3 / 0.3 / 0.1 (0.23); CAT 0.0 / 0.1 / 0.0 (0.03).
 
     python examples/compose_task_loras.py --out runs/compose
 
