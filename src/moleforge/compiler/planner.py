@@ -18,6 +18,7 @@ from ..backends.runtime.policy import KernelPolicy
 from ..integrations.ffn_blocks import ResolvedBlock, resolve_blocks
 from ..integrations.siblings import find_siblings
 from ..integrations.sites import ResolvedSite, resolve_sites
+from ..integrations.xlora import model_hidden_size
 from ..ir import Graph, verify
 from ..passes import DEFAULT_PIPELINE, Pass, PipelineTrace, fuse_sibling_sites, run_pipeline
 from ..specs import AdapterSpec, as_spec
@@ -71,6 +72,8 @@ class Plan:
     """Why sibling fusion found nothing to fuse or was not looked for, when that is so."""
     policy: KernelPolicy = field(default_factory=KernelPolicy.from_env)
     """Which kernels the lowered sites run (Triton, the CPU kernel or torch ops, per device)."""
+    hidden_size: int | None = None
+    """The model's hidden size (``config.hidden_size``), when it has one (X-LoRA's classifier reads it)."""
     source_tensors: dict = field(default_factory=dict, repr=False, compare=False)
     """``{"<module>.A"/"<module>.B": tensor}`` read from the PEFT LoRA folders of pools with
     ``experts_from``; ``compile`` loads them into the sites."""
@@ -138,7 +141,8 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
         planned = _fuse_siblings(planned, groups)
     return Plan(spec=spec, model_name=type(model).__name__, sites=tuple(planned), pipeline=pipeline,
                 sibling_groups=groups, sibling_note=note,
-                policy=KernelPolicy.from_env() if policy is None else policy, source_tensors=sources)
+                policy=KernelPolicy.from_env() if policy is None else policy, source_tensors=sources,
+                hidden_size=model_hidden_size(model))
 
 
 def _plain(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, size: SizeCheck | None) -> Graph:

@@ -213,10 +213,17 @@ class XLoRAHandle(AdapterHandle):
         return super().remove()
 
 
-def _hidden_size(model: nn.Module) -> int:
+def model_hidden_size(model: nn.Module) -> int | None:
+    """The width of ``model``'s hidden states from its config (``hidden_size``, ``n_embd`` or
+    ``d_model``); ``None`` without one."""
     config = getattr(model, "config", None)
     size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "d_model", None)
+    return int(size) if size else None
+
+
+def _hidden_size(model: nn.Module) -> int:
+    size = model_hidden_size(model)
     if not size:
         raise InputError(f"X-LoRA's classifier reads the model's hidden states; {type(model).__name__} has no "
                          "config.hidden_size")
-    return int(size)
+    return size

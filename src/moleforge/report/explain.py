@@ -44,7 +44,7 @@ from ..passes import ChoosePoolKernels, Pass, group_pools, pool_cost
 from .explain_blocks import block_fields
 from .explain_sources import sources_lines, task_text
 from .explain_text import SiteRow, block_node, field, gamma_text, parameters_text, router_text, where
-from .explain_xlora import xlora_lines
+from .explain_xlora import classifier_parameters, xlora_lines
 from .flops import base_flops_per_token, flops_per_token
 
 if TYPE_CHECKING:
@@ -66,7 +66,10 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
     groups: dict[tuple[str, str], list[SiteRow]] = {}
     for s in sites:
         groups.setdefault((_shape_text(s.plain), _shape_text(s.final)), []).append(s)
+    xlora_sites = sum(isinstance(n, Route) and isinstance(n.gate, XLoRAScale)
+                      for s in plan.sites for n in s.plain.nodes)
     trainable = sum(math.prod(p.shape) for s in sites for p in s.final.params if p.trainable)
+    trainable += classifier_parameters(plan.spec, plan.hidden_size, xlora_sites)
     head = [f"moleforge explain: {plan.spec.name or 'adapter'!r} on {plan.model_name}",
             f"  {_count_sites(sites)} in {len(groups)} groups of identical sites; {trainable:,} trainable parameters",
             f"  passes: {_pass_names(plan.pipeline)}"]
@@ -74,8 +77,7 @@ def explain_plan(plan: Plan, ir: IRView = "diff") -> str:
         head.append(f"  sibling fusion: {plan.sibling_note}")
     head += [f"  kernels: {line}" for line in plan.policy.describe(_kernel_families(sites))]
     head += sources_lines(plan.spec)
-    head += xlora_lines(plan.spec, sum(isinstance(n, Route) and isinstance(n.gate, XLoRAScale)
-                                       for s in plan.sites for n in s.plain.nodes))
+    head += xlora_lines(plan.spec, xlora_sites, plan.hidden_size)
     texts, shown = [], {}
     for members in groups.values():
         structure = _structure(members[0])
