@@ -94,7 +94,7 @@ def test_explain_names_the_classifier(paths):
     assert "X-LoRA classifier (trainable, beside the sites' parameters): depth 2, size 16" in text
     assert "one set per the 6 X-LoRA sites" in text
     model = tiny("llama")
-    handle = mf.compile(xlora_spec(paths, depth=2, size=16, layerwise=True), model)
+    mf.compile(xlora_spec(paths, depth=2, size=16, layerwise=True), model)
     count = sum(p.numel() for p in model.xlora_classifier.parameters())
     assert f"depth 2, size 16, {count:,} parameters," in text
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the classifier: experts frozen
