@@ -20,6 +20,7 @@ from moleforge.specs import (
     KroneckerPool,
     LocalizedBalance,
     LoRA,
+    LoRASource,
     PerExpert,
     RankPartition,
     RankTasks,
@@ -171,6 +172,24 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
                       capacity_factor=draw(capacities()) if takes_capacity(router) else None, **common)
 
 
+@st.composite
+def mixed_pools(draw, kinds: tuple[str, ...] = LINEAR_ROUTERS):
+    """Pools of experts read from PEFT LoRA folders (named, never read: the graph is built from the
+    spec alone) whose ``trainable`` flags differ, in any interleaving: their factors are runs of
+    trainable parameters and frozen buffers (``compiler/build_mixed.py``)."""
+    E = draw(st.integers(2, 5))
+    flags = draw(st.lists(st.booleans(), min_size=E, max_size=E))
+    if len(set(flags)) == 1:
+        i = draw(st.integers(0, E - 1))
+        flags[i] = not flags[i]
+    router = draw(routers(E, kinds))
+    return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
+                      scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=draw(aux_losses(router)),
+                      dropout=draw(st.sampled_from(DROPOUTS)),
+                      capacity_factor=draw(capacities()) if takes_capacity(router) else None,
+                      experts_from=[LoRASource(path=f"expert{i}", trainable=f) for i, f in enumerate(flags)])
+
+
 def takes_capacity(router) -> bool:
     """Whether a pool with ``router`` may set ``capacity_factor``: a fixed number of experts per token."""
     return router.k is not None and router.kind not in ("top_p", "dense_train_topk")
@@ -276,7 +295,7 @@ def kronecker_pools(draw, tasks: bool = False):
 
 def adapters():
     return st.one_of(loras(), pools(), rank_partitions(), trees(dropouts=DROPOUTS), core_pools(), rank_tasks(),
-                     kronecker_pools())
+                     kronecker_pools(), mixed_pools())
 
 
 def training_adapters():

@@ -82,6 +82,8 @@ from ..specs import (
     XLoRARouter,
     lora_scale,
 )
+from ..specs.sources import expert_runs
+from .build_mixed import mixed_factors
 
 __all__ = ["SiteShape", "build_graph", "build_block_graph"]
 
@@ -169,11 +171,15 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     src = _dropped(b, spec.dropout, "drop", origin)
     if spec.ranks is not None:
         return _ragged_pool(b, spec, src, origin)
-    if isinstance(spec.down, SparseRandom):
+    runs = expert_runs(spec)
+    if runs:  # experts that train beside frozen ones: runs of parameters and buffers (build_mixed.py)
+        A, B = mixed_factors(b, runs, r, d_in, d_out)
+    elif isinstance(spec.down, SparseRandom):
         A = b.param("A", (E, r, d_in), "sparse_random", trainable=False, buffer=True, density=spec.down.density)
     else:
         A = b.param("A", (Ea, r, d_in), "kaiming", fan_in=d_in, trainable=learn, buffer=not learn)
-    B = b.param("B", (Eb, d_out, r), "up", trainable=learn, buffer=not learn)
+    if not runs:
+        B = b.param("B", (Eb, d_out, r), "up", trainable=learn, buffer=not learn)
     if isinstance(router, ImplicitTopKRouter):
         # FlyLoRA: the down-projection output is the router input: no router GEMM.
         bal = b.param("balance", (E,), "zero", trainable=False, buffer=True)
