@@ -2,7 +2,8 @@
 Llama: the folders' logits; under AdamW with weight decay the frozen experts stay bit-identical
 (they are buffers: no optimizer holds them) and the trainable ones change; save/load keeps every
 expert; explain names each expert's folder, whether it trains and which tensors hold it; a static
-pool exports merged; bad combinations name the field."""
+pool exports merged and an X-LoRA pool to PEFT; LoRA-Mixer's ``preserve`` loss measures the trainable
+experts' drift from their folders; bad combinations name the field."""
 
 from __future__ import annotations
 
@@ -112,6 +113,43 @@ def test_a_static_mixed_pool_exports_merged(folders, tmp_path):
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert_close(logits(merged), logits(model), "float32_model")
+
+
+def test_a_mixed_xlora_pool_exports_to_peft(folders, tmp_path):
+    from peft import PeftModel
+    model = tiny("llama")
+    handle = mf.compile(_spec(folders, router={"kind": "xlora", "depth": 2, "size": 16}), model)
+    with torch.no_grad():
+        for p in handle.classifier.parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    _train(model, handle, steps=1)  # the trainable experts move away from their folders
+    want = logits(model)
+    out = mf.export_peft(handle, tmp_path / "out")
+    base = tiny("llama")
+    base.config.use_cache = False  # PEFT's X-LoRA refuses a model that caches
+    loaded = PeftModel.from_pretrained(base, str(out), adapters={str(i): str(out / str(i)) for i in range(4)})
+    assert_close(logits(loaded), want, "float32_model")
+
+
+def test_preserve_anchors_the_trainable_experts_at_their_folders(folders, tmp_path):
+    model = tiny("llama")
+    handle = mf.compile(_spec(folders, router={"kind": "dense"}, aux_losses=[{"kind": "preserve", "weight": 0.5}]),
+                        model)
+    state = handle.state_dict()
+    starts = {k: v for k, v in state.items() if k.endswith("_start")}
+    assert {k.rsplit(".", 1)[1] for k in starts} == {f"{n}_start" for n in TRAINED}
+    assert all(torch.equal(v, state[k[:-len("_start")]]) for k, v in starts.items())
+    model.train()(batch(), labels=batch())
+    assert float(handle.aux_loss()) == 0.0, "no drift yet"
+    _train(model, handle, steps=2)
+    model.train()(batch(), labels=batch())
+    state = handle.state_dict()
+    want = sum(0.5 * (state[k[:-len("_start")]].double() - v.double()).square().sum() for k, v in starts.items())
+    assert want > 0
+    assert_close(handle.aux_loss().double(), want, "float32_model")
+    mf.save(handle, tmp_path / "saved")
+    loaded = mf.load(tiny("llama"), tmp_path / "saved")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in starts.items())
 
 
 @pytest.mark.parametrize("change, message", [

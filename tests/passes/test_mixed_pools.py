@@ -1,9 +1,12 @@
 """Pools whose experts train or stay frozen one by one (``experts_from`` folders with different
 ``trainable`` flags): the factors are runs of parameters and buffers read as one concatenation.
 The plain graph lowers to the interpreter's outputs and gradients, every pool pass and the whole
-pipeline keep them, and only the trainable runs are parameters of the lowered module."""
+pipeline keep them, and only the trainable runs are parameters of the lowered module. LoRA-Mixer's
+``preserve`` loss on the trainable runs, by hand."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,10 +14,12 @@ from hypothesis import given
 from pass_properties import check_pass, lowered
 from pass_strategies import build, cases, tokens
 
-from moleforge.ir import interpret, print_graph
+from moleforge.errors import IRVerificationError
+from moleforge.ir import interpret, print_graph, verify
 from moleforge.passes import DEFAULT_PIPELINE, choose_pool_kernels, group_pools, run_pipeline, stack_pools
-from moleforge.specs import DenseRouter, ExpertPool, LoRASource, TopKRouter
+from moleforge.specs import DenseRouter, ExpertPool, LoRASource, PreserveLoss, TopKRouter
 from strategies import graphs, make_params, mixed_pools
+from tolerances import assert_close
 
 
 def _pool(flags, router=None, **kw) -> ExpertPool:
@@ -83,3 +88,38 @@ def test_stacked_and_grouped_forms_read_the_runs():
     graph = build(_pool([False, True, False], router=TopKRouter(k=1)))
     assert "W=rows(cat0(A_0_1, A_1_2, A_2_3))" in print_graph(stack_pools(graph))
     assert "grouped_mix %x by %route A=cat0(A_0_1, A_1_2, A_2_3)" in print_graph(group_pools(graph))
+
+
+def test_preserve_is_the_squared_distance_of_the_trainable_runs():
+    """LoRA-Mixer's ``L_preserve``: ``weight · Σ ‖θ − θ⁰‖²`` over the trainable runs only, each beside a
+    buffer of its starting value."""
+    graph = build(_pool([True, False, True], aux_losses=[PreserveLoss(weight=0.3)]))
+    learned = ("A_0_1", "B_0_1", "A_2_3", "B_2_3")
+    pairs = ", ".join(f"{n}~{n}_start" for n in learned)
+    assert f"%aux0 = preserve {pairs} weight=0.3" in print_graph(graph)
+    assert all(not d.trainable and d.buffer for d in graph.params if d.name.endswith("_start"))
+    params, x = make_params(graph, 4), tokens(graph)
+    want = torch.zeros((), dtype=torch.float64)
+    for n in learned:
+        for got, start in zip(params[n].flatten(), params[f"{n}_start"].flatten()):
+            want = want + 0.3 * (got - start) ** 2
+    assert_close(interpret(graph, params, x).aux["aux0"], want)
+    anchored = {**params, **{f"{n}_start": params[n] for n in learned}}
+    assert float(interpret(graph, anchored, x).aux["aux0"]) == 0.0
+
+
+def test_preserve_needs_trainable_folders():
+    with pytest.raises(ValueError, match=r"aux_losses\[0\]\.kind = 'preserve' .* this pool has none"):
+        _pool([False, False], aux_losses=[PreserveLoss(weight=0.1)])
+
+
+def test_the_verifier_names_a_preserve_pair_that_does_not_fit():
+    graph = build(_pool([True, False], aux_losses=[PreserveLoss(weight=0.3)]))
+    node = graph.node("aux0")
+    a, b = node.pairs[0][0], node.pairs[1][0]  # A_0_1 and B_0_1: both trainable, of other shapes
+    broken = graph.replace(nodes=tuple(dataclasses.replace(n, pairs=((a, b),)) if n.id == "aux0" else n
+                                       for n in graph.nodes))
+    with pytest.raises(IRVerificationError) as e:
+        verify(broken)
+    assert "A_0_1 (1, 2, 6) and its starting value B_0_1 (1, 5, 2) differ in shape" in str(e.value)
+    assert "A_0_1 must be trainable and B_0_1 a buffer" in str(e.value)

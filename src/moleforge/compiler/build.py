@@ -65,6 +65,7 @@ from ..specs import (
     ImplicitTopKRouter,
     KroneckerPool,
     LoRA,
+    PreserveLoss,
     RankPartition,
     RankTasks,
     ResidualTree,
@@ -83,7 +84,7 @@ from ..specs import (
     lora_scale,
 )
 from ..specs.sources import expert_runs
-from .build_mixed import mixed_factors
+from .build_mixed import mixed_factors, preserve_node
 
 __all__ = ["SiteShape", "build_graph", "build_block_graph"]
 
@@ -222,6 +223,9 @@ def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router, firs
     """The aux-loss nodes (``aux{first}``, ...): ``z_loss`` reads the router logits, the others the routing."""
     for i, aux in enumerate(losses, first):
         where = f"{origin}.aux_losses[{i}]"
+        if isinstance(aux, PreserveLoss):  # LoRA-Mixer's: on the experts' tensors, not on the routing
+            b.aux.append(b.add(preserve_node(b, aux, f"aux{i}", where)))
+            continue
         if isinstance(aux, RouterZLoss):
             b.aux.append(b.add(ZLoss(id=f"aux{i}", src="logits", weight=aux.weight, origin=where)))
             continue

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..integrations.sites import ResolvedSite, resolve_sites
 from ..interop.peft_format import ModuleLoRA, PeftLoRA, read_peft_lora
-from ..specs import AdapterSpec, ExpertPool
+from ..specs import AdapterSpec, ExpertPool, PreserveLoss
 from ..specs.sources import ExpertRun, expert_runs
 
 __all__ = ["has_sources", "resolve_sources"]
@@ -134,21 +134,26 @@ def _stack_site(pool: ExpertPool, per_module: dict[str, list[ModuleLoRA]]):
             "experts_from": [s.model_dump() for s in recorded]}
     tensors: dict[str, torch.Tensor] = {}
     runs = expert_runs(pool)
+    preserve = any(isinstance(aux, PreserveLoss) for aux in pool.aux_losses)
     for module, loras in per_module.items():
         A, B = _stack(loras, R, fold=not same)
-        tensors.update(_by_run(module, A, B, runs))
+        tensors.update(_by_run(module, A, B, runs, preserve))
     return ExpertPool.model_validate(data), tensors
 
 
-def _by_run(module: str, A: torch.Tensor, B: torch.Tensor, runs: list[ExpertRun]) -> dict[str, torch.Tensor]:
+def _by_run(module: str, A: torch.Tensor, B: torch.Tensor, runs: list[ExpertRun],
+            preserve: bool) -> dict[str, torch.Tensor]:
     """``{"<module>.A": A, "<module>.B": B}``, or for a pool of trainable and frozen experts each
-    run's slice under its own name (``<module>.A_0_2``: ``compiler/build_mixed.py``)."""
-    if not runs:
-        return {f"{module}.A": A, f"{module}.B": B}
+    run's slice under its own name (``<module>.A_0_2``: ``compiler/build_mixed.py``); with a
+    ``preserve`` loss, each trainable tensor's starting value too (``<module>.A_0_2_start``)."""
+    parts = ([("A", "B", A, B, True)] if not runs else
+             [(run.name("A"), run.name("B"), A[run.start:run.stop], B[run.start:run.stop], run.trainable)
+              for run in runs])
     out = {}
-    for run in runs:
-        out[f"{module}.{run.name('A')}"] = A[run.start:run.stop]
-        out[f"{module}.{run.name('B')}"] = B[run.start:run.stop]
+    for a_name, b_name, a, b, learn in parts:
+        out[f"{module}.{a_name}"], out[f"{module}.{b_name}"] = a, b
+        if preserve and learn:
+            out[f"{module}.{a_name}_start"], out[f"{module}.{b_name}_start"] = a, b
     return out
 
 

@@ -188,6 +188,7 @@ def _describe(g: Graph) -> str:
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
     aux += [f"z_loss {n.weight:g}" for n in g.nodes if isinstance(n, nodes.ZLoss)]
     aux += [f"task_contrastive {n.weight:g}" for n in g.nodes if isinstance(n, nodes.TaskContrastive)]
+    aux += [f"preserve {n.weight:g}" for n in g.nodes if isinstance(n, nodes.Preserve)]
     tail = f"; aux {', '.join(aux)}" if aux else ""
     tree = next((n for n in g.nodes if isinstance(n, TreeMix)), None)
     if tree is not None:

@@ -14,6 +14,7 @@ from .core_pool import CorePool
 from .kronecker_pool import KroneckerPool
 from .mixer import RSLLoss
 from .pool_magnitude import check_pool_magnitude
+from .preserve import PoolAuxLoss, PreserveLoss, check_preserve
 from .rank_tasks import RankTasks
 from .routing import (
     AuxLoss,
@@ -177,7 +178,8 @@ class ExpertPool(SpecModel):
     down: Factor = PerExpert()
     up: Literal["per_expert", "shared"] = "per_expert"
     router: Router = TopKRouter()
-    aux_losses: list[AuxLoss] = []
+    aux_losses: list[PoolAuxLoss] = []
+    """The router's aux losses, and ``preserve`` (LoRA-Mixer's, ``specs/preserve.py``)."""
     shared_expert: SharedExpert | None = None
     """An always-on LoRA added to the routed mixture, or several of them (``kind:
     "shared_experts"``, DeepSeekMoE). They read the experts' input (after ``dropout``)."""
@@ -229,7 +231,7 @@ class ExpertPool(SpecModel):
             raise ValueError(f"an implicit_topk router routes single ranks: set rank = 1 (got {self.rank})")
         if isinstance(self.down, Shared) and self.up == "shared":
             raise ValueError("down and up cannot both be shared: the experts would be identical")
-        if isinstance(r, StaticRouter) and self.aux_losses:
+        if isinstance(r, StaticRouter) and any(not isinstance(a, PreserveLoss) for a in self.aux_losses):
             raise ValueError("a static router gives every token the same weights: there is no routing to "
                              "balance; remove aux_losses or use a token-level router (topk, dense)")
         one_frozen = self.frozen_experts and self.experts == 1 and self.shared_expert is None
@@ -238,6 +240,7 @@ class ExpertPool(SpecModel):
                              "over one expert is always 1, so nothing would train; use a static router (a learned "
                              "scale), more experts, or trainable experts")
         check_sources(self)
+        check_preserve(self)
         check_xlora_pool(self)
         return self
 
