@@ -148,8 +148,10 @@ def test_preserve_anchors_the_trainable_experts_at_their_folders(folders, tmp_pa
     assert want > 0
     assert_close(handle.aux_loss().double(), want, "float32_model")
     mf.save(handle, tmp_path / "saved")
-    loaded = mf.load(tiny("llama"), tmp_path / "saved")
+    other = tiny("llama")
+    loaded = mf.load(other, tmp_path / "saved")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in starts.items())
+    assert_close(logits(other), logits(model), "save_load")  # evaluation without autograd: no aux computed
 
 
 @pytest.mark.parametrize("change, message", [
