@@ -20,7 +20,9 @@ from moleforge.specs import (
     KroneckerPool,
     LocalizedBalance,
     LoRA,
+    LoRASource,
     PerExpert,
+    PreserveLoss,
     RankPartition,
     RankTasks,
     ResidualTree,
@@ -169,6 +171,29 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
                       down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
                       scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),
                       capacity_factor=draw(capacities()) if takes_capacity(router) else None, **common)
+
+
+@st.composite
+def mixed_pools(draw, kinds: tuple[str, ...] = LINEAR_ROUTERS):
+    """Pools of experts read from PEFT LoRA folders (named, never read: the graph is built from the
+    spec alone; not in :func:`adapters`, whose specs are also compiled into models) whose
+    ``trainable`` flags differ, in any interleaving: their factors are runs of
+    trainable parameters and frozen buffers (``compiler/build_mixed.py``); LoRA-Mixer's ``preserve``
+    loss on the trainable ones in one pool of two."""
+    E = draw(st.integers(2, 5))
+    flags = draw(st.lists(st.booleans(), min_size=E, max_size=E))
+    if len(set(flags)) == 1:
+        i = draw(st.integers(0, E - 1))
+        flags[i] = not flags[i]
+    router = draw(routers(E, kinds))
+    aux = draw(aux_losses(router))
+    if draw(st.booleans()):  # LoRA-Mixer's L_preserve on the trainable experts
+        aux.append(PreserveLoss(weight=draw(st.sampled_from([0.1, 0.5]))))
+    return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
+                      scaling=draw(st.sampled_from(SCALINGS)), router=router, aux_losses=aux,
+                      dropout=draw(st.sampled_from(DROPOUTS)),
+                      capacity_factor=draw(capacities()) if takes_capacity(router) else None,
+                      experts_from=[LoRASource(path=f"expert{i}", trainable=f) for i, f in enumerate(flags)])
 
 
 def takes_capacity(router) -> bool:

@@ -138,11 +138,12 @@ def test_pool_rules(folders, change, message):
         mf.AdapterSpec.model_validate(_spec(folders, **change))
 
 
-def test_mixed_trainable_flags_are_refused(folders):
+def test_mixed_trainable_flags_make_a_pool_that_is_not_frozen(folders):
+    """Experts that differ train one by one (``tests/test_mixed_experts.py``)."""
     spec = _spec(folders)
     spec["sites"][0]["adapter"]["experts_from"][0]["trainable"] = True
-    with pytest.raises(mf.SpecError, match=r"all frozen or all trainable"):
-        mf.AdapterSpec.model_validate(spec)
+    pool = mf.AdapterSpec.model_validate(spec).sites[0].adapter
+    assert not pool.frozen_experts and [s.trainable for s in pool.experts_from] == [True, False, False]
 
 
 def test_block_scope_is_refused(folders):

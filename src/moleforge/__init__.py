@@ -37,6 +37,7 @@ from .specs import (
     LayerOverride,
     LocalizedBalance,
     LoRA,
+    PreserveLoss,
     RankPartition,
     RankTasks,
     ResidualTree,
@@ -79,7 +80,7 @@ __all__ = [
     "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
     "DenseTrainTopKRouter", "RSLLoss", "XLoRARouter",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks", "KroneckerPool",
-    "TaskContrastiveLoss", "MoleforgeTrainer",
+    "TaskContrastiveLoss", "MoleforgeTrainer", "PreserveLoss",
 ]
 
 

@@ -43,6 +43,8 @@ from moleforge.specs import (
     ExpertPool,
     ImplicitTopKRouter,
     LoRA,
+    LoRASource,
+    PreserveLoss,
     ResidualTree,
     RouterZLoss,
     SparseRandom,
@@ -614,6 +616,27 @@ def dora_magnitude_shape():
     g = _dora()
     m = ParamRef("magnitude", (6,))
     return g.replace(params=_declare(g, magnitude=(6,)), nodes=_nodes(g, dora=replace(g.node("dora"), magnitude=m)))
+
+
+def _preserved() -> Graph:
+    """A pool of one trainable and one frozen expert from folders, with LoRA-Mixer's preserve loss."""
+    pool = ExpertPool(experts=2, rank=2, router=DenseRouter(), aux_losses=[PreserveLoss(weight=0.3)],
+                      experts_from=[LoRASource(path="e0", trainable=True), LoRASource(path="e1")])
+    return build_graph(pool, SiteShape("s", 6, 5))
+
+
+@case("_preserve", r"A_0_1 \(1, 2, 6\) and its starting value B_0_1_start \(1, 5, 2\) differ in shape")
+def preserve_shapes():
+    g = _preserved()
+    (a, _), (_, b_start) = g.node("aux0").pairs
+    return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), pairs=((a, b_start),))))
+
+
+@case("_preserve", r"A_0_1 must be trainable and A_0_1 a buffer")
+def preserve_against_itself():
+    g = _preserved()
+    a = g.node("aux0").pairs[0][0]
+    return g.replace(nodes=_nodes(g, aux0=replace(g.node("aux0"), pairs=((a, a),))))
 
 
 # ---- the tests ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from moleforge.specs import (
     StaticRouter,
     TopKRouter,
 )
-from strategies import graphs, inputs_for, pools, rank_partitions, trees
+from strategies import graphs, inputs_for, mixed_pools, pools, rank_partitions, trees
 
 __all__ = ["one_expert_pools", "identity_trees", "pool_graphs", "tree_graphs", "pipeline_prefix", "cases"]
 
@@ -45,7 +45,7 @@ def identity_trees():
 
 
 def pool_graphs():
-    return graphs(st.one_of(pools(), rank_partitions()))
+    return graphs(st.one_of(pools(), rank_partitions(), mixed_pools()))
 
 
 def tree_graphs():

@@ -85,3 +85,4 @@ def draw_graph(graph: Graph, path: str | Path, title: str | None = None) -> Path
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     return path
+STYLE.add(("#FCBBA1", "aux loss"), nodes.Preserve)

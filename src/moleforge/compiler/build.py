@@ -65,6 +65,7 @@ from ..specs import (
     ImplicitTopKRouter,
     KroneckerPool,
     LoRA,
+    PreserveLoss,
     RankPartition,
     RankTasks,
     ResidualTree,
@@ -82,6 +83,8 @@ from ..specs import (
     XLoRARouter,
     lora_scale,
 )
+from ..specs.sources import expert_runs
+from .build_mixed import mixed_factors, preserve_node
 
 __all__ = ["SiteShape", "build_graph", "build_block_graph"]
 
@@ -169,11 +172,15 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
     src = _dropped(b, spec.dropout, "drop", origin)
     if spec.ranks is not None:
         return _ragged_pool(b, spec, src, origin)
-    if isinstance(spec.down, SparseRandom):
+    runs = expert_runs(spec)
+    if runs:  # experts that train beside frozen ones: runs of parameters and buffers (build_mixed.py)
+        A, B = mixed_factors(b, runs, r, d_in, d_out)
+    elif isinstance(spec.down, SparseRandom):
         A = b.param("A", (E, r, d_in), "sparse_random", trainable=False, buffer=True, density=spec.down.density)
     else:
         A = b.param("A", (Ea, r, d_in), "kaiming", fan_in=d_in, trainable=learn, buffer=not learn)
-    B = b.param("B", (Eb, d_out, r), "up", trainable=learn, buffer=not learn)
+    if not runs:
+        B = b.param("B", (Eb, d_out, r), "up", trainable=learn, buffer=not learn)
     if isinstance(router, ImplicitTopKRouter):
         # FlyLoRA: the down-projection output is the router input: no router GEMM.
         bal = b.param("balance", (E,), "zero", trainable=False, buffer=True)
@@ -216,6 +223,9 @@ def _aux_losses(b: _Builder, losses: list, route: str, origin: str, router, firs
     """The aux-loss nodes (``aux{first}``, ...): ``z_loss`` reads the router logits, the others the routing."""
     for i, aux in enumerate(losses, first):
         where = f"{origin}.aux_losses[{i}]"
+        if isinstance(aux, PreserveLoss):  # LoRA-Mixer's: on the experts' tensors, not on the routing
+            b.aux.append(b.add(preserve_node(b, aux, f"aux{i}", where)))
+            continue
         if isinstance(aux, RouterZLoss):
             b.aux.append(b.add(ZLoss(id=f"aux{i}", src="logits", weight=aux.weight, origin=where)))
             continue

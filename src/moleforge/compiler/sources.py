@@ -6,7 +6,8 @@ Per module, expert ``i`` contributes ``s_i (x A_iᵀ) B_iᵀ`` with its folder's
 ``B_i (d_out, r_i)`` and scale ``s_i``. The pool stores ``A (E, R, d_in)``, ``B (E, d_out, R)``
 with ``R = max r_i`` (zero-padded ranks: the padding adds nothing). When every expert at every
 module of the site has the same rank, alpha and rsLoRA flag, the pool keeps them (its scale is
-``s``); otherwise the pool's scale is 1 and each ``s_i`` is folded into ``B_i``.
+``s``); otherwise the pool's scale is 1 and each ``s_i`` is folded into ``B_i``. A pool whose
+folders differ in ``trainable`` gets each run of same-flag experts as its own tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..integrations.sites import ResolvedSite, resolve_sites
 from ..interop.peft_format import ModuleLoRA, PeftLoRA, read_peft_lora
-from ..specs import AdapterSpec, ExpertPool
+from ..specs import AdapterSpec, ExpertPool, PreserveLoss
+from ..specs.sources import ExpertRun, expert_runs
 
 __all__ = ["has_sources", "resolve_sources"]
 
@@ -131,9 +133,28 @@ def _stack_site(pool: ExpertPool, per_module: dict[str, list[ModuleLoRA]]):
     data = {**pool.model_dump(), "rank": R, "alpha": alpha, "scaling": scaling,
             "experts_from": [s.model_dump() for s in recorded]}
     tensors: dict[str, torch.Tensor] = {}
+    runs = expert_runs(pool)
+    preserve = any(isinstance(aux, PreserveLoss) for aux in pool.aux_losses)
     for module, loras in per_module.items():
-        tensors[f"{module}.A"], tensors[f"{module}.B"] = _stack(loras, R, fold=not same)
+        A, B = _stack(loras, R, fold=not same)
+        tensors.update(_by_run(module, A, B, runs, preserve))
     return ExpertPool.model_validate(data), tensors
+
+
+def _by_run(module: str, A: torch.Tensor, B: torch.Tensor, runs: list[ExpertRun],
+            preserve: bool) -> dict[str, torch.Tensor]:
+    """``{"<module>.A": A, "<module>.B": B}``, or for a pool of trainable and frozen experts each
+    run's slice under its own name (``<module>.A_0_2``: ``compiler/build_mixed.py``); with a
+    ``preserve`` loss, each trainable tensor's starting value too (``<module>.A_0_2_start``)."""
+    parts = ([("A", "B", A, B, True)] if not runs else
+             [(run.name("A"), run.name("B"), A[run.start:run.stop], B[run.start:run.stop], run.trainable)
+              for run in runs])
+    out = {}
+    for a_name, b_name, a, b, learn in parts:
+        out[f"{module}.{a_name}"], out[f"{module}.{b_name}"] = a, b
+        if preserve and learn:
+            out[f"{module}.{a_name}_start"], out[f"{module}.{b_name}_start"] = a, b
+    return out
 
 
 def _stack(loras: list[ModuleLoRA], R: int, fold: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,3 +287,4 @@ def _kronecker_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) ->
         a_parts.append(torch.kron(A[:, :d_in // s], torch.eye(s, dtype=F64)))  # (R·s, d_in)
         b_parts.append(g[i] * n.scale * torch.kron(B[:n.d_out // s], K))  # (d_out, R·s)
     return _compact(_Map(m.s, _through(m, torch.cat(a_parts, 0)), torch.cat(b_parts, 1)))
+REDUCE.add(_not_reducible, nodes.Preserve)  # an aux loss: not on the output's path

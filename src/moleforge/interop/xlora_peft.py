@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..integrations.handle import AdapterHandle
 from ..integrations.xlora import CLASSIFIER, XLoRAHandle, xlora_router
+from ..ir import eval_expr, expr_refs
 from ..specs import XLoRARouter
 from .atomic import atomic_write_many
 from .peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PeftLoRA, lora_config, read_peft_lora, write_peft_lora
@@ -118,7 +119,7 @@ def export_xlora_peft(handle: AdapterHandle, path: str | os.PathLike, task_type:
         graph = handle.plain_graphs[name]
         mix = next(n for n in graph.nodes if type(n).__name__ == "PoolMix")
         site = handle.modules[name].site
-        A, B = getattr(site, mix.a.name).detach(), getattr(site, mix.b.name).detach()
+        A, B = (eval_expr(e, {r.name: getattr(site, r.name).detach() for r in expr_refs(e)}) for e in (mix.a, mix.b))
         for i in range(experts):
             per_expert[i][name] = (A[i], B[i], mix.scale)
     folders = {}

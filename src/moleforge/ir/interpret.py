@@ -451,3 +451,5 @@ RUN.add(interpret_kronecker.run_task_embed, nodes.TaskEmbed)
 RUN.add(interpret_kronecker.run_task_scale, nodes.TaskScale)
 RUN.add(interpret_kronecker.run_task_contrastive, nodes.TaskContrastive)
 RUN.add(interpret_dora.run_pool_magnitude, nodes.PoolMagnitude)  # DoRA experts
+RUN.add(lambda n, r: n.weight * sum(((r.p[c.name] - r.p[s.name]) ** 2).sum() for c, s in n.pairs),
+        nodes.Preserve)  # LoRA-Mixer's L_preserve: weight · Σ ‖θ − θ⁰‖²

@@ -39,6 +39,7 @@ from .gates import (
 from .kinds import NodeKind, RouterNode, operand
 from .kronecker_nodes import KroneckerMix, TaskContrastive, TaskEmbed, TaskScale
 from .params import ParamExpr, ParamRef, expr_shape
+from .preserve_nodes import Preserve
 from .task_nodes import TaskScores
 from .types import RoutingType, ScalarType, TensorType, TreeRoutingType, ValueType
 from .xlora_nodes import LayerScalings
@@ -55,7 +56,7 @@ __all__ = [
     "TreePropagate", "TreePathGates", "GateBias", "SiblingLinear", "AuxLoss", "BlockActivation", "ExpertLinear",
     "ExpertFFN", "ExpertHidden", "ExpertSum", "ExpertLoRA", "CoreExperts", "CoreMerge", "Node", "TaskScores",
     "Dropout", "CapacityLimit", "ZLoss", "RaggedMix", "Magnitude", "XLoRAScale", "LayerScalings",
-    "KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive", "PoolMagnitude",
+    "KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive", "PoolMagnitude", "Preserve",
 ]
 
 Activation = Literal["tanh", "relu", "identity"]
@@ -406,7 +407,7 @@ Node = Union[Input, Linear, Columns, Add, Jitter, Route, PoolMix, GroupedMix, Bl
              TreeRoute, TreeMix, TreePropagate, TreePathGates, GateBias, SiblingLinear, AuxLoss, ExpertFFN,
              ExpertHidden, ExpertSum, ExpertLoRA, CoreExperts, CoreMerge, TaskScores, Dropout, CapacityLimit, ZLoss,
              RaggedMix, Magnitude, LayerScalings, KroneckerMix, TaskEmbed, TaskScale, TaskContrastive,
-             PoolMagnitude]
+             PoolMagnitude, Preserve]
 
 NODE_KINDS: tuple[type, ...] = get_args(Node)
 """Every node kind."""

@@ -198,3 +198,5 @@ LINE.add(lambda n, t: (f"task_contrastive %{n.src} vs {n.table.name} weight={n.w
                        f"temperature={n.temperature:g}"), nodes.TaskContrastive)
 LINE.add(lambda n, t: (f"pool_magnitude %{n.src} by %{n.routing} W={n.weight.name} A={n.a.name} B={n.b.name} "
                        f"scale={n.scale:g} m={n.magnitude.name} -> {t.width}"), nodes.PoolMagnitude)
+LINE.add(lambda n, t: "preserve " + ", ".join(f"{c.name}~{s.name}" for c, s in n.pairs) + f" weight={n.weight:g}",
+         nodes.Preserve)

@@ -435,7 +435,7 @@ def _outputs(g: Graph) -> list[str]:
     elif g.width(g.output) != g.d_out:
         out.append(f"output width {g.width(g.output)} != d_out {g.d_out}")
     for a in g.aux:
-        if not isinstance(g.by_id.get(a), (nodes.AuxLoss, nodes.ZLoss, nodes.TaskContrastive)):
+        if not isinstance(g.by_id.get(a), (nodes.AuxLoss, nodes.ZLoss, nodes.TaskContrastive, nodes.Preserve)):
             out.append(f"aux %{a} is not an aux loss")
     dead = [n.id for n in g.nodes if n.id not in g.live_ids()]
     if dead:
@@ -446,3 +446,17 @@ def _outputs(g: Graph) -> list[str]:
 verify_basics.register(RULES, _need_tensor, _need_route, _expr)  # dropout, capacity, z-loss, ragged pools, DoRA
 verify_kronecker.register(RULES, _need_tensor, _need_route, _expr)  # EPT's nodes
 verify_dora.register(RULES, _need_tensor, _need_route, _expr)  # DoRA experts
+
+
+@RULES.register(nodes.Preserve)
+def _preserve(g: Graph, n: nodes.Preserve) -> list[str]:
+    """Each pair: a trainable tensor and a buffer of its shape that keeps its starting value."""
+    p = [x for c, s in n.pairs for x in _expr(g, c, "θ") + _expr(g, s, "θ⁰")]
+    if p:
+        return p
+    for c, s in n.pairs:
+        if c.shape != s.shape:
+            p.append(f"{c.name} {c.shape} and its starting value {s.name} {s.shape} differ in shape")
+        if not g.all_decls[c.name].trainable or g.all_decls[s.name].trainable:
+            p.append(f"{c.name} must be trainable and {s.name} a buffer")
+    return p

@@ -37,6 +37,7 @@ from ..ir import (
     TreePropagate,
     TreeRoute,
     XLoRAScale,
+    expr_shape,
     nodes,
     print_graph,
 )
@@ -189,6 +190,7 @@ def _describe(g: Graph) -> str:
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
     aux += [f"z_loss {n.weight:g}" for n in g.nodes if isinstance(n, nodes.ZLoss)]
     aux += [f"task_contrastive {n.weight:g}" for n in g.nodes if isinstance(n, nodes.TaskContrastive)]
+    aux += [f"preserve {n.weight:g}" for n in g.nodes if isinstance(n, nodes.Preserve)]
     tail = f"; aux {', '.join(aux)}" if aux else ""
     tree = next((n for n in g.nodes if isinstance(n, TreeMix)), None)
     if tree is not None:
@@ -206,9 +208,9 @@ def _describe(g: Graph) -> str:
     pool = next((n for n in g.nodes if isinstance(n, (PoolMix, GroupedMix, BlockGate, nodes.RaggedMix,
                                                       nodes.PoolMagnitude))), None)
     stacked = isinstance(pool, (PoolMix, GroupedMix, nodes.PoolMagnitude))
-    rank = pool.a.shape[1] if stacked else getattr(pool, "rank", "?")
+    rank = expr_shape(pool.a)[1] if stacked else getattr(pool, "rank", "?")
     ranks = f"ranks {list(pool.ranks)}" if isinstance(pool, nodes.RaggedMix) else f"rank {rank}"
-    shared = " (one shared A)" if isinstance(pool, PoolMix) and pool.a.shape[0] == 1 else ""
+    shared = " (one shared A)" if isinstance(pool, PoolMix) and expr_shape(pool.a)[0] == 1 else ""
     shared += " with DoRA magnitudes" if isinstance(pool, nodes.PoolMagnitude) else ""
     return (f"pool of {route.experts} experts of {ranks}{shared}, {router_text(route)}{task_text(g)}{_capacity_text(g)}"
             f"{_shared_text(g)}{tail}")
@@ -274,7 +276,7 @@ def _pool_kernel(g: Graph, n, tokens: int) -> str:
     E = route.experts
     if isinstance(n, OuterGate):
         return f"shared down-projection once, outer-product gate, one up-projection of rank {g.width(n.id)}"
-    rank = n.a.shape[1] if isinstance(n, GroupedMix) else n.rank
+    rank = expr_shape(n.a)[1] if isinstance(n, GroupedMix) else n.rank
     k = route.gate.k
     form = (f"grouped GEMMs over each token's top-{k} experts ({k * rank} of {E * rank} ranks)"
             if isinstance(n, GroupedMix) else f"dense block-gated LoRA of rank {E * rank}")
@@ -289,7 +291,7 @@ def _decode_kernel(g: Graph, n, decode_tokens: int) -> str:
     """Which form a grouped pool takes at the decode path's sizes (``KernelPolicy.decode_tokens``)."""
     if not isinstance(n, GroupedMix) or decode_tokens == 0:
         return ""
-    E, rank = g.routing(n.routing).experts, n.a.shape[1]
+    E, rank = g.routing(n.routing).experts, expr_shape(n.a)[1]
     return f"; at <= {decode_tokens} tokens (decode path): all {E * rank} ranks in one dense GEMM, gated after"
 
 

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from ..ir import Graph, TaskScores
 from ..specs import AdapterSpec, ExpertPool
+from ..specs.sources import expert_runs
 
 __all__ = ["sources_lines", "task_text"]
 
 
 def sources_lines(spec: AdapterSpec) -> list[str]:
     """One line per expert read from a PEFT LoRA folder: the site, the expert, the folder, its
-    rank and alpha, and whether it trains."""
+    rank and alpha, and whether it trains (in a pool of trainable and frozen experts, also the
+    tensors that hold it: a run's parameters or buffers)."""
     lines = []
     for i, site in enumerate(spec.sites):
         pool = site.adapter
         if not isinstance(pool, ExpertPool) or not pool.experts_from:
             continue
+        runs = {j: run for run in expert_runs(pool) for j in range(run.start, run.stop)}
         for j, src in enumerate(pool.experts_from):
             rank = "ranks per module" if src.rank is None else f"rank {src.rank}"
             alpha = "" if src.alpha is None else f", alpha {src.alpha:g}"
             state = "trainable" if src.trainable else "frozen"
-            lines.append(f"  sites[{i}] expert {j}: PEFT LoRA {src.path} ({rank}{alpha}, {state})")
+            held = f", in {runs[j].name('A')}/{runs[j].name('B')}" if j in runs else ""
+            lines.append(f"  sites[{i}] expert {j}: PEFT LoRA {src.path} ({rank}{alpha}, {state}{held})")
     return lines
 
 

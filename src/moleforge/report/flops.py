@@ -232,3 +232,4 @@ def _kronecker(graph: Graph, n: nodes.KroneckerMix) -> int:
 def kronecker_group_flops(d_in: int, d_out: int, R: int, sizes: tuple[int, ...]) -> list[int]:
     """FLOPs per token of each kernel size's group of Kronecker experts."""
     return [2 * (R * (d_in + d_out) + sizes.count(s) * s * s + d_out * s) for s in dict.fromkeys(sizes)]
+FLOPS.add(lambda graph, n: 0, nodes.Preserve)  # reads no token

@@ -35,6 +35,7 @@ from .routing import (
     TopPRouter,
     TsallisEntropy,
 )
+from .preserve import PreserveLoss
 from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
@@ -48,5 +49,5 @@ __all__ = [
     "SwitchLoadBalance", "CV2ImportanceLoad", "LocalizedBalance", "LoRASource", "RouterZLoss",
     "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss", "DenseTrainTopKRouter", "RSLLoss",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks",
-    "with_one_more_task", "XLoRARouter", "KroneckerPool", "TaskContrastiveLoss",
+    "with_one_more_task", "XLoRARouter", "KroneckerPool", "TaskContrastiveLoss", "PreserveLoss",
 ]

@@ -14,6 +14,7 @@ from .core_pool import CorePool
 from .kronecker_pool import KroneckerPool
 from .mixer import RSLLoss
 from .pool_magnitude import check_pool_magnitude
+from .preserve import PoolAuxLoss, PreserveLoss, check_preserve
 from .rank_tasks import RankTasks
 from .routing import (
     AuxLoss,
@@ -177,7 +178,8 @@ class ExpertPool(SpecModel):
     down: Factor = PerExpert()
     up: Literal["per_expert", "shared"] = "per_expert"
     router: Router = TopKRouter()
-    aux_losses: list[AuxLoss] = []
+    aux_losses: list[PoolAuxLoss] = []
+    """The router's aux losses, and ``preserve`` (LoRA-Mixer's, ``specs/preserve.py``)."""
     shared_expert: SharedExpert | None = None
     """An always-on LoRA added to the routed mixture, or several of them (``kind:
     "shared_experts"``, DeepSeekMoE). They read the experts' input (after ``dropout``)."""
@@ -188,7 +190,8 @@ class ExpertPool(SpecModel):
     experts_from: list[LoRASource] = []
     """The experts' trained PEFT LoRA folders, one per expert in order (``experts`` is their
     number). Their rank and alpha come from the folders; ``frozen_experts`` follows their
-    ``trainable`` flags."""
+    ``trainable`` flags (``false`` when they differ: each expert then trains or stays frozen as
+    its folder says, ``specs/sources.py``)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -228,7 +231,7 @@ class ExpertPool(SpecModel):
             raise ValueError(f"an implicit_topk router routes single ranks: set rank = 1 (got {self.rank})")
         if isinstance(self.down, Shared) and self.up == "shared":
             raise ValueError("down and up cannot both be shared: the experts would be identical")
-        if isinstance(r, StaticRouter) and self.aux_losses:
+        if isinstance(r, StaticRouter) and any(not isinstance(a, PreserveLoss) for a in self.aux_losses):
             raise ValueError("a static router gives every token the same weights: there is no routing to "
                              "balance; remove aux_losses or use a token-level router (topk, dense)")
         one_frozen = self.frozen_experts and self.experts == 1 and self.shared_expert is None
@@ -237,6 +240,7 @@ class ExpertPool(SpecModel):
                              "over one expert is always 1, so nothing would train; use a static router (a learned "
                              "scale), more experts, or trainable experts")
         check_sources(self)
+        check_preserve(self)
         check_xlora_pool(self)
         return self
 
@@ -280,7 +284,7 @@ class ExpertPool(SpecModel):
 
 def sources_defaults(data):
     """With ``experts_from``: ``experts`` defaults to their number and ``frozen_experts`` to
-    none of them being trainable."""
+    none of them being trainable (``False`` for a mixed pool: some experts train)."""
     if not isinstance(data, dict) or not data.get("experts_from"):
         return data
     srcs = data["experts_from"]
@@ -288,8 +292,7 @@ def sources_defaults(data):
     data.setdefault("experts", len(srcs))
     flags = {s.trainable if isinstance(s, LoRASource) else bool(s.get("trainable", False))
              for s in srcs if isinstance(s, (LoRASource, dict))}
-    if len(flags) == 1:
-        data.setdefault("frozen_experts", not flags.pop())
+    data.setdefault("frozen_experts", flags == {False})
     return data
 
 
@@ -302,12 +305,15 @@ def check_sources(pool: "ExpertPool") -> None:
         raise ValueError(f"experts = {pool.experts} but experts_from names {len(srcs)} folders; "
                          f"set experts = {len(srcs)} or leave it out")
     flags = [s.trainable for s in srcs]
-    if len(set(flags)) > 1:
-        raise ValueError(f"experts_from[*].trainable = {flags}: the experts of one pool are all frozen or all "
-                         "trainable; split them into two sites or give every folder the same flag")
-    if pool.frozen_experts == flags[0]:
+    if pool.frozen_experts != (not any(flags)):
+        got = flags[0] if len(set(flags)) == 1 else flags
         raise ValueError(f"frozen_experts = {pool.frozen_experts} contradicts experts_from[*].trainable = "
-                         f"{flags[0]}; leave frozen_experts out (it follows the folders' flags)")
+                         f"{got}; leave frozen_experts out (it follows the folders' flags)")
+    if len(set(flags)) > 1 and (pool.magnitude or pool.ranks is not None):
+        field = "magnitude" if pool.magnitude else "ranks"
+        raise ValueError(f"{field}: a pool whose experts_from[*].trainable flags differ ({flags}) stores its "
+                         f"experts in runs of frozen and trainable ones, which {field} does not read; remove "
+                         f"{field} or give every folder the same flag")
     if not isinstance(pool.down, PerExpert) or pool.up != "per_expert" or pool.shared_expert is not None:
         raise ValueError("experts_from needs each expert's own A and B (down.kind = 'per_expert', up = "
                          "'per_expert') and no shared_expert: a trained LoRA brings both factors")

@@ -48,7 +48,7 @@ from ...ir import (
     format_expr,
     nodes,
 )
-from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_task, ops_top_p, ops_xlora
+from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_preserve, ops_task, ops_top_p, ops_xlora
 from ..runtime.dist import WORLD
 from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
@@ -486,3 +486,6 @@ EMIT.add(lower_kronecker.emit_task_embed, nodes.TaskEmbed)
 EMIT.add(lower_kronecker.emit_task_scale, nodes.TaskScale)
 EMIT.add(lower_kronecker.emit_task_contrastive, nodes.TaskContrastive)
 EMIT.add(lower_dora.emit_pool_magnitude, nodes.PoolMagnitude)  # DoRA experts
+EMIT.add(lambda c, n: c.call(ops_preserve.preserve_loss, (tuple(c.expr(a) for a, _ in n.pairs),
+                                                          tuple(c.expr(s) for _, s in n.pairs), n.weight, c.training),
+                             n.id, c.eval_aux), nodes.Preserve)  # LoRA-Mixer's L_preserve
