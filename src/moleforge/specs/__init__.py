@@ -19,6 +19,7 @@ from .adapters import (
 from .base import SpecModel
 from .kronecker_pool import KroneckerPool, TaskContrastiveLoss
 from .mixer import DenseTrainTopKRouter, RSLLoss
+from .preserve import PreserveLoss
 from .presets import as_spec
 from .rank_tasks import with_one_more_task
 from .routing import (
@@ -35,7 +36,6 @@ from .routing import (
     TopPRouter,
     TsallisEntropy,
 )
-from .preserve import PreserveLoss
 from .sources import LoRASource
 from .spec import ROLES, AdapterSpec, LayerOverride, Site, Target
 from .task_routing import TaskEmbeddingRouter, TaskRouter, TaskRoutingLoss
