@@ -158,6 +158,7 @@ def test_preserve_anchors_the_trainable_experts_at_their_folders(folders, tmp_pa
     ({"frozen_experts": True}, r"frozen_experts = True contradicts experts_from\[\*\]\.trainable = "
                                r"\[True, False, False, True\]"),
     ({"magnitude": True}, r"magnitude: a pool whose experts_from\[\*\]\.trainable flags differ"),
+    ({"ranks": [2, 2, 4, 4]}, r"ranks: the experts of experts_from take their ranks from their folders"),
 ])
 def test_bad_combinations_name_the_field(folders, change, message):
     with pytest.raises(mf.SpecError, match=message):

@@ -309,11 +309,13 @@ def check_sources(pool: "ExpertPool") -> None:
         got = flags[0] if len(set(flags)) == 1 else flags
         raise ValueError(f"frozen_experts = {pool.frozen_experts} contradicts experts_from[*].trainable = "
                          f"{got}; leave frozen_experts out (it follows the folders' flags)")
-    if len(set(flags)) > 1 and (pool.magnitude or pool.ranks is not None):
-        field = "magnitude" if pool.magnitude else "ranks"
-        raise ValueError(f"{field}: a pool whose experts_from[*].trainable flags differ ({flags}) stores its "
-                         f"experts in runs of frozen and trainable ones, which {field} does not read; remove "
-                         f"{field} or give every folder the same flag")
+    if pool.ranks is not None:
+        raise ValueError("ranks: the experts of experts_from take their ranks from their folders (a smaller rank "
+                         "is zero-padded); remove ranks")
+    if len(set(flags)) > 1 and pool.magnitude:
+        raise ValueError(f"magnitude: a pool whose experts_from[*].trainable flags differ ({flags}) stores its "
+                         "experts in runs of frozen and trainable ones, which magnitude does not read; remove "
+                         "magnitude or give every folder the same flag")
     if not isinstance(pool.down, PerExpert) or pool.up != "per_expert" or pool.shared_expert is not None:
         raise ValueError("experts_from needs each expert's own A and B (down.kind = 'per_expert', up = "
                          "'per_expert') and no shared_expert: a trained LoRA brings both factors")
