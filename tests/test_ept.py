@@ -116,7 +116,7 @@ def test_lowered_kronecker_pool_matches_the_interpreter_before_and_after_the_pas
     d_in, d_out = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))
     T = data.draw(st.integers(1, 6))
     types = data.draw(st.one_of(st.none(), st.lists(st.integers(0, adapter.tasks - 1), min_size=T, max_size=T)))
-    _lowered_matches_the_interpreter(adapter, SiteShape("s", d_in, d_out), T, types, seed)
+    assume(_lowered_matches_the_interpreter(adapter, SiteShape("s", d_in, d_out), T, types, seed))
 
 
 @pytest.mark.parametrize("kernels, d_in, d_out, router", [
@@ -128,19 +128,24 @@ def test_lowered_kronecker_pool_matches_the_interpreter_before_and_after_the_pas
 def test_lowered_kronecker_pool_matches_the_interpreter_on_widths_no_kernel_divides(kernels, d_in, d_out, router):
     adapter = KroneckerPool(kernels=kernels, rank=2, router=router, tasks=2, task_frequencies=[0.5, 2.0],
                             aux_losses=[TaskContrastiveLoss()])
-    _lowered_matches_the_interpreter(adapter, SiteShape("s", d_in, d_out), 5, [0, 1, 1, 0, 1], 7)
+    assert _lowered_matches_the_interpreter(adapter, SiteShape("s", d_in, d_out), 5, [0, 1, 1, 0, 1], 7), "clear top-k"
 
 
-def _lowered_matches_the_interpreter(adapter: KroneckerPool, shape: SiteShape, T: int, types, seed: int) -> None:
+def _lowered_matches_the_interpreter(adapter: KroneckerPool, shape: SiteShape, T: int, types, seed: int,
+                                     router_scale: float = 1.0) -> bool:
     """The site of ``adapter`` on ``shape``, before and after the passes, interpreted and lowered:
     the same outputs, aux losses and gradients (of ``x`` and every trainable tensor) as the plain
-    graph's interpretation, on ``T`` tokens of task ids ``types`` (``None``: no task ids)."""
+    graph's interpretation, on ``T`` tokens of task ids ``types`` (``None``: no task ids).
+    ``router_scale`` scales the router's weights (a τ below 1 then leaves the softmax unsaturated).
+    ``False`` (nothing checked) where a top-k routing has no clear margin: a tie could flip it."""
     graph = verify(build_graph(adapter, shape))
     samples = (torch.arange(T), None if types is None else torch.tensor(types))
     params = make_params(graph, seed)  # kernels, meta-seed, embeddings: all non-zero
+    params["router_w"] = params["router_w"] * router_scale
     x = torch.randn(T, shape.d_in, generator=torch.Generator().manual_seed(seed), dtype=F64)
     ref = interpret(graph, params, x, samples=samples)
-    assume(all(v > MARGIN for v in ref.margins.values()))
+    if not all(v > MARGIN for v in ref.margins.values()):
+        return False
     assert ref.output.abs().max() > 1e-6, "the drawn adapter is not a no-op"
     trainable = [d.name for d in graph.params if d.trainable]
 
@@ -169,6 +174,7 @@ def _lowered_matches_the_interpreter(adapter: KroneckerPool, shape: SiteShape, T
             got_k, w = getattr(gm, k).grad, want[2][k]
             zeros = torch.zeros_like(params[k])
             assert_close(zeros if got_k is None else got_k, zeros if w is None else w, msg=f"grad of {k}")
+    return True
 
 
 def test_every_expert_gets_a_gradient_when_routed():
@@ -217,7 +223,8 @@ def test_preset_site_on_the_benchmark_llama_widths_matches_the_interpreter():
     """The up projection of the benchmarks' Llama (512 -> 1408: 6 divides neither) with the preset's
     kernels, router and tasks: outputs, contrastive loss and gradients as the interpreter's."""
     adapter = mf.presets.load("ept").sites[0].adapter
-    _lowered_matches_the_interpreter(adapter, SiteShape("s", 512, 1408), 4, [0, 3, 3, 7], 5)
+    site = SiteShape("s", 512, 1408)
+    assert _lowered_matches_the_interpreter(adapter, site, 4, [0, 3, 3, 7], 5, router_scale=0.05), "clear top-k"
 
 
 @pytest.mark.parametrize("hidden", [32, 40])
