@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import transformers as tf
 
@@ -37,26 +35,6 @@ def tiny(arch: str, seed: int = 0, layers: int = 2, hidden: int = 32):
 
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert")
-
-
-def preset_width(name: str) -> int:
-    """The least width every site of preset ``name`` fits: a multiple of every EPT kernel (1 otherwise)."""
-    from moleforge import KroneckerPool, presets
-    return math.lcm(1, *(s.adapter.width_multiple() for s in presets.load(name).sites
-                         if isinstance(s.adapter, KroneckerPool)))
-
-
-def tiny_for(name: str, arch: str = "llama", **kw):
-    """``tiny(arch)`` with widths preset ``name`` fits: 32, or the least multiple of 16 and its width (48 for EPT)."""
-    m = preset_width(name)
-    return tiny(arch, hidden=32 if 32 % m == 0 else math.lcm(16, m), **kw)
-
-
-def shape_for(name: str, d_in: int, d_out: int):
-    """``SiteShape("site", d_in, d_out)`` with each width rounded up to a multiple preset ``name`` fits."""
-    from moleforge.compiler.build import SiteShape
-    m = preset_width(name)
-    return SiteShape("site", -(-d_in // m) * m, -(-d_out // m) * m)
 
 
 def batch(seed: int = 1, B: int = 2, S: int = 9) -> torch.Tensor:

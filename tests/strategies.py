@@ -279,10 +279,10 @@ def rank_tasks(draw):
 
 @st.composite
 def kronecker_pools(draw, tasks: bool = False):
-    """EPT's Kronecker experts: 1-4 kernels of sizes 1-3 (widths drawn as multiples of them), meta-seed
-    rank 1-3, a top-k, dense or static router, both scalings, aux losses; with ``tasks``, task
+    """EPT's Kronecker experts: 1-4 kernels of sizes 1-4 (the widths are drawn apart, mostly not multiples
+    of them), meta-seed rank 1-3, a top-k, dense or static router, both scalings, aux losses; with ``tasks``, task
     embeddings, per-task factors and the contrastive loss (the model is then called with task ids)."""
-    kernels = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    kernels = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
     E = len(kernels)
     router = draw(routers(E, ("topk", "dense") if tasks else ("topk", "dense", "static")))
     aux = [] if isinstance(router, StaticRouter) else draw(st.lists(st.sampled_from(
@@ -313,16 +313,10 @@ def training_adapters():
                      rank_partitions(kinds=("sigmoid_topk",)), trees(gates=("noisy_topk",)))
 
 
-def width_multiple(adapter) -> int:
-    """What the widths of a site of ``adapter`` are a multiple of: EPT's kernels divide them (1 otherwise)."""
-    return adapter.width_multiple() if isinstance(adapter, KroneckerPool) else 1
-
-
 @st.composite
 def graphs(draw, adapter_strategy=None) -> Graph:
     adapter = draw(adapter_strategy if adapter_strategy is not None else adapters())
-    m = width_multiple(adapter)
-    d_in, d_out = m * draw(st.integers(1, max(1, 9 // m))), m * draw(st.integers(1, max(1, 9 // m)))
+    d_in, d_out = draw(st.integers(1, 9)), draw(st.integers(1, 9))
     return build_graph(adapter, SiteShape(label="site", d_in=d_in, d_out=d_out))
 
 

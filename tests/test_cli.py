@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 import moleforge as mf
-from models import VOCAB, tiny, tiny_for
+from models import VOCAB, tiny
 from moleforge.backends.runtime.policy import KernelPolicy
 from moleforge.cli import main
 from moleforge.cli.schema_doc import render_reference
@@ -106,7 +106,7 @@ def test_flops_from_ir_match_what_torch_counts(preset):
     (the query's token part once per token, ancestor keys through per-pool tables, ``K W_2``
     folded for switch and dense gates), so the runtime spends less than the IR's count, and
     more than the count of everything but the router."""
-    model = tiny_for(preset)
+    model = tiny("llama")
     # a site called alone must not pay for its siblings; torch ops only (the CPU kernel's
     # residual-tree decode step is arithmetic the counter cannot see)
     handle = mf.compile(preset, model, siblings=False, policy=KernelPolicy(cpu="off"))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import moleforge as mf
-from models import ARCHS, batch, tiny, tiny_for
+from models import ARCHS, batch, tiny
 from moleforge.integrations.task_ids import reads_task_ids
 from tolerances import assert_close
 
@@ -33,7 +33,7 @@ def _standalone(spec: mf.AdapterSpec) -> mf.AdapterSpec:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("preset", mf.presets.names())
 def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
-    model = tiny_for(preset, arch)
+    model = tiny(arch)
     ids = batch()
     with torch.no_grad():
         base_logits = model(input_ids=ids).logits.clone()
@@ -81,7 +81,7 @@ def test_preset_trains_saves_loads_and_removes(preset, arch, tmp_path):
     assert not torch.allclose(adapted, base_logits), "training left the adapter a no-op"
 
     mf.save(handle, tmp_path / "adapter")
-    other = tiny_for(preset, arch)
+    other = tiny(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mf.load(other, tmp_path / "adapter")

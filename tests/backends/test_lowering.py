@@ -10,7 +10,6 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from models import shape_for
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import lower
 from moleforge.compiler.build import SiteShape, build_graph
@@ -79,7 +78,7 @@ def test_lowered_module_matches_interpreter(graph, data):
 def test_every_preset_lowers_and_matches():
     for name in presets.names():
         adapter = presets.load(name).sites[0].adapter
-        graph = build_graph(adapter, shape_for(name, 12, 10))
+        graph = build_graph(adapter, SiteShape("site", 12, 10))
         params = make_params(graph, 3)
         x = torch.randn(7, graph.d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         scalings = xlora_scalings(graph, x)  # an X-LoRA site reads its layer's scalings

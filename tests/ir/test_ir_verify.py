@@ -817,14 +817,6 @@ def kronecker_kernel_not_square():
                      nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(k[0], ParamRef("K1", (2, 3))))))
 
 
-@case("_kronecker_mix", r"kernel 4 of expert 1 does not divide the widths \(6, 10\)")
-def kronecker_kernel_not_dividing():
-    g = _ept()
-    k = g.node("mix").kernels
-    return g.replace(params=_declare(g, K1=(4, 4)),
-                     nodes=_nodes(g, mix=replace(g.node("mix"), kernels=(k[0], ParamRef("K1", (4, 4))))))
-
-
 @case("_kronecker_mix", r"expert 0 slices \(10, 6\) beyond the meta-seed \(5, 3\)")
 def kronecker_slice_beyond_the_seed():
     g = _ept()

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import shape_for
-from moleforge.compiler.build import build_graph
+from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import print_graph
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import presets
@@ -24,7 +23,7 @@ ROUTER_PARAMS = ("keys", "query", "down_")
 
 
 def pipeline_text(preset: str) -> str:
-    graph = build_graph(presets.load(preset).sites[0].adapter, shape_for(preset, 16, 24))
+    graph = build_graph(presets.load(preset).sites[0].adapter, SiteShape("site", 16, 24))
     trace: list = []
     run_pipeline(graph, DEFAULT_PIPELINE, trace)
     out, prev = ["# plain", print_graph(graph)], graph
@@ -48,7 +47,7 @@ def test_pipeline_keeps_every_preset_exact(preset):
     from moleforge.passes import run_pipeline as run
 
     adapter = presets.load(preset).sites[0].adapter
-    graph = build_graph(adapter, shape_for(preset, 12, 10))
+    graph = build_graph(adapter, SiteShape("site", 12, 10))
     x = torch.randn(6, graph.d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     params = make_params(graph, 5)
     for name in params:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..errors import InjectionError
 from ..integrations.block_module import frozen_names
 from ..integrations.ffn_trace import BlockLinear
 from ..integrations.inject import FROZEN_WEIGHT
@@ -303,14 +302,15 @@ def _rank_tasks(b: _Builder, spec: RankTasks, origin: str) -> str:
 
 
 def _kronecker_pool(b: _Builder, spec: KroneckerPool, origin: str) -> str:
-    """EPT: the shared meta-seed ``meta_B (d_out/s_min, R)``, ``meta_A (R, d_in/s_min)``, one kernel
+    """EPT: the shared meta-seed ``meta_B (⌈d_out/s_min⌉, R)``, ``meta_A (R, ⌈d_in/s_min⌉)``, one kernel
     ``K{i} (s_i, s_i)`` per expert; a router on the token (plus its task's embedding); the mixture
-    of Kronecker experts, times the task's frequency compensation; the aux losses."""
+    of Kronecker experts, times the task's frequency compensation; the aux losses. Any widths: a
+    kernel that does not divide one cuts its expert's product (:class:`KroneckerMix`)."""
     d_in, d_out, R = b.shape.d_in, b.shape.d_out, b.shape.rank or spec.rank
-    _check_kernels(b.shape, spec.kernels, origin)
     s0 = min(spec.kernels)
-    A = b.param("meta_A", (R, d_in // s0), "gaussian", fan_in=d_in // s0)
-    B = b.param("meta_B", (d_out // s0, R), "gaussian", fan_in=R)
+    w, h = -(-d_in // s0), -(-d_out // s0)  # the largest slices, of the smallest kernel
+    A = b.param("meta_A", (R, w), "gaussian", fan_in=w)
+    B = b.param("meta_B", (h, R), "gaussian", fan_in=R)
     kernels = tuple(b.param(f"K{i}", (s, s), "up") for i, s in enumerate(spec.kernels))
     src, table = "x", None
     if spec.tasks is not None:
@@ -329,22 +329,6 @@ def _kronecker_pool(b: _Builder, spec: KroneckerPool, origin: str) -> str:
             b.aux.append(b.add(TaskContrastive(id=f"aux{i}", src="x", table=table, weight=aux.weight,
                                                temperature=aux.temperature, origin=f"{origin}.aux_losses[{i}]")))
     return out
-
-
-def _check_kernels(shape: SiteShape, kernels: Sequence[int], origin: str) -> None:
-    """Every kernel divides both widths of the adapted linear.
-
-    Raises:
-        InjectionError: naming the module, the width and the kernel.
-    """
-    for i, s in enumerate(kernels):
-        for what, width in (("input", shape.d_in), ("output", shape.d_out)):
-            if width % s:
-                raise InjectionError(
-                    f"module {shape.label!r}: its {what} width {width} is not a multiple of kernel {s} "
-                    f"({origin}.kernels[{i}]); Kronecker experts need every kernel to divide both widths "
-                    f"({shape.d_in}, {shape.d_out}): use kernels that divide them, or leave this module out of "
-                    "the site's target")
 
 
 def _flat_router(b: _Builder, router, E: int, origin: str, src: str = "x", width: int | None = None) -> str:

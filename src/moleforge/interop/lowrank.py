@@ -277,14 +277,16 @@ def _by_task(graph: Graph, n, env: dict, params: Mapping[str, Tensor]):
 
 @REDUCE.register(nodes.KroneckerMix)
 def _kronecker_node(graph: Graph, n, env: dict, params: Mapping[str, Tensor]) -> _Map:
-    """``(B_i A_i) ⊗ K_i = (B_i ⊗ K_i)(A_i ⊗ I_s)``: expert i is a LoRA of rank ``R·s_i`` with
-    ``a_i = A_i ⊗ I``, ``b_i = g_i · scale · (B_i ⊗ K_i)``; the experts side by side."""
+    """``(B_i A_i) ⊗ K_i = (B_i ⊗ K_i)(A_i ⊗ I_s)``, cut to ``(d_out, d_in)`` by cutting the rows of
+    the first factor and the columns of the second: expert i is a LoRA of rank ``R·s_i`` with
+    ``a_i = (A_i ⊗ I)[:, :d_in]``, ``b_i = g_i · scale · (B_i ⊗ K_i)[:d_out]``; the experts side by side."""
     m, g = env[n.src], env[n.routing].g.to(F64)
     A, B, d_in = params[n.a.name].to(F64), params[n.b.name].to(F64), graph.width(n.src)
     a_parts, b_parts = [], []
     for i, ref in enumerate(n.kernels):
         K, s = params[ref.name].to(F64), ref.shape[0]
-        a_parts.append(torch.kron(A[:, :d_in // s], torch.eye(s, dtype=F64)))  # (R·s, d_in)
-        b_parts.append(g[i] * n.scale * torch.kron(B[:n.d_out // s], K))  # (d_out, R·s)
+        w, h = -(-d_in // s), -(-n.d_out // s)
+        a_parts.append(torch.kron(A[:, :w], torch.eye(s, dtype=F64))[:, :d_in])  # (R·s, d_in)
+        b_parts.append(g[i] * n.scale * torch.kron(B[:h], K)[:n.d_out])  # (d_out, R·s)
     return _compact(_Map(m.s, _through(m, torch.cat(a_parts, 0)), torch.cat(b_parts, 1)))
 REDUCE.add(_not_reducible, nodes.Preserve)  # an aux loss: not on the output's path

@@ -1,5 +1,5 @@
 """The interpreter's rules of EPT's nodes (:mod:`.kronecker_nodes`), in float64, written from
-their definitions: each expert's ``ΔW_i = (B_i A_i) ⊗ K_i`` is built as a matrix here (the
+their definitions: each expert's ``ΔW_i = ((B_i A_i) ⊗ K_i)[:d_out, :d_in]`` is built as a matrix here (the
 reference, not the runtime: the runtime never forms it)."""
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ F64 = torch.float64
 
 
 def expert_delta(a: Tensor, b: Tensor, kernel: Tensor, d_in: int, d_out: int) -> Tensor:
-    """``ΔW_i = (b[:d_out/s] a[:, :d_in/s]) ⊗ K_i``, ``(d_out, d_in)``."""
+    """``ΔW_i = ((b[:h] a[:, :w]) ⊗ K_i)[:d_out, :d_in]`` with ``h = ⌈d_out/s⌉``, ``w = ⌈d_in/s⌉``:
+    ``(d_out, d_in)``, the product cut where ``s`` does not divide a width."""
     s = kernel.shape[0]
-    z = b[:d_out // s] @ a[:, :d_in // s]  # (d_out/s, d_in/s)
-    return torch.kron(z, kernel)  # (d_out, d_in)
+    h, w = -(-d_out // s), -(-d_in // s)
+    z = b[:h] @ a[:, :w]  # (h, w)
+    return torch.kron(z, kernel)[:d_out, :d_in]  # (h·s, w·s) cut to (d_out, d_in)
 
 
 def run_kronecker_mix(n: kn.KroneckerMix, r) -> Tensor:

@@ -19,10 +19,11 @@ __all__ = ["KroneckerMix", "TaskEmbed", "TaskScale", "TaskContrastive"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KroneckerMix(NodeKind):
-    """``y = Σ_i g_i · scale · x ΔW_iᵀ`` with ``ΔW_i = (B_i A_i) ⊗ K_i`` ``(d_out, d_in)``:
-    ``B_i = b[:d_out/s_i]`` of ``b (H, R)``, ``A_i = a[:, :d_in/s_i]`` of ``a (R, W)``, ``K_i``
-    ``(s_i, s_i)``. Per token, with ``X (d_in/s_i, s_i)``, ``X[j, l] = x[j·s_i + l]``:
-    ``x ΔW_iᵀ = vec(B_i (A_i (X K_iᵀ)))`` (row-major), ``(T, d_in) -> (T, d_out)``."""
+    """``y = Σ_i g_i · scale · x ΔW_iᵀ`` with ``ΔW_i = ((B_i A_i) ⊗ K_i)[:d_out, :d_in]`` ``(d_out, d_in)``:
+    ``B_i = b[:h_i]`` of ``b (H, R)``, ``A_i = a[:, :w_i]`` of ``a (R, W)``, ``K_i`` ``(s_i, s_i)``,
+    ``h_i = ⌈d_out/s_i⌉``, ``w_i = ⌈d_in/s_i⌉``: a width that ``s_i`` does not divide cuts the product.
+    Per token, with ``x`` zero-padded to ``w_i·s_i`` and ``X (w_i, s_i)``, ``X[j, l] = x[j·s_i + l]``:
+    ``x ΔW_iᵀ = vec(B_i (A_i (X K_iᵀ)))[:d_out]`` (row-major), ``(T, d_in) -> (T, d_out)``."""
 
     id: str
     src: str = operand()

@@ -222,14 +222,21 @@ def _pool_magnitude(graph: Graph, n: nodes.PoolMagnitude) -> int:
 @FLOPS.register(nodes.KroneckerMix)
 def _kronecker(graph: Graph, n: nodes.KroneckerMix) -> int:
     """Per kernel size s (its ``E_s`` experts share ``Z``): ``Z X`` by the meta-seed's two GEMMs, the
-    per-token merged kernel and its product, ``2·(R·(d_in + d_out) + E_s·s² + d_out·s)``; every size
-    under a dense router, the k costliest under a top-k one (an upper bound)."""
+    per-token merged kernel and its product, ``2·(R·(d_in' + d_out') + E_s·s² + d_out'·s)`` with the
+    widths padded to multiples of s (``d' = ⌈d/s⌉·s``); every size under a dense router, the k
+    costliest under a top-k one (an upper bound)."""
     k = graph.routing(n.routing).k
     costs = sorted(kronecker_group_flops(graph.width(n.src), n.d_out, n.a.shape[0], n.sizes()), reverse=True)
     return sum(costs[:k] if k is not None else costs)
 
 
 def kronecker_group_flops(d_in: int, d_out: int, R: int, sizes: tuple[int, ...]) -> list[int]:
-    """FLOPs per token of each kernel size's group of Kronecker experts."""
-    return [2 * (R * (d_in + d_out) + sizes.count(s) * s * s + d_out * s) for s in dict.fromkeys(sizes)]
+    """FLOPs per token of each kernel size's group of Kronecker experts, on widths padded to its size."""
+    costs = []
+    for s in dict.fromkeys(sizes):
+        d_in_s, d_out_s = -(-d_in // s) * s, -(-d_out // s) * s  # the padded token, the uncut output
+        costs.append(2 * (R * (d_in_s + d_out_s) + sizes.count(s) * s * s + d_out_s * s))
+    return costs
+
+
 FLOPS.add(lambda graph, n: 0, nodes.Preserve)  # reads no token

@@ -3,7 +3,6 @@ arXiv 2603.12577; METHODS.md §15, §20.13), with task embeddings and their cont
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveInt, model_validator
@@ -34,22 +33,24 @@ KroneckerAuxLoss = Annotated[Union[SwitchLoadBalance, CV2ImportanceLoad, RouterZ
 
 
 class KroneckerPool(SpecModel):
-    """EPT: experts ``ΔW_i = Z^(i) ⊗ K_i`` (``[d_out, d_in]``) from one shared meta-seed.
+    """EPT: experts ``ΔW_i = (Z^(i) ⊗ K_i)[:d_out, :d_in]`` (``[d_out, d_in]``) from one shared meta-seed.
 
-    ``B_m (d_out/s_min, R)`` and ``A_m (R, d_in/s_min)`` (Gaussian) are shared; expert i with
-    kernel ``s_i`` slices ``Z^(i) = B_m[:d_out/s_i] A_m[:, :d_in/s_i]`` and owns ``K_i (s_i × s_i)``
-    (zero at first, as LoRA's B). With ``X (d_in/s_i, s_i)`` the token's rows
-    (``X[b, d] = x[b·s_i + d]``), ``x ΔW_iᵀ = vec(B (A (X K_iᵀ)))``: never the d_out × d_in
-    matrix. ``rank(ΔW_i) ≤ R·s_i``: the kernels build a pyramid of ranks.
+    With ``h_i = ⌈d_out/s_i⌉`` and ``w_i = ⌈d_in/s_i⌉``, ``B_m (h_max, R)`` and ``A_m (R, w_max)``
+    (Gaussian; sized for the smallest kernel) are shared; expert i with kernel ``s_i`` slices
+    ``Z^(i) = B_m[:h_i] A_m[:, :w_i]`` and owns ``K_i (s_i × s_i)`` (zero at first, as LoRA's B).
+    ``Z^(i) ⊗ K_i`` is ``(h_i·s_i, w_i·s_i)``; where a kernel does not divide a width it is cut to
+    ``(d_out, d_in)``, as the official code truncates and pads: the token is zero-padded to
+    ``w_i·s_i`` entries and the output cut to ``d_out``, so any width works. With ``X (w_i, s_i)``
+    the padded token's rows (``X[b, d] = x[b·s_i + d]``), ``x ΔW_iᵀ = vec(B (A (X K_iᵀ)))[:d_out]``:
+    never the d_out × d_in matrix. ``rank(ΔW_i) ≤ R·s_i``: the kernels build a pyramid of ranks.
 
     ``y = x W + c_t · Σ_i g_i · s · x ΔW_iᵀ`` with ``g = topk(softmax(z / τ))``, ``z = (x + e_t) W_r``
     when ``tasks`` is set (``e_t ∈ R^{d_in}`` the task embedding of the sample's task) and
     ``z = x W_r`` otherwise, ``s`` the scaling of ``alpha`` and ``rank``, and ``c_t`` the task's
     frequency compensation ``d_t / T`` (``task_frequencies``; 1 without). A call without
     ``task_ids`` routes on the token alone, with ``c_t = 1`` and no contrastive loss (a training
-    forward without them warns once); ids outside ``[0, tasks)`` are an error. Every width of an
-    adapted linear must be a multiple of every kernel. Parameters per adapted linear
-    ``R·(d_in + d_out)/s_min + Σ s_i² + E·d_in`` (+ ``tasks·d_in``)."""
+    forward without them warns once); ids outside ``[0, tasks)`` are an error. Parameters per
+    adapted linear ``R·(⌈d_in/s_min⌉ + ⌈d_out/s_min⌉) + Σ s_i² + E·d_in`` (+ ``tasks·d_in``)."""
 
     kind: Literal["kronecker_pool"] = "kronecker_pool"
     kernels: list[PositiveInt] = Field([2, 2, 4, 4, 6, 6, 8, 8], min_length=1, max_length=64)
@@ -70,10 +71,6 @@ class KroneckerPool(SpecModel):
     @property
     def experts(self) -> int:
         return len(self.kernels)
-
-    def width_multiple(self) -> int:
-        """The least width every kernel divides."""
-        return math.lcm(*self.kernels)
 
     @model_validator(mode="after")
     def _check(self) -> "KroneckerPool":

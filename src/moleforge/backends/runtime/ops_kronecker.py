@@ -17,17 +17,21 @@ __all__ = ["kronecker_group", "kronecker_mix", "task_embed", "task_scale", "task
 
 
 def kronecker_group(x: Tensor, g: Tensor, a: Tensor, b: Tensor, kernels: Tensor, d_out: int) -> Tensor:
-    """``Σ_i g_i x ((b[:h] a[:, :w]) ⊗ K_i)ᵀ`` over experts of one kernel size ``s`` (``kernels (E_s, s,
-    s)``, ``g (T, E_s)``): they share ``Z = b[:h] a[:, :w]``, so ``V = Z X`` is computed once and the
-    kernels merge per token, ``Y = V K̃_tᵀ`` with ``K̃_t = Σ_i g_ti K_i``: ``(T, d_out)``."""
+    """``Σ_i g_i x ((b[:h] a[:, :w]) ⊗ K_i)[:d_out, :d_in]ᵀ`` over experts of one kernel size ``s``
+    (``kernels (E_s, s, s)``, ``g (T, E_s)``, ``h = ⌈d_out/s⌉``, ``w = ⌈d_in/s⌉``): they share
+    ``Z = b[:h] a[:, :w]``, so ``V = Z X`` is computed once and the kernels merge per token,
+    ``Y = V K̃_tᵀ`` with ``K̃_t = Σ_i g_ti K_i``. A width ``s`` does not divide costs a zero-padded
+    token (``w·s`` entries) and a cut output: ``(T, d_out)``."""
     T, d_in = x.shape
     s = kernels.shape[-1]
-    w, h = d_in // s, d_out // s
+    w, h = -(-d_in // s), -(-d_out // s)
+    if w * s != d_in:  # the padded columns meet zeros, as if the product were cut to d_in
+        x = F.pad(x, (0, w * s - d_in))  # (T, w·s)
     cols = x.reshape(T, w, s).transpose(1, 2).reshape(T * s, w)  # (T·s, w): the s columns of every token's X
     v = (cols @ a[:, :w].T) @ b[:h].T  # (T·s, h): Z X, column by column
     merged = (g @ kernels.reshape(kernels.shape[0], s * s)).reshape(T, s, s)  # (T, s, s): K̃_t
     y = torch.bmm(merged, v.reshape(T, s, h))  # (T, s, h): (K̃_t (Z X)ᵀ), long rows for the batched product
-    return y.transpose(1, 2).reshape(T, d_out)  # y[a·s + c] = Y[a, c]
+    return y.transpose(1, 2).reshape(T, h * s)[:, :d_out]  # y[a·s + c] = Y[a, c], cut to d_out
 
 
 def kronecker_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, kernels: tuple[Tensor, ...],
