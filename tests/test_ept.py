@@ -24,6 +24,7 @@ from moleforge.interop.lowrank import reduce_site
 from moleforge.ir import interpret, verify
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import KroneckerPool, StaticRouter, TaskContrastiveLoss
+from sample_checks import assert_lowered_matches_the_interpreter
 from strategies import kronecker_pools, lowered, make_params
 from tolerances import assert_close
 
@@ -100,15 +101,6 @@ def test_task_embedding_factor_and_contrastive_loss_by_hand():
 
 # ---- properties against the interpreter -----------------------------------------------------
 
-def _grads(run, x, params, trainable):
-    leaves = {k: params[k].clone().requires_grad_(True) for k in trainable}
-    x_leaf = x.clone().requires_grad_(True)
-    y, aux = run(x_leaf, leaves)
-    probe = torch.linspace(-1, 1, y.numel(), dtype=F64).reshape(y.shape)
-    grads = torch.autograd.grad((y * probe).sum() + aux, [x_leaf, *leaves.values()], allow_unused=True)
-    return y.detach(), aux.detach(), dict(zip(["x", *leaves], grads))
-
-
 @settings(max_examples=30, deadline=None)
 @given(adapter=kronecker_pools(tasks=True), seed=st.integers(0, 2**16), data=st.data())
 def test_lowered_kronecker_pool_matches_the_interpreter_before_and_after_the_passes(adapter, seed, data):
@@ -147,33 +139,7 @@ def _lowered_matches_the_interpreter(adapter: KroneckerPool, shape: SiteShape, T
     if not all(v > MARGIN for v in ref.margins.values()):
         return False
     assert ref.output.abs().max() > 1e-6, "the drawn adapter is not a no-op"
-    trainable = [d.name for d in graph.params if d.trainable]
-
-    def run_ref(g):
-        def run(xl, leaves):
-            r = interpret(g, {**params, **leaves}, xl, samples=samples, routing=ref.routes)
-            return r.output, r.aux_total
-        return run
-
-    want = _grads(run_ref(graph), x, params, trainable)
-    final = run_pipeline(graph, DEFAULT_PIPELINE)
-    for g in (graph, final):
-        got = _grads(run_ref(g), x, params, trainable)
-        assert_close(got[0], want[0])
-        assert_close(got[1], want[1])
-        gm = lowered(g, params)
-        x_leaf = x.clone().requires_grad_(True)
-        y, aux, _ = gm(x_leaf, samples)
-        aux = torch.zeros((), dtype=F64) if aux is None else aux
-        assert_close(y.detach(), want[0])
-        assert_close(aux.detach(), want[1])
-        probe = torch.linspace(-1, 1, y.numel(), dtype=F64).reshape(y.shape)
-        ((y * probe).sum() + aux).backward()
-        assert_close(x_leaf.grad, want[2]["x"], msg="grad of x")
-        for k in trainable:
-            got_k, w = getattr(gm, k).grad, want[2][k]
-            zeros = torch.zeros_like(params[k])
-            assert_close(zeros if got_k is None else got_k, zeros if w is None else w, msg=f"grad of {k}")
+    assert_lowered_matches_the_interpreter(graph, params, x, samples, ref)
     return True
 
 

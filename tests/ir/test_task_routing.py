@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.errors import InputError
 from moleforge.ir import interpret, verify
-from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import (
     ExpertPool,
     LocalizedBalance,
@@ -23,6 +22,7 @@ from moleforge.specs import (
     TaskRoutingLoss,
     TopKRouter,
 )
+from sample_checks import assert_lowered_matches_the_interpreter
 from strategies import lowered, make_params
 from tolerances import assert_close
 
@@ -117,16 +117,6 @@ def task_graphs(draw):
     return graph, bound
 
 
-def _grads(run, x, params, trainable):
-    leaves = {k: params[k].clone().requires_grad_(True) for k in trainable}
-    x_leaf = x.clone().requires_grad_(True)
-    y, aux = run(x_leaf, leaves)
-    probe = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
-    loss = (y * probe).sum() + aux
-    grads = torch.autograd.grad(loss, [x_leaf, *leaves.values()], allow_unused=True)
-    return y.detach(), aux.detach(), dict(zip(["x", *leaves], grads))
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(drawn=task_graphs(), seed=st.integers(0, 2**16), data=st.data())
 def test_lowered_task_routing_matches_the_interpreter_before_and_after_the_passes(drawn, seed, data):
@@ -140,31 +130,4 @@ def test_lowered_task_routing_matches_the_interpreter_before_and_after_the_passe
     x = torch.randn(T, graph.d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = interpret(graph, params, x, samples=samples)
     assume(all(m > MARGIN for m in ref.margins.values()))
-    trainable = [d.name for d in graph.params if d.trainable]
-
-    def run_ref(g):
-        def run(xl, leaves):
-            r = interpret(g, {**params, **leaves}, xl, samples=samples, routing=ref.routes)
-            return r.output, r.aux_total
-        return run
-
-    want = _grads(run_ref(graph), x, params, trainable)
-    final = run_pipeline(graph, DEFAULT_PIPELINE)
-    for g in (graph, final):
-        got_ref = _grads(run_ref(g), x, params, trainable)  # the passes keep the meaning
-        for a, b in zip(got_ref[:2], want[:2]):
-            assert_close(a, b)
-        gm = lowered(g, params)
-        x_leaf = x.clone().requires_grad_(True)
-        y, aux, _ = gm(x_leaf, samples)
-        probe = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
-        assert_close(y.detach(), want[0])
-        assert_close(aux.detach(), want[1])
-        ((y * probe).sum() + aux).backward()
-        assert_close(x_leaf.grad, want[2]["x"], msg="grad of x")
-        for k in trainable:
-            if k in {d.name for d in g.params}:
-                got = getattr(gm, k).grad
-                w = want[2][k]
-                zeros = torch.zeros_like(params[k])
-                assert_close(zeros if got is None else got, zeros if w is None else w, msg=f"grad of {k}")
+    assert_lowered_matches_the_interpreter(graph, params, x, samples, ref)
