@@ -19,15 +19,21 @@ ADJUSTED = {
                    "concatenated batch as the ranks draw it for their halves; compared instead: both ranks route "
                    "the same batch with the same seeded noise (seed_noise(7, rank=0)), whose whole-batch loss is "
                    "that of one copy (the LM loss is a token mean, the CV² losses are scale-free in their summed "
-                   "statistics), against one process on that batch with that seed",
+                   "statistics), against one process on that batch with that seed. A missing sum of the "
+                   "statistics over the ranks would not show here; the smore_cv2 grad case (ddp_helpers) checks "
+                   "that sum for a tree's CV² loss with a different batch per rank",
     "xlora": "its classifier's dropout (0.2) draws masks from torch's generator per row, which one process "
              "cannot draw for a concatenated batch as the ranks draw them; compared with that dropout set to 0",
 }
 """Presets whose single-process equivalence is not exact by construction, and what is compared
-instead. Every other preset runs as shipped (with its inputs)."""
+instead. Every other preset runs as shipped (up-projections drawn, aux losses weighted up, with
+the inputs it needs)."""
 
 SAME_BATCH = frozenset({"smore_noisy"})
 """Presets whose ranks route the same batch (see ``ADJUSTED``)."""
+
+WITHOUT_DROPOUT = frozenset({"xlora"})
+"""Presets compared with every dropout of their spec set to 0 (see ``ADJUSTED``)."""
 
 NOISE_SEED = 7
 FOLDER_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,16 +62,13 @@ def takes_folders(spec) -> bool:
     return any(getattr(s.adapter, "frozen_experts", False) for s in spec.sites)
 
 
-def _without_classifier_dropout(spec):
-    """``spec`` with every X-LoRA router's dropout 0 (see ``ADJUSTED``)."""
-    import moleforge as mf
-
-    data = spec.model_dump(mode="json")
-    for site in data["sites"]:
-        router = site["adapter"].get("router") or {}
-        if router.get("kind") == "xlora":
-            router["dropout"] = 0.0
-    return mf.AdapterSpec.model_validate(data)
+def _without_dropout(data):
+    """``data`` (a spec's JSON) with every ``dropout`` set to 0 (see ``ADJUSTED``)."""
+    if isinstance(data, dict):
+        return {k: 0.0 if k == "dropout" else _without_dropout(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_without_dropout(v) for v in data]
+    return data
 
 
 def preset_spec(name: str, folder: str | Path):
@@ -77,8 +80,8 @@ def preset_spec(name: str, folder: str | Path):
     spec = mf.presets.load(name)
     if takes_folders(spec):
         spec = with_experts(spec, [str(p) for p in expert_folders(folder)])
-    if name == "xlora":
-        spec = _without_classifier_dropout(spec)
+    if name in WITHOUT_DROPOUT:
+        spec = mf.AdapterSpec.model_validate(_without_dropout(spec.model_dump(mode="json")))
     return spec.with_init(mf.Init(up="normal", std=0.3, seed=1)).model_copy(update={"aux_loss_coef": 20.0})
 
 
@@ -154,8 +157,8 @@ def preset_reference(name: str, folder: str | Path) -> tuple[dict[str, torch.Ten
 
 def assert_like_one_process(name: str, ranks: list[tuple[dict, float | None]], folder: str | Path) -> None:
     """Every rank's ``(gradients, aux loss)`` of preset ``name`` equal one process's on the
-    reference batch: the gradients to 1e-10 of the largest (float64), the aux loss (every rank
-    reports the whole batch's) to 1e-12. Every trainable tensor's reference gradient is non-zero,
+    reference batch (float64): the gradients to 1e-10 of the largest, the aux loss (every rank
+    reports the whole batch's) to 1e-10 of itself. Every trainable tensor's reference gradient is non-zero,
     so that no comparison passes on zeros."""
     import pytest
 
@@ -169,4 +172,5 @@ def assert_like_one_process(name: str, ranks: list[tuple[dict, float | None]], f
         assert diff < 1e-10, f"{name}, rank {r}: gradients differ from one process's by {diff:.3g} of the largest"
         assert (aux is None) == (want_aux is None), (name, r)
         if want_aux is not None:
-            assert aux == pytest.approx(want_aux, rel=1e-12, abs=1e-15), (name, r)
+            assert aux == pytest.approx(want_aux, rel=1e-10, abs=1e-15), f"{name}, rank {r}: aux loss {aux!r}, " \
+                f"one process's {want_aux!r}"

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import moleforge as mf
 from ddp_helpers import GRAD_CASES, WORLD, ddp_stats_worker, noisy_logits, reference_biases, reference_grads
-from preset_cases import ADJUSTED, assert_like_one_process, make_expert_folders
+from preset_cases import ADJUSTED, SAME_BATCH, WITHOUT_DROPOUT, assert_like_one_process, make_expert_folders
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_ddp_gradients_of_every_preset_equal_one_process_on_the_whole_batch(rank
     assert_like_one_process(preset, [r["presets"][preset] for r in ranks], ranks[0]["folder"])
 
 
-def test_every_preset_ran_under_ddp(ranks):
+def test_every_preset_ran_under_ddp_and_every_adjustment_is_explained(ranks):
     assert all(set(r["presets"]) == set(mf.presets.names()) for r in ranks)
+    assert set(ADJUSTED) == SAME_BATCH | WITHOUT_DROPOUT, "each preset compared otherwise says why, and only those"
     assert set(ADJUSTED) <= set(mf.presets.names()), "an adjustment for a preset that is gone"
