@@ -101,7 +101,8 @@ def preset_model(name: str, folder: str | Path):
 def _needs_sample_types(handle) -> bool:
     from moleforge.ir import AuxLoss
 
-    return any(isinstance(n, AuxLoss) and n.kind == "localized_balance" for g in handle.graphs.values() for n in g.nodes)
+    return any(isinstance(n, AuxLoss) and n.kind == "localized_balance"
+               for g in handle.graphs.values() for n in g.nodes)
 
 
 def preset_batch(name: str, handle, rank: int) -> dict:
