@@ -207,7 +207,8 @@ def noisy_logits(rank: int | None = None) -> list[torch.Tensor]:
 def ddp_stats_worker(rank: int, world: int, folder: str) -> None:
     """Under DDP: every grad case with the statistics summed over the ranks and without
     (``set_statistics_group(None)``), a ``smora`` balancing step, ``mf.save`` on every rank (to
-    ``adapter_rank<N>``) and the noisy gate's logits seeded per rank; writes ``rank<N>.pt``."""
+    ``adapter_rank<N>``), the noisy gate's logits seeded per rank and one step of every preset;
+    writes ``rank<N>.pt``."""
     with process_group(rank, world, folder):
         import moleforge as mf
         from models import tiny
@@ -227,8 +228,21 @@ def ddp_stats_worker(rank: int, world: int, folder: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         biases = balancing_step(ddp, handle, balancing_batches(rank))
         mf.save(handle, Path(folder, f"adapter_rank{rank}"))
-        torch.save({"grads": grads, "aux": aux, "biases": biases, "noise": noisy_logits()},
-                   Path(folder, f"rank{rank}.pt"))
+        torch.save({"grads": grads, "aux": aux, "biases": biases, "noise": noisy_logits(),
+                    "presets": every_preset(folder, rank, _ddp)}, Path(folder, f"rank{rank}.pt"))
+
+
+def _ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def every_preset(folder: str, rank: int, wrap) -> dict:
+    """``{preset: (adapter gradients, aux loss)}`` of one step of every preset under ``wrap``
+    (``preset_cases.py``; the folders of frozen experts made in ``folder`` before the spawn)."""
+    import moleforge as mf
+    from preset_cases import rank_step
+
+    return {name: rank_step(name, folder, rank, wrap) for name in mf.presets.names()}
 
 
 # ---- FSDP2 -------------------------------------------------------------------------------------
@@ -248,7 +262,7 @@ def shard(model) -> None:
 def fsdp_worker(rank: int, world: int, folder: str) -> None:
     """Under FSDP2 (``fully_shard``): the grad cases' gradients, a ``smora`` balancing step, and
     ``mf.save`` called on every rank (to ``adapter_rank<N>``: only rank 0's may appear), read back
-    into a fresh sharded adapter; writes ``rank<N>.pt``."""
+    into a fresh sharded adapter, and one step of every preset; writes ``rank<N>.pt``."""
     with process_group(rank, world, folder):
         import moleforge as mf
         from models import tiny
@@ -274,5 +288,10 @@ def fsdp_worker(rank: int, world: int, folder: str) -> None:
         again.load_state_dict(read_adapter(Path(folder, "adapter_rank0"))[1])
         loaded = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in again.state_dict().items()}
         sharded = any(hasattr(v, "full_tensor") for v in again.state_dict().values())
-        torch.save({"grads": grads, "biases": biases, "saved": saved, "loaded": loaded, "sharded": sharded},
-                   Path(folder, f"rank{rank}.pt"))
+        torch.save({"grads": grads, "biases": biases, "saved": saved, "loaded": loaded, "sharded": sharded,
+                    "presets": every_preset(folder, rank, _sharded)}, Path(folder, f"rank{rank}.pt"))
+
+
+def _sharded(model):
+    shard(model)
+    return model

@@ -9,13 +9,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import moleforge as mf
 from ddp_helpers import GRAD_CASES, WORLD, ddp_stats_worker, noisy_logits, reference_biases, reference_grads
+from preset_cases import ADJUSTED, SAME_BATCH, WITHOUT_DROPOUT, assert_like_one_process, make_expert_folders
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Both ranks' results: ``{"grads": {(case, reduced): ...}, "aux": ..., "biases": ...}``."""
+    """Both ranks' results: ``{"grads": {(case, reduced): ...}, "aux": ..., "biases": ...,
+    "presets": {preset: (grads, aux)}}``."""
     folder = tmp_path_factory.mktemp("ddp_stats")
+    make_expert_folders(folder)
     mp.spawn(ddp_stats_worker, args=(WORLD, str(folder)), nprocs=WORLD, join=True)
     return [torch.load(folder / f"rank{r}.pt") | {"folder": folder} for r in range(WORLD)]
 
@@ -67,3 +71,18 @@ def test_save_writes_on_rank_zero_only(ranks):
     folder = ranks[0]["folder"]
     assert (folder / "adapter_rank0" / "moleforge_config.json").is_file()
     assert not (folder / "adapter_rank1").exists()
+
+
+@pytest.mark.parametrize("preset", mf.presets.names())
+def test_ddp_gradients_of_every_preset_equal_one_process_on_the_whole_batch(ranks, preset):
+    """Every preset (``moleforge presets``) as shipped, with the inputs it needs, under DDP with
+    ``find_unused_parameters=True``: each rank's gradients after one step and its aux loss are one
+    process's on the concatenated batch (``preset_cases.ADJUSTED``: the presets compared otherwise,
+    and why)."""
+    assert_like_one_process(preset, [r["presets"][preset] for r in ranks], ranks[0]["folder"])
+
+
+def test_every_preset_ran_under_ddp_and_every_adjustment_is_explained(ranks):
+    assert all(set(r["presets"]) == set(mf.presets.names()) for r in ranks)
+    assert set(ADJUSTED) == SAME_BATCH | WITHOUT_DROPOUT, "each preset compared otherwise says why, and only those"
+    assert set(ADJUSTED) <= set(mf.presets.names()), "an adjustment for a preset that is gone"

@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import moleforge as mf
 from ddp_helpers import FSDP_CASES, WORLD, fsdp_worker, reference_biases, reference_grads
+from preset_cases import assert_like_one_process, make_expert_folders
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp2")
+    make_expert_folders(folder)
     mp.spawn(fsdp_worker, args=(WORLD, str(folder)), nprocs=WORLD, join=True)
     return folder, [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -54,3 +57,13 @@ def test_fsdp2_save_gathers_and_writes_once_and_loads_into_a_sharded_adapter(run
         assert ranks[r]["sharded"], "the fresh adapter was sharded when it loaded"
         for k in saved:
             assert torch.equal(ranks[r]["loaded"][k], saved[k]), (r, k)
+
+
+@pytest.mark.parametrize("preset", mf.presets.names())
+def test_fsdp2_gradients_of_every_preset_equal_one_process_on_the_whole_batch(run, preset):
+    """Every preset under ``fully_shard`` per decoder layer and on the model: each rank's gathered
+    gradients after one step and its aux loss are one process's on the concatenated batch
+    (``preset_cases.ADJUSTED``: the presets compared otherwise, and why)."""
+    folder, ranks = run
+    assert set(ranks[0]["presets"]) == set(mf.presets.names())
+    assert_like_one_process(preset, [r["presets"][preset] for r in ranks], folder)
