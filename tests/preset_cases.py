@@ -1,6 +1,5 @@
 """Every preset as a data-parallel case (``tests/test_ddp_stats.py``, ``tests/test_fsdp2.py``): the
-preset on a float64 one-layer tiny Llama (as wide as its kernels need: EPT), up-projections drawn
-non-zero, aux losses weighted up, with the inputs it needs (task ids, LoRAMoE's sample types, PEFT
+preset on a float64 one-layer tiny Llama, up-projections drawn non-zero, aux losses weighted up, with the inputs it needs (task ids, LoRAMoE's sample types, PEFT
 LoRA folders for pools of frozen experts), and one process's gradients on the concatenated batch.
 
 The workers live in ``ddp_helpers.py``; this module only builds the cases, so that the ranks and
@@ -86,12 +85,12 @@ def preset_spec(name: str, folder: str | Path):
 
 
 def preset_model(name: str, folder: str | Path):
-    """A float64 one-layer tiny Llama (wide enough for the preset) in training mode with the
-    preset compiled in: ``(model, handle)``; the noisy gate's noise seeded as rank 0's."""
+    """A float64 one-layer tiny Llama in training mode with the preset compiled in: ``(model,
+    handle)``; the noisy gate's noise seeded as rank 0's."""
     import moleforge as mf
-    from models import tiny_for
+    from models import tiny
 
-    model = tiny_for(name, layers=1).double().train()
+    model = tiny("llama", layers=1).double().train()
     handle = mf.compile(preset_spec(name, folder), model)
     if name in SAME_BATCH:
         handle.seed_noise(NOISE_SEED, rank=0)
