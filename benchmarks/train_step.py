@@ -66,6 +66,17 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 FFN = ["gate_proj", "up_proj", "down_proj"]
 
 
+def _init_experts(module: nn.Module, base: nn.Linear, experts: int, rank: int, alpha: float,
+                  sink: list | None) -> None:
+    """The frozen ``base``, a router and ``experts`` LoRA pairs (B drawn non-zero), as plain modules."""
+    module.base, module.scale, module.sink = base, alpha / rank, sink
+    module.router = nn.Linear(base.in_features, experts, bias=False)
+    module.lora_a = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(experts))
+    module.lora_b = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(experts))
+    for b in module.lora_b:
+        nn.init.normal_(b.weight, std=0.02)
+
+
 class NaiveMoLoRA(nn.Module):
     """MoE-LoRA around a frozen linear, written the usual way: a softmax top-k router, then a
     Python loop over experts, each gathering its tokens, running its two small linears and
@@ -74,13 +85,8 @@ class NaiveMoLoRA(nn.Module):
     def __init__(self, base: nn.Linear, experts: int = 8, k: int = 2, rank: int = 8, alpha: float = 16,
                  aux_weight: float = 0.01, sink: list | None = None):
         super().__init__()
-        self.base, self.k, self.scale, self.aux_weight = base, k, alpha / rank, aux_weight
-        self.router = nn.Linear(base.in_features, experts, bias=False)
-        self.lora_a = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(experts))
-        self.lora_b = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(experts))
-        for b in self.lora_b:
-            nn.init.normal_(b.weight, std=0.02)
-        self.sink = sink
+        _init_experts(self, base, experts, rank, alpha, sink)
+        self.k, self.aux_weight = k, aux_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
@@ -109,13 +115,8 @@ class NaiveDynMoLE(nn.Module):
     def __init__(self, base: nn.Linear, experts: int = 6, rank: int = 24, alpha: float = 48, top_p: float = 0.75,
                  k: int = 2, q: float = 1.1, threshold: float = 0.9, sink: list | None = None):
         super().__init__()
-        self.base, self.scale, self.top_p, self.k, self.q, self.threshold = base, alpha / rank, top_p, k, q, threshold
-        self.router = nn.Linear(base.in_features, experts, bias=False)
-        self.lora_a = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(experts))
-        self.lora_b = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(experts))
-        for b in self.lora_b:
-            nn.init.normal_(b.weight, std=0.02)
-        self.sink = sink
+        _init_experts(self, base, experts, rank, alpha, sink)
+        self.top_p, self.k, self.q, self.threshold = top_p, k, q, threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # (T, d_in)
