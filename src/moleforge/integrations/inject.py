@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import fx, nn
+from torch.nn.modules import module as torch_module
 
 from ..backends.runtime.ops import in_backward
 from ..errors import InjectionError
@@ -89,8 +90,6 @@ def _accumulable(out: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _hooked(module: nn.Module) -> bool:
     """Whether a forward hook (the module's own, or a global one) would run on calling ``module``."""
-    from torch.nn.modules import module as torch_module
-
     return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks)
 
