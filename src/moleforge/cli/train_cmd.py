@@ -145,7 +145,6 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
 
     from .. import compiler
     from ..integrations.trainer import MoleforgeTrainerCallback
-    from ..interop.checkpoint import save
     from .hf_trainer import AdapterTrainer, ExampleDataset, PadCollator
 
     set_seed(opts["seed"])  # the adapter's initial values (a spec without init.seed draws from torch's generator)
@@ -167,8 +166,26 @@ def _train(spec, model, tokenizer, examples, out: Path, last: str | None, flags:
     if last is not None:
         _say(f"resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
-    if not trainer.is_world_process_zero():  # under torchrun, one process writes the results
-        return
+    try:
+        if trainer.is_world_process_zero():  # under torchrun, one process writes the results
+            _finish(trainer, handle, spec, result, out, n, opts)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, every rank waits for rank 0's writes, then leaves the process group
+    (a rank that exits while gloo's threads still run aborts with SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _finish(trainer, handle, spec, result, out: Path, n: int, opts: dict) -> None:
+    from ..interop.checkpoint import save
+
     path = save(handle, out / "adapter")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {"spec": spec.name, "model": opts["model"], "steps": trainer.state.global_step,
