@@ -1,6 +1,7 @@
 """Every preset as a data-parallel case (``tests/test_ddp_stats.py``, ``tests/test_fsdp2.py``): the
-preset on a float64 one-layer tiny Llama, up-projections drawn non-zero, aux losses weighted up, with the inputs it needs (task ids, LoRAMoE's sample types, PEFT
-LoRA folders for pools of frozen experts), and one process's gradients on the concatenated batch.
+preset on a float64 one-layer tiny Llama, up-projections drawn non-zero, aux losses weighted up,
+with the inputs it needs (task ids, LoRAMoE's sample types, PEFT LoRA folders for pools of frozen
+experts), and one process's gradients on the concatenated batch.
 
 The workers live in ``ddp_helpers.py``; this module only builds the cases, so that the ranks and
 the reference build the same ones."""

@@ -124,10 +124,13 @@ def test_mixlora_blocks_read_as_routed_experts_next_to_the_attention_loras():
     assert all(torch.equal(v, state[key]) for key, v in model.state_dict().items())
 
 
+UNBUILT = "(built when a routed FFN block, a residual tree or a routed LoRA pool is lowered for a CPU)"
+
+
 def _built(predicted: str) -> str:
     """What a handle explains where ``explain`` predicted: the same, except that the handle knows
     the CPU kernel's build (at compile) went through."""
-    return predicted.replace("(built when a routed FFN block or a residual tree is lowered for a CPU)", "(built)")
+    return predicted.replace(UNBUILT, "(built)")
 
 
 def test_handle_explains_its_blocks_as_explain_predicted():
@@ -135,7 +138,7 @@ def test_handle_explains_its_blocks_as_explain_predicted():
     handle = mf.compile("mixlora", tiny("llama"))
     # the same, except that the handle knows the CPU kernel's build went through
     assert handle.explain() == _built(predicted)
-    assert "(built when a routed FFN block or a residual tree is lowered for a CPU)" in predicted
+    assert UNBUILT in predicted
     assert "rank ?" not in predicted
     assert "plain LoRA" not in _fields(predicted, "model.layers.{0,1}.mlp")["kernel"]
 

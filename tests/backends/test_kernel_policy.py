@@ -149,10 +149,11 @@ def test_describe_one_line_per_op_family():
     assert lines == [
         "sparse pools: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
         "residual trees: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
-        "routed FFN blocks: compiled CPU kernel on CPU float32/float64 tensors (built when a routed FFN block "
-        "or a residual tree is lowered for a CPU), torch ops elsewhere",
+        "routed FFN blocks: compiled CPU kernel on CPU float32/float64 tensors (built when a routed FFN block, "
+        "a residual tree or a routed LoRA pool is lowered for a CPU), torch ops elsewhere",
         "decode path: sparse pools at <= 16 tokens per site as one dense GEMM of all experts, gated after (no "
-        "sort, gather or scatter), in their planned form above; residual trees routed and propagated by the "
+        "sort, gather or scatter), in their planned form above; residual trees routed and propagated, and routed "
+        "LoRA pools (softmax top-k or dense gate) routed and mixed over each token's selected experts, by the "
         "compiled CPU kernel on CPU float32/float64; without autograd, weights packed once and kept "
         "between calls; no aux losses in evaluation mode without autograd (handle.eval_aux asks for them)",
     ]
@@ -164,10 +165,10 @@ def test_describe_one_line_per_op_family():
     assert KernelPolicy(triton="off").describe()[0].startswith("sparse pools: torch ops (Triton off")
     assert KernelPolicy(has_triton=False).describe()[1] == "residual trees: torch ops (Triton is not installed)"
     assert "(built)" in KernelPolicy(cpu_built=True).describe()[2]
-    assert "residual trees routed and propagated by the compiled CPU kernel" in lines[3]
+    assert "by the compiled CPU kernel" in lines[3] and "routed LoRA pools" in lines[3]
     assert KernelPolicy(cpu_built=True).describe()[3] == lines[3]
-    assert "residual trees" not in KernelPolicy(cpu="off").describe()[3]
-    assert "residual trees" not in KernelPolicy(cpu_built=False).describe()[3]
+    assert "compiled CPU kernel" not in KernelPolicy(cpu="off").describe()[3]
+    assert "compiled CPU kernel" not in KernelPolicy(cpu_built=False).describe()[3]
     assert KernelPolicy(has_triton=True).describe(["routed_ffn", "grouped"]) == [lines[0], lines[2]]
     with pytest.raises(ValueError, match="unknown op families"):
         KernelPolicy().describe(["pools"])

@@ -139,7 +139,7 @@ def _lower_site(spec: AdapterSpec, site: PlannedSite, model: nn.Module, groups: 
     dtype = _adapter_dtype(base.weight)
     try:
         store = ParamStore(graph.params, up=init.up, std=init.std, generator=gen, dtype=dtype)
-        gm = lower(graph, store, groups, policy, device=base.weight.device).to(base.weight.device)
+        gm = lower(graph, store, groups, policy, device=base.weight.device, plain=site.plain).to(base.weight.device)
         if block is not None:
             return build_block_module(block.traced, gm, collector, uses_samples=uses_samples, dtype=dtype)
         adapted = AdaptedLinear(base, gm, collector, uses_samples=uses_samples, site_name=site.name,

@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch.nn.modules import module as torch_module
 
 from ..backends.runtime.ops import in_backward
+from ..backends.runtime.ops_decode import decode_step
 from ..errors import InjectionError
 from ..ir import Routing, TreeRouting
 from .quantized import dequantized
@@ -205,7 +206,12 @@ class AdaptedLinear(nn.Module):
         # the generated forward itself unless a hook watches the site: the module-call wrappers
         # cost as much as a decoding step's adapter arithmetic
         site = self.site
-        call = site if _hooked(site) else site.forward
+        hooked = _hooked(site)
+        if log is None and not hooked:  # a routed pool's decode form, where the policy takes it
+            y = decode_step(site, flat, acc)
+            if y is not None:
+                return y
+        call = site if hooked else site.forward
         y, _, routes = call(flat, samples, acc=acc, mask=mask, **self._frozen())
         if log is not None and routes:
             log.append((self.site_name, logged_routes(routes, mask)))

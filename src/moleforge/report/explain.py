@@ -20,6 +20,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Literal, Sequence
 
+from ..backends.torch_fx.lower_decode import pool_decode_form
 from ..ir import (
     AuxLoss,
     BlockGate,
@@ -161,7 +162,7 @@ def _linear_fields(members: list[SiteRow], pipeline: Sequence[Pass], decode_toke
     lines += field("parameters", parameters_text(g))
     lines += field("FLOPs/token", _flops(g, final))
     lines += field("base FLOPs", _base_flops(final))
-    lines += field("kernel", _kernel(final, pipeline, decode_tokens))
+    lines += field("kernel", _kernel(final, pipeline, decode_tokens) + _pool_decode(g, decode_tokens))
     sib = next((n for n in final.nodes if isinstance(n, SiblingLinear)), None)
     if sib is not None:
         members_text = sib.group[sib.group.find("{"):] if "{" in sib.group else sib.group
@@ -293,6 +294,16 @@ def _decode_kernel(g: Graph, n, decode_tokens: int) -> str:
         return ""
     E, rank = g.routing(n.routing).experts, expr_shape(n.a)[1]
     return f"; at <= {decode_tokens} tokens (decode path): all {E * rank} ranks in one dense GEMM, gated after"
+
+
+def _pool_decode(plain: Graph, decode_tokens: int) -> str:
+    """The decode form's line when the site has one (``torch_fx/lower_decode.py``)."""
+    form = pool_decode_form(plain)
+    if form is None or decode_tokens == 0:
+        return ""
+    chosen = f"top-{form.k}" if form.gate == "softmax_topk" else "the dense gate"
+    return (f"; decode step (<= {decode_tokens} tokens, no autograd, CPU float32/float64): router, {chosen} and "
+            "each token's selected experts' factors in one call of the compiled CPU kernel")
 
 
 def _node_lines(g: Graph) -> list[str]:

@@ -1,7 +1,8 @@
 """Compiled CPU kernels: the routed FFN-block experts fused token by token
 (``routed_ffn.cpp``, custom ops ``moleforge_cpu::routed_ffn`` and its backward), and a residual
 tree's routing and propagation for the few tokens of a decoding step (``tree_decode.cpp``,
-``moleforge_cpu::tree_route`` and ``tree_propagate``, no autograd).
+``moleforge_cpu::tree_route`` and ``tree_propagate``, no autograd), and a routed LoRA pool's
+decode step (``pool_decode.cpp``, ``moleforge_cpu::pool_decode``, no autograd).
 
 The source ships with the package and is compiled with ``torch.utils.cpp_extension`` when a
 module with routed FFN blocks or residual trees is lowered under a kernel policy that may choose the kernel
@@ -33,7 +34,7 @@ import torch
 
 __all__ = ["build", "load", "KernelBuildError"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("routed_ffn.cpp", "tree_decode.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("routed_ffn.cpp", "tree_decode.cpp", "pool_decode.cpp")]
 
 
 class KernelBuildError(RuntimeError):

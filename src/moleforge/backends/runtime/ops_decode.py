@@ -10,16 +10,25 @@ up to the order of the floating-point additions.
 Without autograd in evaluation mode a generated module computes no aux loss (:func:`aux_wanted`)
 unless it is asked to (its ``eval_aux`` attribute, ``handle.eval_aux(True)``): nothing could
 differentiate it.
+
+A routed LoRA pool (router, softmax top-k or dense gate, the pool's mix; the plain IR of MoLoRA,
+MoLA, HydraLoRA, LoRAMoE) has a second entry point, its decode form (:class:`PoolDecode`, the
+generated module's ``decode_form``): without autograd at decode sizes on a CPU, one call of the
+compiled kernel (``backends/cpu/pool_decode.py``) routes each token and applies its selected
+experts' factors only, in place of the whole generated forward (:func:`decode_step`).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import dataclass
 
+import torch
+from torch import Tensor, nn
+
+from ..cpu import pool_decode
 from .packed import PackCache, packed
 
-__all__ = ["dense_mix", "aux_wanted"]
+__all__ = ["dense_mix", "aux_wanted", "PoolDecode", "decode_step"]
 
 
 def aux_wanted(training: bool, eval_aux: bool) -> bool:
@@ -52,3 +61,44 @@ def dense_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float,
     h = x @ rows.T  # (T, E·r)
     g = (h.view(T, E, r) * (gates * scale).unsqueeze(-1)).view(T, E * r)  # (T, E·r)
     return g @ cols.T  # (T, d_out)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDecode:
+    """The decode form of a generated module whose plain IR is one routed LoRA pool:
+    ``y = acc + Σ_e scale·g_e B_e A_e x`` with ``g = gate(x W_rᵀ)``. It names the module's
+    tensors (read at each call, so loading, moving and training the module keep it current) and
+    the gate's constants; lowering makes it (``torch_fx/lower_decode.py``)."""
+
+    router_w: str
+    a: str
+    b: str
+    gate: str
+    """``"softmax_topk"`` or ``"dense_softmax"`` (``pool_decode.GATE_CODES``)."""
+    k: int
+    renormalize: bool
+    temperature: float
+    scale: float
+
+    def __call__(self, site: nn.Module, x: Tensor, acc: Tensor | None) -> Tensor:
+        """``acc + Δy`` (``Δy`` without ``acc``) for ``x (T, d_in)``, in the CPU kernel."""
+        return pool_decode.run(x, _tensor(site, self.router_w), _tensor(site, self.a), _tensor(site, self.b), acc,
+                               self.gate, self.k, self.renormalize, self.temperature, self.scale)
+
+
+def _tensor(site: nn.Module, name: str) -> Tensor:
+    """The module's stored tensor ``name`` (a parameter, or a buffer when frozen)."""
+    t = site._parameters.get(name)
+    return site._buffers[name] if t is None else t
+
+
+def decode_step(site: nn.Module, x: Tensor, acc: Tensor | None) -> Tensor | None:
+    """The generated module ``site``'s output on ``x`` through its decode form when the kernel
+    policy takes it here (a CPU tensor of float32/float64 at decode sizes, the kernel built, no
+    autograd, not under ``torch.compile``); ``None`` when the generated forward must run."""
+    form = site.__dict__.get("decode_form")
+    if form is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if site.kernel_policy.pool_decode_kernel(x.device, x.dtype, x.shape[0]) != "cpu":
+        return None
+    return form(site, x, acc)

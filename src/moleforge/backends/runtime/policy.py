@@ -15,7 +15,9 @@ Op families and their kernels:
   (``backends/triton/tree.py``) or torch ops; at decode sizes without autograd, the compiled C++
   CPU kernel routes and propagates (``backends/cpu/tree_decode.py``);
 - routed FFN blocks (``ops_block.routed_ffn``): the compiled C++ CPU kernel (``backends/cpu``) or
-  torch ops.
+  torch ops;
+- routed LoRA pools at decode sizes without autograd (``ops_decode.decode_step``): the compiled
+  C++ CPU kernel (``backends/cpu/pool_decode.py``) or the generated forward.
 
 ``auto`` picks a kernel on a device only once its tests have passed there (``-m gpu`` for CUDA,
 results committed): :data:`TRITON_VERIFIED_DEVICES` lists those devices, none yet, so CUDA runs
@@ -177,6 +179,13 @@ class KernelPolicy:
         once built, else the torch ops."""
         return "cpu" if self.decode(tokens) and self.routed_ffn_kernel(device, dtype) == "cpu" else "torch"
 
+    def pool_decode_kernel(self, device: torch.device | str, dtype: torch.dtype,
+                           tokens: int) -> Literal["cpu", "torch"]:
+        """A routed LoRA pool's decode form without autograd at ``tokens`` tokens
+        (``backends/cpu/pool_decode.py``): the CPU kernel on CPU float32/float64 at decode sizes
+        once built, else the generated forward."""
+        return self.tree_decode_kernel(device, dtype, tokens)
+
     def decode(self, tokens: int) -> bool:
         """Whether a site seeing ``tokens`` tokens takes the decode path."""
         return tokens <= self.decode_tokens
@@ -235,15 +244,17 @@ class KernelPolicy:
                   "mode without autograd (handle.eval_aux asks for them)")
         if self.decode_tokens == 0:
             return f"off (decode_tokens=0): sparse pools in their planned form at every size; {packed}"
-        trees = ("; residual trees routed and propagated by the compiled CPU kernel on CPU float32/float64"
-                 if self.cpu != "off" and self.cpu_built is not False else "")
+        trees = ("; residual trees routed and propagated, and routed LoRA pools (softmax top-k or dense gate) "
+                 "routed and mixed over each token's selected experts, by the compiled CPU kernel on CPU "
+                 "float32/float64" if self.cpu != "off" and self.cpu_built is not False else "")
         return (f"sparse pools at <= {self.decode_tokens} tokens per site as one dense GEMM of all experts, gated "
                 f"after (no sort, gather or scatter), in their planned form above{trees}; {packed}")
 
     def _cpu_text(self) -> str:
         if self.cpu == "off":
             return "torch ops (CPU kernel off: MOLEFORGE_CPU_KERNELS=0)"
-        state = {None: "built when a routed FFN block or a residual tree is lowered for a CPU", True: "built",
+        state = {None: "built when a routed FFN block, a residual tree or a routed LoRA pool is lowered for a CPU",
+                 True: "built",
                  False: "its build failed"}[self.cpu_built]
         if self.cpu_built is False:
             return f"torch ops (the compiled CPU kernel: {state})"

@@ -50,11 +50,13 @@ from ...ir import (
 )
 from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_preserve, ops_task, ops_top_p, ops_xlora
 from ..runtime.dist import WORLD
+from ..runtime.ops_decode import PoolDecode
 from ..runtime.packed import PackCache, packed_cat, packed_columns
 from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
 from ..runtime.siblings import SiblingGroup
 from . import lower_basics, lower_block, lower_dora, lower_kronecker
 from .lower_block import runs_as_routed_ffn
+from .lower_decode import pool_decode_form
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
 __all__ = ["lower", "counts_name", "runs_as_routed_ffn", "EMIT", "ROUTE"]
@@ -387,12 +389,12 @@ def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> N
 
 
 def _build_cpu_kernel(graph: Graph, store: nn.Module, policy: KernelPolicy,
-                      device: torch.device | str | None) -> KernelPolicy:
-    """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks or a
-    residual tree (its decode step), a module for a CPU (``device``, else the store's) with
-    float32/float64 tensors."""
-    uses = any(runs_as_routed_ffn(graph, n) or isinstance(n, (nodes.TreeRoute, nodes.TreePropagate, nodes.TreeMix))
-               for n in graph.nodes)
+                      device: torch.device | str | None, decode_form: PoolDecode | None) -> KernelPolicy:
+    """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks, a
+    residual tree or a pool's decode form, a module for a CPU (``device``, else the store's)
+    with float32/float64 tensors."""
+    trees = (nodes.TreeRoute, nodes.TreePropagate, nodes.TreeMix)
+    uses = decode_form is not None or any(runs_as_routed_ffn(graph, n) or isinstance(n, trees) for n in graph.nodes)
     if not policy.wants_cpu_build() or not uses:
         return policy
     t = next(iter(list(store.parameters()) + list(store.buffers())), None)
@@ -403,7 +405,8 @@ def _build_cpu_kernel(graph: Graph, store: nn.Module, policy: KernelPolicy,
 
 
 def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None,
-          policy: KernelPolicy | None = None, *, device: torch.device | str | None = None) -> fx.GraphModule:
+          policy: KernelPolicy | None = None, *, device: torch.device | str | None = None,
+          plain: Graph | None = None) -> fx.GraphModule:
     """Emit ``graph`` as a GraphModule that reads its tensors from ``store``.
 
     The module's inputs are ``x (T, d_in)``, the optional per-token ``samples``, the frozen
@@ -422,8 +425,12 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
             outcome when it was built here (routed FFN blocks for a CPU).
         device: the device the module will run on, when it is not the store's; decides only
             whether the CPU kernel is built.
+        plain: the site's IR before the passes (``graph`` when not given); when it is one routed
+            LoRA pool, the module gets its decode form ``decode_form`` (``lower_decode.py``),
+            else ``decode_form`` is ``None``.
     """
-    policy = _build_cpu_kernel(graph, store, KernelPolicy.from_env() if policy is None else policy, device)
+    form = pool_decode_form(graph if plain is None else plain)
+    policy = _build_cpu_kernel(graph, store, KernelPolicy.from_env() if policy is None else policy, device, form)
     c = _Ctx(graph, groups or {}, policy)
     last = graph.node(graph.output)
     into = isinstance(last, nodes.Linear) and (last.bias is None or last.scale == 1.0)
@@ -458,6 +465,7 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     gm.eval_aux = False
     gm.sibling_group = root.sibling_group
     gm.xlora_scalings = None
+    gm.decode_form = form
     _keep_unread_tensors(gm, root, graph)
     for n in joined:
         c.groups[n.group].join(gm, n.weight, n.bias, n.start, n.stop)
