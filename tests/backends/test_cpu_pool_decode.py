@@ -2,8 +2,8 @@
 kernel ``backends/cpu/pool_decode.py``): without autograd at the kernel policy's decode sizes,
 one kernel call per site equals the float64 interpreter on the site's plain IR, for every pool
 whose plain IR it takes (softmax top-k renormalised or not, any temperature, the dense softmax
-gate, per-expert or shared factors, aux losses and input dropout, identity in
-evaluation), whatever the passes made of the generated forward. Drawn pools of every kind it
+gate, per-expert or shared factors, aux losses and input dropout, identity in evaluation) and
+every plain LoRA, whatever the passes made of the generated forward. Drawn pools of every kind it
 does not take get no form, and a form never runs with autograd, above the decode sizes or while
 a routing log is kept. A MoLoRA Llama decodes the same tokens and logits with it as without."""
 
@@ -30,7 +30,7 @@ from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret, verify
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import DenseRouter, ExpertPool, PerExpert, Shared, SwitchLoadBalance, TopKRouter
-from strategies import DROPOUTS, SCALINGS, graphs, inputs_for, lowered, make_params, pools
+from strategies import DROPOUTS, SCALINGS, adapters, graphs, inputs_for, loras, lowered, make_params, pools
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -54,7 +54,10 @@ def _counted():
 
 @st.composite
 def decodable_pools(draw):
-    """Pools whose plain IR the decode form takes: every option but the router's kind."""
+    """Pools whose plain IR the decode form takes (every option but the router's kind), and plain
+    LoRAs (every scaling and dropout; DoRA has no form)."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(loras(magnitude=False))
     E = draw(st.integers(1, 6))
     if draw(st.booleans()):
         router = TopKRouter(k=draw(st.integers(1, E)), renormalize=draw(st.booleans()),
@@ -93,21 +96,22 @@ def test_the_decode_form_matches_the_interpreter(graph, pipeline, with_acc, data
     assert calls[0] == 1, "the kernel did not run"
     assert_close(y, ref.output + (0 if acc is None else acc))
 
-@given(graph=graphs(pools()), data=st.data())
-def test_any_pool_with_a_form_decodes_as_the_interpreter(graph, data):
-    """Drawn pools of every kind (shared experts, capacity, DoRA, ranks per expert, every router):
-    those that get a form are computed right by it, those that do not run their forward."""
+@given(graph=graphs(st.one_of(pools(), adapters())), data=st.data())
+def test_any_adapter_with_a_form_decodes_as_the_interpreter(graph, data):
+    """Drawn pools of every kind (shared experts, capacity, DoRA, ranks per expert, every router)
+    and drawn adapters of every kind: those that get a form are computed right by it, those that
+    do not run their forward."""
     params = make_params(graph, data.draw(st.integers(0, 2**16)))
     x = data.draw(inputs_for(graph))
+    gm = lowered(graph, params, policy=KERNEL)
+    if pool_decode_form(graph) is None:
+        with torch.no_grad():
+            assert decode_step(gm, x, None) is None
+        return
     ref = interpret(graph, params, x)
     assume(all(m > MARGIN for m in ref.margins.values()))
-    gm = lowered(graph, params, policy=KERNEL)
     with torch.no_grad():
-        y = decode_step(gm, x, None)
-    if pool_decode_form(graph) is None:
-        assert y is None
-    else:
-        assert_close(y, ref.output)
+        assert_close(decode_step(gm, x, None), ref.output)
 
 
 def test_no_form_with_autograd_above_the_decode_sizes_or_on_other_graphs():

@@ -301,9 +301,12 @@ def _pool_decode(plain: Graph, decode_tokens: int) -> str:
     form = pool_decode_form(plain)
     if form is None or decode_tokens == 0:
         return ""
+    where = f"; decode step (<= {decode_tokens} tokens, no autograd, CPU float32/float64)"
+    if form.gate == "none":
+        return f"{where}: both factors in one call of the compiled CPU kernel"
     chosen = f"top-{form.k}" if form.gate == "softmax_topk" else "the dense gate"
-    return (f"; decode step (<= {decode_tokens} tokens, no autograd, CPU float32/float64): router, {chosen} and "
-            "each token's selected experts' factors in one call of the compiled CPU kernel")
+    return (f"{where}: router, {chosen} and each token's selected experts' factors in one call of the compiled "
+            "CPU kernel")
 
 
 def _node_lines(g: Graph) -> list[str]:

@@ -7,7 +7,8 @@
 //
 //   z = W_r x,   p = softmax(z / temperature),
 //   softmax top-k: the k largest p (ties to the lower expert index), renormalised to sum 1 when
-//   asked (g_e = p_e / Σ_kept p); dense: every expert, g_e = p_e;
+//   asked (g_e = p_e / Σ_kept p); dense: every expert, g_e = p_e; none (a plain LoRA: one
+//   expert, no router): g_0 = 1;
 //   y = acc + Σ_{kept e} scale · g_e · B_e (A_e x)
 //
 // with A (E_a, r, d_in) and B (E_b, d_out, r), E_a or E_b = 1 for a factor that all experts
@@ -27,7 +28,7 @@
 
 namespace {
 
-enum PoolGate : int64_t { kSoftmaxTopK = 0, kDenseSoftmax = 1 };
+enum PoolGate : int64_t { kSoftmaxTopK = 0, kDenseSoftmax = 1, kNone = 2 };
 
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
@@ -89,9 +90,14 @@ void decode_impl(const at::Tensor& x, const at::Tensor& router_w, const at::Tens
     for (int64_t t = begin; t < end; ++t) {
       const T* xt = xs + t * d_in;
       T* yt = ys + t * d_out;
-      z.assign(E, T(0));
-      for (int64_t e = 0; e < E; ++e) z[e] = dot(wr + e * d_in, xt, d_in);
-      gate_token(z, gate, k, renormalize, temperature, order, g);
+      if (gate == kNone) {
+        order.assign(1, 0);
+        g.assign(1, T(1));
+      } else {
+        z.assign(E, T(0));
+        for (int64_t e = 0; e < E; ++e) z[e] = dot(wr + e * d_in, xt, d_in);
+        gate_token(z, gate, k, renormalize, temperature, order, g);
+      }
       if (shared_a)
         for (int64_t j = 0; j < r; ++j) za[j] = dot(as + j * d_in, xt, d_in);
       std::fill(wsum.begin(), wsum.end(), T(0));
@@ -123,11 +129,12 @@ at::Tensor pool_decode(const at::Tensor& x, const at::Tensor& router_w, const at
     check(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), "every tensor must be a CPU tensor of x's dtype");
   check(x.dim() == 2 && router_w.dim() == 2 && A.dim() == 3 && B.dim() == 3, "expected x (T, d_in), router_w "
         "(E, d_in), A (E|1, r, d_in), B (E|1, d_out, r)");
-  const int64_t E = router_w.size(0), d_in = x.size(1), r = A.size(1), d_out = B.size(1);
-  check(router_w.size(1) == d_in && A.size(2) == d_in && B.size(2) == r, "the factors' widths do not match x");
+  const int64_t E = gate == kNone ? 1 : router_w.size(0), d_in = x.size(1), r = A.size(1), d_out = B.size(1);
+  check((gate == kNone || router_w.size(1) == d_in) && A.size(2) == d_in && B.size(2) == r,
+        "the factors' widths do not match x");
   check((A.size(0) == E || A.size(0) == 1) && (B.size(0) == E || B.size(0) == 1), "A and B need E or 1 experts");
-  check(gate == kDenseSoftmax || (k >= 1 && k <= E), "k must be between 1 and the number of experts");
-  check(gate == kSoftmaxTopK || gate == kDenseSoftmax, "unknown gate code");
+  check(gate != kSoftmaxTopK || (k >= 1 && k <= E), "k must be between 1 and the number of experts");
+  check(gate == kSoftmaxTopK || gate == kDenseSoftmax || gate == kNone, "unknown gate code");
   check(temperature > 0, "temperature must be positive");
   at::Tensor y = acc.numel() > 0 ? acc.reshape({x.size(0), d_out}).clone(at::MemoryFormat::Contiguous)
                                  : at::zeros({x.size(0), d_out}, x.options());

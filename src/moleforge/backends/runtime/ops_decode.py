@@ -12,7 +12,7 @@ unless it is asked to (its ``eval_aux`` attribute, ``handle.eval_aux(True)``): n
 differentiate it.
 
 A routed LoRA pool (router, softmax top-k or dense gate, the pool's mix; the plain IR of MoLoRA,
-MoLA, HydraLoRA, LoRAMoE) has a second entry point, its decode form (:class:`PoolDecode`, the
+MoLA, HydraLoRA, LoRAMoE), and a plain LoRA, have a second entry point, its decode form (:class:`PoolDecode`, the
 generated module's ``decode_form``): without autograd at decode sizes on a CPU, one call of the
 compiled kernel (``backends/cpu/pool_decode.py``) routes each token and applies its selected
 experts' factors only, in place of the whole generated forward (:func:`decode_step`).
@@ -65,16 +65,17 @@ def dense_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float,
 
 @dataclass(frozen=True, slots=True)
 class PoolDecode:
-    """The decode form of a generated module whose plain IR is one routed LoRA pool:
-    ``y = acc + Σ_e scale·g_e B_e A_e x`` with ``g = gate(x W_rᵀ)``. It names the module's
+    """The decode form of a generated module whose plain IR is one routed LoRA pool,
+    ``y = acc + Σ_e scale·g_e B_e A_e x`` with ``g = gate(x W_rᵀ)``, or one plain LoRA (``gate``
+    ``"none"``, no router, ``A (r, d_in)`` and ``B (d_out, r)``). It names the module's
     tensors (read at each call, so loading, moving and training the module keep it current) and
     the gate's constants; lowering makes it (``torch_fx/lower_decode.py``)."""
 
-    router_w: str
+    router_w: str | None
     a: str
     b: str
     gate: str
-    """``"softmax_topk"`` or ``"dense_softmax"`` (``pool_decode.GATE_CODES``)."""
+    """``"softmax_topk"``, ``"dense_softmax"`` or ``"none"`` (``pool_decode.GATE_CODES``)."""
     k: int
     renormalize: bool
     temperature: float
@@ -82,8 +83,11 @@ class PoolDecode:
 
     def __call__(self, site: nn.Module, x: Tensor, acc: Tensor | None) -> Tensor:
         """``acc + Δy`` (``Δy`` without ``acc``) for ``x (T, d_in)``, in the CPU kernel."""
-        return pool_decode.run(x, _tensor(site, self.router_w), _tensor(site, self.a), _tensor(site, self.b), acc,
-                               self.gate, self.k, self.renormalize, self.temperature, self.scale)
+        a, b = _tensor(site, self.a), _tensor(site, self.b)
+        if self.router_w is None:  # a plain LoRA: one expert
+            return pool_decode.run(x, None, a.unsqueeze(0), b.unsqueeze(0), acc, "none", 1, False, 1.0, self.scale)
+        return pool_decode.run(x, _tensor(site, self.router_w), a, b, acc, self.gate, self.k, self.renormalize,
+                               self.temperature, self.scale)
 
 
 def _tensor(site: nn.Module, name: str) -> Tensor:
