@@ -171,5 +171,5 @@ def test_the_kernel_names_a_bad_shape():
     KernelPolicy(cpu="on").with_cpu_build()
     x = torch.randn(1, 4)
     with pytest.raises(RuntimeError, match="pool_decode: the factors' widths do not match x"):
-        pool_decode.run(x, torch.randn(3, 4), torch.randn(3, 2, 5), torch.randn(3, 6, 2), None, "softmax_topk",
+        pool_decode.run(x, torch.randn(3, 4), torch.randn(3, 2, 5), torch.randn(3, 2, 6), None, "softmax_topk",
                         2, True, 1.0, 1.0)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as torch_module
 
@@ -145,11 +146,19 @@ class AdaptedLinear(nn.Module):
         if self.bypass:
             return self.base_layer(x)
         tokens = x.reshape(-1, self.in_features)
+        base = self.base_layer
         # on the token matrix, an nn.Linear's output is the GEMM's own tensor, not a view of it;
         # a GPT-2 Conv1D returns its GEMM's output under a view of the same shape
-        out = self.base_layer(tokens)
-        if out._base is not None and out._base.shape == out.shape and type(self.base_layer).__name__ == "Conv1D":
-            out = out._base
+        if type(base) is nn.Linear and not _hooked(base):  # the module call costs as much as a decoding GEMV
+            out = F.linear(tokens, base.weight, base.bias)
+        else:
+            out = base(tokens)
+            if out._base is not None and out._base.shape == out.shape and type(base).__name__ == "Conv1D":
+                out = out._base
+        if not self.training and not torch.is_grad_enabled():
+            y = self._decode_form(tokens, out)
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
         dtype = self._dtype(x)
         flat = tokens if tokens.dtype == dtype else tokens.to(dtype)  # (T, d_in)
         shape = (*x.shape[:-1], self.out_features)
@@ -157,6 +166,19 @@ class AdaptedLinear(nn.Module):
             return self._run(x, flat, out).view(shape)
         delta = self._run(x, flat, None)
         return out.view(shape) + delta.view(shape).to(out.dtype)
+
+    def _decode_form(self, tokens: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """``out + Δy`` from the site's decode form (``runtime/ops_decode.py``), when it has one that
+        the kernel policy takes here and nothing else is asked of the forward (a routing log, aux
+        losses in evaluation, a hook on the site); else ``None``."""
+        site = self.site
+        form = site.__dict__.get("decode_form")
+        if form is None or site.eval_aux or self._collector.routing_log is not None or _hooked(site):
+            return None
+        dtype = self._dtype(tokens)
+        if tokens.dtype != dtype or not _accumulable(out, dtype):
+            return None
+        return decode_step(site, tokens, out)
 
     def _dtype(self, x: torch.Tensor) -> torch.dtype:
         """The adapter's dtype: its first own parameter's (a lookup, not a walk of the module tree)."""
@@ -206,12 +228,7 @@ class AdaptedLinear(nn.Module):
         # the generated forward itself unless a hook watches the site: the module-call wrappers
         # cost as much as a decoding step's adapter arithmetic
         site = self.site
-        hooked = _hooked(site)
-        if log is None and not hooked:  # a routed pool's decode form, where the policy takes it
-            y = decode_step(site, flat, acc)
-            if y is not None:
-                return y
-        call = site if hooked else site.forward
+        call = site if _hooked(site) else site.forward
         y, _, routes = call(flat, samples, acc=acc, mask=mask, **self._frozen())
         if log is not None and routes:
             log.append((self.site_name, logged_routes(routes, mask)))

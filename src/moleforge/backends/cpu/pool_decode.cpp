@@ -11,8 +11,9 @@
 //   expert, no router): g_0 = 1;
 //   y = acc + Σ_{kept e} scale · g_e · B_e (A_e x)
 //
-// with A (E_a, r, d_in) and B (E_b, d_out, r), E_a or E_b = 1 for a factor that all experts
-// share (it is applied once: A x before the experts, B after their gated sum). The semantics
+// with A (E_a, r, d_in) and B given transposed, Bt = Bᵀ (E_b, r, d_out) (rows of d_out values:
+// the up-projection is r contiguous axpys); E_a or E_b = 1 for a factor that all experts share
+// (it is applied once: A x before the experts, B after their gated sum). The semantics
 // are those of ops.route_softmax_topk / ops.route_dense followed by the pool's mix
 // (ir/interpret.py's PoolMix).
 
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -38,10 +40,15 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// y += M w, M (rows, cols) row-major
+// y += Mᵀ w, M (rows, cols) row-major: y (cols) gets rows w_i-weighted
 template <typename T>
-inline void gemv_add(const T* M, int64_t rows, int64_t cols, const T* w, T* y) {
-  for (int64_t i = 0; i < rows; ++i) y[i] += dot(M + i * cols, w, cols);
+inline void axpys(const T* M, int64_t rows, int64_t cols, const T* w, T* y) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T c = w[i];
+    const T* row = M + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) y[j] += c * row[j];
+  }
 }
 
 // The kept experts and their gates of one token's router scores.
@@ -74,15 +81,15 @@ void gate_token(std::vector<T>& z, int64_t gate, int64_t k, bool renormalize, do
 }
 
 template <typename T>
-void decode_impl(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& B,
+void decode_impl(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt,
                  at::Tensor& y, int64_t gate, int64_t k, bool renormalize, double temperature,
                  double scale) {
-  const int64_t n_tok = x.size(0), d_in = x.size(1), E = router_w.size(0), r = A.size(1), d_out = B.size(1);
-  const bool shared_a = A.size(0) == 1, shared_b = B.size(0) == 1;
+  const int64_t n_tok = x.size(0), d_in = x.size(1), E = router_w.size(0), r = A.size(1), d_out = Bt.size(2);
+  const bool shared_a = A.size(0) == 1, shared_b = Bt.size(0) == 1;
   const T* xs = x.data_ptr<T>();
   const T* wr = router_w.data_ptr<T>();
   const T* as = A.data_ptr<T>();
-  const T* bs = B.data_ptr<T>();
+  const T* bs = Bt.data_ptr<T>();
   T* ys = y.data_ptr<T>();
   at::parallel_for(0, n_tok, 4, [&](int64_t begin, int64_t end) {
     std::vector<T> z(E), g, za(r), w(r), wsum(r);
@@ -113,33 +120,39 @@ void decode_impl(const at::Tensor& x, const at::Tensor& router_w, const at::Tens
           for (int64_t j = 0; j < r; ++j) wsum[j] += c * za[j];
         } else {
           for (int64_t j = 0; j < r; ++j) w[j] = c * za[j];
-          gemv_add(bs + e * d_out * r, d_out, r, w.data(), yt);
+          axpys(bs + e * r * d_out, r, d_out, w.data(), yt);
         }
       }
-      if (shared_b) gemv_add(bs, d_out, r, wsum.data(), yt);
+      if (shared_b) axpys(bs, r, d_out, wsum.data(), yt);
     }
   });
 }
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "moleforge_cpu::pool_decode: ", what); }
 
-at::Tensor pool_decode(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& B, const at::Tensor& acc, int64_t gate, int64_t k,
+at::Tensor pool_decode(const at::Tensor& x, const std::optional<at::Tensor>& router, const at::Tensor& A,
+                       const at::Tensor& Bt, const std::optional<at::Tensor>& acc_in, int64_t gate, int64_t k,
                        bool renormalize, double temperature, double scale) {
-  for (const at::Tensor* t : {&x, &router_w, &A, &B, &acc})
+  check(router.has_value() == (gate != kNone), "router_w is given exactly when the gate is not 'none'");
+  const at::Tensor router_w = router.has_value() ? *router : at::empty({0, x.size(1)}, x.options());
+  const at::Tensor acc = acc_in.has_value() ? *acc_in : at::empty({0}, x.options());
+  for (const at::Tensor* t : {&x, &router_w, &A, &Bt, &acc})
     check(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), "every tensor must be a CPU tensor of x's dtype");
-  check(x.dim() == 2 && router_w.dim() == 2 && A.dim() == 3 && B.dim() == 3, "expected x (T, d_in), router_w "
-        "(E, d_in), A (E|1, r, d_in), B (E|1, d_out, r)");
-  const int64_t E = gate == kNone ? 1 : router_w.size(0), d_in = x.size(1), r = A.size(1), d_out = B.size(1);
-  check((gate == kNone || router_w.size(1) == d_in) && A.size(2) == d_in && B.size(2) == r,
+  check(x.dim() == 2 && router_w.dim() == 2 && A.dim() == 3 && Bt.dim() == 3, "expected x (T, d_in), router_w "
+        "(E, d_in), A (E|1, r, d_in), Bt (E|1, r, d_out)");
+  const int64_t E = gate == kNone ? 1 : router_w.size(0), d_in = x.size(1), r = A.size(1), d_out = Bt.size(2);
+  check((gate == kNone || router_w.size(1) == d_in) && A.size(2) == d_in && Bt.size(1) == r,
         "the factors' widths do not match x");
-  check((A.size(0) == E || A.size(0) == 1) && (B.size(0) == E || B.size(0) == 1), "A and B need E or 1 experts");
+  check((A.size(0) == E || A.size(0) == 1) && (Bt.size(0) == E || Bt.size(0) == 1),
+        "A and Bt need E or 1 experts");
   check(gate != kSoftmaxTopK || (k >= 1 && k <= E), "k must be between 1 and the number of experts");
   check(gate == kSoftmaxTopK || gate == kDenseSoftmax || gate == kNone, "unknown gate code");
   check(temperature > 0, "temperature must be positive");
+  check(acc.numel() == 0 || acc.numel() == x.size(0) * d_out, "acc must hold T x d_out values");
   at::Tensor y = acc.numel() > 0 ? acc.reshape({x.size(0), d_out}).clone(at::MemoryFormat::Contiguous)
                                  : at::zeros({x.size(0), d_out}, x.options());
   const at::Tensor xc = x.contiguous(), wc = router_w.contiguous(), ac = A.contiguous(),
-                   bbc = B.contiguous();
+                   bbc = Bt.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_decode", [&] {
     decode_impl<scalar_t>(xc, wc, ac, bbc, y, gate, k, renormalize, temperature, scale);
   });
@@ -150,7 +163,7 @@ at::Tensor pool_decode(const at::Tensor& x, const at::Tensor& router_w, const at
 
 TORCH_LIBRARY_FRAGMENT(moleforge_cpu, m) {
   m.def(
-      "pool_decode(Tensor x, Tensor router_w, Tensor A, Tensor B, Tensor acc, int gate, int k, "
+      "pool_decode(Tensor x, Tensor? router_w, Tensor A, Tensor Bt, Tensor? acc, int gate, int k, "
       "bool renormalize, float temperature, float scale) -> Tensor");
 }
 

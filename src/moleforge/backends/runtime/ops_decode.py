@@ -84,9 +84,10 @@ class PoolDecode:
     def __call__(self, site: nn.Module, x: Tensor, acc: Tensor | None) -> Tensor:
         """``acc + Δy`` (``Δy`` without ``acc``) for ``x (T, d_in)``, in the CPU kernel."""
         a, b = _tensor(site, self.a), _tensor(site, self.b)
+        bt = packed(site.pack_cache, "decode_bt", (b,), lambda: b.transpose(-1, -2).contiguous())  # (E|1, r, d_out)
         if self.router_w is None:  # a plain LoRA: one expert
-            return pool_decode.run(x, None, a.unsqueeze(0), b.unsqueeze(0), acc, "none", 1, False, 1.0, self.scale)
-        return pool_decode.run(x, _tensor(site, self.router_w), a, b, acc, self.gate, self.k, self.renormalize,
+            return pool_decode.run(x, None, a.unsqueeze(0), bt.unsqueeze(0), acc, "none", 1, False, 1.0, self.scale)
+        return pool_decode.run(x, _tensor(site, self.router_w), a, bt, acc, self.gate, self.k, self.renormalize,
                                self.temperature, self.scale)
 
 
