@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import moleforge as mf
 from ddp_helpers import case_batch, case_model
@@ -47,6 +48,10 @@ def main(folder: str) -> None:
     torch.set_num_threads(1)
     result = {stage: step(stage, rank, folder) for stage in (2, 3)}
     torch.save(result, Path(folder, f"rank{rank}.pt"))
+    # every rank leaves the group after the others are done with it (a rank exiting with gloo's
+    # threads running aborts)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
