@@ -13,7 +13,7 @@ from moleforge.backends.runtime.policy import TORCH_OPS, KernelPolicy
 from moleforge.compiler.build import SiteShape, build_block_graph
 from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.integrations.ffn_trace import ACTIVATION_NAMES, BlockLinear
-from moleforge.ir import Graph, interpret, print_graph, verify
+from moleforge.ir import ExpertFFN, ExpertHidden, ExpertLoRA, Graph, interpret, print_graph, verify
 from moleforge.passes.hoist_frozen_down import hoist_frozen_down
 from moleforge.passes.share_frozen_projections import share_frozen_projections
 from moleforge.specs import ExpertPool, StaticRouter, SwitchLoadBalance, TopKRouter
@@ -21,7 +21,7 @@ from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, capacities, 
 from tolerances import assert_close
 
 __all__ = ["POOL", "block_spec", "routed_blocks", "block_graphs", "block_params", "block_inputs",
-           "interpret_grads", "fixed_routing", "F64", "REWRITES", "check_block_rewrite"]
+           "interpret_grads", "fixed_routing", "F64", "REWRITES", "check_block_rewrite", "DROPOUTS", "block_noise"]
 
 F64 = torch.float64
 
@@ -42,12 +42,17 @@ def routed_blocks(model: nn.Module) -> dict[str, MoleforgeBlock]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MoleforgeBlock)}
 
 
+DROPOUTS = st.one_of(st.just(0.0), st.floats(0.05, 0.85))
+"""The experts' LoRA dropout p: none, or in (0, 0.9)."""
+
+
 @st.composite
-def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS) -> Graph:
+def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS,
+                 dropouts: st.SearchStrategy[float] = DROPOUTS) -> Graph:
     """Plain IR of random FFN blocks: gated or not, any activation, biases, a router of ``kinds``
     (top-k with or without renormalisation and with a jitter of ``jitters``, dense, sigmoid
     top-k, static) with its aux losses (the z-loss too), expert capacity, experts on a random non-empty
-    subset of linears, trained or frozen."""
+    subset of linears, trained or frozen, the LoRAs' dropout of ``dropouts``."""
     d, d_ff, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 7)), draw(st.integers(1, 6))
     E = draw(st.integers(1, 4))
     linears = {"up": BlockLinear("up", "up", d, d_ff, draw(st.booleans()), False),
@@ -60,10 +65,29 @@ def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[flo
                       scaling=draw(st.sampled_from(SCALINGS)), router=router,
                       aux_losses=draw(aux_losses(router)),
                       frozen_experts=draw(st.booleans()) and (E > 1 or isinstance(router, StaticRouter)),
-                      capacity_factor=draw(capacities()) if takes_capacity(router) else None)
+                      capacity_factor=draw(capacities()) if takes_capacity(router) else None,
+                      dropout=draw(dropouts))
     graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
                               SiteShape(label="block", d_in=d, d_out=d_out))
     return verify(graph)
+
+
+def block_noise(graph: Graph, n, T: int, gen: torch.Generator) -> tuple[torch.Tensor, ...] | None:
+    """The interpreter's ``noise[n.id]`` of block node ``n`` with dropout in training: one ``ν (T, k,
+    width)`` per LoRA it computes, gate, up, down in turn, drawn from ``gen`` as the lowered module
+    draws them from its noise generator (``k``: the routing's experts per token, all of them when
+    dense); ``None`` for other nodes."""
+    if not isinstance(n, (ExpertFFN, ExpertHidden, ExpertLoRA)) or n.dropout == 0:
+        return None
+    route = graph.routing(n.routing)
+    k = route.k or route.experts
+    if isinstance(n, ExpertLoRA):
+        widths = [graph.per_expert(n.src).width]
+    else:
+        d, d_ff = graph.width(n.src), n.up.weight.shape[0]
+        lins = [("gate", d), ("up", d)] + ([("down", d_ff)] if isinstance(n, ExpertFFN) else [])
+        widths = [w for role, w in lins if getattr(n, role) is not None and getattr(n, role).a is not None]
+    return tuple(torch.rand(T, k, w, generator=gen, dtype=F64) for w in widths)
 
 
 def block_params(graph: Graph, seed: int, dtype=F64) -> dict[str, torch.Tensor]:

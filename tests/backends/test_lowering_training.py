@@ -20,7 +20,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ffn_block_helpers import REWRITES, block_graphs, block_params
+from ffn_block_helpers import REWRITES, block_graphs, block_noise, block_params
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import counts_name, lower
 from moleforge.compiler.build import SiteShape, build_graph
@@ -73,6 +73,8 @@ def draw_noise(graph: Graph, T: int, tree_seed: int, jitter_seed: int) -> dict:
             noise[n.id] = tuple(eps)
         elif isinstance(n, Route) and n.gate.mode_dependent:
             noise[n.id] = ()  # training selection (MoRA-CL's top-k instead of its threshold)
+        elif (nus := block_noise(graph, n, T, jitter)) is not None:
+            noise[n.id] = nus  # FFN-block experts' LoRA dropout
     return noise
 
 
@@ -91,12 +93,12 @@ def _reference(graph: Graph, params: dict, x, samples, noise):
     return res, dict(zip(["x", *leaves], grads))
 
 
-def _module(graph: Graph, params: dict):
+def _module(graph: Graph, params: dict, policy=None):
     store = ParamStore(graph.params, dtype=F64)
     with torch.no_grad():
         for d in graph.params:
             getattr(store, d.name).copy_(params[d.name])
-    return lower(graph, store)
+    return lower(graph, store, policy=policy)
 
 
 def _counts(gm, graph: Graph) -> dict[str, torch.Tensor]:
@@ -105,15 +107,16 @@ def _counts(gm, graph: Graph) -> dict[str, torch.Tensor]:
 
 
 def check_training(graph: Graph, lowered_graph: Graph, params: dict, x, samples, tree_seed: int,
-                   jitter_seed: int) -> None:
-    """``lowered_graph`` (``graph`` or a rewrite of it) lowered and run once in training mode
-    equals the interpreter on ``graph`` with the same noise: output, aux loss, gradients and
-    selection counts (of every balancing router with more than one expert: a one-expert router
-    may be folded away). An evaluation forward first counts nothing."""
+                   jitter_seed: int, policy=None) -> None:
+    """``lowered_graph`` (``graph`` or a rewrite of it) lowered (under the kernel ``policy``, default:
+    the environment's) and run once in training mode equals the interpreter on ``graph`` with the
+    same noise: output, aux loss, gradients and selection counts (of every balancing router with more
+    than one expert: a one-expert router may be folded away). An evaluation forward first counts
+    nothing."""
     T = x.shape[0]
     res, want = _reference(graph, params, x, samples, draw_noise(graph, T, tree_seed, jitter_seed))
     assume(all(m > MARGIN for m in res.margins.values()))
-    gm = _module(lowered_graph, params)
+    gm = _module(lowered_graph, params, policy)
     frozen = {"frozen": {d.name: params[d.name] for d in graph.frozen}} if graph.frozen else {}
     balancing = [n.id for n in graph.nodes if isinstance(n, Route) and n.balances and n.experts > 1]
     assert set(balancing) <= set(_counts(gm, lowered_graph)), "a router with choices keeps its counts"

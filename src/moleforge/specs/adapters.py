@@ -199,7 +199,9 @@ class ExpertPool(SpecModel):
         return sources_defaults(data)
     dropout: float = Field(0.0, ge=0, lt=1)
     """PEFT's ``lora_dropout`` on the input of the experts' down-projections (and of the shared
-    experts) in training; the router reads ``x``."""
+    experts) in training; the router reads ``x``. With scope ``ffn_block``, MixLoRA's: each expert's
+    gate and up LoRAs read ``dropout(x)`` and its down LoRA ``dropout(h)`` (its hidden state), a mask per
+    routed token and LoRA, while the frozen projections read the undropped values."""
     capacity_factor: float | None = Field(None, gt=0, le=64)
     """Expert capacity (Switch/GShard): each expert takes at most ``C = ceil(factor · T · k / E)``
     of the forward's ``T`` tokens, slots taken first choices first, then in token order; a
