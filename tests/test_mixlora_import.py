@@ -1,5 +1,7 @@
 """``mf.import_mixlora`` against the real ``mixlora`` package: adapters written in the package's
-format (random non-zero weights) give the same logits as the package's own injection."""
+format (random non-zero weights, ``lora_dropout`` 0.05 as the package writes it) give the same logits
+as the package's own injection in evaluation; ``lora_dropout`` is kept, saved and written back by
+``mf.export_mixlora``."""
 
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ FFN = ("gate_proj", "up_proj", "down_proj")
 
 
 def write_adapter(path, model, *, experts=4, top_k=2, r=4, alpha=8, targets=ATTENTION + FFN, rslora=False,
-                  act_fn="silu", seed=0):
+                  act_fn="silu", seed=0, dropout=0.05):
     """A MixLoRA adapter as the package writes it: its config class's ``export()`` and a
     ``torch.save``d dict of tensors (every tensor random, non-zero)."""
     config = mixlora.MixLoraConfig(base_model_="tiny", task_type_="CAUSAL_LM", peft_type_="MIXLORA",
-                                   use_rslora_=rslora, lora_r_=r, lora_alpha_=alpha, lora_dropout_=0.05,
+                                   use_rslora_=rslora, lora_r_=r, lora_alpha_=alpha, lora_dropout_=dropout,
                                    target_modules_={t: True for t in targets}, routing_strategy_="mixlora",
                                    num_experts_=experts, top_k_=top_k, act_fn_=act_fn)
     path.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,7 @@ def _edit(path, **changes):
     ({"use_dora": True}, "DoRA"),
     ({"act_fn": "gelu"}, "differs from the activation"),
     ({"target_modules": ["q_proj"]}, "names no FFN projection"),
+    ({"lora_dropout": 1.0}, r"lora_dropout = 1\.0: expected a probability in \[0, 1\)"),
 ])
 def test_bad_configs_are_refused_and_the_model_untouched(tmp_path, change, message):
     model = tiny("llama")
@@ -149,3 +152,37 @@ def test_targets_the_model_lacks_are_skipped_as_the_package_does(tmp_path):
         mf.import_mixlora(model, path)
     with torch.no_grad():
         assert_close(model(ids).logits, want, "mixlora_package")
+
+
+def test_lora_dropout_is_imported_exported_and_round_trips(tmp_path):
+    """The package's ``lora_dropout`` becomes the ``dropout`` of the pool and of the attention LoRAs;
+    ``mf.save`` / ``mf.load`` keep it; ``mf.export_mixlora`` writes it back, with every tensor, in files
+    the package reads (its logits equal ours) and ``import_mixlora`` reads again."""
+    ids = batch(seed=2)
+    path = write_adapter(tmp_path / "a", tiny("llama"), dropout=0.15)
+    model = tiny("llama")
+    handle = mf.import_mixlora(model, path)
+    assert [s.adapter.dropout for s in handle.spec.sites] == [0.15, 0.15]
+    mf.save(handle, tmp_path / "saved")
+    assert [s.adapter.dropout for s in mf.load(tiny("llama"), tmp_path / "saved").spec.sites] == [0.15, 0.15]
+    out = mf.export_mixlora(handle, tmp_path / "exported")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_dropout"] == 0.15
+    assert mixlora.MixLoraConfig.from_config(config).check().lora_dropout_ == 0.15
+    before = torch.load(path / "adapter_model.bin", weights_only=True)
+    after = torch.load(out / "adapter_model.bin", weights_only=True)
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert_close(model.eval()(ids).logits, package_logits(tiny("llama"), out, ids), "mixlora_package")
+    again = mf.import_mixlora(tiny("llama"), out)
+    assert again.spec == handle.spec
+
+
+def test_export_refuses_what_the_format_cannot_hold(tmp_path):
+    spec = mf.AdapterSpec(sites=[
+        mf.Site(target=mf.Target(roles=["gate", "up", "down"]), scope="ffn_block",
+                adapter=mf.ExpertPool(experts=2, rank=2, dropout=0.1, router=mf.TopKRouter(k=1))),
+        mf.Site(target=mf.Target(roles=["q"]), adapter=mf.LoRA(rank=2, dropout=0.2))])
+    with pytest.raises(mf.CheckpointError, match=r"sites\[1\] is not a plain LoRA with the pool's rank, alpha"):
+        mf.export_mixlora(mf.compile(spec, tiny("llama")), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
