@@ -167,7 +167,8 @@ class ExpertPool(SpecModel):
     """``Δy = Σ_i g_i(x) · s_i · (x A_i) B_i`` (+ always-on shared experts).
 
     Options every LoRA user expects: ``dropout`` (PEFT's ``lora_dropout`` on the experts' input,
-    the router reads ``x``), ``capacity_factor`` (tokens over an expert's capacity pass through
+    the router reads ``x``; with scope ``ffn_block``, MixLoRA's, on the input of each expert's LoRAs),
+    ``capacity_factor`` (tokens over an expert's capacity pass through
     it), ``ranks`` (FlexMoRE: a rank per expert)."""
 
     kind: Literal["pool"] = "pool"
