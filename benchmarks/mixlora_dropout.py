@@ -33,8 +33,9 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import moleforge as mf  # noqa: E402
 from mixlora_block import BATCH, SEQ, base_model, package_model, write_adapter  # noqa: E402
+
+import moleforge as mf  # noqa: E402
 
 
 def _train(model):

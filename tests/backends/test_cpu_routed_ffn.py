@@ -1,10 +1,11 @@
 """The compiled CPU kernel for routed FFN blocks (``backends/cpu``) against the torch ops of
 ``ops_block.routed_ffn``: outputs and the gradients of every input on random routings (gated and
 plain blocks, every activation, each low-rank part present or not, widths spanning several
-column tiles, one and two threads, with and without LoRA dropout on the same masks), a tiny MixLoRA Llama end to end, ``opcheck`` and
-``torch.compile``, the launcher's errors, the build at lowering (never in a forward, ``PATH`` left
-as it was) and the fallback when it fails. The kernel is chosen by an explicit kernel policy. The
-lowered block against the float64 interpreter, kernel on and off: ``test_ffn_block_rewrites.py``."""
+column tiles, one and two threads, with and without LoRA dropout on the same masks), a tiny
+MixLoRA Llama end to end, ``opcheck`` and ``torch.compile``, the launcher's errors, the build at
+lowering (never in a forward, ``PATH`` left as it was) and the fallback when it fails. The kernel is
+chosen by an explicit kernel policy. The lowered block against the float64 interpreter, kernel on and
+off: ``test_ffn_block_rewrites.py`` (and in training, with dropout: ``test_lowering_training.py``)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from moleforge.backends.runtime import ops_basics
 from ffn_block_helpers import block_params
+from moleforge.backends.runtime import ops_basics
 from moleforge.compiler.build import SiteShape, build_block_graph, build_graph
 from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import Routing, interpret

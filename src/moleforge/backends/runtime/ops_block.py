@@ -179,9 +179,9 @@ def _dropped_routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearA
         return token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb,
                                 gs, down_a, down_b, down_scale, down_keep=keeps.get("down"))
     zu, zg = (None if t is None else sorted_rows(t, plan.order) for t in (z["up"], z["gate"]))
-    keep = keeps.get("down")
+    keep = None if "down" not in keeps else sorted_rows(keeps["down"], plan.order)  # (S, d_ff)
     y, zd = RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
-                            gate_base, zg, gb, gs, down_a, chunk, None if keep is None else sorted_rows(keep, plan.order))
+                            gate_base, zg, gb, gs, down_a, chunk, keep)
     return y, (None if down_a is None else expert_lora_up(zd, plan, down_b, down_scale))
 
 

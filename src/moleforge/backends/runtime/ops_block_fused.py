@@ -10,9 +10,9 @@ runs of experts' slots (a few MB per tensor) through the whole chain while they 
     y[t] += g h,  z = h A_eᵀ,
 
 keeping ``U``, ``G`` and ``act(G)`` for the backward, which recomputes ``h`` run by run and
-never materialises ``∂h``. In training with dropout (``ops_block_dropout``) ``z = (h ⊙ m) A_eᵀ`` with
-each slot's mask row ``m`` (the frozen down projection, through ``y``, reads ``h`` undropped). Same values as the node-by-node ops (summation order
-aside).
+never materialises ``∂h``. Same values as the node-by-node ops (summation order aside). In
+training with dropout (``ops_block_dropout``) ``z = (h ⊙ m) A_eᵀ`` with each slot's keep factors
+``m`` (the frozen down projection, through ``y``, reads ``h`` undropped).
 """
 
 from __future__ import annotations
