@@ -21,7 +21,8 @@ from strategies import FLAT_ROUTERS, JITTERS, SCALINGS, aux_losses, capacities, 
 from tolerances import assert_close
 
 __all__ = ["POOL", "block_spec", "routed_blocks", "block_graphs", "block_params", "block_inputs",
-           "interpret_grads", "fixed_routing", "F64", "REWRITES", "check_block_rewrite", "DROPOUTS", "block_noise"]
+           "interpret_grads", "fixed_routing", "F64", "REWRITES", "check_block_rewrite", "DROPOUTS", "block_noise",
+           "dropout_noise"]
 
 F64 = torch.float64
 
@@ -103,11 +104,12 @@ def block_inputs(graph: Graph, seed: int, T: int) -> torch.Tensor:
     return torch.randn(T, graph.d_in, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-def interpret_grads(graph: Graph, params, x, w, routing=None):
-    """Output, aux and the gradients of ``Σ out ⊙ w + aux`` wrt x and the stored tensors."""
+def interpret_grads(graph: Graph, params, x, w, routing=None, noise=None):
+    """Output, aux and the gradients of ``Σ out ⊙ w + aux`` wrt x and the stored tensors (in
+    training with the block nodes' dropout ``noise``)."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     xl = x.clone().requires_grad_(True)
-    res = interpret(graph, leaves, xl, routing=routing)
+    res = interpret(graph, leaves, xl, routing=routing, noise=noise, training=noise is not None)
     loss = (res.output * w).sum() + res.aux_total
     names = [d.name for d in graph.params]
     grads = torch.autograd.grad(loss, [xl] + [leaves[n] for n in names], allow_unused=True)
@@ -123,23 +125,34 @@ REWRITES = {"share_frozen_projections": share_frozen_projections, "hoist_frozen_
 """The block rewrites alone and as the block pipeline runs them."""
 
 
+def dropout_noise(graph: Graph, T: int, seed: int) -> dict:
+    """Every block node's dropout draws (:func:`block_noise`), in node order from one generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n.id: nus for n in graph.nodes if (nus := block_noise(graph, n, T, gen)) is not None}
+
+
 def check_block_rewrite(rewrite, graph: Graph, seed: int, T: int) -> None:
     """The properties of a block rewrite on one graph: the output verifies, the input is not
     mutated, the rewrite is idempotent, and the interpreter gives the same outputs, aux loss and
-    gradients (x and every stored tensor) under the original's routing."""
+    gradients (x and every stored tensor) under the original's routing; with dropout, in training
+    too, each graph's nodes drawing their masks in node order from generators seeded alike."""
     before = print_graph(graph)
     out = verify(rewrite(graph))
     assert print_graph(graph) == before, "the rewrite mutated its input"
     assert rewrite(out) == out, "the rewrite is not idempotent"
     params, x = block_params(graph, seed), block_inputs(graph, seed, T)
     w = torch.randn(T, graph.d_out, generator=torch.Generator().manual_seed(seed + 2), dtype=F64)
-    ref, ref_grads = interpret_grads(graph, params, x, w)
-    got, got_grads = interpret_grads(out, params, x, w, routing=fixed_routing(ref))
-    assert_close(got.output, ref.output)
-    assert_close(got.aux_total, ref.aux_total)
-    for k, g in ref_grads.items():
-        if g is not None:
-            assert_close(got_grads[k], g, msg=f"gradient of {k}")
+    noises = [(None, None)]
+    if any(getattr(n, "dropout", 0) for n in graph.nodes):
+        noises.append((dropout_noise(graph, T, seed + 3), dropout_noise(out, T, seed + 3)))
+    for before_noise, after_noise in noises:
+        ref, ref_grads = interpret_grads(graph, params, x, w, noise=before_noise)
+        got, got_grads = interpret_grads(out, params, x, w, routing=fixed_routing(ref), noise=after_noise)
+        assert_close(got.output, ref.output)
+        assert_close(got.aux_total, ref.aux_total)
+        for k, g in ref_grads.items():
+            if g is not None:
+                assert_close(got_grads[k], g, msg=f"gradient of {k}")
 
 
 def cpu_policy(flag: str) -> KernelPolicy:
