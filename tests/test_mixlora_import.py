@@ -12,10 +12,12 @@ import mixlora
 import pytest
 import torch
 from mixlora.model import inject_adapter_in_model, load_adapter_weights
+from torch import nn
 
 import moleforge as mf
 from conftest import assert_close
 from models import batch, tiny
+from moleforge.backends.runtime import ops_basics, ops_block
 from moleforge.integrations.block_module import MoleforgeBlock
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -186,3 +188,62 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(mf.CheckpointError, match=r"sites\[1\] is not a plain LoRA with the pool's rank, alpha"):
         mf.export_mixlora(mf.compile(spec, tiny("llama")), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+class _SlotDrop(nn.Module):
+    """Stands in for the ``nn.Dropout`` of one of the package's expert ``LoraLinear``: multiplies the
+    rows of its call (one expert's tokens, in the package's order) by the keep factors stashed for it."""
+
+    keep: torch.Tensor | None = None
+
+    def forward(self, x):
+        return x * self.keep
+
+
+def test_training_dropout_is_where_the_package_applies_it(tmp_path, monkeypatch):
+    """In training, given the same keep factors per token, routed slot and LoRA, moleforge's blocks
+    and the package's ``MixLoraSparseMoe`` (whose ``LoraLinear`` apply ``lora_B(lora_A(dropout(x)))``
+    per expert: gate and up on the block input, down on ``act(gate) * up``) give the same logits. The
+    attention LoRAs' dropout is off on both sides (it is PEFT's, tested elsewhere)."""
+    ids, p, E, k = batch(seed=4, B=2, S=5), 0.3, 4, 2
+    path = write_adapter(tmp_path / "a", tiny("llama"), dropout=p, experts=E, top_k=k)
+    model = tiny("llama")
+    T, d, F = ids.numel(), model.config.hidden_size, model.config.intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    keeps = [[(torch.rand(T, k, w, generator=gen) >= p).float() / (1 - p) for w in (d, d, F)]
+             for _ in model.model.layers]
+    calls = iter(keeps)
+
+    def given_keeps(like, T_, k_, widths, drop):
+        assert (T_, k_, list(widths), drop[0]) == (T, k, [d, d, F], p), "one draw per block: gate, up, down"
+        return next(calls)
+
+    monkeypatch.setattr(ops_block, "draw_keeps", given_keeps)
+    monkeypatch.setattr(ops_basics, "dropout", lambda x, p, training, generator=None: x)
+    mf.import_mixlora(model, path)
+    ours = model.train()(ids).logits
+
+    package = tiny("llama")
+    config, weights = load_adapter_weights(str(path), device="cpu")
+    inject_adapter_in_model(package, config, weights)
+    for layer, keep in zip(package.model.layers, keeps, strict=True):
+        for proj in ATTENTION:
+            getattr(layer.self_attn, proj).dropout_ = nn.Identity()
+        moe = layer.mlp.mixlora_moes["default"]
+        for lin in moe.experts_.values():
+            lin.dropout_ = _SlotDrop()
+
+        def forward(hidden, moe=moe, keep=keep):  # the package's routing, to hand each expert call its rows
+            selected = torch.softmax(torch.nn.functional.linear(hidden.reshape(T, d), moe.gate_), 1).topk(k).indices
+            slots = torch.nn.functional.one_hot(selected, E).permute(2, 1, 0)  # (E, k, T), the package's mask
+            for e in range(E):
+                j, t = torch.where(slots[e])
+                for proj, factors in zip(FFN, keep, strict=True):
+                    moe.experts_[f"experts.{e}.{proj}"].dropout_.keep = factors[t, j]
+            return moe.forward(hidden)
+
+        layer.mlp.forward = forward
+    theirs = package.train()(ids).logits
+    assert_close(ours, theirs, "mixlora_package")
+    with torch.no_grad():
+        assert (model.eval()(ids).logits - ours).abs().max() > 1e-3, "the masks change the logits"
