@@ -1,7 +1,7 @@
 """``mf.import_mixlora`` against the real ``mixlora`` package: adapters written in the package's
 format (random non-zero weights, ``lora_dropout`` 0.05 as the package writes it) give the same logits
-as the package's own injection in evaluation; ``lora_dropout`` is kept, saved and written back by
-``mf.export_mixlora``."""
+as the package's own injection in evaluation, and in training given the same dropout keep factors;
+``lora_dropout`` is kept, saved and written back by ``mf.export_mixlora``."""
 
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ applies it in training (``mixlora/lora_linear.py``: ``lora_B(lora_A(dropout(x)))
 ``LoraLinear``, called per expert on that expert's tokens, ``model.py``): each expert's gate and up
 LoRAs read their own dropout of the block input, its down LoRA a dropout of its hidden state
 ``act(gate) * up``, a fresh mask per LoRA call and routed token; the frozen projections and the
-router read the undropped values (``ir/block_nodes.py``).
+router read the undropped values (``ir/block_nodes.py``). Given the same keep factors, the
+package's training forward and ours give the same logits (``tests/test_mixlora_import.py``).
 """
 
 from __future__ import annotations
