@@ -288,9 +288,9 @@ class ExpertPool(SpecModel):
 def sources_defaults(data):
     """With ``experts_from``: ``experts`` defaults to their number and ``frozen_experts`` to
     none of them being trainable (``False`` for a mixed pool: some experts train)."""
-    if not isinstance(data, dict) or not data.get("experts_from"):
-        return data
-    srcs = data["experts_from"]
+    srcs = data.get("experts_from") if isinstance(data, dict) else None
+    if not isinstance(srcs, (list, tuple)) or not srcs:
+        return data  # no sources, or not a list of them (the field's validation names the type)
     data = dict(data)
     data.setdefault("experts", len(srcs))
     flags = {s.trainable if isinstance(s, LoRASource) else bool(s.get("trainable", False))
