@@ -4,13 +4,15 @@
 
 The model, batch and adapter of ``benchmarks/mixlora_block.py`` (a 4-layer Llama of width 512, batch
 4 × 256 tokens, float32, 2 threads; MixLoRA E = 8, top-2, r = 8 on gate/up/down, LoRA r = 8 on
-q/k/v/o), imported once with ``lora_dropout`` 0.05 and once with 0. Timed, interleaved step by step:
+q/k/v/o), imported with ``lora_dropout`` 0.05 (on the FFN blocks and the attention LoRAs, as the
+package applies it), with 0, and with 0.05 on the FFN blocks only (the attention LoRAs at 0, so
+that only the blocks' dropout differs from the model without). Timed, interleaved step by step:
 
-- a training step (``model.train()``, forward + backward): moleforge with dropout 0.05 and with 0,
-  and the ``mixlora`` package's injection of the same adapter in training mode (its dropout 0.05;
-  the package refuses 0);
-- an evaluation forward under ``torch.no_grad()`` (the inference path): moleforge with dropout 0.05
-  and with 0, which must cost the same (no mask is drawn).
+- a training step (``model.train()``, forward + backward): the three moleforge models, and the
+  ``mixlora`` package's injection of the same adapter in training mode (its dropout 0.05; the
+  package refuses 0);
+- an evaluation forward under ``torch.no_grad()`` (the inference path): blocks' dropout 0.05 against
+  0, which must cost the same (no mask is drawn).
 
 Medians and their ratios are printed and written to ``benchmarks/results/mixlora_dropout.json`` with
 the load average; then, unless ``--cpu-steps 0``, the minimum CPU time of the same steps on one
@@ -72,11 +74,18 @@ def interleaved(variants: dict, ids: torch.Tensor, rounds: int, warmup: int, clo
     return times
 
 
-def _imported(vocab: int, directory: Path, dropout: float):
+def _imported(vocab: int, directory: Path, dropout: float, blocks_only: bool = False):
     config = json.loads((directory / "adapter_config.json").read_text())
     (directory / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": dropout}))
     model = base_model(vocab)
     handle = mf.import_mixlora(model, directory)
+    if blocks_only:  # the same adapter, its attention LoRAs without dropout
+        sites = [s if s.scope == "ffn_block" else s.model_copy(update={"adapter": s.adapter.model_copy(
+            update={"dropout": 0.0})}) for s in handle.spec.sites]
+        state = handle.state_dict()
+        handle.remove()
+        handle = mf.compile(handle.spec.model_copy(update={"sites": sites}), model)
+        handle.load_state_dict(state)
     handle.seed_noise(0)
     return model
 
@@ -93,30 +102,30 @@ def main() -> None:
     ids = torch.randint(0, args.vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
     with tempfile.TemporaryDirectory() as tmp:
         write_adapter(Path(tmp))
-        dropped, plain = _imported(args.vocab, Path(tmp), 0.05), _imported(args.vocab, Path(tmp), 0.0)
+        dropped, blocks = _imported(args.vocab, Path(tmp), 0.05), _imported(args.vocab, Path(tmp), 0.05, True)
+        plain = _imported(args.vocab, Path(tmp), 0.0)
         theirs = package_model(args.vocab, _package_dir(Path(tmp)))
     variants = {"train_moleforge_dropout_0.05": (train_step, _train(dropped)),
+                "train_moleforge_block_dropout_0.05": (train_step, _train(blocks)),
                 "train_moleforge_dropout_0": (train_step, _train(plain)),
                 "train_mixlora_package_dropout_0.05": (train_step, _train(theirs))}
-    evals = {"eval_moleforge_dropout_0.05": (eval_forward, dropped), "eval_moleforge_dropout_0": (eval_forward, plain)}
+    evals = {"eval_moleforge_block_dropout_0.05": (eval_forward, blocks),
+             "eval_moleforge_dropout_0": (eval_forward, plain)}
     load_before = os.getloadavg()
     times = interleaved(variants, ids, args.steps, args.warmup, time.perf_counter)
-    for model in (dropped, plain):
+    for model in (blocks, plain):
         model.eval()
     times |= interleaved(evals, ids, args.steps, args.warmup, time.perf_counter)
     load_after = os.getloadavg()
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {"train: dropout 0.05 / dropout 0": med["train_moleforge_dropout_0.05"] / med["train_moleforge_dropout_0"],
-              "train: package / moleforge, both dropout 0.05":
-                  med["train_mixlora_package_dropout_0.05"] / med["train_moleforge_dropout_0.05"],
-              "eval: dropout 0.05 / dropout 0": med["eval_moleforge_dropout_0.05"] / med["eval_moleforge_dropout_0"]}
+    ratios = _ratios(med)
     cpu = {}
     if args.cpu_steps:
         torch.set_num_threads(1)
-        for model in (dropped, plain):
+        for model in (dropped, blocks, plain):
             _train(model)
         cpu = {k: min(v) for k, v in interleaved(variants, ids, args.cpu_steps, 1, time.thread_time).items()}
-        for model in (dropped, plain):
+        for model in (blocks, plain):
             model.eval()
         cpu |= {k: min(v) for k, v in interleaved(evals, ids, args.cpu_steps, 1, time.thread_time).items()}
     result = {
@@ -126,9 +135,7 @@ def main() -> None:
         "load_average_1min": {"before": load_before[0], "after": load_after[0], "cpus": os.cpu_count()},
         "median_s": med, "ratios": ratios, "all_s": times,
         "cpu_time_1_thread_min_s": cpu,
-        "cpu_ratios": {} if not cpu else {
-            "train: dropout 0.05 / dropout 0": cpu["train_moleforge_dropout_0.05"] / cpu["train_moleforge_dropout_0"],
-            "eval: dropout 0.05 / dropout 0": cpu["eval_moleforge_dropout_0.05"] / cpu["eval_moleforge_dropout_0"]},
+        "cpu_ratios": _ratios(cpu) if cpu else {},
         "versions": {"torch": torch.__version__, "transformers": tf.__version__, "moleforge": mf.__version__},
     }
     for k, v in med.items():
@@ -141,6 +148,16 @@ def main() -> None:
     os.makedirs(Path(args.out).parent, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def _ratios(t: dict[str, float]) -> dict[str, float]:
+    return {"train: blocks' dropout 0.05 / dropout 0":
+            t["train_moleforge_block_dropout_0.05"] / t["train_moleforge_dropout_0"],
+            "train: all dropout 0.05 / dropout 0": t["train_moleforge_dropout_0.05"] / t["train_moleforge_dropout_0"],
+            "train: package / moleforge, both dropout 0.05":
+            t["train_mixlora_package_dropout_0.05"] / t["train_moleforge_dropout_0.05"],
+            "eval: blocks' dropout 0.05 / dropout 0":
+            t["eval_moleforge_block_dropout_0.05"] / t["eval_moleforge_dropout_0"]}
 
 
 def _package_dir(directory: Path) -> Path:
