@@ -240,3 +240,15 @@ def test_every_tree_gate_is_explained(gate):
 def test_every_preset_is_explained(preset):
     text = mf.explain(preset, tiny("llama"), ir="none")
     assert "Γ" in text and "adapter" in text
+
+
+def test_block_dropout_is_explained_with_the_adapter_and_in_the_ir():
+    spec = mf.presets.load("mixlora")
+    pool = spec.sites[0].adapter.model_copy(update={"dropout": 0.05})
+    spec = spec.model_copy(update={"sites": [spec.sites[0].model_copy(update={"adapter": pool}), *spec.sites[1:]]})
+    text = mf.explain(spec, tiny("llama"))
+    adapter = _fields(text, "model.layers.{0,1}.mlp")["adapter"]
+    assert adapter.endswith("; LoRA dropout 0.05 in training on each LoRA's input (x for gate and up, the expert's h "
+                            "for down; a mask per routed token and LoRA); aux switch_lb 0.01")
+    assert "expert_hidden %x by %route act=silu" in text and " dropout=0.05 -> 64" in text
+    assert "LoRA dropout" not in mf.explain("mixlora", tiny("llama"))

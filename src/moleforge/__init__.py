@@ -22,6 +22,7 @@ from .errors import (
 from .integrations.handle import AdapterHandle
 from .interop.checkpoint import load, save
 from .interop.mixlora import import_mixlora
+from .interop.mixlora_export import export_mixlora
 from .interop.peft import export_merged, export_peft, from_peft
 from .interop.smore_official import import_smore_official
 from .specs import (
@@ -77,7 +78,7 @@ __all__ = [
     "MoleforgeError", "SpecError", "IRVerificationError", "PassError", "LoweringError", "InjectionError",
     "NotMergeableError", "CheckpointError", "specs", "__version__",
     "from_peft", "export_peft", "export_merged", "StaticRouter", "MoleforgeTrainerCallback",
-    "import_smore_official", "import_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
+    "import_smore_official", "import_mixlora", "export_mixlora", "TaskRouter", "TaskEmbeddingRouter", "TaskRoutingLoss",
     "DenseTrainTopKRouter", "RSLLoss", "XLoRARouter",
     "TopPRouter", "TsallisEntropy", "SoftLoadBalance", "CorePool", "RankTasks", "KroneckerPool",
     "TaskContrastiveLoss", "MoleforgeTrainer", "PreserveLoss",

@@ -1,10 +1,11 @@
 """The compiled CPU kernel for routed FFN blocks (``backends/cpu``) against the torch ops of
 ``ops_block.routed_ffn``: outputs and the gradients of every input on random routings (gated and
 plain blocks, every activation, each low-rank part present or not, widths spanning several
-column tiles, one and two threads), a tiny MixLoRA Llama end to end, ``opcheck`` and
-``torch.compile``, the launcher's errors, the build at lowering (never in a forward, ``PATH`` left
-as it was) and the fallback when it fails. The kernel is chosen by an explicit kernel policy. The
-lowered block against the float64 interpreter, kernel on and off: ``test_ffn_block_rewrites.py``."""
+column tiles, one and two threads, with and without LoRA dropout on the same masks), a tiny
+MixLoRA Llama end to end, ``opcheck`` and ``torch.compile``, the launcher's errors, the build at
+lowering (never in a forward, ``PATH`` left as it was) and the fallback when it fails. The kernel is
+chosen by an explicit kernel policy. The lowered block against the float64 interpreter, kernel on and
+off: ``test_ffn_block_rewrites.py`` (and in training, with dropout: ``test_lowering_training.py``)."""
 
 from __future__ import annotations
 
@@ -103,15 +104,18 @@ def blocks(draw):
     return dict(inputs=inputs, index=index, lin=lin, gated=gated, activation=activation, down=down)
 
 
-def _run(b, flag: str, dtype=F64):
-    """``routed_ffn`` with the kernel on (``"1"``) or off, its outputs and every input's gradient."""
+def _run(b, flag: str, dtype=F64, dropout: tuple[float, int] | None = None):
+    """``routed_ffn`` with the kernel on (``"1"``) or off, its outputs and every input's gradient; with
+    ``dropout = (p, seed)`` in training with LoRA dropout, the masks drawn from a generator of that seed."""
     cast = {n: None if t is None else t.detach().to(dtype).requires_grad_() for n, t in b["inputs"].items()}
     lin = {p: tuple(v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v for v in args)
            for p, args in b["lin"].items()}
     down_a, down_b = (None, None) if b["down"] is None else (t.detach().to(dtype).requires_grad_() for t in b["down"])
     plan = ops_block.slot_plan(cast["probs"], b["index"])
+    drop = None if dropout is None else (dropout[0], True, torch.Generator().manual_seed(dropout[1]))
     y, yd = ops_block.routed_ffn(cast["x"], plan, lin["up"], lin["gate"] if b["gated"] else None, cast["up_base"],
-                                 cast["gate_base"], b["activation"], down_a, down_b, 0.75, policy=cpu_policy(flag))
+                                 cast["gate_base"], b["activation"], down_a, down_b, 0.75, policy=cpu_policy(flag),
+                                 drop=drop)
     assert (yd is None) == (down_a is None)
     outs = [y] if yd is None else [y, yd]
     gen = torch.Generator().manual_seed(7)
@@ -142,6 +146,19 @@ def test_kernel_matches_torch_ops_float32_on_two_threads(b):
     for i, (g, r) in enumerate(zip(got, ref, strict=True)):
         scale = max([1.0, *r.abs().flatten().tolist()])  # sums over up to 700 columns
         assert_close(g / scale, r / scale, "float32", msg=f"output/gradient #{i}")
+
+
+@given(b=blocks(), p=st.floats(0.05, 0.85), seed=st.integers(0, 2**16))
+def test_kernel_matches_torch_ops_with_lora_dropout(b, p, seed):
+    """Training with LoRA dropout: the kernel (the down LoRA's mask applied inside it) and the torch
+    ops give the same outputs and gradients on the same masks (both against the interpreter:
+    ``test_lowering_training.py``)."""
+    with counting() as calls:
+        ref = _run(b, "0", dropout=(p, seed))
+        got = _run(b, "1", dropout=(p, seed))
+    assert calls == {"forward": 1, "backward": 1}
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert_close(g, r, msg=f"output/gradient #{i}")
 
 
 def test_mixlora_llama_same_logits_and_gradients_with_kernel(monkeypatch):
@@ -186,6 +203,11 @@ def test_launcher_errors_name_the_argument():
         op(index + E, w, 0, ub, torch.randn(T, E, r), torch.randn(E, r, F), 1.0, e0, e0, e0, 1.0, e0, e0, 1.0)
     with pytest.raises(RuntimeError, match="down_a and down_b come together"):
         op(index, w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, torch.randn(E, r, F), e0, 1.0)
+    with pytest.raises(RuntimeError, match="down_keep needs the down LoRA"):
+        op(index, w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, e0, e0, 1.0, torch.ones(T, 2, F))
+    with pytest.raises(RuntimeError, match=r"down_keep must be a contiguous CPU \(T, k, F\)"):
+        op(index, w, 0, ub, e0, e0, 1.0, e0, e0, e0, 1.0, torch.randn(E, r, F), torch.randn(E, r, 5), 1.0,
+           torch.ones(T, 2, F + 1))
 
 
 MIXLORA = mf.presets.load("mixlora").with_init(mf.Init(up="normal", std=0.2, seed=3))
@@ -271,7 +293,7 @@ def test_path_is_unchanged_by_the_build():
     assert os.environ.get("PATH") == PATH_BEFORE_THE_BUILD
 
 
-def _op_inputs(gated: bool = True, lora: bool = True, down: bool = True):
+def _op_inputs(gated: bool = True, lora: bool = True, down: bool = True, keep: bool = False):
     T, F, E, k, r = 6, 20, 3, 2, 2
     gen = torch.Generator().manual_seed(0)
     index = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
@@ -286,14 +308,17 @@ def _op_inputs(gated: bool = True, lora: bool = True, down: bool = True):
     D = 5
     da, db = (rnd(E, r, F), rnd(E, r, D)) if down else (e0, e0)
     fwd = (index, torch.rand(T, k, generator=gen), 0, rnd(T, F), zu, bu, 1.5, gb, zg, bg, 0.5, da, db, 0.75)
+    if keep:
+        fwd += ((torch.rand(T, k, F, generator=gen) >= 0.5).float() * 2.0,)
     zd = torch.ops.moleforge_cpu.routed_ffn(*fwd)[2]
-    bwd = (rnd(T, F), rnd(T, D) if down else e0, *fwd, zd)
+    bwd = (rnd(T, F), rnd(T, D) if down else e0, *fwd[:14], zd, *fwd[14:])
     return fwd, bwd
 
 
-@pytest.mark.parametrize("gated,lora,down", [(True, True, True), (False, True, False), (True, False, True)])
-def test_ops_pass_opcheck(gated, lora, down):
-    fwd, bwd = _op_inputs(gated, lora, down)
+@pytest.mark.parametrize("gated,lora,down,keep", [(True, True, True, False), (False, True, False, False),
+                                                  (True, False, True, False), (True, True, True, True)])
+def test_ops_pass_opcheck(gated, lora, down, keep):
+    fwd, bwd = _op_inputs(gated, lora, down, keep)
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.moleforge_cpu.routed_ffn.default, fwd, test_utils=tests)
     torch.library.opcheck(torch.ops.moleforge_cpu.routed_ffn_backward.default, bwd, test_utils=tests)

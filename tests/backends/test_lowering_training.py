@@ -8,7 +8,9 @@ outputs, aux losses (with per-token samples), the gradients of the input and of 
 trainable tensor (the noise projections included), and the selection counts the balancing
 routers (``sigmoid_topk``, ``implicit_topk``) accumulate, against the counts of the
 interpreter's selected indices. On random specs of every kind (``strategies.py``), plain and
-after the default pipeline, and on random FFN blocks with their rewrites.
+after the default pipeline, and on random FFN blocks with their rewrites; FFN blocks with LoRA
+dropout (MixLoRA's ``lora_dropout``: a mask per routed slot and LoRA, ``ir/block_nodes.py``) through
+every block rewrite and the default pipeline, on the torch ops and on the compiled CPU kernel.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ffn_block_helpers import REWRITES, block_graphs, block_params
+from ffn_block_helpers import REWRITES, block_graphs, block_noise, block_params, cpu_policy
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import counts_name, lower
-from moleforge.compiler.build import SiteShape, build_graph
+from moleforge.compiler.build import SiteShape, build_block_graph, build_graph
+from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import Dropout, Graph, Jitter, Route, TreeRoute, interpret
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import (
     CorePool,
+    DenseRouter,
     ExpertPool,
     ImplicitTopKRouter,
     LocalizedBalance,
@@ -73,6 +77,8 @@ def draw_noise(graph: Graph, T: int, tree_seed: int, jitter_seed: int) -> dict:
             noise[n.id] = tuple(eps)
         elif isinstance(n, Route) and n.gate.mode_dependent:
             noise[n.id] = ()  # training selection (MoRA-CL's top-k instead of its threshold)
+        elif (nus := block_noise(graph, n, T, jitter)) is not None:
+            noise[n.id] = nus  # FFN-block experts' LoRA dropout
     return noise
 
 
@@ -91,12 +97,12 @@ def _reference(graph: Graph, params: dict, x, samples, noise):
     return res, dict(zip(["x", *leaves], grads))
 
 
-def _module(graph: Graph, params: dict):
+def _module(graph: Graph, params: dict, policy=None):
     store = ParamStore(graph.params, dtype=F64)
     with torch.no_grad():
         for d in graph.params:
             getattr(store, d.name).copy_(params[d.name])
-    return lower(graph, store)
+    return lower(graph, store, policy=policy)
 
 
 def _counts(gm, graph: Graph) -> dict[str, torch.Tensor]:
@@ -105,15 +111,16 @@ def _counts(gm, graph: Graph) -> dict[str, torch.Tensor]:
 
 
 def check_training(graph: Graph, lowered_graph: Graph, params: dict, x, samples, tree_seed: int,
-                   jitter_seed: int) -> None:
-    """``lowered_graph`` (``graph`` or a rewrite of it) lowered and run once in training mode
-    equals the interpreter on ``graph`` with the same noise: output, aux loss, gradients and
-    selection counts (of every balancing router with more than one expert: a one-expert router
-    may be folded away). An evaluation forward first counts nothing."""
+                   jitter_seed: int, policy=None) -> None:
+    """``lowered_graph`` (``graph`` or a rewrite of it) lowered (under the kernel ``policy``, default:
+    the environment's) and run once in training mode equals the interpreter on ``graph`` with the
+    same noise: output, aux loss, gradients and selection counts (of every balancing router with more
+    than one expert: a one-expert router may be folded away). An evaluation forward first counts
+    nothing."""
     T = x.shape[0]
     res, want = _reference(graph, params, x, samples, draw_noise(graph, T, tree_seed, jitter_seed))
     assume(all(m > MARGIN for m in res.margins.values()))
-    gm = _module(lowered_graph, params)
+    gm = _module(lowered_graph, params, policy)
     frozen = {"frozen": {d.name: params[d.name] for d in graph.frozen}} if graph.frozen else {}
     balancing = [n.id for n in graph.nodes if isinstance(n, Route) and n.balances and n.experts > 1]
     assert set(balancing) <= set(_counts(gm, lowered_graph)), "a router with choices keeps its counts"
@@ -162,6 +169,66 @@ def test_training_mode_of_blocks_matches_interpreter(graph, rewrite, data):
     samples = data.draw(samples_for(x.shape[0]), label="samples")
     lowered_graph = graph if rewrite == "none" else REWRITES[rewrite](graph)
     check_training(graph, lowered_graph, block_params(graph, seed), x, samples, seed + 1, seed + 2)
+
+
+BLOCK_FORMS = {"plain": lambda g: g, **REWRITES, "default pipeline": lambda g: run_pipeline(g, DEFAULT_PIPELINE)}
+"""The forms a block is lowered in: as built, each block rewrite, the whole default pipeline."""
+
+
+@given(graph=block_graphs(dropouts=st.floats(0.05, 0.85)), form=st.sampled_from(sorted(BLOCK_FORMS)),
+       kernel=st.sampled_from(["0", "1"]), data=st.data())
+def test_block_lora_dropout_in_training_matches_interpreter(graph, form, kernel, data):
+    """Dropout p in (0, 0.9) on the experts' LoRAs: outputs and the gradients of x and every trainable
+    tensor equal the interpreter's on the same masks, whichever kernel the policy picks (``"1"``:
+    the compiled CPU kernel; ``"0"``: the torch ops) and whatever form the block is lowered in."""
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    x = data.draw(inputs_for(graph), label="x")
+    samples = data.draw(samples_for(x.shape[0]), label="samples")
+    check_training(graph, BLOCK_FORMS[form](graph), block_params(graph, seed), x, samples, seed + 1, seed + 2,
+                   cpu_policy(kernel))
+
+
+def _gated_block(router, dropout: float = 0.5, roles=("down", "gate", "up")) -> Graph:
+    lin = {"up": BlockLinear("up", "up", 4, 5, True, False), "down": BlockLinear("down", "down", 5, 3, True, False),
+           "gate": BlockLinear("gate", "gate", 4, 5, False, False)}
+    pool = ExpertPool(experts=3, rank=2, router=router, dropout=dropout)
+    return build_block_graph(pool, lin, "silu", list(roles), SiteShape(label="block", d_in=4, d_out=3))
+
+
+@pytest.mark.parametrize("kernel", ["0", "1"])
+@pytest.mark.parametrize("form", sorted(BLOCK_FORMS))
+@pytest.mark.parametrize("router", [TopKRouter(k=2), DenseRouter()], ids=["top2", "dense"])
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 9))
+def test_each_lora_of_a_gated_block_reads_its_own_mask(router, form, kernel, seed, T):
+    """Gate, up and down LoRAs all present (the random blocks above hold all three in few examples): a
+    mask read by the wrong LoRA, or drawn in another order, changes the output."""
+    graph = _gated_block(router)
+    x = torch.randn(T, 4, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    check_training(graph, BLOCK_FORMS[form](graph), block_params(graph, seed), x, None, seed + 1, seed + 2,
+                   cpu_policy(kernel))
+
+
+@pytest.mark.parametrize("kernel", ["0", "1"])
+def test_block_dropout_acts_in_training_only_and_evaluation_draws_nothing(kernel):
+    """Evaluation: the output of the same block without dropout, bit for bit, and the noise generator
+    untouched (no mask drawn). Training: another output, the same for the same seed."""
+    graph = run_pipeline(_gated_block(TopKRouter(k=2)), DEFAULT_PIPELINE)
+    clean = run_pipeline(_gated_block(TopKRouter(k=2), dropout=0.0), DEFAULT_PIPELINE)
+    params = block_params(graph, 1)
+    frozen = {"frozen": {d.name: params[d.name] for d in graph.frozen}}
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    gm, ref = _module(graph, params, cpu_policy(kernel)), _module(clean, params, cpu_policy(kernel)).eval()
+    gm.noise_generator = torch.Generator().manual_seed(5)
+    state = gm.noise_generator.get_state()
+    y_eval = gm.eval()(x, **frozen)[0]
+    assert torch.equal(gm.noise_generator.get_state(), state), "evaluation drew dropout masks"
+    assert torch.equal(y_eval, ref(x, **frozen)[0])
+    runs = []
+    for seed in (5, 5, 6):
+        gm.train().noise_generator = torch.Generator().manual_seed(seed)
+        runs.append(gm(x, **frozen)[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], y_eval)
 
 
 # ---- the properties are not vacuous ----------------------------------------------------------

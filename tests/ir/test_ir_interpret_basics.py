@@ -1,5 +1,6 @@
 """Closed forms of input dropout, expert capacity, the router z-loss, shared-expert groups and
-pools of experts with their own ranks, computed by hand against the interpreter; and the runtime
+pools of experts with their own ranks, FFN-block experts' LoRA dropout, computed by hand against the
+interpreter; and the runtime
 ops of capacity and ragged pools on cases where the answer is known."""
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ import math
 
 import torch
 
+from ffn_block_helpers import block_params
 from moleforge.backends.runtime import ops_basics
-from moleforge.compiler.build import SiteShape, build_graph
+from moleforge.compiler.build import SiteShape, build_block_graph, build_graph
+from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import Routing, interpret
 from moleforge.ir.interpret_basics import capacity_keep
 from moleforge.specs import DenseRouter, ExpertPool, LoRA, RouterZLoss, SharedExperts, TopKRouter
@@ -121,3 +124,36 @@ def test_dora_is_the_magnitude_times_the_normalised_adapted_weight():
     m = torch.linalg.vector_norm(W, dim=1) + p["magnitude"]
     adapted = m[:, None] * V / torch.linalg.vector_norm(V, dim=1, keepdim=True)
     assert_close(interpret(g, p, X).output, X @ adapted.T - X @ W.T)
+
+
+def test_block_dropout_drops_each_expert_loras_own_input_per_slot():
+    """MixLoRA's lora_dropout on a gated block, top-1 of two experts, by hand: token t's expert e
+    reads ``x ⊙ m_g`` in its gate LoRA, ``x ⊙ m_u`` in its up LoRA and ``h ⊙ m_d`` in its down LoRA
+    (``m = [ν >= p] / (1 - p)`` of the slot's draws); the frozen projections and the router read the
+    undropped values; without noise (evaluation) nothing is dropped."""
+    lin = {role: BlockLinear(role, role, *dims, False, False)
+           for role, dims in {"gate": (3, 4), "up": (3, 4), "down": (4, 2)}.items()}
+    pool = ExpertPool(experts=2, rank=2, alpha=4.0, router=TopKRouter(k=1), dropout=0.4)
+    g = build_block_graph(pool, lin, "silu", ["down", "gate", "up"], SiteShape(label="b", d_in=3, d_out=2))
+    p = block_params(g, 5)
+    x = X[:, :3]
+    gen = torch.Generator().manual_seed(6)
+    nu = tuple(torch.rand(5, 1, w, generator=gen, dtype=F64) for w in (3, 3, 4))  # gate, up, down
+    m_g, m_u, m_d = ((v[:, 0] >= 0.4).to(F64) / 0.6 for v in nu)
+    res, clean = interpret(g, p, x, noise={"experts": nu}), interpret(g, p, x)
+    assert torch.equal(res.routes["route"], clean.routes["route"]), "the router reads the undropped x"
+    s = 2.0  # alpha / r
+
+    def lora(role: str, e: int, u):
+        return s * (u @ p[f"A_{role}"][e].T) @ p[f"B_{role}"][e].T
+
+    want, plain = torch.empty(5, 2, dtype=F64), torch.empty(5, 2, dtype=F64)
+    for t, e in enumerate(res.routes["route"][:, 0].tolist()):
+        xt = x[t:t + 1]
+        for out, (mg, mu, md) in ((want, (m_g[t], m_u[t], m_d[t])), (plain, (1.0, 1.0, 1.0))):
+            gate = xt @ p["W_gate"].T + lora("gate", e, xt * mg)
+            h = torch.nn.functional.silu(gate) * (xt @ p["W_up"].T + lora("up", e, xt * mu))
+            out[t] = (h @ p["W_down"].T + lora("down", e, h * md))[0]
+    assert_close(res.output, want)
+    assert_close(clean.output, plain)
+    assert not torch.allclose(want, plain), "the draws drop some features"

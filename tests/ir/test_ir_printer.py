@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from moleforge.compiler.build import SiteShape, build_graph
+from moleforge.compiler.build import SiteShape, build_block_graph, build_graph
+from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import print_graph
-from moleforge.specs import presets
+from moleforge.passes.hoist_frozen_down import hoist_frozen_down
+from moleforge.specs import ExpertPool, TopKRouter, presets
 
 SMORE_GOLDEN = """\
 graph site (d_in=16, d_out=24)
@@ -56,3 +58,19 @@ def test_printer_is_deterministic_and_complete():
         for p in g.params:
             assert f"param {p.name} " in text
         assert text.rstrip().splitlines()[-1].startswith(f"  return %{g.output}")
+
+
+def test_block_dropout_is_printed_on_the_nodes_that_draw_it():
+    """``dropout=p`` on ``expert_ffn`` and, hoisted, on ``expert_hidden`` and ``expert_lora``; nothing
+    when there is none (the goldens of the mixlora preset keep their text)."""
+    lin = {role: BlockLinear(role, role, *dims, False, False)
+           for role, dims in {"gate": (4, 6), "up": (4, 6), "down": (6, 4)}.items()}
+
+    def lines(p: float) -> list[str]:
+        pool = ExpertPool(experts=2, rank=2, router=TopKRouter(k=1), dropout=p)
+        g = build_block_graph(pool, lin, "silu", ["down", "gate", "up"], SiteShape("b", 4, 4))
+        return print_graph(g).splitlines() + print_graph(hoist_frozen_down(g)).splitlines()
+
+    dropped = [line.split("=", 1)[1].split()[0] for line in lines(0.3) if "dropout=0.3" in line]
+    assert dropped == ["expert_ffn", "expert_hidden", "expert_lora"]
+    assert not any("dropout" in line for line in lines(0.0))

@@ -494,6 +494,18 @@ def frozen_projection_width():
     return g.replace(nodes=_nodes(g, experts=replace(g.node("experts"), up_base="x")))
 
 
+@case("_block_dropout", r"dropout probability 1\.0 outside \[0, 1\)")
+def block_dropout_probability():
+    g = _block()
+    return g.replace(nodes=_nodes(g, experts=replace(g.node("experts"), dropout=1.0)))
+
+
+@case("_block_dropout", r"dropout probability -0\.5 outside \[0, 1\)")
+def expert_lora_dropout_probability():
+    g = _hoisted_block()
+    return g.replace(nodes=_nodes(g, experts_down_lora=replace(g.node("experts_down_lora"), dropout=-0.5)))
+
+
 @case("_expert_value_rules", "%x is not an expert_hidden value", alone=False)
 def expert_sum_of_a_tensor():
     g = _hoisted_block()

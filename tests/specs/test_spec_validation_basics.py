@@ -47,8 +47,9 @@ BAD = [
     ({"sites": [{"target": {"roles": ["q"], "overrides": [{"layers": [0], "rank": 2}]},
                  "adapter": {"kind": "pool", "experts": 2, "ranks": [1, 2]}}]}, r"sites\[0\]",
      "changes experts or rank of a pool with one rank per expert"),
-    ({"sites": [{"target": {"roles": ["up"]}, "scope": "ffn_block", "adapter": {"kind": "pool", "dropout": 0.1}}]},
-     r"sites\[0\]", "dropout, ranks \\(one per expert\\) and magnitude are defined for scope 'linear' pools"),
+    ({"sites": [{"target": {"roles": ["up"]}, "scope": "ffn_block",
+                 "adapter": {"kind": "pool", "experts": 2, "ranks": [1, 2]}}]},
+     r"sites\[0\]", "ranks \\(one per expert\\) and magnitude are defined for scope 'linear' pools"),
 ]
 
 
@@ -67,3 +68,10 @@ def test_good_options_round_trip_through_json():
         shared_expert={"kind": "shared_experts", "count": 2, "rank": 4, "scaling": "rslora"}))
     assert mf.AdapterSpec.model_validate_json(spec.model_dump_json()) == spec
     assert spec.sites[0].adapter.expert_ranks() == [1, 2, 4]
+
+
+def test_ffn_block_experts_take_dropout():
+    """MixLoRA's lora_dropout: an ``ffn_block`` pool keeps its ``dropout`` through JSON."""
+    spec = mf.AdapterSpec.model_validate({"sites": [{"target": {"roles": ["gate", "up", "down"]}, "scope": "ffn_block",
+                                                     "adapter": {"kind": "pool", "dropout": 0.05}}]})
+    assert mf.AdapterSpec.model_validate_json(spec.model_dump_json()).sites[0].adapter.dropout == 0.05

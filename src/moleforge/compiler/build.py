@@ -468,6 +468,6 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
                                      scale=scale)
     out = b.add(ExpertFFN(id="experts", src="x", routing=_capacity(b, pool, route, origin), up=experts["up"],
                           gate=experts.get("gate"), down=experts["down"], activation=activation,
-                          origin=origin))  # type: ignore[arg-type]
+                          origin=origin, dropout=pool.dropout))  # type: ignore[arg-type]
     _aux_losses(b, pool.aux_losses, route, origin, pool.router)
     return b.graph(out).replace(frozen=tuple(frozen))

@@ -10,7 +10,15 @@ pickled ``adapter_model.bin`` with the keys
 ``import_mixlora`` compiles the equivalent moleforge spec (an ``ffn_block`` expert pool plus
 plain LoRA on the attention projections) and loads the tensors, so the model computes what
 the package's own injection computes in evaluation mode. As in the package, every LoRA
-(experts included) uses the top-level ``r`` / ``lora_alpha`` / ``use_rslora``.
+(experts included) uses the top-level ``r`` / ``lora_alpha`` / ``use_rslora`` / ``lora_dropout``.
+
+``lora_dropout`` becomes the pool's (and the attention LoRAs') ``dropout``, applied as the package
+applies it in training (``mixlora/lora_linear.py``: ``lora_B(lora_A(dropout(x)))`` in every
+``LoraLinear``, called per expert on that expert's tokens, ``model.py``): each expert's gate and up
+LoRAs read their own dropout of the block input, its down LoRA a dropout of its hidden state
+``act(gate) * up``, a fresh mask per LoRA call and routed token; the frozen projections and the
+router read the undropped values (``ir/block_nodes.py``). Given the same keep factors, the
+package's training forward and ours give the same logits (``tests/test_mixlora_import.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "num_experts", "target_modules"):
         if key not in config:
             problems.append(f"missing field {key!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        problems.append(f"lora_dropout = {dropout!r}: expected a probability in [0, 1)")
     if problems:
         raise CheckpointError(f"{file} is not a MixLoRA adapter config this importer reads:\n  - "
                               + "\n  - ".join(problems))
@@ -94,7 +105,7 @@ def mixlora_spec(config: dict[str, Any], model: nn.Module | None = None) -> Adap
     to the projections the model has, as the package does."""
     names = _targets(config) if model is None else _present(model, _targets(config))
     scaling = "rslora" if config.get("use_rslora", False) else "alpha_over_rank"
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r, alpha, dropout = int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0))
     ffn = sorted(n for n in names if n in _FFN)
     attention = sorted(n for n in names if n in _ATTENTION)
     if not ffn:
@@ -106,10 +117,10 @@ def mixlora_spec(config: dict[str, Any], model: nn.Module | None = None) -> Adap
         if config.get("router_loss", True) else []
     sites = [Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.mlp\.({'|'.join(ffn)})"]), scope="ffn_block",
                   adapter=ExpertPool(experts=int(config["num_experts"]), rank=r, alpha=alpha, scaling=scaling,
-                                     router=router, aux_losses=aux))]
+                                     router=router, aux_losses=aux, dropout=dropout))]
     if attention:
         sites.append(Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.self_attn\.({'|'.join(attention)})"]),
-                          adapter=LoRA(rank=r, alpha=alpha, scaling=scaling)))
+                          adapter=LoRA(rank=r, alpha=alpha, scaling=scaling, dropout=dropout)))
     return AdapterSpec(name="mixlora-import", description="imported from a MixLoRA (mixlora package) adapter",
                        sites=sites)
 

@@ -1,6 +1,16 @@
 """FFN-block expert node kinds (MixLoRA, METHODS.md §5): routed experts that share the frozen
 block. The frozen weights of a block are frozen inputs of the graph (``Graph.frozen``): the IR
-references the model's own tensors and never copies them."""
+references the model's own tensors and never copies them.
+
+Dropout. In training a block node with ``dropout = p > 0`` drops the input of each expert LoRA
+it computes, as the ``mixlora`` package does (a ``torch.nn.Dropout`` in every ``LoraLinear``, called
+once per expert on that expert's tokens): the LoRA of linear L of expert e reads
+``u ⊙ [ν >= p] / (1 - p)`` where ``u`` is L's input (``x`` for gate and up, the expert's hidden state
+``h_e`` for down) and ``ν`` is uniform on ``[0, 1)``, drawn anew for every routed slot ``(t, j)``
+(token t's j-th expert; for a routing without indices, a dense one, slot j is expert j) and every
+linear: ``ν (T, k, width)`` per LoRA, drawn in the order gate, up, down (the linears that carry
+LoRAs) from the site's noise generator. The frozen projections and the router read the undropped
+values; evaluation drops nothing."""
 
 from __future__ import annotations
 
@@ -50,6 +60,9 @@ class _ExpertBlock(NodeKind):
     gate_base: str | None = operand(default=None)
     up_base: str | None = operand(default=None)
     origin: str = ""
+    dropout: float = 0.0
+    """MixLoRA's ``lora_dropout`` p (see the module docstring): on the inputs of the experts' LoRAs
+    only, in training only."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,7 +72,10 @@ class ExpertFFN(_ExpertBlock):
     ``y = Σ_i g_i(x) · D_i(h_i)``: ``(T, d_in) -> (T, d_out)``; the block's output, not a delta.
 
     ``gate_base`` / ``up_base`` (optional) name nodes holding the frozen projections
-    ``x W_gᵀ + b_g`` / ``x W_uᵀ + b_u``; then ``G_i(x) = gate_base + s (x A_iᵀ) B_iᵀ``."""
+    ``x W_gᵀ + b_g`` / ``x W_uᵀ + b_u``; then ``G_i(x) = gate_base + s (x A_iᵀ) B_iᵀ``.
+
+    With ``dropout`` the LoRAs of gate, up and down read dropped inputs in training
+    (the module docstring; the interpreter's ``noise[id]`` holds their ``ν``)."""
 
     down: ExpertLinear
 
@@ -71,7 +87,8 @@ class ExpertFFN(_ExpertBlock):
 class ExpertHidden(_ExpertBlock):
     """The experts' hidden states ``h_i (T, d_ff)`` of an :class:`ExpertFFN` without its down
     projection: a per-expert value, read only through the routing's gates (consumers weight
-    ``h_i`` by ``g_i``, so backends may compute it only where ``g_i ≠ 0``)."""
+    ``h_i`` by ``g_i``, so backends may compute it only where ``g_i ≠ 0``). With ``dropout`` the gate
+    and up LoRAs read dropped inputs in training (the module docstring); ``h_i`` itself is undropped."""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return PerExpertType(graph.routing(self.routing).experts, self.up.weight.shape[0])
@@ -93,7 +110,8 @@ class ExpertSum(NodeKind):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExpertLoRA(NodeKind):
     """``y = Σ_i g_i · scale · (h_i A_iᵀ) B_iᵀ``: each expert's low-rank update of its own
-    hidden state, ``A (E, r, d_ff)``, ``B (E, d_out, r)`` -> ``(T, d_out)``."""
+    hidden state, ``A (E, r, d_ff)``, ``B (E, d_out, r)`` -> ``(T, d_out)``. With ``dropout`` it reads
+    ``h_i`` dropped per slot in training (the module docstring, one ``ν (T, k, d_ff)``)."""
 
     id: str
     src: str = operand()
@@ -102,6 +120,8 @@ class ExpertLoRA(NodeKind):
     b: ParamRef
     scale: float
     origin: str = ""
+    dropout: float = 0.0
+    """The down LoRA's input dropout p (see the module docstring)."""
 
     def result_type(self, graph: "Graph") -> ValueType:
         return TensorType(self.b.shape[1])

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import interpret_basics, interpret_dora, interpret_kronecker, interpret_xlora, nodes
 from .graph import Graph
+from .interpret_block_dropout import block_keeps
 from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
@@ -110,7 +111,8 @@ def interpret(graph: Graph, params: Mapping[str, Tensor], x: Tensor, *,
             ``ε_l (T, C_l, s_l)`` standard normal (see :class:`~moleforge.ir.nodes.TreeRoute`); of
             router jitter, ``{jitter id: (u,)}``, ``u (T, width)`` uniform on ``[0, 1)`` (see
             :class:`~moleforge.ir.nodes.Jitter`); of a mode-dependent gate (MoRA-CL's self-activated
-            one), ``{router id: ()}``. Nodes without noise run as in evaluation.
+            one), ``{router id: ()}``; of FFN-block experts with dropout, ``{block node id: (ν, ...)}``, one
+            ``ν (T, k, width)`` per LoRA (``ir/block_nodes.py``). Nodes without noise run as in evaluation.
         training: the mode of gates that differ between training and evaluation
             (:class:`~moleforge.ir.nodes.DenseTrainTopK`).
         scalings: X-LoRA: the site's scalings ``(T, E)`` for the call
@@ -221,6 +223,8 @@ def _expert_sum(n, r: _Run) -> Tensor:
 @RUN.register(nodes.ExpertLoRA)
 def _expert_lora(n, r: _Run) -> Tensor:
     g, h, A, B = r.env[n.routing].gates, r.env[n.src], r.p[n.a.name], r.p[n.b.name]
+    keep = block_keeps(n, r, ("down",)).get("down")  # (E, T, d_ff): the dropped h in training
+    h = h if keep is None else h * keep
     return sum(g[:, i:i + 1] * n.scale * ((h[i] @ A[i].T) @ B[i].T) for i in range(g.shape[1]))
 
 
@@ -341,37 +345,43 @@ def _path_gates(route: TreeRouting, level: int) -> Routing:
             gates[t, e] = gates[t, e] + path[t, slot]
     return Routing(gates, gates)
 
-def _expert_linear(lin: ExpertLinear, i: int, u: Tensor, p, base: Tensor | None = None) -> Tensor:
-    """Expert i's ``u Wᵀ + b + s (u A_iᵀ) B_iᵀ`` (``base`` replaces the frozen ``u Wᵀ + b``)."""
+def _expert_linear(lin: ExpertLinear, i: int, u: Tensor, p, base: Tensor | None = None,
+                   keep: Tensor | None = None) -> Tensor:
+    """Expert i's ``u Wᵀ + b + s (u A_iᵀ) B_iᵀ`` (``base`` replaces the frozen ``u Wᵀ + b``; with
+    ``keep (E, T, width)`` the LoRA reads ``u ⊙ keep[i]``, its dropped input)."""
     if base is None:
         base = u @ p[lin.weight.name].T
         base = base + p[lin.bias.name] if lin.bias is not None else base
     if lin.a is None:
         return base
-    return base + lin.scale * ((u @ p[lin.a.name][i].T) @ p[lin.b.name][i].T)
+    lora_in = u if keep is None else u * keep[i]
+    return base + lin.scale * ((lora_in @ p[lin.a.name][i].T) @ p[lin.b.name][i].T)
 
 
-def _hidden(n, i: int, env, p) -> Tensor:
+def _hidden(n, i: int, env, p, keeps: Mapping[str, Tensor]) -> Tensor:
     x = env[n.src]
-    up = _expert_linear(n.up, i, x, p, None if n.up_base is None else env[n.up_base])
+    up = _expert_linear(n.up, i, x, p, None if n.up_base is None else env[n.up_base], keeps.get("up"))
     if n.gate is None:
         return block_activation(n.activation, up)
-    gate = _expert_linear(n.gate, i, x, p, None if n.gate_base is None else env[n.gate_base])
+    gate = _expert_linear(n.gate, i, x, p, None if n.gate_base is None else env[n.gate_base], keeps.get("gate"))
     return block_activation(n.activation, gate) * up
 
 
 @RUN.register(nodes.ExpertHidden)
 def _expert_hidden(n: ExpertHidden, r: _Run) -> Tensor:
     E = r.env[n.routing].gates.shape[1]
-    return torch.stack([_hidden(n, i, r.env, r.p) for i in range(E)])  # (E, T, d_ff)
+    keeps = block_keeps(n, r, ("gate", "up"))
+    return torch.stack([_hidden(n, i, r.env, r.p, keeps) for i in range(E)])  # (E, T, d_ff)
 
 
 @RUN.register(nodes.ExpertFFN)
 def _expert_ffn(n: nodes.ExpertFFN, r: _Run) -> Tensor:
     g = r.env[n.routing].gates  # (T, E)
+    keeps = block_keeps(n, r, ("gate", "up", "down"))
     out = 0.0
     for i in range(g.shape[1]):
-        out = out + g[:, i:i + 1] * _expert_linear(n.down, i, _hidden(n, i, r.env, r.p), r.p)
+        h = _hidden(n, i, r.env, r.p, keeps)  # (T, d_ff)
+        out = out + g[:, i:i + 1] * _expert_linear(n.down, i, h, r.p, keep=keeps.get("down"))
     return out
 
 

@@ -106,7 +106,8 @@ def _mix(kind: str) -> Callable[..., str]:
 
 LINE.add(_mix("pool_mix"), nodes.PoolMix)
 LINE.add(_mix("grouped_mix"), nodes.GroupedMix)
-LINE.add(_mix("expert_lora"), nodes.ExpertLoRA)
+LINE.add(lambda n, t: (f"expert_lora %{n.src} by %{n.routing} A={format_expr(n.a)} B={format_expr(n.b)} "
+                       f"scale={n.scale:g}{_block_dropout(n)} -> {t.width}"), nodes.ExpertLoRA)
 LINE.add(lambda n, t: (f"core_experts %{n.src} by %{n.routing} M={format_expr(n.cores)} B={format_expr(n.b)} "
                        f"scale={n.scale:g} -> {t.width}"), nodes.CoreExperts)
 LINE.add(lambda n, t: f"core_merge %{n.src} by %{n.routing} M={format_expr(n.cores)} -> {t.width}", nodes.CoreMerge)
@@ -162,8 +163,12 @@ def _expert_block(kind: str, down: bool) -> Callable[..., str]:
         parts = _expert_linear("gate", n.gate, n.gate_base) + _expert_linear("up", n.up, n.up_base)
         if down:
             parts += _expert_linear("down", n.down, None)
-        return f"{kind} %{n.src} by %{n.routing} act={n.activation}{parts} -> {t.width}"
+        return f"{kind} %{n.src} by %{n.routing} act={n.activation}{parts}{_block_dropout(n)} -> {t.width}"
     return line
+
+
+def _block_dropout(n) -> str:
+    return f" dropout={n.dropout:g}" if n.dropout else ""
 
 
 LINE.add(_expert_block("expert_ffn", True), nodes.ExpertFFN)

@@ -255,7 +255,7 @@ def _expert_sum(g: Graph, n) -> list[str]:
 
 @RULES.register(nodes.ExpertLoRA)
 def _expert_lora(g: Graph, n) -> list[str]:
-    p = _expert_value_rules(g, n) + _expr(g, n.a, "A") + _expr(g, n.b, "B")
+    p = _expert_value_rules(g, n) + _expr(g, n.a, "A") + _expr(g, n.b, "B") + _block_dropout(n)
     if not p:
         p = _expert_factor_rules(g, n.a.shape, n.b.shape, g.routing(n.routing).experts,
                                  g.per_expert(n.src).width, "A/B")
@@ -390,7 +390,7 @@ def _expert_linear_rules(g: Graph, lin: ExpertLinear, d_in: int, E: int, what: s
 
 @RULES.register(nodes.ExpertFFN, nodes.ExpertHidden)
 def _expert_block_rules(g: Graph, n) -> list[str]:
-    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing)
+    p = _need_tensor(g, n.src, "source") + _need_route(g, n.routing) + _block_dropout(n)
     if p:
         return p
     E, d_in = g.routing(n.routing).experts, g.width(n.src)
@@ -414,6 +414,10 @@ def _expert_block_rules(g: Graph, n) -> list[str]:
             if not p and g.width(base) != d_ff:
                 p.append(f"frozen projection %{base} has width {g.width(base)}, expected {d_ff}")
     return p
+
+
+def _block_dropout(n) -> list[str]:
+    return [] if 0.0 <= n.dropout < 1.0 else [f"dropout probability {n.dropout} outside [0, 1)"]
 
 
 def _expert_value_rules(g: Graph, n) -> list[str]:

@@ -14,6 +14,11 @@ unchanged.
 Rewrites ``%y = expert_ffn ...`` into ``%y_hidden = expert_hidden``, ``%y_sum = expert_sum``,
 a frozen ``linear`` of the sum, ``expert_lora`` of the hidden states (if the down projection
 carries experts) and an ``add`` that keeps the id ``%y``. Idempotent: no ``expert_ffn`` is left.
+
+With dropout (training) the frozen down projection reads the undropped ``h_i`` and the LoRA the
+dropped one, so the identity holds with ``h_i`` dropped in the last term only: ``expert_hidden``
+draws the gate and up LoRAs' ``ν``, then ``expert_lora`` the down LoRA's, the order ``expert_ffn``
+draws them in (nothing between them draws noise).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def _applies(graph: Graph, n) -> bool:
 def _hoisted(n: ExpertFFN, ids: Ids) -> list:
     hidden = ExpertHidden(id=ids.new(f"{n.id}_hidden"), src=n.src, routing=n.routing, up=n.up,
                           gate=n.gate, activation=n.activation, gate_base=n.gate_base, up_base=n.up_base,
-                          origin=n.origin)
+                          origin=n.origin, dropout=n.dropout)
     total = ExpertSum(id=ids.new(f"{n.id}_sum"), src=hidden.id, routing=n.routing, origin=n.origin)
     d = n.down
     if d.a is None:
@@ -52,7 +57,7 @@ def _hoisted(n: ExpertFFN, ids: Ids) -> list:
     down = Linear(id=ids.new(f"{n.id}_down"), src=total.id, weight=d.weight, bias=d.bias,
                   origin=f"{n.origin}.down.frozen")
     lora = ExpertLoRA(id=ids.new(f"{n.id}_down_lora"), src=hidden.id, routing=n.routing, a=d.a, b=d.b,
-                      scale=d.scale, origin=f"{n.origin}.down")
+                      scale=d.scale, origin=f"{n.origin}.down", dropout=n.dropout)
     return [hidden, total, down, lora, Add(id=n.id, srcs=(down.id, lora.id), origin=f"{n.origin}.down")]
 
 

@@ -109,6 +109,9 @@ def _describe_block(g: Graph, node: ExpertFFN, short: Mapping[str, str]) -> str:
     frozen = [short[role] for role in linears if role not in adapted]
     if frozen:
         text += f" ({_and(frozen)} without LoRA)"
+    if node.dropout:
+        text += (f"; LoRA dropout {node.dropout:g} in training on each LoRA's input (x for gate and up, the "
+                 "expert's h for down; a mask per routed token and LoRA)")
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
     return text + (f"; aux {', '.join(aux)}" if aux else "")
 

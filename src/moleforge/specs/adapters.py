@@ -167,7 +167,8 @@ class ExpertPool(SpecModel):
     """``Δy = Σ_i g_i(x) · s_i · (x A_i) B_i`` (+ always-on shared experts).
 
     Options every LoRA user expects: ``dropout`` (PEFT's ``lora_dropout`` on the experts' input,
-    the router reads ``x``), ``capacity_factor`` (tokens over an expert's capacity pass through
+    the router reads ``x``; with scope ``ffn_block``, MixLoRA's, on the input of each expert's LoRAs),
+    ``capacity_factor`` (tokens over an expert's capacity pass through
     it), ``ranks`` (FlexMoRE: a rank per expert)."""
 
     kind: Literal["pool"] = "pool"
@@ -199,7 +200,9 @@ class ExpertPool(SpecModel):
         return sources_defaults(data)
     dropout: float = Field(0.0, ge=0, lt=1)
     """PEFT's ``lora_dropout`` on the input of the experts' down-projections (and of the shared
-    experts) in training; the router reads ``x``."""
+    experts) in training; the router reads ``x``. With scope ``ffn_block``, MixLoRA's: each expert's
+    gate and up LoRAs read ``dropout(x)`` and its down LoRA ``dropout(h)`` (its hidden state), a mask per
+    routed token and LoRA, while the frozen projections read the undropped values."""
     capacity_factor: float | None = Field(None, gt=0, le=64)
     """Expert capacity (Switch/GShard): each expert takes at most ``C = ceil(factor · T · k / E)``
     of the forward's ``T`` tokens, slots taken first choices first, then in token order; a
@@ -285,9 +288,9 @@ class ExpertPool(SpecModel):
 def sources_defaults(data):
     """With ``experts_from``: ``experts`` defaults to their number and ``frozen_experts`` to
     none of them being trainable (``False`` for a mixed pool: some experts train)."""
-    if not isinstance(data, dict) or not data.get("experts_from"):
-        return data
-    srcs = data["experts_from"]
+    srcs = data.get("experts_from") if isinstance(data, dict) else None
+    if not isinstance(srcs, (list, tuple)) or not srcs:
+        return data  # no sources, or not a list of them (the field's validation names the type)
     data = dict(data)
     data.setdefault("experts", len(srcs))
     flags = {s.trainable if isinstance(s, LoRASource) else bool(s.get("trainable", False))

@@ -16,6 +16,11 @@
 // backward recomputes U and G, then one pass per slot gives h, the pre-activations' gradients and
 // their sums into the token's rows. The expert factors' gradients are summed per thread, then
 // across threads.
+//
+// In training with dropout (MixLoRA's lora_dropout) the down LoRA reads h ⊙ m, m = keep[t, j] the slot's
+// keep factors ([ν >= p] / (1 - p), drawn upstream, (T, k, F)): zd[t, j, i] = (h ⊙ m) · da[e, i], and in the
+// backward ∂h = w ∂y + m ⊙ Σ_i ∂zd_i da[e, i], ∂da[e, i] += ∂zd_i (h ⊙ m). y reads h undropped. The gate and
+// up LoRAs' dropout is in their z, computed upstream from the dropped inputs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -283,6 +288,33 @@ LowRank<T> low_rank(const at::Tensor& z, const at::Tensor& b, double s) {
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "moleforge_cpu::routed_ffn: ", what); }
 
+// The down LoRA's dropout keep factors (T, k, F), or an empty tensor without dropout
+at::Tensor checked_keep(const std::optional<at::Tensor>& keep, const at::Tensor& index, const at::Tensor& up_base,
+                        int64_t rd) {
+  if (!keep.has_value() || keep->numel() == 0) return at::empty({0}, up_base.options());
+  check(rd > 0, "down_keep needs the down LoRA (down_a, down_b)");
+  check(keep->sizes() == at::IntArrayRef({index.size(0), index.size(1), up_base.size(1)}) && keep->is_contiguous() &&
+            keep->device().is_cpu() && keep->scalar_type() == up_base.scalar_type(),
+        "down_keep must be a contiguous CPU (T, k, F) tensor of up_base's dtype");
+  return *keep;
+}
+
+// The down LoRA's input for one slot over a tile: h, or h ⊙ m into out (m null: no dropout)
+template <typename T>
+inline const T* dropped(const T* __restrict h, const T* __restrict m, T* __restrict out, int64_t n) {
+  if (!m) return h;
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) out[f] = h[f] * m[f];
+  return out;
+}
+
+// dh = dh ⊙ m + w g: the down LoRA's part of a slot's ∂h through its dropout, plus the gated ∂y
+template <typename T>
+inline void keep_then_add(T* __restrict dh, const T* __restrict m, T w, const T* __restrict g, int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) dh[f] = dh[f] * m[f] + w * g[f];
+}
+
 void check_inputs(const at::Tensor& index, const at::Tensor& weights, const at::Tensor& up_base,
                   const at::Tensor& zu, const at::Tensor& bu, const at::Tensor& gate_base, const at::Tensor& zg,
                   const at::Tensor& bg, const at::Tensor& down_a) {
@@ -452,12 +484,14 @@ void check_down(const at::Tensor& down_a, const at::Tensor& down_b) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& index, const at::Tensor& weights, int64_t act, const at::Tensor& up_base, const at::Tensor& zu,
     const at::Tensor& bu, double su, const at::Tensor& gate_base, const at::Tensor& zg, const at::Tensor& bg,
-    double sg, const at::Tensor& down_a, const at::Tensor& down_b, double sd) {
+    double sg, const at::Tensor& down_a, const at::Tensor& down_b, double sd,
+    const std::optional<at::Tensor>& down_keep) {
   check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
   check_down(down_a, down_b);
   const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
   const bool gated = gate_base.numel() > 0;
   const int64_t rd = down_a.numel() ? down_a.size(1) : 0, Dd = rd ? down_b.size(2) : 0;
+  const auto keep = checked_keep(down_keep, index, up_base, rd);
   const int64_t E = experts(index, bu, bg, down_a);
   auto y = k ? at::empty({T, F}, up_base.options()) : at::zeros({T, F}, up_base.options());
   auto zd = at::zeros({T, k, rd}, up_base.options());
@@ -474,11 +508,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     T_* yp = y.data_ptr<T_>();
     T_* zdp = zd.data_ptr<T_>();
     T_* ydp = rd ? yd.data_ptr<T_>() : nullptr;
+    const T_* kp = keep.numel() ? keep.data_ptr<T_>() : nullptr;
     at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
       const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
-      T_* U = scratch<T_>(3 * rows);
+      T_* U = scratch<T_>(3 * rows + kTile);
       T_* G = U + rows;
       T_* H = G + rows;
+      T_* HK = H + rows;  // one slot's h ⊙ m (dropout)
       std::vector<T_> c, part(rd);
       std::vector<const T_*> factor;
       Groups groups(E);
@@ -501,7 +537,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
             for (int64_t i = 0; i < rd; ++i) factor[i] = da + (e * rd + i) * F + tile.f0;
             for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) {
               const int64_t q = groups.order[p];
-              dots(H + q * kTile, factor.data(), rd, part.data(), tile.len);
+              const T_* hq = dropped(H + q * kTile, kp ? kp + (s0 + q) * F + tile.f0 : nullptr, HK, tile.len);
+              dots(hq, factor.data(), rd, part.data(), tile.len);
               for (int64_t i = 0; i < rd; ++i) zdp[(s0 + q) * rd + i] += part[i];
             }
           }
@@ -517,7 +554,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
                                  const at::Tensor& weights, int64_t act, const at::Tensor& up_base,
                                  const at::Tensor& zu, const at::Tensor& bu, double su, const at::Tensor& gate_base,
                                  const at::Tensor& zg, const at::Tensor& bg, double sg, const at::Tensor& down_a,
-                                 const at::Tensor& down_b, double sd, const at::Tensor& zd) {
+                                 const at::Tensor& down_b, double sd, const at::Tensor& zd,
+                                 const std::optional<at::Tensor>& down_keep) {
   check_inputs(index, weights, up_base, zu, bu, gate_base, zg, bg, down_a);
   check_down(down_a, down_b);
   const int64_t T = index.size(0), k = index.size(1), F = up_base.size(1);
@@ -529,6 +567,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
         "grad_yd must be contiguous (T, D)");
   check(rd == 0 || (zd.sizes() == at::IntArrayRef({T, k, rd}) && zd.is_contiguous()), "zd must be (T, k, r)");
   const int64_t E = experts(index, bu, bg, down_a);
+  const auto keep = checked_keep(down_keep, index, up_base, rd);
   const int64_t ru = bu.numel() ? bu.size(1) : 0, rg = bg.numel() ? bg.size(1) : 0;
   const int64_t threads = at::get_num_threads();
   const auto opt = up_base.options();
@@ -559,6 +598,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
     T_* dgb = gated ? d_gb.data_ptr<T_>() : nullptr;
     T_* dzu = ru ? d_zu.data_ptr<T_>() : nullptr;
     T_* dzg = rg ? d_zg.data_ptr<T_>() : nullptr;
+    const T_* kp = keep.numel() ? keep.data_ptr<T_>() : nullptr;
     at::parallel_for(0, T, kBlock, [&](int64_t lo, int64_t hi) {
       const int64_t tid = at::get_thread_num();
       T_* abu = ru ? acc_bu.data_ptr<T_>() + tid * E * ru * F : nullptr;
@@ -568,12 +608,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
       std::vector<T_> gzd_block(kBlock * k * rd), dots_i(rd);
       // per slot of a block, over a tile: pre-activations u and g, h, dh, and the gradients of u and g
       const int64_t rows = kBlock * k * kTile;  // slot rows of one tile, stride kTile
-      T_* U = scratch<T_>(6 * rows);
+      T_* U = scratch<T_>(7 * rows);
       T_* G = U + rows;
       T_* H = G + rows;
       T_* DH = H + rows;
       T_* DU = DH + rows;
       T_* DG = DU + rows;
+      T_* HK = DG + rows;  // h ⊙ m per slot (dropout)
       std::vector<T_> c;
       std::vector<const T_*> factor, slots;
       Groups groups(E);
@@ -623,7 +664,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
               factor[0] = gy + (t0 + q / k) * F + f0;
               c[0] = w[s0 + q];
               for (int64_t i = 0; i < rd; ++i) c[i + 1] = gzd_block[q * rd + i];
-              combine(c.data(), factor.data(), rd + 1, DH + q * kTile, len, static_cast<const T_*>(nullptr), true);
+              if (kp) {  // dh = w gy + m ⊙ Σ_i ∂zd_i a_i
+                T_* dh = DH + q * kTile;
+                const T_* m = kp + (s0 + q) * F + f0;
+                const T_* g = factor[0];
+                combine(c.data() + 1, factor.data() + 1, rd, dh, len, static_cast<const T_*>(nullptr), true);
+                keep_then_add(dh, m, c[0], g, len);
+              } else {
+                combine(c.data(), factor.data(), rd + 1, DH + q * kTile, len, static_cast<const T_*>(nullptr), true);
+              }
             }
           }
           for (int64_t q = 0; q < n; ++q) {
@@ -640,10 +689,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
                                                                                 dgbt, len))
             }
           }
-          for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {  // ∂a_i += Σ_q ∂zd_qi h_q
+          const T_* HD = kp ? HK : H;  // what the down LoRA read: h ⊙ m, or h
+          for (int64_t q = 0; kp && q < n; ++q) dropped(H + q * kTile, kp + (s0 + q) * F + f0, HK + q * kTile, len);
+          for (int64_t gi = 0; rd && gi < groups.size(); ++gi) {  // ∂a_i += Σ_q ∂zd_qi (h_q ⊙ m_q)
             const int64_t e = groups.expert[gi];
             slots.clear();
-            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) slots.push_back(H + groups.order[p] * kTile);
+            for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p) slots.push_back(HD + groups.order[p] * kTile);
             for (int64_t i = 0; i < rd; ++i) {
               for (int64_t p = groups.start[gi]; p < groups.start[gi + 1]; ++p)
                 c[p - groups.start[gi]] = gzd_block[groups.order[p] * rd + i];
@@ -665,12 +716,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& gra
 TORCH_LIBRARY(moleforge_cpu, m) {
   m.def(
       "routed_ffn(Tensor index, Tensor weights, int activation, Tensor up_base, Tensor zu, Tensor bu, float su, "
-      "Tensor gate_base, Tensor zg, Tensor bg, float sg, Tensor down_a, Tensor down_b, float sd) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor gate_base, Tensor zg, Tensor bg, float sg, Tensor down_a, Tensor down_b, float sd, "
+      "Tensor? down_keep=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "routed_ffn_backward(Tensor grad_y, Tensor grad_yd, Tensor index, Tensor weights, int activation, "
       "Tensor up_base, Tensor zu, Tensor bu, float su, Tensor gate_base, Tensor zg, Tensor bg, float sg, "
-      "Tensor down_a, Tensor down_b, float sd, Tensor zd) -> Tensor[]");
+      "Tensor down_a, Tensor down_b, float sd, Tensor zd, Tensor? down_keep=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(moleforge_cpu, CPU, m) {

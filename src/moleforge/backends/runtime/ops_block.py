@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cpu.routed_ffn import token_routed_ffn
+from .ops_block_dropout import Drop, draw_keeps, dropping, slot_z, sorted_rows, token_z
 from .ops_block_fused import CHUNK, RoutedFFN
 from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
 from .packed import PackCache, caching, packed
@@ -87,8 +88,10 @@ def _expert_z(x: Tensor, plan: SlotPlan, A: Tensor) -> Tensor:
     return z[plan.token, plan.expert]  # (S, r)
 
 
-def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None) -> Tensor:
-    """``base[t] + s (x_t A_eᵀ) B_eᵀ`` per slot ``(t, e)`` (plain autograd ops)."""
+def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None,
+                 keep: Tensor | None = None) -> Tensor:
+    """``base[t] + s (x_t A_eᵀ) B_eᵀ`` per slot ``(t, e)`` (plain autograd ops); with ``keep (T, k, d)``
+    the LoRA reads each slot's dropped ``x_t ⊙ keep_tj``."""
     W, bias, A, B, scale = lin
     # without a precomputed base the frozen GEMM runs per slot (the unshared form)
     if base is None:
@@ -97,30 +100,55 @@ def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None
         out = base.index_select(0, plan.token)  # (S, out)
     if A is None:
         return out
-    return out + _segments(_expert_z(x, plan, A), B, plan.counts) * scale  # (S, out)
+    z = _expert_z(x, plan, A) if keep is None else sorted_rows(slot_z(x, plan.index, A, keep), plan.order)
+    return out + _segments(z, B, plan.counts) * scale  # (S, out)
+
+
+def _keeps(like: Tensor, plan: SlotPlan, widths: dict[str, int | None], drop: Drop | None) -> dict[str, Tensor]:
+    """``{role: (T, k, width)}`` keep factors of the LoRAs in ``widths`` (``None``: no LoRA), drawn
+    in its order (gate, up, down) in training with dropout; ``{}`` otherwise (nothing drawn)."""
+    if not dropping(drop):
+        return {}
+    drawn = draw_keeps(like, plan.T, plan.index.shape[1], list(widths.values()), drop)  # type: ignore[arg-type]
+    return {role: keep for role, keep in zip(widths, drawn) if keep is not None}
+
+
+def _lora_width(lin: LinearArgs | None, width: int) -> int | None:
+    return None if lin is None or lin[2] is None else width
 
 
 def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor | None,
-                  gate_base: Tensor | None, activation: str) -> Tensor:
-    """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``."""
+                  gate_base: Tensor | None, activation: str, drop: Drop | None = None) -> Tensor:
+    """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``; with ``drop``
+    in training the gate and up LoRAs read dropped inputs (``ops_block_dropout``)."""
     act = ACTIVATIONS[activation]
-    u = _slot_linear(x, plan, up, up_base)
+    d = x.shape[1]
+    keeps = _keeps(x, plan, {"gate": _lora_width(gate, d), "up": _lora_width(up, d)}, drop)
+    u = _slot_linear(x, plan, up, up_base, keeps.get("up"))
     if gate is None:
         return act(u)
-    return act(_slot_linear(x, plan, gate, gate_base)) * u
+    return act(_slot_linear(x, plan, gate, gate_base, keeps.get("gate"))) * u
 
 
 def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
                gate_base: Tensor | None, activation: str, down_a: Tensor | None = None, down_b: Tensor | None = None,
-               down_scale: float = 1.0, chunk: int = CHUNK,
-               policy: KernelPolicy = TORCH_OPS, cache: PackCache | None = None) -> tuple[Tensor, Tensor | None]:
+               down_scale: float = 1.0, chunk: int = CHUNK, policy: KernelPolicy = TORCH_OPS,
+               cache: PackCache | None = None, drop: Drop | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`expert_hidden`, :func:`expert_sum` of it and (with ``down_a (E, r, d_ff)``, ``down_b
     (E, d_out, r)``) :func:`expert_lora` of it: ``((T, d_ff), (T, d_out) or None)``. Needs the shared
     frozen projections. Where the module's kernel ``policy`` chooses it (``routed_ffn_kernel``: CPU
     float32/float64 tensors, the kernel built at lowering) the compiled kernel runs it token by
     token (``backends.cpu``); otherwise ``RoutedFFN`` runs it expert by expert in cache, in runs of
     ``chunk`` values. Without autograd the CPU kernel's packed factors are kept by ``cache``
-    (``packed.py``)."""
+    (``packed.py``). With ``drop`` in training every LoRA reads its dropped input
+    (``ops_block_dropout``), the down LoRA's mask applied to ``h`` inside the fused op or kernel."""
+    d = x.shape[1]
+    widths = {"gate": _lora_width(gate, d), "up": _lora_width(up, d),
+              "down": None if down_a is None else up_base.shape[1]}
+    keeps = _keeps(x, plan, widths, drop)
+    if keeps:
+        return _dropped_routed_ffn(x, plan, up, gate, up_base, gate_base, activation, (down_a, down_b, down_scale),
+                                   keeps, chunk, policy)
     if policy.routed_ffn_kernel(up_base.device, up_base.dtype) == "cpu":
         _, _, ga, gb, gs = (None, None, None, None, 1.0) if gate is None else gate
         zu, zg = _all_z(x, up[2], ga, cache=cache)
@@ -134,6 +162,27 @@ def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
     y, z = RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
                            gate_base, *g, down_a, chunk)
     return y, (None if down_a is None else expert_lora_up(z, plan, down_b, down_scale))
+
+
+def _dropped_routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
+                        gate_base: Tensor | None, activation: str, down: tuple, keeps: dict[str, Tensor], chunk: int,
+                        policy: KernelPolicy) -> tuple[Tensor, Tensor | None]:
+    """:func:`routed_ffn` in training with dropout: the gate and up LoRAs' ``z`` of the dropped inputs
+    per slot (``slot_z``), the down mask ``keeps["down"] (T, k, d_ff)`` handed to the kernel or
+    (sorted) to ``RoutedFFN``."""
+    down_a, down_b, down_scale = down
+    ga, gb, gs = (None, None, 1.0) if gate is None else gate[2:]
+    z = {role: None if a is None else slot_z(x, plan.index, a, keeps[role])
+         for role, a in (("up", up[2]), ("gate", ga))}  # (T, k, r) each
+    if policy.routed_ffn_kernel(up_base.device, up_base.dtype) == "cpu":
+        zu, zg = (None if t is None else token_z(t, plan.index, plan.E) for t in (z["up"], z["gate"]))
+        return token_routed_ffn(plan.index, plan.weights, activation, up_base, zu, up[3], up[4], gate_base, zg, gb,
+                                gs, down_a, down_b, down_scale, down_keep=keeps.get("down"))
+    zu, zg = (None if t is None else sorted_rows(t, plan.order) for t in (z["up"], z["gate"]))
+    keep = None if "down" not in keeps else sorted_rows(keeps["down"], plan.order)  # (S, d_ff)
+    y, zd = RoutedFFN.apply(plan.token, plan.gate, plan.counts, plan.T, activation, up_base, zu, up[3], up[4],
+                            gate_base, zg, gb, gs, down_a, chunk, keep)
+    return y, (None if down_a is None else expert_lora_up(zd, plan, down_b, down_scale))
 
 
 def _kernel_layout(cache: PackCache | None, name: str, b: Tensor | None) -> Tensor | None:
@@ -170,8 +219,12 @@ def expert_sum(h: Tensor, plan: SlotPlan) -> Tensor:
     return SlotSum.apply(h, plan.gate, plan.token, plan.T)
 
 
-def expert_lora_down(h: Tensor, plan: SlotPlan, a: Tensor) -> Tensor:
-    """Each slot's own expert's down-projection ``h_s A_eᵀ``: ``(S, r)``."""
+def expert_lora_down(h: Tensor, plan: SlotPlan, a: Tensor, drop: Drop | None = None) -> Tensor:
+    """Each slot's own expert's down-projection ``h_s A_eᵀ``: ``(S, r)``; with ``drop`` in training of
+    the dropped ``h_s`` (one ``(T, k, d_ff)`` mask drawn, ``ops_block_dropout``)."""
+    keep = _keeps(h, plan, {"down": h.shape[1]}, drop).get("down")
+    if keep is not None:
+        h = h * sorted_rows(keep, plan.order)  # (S, d_ff)
     return SegmentMatmul.apply(h, a, plan.counts)
 
 
@@ -189,30 +242,36 @@ def expert_lora(h: Tensor, plan: SlotPlan, a: Tensor, b: Tensor, scale: float) -
     return expert_lora_up(expert_lora_down(h, plan, a), plan, b, scale)
 
 
-def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None) -> Tensor:
+def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None, keep: Tensor | None = None) -> Tensor:
     W, bias, A, B, scale = lin
     y = F.linear(u, W, bias) if base is None else base
     if A is None:
         return y
-    return y + F.linear(F.linear(u, A[e]), B[e]) * scale
+    return y + F.linear(F.linear(u if keep is None else u * keep, A[e]), B[e]) * scale
 
 
 def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, down: LinearArgs,
-               up_base: Tensor | None, gate_base: Tensor | None, activation: str) -> Tensor:
+               up_base: Tensor | None, gate_base: Tensor | None, activation: str, drop: Drop | None = None) -> Tensor:
     """The plain form: every expert runs its whole FFN (frozen GEMMs included) on its own
-    tokens, weighted and scattered back: ``(T, d_out)``."""
+    tokens, weighted and scattered back: ``(T, d_out)``; with ``drop`` in training every LoRA reads its
+    dropped input (``ops_block_dropout``)."""
     act = ACTIVATIONS[activation]
+    d, d_ff = x.shape[1], up[0].shape[0]
+    widths = {"gate": _lora_width(gate, d), "up": _lora_width(up, d), "down": _lora_width(down, d_ff)}
+    keeps = {role: sorted_rows(t, plan.order).split(plan.counts)
+             for role, t in _keeps(x, plan, widths, drop).items()}  # per expert: (n, width)
     out = x.new_zeros(plan.T, down[0].shape[0])  # (T, d_out)
     slots = zip(plan.token.split(plan.counts), plan.gate.split(plan.counts), strict=True)
     for e, (tok, g) in enumerate(slots):
         if tok.numel() == 0:
             continue
+        keep = {role: parts[e] for role, parts in keeps.items()}
         xe = x.index_select(0, tok)  # (n, d_in)
-        u = _expert_linear(xe, up, e, None if up_base is None else up_base.index_select(0, tok))
+        u = _expert_linear(xe, up, e, None if up_base is None else up_base.index_select(0, tok), keep.get("up"))
         if gate is None:
             h = act(u)
         else:
             g_base = None if gate_base is None else gate_base.index_select(0, tok)
-            h = act(_expert_linear(xe, gate, e, g_base)) * u
-        out = out.index_add(0, tok, _expert_linear(h, down, e, None) * g[:, None])  # (T, d_out)
+            h = act(_expert_linear(xe, gate, e, g_base, keep.get("gate"))) * u
+        out = out.index_add(0, tok, _expert_linear(h, down, e, None, keep.get("down")) * g[:, None])  # (T, d_out)
     return out

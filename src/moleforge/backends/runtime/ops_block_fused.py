@@ -10,8 +10,9 @@ runs of experts' slots (a few MB per tensor) through the whole chain while they 
     y[t] += g h,  z = h A_eᵀ,
 
 keeping ``U``, ``G`` and ``act(G)`` for the backward, which recomputes ``h`` run by run and
-never materialises ``∂h``. Same values as the node-by-node ops (summation order
-aside).
+never materialises ``∂h``. Same values as the node-by-node ops (summation order aside). In
+training with dropout (``ops_block_dropout``) ``z = (h ⊙ m) A_eᵀ`` with each slot's keep factors
+``m`` (the frozen down projection, through ``y``, reads ``h`` undropped).
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ def _pre_grad(d: Tensor, tok: Tensor, z: Tensor | None, b: Tensor | None, parts:
         d_b[e] = (z[i:j].T @ d[i - lo:j - lo]).T * scale  # (F, r)
 
 
+def _down_lora_grad(dh: Tensor, h: Tensor, gz: Tensor, down_a: Tensor, d_a: Tensor, keep: Tensor | None,
+                    parts: list[tuple[int, int, int]], lo: int) -> None:
+    """Over a run of slots: ``∂A_e = ∂zᵀ (h ⊙ m)`` and ``∂h += (∂z A_e) ⊙ m`` (``m = 1`` without dropout)."""
+    for e, i, j in parts:
+        hd = h[i - lo:j - lo] if keep is None else h[i - lo:j - lo] * keep[i - lo:j - lo]
+        d_a[e] = gz[i:j].T @ hd  # (r, F)
+        if keep is None:
+            dh[i - lo:j - lo].addmm_(gz[i:j], down_a[e])  # + ∂z A_e
+        else:
+            dh[i - lo:j - lo].addcmul_(gz[i:j] @ down_a[e], keep[i - lo:j - lo])
+
+
 def _zeros_like(t: Tensor | None, want: bool) -> Tensor | None:
     return torch.zeros_like(t) if t is not None and want else None
 
@@ -103,13 +116,14 @@ class RoutedFFN(torch.autograd.Function):
     """``(y (T, F), z (S, r))`` of the experts (see the module docstring): ``token``, ``gate (S,)``
     sorted by expert with ``counts``; ``*_base (T, F)`` the shared frozen projections; ``*_z (S, r)``
     each slot's ``x_t A_eᵀ``; ``*_b (E, F, r)``; ``down_a (E, r, F)`` or ``None`` (then ``z`` is empty);
-    ``chunk`` values per tensor at a time."""
+    ``chunk`` values per tensor at a time; ``down_keep (S, F)`` (sorted slots) the down LoRA's dropout
+    keep factors, or ``None``."""
 
     @staticmethod
     def forward(ctx, token: Tensor, gate: Tensor, counts: list[int], T: int, activation: str, up_base: Tensor,
                 up_z: Tensor | None, up_b: Tensor | None, up_scale: float, gate_base: Tensor | None,
                 gate_z: Tensor | None, gate_b: Tensor | None, gate_scale: float, down_a: Tensor | None,
-                chunk: int = CHUNK):
+                chunk: int = CHUNK, down_keep: Tensor | None = None):
         S, F = token.shape[0], up_base.shape[1]
         U, act = up_base.new_empty(S, F), up_base.new_empty(S, F)
         G = None if gate_base is None else up_base.new_empty(S, F)
@@ -117,6 +131,7 @@ class RoutedFFN(torch.autograd.Function):
         z = up_base.new_empty(S, 0 if down_a is None else down_a.shape[1])
         chunks = list(_chunks(counts, F, chunk))
         buf = up_base.new_empty(max((hi - lo for lo, hi, _ in chunks), default=0), F)
+        kept = None if down_keep is None else torch.empty_like(buf)
         for lo, hi, parts in chunks:
             tok, span, h = token[lo:hi], slice(lo, hi), buf[:hi - lo]
             _pre_into(U[span], up_base, tok, up_z, up_b, parts, up_scale)
@@ -125,16 +140,17 @@ class RoutedFFN(torch.autograd.Function):
             else:
                 _pre_into(G[span], gate_base, tok, gate_z, gate_b, parts, gate_scale)
                 h = torch.mul(_act_into(activation, G[span], act[span]), U[span], out=h)
+            hd = h if kept is None else torch.mul(h, down_keep[span], out=kept[:hi - lo])  # the down LoRA's input
             for e, a, b in parts if down_a is not None else ():
-                z[a:b] = _few_columns(h[a - lo:b - lo], down_a[e].T)  # (n_e, r)
+                z[a:b] = _few_columns(hd[a - lo:b - lo], down_a[e].T)  # (n_e, r)
             y.index_add_(0, tok, torch.mul(h, gate[span, None], out=buf[:hi - lo]))
-        ctx.save_for_backward(token, gate, U, G, act, up_z, up_b, gate_z, gate_b, down_a)
+        ctx.save_for_backward(token, gate, U, G, act, up_z, up_b, gate_z, gate_b, down_a, down_keep)
         ctx.meta = (counts, T, activation, up_scale, gate_scale, chunk)
         return y, z
 
     @staticmethod
     def backward(ctx, gy: Tensor, gz: Tensor | None):
-        token, gate, U, G, act, up_z, up_b, gate_z, gate_b, down_a = ctx.saved_tensors
+        token, gate, U, G, act, up_z, up_b, gate_z, gate_b, down_a, keep = ctx.saved_tensors
         counts, T, activation, up_scale, gate_scale, chunk = ctx.meta
         needs = ctx.needs_input_grad
         F = U.shape[1]
@@ -153,9 +169,8 @@ class RoutedFFN(torch.autograd.Function):
             h = a if G is None else torch.mul(a, U[span], out=h_buf[:n])
             d_gate[span] = torch.linalg.vecdot(rows, h)
             dh = rows.mul_(gate[span, None])
-            for e, i, j in parts if d_a is not None else ():
-                d_a[e] = gz[i:j].T @ h[i - lo:j - lo]  # (r, F)
-                dh[i - lo:j - lo].addmm_(gz[i:j], down_a[e])  # + ∂z A_e
+            if d_a is not None:
+                _down_lora_grad(dh, h, gz, down_a, d_a, None if keep is None else keep[span], parts, lo)
             if G is None:
                 dU = _act_grad_into(activation, dh, U[span], h_buf[:n])
             else:
@@ -163,4 +178,4 @@ class RoutedFFN(torch.autograd.Function):
                 dG = _act_grad_into(activation, dh.mul_(U[span]), G[span], dh)
                 _pre_grad(dG, tok, gate_z, gate_b, parts, lo, gate_scale, gate_grads)
             _pre_grad(dU, tok, up_z, up_b, parts, lo, up_scale, up_grads)
-        return (None, d_gate, None, None, None, *up_grads, None, *gate_grads, None, d_a, None)
+        return (None, d_gate, None, None, None, *up_grads, None, *gate_grads, None, d_a, None, None)

@@ -28,6 +28,12 @@ def _expert_linear(c, lin: ExpertLinear | None):
     return (c.expr(lin.weight), c.opt(lin.bias), c.opt(lin.a), c.opt(lin.b), lin.scale)
 
 
+def _drop(c, n) -> dict[str, tuple]:
+    """The ``drop`` argument of a block op with dropout, ``(p, training, noise generator)``; none
+    without (the op then runs as it always did)."""
+    return {"drop": (n.dropout, c.training, c.g.get_attr("noise_generator"))} if n.dropout else {}
+
+
 def emit_expert_block(c, n) -> fx.Node:
     if runs_as_routed_ffn(c.ir, n):
         return _routed_ffn(c, n)
@@ -35,8 +41,8 @@ def emit_expert_block(c, n) -> fx.Node:
     head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
     if isinstance(n, nodes.ExpertFFN):
         down = (_expert_linear(c, n.down),)
-        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id)
-    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id)
+        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id, _drop(c, n) or None)
+    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id, _drop(c, n) or None)
 
 
 def runs_as_routed_ffn(graph: Graph, n) -> bool:
@@ -49,7 +55,8 @@ def runs_as_routed_ffn(graph: Graph, n) -> bool:
     sums = [u for u in users if isinstance(u, nodes.ExpertSum) and u.routing == n.routing]
     loras = [u for u in users if isinstance(u, nodes.ExpertLoRA) and u.routing == n.routing]
     shared = n.up_base is not None and (n.gate is None or n.gate_base is not None)
-    return shared and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
+    same_dropout = all(u.dropout == n.dropout for u in loras)
+    return shared and same_dropout and len(sums) == 1 and len(loras) <= 1 and len(users) == len(sums) + len(loras)
 
 
 def _routed_ffn(c, n: nodes.ExpertHidden) -> fx.Node:
@@ -59,7 +66,8 @@ def _routed_ffn(c, n: nodes.ExpertHidden) -> fx.Node:
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     args = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate)) + base
     down = (None, None, 1.0) if lora is None else (c.expr(lora.a), c.expr(lora.b), lora.scale)
-    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id, {**c.kernels, "cache": c.pack_cache})
+    out = c.call(ops_block.routed_ffn, args + (n.activation, *down), n.id,
+                 {**c.kernels, "cache": c.pack_cache, **_drop(c, n)})
     c.fused[total.id] = c.item(out, 0, total.id)
     if lora is not None:
         c.fused[lora.id] = c.item(out, 1, lora.id)
@@ -76,5 +84,5 @@ def emit_expert_lora(c, n: nodes.ExpertLoRA) -> fx.Node:
     if n.id in c.fused:
         return c.fused[n.id]
     plan = _plan(c, n.routing)
-    z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z")
+    z = c.call(ops_block.expert_lora_down, (c.env[n.src], plan, c.expr(n.a)), f"{n.id}_z", _drop(c, n) or None)
     return c.call(ops_block.expert_lora_up, (z, plan, c.expr(n.b), n.scale), n.id)
