@@ -76,10 +76,3 @@ def test_ffn_block_experts_take_dropout():
                                                      "adapter": {"kind": "pool", "dropout": 0.05}}]})
     assert mf.AdapterSpec.model_validate_json(spec.model_dump_json()).sites[0].adapter.dropout == 0.05
 
-
-def test_ffn_block_experts_take_magnitude():
-    """MixLoRA's use_dora: an ``ffn_block`` pool keeps ``magnitude`` through JSON, beside its dropout."""
-    spec = mf.AdapterSpec.model_validate({"sites": [{"target": {"roles": ["gate", "up", "down"]}, "scope": "ffn_block",
-                                                     "adapter": {"kind": "pool", "magnitude": True, "dropout": 0.05}}]})
-    pool = mf.AdapterSpec.model_validate_json(spec.model_dump_json()).sites[0].adapter
-    assert (pool.magnitude, pool.dropout) == (True, 0.05)

@@ -1,0 +1,67 @@
+"""MixLoRA's ``use_dora`` in the ``mixlora`` package's format, in and out.
+
+The package's ``LoraLinear`` (``mixlora/lora_linear.py``) keeps DoRA's absolute magnitude
+``m = magnitude_vector_ (out,)`` of every LoRA (each expert's gate, up and down LoRAs and the
+attention LoRAs) and computes ``m / ‖W + s B A‖ ⊙ (base(u) + s B A u)``; moleforge stores the offset
+``M = m - ‖W‖`` (``ir/block_nodes.py``, ``specs/pool_magnitude.py``). The tensors are read and written
+under the key of that parameter in the ``LoraLinear``'s state dict, beside its ``lora_A.weight``::
+
+    mixlora.layers.{i}.mlp.{proj}.experts.{e}.magnitude_vector_
+    mixlora.layers.{i}.self_attn.{proj}.magnitude_vector_
+
+The package's own loader (``LoraLinear.reset_parameters``) reads no magnitude: it sets
+``m = ‖W + s B A‖`` from the loaded factors (``c = 1``). A file without magnitude tensors is read
+the same way, so its logits are the package's; a file with them (``export_mixlora`` writes them)
+keeps its trained magnitudes here, which the package's loader would reset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["MAGNITUDE_KEY", "package_scale", "row_norms", "magnitude_offsets", "absolute_magnitudes"]
+
+MAGNITUDE_KEY = "magnitude_vector_"
+"""The name of ``LoraLinear``'s magnitude parameter, its key below the LoRA's prefix."""
+
+
+def package_scale(config: dict[str, Any]) -> float:
+    """The package's LoRA scale ``s``: ``lora_alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``)."""
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / (math.sqrt(r) if config.get("use_rslora", False) else r)
+
+
+def row_norms(module: nn.Module) -> torch.Tensor:
+    """``‖W‖`` per output row of a linear (a ``Conv1D`` stores ``W`` transposed), ``(out,)``, float64."""
+    w = module.weight.detach().to(torch.float64)
+    return torch.linalg.vector_norm(w if isinstance(module, nn.Linear) else w.t(), dim=1)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach().to(torch.float64)
+    return w if isinstance(module, nn.Linear) else w.t()
+
+
+def magnitude_offsets(module: nn.Module, a: torch.Tensor, b: torch.Tensor, s: float,
+                      read: Callable[[int], torch.Tensor | None]) -> torch.Tensor:
+    """``M = m - ‖W‖`` of the LoRAs ``A (E, r, in)``, ``B (E, out, r)`` on linear ``module``: ``(E, out)``,
+    ``m`` the tensor ``read(e)`` gives for expert e, or where it gives none what the package's loader
+    sets, ``‖W + s B_e A_e‖``."""
+    w = _weight(module)
+    norm = torch.linalg.vector_norm(w, dim=1)  # (out,)
+    rows = []
+    for e in range(a.shape[0]):
+        m = read(e)
+        if m is None:
+            m = torch.linalg.vector_norm(w + s * (b[e].to(w) @ a[e].to(w)), dim=1)
+        rows.append(m.to(torch.float64) - norm)
+    return torch.stack(rows).to(a.dtype)
+
+
+def absolute_magnitudes(module: nn.Module, offsets: torch.Tensor) -> torch.Tensor:
+    """The package's ``m = ‖W‖ + M`` of offsets ``M (..., out)`` on linear ``module``, in ``M``'s dtype."""
+    return (row_norms(module) + offsets.detach().to(torch.float64)).to(offsets.dtype)
