@@ -46,7 +46,7 @@ from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, LoRA, Site, SwitchLoadBalance, Target, TopKRouter
-from .mixlora_dora import MAGNITUDE_KEY, magnitude_offsets, package_scale
+from .mixlora_dora import MAGNITUDE_KEY, block_linear, magnitude_offsets, package_scale
 
 __all__ = ["import_mixlora", "mixlora_spec"]
 
@@ -176,7 +176,7 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor], scale: flo
                 parts = [take(f"mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{m.group(1)}.weight")
                          for e in range(decl.shape[0])]
                 out[f"{name}.{decl.name}"] = None if any(p is None for p in parts) else torch.stack(parts)
-            out.update(_block_magnitudes(name, i, module, graph, out, peek, scale))
+            out.update(_block_magnitudes(handle, name, i, graph, out, peek, scale))
         else:
             key = f"mixlora.layers.{i}.self_attn.{name.rsplit('.', 1)[-1]}"
             out[f"{name}.A"], out[f"{name}.B"] = take(f"{key}.lora_A.weight"), take(f"{key}.lora_B.weight")
@@ -191,7 +191,7 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor], scale: flo
     return {k: v for k, v in out.items() if v is not None}, missing
 
 
-def _block_magnitudes(name: str, i: int, module: MoleforgeBlock, graph, out: dict[str, torch.Tensor | None],
+def _block_magnitudes(handle: AdapterHandle, name: str, i: int, graph, out: dict[str, torch.Tensor | None],
                       peek, scale: float) -> dict[str, torch.Tensor]:
     """The DoRA magnitude offsets ``magnitude_<role> (E, out)`` of block ``name`` (``use_dora``), from the
     experts' factors already in ``out`` and the file's magnitudes (``interop/mixlora_dora.py``)."""
@@ -201,9 +201,9 @@ def _block_magnitudes(name: str, i: int, module: MoleforgeBlock, graph, out: dic
         a, b = (out.get(f"{name}.{f}_{m.group(1)}") for f in "AB") if m else (None, None)
         if a is None or b is None:
             continue
-        path = module.linears[m.group(1)]
+        path = handle.modules[name].linears[m.group(1)]
         prefix = f"mixlora.layers.{i}.mlp.{path.rsplit('.', 1)[-1]}.experts"
-        found[f"{name}.{decl.name}"] = magnitude_offsets(module.get_submodule(path), a, b, scale,
+        found[f"{name}.{decl.name}"] = magnitude_offsets(block_linear(handle, name, path), a, b, scale,
                                                          lambda e: peek(f"{prefix}.{e}.{MAGNITUDE_KEY}"))
     return found
 

@@ -23,10 +23,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["MAGNITUDE_KEY", "package_scale", "row_norms", "magnitude_offsets", "absolute_magnitudes"]
+__all__ = ["MAGNITUDE_KEY", "package_scale", "row_norms", "magnitude_offsets", "absolute_magnitudes", "block_linear"]
 
 MAGNITUDE_KEY = "magnitude_vector_"
 """The name of ``LoraLinear``'s magnitude parameter, its key below the LoRA's prefix."""
+
+
+def block_linear(handle, name: str, path: str) -> nn.Module:
+    """The linear ``path`` of the FFN block ``name`` as the model holds it (``nn.Linear`` or ``Conv1D``, whose
+    class says how ``W`` is stored): the routed block reads its weights in place, and its own submodule
+    at ``path`` only holds them."""
+    return handle._originals[name].get_submodule(path)
 
 
 def package_scale(config: dict[str, Any]) -> float:

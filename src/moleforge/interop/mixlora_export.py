@@ -29,7 +29,7 @@ from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..specs import ExpertPool, LoRA, SwitchLoadBalance, TopKRouter
 from .atomic import atomic_write_many
-from .mixlora_dora import MAGNITUDE_KEY, absolute_magnitudes
+from .mixlora_dora import MAGNITUDE_KEY, absolute_magnitudes, block_linear
 
 __all__ = ["export_mixlora"]
 
@@ -109,7 +109,7 @@ def _weights(handle: AdapterHandle, pool: ExpertPool) -> tuple[dict[str, torch.T
                     raise _refuse(f"{name}: {A.shape[0]} experts of rank {A.shape[1]}, the format has one count "
                                   f"and rank ({pool.experts}, {pool.rank}) for every layer")
                 M = state.get(f"{name}.magnitude_{role}")
-                M = None if M is None else absolute_magnitudes(module.get_submodule(path), M)  # (E, out)
+                M = None if M is None else absolute_magnitudes(block_linear(handle, name, path), M)  # (E, out)
                 for e in range(A.shape[0]):
                     key = f"mixlora.layers.{i}.mlp.{proj}.experts.{e}"
                     out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = A[e], B[e]
