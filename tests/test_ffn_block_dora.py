@@ -21,7 +21,8 @@ from backends.test_lowering_training import check_training  # the lowering's tra
 from conftest import assert_close
 from ffn_block_helpers import F64, REWRITES, block_params, interpret_grads
 from models import batch, tiny
-from moleforge.backends.torch_fx.lower import runs_as_routed_ffn
+from moleforge.backends.torch_fx.init import ParamStore
+from moleforge.backends.torch_fx.lower import lower, runs_as_routed_ffn
 from moleforge.compiler.build import SiteShape, build_block_graph
 from moleforge.integrations.ffn_trace import BlockLinear
 from moleforge.ir import ExpertFFN, ExpertHidden, interpret, print_graph, verify
@@ -160,6 +161,35 @@ def test_a_dora_down_projection_is_not_hoisted_and_dora_blocks_are_not_fused():
     assert isinstance(node, ExpertHidden) and not runs_as_routed_ffn(hidden_only, node)
     plain = run_pipeline(_block(roles=("gate", "up"), magnitude=False), DEFAULT_PIPELINE)
     assert runs_as_routed_ffn(plain, next(n for n in plain.nodes if isinstance(n, ExpertHidden)))
+
+
+@pytest.mark.parametrize("form", ["plain", "default pipeline"])
+def test_norms_are_kept_without_autograd_until_a_weight_changes(form):
+    """Evaluation without autograd: the second forward reuses the experts' norms (cache hits); after an
+    in-place change of a B, of a magnitude and with autograd on, the output is the interpreter's."""
+    graph = _block() if form == "plain" else run_pipeline(_block(), DEFAULT_PIPELINE)
+    params = block_params(graph, 2)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    gm = _lowered(graph, params).eval()
+    frozen = {d.name: params[d.name] for d in graph.frozen}
+    with torch.no_grad():
+        first = gm(x, None, frozen)[0]
+        hits = gm.pack_cache.hits
+        assert_close(gm(x, None, frozen)[0], first)
+        assert gm.pack_cache.hits == hits + 3, "the second forward rebuilt the norms"
+        for name in ("B_down", "magnitude_up"):
+            getattr(gm, name).mul_(1.5)
+            params[name] = params[name] * 1.5
+            assert_close(gm(x, None, frozen)[0], interpret(graph, params, x).output, msg=name)
+    assert_close(gm(x, None, frozen)[0], interpret(graph, params, x).output)
+
+
+def _lowered(graph, params):
+    store = ParamStore(graph.params, dtype=F64)
+    with torch.no_grad():
+        for d in graph.params:
+            getattr(store, d.name).copy_(params[d.name])
+    return lower(graph, store)
 
 
 @pytest.mark.parametrize("form", ["plain", "both", "default pipeline"])

@@ -121,15 +121,16 @@ def _lora_width(lin: LinearArgs | None, width: int) -> int | None:
 
 
 def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor | None,
-                  gate_base: Tensor | None, activation: str, drop: Drop | None = None, dora: Dora | None = None
-                  ) -> Tensor:
+                  gate_base: Tensor | None, activation: str, drop: Drop | None = None, dora: Dora | None = None,
+                  cache: PackCache | None = None) -> Tensor:
     """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``; with ``drop``
     in training the gate and up LoRAs read dropped inputs (``ops_block_dropout``); with ``dora`` (the
-    magnitudes of up, gate, down) DoRA experts (``ops_block_dora``)."""
+    magnitudes of up, gate, down) DoRA experts (``ops_block_dora``, their norms kept by ``cache``
+    without autograd)."""
     act = ACTIVATIONS[activation]
     d = x.shape[1]
     keeps = _keeps(x, plan, {"gate": _lora_width(gate, d), "up": _lora_width(up, d)}, drop)
-    c = block_scales({"up": up, "gate": gate, "down": None}, dora)
+    c = block_scales({"up": up, "gate": gate, "down": None}, dora, cache)
     u = _slot_linear(x, plan, up, up_base, keeps.get("up"), c.get("up"))
     if gate is None:
         return act(u)
@@ -260,17 +261,17 @@ def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None, keep
 
 def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, down: LinearArgs,
                up_base: Tensor | None, gate_base: Tensor | None, activation: str, drop: Drop | None = None,
-               dora: Dora | None = None) -> Tensor:
+               dora: Dora | None = None, cache: PackCache | None = None) -> Tensor:
     """The plain form: every expert runs its whole FFN (frozen GEMMs included) on its own
     tokens, weighted and scattered back: ``(T, d_out)``; with ``drop`` in training every LoRA reads its
     dropped input (``ops_block_dropout``); with ``dora`` (the magnitudes of up, gate, down) DoRA
-    experts (``ops_block_dora``)."""
+    experts (``ops_block_dora``, their norms kept by ``cache`` without autograd)."""
     act = ACTIVATIONS[activation]
     d, d_ff = x.shape[1], up[0].shape[0]
     widths = {"gate": _lora_width(gate, d), "up": _lora_width(up, d), "down": _lora_width(down, d_ff)}
     keeps = {role: sorted_rows(t, plan.order).split(plan.counts)
              for role, t in _keeps(x, plan, widths, drop).items()}  # per expert: (n, width)
-    c = block_scales({"up": up, "gate": gate, "down": down}, dora)  # {role: (E, out)}
+    c = block_scales({"up": up, "gate": gate, "down": down}, dora, cache)  # {role: (E, out)}
     out = x.new_zeros(plan.T, down[0].shape[0])  # (T, d_out)
     slots = zip(plan.token.split(plan.counts), plan.gate.split(plan.counts), strict=True)
     for e, (tok, g) in enumerate(slots):

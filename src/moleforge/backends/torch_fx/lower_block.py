@@ -40,9 +40,12 @@ def _magnitudes(n) -> list:
 
 
 def _dora(c, n) -> dict[str, tuple]:
-    """The ``dora`` argument of a block op with DoRA experts (``ops_block_dora``); none without."""
+    """The ``dora`` argument of a block op with DoRA experts (``ops_block_dora``), with the module's
+    cache of their norms; none without."""
     mags = _magnitudes(n)
-    return {"dora": tuple(c.opt(m) for m in mags)} if any(m is not None for m in mags) else {}
+    if all(m is None for m in mags):
+        return {}
+    return {"dora": tuple(c.opt(m) for m in mags), "cache": c.pack_cache}
 
 
 def emit_expert_block(c, n) -> fx.Node:
