@@ -46,10 +46,13 @@ def routed_blocks(model: nn.Module) -> dict[str, MoleforgeBlock]:
 DROPOUTS = st.one_of(st.just(0.0), st.floats(0.05, 0.85))
 """The experts' LoRA dropout p: none, or in (0, 0.9)."""
 
+MAGNITUDES = st.booleans()
+"""Whether the experts are DoRA experts (``magnitude: true``)."""
+
 
 @st.composite
 def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS,
-                 dropouts: st.SearchStrategy[float] = DROPOUTS, magnitudes: st.SearchStrategy[bool] = st.booleans()
+                 dropouts: st.SearchStrategy[float] = DROPOUTS, magnitudes: st.SearchStrategy[bool] = MAGNITUDES
                  ) -> Graph:
     """Plain IR of random FFN blocks: gated or not, any activation, biases, a router of ``kinds``
     (top-k with or without renormalisation and with a jitter of ``jitters``, dense, sigmoid

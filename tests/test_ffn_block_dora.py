@@ -8,11 +8,11 @@ the interpreter on random blocks with magnitudes by the property tests of ``test
 
 from __future__ import annotations
 
-from mixlora.config import LoraConfig
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mixlora.config import LoraConfig
 from mixlora.lora_linear import LoraLinear
 from torch import nn
 

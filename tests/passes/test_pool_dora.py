@@ -90,7 +90,7 @@ def test_bad_specs_name_the_field(adapter, words):
 
 
 def test_ffn_block_experts_take_magnitude_but_not_ranks():
-    """FFN-block pools are DoRA experts with ``magnitude`` (``tests/test_ffn_block_dora.py``); ``ranks`` stay refused."""
+    """FFN-block pools take ``magnitude`` (DoRA experts, ``tests/test_ffn_block_dora.py``), not ``ranks``."""
     site = {"target": {"roles": ["up", "down"]}, "scope": "ffn_block", "adapter": {"kind": "pool", "magnitude": True}}
     assert mf.AdapterSpec.model_validate({"sites": [site]}).sites[0].adapter.magnitude
     site["adapter"] = {"kind": "pool", "experts": 2, "ranks": [1, 2]}

@@ -204,7 +204,7 @@ def _block_magnitudes(handle: AdapterHandle, name: str, i: int, graph, out: dict
         path = handle.modules[name].linears[m.group(1)]
         prefix = f"mixlora.layers.{i}.mlp.{path.rsplit('.', 1)[-1]}.experts"
         found[f"{name}.{decl.name}"] = magnitude_offsets(block_linear(handle, name, path), a, b, scale,
-                                                         lambda e: peek(f"{prefix}.{e}.{MAGNITUDE_KEY}"))
+                                                         lambda e, p=prefix: peek(f"{p}.{e}.{MAGNITUDE_KEY}"))
     return found
 
 
