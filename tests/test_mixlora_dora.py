@@ -18,6 +18,7 @@ from torch import nn
 import moleforge as mf
 from conftest import assert_close
 from models import batch, tiny
+from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.interop.mixlora_dora import MAGNITUDE_KEY
 from test_mixlora_import import ATTENTION, FFN, write_adapter
 
@@ -158,3 +159,16 @@ def test_export_needs_one_use_dora_for_every_lora(tmp_path):
                                                            "scaling, dropout and magnitude (use_dora = True)")):
         mf.export_mixlora(mf.compile(spec, tiny("llama")), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_dora_on_biased_attention_projections_is_refused(tmp_path):
+    """Qwen2's q/k/v have biases, which the package's DoRA scales and PEFT's does not: refused, naming the
+    projection, the model left as it was."""
+    path = write_dora_adapter(tmp_path / "a", "qwen2", 0, magnitudes=False, targets=("q_proj",) + FFN)
+    model = tiny("qwen2")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.bias.normal_()
+    with pytest.raises(mf.CheckpointError, match=r"model\.layers\.1\.self_attn\.q_proj: use_dora on a projection "
+                                                 "with a bias"):
+        mf.import_mixlora(model, path)
+    assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())

@@ -46,7 +46,7 @@ from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, LoRA, Site, SwitchLoadBalance, Target, TopKRouter
-from .mixlora_dora import MAGNITUDE_KEY, block_linear, magnitude_offsets, package_scale
+from .mixlora_dora import MAGNITUDE_KEY, biased_dora, block_linear, magnitude_offsets, package_scale
 
 __all__ = ["import_mixlora", "mixlora_spec"]
 
@@ -182,6 +182,7 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor], scale: flo
             out[f"{name}.A"], out[f"{name}.B"] = take(f"{key}.lora_A.weight"), take(f"{key}.lora_B.weight")
             a, b = out[f"{name}.A"], out[f"{name}.B"]
             if any(d.name == "magnitude" for d in graph.params) and a is not None and b is not None:
+                missing += biased_dora(name, module.base_layer)
                 out[f"{name}.magnitude"] = magnitude_offsets(module.base_layer, a[None], b[None], scale,
                                                              lambda e, k=key: peek(f"{k}.{MAGNITUDE_KEY}"))[0]
     unread = sorted(set(weights) - used)

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["MAGNITUDE_KEY", "package_scale", "row_norms", "magnitude_offsets", "absolute_magnitudes", "block_linear"]
+__all__ = ["MAGNITUDE_KEY", "package_scale", "row_norms", "magnitude_offsets", "absolute_magnitudes", "block_linear",
+           "biased_dora"]
 
 MAGNITUDE_KEY = "magnitude_vector_"
 """The name of ``LoraLinear``'s magnitude parameter, its key below the LoRA's prefix."""
@@ -42,15 +43,26 @@ def package_scale(config: dict[str, Any]) -> float:
     return alpha / (math.sqrt(r) if config.get("use_rslora", False) else r)
 
 
-def row_norms(module: nn.Module) -> torch.Tensor:
-    """``‖W‖`` per output row of a linear (a ``Conv1D`` stores ``W`` transposed), ``(out,)``, float64."""
-    w = module.weight.detach().to(torch.float64)
-    return torch.linalg.vector_norm(w if isinstance(module, nn.Linear) else w.t(), dim=1)
-
-
 def _weight(module: nn.Module) -> torch.Tensor:
+    """``W (out, in)`` of a linear (a ``Conv1D`` stores it transposed), float64."""
     w = module.weight.detach().to(torch.float64)
     return w if isinstance(module, nn.Linear) else w.t()
+
+
+def row_norms(module: nn.Module) -> torch.Tensor:
+    """``‖W‖`` per output row of a linear, ``(out,)``, float64."""
+    return torch.linalg.vector_norm(_weight(module), dim=1)
+
+
+def biased_dora(name: str, module: nn.Module) -> list[str]:
+    """The problem of an attention LoRA with DoRA on a linear with a non-zero bias: the package scales
+    the bias by the DoRA factor, a moleforge LoRA site (PEFT's DoRA) does not, so the logits would differ."""
+    bias = getattr(module, "bias", None)
+    if bias is None or not bias.detach().any():
+        return []
+    return [f"{name}: use_dora on a projection with a bias; the mixlora package scales the bias by the DoRA "
+            "factor, a LoRA site with magnitude (PEFT's DoRA) does not: import the adapter into a model whose "
+            "attention projections have no bias, or one without use_dora"]
 
 
 def magnitude_offsets(module: nn.Module, a: torch.Tensor, b: torch.Tensor, s: float,
@@ -59,7 +71,7 @@ def magnitude_offsets(module: nn.Module, a: torch.Tensor, b: torch.Tensor, s: fl
     ``m`` the tensor ``read(e)`` gives for expert e, or where it gives none what the package's loader
     sets, ``‖W + s B_e A_e‖``."""
     w = _weight(module)
-    norm = torch.linalg.vector_norm(w, dim=1)  # (out,)
+    norm = row_norms(module)  # (out,)
     rows = []
     for e in range(a.shape[0]):
         m = read(e)

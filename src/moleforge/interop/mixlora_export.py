@@ -29,7 +29,7 @@ from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..specs import ExpertPool, LoRA, SwitchLoadBalance, TopKRouter
 from .atomic import atomic_write_many
-from .mixlora_dora import MAGNITUDE_KEY, absolute_magnitudes, block_linear
+from .mixlora_dora import MAGNITUDE_KEY, absolute_magnitudes, biased_dora, block_linear
 
 __all__ = ["export_mixlora"]
 
@@ -123,6 +123,8 @@ def _weights(handle: AdapterHandle, pool: ExpertPool) -> tuple[dict[str, torch.T
         key = f"mixlora.layers.{i}.self_attn.{proj}"
         out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = state[f"{name}.A"], state[f"{name}.B"]
         if f"{name}.magnitude" in state:
+            for problem in biased_dora(name, module.base_layer):
+                raise _refuse(problem)
             out[f"{key}.{MAGNITUDE_KEY}"] = absolute_magnitudes(module.base_layer, state[f"{name}.magnitude"])
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}, targets
 
