@@ -227,9 +227,10 @@ def test_a_fresh_dora_mixlora_changes_nothing():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dora_mixlora_trains_saves_and_loads(arch, tmp_path):
     """A few steps of Adam move every magnitude; save -> load gives the same logits."""
-    model, ids = tiny(arch).train(), batch()
-    handle = mf.compile(_dora_mixlora().with_init(mf.Init(up="normal", seed=2)), model)
+    model, ids, spec = tiny(arch).train(), batch(), _dora_mixlora().with_init(mf.Init(up="normal", seed=2))
+    handle = mf.compile(spec, model)
     named = dict(handle.named_parameters())
+    assert mf.count_parameters(spec, tiny(arch)) == sum(p.numel() for p in named.values())
     mags = {k: v.detach().clone() for k, v in named.items() if k.split(".")[-1].startswith("magnitude")}
     assert len(mags) == sum(1 for g in handle.graphs.values() for d in g.params if d.name.startswith("magnitude"))
     assert sum(k.endswith(".magnitude_down") for k in mags) == 2 and sum(k.endswith(".magnitude") for k in mags) >= 4

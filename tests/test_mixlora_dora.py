@@ -172,3 +172,16 @@ def test_dora_on_biased_attention_projections_is_refused(tmp_path):
                                                  "with a bias"):
         mf.import_mixlora(model, path)
     assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())
+
+
+def test_a_magnitude_of_another_shape_is_named(tmp_path):
+    path = write_dora_adapter(tmp_path / "a", "llama", 0)
+    weights = torch.load(path / "adapter_model.bin", weights_only=True)
+    key = f"mixlora.layers.1.mlp.down_proj.experts.3.{MAGNITUDE_KEY}"
+    weights[key] = torch.ones(5)
+    torch.save(weights, path / "adapter_model.bin")
+    model = tiny("llama")
+    with pytest.raises(mf.CheckpointError, match=re.escape(f"{key}: shape (5,), the magnitude of this model's "
+                                                           "linear needs (32,), one per output row")):
+        mf.import_mixlora(model, path)
+    assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())

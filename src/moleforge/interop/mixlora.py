@@ -183,8 +183,8 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor], scale: flo
             a, b = out[f"{name}.A"], out[f"{name}.B"]
             if any(d.name == "magnitude" for d in graph.params) and a is not None and b is not None:
                 missing += biased_dora(name, module.base_layer)
-                out[f"{name}.magnitude"] = magnitude_offsets(module.base_layer, a[None], b[None], scale,
-                                                             lambda e, k=key: peek(f"{k}.{MAGNITUDE_KEY}"))[0]
+                m = magnitude_offsets(module.base_layer, a[None], b[None], scale, [f"{key}.{MAGNITUDE_KEY}"], peek)
+                out[f"{name}.magnitude"] = None if m is None else m[0]
     unread = sorted(set(weights) - used)
     if unread:
         warnings.warn(f"{len(unread)} tensor(s) of the adapter belong to no module of this model and are "
@@ -193,7 +193,7 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor], scale: flo
 
 
 def _block_magnitudes(handle: AdapterHandle, name: str, i: int, graph, out: dict[str, torch.Tensor | None],
-                      peek, scale: float) -> dict[str, torch.Tensor]:
+                      peek, scale: float) -> dict[str, torch.Tensor | None]:
     """The DoRA magnitude offsets ``magnitude_<role> (E, out)`` of block ``name`` (``use_dora``), from the
     experts' factors already in ``out`` and the file's magnitudes (``interop/mixlora_dora.py``)."""
     found = {}
@@ -204,8 +204,8 @@ def _block_magnitudes(handle: AdapterHandle, name: str, i: int, graph, out: dict
             continue
         path = handle.modules[name].linears[m.group(1)]
         prefix = f"mixlora.layers.{i}.mlp.{path.rsplit('.', 1)[-1]}.experts"
-        found[f"{name}.{decl.name}"] = magnitude_offsets(block_linear(handle, name, path), a, b, scale,
-                                                         lambda e, p=prefix: peek(f"{p}.{e}.{MAGNITUDE_KEY}"))
+        keys = [f"{prefix}.{e}.{MAGNITUDE_KEY}" for e in range(a.shape[0])]
+        found[f"{name}.{decl.name}"] = magnitude_offsets(block_linear(handle, name, path), a, b, scale, keys, peek)
     return found
 
 

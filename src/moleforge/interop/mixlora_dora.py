@@ -18,10 +18,12 @@ keeps its trained magnitudes here, which the package's loader would reset.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import CheckpointError
 
 __all__ = ["MAGNITUDE_KEY", "package_scale", "row_norms", "magnitude_offsets", "absolute_magnitudes", "block_linear",
            "biased_dora"]
@@ -65,18 +67,28 @@ def biased_dora(name: str, module: nn.Module) -> list[str]:
             "attention projections have no bias, or one without use_dora"]
 
 
-def magnitude_offsets(module: nn.Module, a: torch.Tensor, b: torch.Tensor, s: float,
-                      read: Callable[[int], torch.Tensor | None]) -> torch.Tensor:
+def magnitude_offsets(module: nn.Module, a: torch.Tensor, b: torch.Tensor, s: float, keys: Sequence[str],
+                      peek: Callable[[str], torch.Tensor | None]) -> torch.Tensor | None:
     """``M = m - ‖W‖`` of the LoRAs ``A (E, r, in)``, ``B (E, out, r)`` on linear ``module``: ``(E, out)``,
-    ``m`` the tensor ``read(e)`` gives for expert e, or where it gives none what the package's loader
-    sets, ``‖W + s B_e A_e‖``."""
+    ``m`` expert e's tensor ``peek(keys[e])``, or where the file has none what the package's loader sets,
+    ``‖W + s B_e A_e‖``. ``None`` when the factors do not fit ``W`` (the importer's shape check names them).
+
+    Raises:
+        CheckpointError: a magnitude of another shape than ``(out,)``, naming its key.
+    """
     w = _weight(module)
+    out_dim, in_dim = w.shape
+    if a.shape[2] != in_dim or b.shape[1] != out_dim:
+        return None
     norm = row_norms(module)  # (out,)
     rows = []
-    for e in range(a.shape[0]):
-        m = read(e)
+    for e, key in enumerate(keys):
+        m = peek(key)
         if m is None:
             m = torch.linalg.vector_norm(w + s * (b[e].to(w) @ a[e].to(w)), dim=1)
+        elif tuple(m.shape) != (out_dim,):
+            raise CheckpointError(f"{key}: shape {tuple(m.shape)}, the magnitude of this model's linear needs "
+                                  f"({out_dim},), one per output row")
         rows.append(m.to(torch.float64) - norm)
     return torch.stack(rows).to(a.dtype)
 
