@@ -18,9 +18,10 @@ from torch import nn
 import moleforge as mf
 from conftest import assert_close
 from models import batch, tiny
+from moleforge.backends.runtime import ops_basics, ops_block
 from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.interop.mixlora_dora import MAGNITUDE_KEY
-from test_mixlora_import import ATTENTION, FFN, write_adapter
+from test_mixlora_import import ATTENTION, FFN, _SlotDrop, write_adapter
 
 
 def _package_linears(model):
@@ -185,3 +186,44 @@ def test_a_magnitude_of_another_shape_is_named(tmp_path):
                                                            "linear needs (32,), one per output row")):
         mf.import_mixlora(model, path)
     assert not any(isinstance(m, MoleforgeBlock) for m in model.modules())
+
+
+def test_training_with_dropout_matches_the_package(tmp_path, monkeypatch):
+    """DoRA experts with dropout in training: given the same keep factors per token, routed slot and LoRA,
+    the blocks give the package's logits (its ``apply_dora(base(x), lora_B(lora_A(dropout(x))))`` per
+    expert LoRA). The attention LoRAs' dropout is off on both sides (their training form is PEFT's)."""
+    ids, p, E, k = batch(seed=4, B=2, S=5), 0.3, 4, 2
+    path = write_dora_adapter(tmp_path / "a", "llama", 0, seed=3, dropout=p, experts=E, top_k=k)
+    model = tiny("llama")
+    T, d, F = ids.numel(), model.config.hidden_size, model.config.intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    keeps = [[(torch.rand(T, k, w, generator=gen) >= p).float() / (1 - p) for w in (d, d, F)]
+             for _ in model.model.layers]
+    calls = iter(keeps)
+    monkeypatch.setattr(ops_block, "draw_keeps", lambda like, T_, k_, widths, drop: next(calls))
+    monkeypatch.setattr(ops_basics, "dropout", lambda x, p, training, generator=None: x)
+    mf.import_mixlora(model, path)
+    ours = model.train()(ids).logits
+
+    package = _inject(tiny("llama"), path)
+    for layer, keep in zip(package.model.layers, keeps, strict=True):
+        for proj in ATTENTION:
+            getattr(layer.self_attn, proj).dropout_ = nn.Identity()
+        moe = layer.mlp.mixlora_moes["default"]
+        for lin in moe.experts_.values():
+            lin.dropout_ = _SlotDrop()
+
+        def forward(hidden, moe=moe, keep=keep):  # the package's routing, to hand each expert call its rows
+            selected = torch.softmax(torch.nn.functional.linear(hidden.reshape(T, d), moe.gate_), 1).topk(k).indices
+            slots = torch.nn.functional.one_hot(selected, E).permute(2, 1, 0)  # (E, k, T), the package's mask
+            for e in range(E):
+                j, t = torch.where(slots[e])
+                for proj, factors in zip(FFN, keep, strict=True):
+                    moe.experts_[f"experts.{e}.{proj}"].dropout_.keep = factors[t, j]
+            return moe.forward(hidden)
+
+        layer.mlp.forward = forward
+    theirs = package.train()(ids).logits
+    assert_close(ours, theirs, "mixlora_package")
+    with torch.no_grad():
+        assert (model.eval()(ids).logits - ours).abs().max() > 1e-3, "the masks change the logits"

@@ -22,8 +22,10 @@ package's training forward and ours give the same logits (``tests/test_mixlora_i
 
 ``use_dora = true`` makes every LoRA a DoRA one, as the package does: the pool's experts get
 ``magnitude: true`` (DoRA on each expert's gate, up and down LoRAs, the frozen bias scaled too, as the
-package's ``LoraLinear.apply_dora`` scales it) and the attention LoRAs too (PEFT's DoRA, the same
-without a bias). Their magnitude tensors and what a file without them means: ``interop/mixlora_dora.py``.
+package's ``LoraLinear.apply_dora`` scales it) and the attention LoRAs too (PEFT's DoRA: the same in
+evaluation on projections without a bias, and those with one are refused; in training with dropout its
+``(c - 1) ⊙ x Wᵀ`` term reads the dropped input, as PEFT's does, where the package's reads ``x``). Their
+magnitude tensors and what a file without them means: ``interop/mixlora_dora.py``.
 """
 
 from __future__ import annotations
