@@ -46,14 +46,19 @@ def routed_blocks(model: nn.Module) -> dict[str, MoleforgeBlock]:
 DROPOUTS = st.one_of(st.just(0.0), st.floats(0.05, 0.85))
 """The experts' LoRA dropout p: none, or in (0, 0.9)."""
 
+MAGNITUDES = st.booleans()
+"""Whether the experts are DoRA experts (``magnitude: true``)."""
+
 
 @st.composite
 def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[float, ...] = JITTERS,
-                 dropouts: st.SearchStrategy[float] = DROPOUTS) -> Graph:
+                 dropouts: st.SearchStrategy[float] = DROPOUTS, magnitudes: st.SearchStrategy[bool] = MAGNITUDES
+                 ) -> Graph:
     """Plain IR of random FFN blocks: gated or not, any activation, biases, a router of ``kinds``
     (top-k with or without renormalisation and with a jitter of ``jitters``, dense, sigmoid
     top-k, static) with its aux losses (the z-loss too), expert capacity, experts on a random non-empty
-    subset of linears, trained or frozen, the LoRAs' dropout of ``dropouts``."""
+    subset of linears, trained or frozen, the LoRAs' dropout of ``dropouts``, DoRA experts or not
+    (``magnitudes``; :func:`block_params` draws their magnitudes non-zero)."""
     d, d_ff, d_out = draw(st.integers(1, 6)), draw(st.integers(1, 7)), draw(st.integers(1, 6))
     E = draw(st.integers(1, 4))
     linears = {"up": BlockLinear("up", "up", d, d_ff, draw(st.booleans()), False),
@@ -67,7 +72,7 @@ def block_graphs(draw, kinds: tuple[str, ...] = FLAT_ROUTERS, jitters: tuple[flo
                       aux_losses=draw(aux_losses(router)),
                       frozen_experts=draw(st.booleans()) and (E > 1 or isinstance(router, StaticRouter)),
                       capacity_factor=draw(capacities()) if takes_capacity(router) else None,
-                      dropout=draw(dropouts))
+                      dropout=draw(dropouts), magnitude=draw(magnitudes))
     graph = build_block_graph(pool, linears, draw(st.sampled_from(ACTIVATION_NAMES)), sorted(roles),
                               SiteShape(label="block", d_in=d, d_out=d_out))
     return verify(graph)

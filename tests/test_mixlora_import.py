@@ -112,7 +112,7 @@ def _edit(path, **changes):
 
 @pytest.mark.parametrize("change, message", [
     ({"peft_type": "LORA"}, "peft_type = 'LORA'"),
-    ({"use_dora": True}, "DoRA"),
+    ({"use_dora": "yes"}, "use_dora = 'yes': expected true or false"),
     ({"act_fn": "gelu"}, "differs from the activation"),
     ({"target_modules": ["q_proj"]}, "names no FFN projection"),
     ({"lora_dropout": 1.0}, r"lora_dropout = 1\.0: expected a probability in \[0, 1\)"),

@@ -476,6 +476,17 @@ def expert_up_width():
     return _expert(g, "up", b=ParamRef("B_up", (3, 9, 2))).replace(params=_declare(g, B_up=(3, 9, 2)))
 
 
+@case("_expert_linear_rules", "up: a DoRA magnitude 'M_up' needs expert factors A and B; drop it or add them")
+def expert_magnitude_without_factors():
+    return _expert(_block(roles=("gate", "down")), "up", magnitude=ParamRef("M_up", (3, 8)))
+
+
+@case("_expert_linear_rules", r"up: magnitude \(3, 7\) != \(3, 8\), one per expert and output row")
+def expert_magnitude_shape():
+    g = _block()
+    return _expert(g, "up", magnitude=ParamRef("M_up", (3, 7))).replace(params=_declare(g, M_up=(3, 7)))
+
+
 @case("_expert_block_rules", "gate width 9 != up width 8")
 def expert_gate_width():
     g = _block(roles=("up", "down"))

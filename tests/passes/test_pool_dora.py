@@ -89,7 +89,10 @@ def test_bad_specs_name_the_field(adapter, words):
         mf.AdapterSpec.model_validate({"name": "x", "sites": [{"target": {"roles": ["up"]}, "adapter": adapter}]})
 
 
-def test_ffn_block_experts_take_no_magnitude():
-    with pytest.raises(SpecError, match="magnitude are defined for scope 'linear'"):
-        mf.AdapterSpec.model_validate({"sites": [{"target": {"roles": ["up", "down"]}, "scope": "ffn_block",
-                                                  "adapter": {"kind": "pool", "magnitude": True}}]})
+def test_ffn_block_experts_take_magnitude_but_not_ranks():
+    """FFN-block pools take ``magnitude`` (DoRA experts, ``tests/test_ffn_block_dora.py``), not ``ranks``."""
+    site = {"target": {"roles": ["up", "down"]}, "scope": "ffn_block", "adapter": {"kind": "pool", "magnitude": True}}
+    assert mf.AdapterSpec.model_validate({"sites": [site]}).sites[0].adapter.magnitude
+    site["adapter"] = {"kind": "pool", "experts": 2, "ranks": [1, 2]}
+    with pytest.raises(SpecError, match="one rank per expert is defined for scope 'linear' pools"):
+        mf.AdapterSpec.model_validate({"sites": [site]})

@@ -49,7 +49,7 @@ BAD = [
      "changes experts or rank of a pool with one rank per expert"),
     ({"sites": [{"target": {"roles": ["up"]}, "scope": "ffn_block",
                  "adapter": {"kind": "pool", "experts": 2, "ranks": [1, 2]}}]},
-     r"sites\[0\]", "ranks \\(one per expert\\) and magnitude are defined for scope 'linear' pools"),
+     r"sites\[0\]", "adapter.ranks: one rank per expert is defined for scope 'linear' pools"),
 ]
 
 
@@ -75,3 +75,4 @@ def test_ffn_block_experts_take_dropout():
     spec = mf.AdapterSpec.model_validate({"sites": [{"target": {"roles": ["gate", "up", "down"]}, "scope": "ffn_block",
                                                      "adapter": {"kind": "pool", "dropout": 0.05}}]})
     assert mf.AdapterSpec.model_validate_json(spec.model_dump_json()).sites[0].adapter.dropout == 0.05
+

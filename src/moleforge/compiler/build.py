@@ -443,7 +443,8 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
     """The plain IR of ``pool`` as experts over an FFN block with ``linears`` (``gate``, ``up``,
     ``down``) and ``activation``: a router, one :class:`~moleforge.ir.ExpertFFN` and the pool's
     aux losses. ``A_<role> (E, r, d_in)`` and ``B_<role> (E, d_out, r)`` on the linears in
-    ``roles`` (buffers with ``frozen_experts``); frozen inputs ``W_<role>`` and ``b_<role>``."""
+    ``roles`` (buffers with ``frozen_experts``), with ``magnitude: true`` DoRA's ``magnitude_<role>
+    (E, d_out)`` beside them; frozen inputs ``W_<role>`` and ``b_<role>``."""
     b = _Builder(shape)
     E, r = shape.experts or pool.experts, shape.rank or pool.rank
     route = _flat_router(b, pool.router, E, origin)
@@ -459,13 +460,15 @@ def build_block_graph(pool: ExpertPool, linears: dict[str, BlockLinear], activat
         if info.bias:
             frozen.append(ParamDecl(name=b_name, shape=(info.d_out,), init="frozen", trainable=False))
             bias = ParamRef(b_name, (info.d_out,))
-        a = up = None
+        a = up = m = None
         if role in roles:
             a = b.param(f"A_{role}", (E, r, info.d_in), "kaiming", fan_in=info.d_in, trainable=learn,
                         buffer=not learn)
             up = b.param(f"B_{role}", (E, info.d_out, r), "up", trainable=learn, buffer=not learn)
+            if pool.magnitude:  # DoRA: offsets of the experts' magnitudes, 0 at the start (block_nodes)
+                m = b.param(f"magnitude_{role}", (E, info.d_out), "zero", trainable=learn, buffer=not learn)
         experts[role] = ExpertLinear(weight=ParamRef(w_name, (info.d_out, info.d_in)), bias=bias, a=a, b=up,
-                                     scale=scale)
+                                     scale=scale, magnitude=m)
     out = b.add(ExpertFFN(id="experts", src="x", routing=_capacity(b, pool, route, origin), up=experts["up"],
                           gate=experts.get("gate"), down=experts["down"], activation=activation,
                           origin=origin, dropout=pool.dropout))  # type: ignore[arg-type]

@@ -19,6 +19,13 @@ LoRAs read their own dropout of the block input, its down LoRA a dropout of its 
 ``act(gate) * up``, a fresh mask per LoRA call and routed token; the frozen projections and the
 router read the undropped values (``ir/block_nodes.py``). Given the same keep factors, the
 package's training forward and ours give the same logits (``tests/test_mixlora_import.py``).
+
+``use_dora = true`` makes every LoRA a DoRA one, as the package does: the pool's experts get
+``magnitude: true`` (DoRA on each expert's gate, up and down LoRAs, the frozen bias scaled too, as the
+package's ``LoraLinear.apply_dora`` scales it) and the attention LoRAs too (PEFT's DoRA: the same in
+evaluation on projections without a bias, and those with one are refused; in training with dropout its
+``(c - 1) ⊙ x Wᵀ`` term reads the dropped input, as PEFT's does, where the package's reads ``x``). Their
+magnitude tensors and what a file without them means: ``interop/mixlora_dora.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..passes import Pass
 from ..specs import AdapterSpec, ExpertPool, LoRA, Site, SwitchLoadBalance, Target, TopKRouter
+from .mixlora_dora import MAGNITUDE_KEY, biased_dora, block_linear, magnitude_offsets, package_scale
 
 __all__ = ["import_mixlora", "mixlora_spec"]
 
@@ -68,9 +76,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     if config.get("routing_strategy", "mixlora") != "mixlora":
         problems.append(f"routing_strategy = {config.get('routing_strategy')!r}: only 'mixlora' (top-k) is "
                         "defined in this format")
-    if config.get("use_dora", False):
-        problems.append("use_dora = true: DoRA experts are not supported; import a LoRA-based MixLoRA "
-                        "adapter")
+    if not isinstance(config.get("use_dora", False), bool):
+        problems.append(f"use_dora = {config.get('use_dora')!r}: expected true or false")
     for key in ("r", "lora_alpha", "num_experts", "target_modules"):
         if key not in config:
             problems.append(f"missing field {key!r}")
@@ -106,6 +113,7 @@ def mixlora_spec(config: dict[str, Any], model: nn.Module | None = None) -> Adap
     names = _targets(config) if model is None else _present(model, _targets(config))
     scaling = "rslora" if config.get("use_rslora", False) else "alpha_over_rank"
     r, alpha, dropout = int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0))
+    dora = bool(config.get("use_dora", False))
     ffn = sorted(n for n in names if n in _FFN)
     attention = sorted(n for n in names if n in _ATTENTION)
     if not ffn:
@@ -117,10 +125,10 @@ def mixlora_spec(config: dict[str, Any], model: nn.Module | None = None) -> Adap
         if config.get("router_loss", True) else []
     sites = [Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.mlp\.({'|'.join(ffn)})"]), scope="ffn_block",
                   adapter=ExpertPool(experts=int(config["num_experts"]), rank=r, alpha=alpha, scaling=scaling,
-                                     router=router, aux_losses=aux, dropout=dropout))]
+                                     router=router, aux_losses=aux, dropout=dropout, magnitude=dora))]
     if attention:
         sites.append(Site(target=Target(modules=[rf"(.*\.)?layers\.\d+\.self_attn\.({'|'.join(attention)})"]),
-                          adapter=LoRA(rank=r, alpha=alpha, scaling=scaling, dropout=dropout)))
+                          adapter=LoRA(rank=r, alpha=alpha, scaling=scaling, dropout=dropout, magnitude=dora)))
     return AdapterSpec(name="mixlora-import", description="imported from a MixLoRA (mixlora package) adapter",
                        sites=sites)
 
@@ -138,9 +146,10 @@ def _check_activation(handle: AdapterHandle, config: dict[str, Any]) -> None:
                                   f"({found}); the experts would not compute the model's FFN")
 
 
-def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]
+def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor], scale: float
              ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Our state-dict keys filled from the package's keys; the package keys never read or missing."""
+    """Our state-dict keys filled from the package's keys; the package keys never read or missing.
+    ``scale``: the package's LoRA scale (DoRA magnitudes absent from the file are computed with it)."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -151,6 +160,10 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]
             return None
         used.add(key)
         return weights[key]
+
+    def peek(key: str) -> torch.Tensor | None:  # an optional tensor: a DoRA magnitude
+        used.update([key] if key in weights else [])
+        return weights.get(key)
 
     for name, graph in handle.graphs.items():
         i = layer_of(name)
@@ -165,15 +178,37 @@ def _tensors(handle: AdapterHandle, weights: dict[str, torch.Tensor]
                 parts = [take(f"mixlora.layers.{i}.mlp.{proj}.experts.{e}.lora_{m.group(1)}.weight")
                          for e in range(decl.shape[0])]
                 out[f"{name}.{decl.name}"] = None if any(p is None for p in parts) else torch.stack(parts)
+            out.update(_block_magnitudes(handle, name, i, graph, out, peek, scale))
         else:
-            proj = name.rsplit(".", 1)[-1]
-            out[f"{name}.A"] = take(f"mixlora.layers.{i}.self_attn.{proj}.lora_A.weight")
-            out[f"{name}.B"] = take(f"mixlora.layers.{i}.self_attn.{proj}.lora_B.weight")
+            key = f"mixlora.layers.{i}.self_attn.{name.rsplit('.', 1)[-1]}"
+            out[f"{name}.A"], out[f"{name}.B"] = take(f"{key}.lora_A.weight"), take(f"{key}.lora_B.weight")
+            a, b = out[f"{name}.A"], out[f"{name}.B"]
+            if any(d.name == "magnitude" for d in graph.params) and a is not None and b is not None:
+                missing += biased_dora(name, module.base_layer)
+                m = magnitude_offsets(module.base_layer, a[None], b[None], scale, [f"{key}.{MAGNITUDE_KEY}"], peek)
+                out[f"{name}.magnitude"] = None if m is None else m[0]
     unread = sorted(set(weights) - used)
     if unread:
         warnings.warn(f"{len(unread)} tensor(s) of the adapter belong to no module of this model and are "
                       f"ignored, as the mixlora package ignores them: {unread[:5]}", stacklevel=3)
     return {k: v for k, v in out.items() if v is not None}, missing
+
+
+def _block_magnitudes(handle: AdapterHandle, name: str, i: int, graph, out: dict[str, torch.Tensor | None],
+                      peek, scale: float) -> dict[str, torch.Tensor | None]:
+    """The DoRA magnitude offsets ``magnitude_<role> (E, out)`` of block ``name`` (``use_dora``), from the
+    experts' factors already in ``out`` and the file's magnitudes (``interop/mixlora_dora.py``)."""
+    found = {}
+    for decl in graph.params:
+        m = re.fullmatch(r"magnitude_(\w+)", decl.name)
+        a, b = (out.get(f"{name}.{f}_{m.group(1)}") for f in "AB") if m else (None, None)
+        if a is None or b is None:
+            continue
+        path = handle.modules[name].linears[m.group(1)]
+        prefix = f"mixlora.layers.{i}.mlp.{path.rsplit('.', 1)[-1]}.experts"
+        keys = [f"{prefix}.{e}.{MAGNITUDE_KEY}" for e in range(a.shape[0])]
+        found[f"{name}.{decl.name}"] = magnitude_offsets(block_linear(handle, name, path), a, b, scale, keys, peek)
+    return found
 
 
 def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequence[Pass] | None = None
@@ -212,7 +247,7 @@ def import_mixlora(model: nn.Module, path: str | os.PathLike, *, passes: Sequenc
     handle = compile(mixlora_spec(config, model), model, passes=passes)
     try:
         _check_activation(handle, config)
-        tensors, problems = _tensors(handle, weights)
+        tensors, problems = _tensors(handle, weights, package_scale(config))
         shapes = handle.state_dict()
         problems += [f"{k}: shape {tuple(v.shape)}, this model needs {tuple(shapes[k].shape)}"
                      for k, v in tensors.items() if tuple(v.shape) != tuple(shapes[k].shape)]

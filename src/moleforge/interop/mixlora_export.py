@@ -6,6 +6,12 @@ the adapter must be one ``ffn_block`` pool (top-k router with renormalised gates
 balance or no aux loss) plus, optionally, plain LoRA sites on the attention projections, all with
 the pool's rank, alpha, scaling and dropout. Anything else has no place in the format and is
 refused, naming what differs.
+
+A pool with ``magnitude: true`` (DoRA experts) is written with ``use_dora: true``; the package has one
+``use_dora`` for every LoRA, so the attention LoRAs must then have ``magnitude: true`` too (and
+otherwise not). The absolute magnitudes ``‖W‖ + M`` are written under each LoRA's
+``magnitude_vector_`` key (``interop/mixlora_dora.py``, which says what the package's loader does
+with them).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..integrations.sites import layer_of
 from ..ir import ExpertFFN, ExpertHidden
 from ..specs import ExpertPool, LoRA, SwitchLoadBalance, TopKRouter
 from .atomic import atomic_write_many
+from .mixlora_dora import MAGNITUDE_KEY, absolute_magnitudes, biased_dora, block_linear
 
 __all__ = ["export_mixlora"]
 
@@ -53,10 +60,11 @@ def _pool(handle: AdapterHandle) -> ExpertPool:
         if j == i:
             continue
         a = other.adapter
-        same = (a.rank, a.alpha, a.scaling, a.dropout) == (pool.rank, pool.alpha, pool.scaling, pool.dropout) \
-            if isinstance(a, LoRA) else False
-        if not same or a.magnitude:
-            raise _refuse(f"sites[{j}] is not a plain LoRA with the pool's rank, alpha, scaling and dropout")
+        same = (a.rank, a.alpha, a.scaling, a.dropout, a.magnitude) == \
+            (pool.rank, pool.alpha, pool.scaling, pool.dropout, pool.magnitude) if isinstance(a, LoRA) else False
+        if not same:
+            raise _refuse(f"sites[{j}] is not a plain LoRA with the pool's rank, alpha, scaling, dropout and "
+                          f"magnitude (use_dora = {pool.magnitude})")
     return pool
 
 
@@ -73,6 +81,8 @@ def _config(handle: AdapterHandle, pool: ExpertPool, targets: set[str]) -> dict:
               "router_aux_loss_coef": pool.aux_losses[0].weight if pool.aux_losses else 0.001}
     if pool.scaling == "rslora":
         config["use_rslora"] = True
+    if pool.magnitude:
+        config["use_dora"] = True
     activations = {n.activation for g in handle.graphs.values() for n in g.nodes
                    if isinstance(n, (ExpertFFN, ExpertHidden))}
     if len(activations) == 1:
@@ -98,16 +108,24 @@ def _weights(handle: AdapterHandle, pool: ExpertPool) -> tuple[dict[str, torch.T
                 if A.shape[:2] != (pool.experts, pool.rank):
                     raise _refuse(f"{name}: {A.shape[0]} experts of rank {A.shape[1]}, the format has one count "
                                   f"and rank ({pool.experts}, {pool.rank}) for every layer")
+                M = state.get(f"{name}.magnitude_{role}")
+                M = None if M is None else absolute_magnitudes(block_linear(handle, name, path), M)  # (E, out)
                 for e in range(A.shape[0]):
                     key = f"mixlora.layers.{i}.mlp.{proj}.experts.{e}"
                     out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = A[e], B[e]
+                    if M is not None:
+                        out[f"{key}.{MAGNITUDE_KEY}"] = M[e]
             continue
         proj = name.rsplit(".", 1)[-1]
         if proj not in _ATTENTION or ".self_attn." not in f".{name}":
             raise _refuse(f"{name} is not an attention projection ({', '.join(_ATTENTION)}) of a self_attn module")
         targets.add(proj)
-        out[f"mixlora.layers.{i}.self_attn.{proj}.lora_A.weight"] = state[f"{name}.A"]
-        out[f"mixlora.layers.{i}.self_attn.{proj}.lora_B.weight"] = state[f"{name}.B"]
+        key = f"mixlora.layers.{i}.self_attn.{proj}"
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = state[f"{name}.A"], state[f"{name}.B"]
+        if f"{name}.magnitude" in state:
+            for problem in biased_dora(name, module.base_layer):
+                raise _refuse(problem)
+            out[f"{key}.{MAGNITUDE_KEY}"] = absolute_magnitudes(module.base_layer, state[f"{name}.magnitude"])
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}, targets
 
 

@@ -10,7 +10,17 @@ once per expert on that expert's tokens): the LoRA of linear L of expert e reads
 (token t's j-th expert; for a routing without indices, a dense one, slot j is expert j) and every
 linear: ``ν (T, k, width)`` per LoRA, drawn in the order gate, up, down (the linears that carry
 LoRAs) from the site's noise generator. The frozen projections and the router read the undropped
-values; evaluation drops nothing."""
+values; evaluation drops nothing.
+
+DoRA. An :class:`ExpertLinear` with a ``magnitude`` ``M (E, out)`` computes, as the ``mixlora``
+package's ``LoraLinear.apply_dora`` does on every expert LoRA,
+
+    L_i(u) = c_i ⊙ (u Wᵀ + b + s (u' A_iᵀ) B_iᵀ),   c_i = (‖W‖ + M_i) / ‖W + s B_i A_i‖
+
+(``u'`` the LoRA's input, dropped in training; row norms over the input dim, the denominator
+without gradient). The stored magnitude is an offset from ``‖W‖`` (moleforge's DoRA convention,
+``specs/pool_magnitude.py``), so a fresh expert (``B = 0``, ``M = 0``) has ``c_i = 1``. The bias is
+scaled too, as in the package; PEFT's DoRA on a linear site does not scale it."""
 
 from __future__ import annotations
 
@@ -44,6 +54,9 @@ class ExpertLinear:
     a: ParamRef | None = None
     b: ParamRef | None = None
     scale: float = 1.0
+    magnitude: ParamRef | None = None
+    """DoRA (MixLoRA's ``use_dora``, see the module docstring): the offsets ``M (E, out)`` of the
+    experts' magnitudes; ``None``: plain LoRA experts. Needs ``a`` and ``b``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

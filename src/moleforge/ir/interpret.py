@@ -23,6 +23,7 @@ from torch import Tensor
 from . import interpret_basics, interpret_dora, interpret_kronecker, interpret_xlora, nodes
 from .graph import Graph
 from .interpret_block_dropout import block_keeps
+from .interpret_dora import block_dora_scale
 from .interpret_top_p import top_p_aux, top_p_gate
 from .interpret_tree import stable_top, tree_aux, tree_mix, tree_route
 from .nodes import ExpertHidden, ExpertLinear
@@ -355,7 +356,8 @@ def _expert_linear(lin: ExpertLinear, i: int, u: Tensor, p, base: Tensor | None 
     if lin.a is None:
         return base
     lora_in = u if keep is None else u * keep[i]
-    return base + lin.scale * ((lora_in @ p[lin.a.name][i].T) @ p[lin.b.name][i].T)
+    out = base + lin.scale * ((lora_in @ p[lin.a.name][i].T) @ p[lin.b.name][i].T)
+    return out if lin.magnitude is None else block_dora_scale(lin, i, p) * out
 
 
 def _hidden(n, i: int, env, p, keeps: Mapping[str, Tensor]) -> Tensor:

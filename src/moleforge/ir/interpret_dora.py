@@ -1,5 +1,6 @@
 """The interpreter's rule of :class:`~moleforge.ir.dora_nodes.PoolMagnitude`, in float64: each
-expert as PEFT's DoRA computes a single LoRA (``interpret_basics.run_magnitude``), mixed by the gates."""
+expert as PEFT's DoRA computes a single LoRA (``interpret_basics.run_magnitude``), mixed by the gates;
+and the DoRA factor of an FFN-block expert linear with a magnitude (``block_nodes``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import Tensor
 from .dora_nodes import PoolMagnitude
 from .interpret_basics import dora_norm
 
-__all__ = ["run_pool_magnitude"]
+__all__ = ["run_pool_magnitude", "block_dora_scale"]
 
 
 def run_pool_magnitude(n: PoolMagnitude, r) -> Tensor:
@@ -22,3 +23,11 @@ def run_pool_magnitude(n: PoolMagnitude, r) -> Tensor:
         lora = n.scale * ((x @ A[i].T) @ B[i].T)  # (T, d_out)
         out = out + g[:, i:i + 1] * ((c - 1.0) * base + c * lora)
     return out
+
+
+def block_dora_scale(lin, i: int, p) -> Tensor:
+    """``c_i = (‖W‖ + M_i) / ‖W + s B_i A_i‖`` ``(out,)`` of expert i on block linear ``lin`` (an
+    ``ExpertLinear`` with a magnitude), the denominator without gradient (``block_nodes``)."""
+    W = p[lin.weight.name]
+    norm = dora_norm(W, p[lin.a.name][i], p[lin.b.name][i], lin.scale)  # (out,)
+    return (torch.linalg.vector_norm(W, dim=1) + p[lin.magnitude.name][i]) / norm

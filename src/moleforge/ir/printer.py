@@ -155,7 +155,8 @@ def _expert_linear(role: str, lin: ExpertLinear | None, base: str | None) -> str
         return ""
     frozen = f"%{base}" if base is not None else f"W={format_expr(lin.weight)} b={format_expr(lin.bias)}"
     lora = "" if lin.a is None else f" + A={format_expr(lin.a)} B={format_expr(lin.b)} scale={lin.scale:g}"
-    return f" {role}=[{frozen}{lora}]"
+    dora = "" if lin.magnitude is None else f" magnitude={format_expr(lin.magnitude)}"
+    return f" {role}=[{frozen}{lora}{dora}]"
 
 
 def _expert_block(kind: str, down: bool) -> Callable[..., str]:

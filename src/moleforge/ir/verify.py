@@ -373,6 +373,8 @@ def _expert_linear_rules(g: Graph, lin: ExpertLinear, d_in: int, E: int, what: s
     p += _expr(g, lin.weight, f"{what} weight") + (_expr(g, lin.bias, f"{what} bias") if lin.bias else [])
     if (lin.a is None) != (lin.b is None):
         p.append(f"{what}: give both expert factors A and B, or neither")
+    if lin.magnitude is not None and lin.a is None:
+        p.append(f"{what}: a DoRA magnitude {lin.magnitude.name!r} needs expert factors A and B; drop it or add them")
     if p:
         return p
     w = lin.weight.shape
@@ -385,6 +387,10 @@ def _expert_linear_rules(g: Graph, lin: ExpertLinear, d_in: int, E: int, what: s
         p += [] if p else _expert_factor_rules(g, lin.a.shape, lin.b.shape, E, d_in, what)
         if not p and lin.b.shape[1] != w[0]:
             p.append(f"{what}: B writes width {lin.b.shape[1]}, the frozen weight {w[0]}")
+        if not p and lin.magnitude is not None:
+            p += _expr(g, lin.magnitude, f"{what} magnitude")
+            if not p and lin.magnitude.shape != (E, w[0]):
+                p.append(f"{what}: magnitude {lin.magnitude.shape} != ({E}, {w[0]}), one per expert and output row")
     return p
 
 

@@ -19,6 +19,10 @@ With dropout (training) the frozen down projection reads the undropped ``h_i`` a
 dropped one, so the identity holds with ``h_i`` dropped in the last term only: ``expert_hidden``
 draws the gate and up LoRAs' ``ν``, then ``expert_lora`` the down LoRA's, the order ``expert_ffn``
 draws them in (nothing between them draws noise).
+
+With DoRA on the down projection (its ``magnitude``) each expert scales its whole output,
+``Σ_i g_i c_i ⊙ (h_i W_dᵀ + b_d + ...)``, and ``W_d`` cannot leave the sum: the node is left
+unchanged. DoRA on the gate and up projections does not touch the down projection.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ def _gates_sum_to_one(graph: Graph, routing: str) -> bool:
 
 
 def _applies(graph: Graph, n) -> bool:
-    return isinstance(n, ExpertFFN) and (n.down.bias is None or _gates_sum_to_one(graph, n.routing))
+    if not isinstance(n, ExpertFFN) or n.down.magnitude is not None:
+        return False
+    return n.down.bias is None or _gates_sum_to_one(graph, n.routing)
 
 
 def _hoisted(n: ExpertFFN, ids: Ids) -> list:

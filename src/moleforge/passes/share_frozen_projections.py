@@ -7,7 +7,9 @@ frozen ``x W_gᵀ + b_g`` and ``x W_uᵀ + b_u`` to the same input, so
     G_i(x) = x W_gᵀ + b_g + s (x A_iᵀ) B_iᵀ = P_g + s (x A_iᵀ) B_iᵀ,   P_g = x W_gᵀ + b_g,
 
 with ``P_g`` (and ``P_u``) computed once by a frozen :class:`~moleforge.ir.Linear`. Exact for
-every routing; no precondition. Each expert then adds only its low-rank delta.
+every routing; no precondition. Each expert then adds only its low-rank delta. With DoRA (a
+``magnitude`` on the linear) expert i computes ``c_i ⊙ (P_g + s (x A_iᵀ) B_iᵀ)``: ``c_i`` reads the
+weights alone, so the shared ``P_g`` is still exact.
 
 Post: the block node reads ``gate_base`` / ``up_base``. Idempotent: a node that already reads
 them is kept as it is.

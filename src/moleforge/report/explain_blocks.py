@@ -112,6 +112,10 @@ def _describe_block(g: Graph, node: ExpertFFN, short: Mapping[str, str]) -> str:
     if node.dropout:
         text += (f"; LoRA dropout {node.dropout:g} in training on each LoRA's input (x for gate and up, the "
                  "expert's h for down; a mask per routed token and LoRA)")
+    dora = [short[role] for role, lin in linears.items() if lin.magnitude is not None]
+    if dora:
+        text += (f"; DoRA experts (MixLoRA's use_dora): a magnitude per expert and output row on {_and(dora)}, "
+                 "c ⊙ (W u + b + s B A u) with c = (‖W‖ + m) / ‖W + s B A‖")
     aux = [f"{n.kind} {n.weight:g}" for n in g.nodes if isinstance(n, AuxLoss)]
     return text + (f"; aux {', '.join(aux)}" if aux else "")
 

@@ -129,10 +129,10 @@ class Site(SpecModel):
             raise ValueError("adapter.router.kind = 'top_p': FFN-block experts take a fixed number of experts per "
                              "token (topk, dense, sigmoid_topk, static); use scope 'linear' for DynMoLE's top-p "
                              "routing (per adapted linear, as the dynmole preset does)")
-        if a.ranks is not None or a.magnitude:
-            raise ValueError("adapter: ranks (one per expert) and magnitude are defined for scope 'linear' pools; "
-                             "FFN-block experts take neither (their dropout, MixLoRA's lora_dropout, is fine): "
-                             "remove them or use scope 'linear'")
+        if a.ranks is not None:
+            raise ValueError("adapter.ranks: one rank per expert is defined for scope 'linear' pools; FFN-block "
+                             "experts share one rank (their dropout and magnitude, MixLoRA's lora_dropout and "
+                             "use_dora, are fine): remove ranks or use scope 'linear'")
         attention = [r for r in self.target.roles if r not in _FFN_ROLES]
         if attention:
             raise ValueError(f"target.roles {attention}: scope 'ffn_block' routes FFN blocks, whose linears are "

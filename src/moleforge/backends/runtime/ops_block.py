@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cpu.routed_ffn import token_routed_ffn
+from .ops_block_dora import Dora, block_scales
 from .ops_block_dropout import Drop, draw_keeps, dropping, slot_z, sorted_rows, token_z
 from .ops_block_fused import CHUNK, RoutedFFN
 from .ops_block_grad import ACTIVATIONS, SegmentMatmul, SlotSum
@@ -89,9 +90,10 @@ def _expert_z(x: Tensor, plan: SlotPlan, A: Tensor) -> Tensor:
 
 
 def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None,
-                 keep: Tensor | None = None) -> Tensor:
+                 keep: Tensor | None = None, c: Tensor | None = None) -> Tensor:
     """``base[t] + s (x_t A_eᵀ) B_eᵀ`` per slot ``(t, e)`` (plain autograd ops); with ``keep (T, k, d)``
-    the LoRA reads each slot's dropped ``x_t ⊙ keep_tj``."""
+    the LoRA reads each slot's dropped ``x_t ⊙ keep_tj``; with DoRA's ``c (E, out)`` the slot's sum is
+    scaled by ``c_e`` (``ops_block_dora``)."""
     W, bias, A, B, scale = lin
     # without a precomputed base the frozen GEMM runs per slot (the unshared form)
     if base is None:
@@ -101,7 +103,8 @@ def _slot_linear(x: Tensor, plan: SlotPlan, lin: LinearArgs, base: Tensor | None
     if A is None:
         return out
     z = _expert_z(x, plan, A) if keep is None else sorted_rows(slot_z(x, plan.index, A, keep), plan.order)
-    return out + _segments(z, B, plan.counts) * scale  # (S, out)
+    out = out + _segments(z, B, plan.counts) * scale  # (S, out)
+    return out if c is None else out * c.index_select(0, plan.expert)
 
 
 def _keeps(like: Tensor, plan: SlotPlan, widths: dict[str, int | None], drop: Drop | None) -> dict[str, Tensor]:
@@ -118,16 +121,20 @@ def _lora_width(lin: LinearArgs | None, width: int) -> int | None:
 
 
 def expert_hidden(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor | None,
-                  gate_base: Tensor | None, activation: str, drop: Drop | None = None) -> Tensor:
+                  gate_base: Tensor | None, activation: str, drop: Drop | None = None, dora: Dora | None = None,
+                  cache: PackCache | None = None) -> Tensor:
     """``h = act(G_e(x_t)) ⊙ U_e(x_t)`` (or ``act(U_e(x_t))``) per slot: ``(S, d_ff)``; with ``drop``
-    in training the gate and up LoRAs read dropped inputs (``ops_block_dropout``)."""
+    in training the gate and up LoRAs read dropped inputs (``ops_block_dropout``); with ``dora`` (the
+    magnitudes of up, gate, down) DoRA experts (``ops_block_dora``, their norms kept by ``cache``
+    without autograd)."""
     act = ACTIVATIONS[activation]
     d = x.shape[1]
     keeps = _keeps(x, plan, {"gate": _lora_width(gate, d), "up": _lora_width(up, d)}, drop)
-    u = _slot_linear(x, plan, up, up_base, keeps.get("up"))
+    c = block_scales({"up": up, "gate": gate, "down": None}, dora, cache)
+    u = _slot_linear(x, plan, up, up_base, keeps.get("up"), c.get("up"))
     if gate is None:
         return act(u)
-    return act(_slot_linear(x, plan, gate, gate_base, keeps.get("gate"))) * u
+    return act(_slot_linear(x, plan, gate, gate_base, keeps.get("gate"), c.get("gate"))) * u
 
 
 def routed_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, up_base: Tensor,
@@ -242,24 +249,29 @@ def expert_lora(h: Tensor, plan: SlotPlan, a: Tensor, b: Tensor, scale: float) -
     return expert_lora_up(expert_lora_down(h, plan, a), plan, b, scale)
 
 
-def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None, keep: Tensor | None = None) -> Tensor:
+def _expert_linear(u: Tensor, lin: LinearArgs, e: int, base: Tensor | None, keep: Tensor | None = None,
+                   c: Tensor | None = None) -> Tensor:
     W, bias, A, B, scale = lin
     y = F.linear(u, W, bias) if base is None else base
     if A is None:
         return y
-    return y + F.linear(F.linear(u if keep is None else u * keep, A[e]), B[e]) * scale
+    y = y + F.linear(F.linear(u if keep is None else u * keep, A[e]), B[e]) * scale
+    return y if c is None else y * c[e]
 
 
 def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | None, down: LinearArgs,
-               up_base: Tensor | None, gate_base: Tensor | None, activation: str, drop: Drop | None = None) -> Tensor:
+               up_base: Tensor | None, gate_base: Tensor | None, activation: str, drop: Drop | None = None,
+               dora: Dora | None = None, cache: PackCache | None = None) -> Tensor:
     """The plain form: every expert runs its whole FFN (frozen GEMMs included) on its own
     tokens, weighted and scattered back: ``(T, d_out)``; with ``drop`` in training every LoRA reads its
-    dropped input (``ops_block_dropout``)."""
+    dropped input (``ops_block_dropout``); with ``dora`` (the magnitudes of up, gate, down) DoRA
+    experts (``ops_block_dora``, their norms kept by ``cache`` without autograd)."""
     act = ACTIVATIONS[activation]
     d, d_ff = x.shape[1], up[0].shape[0]
     widths = {"gate": _lora_width(gate, d), "up": _lora_width(up, d), "down": _lora_width(down, d_ff)}
     keeps = {role: sorted_rows(t, plan.order).split(plan.counts)
              for role, t in _keeps(x, plan, widths, drop).items()}  # per expert: (n, width)
+    c = block_scales({"up": up, "gate": gate, "down": down}, dora, cache)  # {role: (E, out)}
     out = x.new_zeros(plan.T, down[0].shape[0])  # (T, d_out)
     slots = zip(plan.token.split(plan.counts), plan.gate.split(plan.counts), strict=True)
     for e, (tok, g) in enumerate(slots):
@@ -267,11 +279,13 @@ def expert_ffn(x: Tensor, plan: SlotPlan, up: LinearArgs, gate: LinearArgs | Non
             continue
         keep = {role: parts[e] for role, parts in keeps.items()}
         xe = x.index_select(0, tok)  # (n, d_in)
-        u = _expert_linear(xe, up, e, None if up_base is None else up_base.index_select(0, tok), keep.get("up"))
+        u_base = None if up_base is None else up_base.index_select(0, tok)
+        u = _expert_linear(xe, up, e, u_base, keep.get("up"), c.get("up"))
         if gate is None:
             h = act(u)
         else:
             g_base = None if gate_base is None else gate_base.index_select(0, tok)
-            h = act(_expert_linear(xe, gate, e, g_base, keep.get("gate"))) * u
-        out = out.index_add(0, tok, _expert_linear(h, down, e, None, keep.get("down")) * g[:, None])  # (T, d_out)
+            h = act(_expert_linear(xe, gate, e, g_base, keep.get("gate"), c.get("gate"))) * u
+        y = _expert_linear(h, down, e, None, keep.get("down"), c.get("down"))
+        out = out.index_add(0, tok, y * g[:, None])  # (T, d_out)
     return out

@@ -34,22 +34,37 @@ def _drop(c, n) -> dict[str, tuple]:
     return {"drop": (n.dropout, c.training, c.g.get_attr("noise_generator"))} if n.dropout else {}
 
 
+def _magnitudes(n) -> list:
+    """The DoRA magnitudes of block node ``n``'s up, gate and down linears (``None`` where absent)."""
+    return [None if lin is None else lin.magnitude for lin in (n.up, n.gate, getattr(n, "down", None))]
+
+
+def _dora(c, n) -> dict[str, tuple]:
+    """The ``dora`` argument of a block op with DoRA experts (``ops_block_dora``), with the module's
+    cache of their norms; none without."""
+    mags = _magnitudes(n)
+    if all(m is None for m in mags):
+        return {}
+    return {"dora": tuple(c.opt(m) for m in mags), "cache": c.pack_cache}
+
+
 def emit_expert_block(c, n) -> fx.Node:
     if runs_as_routed_ffn(c.ir, n):
         return _routed_ffn(c, n)
     base = tuple(None if b is None else c.env[b] for b in (n.up_base, n.gate_base))
     head = (c.env[n.src], _plan(c, n.routing), _expert_linear(c, n.up), _expert_linear(c, n.gate))
+    kwargs = {**_drop(c, n), **_dora(c, n)} or None
     if isinstance(n, nodes.ExpertFFN):
         down = (_expert_linear(c, n.down),)
-        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id, _drop(c, n) or None)
-    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id, _drop(c, n) or None)
+        return c.call(ops_block.expert_ffn, head + down + base + (n.activation,), n.id, kwargs)
+    return c.call(ops_block.expert_hidden, head + base + (n.activation,), n.id, kwargs)
 
 
 def runs_as_routed_ffn(graph: Graph, n) -> bool:
     """Whether FFN-block node ``n`` lowers to one fused op (``routed_ffn``): hidden states with
     shared frozen projections, read by one ``expert_sum`` and at most one ``expert_lora`` of the
-    same routing."""
-    if not isinstance(n, nodes.ExpertHidden):
+    same routing; not with DoRA experts (a magnitude on a linear), which run the torch ops."""
+    if not isinstance(n, nodes.ExpertHidden) or any(m is not None for m in _magnitudes(n)):
         return False
     users = graph.users(n.id)
     sums = [u for u in users if isinstance(u, nodes.ExpertSum) and u.routing == n.routing]
