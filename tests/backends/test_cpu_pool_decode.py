@@ -2,8 +2,8 @@
 kernel ``backends/cpu/pool_decode.py``): without autograd at the kernel policy's decode sizes,
 one kernel call per site equals the float64 interpreter on the site's plain IR, for every pool
 whose plain IR it takes (softmax top-k renormalised or not, any temperature, the dense softmax
-gate, per-expert or shared factors, aux losses and input dropout, identity in evaluation) and
-every plain LoRA, whatever the passes made of the generated forward. Drawn pools of every kind it
+gate, per-expert or shared factors, aux losses and input dropout, identity in evaluation),
+whatever the passes made of the generated forward. Drawn pools of every kind it
 does not take get no form, and a form never runs with autograd, above the decode sizes or while
 a routing log is kept. A MoLoRA Llama decodes the same tokens and logits with it as without."""
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import moleforge as mf
 from moleforge.backends.cpu import pool_decode
-from moleforge.backends.runtime.ops_decode import LORA_DECODE_TOKENS, decode_step
+from moleforge.backends.runtime.ops_decode import decode_step
 from moleforge.backends.runtime.policy import KernelPolicy
 from moleforge.backends.torch_fx.init import ParamStore
 from moleforge.backends.torch_fx.lower import lower
@@ -30,7 +30,7 @@ from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.ir import interpret, verify
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
 from moleforge.specs import DenseRouter, ExpertPool, PerExpert, Shared, SwitchLoadBalance, TopKRouter
-from strategies import DROPOUTS, SCALINGS, adapters, graphs, inputs_for, loras, lowered, make_params, pools
+from strategies import DROPOUTS, SCALINGS, adapters, graphs, inputs_for, lowered, make_params, pools
 from tolerances import assert_close
 
 MARGIN = 1e-7
@@ -54,10 +54,7 @@ def _counted():
 
 @st.composite
 def decodable_pools(draw):
-    """Pools whose plain IR the decode form takes (every option but the router's kind), and plain
-    LoRAs (every scaling and dropout; DoRA has no form)."""
-    if draw(st.integers(0, 3)) == 0:
-        return draw(loras(magnitude=False))
+    """Pools whose plain IR the decode form takes: every option but the router's kind."""
     E = draw(st.integers(1, 6))
     if draw(st.booleans()):
         router = TopKRouter(k=draw(st.integers(1, E)), renormalize=draw(st.booleans()),
@@ -93,9 +90,6 @@ def test_the_decode_form_matches_the_interpreter(graph, pipeline, with_acc, data
     acc = torch.randn(x.shape[0], graph.d_out, dtype=torch.float64) if with_acc else None
     with torch.no_grad(), _counted() as calls:
         y = decode_step(gm, x, acc)
-    if gm.decode_form.router_w is None and x.shape[0] > LORA_DECODE_TOKENS:  # a plain LoRA's GEMMs win there
-        assert y is None and calls[0] == 0
-        return
     assert calls[0] == 1, "the kernel did not run"
     assert_close(y, ref.output + (0 if acc is None else acc))
 
@@ -107,8 +101,7 @@ def test_any_adapter_with_a_form_decodes_as_the_interpreter(graph, data):
     params = make_params(graph, data.draw(st.integers(0, 2**16)))
     x = data.draw(inputs_for(graph))
     gm = lowered(graph, params, policy=KERNEL)
-    form = pool_decode_form(graph)
-    if form is None or (form.router_w is None and x.shape[0] > LORA_DECODE_TOKENS):
+    if pool_decode_form(graph) is None:
         with torch.no_grad():
             assert decode_step(gm, x, None) is None
         return

@@ -153,8 +153,8 @@ def test_describe_one_line_per_op_family():
         "a residual tree or a routed LoRA pool is lowered for a CPU), torch ops elsewhere",
         "decode path: sparse pools at <= 16 tokens per site as one dense GEMM of all experts, gated after (no "
         "sort, gather or scatter), in their planned form above; residual trees routed and propagated, and routed "
-        "LoRA pools (softmax top-k or dense gate) routed and mixed over each token's selected experts, and plain "
-        "LoRAs, by the compiled CPU kernel on CPU float32/float64; without autograd, weights packed once and kept "
+        "LoRA pools (softmax top-k or dense gate) routed and mixed over each token's selected experts, by the "
+        "compiled CPU kernel on CPU float32/float64; without autograd, weights packed once and kept "
         "between calls; no aux losses in evaluation mode without autograd (handle.eval_aux asks for them)",
     ]
     on = KernelPolicy(triton="on", cpu="off", has_triton=True).describe()

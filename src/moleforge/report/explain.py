@@ -302,8 +302,6 @@ def _pool_decode(plain: Graph, decode_tokens: int) -> str:
     if form is None or decode_tokens == 0:
         return ""
     where = f"; decode step (<= {decode_tokens} tokens, no autograd, CPU float32/float64)"
-    if form.gate == "none":
-        return f"{where}: both factors in one call of the compiled CPU kernel"
     chosen = f"top-{form.k}" if form.gate == "softmax_topk" else "the dense gate"
     return (f"{where}: router, {chosen} and each token's selected experts' factors in one call of the compiled "
             "CPU kernel")

@@ -7,8 +7,7 @@
 //
 //   z = W_r x,   p = softmax(z / temperature),
 //   softmax top-k: the k largest p (ties to the lower expert index), renormalised to sum 1 when
-//   asked (g_e = p_e / Σ_kept p); dense: every expert, g_e = p_e; none (a plain LoRA: one
-//   expert, no router): g_0 = 1;
+//   asked (g_e = p_e / Σ_kept p); dense: every expert, g_e = p_e;
 //   y = acc + Σ_{kept e} scale · g_e · B_e (A_e x)
 //
 // with A (E_a, r, d_in) and B given transposed, Bt = Bᵀ (E_b, r, d_out) (rows of d_out values:
@@ -30,7 +29,7 @@
 
 namespace {
 
-enum PoolGate : int64_t { kSoftmaxTopK = 0, kDenseSoftmax = 1, kNone = 2 };
+enum PoolGate : int64_t { kSoftmaxTopK = 0, kDenseSoftmax = 1 };
 
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
@@ -97,14 +96,8 @@ void decode_impl(const at::Tensor& x, const at::Tensor& router_w, const at::Tens
     for (int64_t t = begin; t < end; ++t) {
       const T* xt = xs + t * d_in;
       T* yt = ys + t * d_out;
-      if (gate == kNone) {
-        order.assign(1, 0);
-        g.assign(1, T(1));
-      } else {
-        z.assign(E, T(0));
-        for (int64_t e = 0; e < E; ++e) z[e] = dot(wr + e * d_in, xt, d_in);
-        gate_token(z, gate, k, renormalize, temperature, order, g);
-      }
+      for (int64_t e = 0; e < E; ++e) z[e] = dot(wr + e * d_in, xt, d_in);
+      gate_token(z, gate, k, renormalize, temperature, order, g);
       if (shared_a)
         for (int64_t j = 0; j < r; ++j) za[j] = dot(as + j * d_in, xt, d_in);
       std::fill(wsum.begin(), wsum.end(), T(0));
@@ -130,23 +123,21 @@ void decode_impl(const at::Tensor& x, const at::Tensor& router_w, const at::Tens
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "moleforge_cpu::pool_decode: ", what); }
 
-at::Tensor pool_decode(const at::Tensor& x, const std::optional<at::Tensor>& router, const at::Tensor& A,
-                       const at::Tensor& Bt, const std::optional<at::Tensor>& acc_in, int64_t gate, int64_t k,
-                       bool renormalize, double temperature, double scale) {
-  check(router.has_value() == (gate != kNone), "router_w is given exactly when the gate is not 'none'");
-  const at::Tensor router_w = router.has_value() ? *router : at::empty({0, x.size(1)}, x.options());
+at::Tensor pool_decode(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt,
+                       const std::optional<at::Tensor>& acc_in, int64_t gate, int64_t k, bool renormalize,
+                       double temperature, double scale) {
   const at::Tensor acc = acc_in.has_value() ? *acc_in : at::empty({0}, x.options());
   for (const at::Tensor* t : {&x, &router_w, &A, &Bt, &acc})
     check(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), "every tensor must be a CPU tensor of x's dtype");
   check(x.dim() == 2 && router_w.dim() == 2 && A.dim() == 3 && Bt.dim() == 3, "expected x (T, d_in), router_w "
         "(E, d_in), A (E|1, r, d_in), Bt (E|1, r, d_out)");
-  const int64_t E = gate == kNone ? 1 : router_w.size(0), d_in = x.size(1), r = A.size(1), d_out = Bt.size(2);
-  check((gate == kNone || router_w.size(1) == d_in) && A.size(2) == d_in && Bt.size(1) == r,
+  const int64_t E = router_w.size(0), d_in = x.size(1), r = A.size(1), d_out = Bt.size(2);
+  check(router_w.size(1) == d_in && A.size(2) == d_in && Bt.size(1) == r,
         "the factors' widths do not match x");
   check((A.size(0) == E || A.size(0) == 1) && (Bt.size(0) == E || Bt.size(0) == 1),
         "A and Bt need E or 1 experts");
   check(gate != kSoftmaxTopK || (k >= 1 && k <= E), "k must be between 1 and the number of experts");
-  check(gate == kSoftmaxTopK || gate == kDenseSoftmax || gate == kNone, "unknown gate code");
+  check(gate == kSoftmaxTopK || gate == kDenseSoftmax, "unknown gate code");
   check(temperature > 0, "temperature must be positive");
   check(acc.numel() == 0 || acc.numel() == x.size(0) * d_out, "acc must hold T x d_out values");
   at::Tensor y = acc.numel() > 0 ? acc.reshape({x.size(0), d_out}).clone(at::MemoryFormat::Contiguous)
@@ -163,7 +154,7 @@ at::Tensor pool_decode(const at::Tensor& x, const std::optional<at::Tensor>& rou
 
 TORCH_LIBRARY_FRAGMENT(moleforge_cpu, m) {
   m.def(
-      "pool_decode(Tensor x, Tensor? router_w, Tensor A, Tensor Bt, Tensor? acc, int gate, int k, "
+      "pool_decode(Tensor x, Tensor router_w, Tensor A, Tensor Bt, Tensor? acc, int gate, int k, "
       "bool renormalize, float temperature, float scale) -> Tensor");
 }
 

@@ -12,14 +12,13 @@ from torch import Tensor
 
 __all__ = ["GATE_CODES", "run"]
 
-GATE_CODES = {"softmax_topk": 0, "dense_softmax": 1, "none": 2}
-"""The kernel's codes for the gates it takes (``none``: a plain LoRA, one expert, no router)."""
+GATE_CODES = {"softmax_topk": 0, "dense_softmax": 1}
+"""The kernel's codes for the gates it takes."""
 
 
-def run(x: Tensor, router_w: Tensor | None, a: Tensor, bt: Tensor, acc: Tensor | None, gate: str, k: int,
+def run(x: Tensor, router_w: Tensor, a: Tensor, bt: Tensor, acc: Tensor | None, gate: str, k: int,
         renormalize: bool, temperature: float, scale: float) -> Tensor:
-    """``acc + Σ_kept scale·g_e B_e A_e x`` per token (``(T, d_out)``; ``acc`` may be ``None``;
-    ``router_w`` is ``None`` for the gate ``none``), with ``a (E|1, r, d_in)`` and ``B``
-    transposed, ``bt (E|1, r, d_out)``."""
+    """``acc + Σ_kept scale·g_e B_e A_e x`` per token (``(T, d_out)``; ``acc`` may be ``None``), with
+    ``a (E|1, r, d_in)`` and ``B`` transposed, ``bt (E|1, r, d_out)``."""
     return torch.ops.moleforge_cpu.pool_decode(x, router_w, a, bt, acc, GATE_CODES[gate], k, renormalize,
                                                float(temperature), float(scale))

@@ -12,7 +12,7 @@ unless it is asked to (its ``eval_aux`` attribute, ``handle.eval_aux(True)``): n
 differentiate it.
 
 A routed LoRA pool (router, softmax top-k or dense gate, the pool's mix; the plain IR of MoLoRA,
-MoLA, HydraLoRA, LoRAMoE), and a plain LoRA, have a second entry point, its decode form (:class:`PoolDecode`, the
+MoLA, HydraLoRA, LoRAMoE) has a second entry point, its decode form (:class:`PoolDecode`, the
 generated module's ``decode_form``): without autograd at decode sizes on a CPU, one call of the
 compiled kernel (``backends/cpu/pool_decode.py``) routes each token and applies its selected
 experts' factors only, in place of the whole generated forward (:func:`decode_step`).
@@ -28,12 +28,7 @@ from torch import Tensor, nn
 from ..cpu import pool_decode
 from .packed import PackCache, packed
 
-__all__ = ["dense_mix", "aux_wanted", "PoolDecode", "decode_step", "LORA_DECODE_TOKENS"]
-
-LORA_DECODE_TOKENS = 2
-"""A plain LoRA's decode form runs at up to this many tokens: beyond, the generated forward's two
-GEMMs are faster than the kernel's token loop (a site of rank 8, 512 -> 1408, one thread: about
-21 against 17 µs at four tokens, 31 against 17 at eight; about even at one or two)."""
+__all__ = ["dense_mix", "aux_wanted", "PoolDecode", "decode_step"]
 
 
 def aux_wanted(training: bool, eval_aux: bool) -> bool:
@@ -70,17 +65,16 @@ def dense_mix(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float,
 
 @dataclass(frozen=True, slots=True)
 class PoolDecode:
-    """The decode form of a generated module whose plain IR is one routed LoRA pool,
-    ``y = acc + Σ_e scale·g_e B_e A_e x`` with ``g = gate(x W_rᵀ)``, or one plain LoRA (``gate``
-    ``"none"``, no router, ``A (r, d_in)`` and ``B (d_out, r)``). It names the module's
+    """The decode form of a generated module whose plain IR is one routed LoRA pool:
+    ``y = acc + Σ_e scale·g_e B_e A_e x`` with ``g = gate(x W_rᵀ)``. It names the module's
     tensors (read at each call, so loading, moving and training the module keep it current) and
     the gate's constants; lowering makes it (``torch_fx/lower_decode.py``)."""
 
-    router_w: str | None
+    router_w: str
     a: str
     b: str
     gate: str
-    """``"softmax_topk"``, ``"dense_softmax"`` or ``"none"`` (``pool_decode.GATE_CODES``)."""
+    """``"softmax_topk"`` or ``"dense_softmax"`` (``pool_decode.GATE_CODES``)."""
     k: int
     renormalize: bool
     temperature: float
@@ -90,8 +84,6 @@ class PoolDecode:
         """``acc + Δy`` (``Δy`` without ``acc``) for ``x (T, d_in)``, in the CPU kernel."""
         a, b = _tensor(site, self.a), _tensor(site, self.b)
         bt = packed(site.pack_cache, "decode_bt", (b,), lambda: b.transpose(-1, -2).contiguous())  # (E|1, r, d_out)
-        if self.router_w is None:  # a plain LoRA: one expert
-            return pool_decode.run(x, None, a.unsqueeze(0), bt.unsqueeze(0), acc, "none", 1, False, 1.0, self.scale)
         return pool_decode.run(x, _tensor(site, self.router_w), a, bt, acc, self.gate, self.k, self.renormalize,
                                self.temperature, self.scale)
 
@@ -108,8 +100,6 @@ def decode_step(site: nn.Module, x: Tensor, acc: Tensor | None) -> Tensor | None
     autograd, not under ``torch.compile``); ``None`` when the generated forward must run."""
     form = site.__dict__.get("decode_form")
     if form is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    if form.router_w is None and x.shape[0] > LORA_DECODE_TOKENS:
         return None
     if site.kernel_policy.pool_decode_kernel(x.device, x.dtype, x.shape[0]) != "cpu":
         return None

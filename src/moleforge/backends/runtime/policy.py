@@ -245,8 +245,8 @@ class KernelPolicy:
         if self.decode_tokens == 0:
             return f"off (decode_tokens=0): sparse pools in their planned form at every size; {packed}"
         trees = ("; residual trees routed and propagated, and routed LoRA pools (softmax top-k or dense gate) "
-                 "routed and mixed over each token's selected experts, and plain LoRAs, by the compiled CPU "
-                 "kernel on CPU float32/float64" if self.cpu != "off" and self.cpu_built is not False else "")
+                 "routed and mixed over each token's selected experts, by the compiled CPU kernel on CPU "
+                 "float32/float64" if self.cpu != "off" and self.cpu_built is not False else "")
         return (f"sparse pools at <= {self.decode_tokens} tokens per site as one dense GEMM of all experts, gated "
                 f"after (no sort, gather or scatter), in their planned form above{trees}; {packed}")
 
