@@ -146,7 +146,8 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     """Expert pools over every option: per-expert or shared factors, a router of ``kinds``
     (FlyLoRA's ``implicit_topk`` over a sparse random down-projection of any density, one pool
     in six when other kinds are allowed), every scaling, aux losses, a shared expert, frozen
-    experts, DoRA magnitudes on experts of their own factors (``magnitudes``: a frozen input ``W``)."""
+    experts, DoRA magnitudes on experts of their own factors or sharing one (``magnitudes``: a
+    frozen input ``W``)."""
     E = draw(st.integers(1, 5))
     common = dict(shared_expert=draw(shared_experts()), frozen_experts=draw(st.booleans()))
     flat = tuple(k for k in kinds if k != "implicit_topk")
@@ -165,8 +166,7 @@ def pools(draw, kinds: tuple[str, ...] = (*LINEAR_ROUTERS, "implicit_topk"), jit
     if isinstance(down, PerExpert) and up == "per_expert" and draw(st.booleans()):  # FlexMoRE
         ranks = draw(st.lists(st.integers(1, 4), min_size=E, max_size=E))
     scaling = draw(st.sampled_from([s for s in SCALINGS if ranks is None or s != "alpha_over_active_rank"]))
-    own_factors = isinstance(down, PerExpert) and up == "per_expert" and ranks is None
-    common["magnitude"] = magnitudes and own_factors and draw(st.integers(0, 3)) == 0  # DoRA experts, 1 pool in 4
+    common["magnitude"] = magnitudes and ranks is None and draw(st.integers(0, 3)) == 0  # DoRA experts, 1 pool in 4
     return ExpertPool(experts=E, rank=draw(st.integers(1, 4)), alpha=draw(st.sampled_from([None, 8.0])),
                       down=down, up=up, router=router, aux_losses=draw(aux_losses(router)), ranks=ranks,
                       scaling=scaling, dropout=draw(st.sampled_from(DROPOUTS)),

@@ -1,7 +1,8 @@
-"""DoRA magnitudes on the experts of a pool (``specs/pool_magnitude.py``): one expert under a gate of
-1 is PEFT's DoRA LoRA; hypothesis properties of the lowered module (before and after the default
-pipeline) against the float64 interpreter, outputs and gradients, magnitudes and up-projections drawn
-non-zero; training and save/load on tiny models; bad specs."""
+"""DoRA magnitudes on the experts of a pool (``specs/pool_magnitude.py``), of their own factors or
+sharing one (HydraLoRA's A): one expert under a gate of 1 is PEFT's DoRA LoRA; hypothesis
+properties of the lowered module (before and after the default pipeline) against the float64
+interpreter, outputs and gradients, magnitudes and up-projections drawn non-zero; training and
+save/load on tiny models; bad specs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from moleforge.compiler.build import SiteShape, build_graph
 from moleforge.errors import NotMergeableError, SpecError
 from moleforge.ir import interpret, verify
 from moleforge.passes import DEFAULT_PIPELINE, run_pipeline
-from moleforge.specs import ExpertPool, LoRA, StaticRouter
+from moleforge.specs import ExpertPool, LoRA, PerExpert, Shared, StaticRouter
 from strategies import capacities, make_params, routers, takes_capacity
 from tolerances import assert_close
 
@@ -42,7 +43,8 @@ def dora_pools(draw):
     router = draw(routers(E, ("topk", "dense", "sigmoid_topk", "static")))
     if E == 1 and not isinstance(router, StaticRouter):
         router = StaticRouter()
-    return ExpertPool(experts=E, rank=draw(st.integers(1, 3)), magnitude=True, router=router,
+    down, up = draw(st.sampled_from([(PerExpert(), "per_expert"), (Shared(), "per_expert"), (PerExpert(), "shared")]))
+    return ExpertPool(experts=E, rank=draw(st.integers(1, 3)), magnitude=True, router=router, down=down, up=up,
                       alpha=draw(st.sampled_from([None, 4.0])), dropout=draw(st.sampled_from([0.0, 0.3])),
                       capacity_factor=draw(capacities()) if takes_capacity(router) else None)
 
@@ -56,11 +58,12 @@ def test_lowered_dora_pool_matches_the_interpreter(pool, d_in, d_out, seed, T):
     check_pass(lambda g: run_pipeline(g, DEFAULT_PIPELINE), graph, seed, x)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_dora_experts_train_and_reload(arch, tmp_path):
+@pytest.mark.parametrize("arch, down", [("llama", "per_expert"), ("gpt2", "per_expert"), ("llama", "shared")])
+def test_dora_experts_train_and_reload(arch, down, tmp_path):
+    """Experts of their own factors, and HydraLoRA's experts over one shared A."""
     model = tiny(arch)
     spec = {"sites": [{"target": {"roles": ["q", "v", "up", "down"]}, "init": {"up": "normal", "std": 0.1, "seed": 0},
-                       "adapter": {"kind": "pool", "experts": 4, "rank": 4, "magnitude": True,
+                       "adapter": {"kind": "pool", "experts": 4, "rank": 4, "magnitude": True, "down": {"kind": down},
                                    "router": {"kind": "topk", "k": 2}}}]}
     handle = mf.compile(spec, model)
     ids = batch()
@@ -81,7 +84,8 @@ def test_dora_experts_train_and_reload(arch, tmp_path):
 
 
 @pytest.mark.parametrize("adapter, words", [
-    ({"kind": "pool", "magnitude": True, "down": {"kind": "shared"}}, "magnitude: DoRA magnitudes are per expert"),
+    ({"kind": "pool", "magnitude": True, "down": {"kind": "sparse_random"}, "rank": 1,
+      "router": {"kind": "implicit_topk", "k": 2}}, "magnitude: down.kind = 'sparse_random'"),
     ({"kind": "pool", "magnitude": True, "experts": 2, "ranks": [1, 2]}, "magnitude with ranks"),
 ])
 def test_bad_specs_name_the_field(adapter, words):

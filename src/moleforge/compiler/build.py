@@ -203,7 +203,7 @@ def _pool(b: _Builder, spec: ExpertPool, origin: str) -> str:
 def _dora_experts(b: _Builder, src: str, routing: str, A: ParamRef, B: ParamRef, scale: float, origin: str) -> str:
     """Every expert DoRA-adapted (``specs/pool_magnitude.py``): a magnitude ``(E, d_out)`` per expert over
     the frozen weight, read in place (a frozen input of the graph)."""
-    d_in, d_out, E = b.shape.d_in, b.shape.d_out, A.shape[0]
+    d_in, d_out, E = b.shape.d_in, b.shape.d_out, max(A.shape[0], B.shape[0])
     b.frozen.append(ParamDecl(name=FROZEN_WEIGHT, shape=(d_out, d_in), init="frozen", trainable=False))
     m = b.param("magnitude", (E, d_out), "zero")
     return b.add(PoolMagnitude(id="mix", src=src, routing=routing, weight=ParamRef(FROZEN_WEIGHT, (d_out, d_in)),

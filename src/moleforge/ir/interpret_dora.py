@@ -18,9 +18,10 @@ def run_pool_magnitude(n: PoolMagnitude, r) -> Tensor:
     W, A, B, M = r.p[n.weight.name], r.p[n.a.name], r.p[n.b.name], r.p[n.magnitude.name]
     base = x @ W.T  # (T, d_out)
     out = torch.zeros_like(base)
-    for i in range(A.shape[0]):
-        c = (torch.linalg.vector_norm(W, dim=1) + M[i]) / dora_norm(W, A[i], B[i], n.scale)  # (d_out,)
-        lora = n.scale * ((x @ A[i].T) @ B[i].T)  # (T, d_out)
+    for i in range(g.shape[1]):
+        a, b = A[i if A.shape[0] > 1 else 0], B[i if B.shape[0] > 1 else 0]  # a shared factor: its one copy
+        c = (torch.linalg.vector_norm(W, dim=1) + M[i]) / dora_norm(W, a, b, n.scale)  # (d_out,)
+        lora = n.scale * ((x @ a.T) @ b.T)  # (T, d_out)
         out = out + g[:, i:i + 1] * ((c - 1.0) * base + c * lora)
     return out
 

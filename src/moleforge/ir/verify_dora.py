@@ -18,8 +18,9 @@ def _pool_magnitude(g: Graph, n: PoolMagnitude, need_tensor, need_route, expr) -
     (d_out, d_in), E = n.weight.shape, g.routing(n.routing).experts
     if g.width(n.src) != d_in:
         p.append(f"reads width {g.width(n.src)}, W {n.weight.shape} needs {d_in}")
-    if (len(n.a.shape), len(n.b.shape)) != (3, 3) or n.a.shape[0] != E or n.a.shape[2] != d_in \
-            or n.b.shape != (E, d_out, n.a.shape[1]) or n.magnitude.shape != (E, d_out):
+    if (len(n.a.shape), len(n.b.shape)) != (3, 3) or n.a.shape[0] not in (1, E) or n.a.shape[2] != d_in \
+            or n.b.shape[0] not in (1, E) or n.b.shape[1:] != (d_out, n.a.shape[1]) \
+            or n.magnitude.shape != (E, d_out):
         p.append(f"A {n.a.shape}, B {n.b.shape} and magnitude {n.magnitude.shape} do not fit {E} experts "
                  f"on W {n.weight.shape}")
     return p

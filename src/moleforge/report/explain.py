@@ -211,7 +211,8 @@ def _describe(g: Graph) -> str:
     stacked = isinstance(pool, (PoolMix, GroupedMix, nodes.PoolMagnitude))
     rank = expr_shape(pool.a)[1] if stacked else getattr(pool, "rank", "?")
     ranks = f"ranks {list(pool.ranks)}" if isinstance(pool, nodes.RaggedMix) else f"rank {rank}"
-    shared = " (one shared A)" if isinstance(pool, PoolMix) and expr_shape(pool.a)[0] == 1 else ""
+    shared = " (one shared A)" if isinstance(pool, (PoolMix, nodes.PoolMagnitude)) and expr_shape(pool.a)[0] == 1 \
+        else ""
     shared += " with DoRA magnitudes" if isinstance(pool, nodes.PoolMagnitude) else ""
     return (f"pool of {route.experts} experts of {ranks}{shared}, {router_text(route)}{task_text(g)}{_capacity_text(g)}"
             f"{_shared_text(g)}{tail}")

@@ -215,7 +215,7 @@ FLOPS.add(lambda graph, n: 0, nodes.TaskEmbed, nodes.TaskScale, nodes.TaskContra
 def _pool_magnitude(graph: Graph, n: nodes.PoolMagnitude) -> int:
     """DoRA experts: ``x Wᵀ`` once and every expert's LoRA, ``2·(d_in·d_out + E·r·(d_in + d_out))``
     (the norms are per forward, not per token)."""
-    (d_out, d_in), (E, r, _) = n.weight.shape, n.a.shape
+    (d_out, d_in), r, E = n.weight.shape, n.a.shape[1], graph.routing(n.routing).experts
     return 2 * (d_in * d_out + E * r * (d_in + d_out))
 
 

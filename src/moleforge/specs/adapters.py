@@ -210,7 +210,8 @@ class ExpertPool(SpecModel):
     Needs a top-k router. ``None``: no capacity."""
     magnitude: bool = False
     """DoRA on every expert (``specs/pool_magnitude.py``): ``Δy = Σ_i g_i [(c_i - 1) ⊙ x Wᵀ + c_i ⊙ s (x A_iᵀ) B_iᵀ]``,
-    ``c_i = (‖W‖ + m_i) / ‖W + s B_i A_i‖`` per output row; needs per-expert factors. Scope ``ffn_block``
+    ``c_i = (‖W‖ + m_i) / ‖W + s B_i A_i‖`` per output row; the experts' own A or B (one factor may be
+    shared, as HydraLoRA's A). Scope ``ffn_block``
     (MixLoRA's ``use_dora``): ``c_i ⊙ (u Wᵀ + b + s (u A_iᵀ) B_iᵀ)`` on each adapted linear (``block_nodes``)."""
     ranks: list[PositiveInt] | None = None
     """FlexMoRE: one rank per expert (``len(ranks) == experts``; ``rank`` is then not read).

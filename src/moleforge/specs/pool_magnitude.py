@@ -20,15 +20,19 @@ __all__ = ["check_pool_magnitude"]
 
 
 def check_pool_magnitude(pool) -> None:
-    """``magnitude`` needs experts with their own A and B, of one rank, with a trainable router's gates.
+    """``magnitude`` needs experts of one rank, each with an A or a B of its own (a factor the experts
+    share, HydraLoRA's A, is shared by their DoRA updates too), with a trainable router's gates.
 
     Raises:
         ValueError: naming the field that conflicts.
     """
     if not pool.magnitude:
         return
-    if pool.down.kind != "per_expert" or pool.up != "per_expert":
-        raise ValueError("magnitude: DoRA magnitudes are per expert and need its own factors (down.kind = "
-                         "'per_expert', up = 'per_expert')")
+    if pool.down.kind not in ("per_expert", "shared"):
+        raise ValueError(f"magnitude: down.kind = {pool.down.kind!r} (FlyLoRA's frozen sparse A, routed on x A by its "
+                         "implicit top-k router) takes no DoRA magnitude; use down.kind 'per_expert' or 'shared'")
+    if pool.down.kind == "shared" and pool.up == "shared":
+        raise ValueError("magnitude: with down.kind = 'shared' and up = 'shared' every expert is the same "
+                         "update; give the experts their own A or B")
     if pool.ranks is not None:
         raise ValueError("magnitude with ranks (one per expert) is not defined; remove one of them")
