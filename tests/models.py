@@ -84,3 +84,40 @@ def assert_reloads_to_the_same_logits(model, handle, ids: torch.Tensor, arch: st
     mf.load(fresh, folder)
     with torch.no_grad():
         assert torch.equal(fresh(ids, **inputs).logits, want)
+
+
+def decode_llama() -> torch.nn.Module:
+    """A small Llama (hidden 64, 2 layers, vocabulary 128) in evaluation mode, for decoding tests."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def kernel_and_torch_ops(spec, kernel_policy) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """:func:`decode_llama` with ``spec`` compiled under ``kernel_policy`` and, on a copy, with the
+    CPU kernels and Triton off."""
+    import copy
+
+    import moleforge as mf
+    from moleforge.backends.runtime.policy import KernelPolicy
+
+    base = decode_llama()
+    with_kernel, without = copy.deepcopy(base), copy.deepcopy(base)
+    mf.compile(spec, with_kernel, policy=kernel_policy)
+    mf.compile(spec, without, policy=KernelPolicy(triton="off", cpu="off"))
+    return with_kernel, without
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new: int = 6):
+    """Greedy generation of ``new`` tokens with the KV cache, its logits kept."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+
+
+def assert_same_generation(a, b) -> None:
+    """The same tokens, and logits within 1e-5, of two :func:`greedy` outputs."""
+    assert torch.equal(a.sequences, b.sequences)
+    for la, lb in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)

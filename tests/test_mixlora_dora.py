@@ -21,7 +21,7 @@ from models import batch, tiny
 from moleforge.backends.runtime import ops_basics, ops_block
 from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.interop.mixlora_dora import MAGNITUDE_KEY
-from test_mixlora_import import ATTENTION, FFN, _SlotDrop, write_adapter
+from test_mixlora_import import ATTENTION, FFN, with_slot_masks, write_adapter
 
 
 def _package_linears(model):
@@ -206,23 +206,7 @@ def test_training_with_dropout_matches_the_package(tmp_path, monkeypatch):
     ours = model.train()(ids).logits
 
     package = _inject(tiny("llama"), path)
-    for layer, keep in zip(package.model.layers, keeps, strict=True):
-        for proj in ATTENTION:
-            getattr(layer.self_attn, proj).dropout_ = nn.Identity()
-        moe = layer.mlp.mixlora_moes["default"]
-        for lin in moe.experts_.values():
-            lin.dropout_ = _SlotDrop()
-
-        def forward(hidden, moe=moe, keep=keep):  # the package's routing, to hand each expert call its rows
-            selected = torch.softmax(torch.nn.functional.linear(hidden.reshape(T, d), moe.gate_), 1).topk(k).indices
-            slots = torch.nn.functional.one_hot(selected, E).permute(2, 1, 0)  # (E, k, T), the package's mask
-            for e in range(E):
-                j, t = torch.where(slots[e])
-                for proj, factors in zip(FFN, keep, strict=True):
-                    moe.experts_[f"experts.{e}.{proj}"].dropout_.keep = factors[t, j]
-            return moe.forward(hidden)
-
-        layer.mlp.forward = forward
+    with_slot_masks(package, keeps, T, d, k, E)
     theirs = package.train()(ids).logits
     assert_close(ours, theirs, "mixlora_package")
     with torch.no_grad():

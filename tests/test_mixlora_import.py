@@ -200,6 +200,29 @@ class _SlotDrop(nn.Module):
         return x * self.keep
 
 
+def with_slot_masks(package, keeps, T: int, d: int, k: int, E: int) -> None:
+    """Make the package's MixLoRA blocks drop with ``keeps`` (per layer: gate, up and down keep
+    factors ``(T, k, width)``): each expert call gets its tokens' rows, in the package's routing
+    order; the attention LoRAs' dropout is turned off."""
+    for layer, keep in zip(package.model.layers, keeps, strict=True):
+        for proj in ATTENTION:
+            getattr(layer.self_attn, proj).dropout_ = nn.Identity()
+        moe = layer.mlp.mixlora_moes["default"]
+        for lin in moe.experts_.values():
+            lin.dropout_ = _SlotDrop()
+
+        def forward(hidden, moe=moe, keep=keep):  # the package's routing, to hand each expert call its rows
+            selected = torch.softmax(torch.nn.functional.linear(hidden.reshape(T, d), moe.gate_), 1).topk(k).indices
+            slots = torch.nn.functional.one_hot(selected, E).permute(2, 1, 0)  # (E, k, T), the package's mask
+            for e in range(E):
+                j, t = torch.where(slots[e])
+                for proj, factors in zip(FFN, keep, strict=True):
+                    moe.experts_[f"experts.{e}.{proj}"].dropout_.keep = factors[t, j]
+            return moe.forward(hidden)
+
+        layer.mlp.forward = forward
+
+
 def test_training_dropout_is_where_the_package_applies_it(tmp_path, monkeypatch):
     """In training, given the same keep factors per token, routed slot and LoRA, moleforge's blocks
     and the package's ``MixLoraSparseMoe`` (whose ``LoraLinear`` apply ``lora_B(lora_A(dropout(x)))``
@@ -226,23 +249,7 @@ def test_training_dropout_is_where_the_package_applies_it(tmp_path, monkeypatch)
     package = tiny("llama")
     config, weights = load_adapter_weights(str(path), device="cpu")
     inject_adapter_in_model(package, config, weights)
-    for layer, keep in zip(package.model.layers, keeps, strict=True):
-        for proj in ATTENTION:
-            getattr(layer.self_attn, proj).dropout_ = nn.Identity()
-        moe = layer.mlp.mixlora_moes["default"]
-        for lin in moe.experts_.values():
-            lin.dropout_ = _SlotDrop()
-
-        def forward(hidden, moe=moe, keep=keep):  # the package's routing, to hand each expert call its rows
-            selected = torch.softmax(torch.nn.functional.linear(hidden.reshape(T, d), moe.gate_), 1).topk(k).indices
-            slots = torch.nn.functional.one_hot(selected, E).permute(2, 1, 0)  # (E, k, T), the package's mask
-            for e in range(E):
-                j, t = torch.where(slots[e])
-                for proj, factors in zip(FFN, keep, strict=True):
-                    moe.experts_[f"experts.{e}.{proj}"].dropout_.keep = factors[t, j]
-            return moe.forward(hidden)
-
-        layer.mlp.forward = forward
+    with_slot_masks(package, keeps, T, d, k, E)
     theirs = package.train()(ids).logits
     assert_close(ours, theirs, "mixlora_package")
     with torch.no_grad():

@@ -9,17 +9,16 @@ a routing log is kept. A MoLoRA Llama decodes the same tokens and logits with it
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from unittest import mock
 
 import pytest
 import torch
-import transformers as tf
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import moleforge as mf
+from models import assert_same_generation, decode_llama, greedy, kernel_and_torch_ops
 from moleforge.backends.cpu import pool_decode
 from moleforge.backends.runtime.ops_decode import decode_step
 from moleforge.backends.runtime.policy import KernelPolicy
@@ -129,34 +128,19 @@ def test_no_form_with_autograd_above_the_decode_sizes_or_on_other_graphs():
     assert pool_decode_form(smore) is None
 
 
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=128)
-    return tf.LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("preset", ["molora", "hydralora"])
 def test_a_llama_decodes_the_same_tokens_and_logits_with_the_form(preset):
-    base = _llama()
     spec = mf.presets.load(preset).with_init(mf.Init(up="normal", std=0.05, seed=0))
-    with_kernel, without = copy.deepcopy(base), copy.deepcopy(base)
-    mf.compile(spec, with_kernel, policy=KERNEL)
-    mf.compile(spec, without, policy=KernelPolicy(triton="off", cpu="off"))
+    with_kernel, without = kernel_and_torch_ops(spec, KERNEL)
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), _counted() as calls:
-        a = with_kernel.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=0)
-    b = without.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=0)
+    with _counted() as calls:
+        a = greedy(with_kernel, ids)
     assert calls[0] > 0
-    assert torch.equal(a.sequences, b.sequences)
-    for la, lb in zip(a.logits, b.logits):
-        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    assert_same_generation(a, greedy(without, ids))
 
 
 def test_a_routing_log_runs_the_generated_forward():
-    model = _llama()
+    model = decode_llama()
     handle = mf.compile(mf.presets.load("molora"), model, policy=KERNEL)
     ids = torch.randint(0, 128, (1, 3))
     with torch.no_grad(), _counted() as calls, handle.record_routing() as log:

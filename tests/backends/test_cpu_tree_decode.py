@@ -7,17 +7,16 @@ logits with the kernel as with the torch ops; the kernel refuses what it cannot 
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from unittest import mock
 
 import pytest
 import torch
-import transformers as tf
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import moleforge as mf
+from models import assert_same_generation, greedy, kernel_and_torch_ops
 from moleforge.backends.cpu import tree_decode
 from moleforge.backends.runtime.policy import KernelPolicy
 from moleforge.compiler.build import SiteShape, build_graph
@@ -95,29 +94,14 @@ def test_above_the_decode_sizes_the_torch_ops_run():
     assert calls == {"route": 0, "propagate": 0}
 
 
-def _smore_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=128)
-    return tf.LlamaForCausalLM(config).eval()
-
-
 def test_an_smore_llama_decodes_the_same_tokens_and_logits_with_the_kernel():
-    base = _smore_llama()
     spec = mf.presets.load("smore").with_init(mf.Init(up="normal", std=0.05, seed=0))
-    with_kernel, without = copy.deepcopy(base), copy.deepcopy(base)
-    mf.compile(spec, with_kernel, policy=KERNEL)
-    mf.compile(spec, without, policy=KernelPolicy(triton="off", cpu="off"))
+    with_kernel, without = kernel_and_torch_ops(spec, KERNEL)
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), _counted() as calls:
-        a = with_kernel.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=0)
-    b = without.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=0)
+    with _counted() as calls:
+        a = greedy(with_kernel, ids)
     assert calls["route"] > 0 and calls["propagate"] > 0
-    assert torch.equal(a.sequences, b.sequences)
-    for la, lb in zip(a.logits, b.logits):
-        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    assert_same_generation(a, greedy(without, ids))
 
 
 def test_the_kernel_names_a_bad_expert_index():
