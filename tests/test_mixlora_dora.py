@@ -18,10 +18,9 @@ from torch import nn
 import moleforge as mf
 from conftest import assert_close
 from models import batch, tiny
-from moleforge.backends.runtime import ops_basics, ops_block
 from moleforge.integrations.block_module import MoleforgeBlock
 from moleforge.interop.mixlora_dora import MAGNITUDE_KEY
-from test_mixlora_import import ATTENTION, FFN, with_slot_masks, write_adapter
+from test_mixlora_import import ATTENTION, FFN, given_slot_masks, with_slot_masks, write_adapter
 
 
 def _package_linears(model):
@@ -195,13 +194,8 @@ def test_training_with_dropout_matches_the_package(tmp_path, monkeypatch):
     ids, p, E, k = batch(seed=4, B=2, S=5), 0.3, 4, 2
     path = write_dora_adapter(tmp_path / "a", "llama", 0, seed=3, dropout=p, experts=E, top_k=k)
     model = tiny("llama")
-    T, d, F = ids.numel(), model.config.hidden_size, model.config.intermediate_size
-    gen = torch.Generator().manual_seed(0)
-    keeps = [[(torch.rand(T, k, w, generator=gen) >= p).float() / (1 - p) for w in (d, d, F)]
-             for _ in model.model.layers]
-    calls = iter(keeps)
-    monkeypatch.setattr(ops_block, "draw_keeps", lambda like, T_, k_, widths, drop: next(calls))
-    monkeypatch.setattr(ops_basics, "dropout", lambda x, p, training, generator=None: x)
+    T, d = ids.numel(), model.config.hidden_size
+    keeps = given_slot_masks(monkeypatch, model, T, k, p)
     mf.import_mixlora(model, path)
     ours = model.train()(ids).logits
 

@@ -200,6 +200,25 @@ class _SlotDrop(nn.Module):
         return x * self.keep
 
 
+def given_slot_masks(monkeypatch, model, T: int, k: int, p: float) -> list:
+    """Drawn keep factors per layer (gate, up and down, ``(T, k, width)``) that moleforge's blocks are
+    handed in place of their own draws (each block checks it draws once, for those widths); the
+    attention LoRAs' dropout is turned off. Returns them for :func:`with_slot_masks`."""
+    d, F = model.config.hidden_size, model.config.intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    keeps = [[(torch.rand(T, k, w, generator=gen) >= p).float() / (1 - p) for w in (d, d, F)]
+             for _ in model.model.layers]
+    calls = iter(keeps)
+
+    def given_keeps(like, T_, k_, widths, drop):
+        assert (T_, k_, list(widths), drop[0]) == (T, k, [d, d, F], p), "one draw per block: gate, up, down"
+        return next(calls)
+
+    monkeypatch.setattr(ops_block, "draw_keeps", given_keeps)
+    monkeypatch.setattr(ops_basics, "dropout", lambda x, p, training, generator=None: x)
+    return keeps
+
+
 def with_slot_masks(package, keeps, T: int, d: int, k: int, E: int) -> None:
     """Make the package's MixLoRA blocks drop with ``keeps`` (per layer: gate, up and down keep
     factors ``(T, k, width)``): each expert call gets its tokens' rows, in the package's routing
@@ -231,18 +250,8 @@ def test_training_dropout_is_where_the_package_applies_it(tmp_path, monkeypatch)
     ids, p, E, k = batch(seed=4, B=2, S=5), 0.3, 4, 2
     path = write_adapter(tmp_path / "a", tiny("llama"), dropout=p, experts=E, top_k=k)
     model = tiny("llama")
-    T, d, F = ids.numel(), model.config.hidden_size, model.config.intermediate_size
-    gen = torch.Generator().manual_seed(0)
-    keeps = [[(torch.rand(T, k, w, generator=gen) >= p).float() / (1 - p) for w in (d, d, F)]
-             for _ in model.model.layers]
-    calls = iter(keeps)
-
-    def given_keeps(like, T_, k_, widths, drop):
-        assert (T_, k_, list(widths), drop[0]) == (T, k, [d, d, F], p), "one draw per block: gate, up, down"
-        return next(calls)
-
-    monkeypatch.setattr(ops_block, "draw_keeps", given_keeps)
-    monkeypatch.setattr(ops_basics, "dropout", lambda x, p, training, generator=None: x)
+    T, d = ids.numel(), model.config.hidden_size
+    keeps = given_slot_masks(monkeypatch, model, T, k, p)
     mf.import_mixlora(model, path)
     ours = model.train()(ids).logits
 
