@@ -11,7 +11,7 @@ from torch import Tensor
 from . import basics_nodes as bn
 from .values import Routing
 
-__all__ = ["capacity_keep", "dora_norm", "run_dropout", "run_capacity", "run_z_loss", "run_ragged_mix",
+__all__ = ["capacity_keep", "dora_norm", "dora_scale", "run_dropout", "run_capacity", "run_z_loss", "run_ragged_mix",
            "run_magnitude"]
 
 F64 = torch.float64
@@ -74,9 +74,14 @@ def dora_norm(W: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
         return torch.linalg.vector_norm(W + scale * (B @ A), dim=1)
 
 
+def dora_scale(W: Tensor, a: Tensor, b: Tensor, scale: float, m: Tensor) -> Tensor:
+    """DoRA's ``(‖W‖ + m) / ‖W + s·b a‖`` per output row ``(d_out,)``, ``m`` the magnitude's offset
+    from the frozen row norms, the denominator without gradient."""
+    return (torch.linalg.vector_norm(W, dim=1) + m) / dora_norm(W, a, b, scale)
+
+
 def run_magnitude(n: bn.Magnitude, r) -> Tensor:
     x, lora = r.env[n.src], r.env[n.lora]  # (T, d_in), (T, d_out)
     W, A, B = r.p[n.weight.name], r.p[n.a.name], r.p[n.b.name]
-    m = torch.linalg.vector_norm(W, dim=1) + r.p[n.magnitude.name]  # (d_out,)
-    c = m / dora_norm(W, A, B, n.scale)  # (d_out,)
+    c = dora_scale(W, A, B, n.scale, r.p[n.magnitude.name])  # (d_out,)
     return (c - 1.0) * (x @ W.T) + c * lora

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .dora_nodes import PoolMagnitude
-from .interpret_basics import dora_norm
+from .interpret_basics import dora_scale
 
 __all__ = ["run_pool_magnitude", "block_dora_scale"]
 
@@ -20,7 +20,7 @@ def run_pool_magnitude(n: PoolMagnitude, r) -> Tensor:
     out = torch.zeros_like(base)
     for i in range(g.shape[1]):
         a, b = A[i if A.shape[0] > 1 else 0], B[i if B.shape[0] > 1 else 0]  # a shared factor: its one copy
-        c = (torch.linalg.vector_norm(W, dim=1) + M[i]) / dora_norm(W, a, b, n.scale)  # (d_out,)
+        c = dora_scale(W, a, b, n.scale, M[i])  # (d_out,)
         lora = n.scale * ((x @ a.T) @ b.T)  # (T, d_out)
         out = out + g[:, i:i + 1] * ((c - 1.0) * base + c * lora)
     return out
@@ -29,6 +29,5 @@ def run_pool_magnitude(n: PoolMagnitude, r) -> Tensor:
 def block_dora_scale(lin, i: int, p) -> Tensor:
     """``c_i = (‖W‖ + M_i) / ‖W + s B_i A_i‖`` ``(out,)`` of expert i on block linear ``lin`` (an
     ``ExpertLinear`` with a magnitude), the denominator without gradient (``block_nodes``)."""
-    W = p[lin.weight.name]
-    norm = dora_norm(W, p[lin.a.name][i], p[lin.b.name][i], lin.scale)  # (out,)
-    return (torch.linalg.vector_norm(W, dim=1) + p[lin.magnitude.name][i]) / norm
+    return dora_scale(p[lin.weight.name], p[lin.a.name][i], p[lin.b.name][i], lin.scale, p[lin.magnitude.name][i])
+

@@ -2,7 +2,7 @@
 ``moleforge_cpu::pool_decode``): the router, its gate and each token's selected experts in one
 call, reading the selected experts' factors only. No autograd: the decode form of a generated
 module (``runtime/ops_decode.PoolDecode``) calls it without gradients and outside
-``torch.compile``, where the kernel policy chooses it (``KernelPolicy.pool_decode_kernel``).
+``torch.compile``, where the kernel policy chooses it (``KernelPolicy.decode_kernel``).
 """
 
 from __future__ import annotations

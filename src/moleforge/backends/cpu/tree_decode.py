@@ -3,7 +3,7 @@ compiled CPU kernel (``tree_decode.cpp``, ops ``moleforge_cpu::tree_route`` and
 ``moleforge_cpu::tree_propagate``): two calls per site instead of some hundred small torch
 kernels. No autograd: the runtime ops (``ops_tree_route.route_switch_dense``,
 ``ops_tree_prop.propagate_all``) call them only without gradients and outside ``torch.compile``,
-where the kernel policy chooses them (``KernelPolicy.tree_decode_kernel``).
+where the kernel policy chooses them (``KernelPolicy.decode_kernel``).
 """
 
 from __future__ import annotations

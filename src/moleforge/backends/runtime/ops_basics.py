@@ -13,6 +13,7 @@ from torch import Tensor
 from ...ir.values import Routing
 from .dist import all_sum, reduce_group
 from .ops_decode import aux_wanted
+from .ops_dora import dora_scales
 from .policy import TORCH_OPS, KernelPolicy
 
 __all__ = ["dropout", "capacity_limit", "z_loss", "ragged_mix", "magnitude"]
@@ -101,7 +102,5 @@ def magnitude(x: Tensor, lora: Tensor, w: Tensor, a: Tensor, b: Tensor, scale: f
     """DoRA's ``(c - 1) ⊙ (x Wᵀ) + c ⊙ lora``, ``c = (‖W‖ + dm) / ‖W + s·B A‖`` (row norms; the
     denominator without gradient, as PEFT). ``w (d_out, d_in)`` is the frozen weight."""
     w = w.to(x.dtype)
-    with torch.no_grad():
-        norm = torch.linalg.vector_norm(w + scale * (b @ a), dim=1)  # (d_out,)
-    c = (torch.linalg.vector_norm(w, dim=1) + dm) / norm  # (d_out,)
+    c = dora_scales(w, a[None], b[None], scale, dm[None])[0]  # (d_out,): one expert
     return (c - 1.0) * F.linear(x, w) + c * lora  # (T, d_out)

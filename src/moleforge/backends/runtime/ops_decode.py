@@ -101,6 +101,6 @@ def decode_step(site: nn.Module, x: Tensor, acc: Tensor | None) -> Tensor | None
     form = site.__dict__.get("decode_form")
     if form is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    if site.kernel_policy.pool_decode_kernel(x.device, x.dtype, x.shape[0]) != "cpu":
+    if site.kernel_policy.decode_kernel(x.device, x.dtype, x.shape[0]) != "cpu":
         return None
     return form(site, x, acc)

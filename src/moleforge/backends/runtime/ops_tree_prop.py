@@ -151,7 +151,7 @@ def propagate_all(h_all: Tensor, indices: tuple, weights: tuple, levels: list, a
     """Root hidden ``(T, d_L)`` of the ``all``-position propagation (see the module doc);
     ``levels`` per pool ``(B (s, d, r), b or None, W or None, w or None, scale)``. Each level's
     node step runs in the Triton kernel when ``policy.tree_kernel`` chooses it for ``h_all``; without
-    autograd at decode sizes, the whole propagation in the CPU kernel where ``policy.tree_decode_kernel``
+    autograd at decode sizes, the whole propagation in the CPU kernel where ``policy.decode_kernel``
     chooses it."""
     if policy.tree_kernel(h_all.device, h_all.dtype) == "triton":
         return _propagate_triton(h_all, indices, weights, levels, activation)
@@ -160,7 +160,7 @@ def propagate_all(h_all: Tensor, indices: tuple, weights: tuple, levels: list, a
         per_pool += [idx, w, B, b, W, wb]
     scales = tuple(float(lv[4]) for lv in levels)
     if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # nothing to save for a backward
-        if policy.tree_decode_kernel(h_all.device, h_all.dtype, h_all.shape[0]) == "cpu":
+        if policy.decode_kernel(h_all.device, h_all.dtype, h_all.shape[0]) == "cpu":
             return tree_decode.propagate(h_all, indices, weights, levels, activation)
         return _propagate_forward(h_all, len(levels), activation, scales, per_pool)[0]
     return _PropagateAll.apply(h_all, len(levels), activation, scales, *per_pool)

@@ -183,7 +183,7 @@ def route_switch_dense(xd: Tensor, levels: list, fanouts: list[int], gate: str, 
     meta = (tuple(fanouts), gate, conventions == "official", query_activation, float(temperature))
     if caching():
         tables = packed(cache, "tree_route", params, lambda: _tables(meta[0], xd.shape[1], params))  # type: ignore[arg-type]
-        if policy.tree_decode_kernel(xd.device, xd.dtype, xd.shape[0]) == "cpu":
+        if policy.decode_kernel(xd.device, xd.dtype, xd.shape[0]) == "cpu":
             out = tree_decode.route(xd, tables, *meta)  # type: ignore[arg-type]
         else:
             out = _route(xd, meta, params, tables)[0]  # type: ignore[arg-type]

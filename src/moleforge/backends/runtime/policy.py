@@ -172,19 +172,13 @@ class KernelPolicy:
         usable = self.cpu != "off" and self.cpu_built is True
         return "cpu" if usable and _device_type(device) == "cpu" and dtype in CPU_KERNEL_DTYPES else "torch"
 
-    def tree_decode_kernel(self, device: torch.device | str, dtype: torch.dtype,
-                           tokens: int) -> Literal["cpu", "torch"]:
-        """A residual tree's routing and propagation without autograd at ``tokens`` tokens
-        (``backends/cpu/tree_decode.py``): the CPU kernel on CPU float32/float64 at decode sizes
-        once built, else the torch ops."""
+    def decode_kernel(self, device: torch.device | str, dtype: torch.dtype,
+                      tokens: int) -> Literal["cpu", "torch"]:
+        """The decode kernels' choice without autograd at ``tokens`` tokens: a residual tree's routing
+        and propagation (``backends/cpu/tree_decode.py``) and a routed LoRA pool's decode form
+        (``backends/cpu/pool_decode.py``) run the CPU kernel on CPU float32/float64 at decode sizes
+        once built; else the torch ops (the generated forward)."""
         return "cpu" if self.decode(tokens) and self.routed_ffn_kernel(device, dtype) == "cpu" else "torch"
-
-    def pool_decode_kernel(self, device: torch.device | str, dtype: torch.dtype,
-                           tokens: int) -> Literal["cpu", "torch"]:
-        """A routed LoRA pool's decode form without autograd at ``tokens`` tokens
-        (``backends/cpu/pool_decode.py``): the CPU kernel on CPU float32/float64 at decode sizes
-        once built, else the generated forward."""
-        return self.tree_decode_kernel(device, dtype, tokens)
 
     def decode(self, tokens: int) -> bool:
         """Whether a site seeing ``tokens`` tokens takes the decode path."""
