@@ -131,7 +131,8 @@ def test_verified_devices_run_triton_under_auto(monkeypatch):
 def test_routed_ffn_decisions(setting, built, device, dtype, kernel):
     p = KernelPolicy(cpu=setting, cpu_built=built, has_triton=False)
     assert p.routed_ffn_kernel(torch.device(device), dtype) == kernel
-    assert p.grouped_kernel(device, dtype) == p.tree_kernel(device, dtype) == "torch"
+    assert p.grouped_kernel(device, dtype) == kernel  # the sparse pools' CPU kernel: the same build, same choice
+    assert p.tree_kernel(device, dtype) == "torch"
 
 
 def test_with_cpu_build_records_the_outcome_once(monkeypatch):
@@ -147,7 +148,8 @@ def test_with_cpu_build_records_the_outcome_once(monkeypatch):
 def test_describe_one_line_per_op_family():
     lines = KernelPolicy(has_triton=True).describe()
     assert lines == [
-        "sparse pools: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
+        "sparse pools: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA); where Triton does "
+        "not run, the compiled CPU kernel on CPU float32/float64 tensors (forward and backward)",
         "residual trees: torch ops (Triton opt-in: MOLEFORGE_TRITON=1; not yet verified on CUDA)",
         "routed FFN blocks: compiled CPU kernel on CPU float32/float64 tensors (built when a routed FFN block, "
         "a residual tree or a routed LoRA pool is lowered for a CPU), torch ops elsewhere",
@@ -163,6 +165,8 @@ def test_describe_one_line_per_op_family():
     assert on[2] == "routed FFN blocks: torch ops (CPU kernel off: MOLEFORGE_CPU_KERNELS=0)"
     assert "Triton's interpreter" in KernelPolicy(triton="on", interpret=True, has_triton=True).describe()[1]
     assert KernelPolicy(triton="off").describe()[0].startswith("sparse pools: torch ops (Triton off")
+    assert "compiled CPU kernel" not in KernelPolicy(cpu="off").describe()[0]
+    assert "compiled CPU kernel" not in KernelPolicy(cpu_built=False).describe()[0]
     assert KernelPolicy(has_triton=False).describe()[1] == "residual trees: torch ops (Triton is not installed)"
     assert "(built)" in KernelPolicy(cpu_built=True).describe()[2]
     assert "by the compiled CPU kernel" in lines[3] and "routed LoRA pools" in lines[3]
@@ -188,7 +192,7 @@ def _store(graph):
 
 
 def test_lowering_keeps_the_policy_on_the_module_and_passes_it_to_the_ops():
-    triton_on = KernelPolicy(triton="on", interpret=True, has_triton=True)
+    triton_on = KernelPolicy(triton="on", cpu="off", interpret=True, has_triton=True)
     gm = lower(_pool_graph(), _store(_pool_graph()), policy=triton_on)
     assert gm.kernel_policy is triton_on
     assert "grouped_mix(" in gm.code and "policy = kernel_policy" in gm.code

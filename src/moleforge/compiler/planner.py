@@ -9,18 +9,19 @@ injects a plan; ``explain`` reads one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 from torch import nn
 
 from ..backends.runtime.policy import KernelPolicy
+from ..backends.torch_fx.lower_routed import fuses_router
 from ..integrations.ffn_blocks import ResolvedBlock, resolve_blocks
 from ..integrations.siblings import find_siblings
 from ..integrations.sites import ResolvedSite, resolve_sites
 from ..integrations.xlora import model_hidden_size
 from ..ir import Graph, verify
-from ..passes import DEFAULT_PIPELINE, Pass, PipelineTrace, fuse_sibling_sites, run_pipeline
+from ..passes import DEFAULT_PIPELINE, ChoosePoolKernels, Pass, PipelineTrace, fuse_sibling_sites, run_pipeline
 from ..specs import AdapterSpec, as_spec
 from .build import build_block_graph, build_graph
 from .sizes import SizeCheck
@@ -125,7 +126,11 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
             found before the passes run and before anything is allocated.
     """
     spec, sources = resolve_sources(as_spec(spec), model) if read_sources else (as_spec(spec), {})
+    policy = KernelPolicy.from_env() if policy is None else policy
+    cpu_pools = _plans_cpu_pools(policy, model)
     pipeline = DEFAULT_PIPELINE if passes is None else tuple(passes)
+    if cpu_pools:
+        pipeline = _priced_for_cpu(pipeline)
     linear = resolve_sites(spec, model)
     blocks = resolve_blocks(spec, model, {s.name for s in linear})
     size = SizeCheck(model) if check_sizes else None
@@ -138,11 +143,35 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
     if (passes is None) if siblings is None else siblings:
         found = find_siblings(model, [s.name for s in linear])
         groups, note = tuple(tuple(g) for g in found.groups), found.note
+        if cpu_pools:  # the CPU kernel computes the routers of routed pools itself
+            groups, note = _without_kernel_routers(groups, planned, note)
         planned = _fuse_siblings(planned, groups)
     return Plan(spec=spec, model_name=type(model).__name__, sites=tuple(planned), pipeline=pipeline,
                 sibling_groups=groups, sibling_note=note,
-                policy=KernelPolicy.from_env() if policy is None else policy, source_tensors=sources,
+                policy=policy, source_tensors=sources,
                 hidden_size=model_hidden_size(model))
+
+
+def _plans_cpu_pools(policy: KernelPolicy, model: nn.Module) -> bool:
+    """Whether the grouped pools of ``model`` will run the compiled CPU kernel (its device and dtype)."""
+    p = next(model.parameters(), None)
+    return p is not None and policy.plans_cpu_pools(p.device, p.dtype)
+
+
+def _priced_for_cpu(pipeline: tuple[Pass, ...]) -> tuple[Pass, ...]:
+    """``pipeline`` with its pool-form choice priced for the CPU kernel running the grouped form."""
+    return tuple(replace(s, kernel="cpu") if isinstance(s, ChoosePoolKernels) else s for s in pipeline)
+
+
+def _without_kernel_routers(groups: tuple[tuple[str, ...], ...], planned: list[PlannedSite],
+                            note: str) -> tuple[tuple[tuple[str, ...], ...], str]:
+    """The sibling groups without the sites whose router the pool's CPU kernel computes
+    (``lower_routed.fuses_router``); a group left with one member is dropped."""
+    finals = {s.name: s.final for s in planned}
+    kept = tuple(g for g in (tuple(m for m in grp if not fuses_router(finals[m])) for grp in groups) if len(g) > 1)
+    if groups and not kept:
+        note = "the routed pools' CPU kernel computes each site's router in its own pass over the input"
+    return kept, note
 
 
 def _plain(spec: AdapterSpec, where: ResolvedSite | ResolvedBlock, size: SizeCheck | None) -> Graph:

@@ -19,16 +19,27 @@ a trainable low-rank GEMM costs twice its forward):
 
 ``MOVE`` prices the gathers and scatters of the grouped form (token rows in, results out, and
 their gradients) and the small-GEMM inefficiency, per moved value; the fixed terms price kernel
-launches and the sort. The constants were measured on a 2-core AVX2 CPU (fp32, MKL): the dense
+launches and the sort. The constants were measured on a 2-core AVX2 CPU (fp32, MKL): with torch ops the dense
 form wins for E·r = 64 at k = 2 (MoLoRA's E = 8, r = 8), the grouped form from about
 E·r = 256 at k = 2, or when few tokens per expert make ``T·E·r`` large against ``T·k``. So the
 choice depends on E·r against k·r and the moved widths, on the active fraction k/E, and on
 the token count through the fixed terms.
+
+Where the grouped form will run the compiled CPU kernel (``kernel="cpu"``: the planner sets it
+when the kernel policy plans it for the model's device and dtype,
+``KernelPolicy.plans_cpu_pools``), nothing is gathered or scattered and the estimate is
+
+    grouped_cpu = CPU_SPARSE · 3·T·k·r·(d_in + d_out) + FIXED_CPU
+
+``CPU_SPARSE`` the kernel's cost per multiply-add against MKL's dense GEMMs (measured at
+MoLoRA's sizes, ``benchmarks/train_step.py``): the grouped form then wins when ``k/E`` is below
+about one half (MoLoRA's 2 of 8).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from ..ir import Graph, PoolMix, RaggedMix, expr_shape
 from ._rewrite import rewrite_nodes
@@ -42,6 +53,10 @@ MOVE = 165.0
 FIXED_DENSE = 0.5e6
 FIXED_GROUPED = 4.0e6
 PER_EXPERT = 0.1e6
+CPU_SPARSE = 1.8
+FIXED_CPU = 0.2e6
+
+Kernel = Literal["torch", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -58,24 +73,30 @@ class PoolCost:
         return "grouped" if self.grouped is not None and self.grouped < self.dense else "dense"
 
 
-def pool_cost(experts: int, rank: int, d_in: int, d_out: int, k: int | None, tokens: int) -> PoolCost:
-    """The two estimates for a pool of ``experts`` rank-``rank`` experts under a top-``k`` router."""
+def pool_cost(experts: int, rank: int, d_in: int, d_out: int, k: int | None, tokens: int,
+              kernel: Kernel = "torch") -> PoolCost:
+    """The two estimates for a pool of ``experts`` rank-``rank`` experts under a top-``k`` router,
+    the grouped form run by ``kernel``."""
     width = d_in + d_out
     dense = 3.0 * tokens * experts * rank * width + FIXED_DENSE
     if k is None:
         return PoolCost(dense, None, tokens)
+    if kernel == "cpu":
+        return PoolCost(dense, CPU_SPARSE * 3.0 * tokens * k * rank * width + FIXED_CPU, tokens)
     grouped = 3.0 * tokens * k * rank * width + MOVE * tokens * k * width + FIXED_GROUPED + PER_EXPERT * experts
     return PoolCost(dense, grouped, tokens)
 
 
-def cost_of(n: PoolMix, graph: Graph, tokens: int) -> PoolCost:
+def cost_of(n: PoolMix, graph: Graph, tokens: int, kernel: Kernel = "torch") -> PoolCost:
     _, r, d_in = expr_shape(n.a)
     d_out = expr_shape(n.b)[1]
     t = graph.routing(n.routing)
     k = sparse_k(graph, n.routing)
     if t.variable:  # from k to E experts per token: price the typical count
         k = graph.node(n.routing).gate.typical_k(t.experts)
-    return pool_cost(t.experts, r, d_in, d_out, k, tokens)
+    if t.variable:  # the torch ops run a variable routing (no fixed (T, k) slots for the kernel)
+        kernel = "torch"
+    return pool_cost(t.experts, r, d_in, d_out, k, tokens, kernel)
 
 
 def choose_ragged_form(n: RaggedMix, graph: Graph, tokens: int) -> tuple | None:
@@ -90,9 +111,11 @@ def choose_ragged_form(n: RaggedMix, graph: Graph, tokens: int) -> tuple | None:
 
 @dataclass(frozen=True)
 class ChoosePoolKernels:
-    """The pass, parameterised by the token count per step it optimises for."""
+    """The pass, parameterised by the token count per step it optimises for and the kernel the
+    grouped form will run (``"cpu"``: the compiled CPU kernel; the planner sets it)."""
 
     tokens: int = 2048
+    kernel: Kernel = "torch"
     __name__ = "choose_pool_kernels"
 
     def __call__(self, graph: Graph) -> Graph:
@@ -103,7 +126,7 @@ class ChoosePoolKernels:
                 return None
             if shared_down(n, g):
                 return share_down(n, g, ids)
-            if cost_of(n, g, self.tokens).choice == "grouped":
+            if cost_of(n, g, self.tokens, self.kernel).choice == "grouped":
                 return group_pool(n, g, ids)
             return stack_pool(n, g, ids)
         return rewrite_nodes(graph, rule)

@@ -127,7 +127,9 @@ def _structure(site: SiteRow) -> tuple[str, str]:
 
 def _pass_name(p: Pass) -> str:
     name = getattr(p, "__name__", repr(p))
-    return f"{name}(tokens={p.tokens})" if isinstance(p, ChoosePoolKernels) else name
+    if not isinstance(p, ChoosePoolKernels):
+        return name
+    return f"{name}(tokens={p.tokens}, kernel={p.kernel})" if p.kernel != "torch" else f"{name}(tokens={p.tokens})"
 
 
 def _shape_text(g: Graph) -> str:
@@ -245,7 +247,7 @@ def _shared_text(g: Graph) -> str:
 
 
 def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> str:
-    tokens = next((p.tokens for p in pipeline if isinstance(p, ChoosePoolKernels)), ChoosePoolKernels().tokens)
+    chooser = next((p for p in pipeline if isinstance(p, ChoosePoolKernels)), ChoosePoolKernels())
     kinds = {type(n) for n in final.nodes}
     if PoolMix in kinds:
         return "per-expert loop over all experts (no passes)"
@@ -267,11 +269,11 @@ def _kernel(final: Graph, pipeline: Sequence[Pass], decode_tokens: int = 0) -> s
                     if n.grouped else
                     f"experts of their own ranks: dense block-gated LoRA of rank {sum(n.ranks)}")
         if isinstance(n, (GroupedMix, BlockGate, OuterGate)):
-            return _pool_kernel(final, n, tokens) + _decode_kernel(final, n, decode_tokens)
+            return _pool_kernel(final, n, chooser) + _decode_kernel(final, n, decode_tokens)
     return "plain LoRA: two GEMMs"
 
 
-def _pool_kernel(g: Graph, n, tokens: int) -> str:
+def _pool_kernel(g: Graph, n, chooser: ChoosePoolKernels) -> str:
     route = g.node(n.routing)
     if isinstance(route, nodes.CapacityLimit):  # the gate is that of the routing it limits
         route = g.node(route.routing)
@@ -280,11 +282,16 @@ def _pool_kernel(g: Graph, n, tokens: int) -> str:
         return f"shared down-projection once, outer-product gate, one up-projection of rank {g.width(n.id)}"
     rank = expr_shape(n.a)[1] if isinstance(n, GroupedMix) else n.rank
     k = route.gate.k
-    form = (f"grouped GEMMs over each token's top-{k} experts ({k * rank} of {E * rank} ranks)"
+    kernel = chooser.kernel if isinstance(n, GroupedMix) and not g.routing(n.routing).variable else "torch"
+    grouped = ("the compiled CPU kernel: each token's top-{k} experts ({kr} of {er} ranks), forward and backward, "
+               "reading the token rows in place" if kernel == "cpu" else
+               "grouped GEMMs over each token's top-{k} experts ({kr} of {er} ranks)")
+    form = (grouped.format(k=k, kr=k * rank, er=E * rank)
             if isinstance(n, GroupedMix) else f"dense block-gated LoRA of rank {E * rank}")
     if k is None:
         return form
-    cost = pool_cost(E, rank, g.d_in, g.d_out, k, tokens)
+    tokens = chooser.tokens
+    cost = pool_cost(E, rank, g.d_in, g.d_out, k, tokens, chooser.kernel)
     return f"{form}; cost model at {tokens:,} tokens: dense {cost.dense / 1e6:.0f}M vs grouped " \
            f"{cost.grouped / 1e6:.0f}M multiply-add equivalents"
 

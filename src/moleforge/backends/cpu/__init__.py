@@ -2,7 +2,9 @@
 (``routed_ffn.cpp``, custom ops ``moleforge_cpu::routed_ffn`` and its backward), and a residual
 tree's routing and propagation for the few tokens of a decoding step (``tree_decode.cpp``,
 ``moleforge_cpu::tree_route`` and ``tree_propagate``, no autograd), and a routed LoRA pool's
-decode step (``pool_decode.cpp``, ``moleforge_cpu::pool_decode``, no autograd).
+decode step (``pool_decode.cpp``, ``moleforge_cpu::pool_decode``, no autograd), and its sparse
+training step (``pool_sparse.cpp``: ``moleforge_cpu::pool_sparse``, and ``routed_pool`` with the router
+and its gate in the same op, each with its backward).
 
 The source ships with the package and is compiled with ``torch.utils.cpp_extension`` when a
 module with routed FFN blocks or residual trees is lowered under a kernel policy that may choose the kernel
@@ -32,9 +34,10 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["build", "load", "KernelBuildError"]
+__all__ = ["build", "load", "supported", "KernelBuildError"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("routed_ffn.cpp", "tree_decode.cpp", "pool_decode.cpp")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("routed_ffn.cpp", "tree_decode.cpp", "pool_decode.cpp", "pool_sparse.cpp")]
 
 
 class KernelBuildError(RuntimeError):
@@ -77,6 +80,11 @@ def _ninja_on_path() -> Iterator[None]:
             os.environ["PATH"] = old
 
 
+def supported() -> bool:
+    """Whether this platform can build the kernels (Linux); a compiler may still be missing."""
+    return sys.platform == "linux"
+
+
 @functools.cache
 def load() -> None:
     """Compile (once per machine) and load the kernels, registering the ``moleforge_cpu`` ops and
@@ -85,7 +93,7 @@ def load() -> None:
     Raises:
         KernelBuildError: the build or the load failed; the message carries the compiler's.
     """
-    if sys.platform != "linux":
+    if not supported():
         raise KernelBuildError(f"the CPU kernels are built on Linux only (this is {sys.platform})")
     from torch.utils import cpp_extension
 
@@ -97,9 +105,10 @@ def load() -> None:
     except Exception as e:  # noqa: BLE001 - compilers fail in many ways; report them as one
         raise KernelBuildError(f"building the moleforge CPU kernels ({', '.join(p.name for p in _SOURCES)}) failed: "
                                f"{type(e).__name__}: {e}") from e
-    from .routed_ffn import register_fakes
+    from . import pool_sparse, routed_ffn
 
-    register_fakes()
+    routed_ffn.register_fakes()
+    pool_sparse.register_fakes()
 
 
 def build(required: bool = False) -> bool:
@@ -116,9 +125,9 @@ def build(required: bool = False) -> bool:
         except KernelBuildError as e:
             _state["usable"], _state["error"] = False, e
             if not required:
-                warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks and residual trees with torch ops "
-                              "instead (same values, slower). Set MOLEFORGE_CPU_KERNELS=0 to skip the build and "
-                              "this warning.",
+                warnings.warn(f"{e}\nmoleforge runs the routed FFN blocks, residual trees and sparse pools with "
+                              "torch ops instead (same values, slower). Set MOLEFORGE_CPU_KERNELS=0 to skip the build "
+                              "and this warning.",
                               RuntimeWarning, stacklevel=3)
     if not _state["usable"] and required:
         raise _state["error"]  # type: ignore[misc]

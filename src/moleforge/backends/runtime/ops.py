@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...ir.values import Routing
+from ..cpu.pool_sparse import sparse_pool
 from .dist import all_sum, reduce_group
 from .ops_decode import aux_wanted, dense_mix
+from .ops_linear import add_into
 from .packed import PackCache
 from .policy import TORCH_OPS, KernelPolicy
 
@@ -138,27 +140,35 @@ def pool_mix_loop(x: Tensor, gates: Tensor, a: Tensor, b: Tensor, scale: float) 
 
 
 def grouped_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Tensor, scale: float,
-                policy: KernelPolicy = TORCH_OPS, cache: PackCache | None = None, name: str = "grouped") -> Tensor:
+                policy: KernelPolicy = TORCH_OPS, cache: PackCache | None = None, name: str = "grouped",
+                acc: Tensor | None = None) -> Tensor:
     """Sparse pool: each expert runs only on the tokens that selected it. The ``P`` (token,
     expert) pairs are sorted by expert; one grouped GEMM gives every pair's ``h = A_e x``, a second
     ``B_e (s·g·h)``; a scatter-add sums each token's results. FLOPs ``P·r·(d_in + d_out)``.
 
     ``x (T, d_in)``, ``gates (T, E)``, ``index (T, k)`` (``P = T·k``), ``a (E|1, r, d_in)``,
-    ``b (E|1, d_out, r)``. ``index=None`` is a variable routing (DynMoLE's top-p: from k to E
+    ``b (E|1, d_out, r)``; ``acc``: the frozen layer's output, which the result is added to
+    (``(T, d_out)`` without it). ``index=None`` is a variable routing (DynMoLE's top-p: from k to E
     experts per token): the pairs are the non-zero gates (counting them synchronises with the
-    device once). When the module's kernel ``policy`` chooses Triton for ``x``'s device and dtype
-    (``policy.grouped_kernel``: float32/16, bfloat16), one fused Triton op does the sorted pairs'
-    products and their scatter (``backends/triton/grouped.py``). The default policy runs the torch
-    ops. At the policy's decode sizes (``policy.decode``) all experts run densely
-    (``ops_decode.dense_mix``, their stacked factors kept by ``cache`` without autograd).
+    device once). The module's kernel ``policy`` chooses (``policy.grouped_kernel``): one fused
+    Triton op for the sorted pairs' products and their scatter (``backends/triton/grouped.py``),
+    or on CPU float32/float64 the compiled kernel, whose forward and backward read the token rows
+    in place and add into ``acc`` (``backends/cpu/pool_sparse.py``), or torch ops. At the policy's
+    decode sizes (``policy.decode``) all experts run densely (``ops_decode.dense_mix``, their
+    stacked factors kept by ``cache`` without autograd).
     """
     if policy.decode(x.shape[0]):
-        return dense_mix(x, gates, a, b, scale, cache, name)
+        return add_into(acc, dense_mix(x, gates, a, b, scale, cache, name))
+    kernel = policy.grouped_kernel(x.device, x.dtype)
+    if kernel == "cpu" and index is not None:
+        y = sparse_pool(x, index, gates.gather(1, index) * scale, a, b, acc)  # (T, d_out)
+        return y if acc is None else y.view(acc.shape)
     tokens, w, counts = _pairs(gates, index, scale)  # (P,), (P,), (E,)
-    if policy.grouped_kernel(x.device, x.dtype) == "triton":
+    if kernel == "triton":
         from moleforge.backends.triton.grouped import grouped_lowrank  # imports Triton
 
-        return grouped_lowrank(x, tokens, w.to(x.dtype), counts.cumsum(0), a.to(x.dtype), b.to(x.dtype))
+        return add_into(acc, grouped_lowrank(x, tokens, w.to(x.dtype), counts.cumsum(0), a.to(x.dtype),
+                                             b.to(x.dtype)))
     E = gates.shape[1]
     a, b = _per_expert(a, E), _per_expert(b, E)
     xs = x.index_select(0, tokens)  # (P, d_in)
@@ -168,7 +178,7 @@ def grouped_mix(x: Tensor, gates: Tensor, index: Tensor | None, a: Tensor, b: Te
         ys = F.grouped_mm(hs * w[:, None], b.transpose(1, 2), offs=offs)  # (P, d_out)
     else:
         ys = _expert_loop(xs, w, counts.tolist(), a, b)  # (P, d_out)
-    return x.new_zeros(x.shape[0], b.shape[1]).index_add(0, tokens, ys)  # (T, d_out)
+    return add_into(acc, x.new_zeros(x.shape[0], b.shape[1]).index_add(0, tokens, ys))  # (T, d_out)
 
 
 def _pairs(gates: Tensor, index: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,8 +9,8 @@ kernel whatever ran before, eagerly or under ``torch.compile``.
 
 Op families and their kernels:
 
-- sparse pools (``ops.grouped_mix``): the Triton grouped low-rank op (``backends/triton/grouped.py``)
-  or torch ops;
+- sparse pools (``ops.grouped_mix``): the Triton grouped low-rank op (``backends/triton/grouped.py``),
+  the compiled C++ CPU kernel (``backends/cpu/pool_sparse.py``, forward and backward) or torch ops;
 - residual trees (``ops_tree_prop.propagate_all``): the Triton node-mix op
   (``backends/triton/tree.py``) or torch ops; at decode sizes without autograd, the compiled C++
   CPU kernel routes and propagates (``backends/cpu/tree_decode.py``);
@@ -157,9 +157,23 @@ class KernelPolicy:
             return False
         return self.triton_on(device)
 
-    def grouped_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["triton", "torch"]:
-        """The sparse pool's kernel (``ops.grouped_mix``) for ``x`` on ``device`` of ``dtype``."""
-        return "triton" if dtype in TRITON_DTYPES and self._triton_for(device, dtype) else "torch"
+    def grouped_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["triton", "cpu", "torch"]:
+        """The sparse pool's kernel (``ops.grouped_mix``) for ``x`` on ``device`` of ``dtype``: Triton
+        where it runs, else the compiled CPU kernel on CPU float32/float64 once built
+        (``backends/cpu/pool_sparse.py``), else torch ops."""
+        if dtype in TRITON_DTYPES and self._triton_for(device, dtype):
+            return "triton"
+        return "cpu" if self.routed_ffn_kernel(device, dtype) == "cpu" else "torch"
+
+    def plans_cpu_pools(self, device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Whether sparse pools on ``device`` of ``dtype`` will run the compiled CPU kernel once
+        lowering has built it: what the planner prices their grouped form by
+        (``passes.ChoosePoolKernels.kernel``), before the build."""
+        if self.cpu == "off" or self.cpu_built is False or not cpu_kernels.supported():
+            return False
+        if dtype in TRITON_DTYPES and self._triton_for(device, dtype):
+            return False
+        return _device_type(device) == "cpu" and dtype in CPU_KERNEL_DTYPES
 
     def tree_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["triton", "torch"]:
         """The residual tree's node step (``ops_tree_prop.propagate_all``) for hidden states on
@@ -210,7 +224,7 @@ class KernelPolicy:
         CUDA)``. ``families``: some of ``"grouped"`` (sparse pools), ``"tree"`` (residual trees),
         ``"routed_ffn"`` (routed FFN blocks), ``"decode"`` (the decode path), in that order;
         default all."""
-        lines = {"grouped": f"sparse pools: {self._triton_text('float32, float16 and bfloat16')}",
+        lines = {"grouped": f"sparse pools: {self._grouped_text()}",
                  "tree": f"residual trees: {self._triton_text('floating dtypes')}",
                  "routed_ffn": f"routed FFN blocks: {self._cpu_text()}",
                  "decode": f"decode path: {self._decode_text()}"}
@@ -232,6 +246,13 @@ class KernelPolicy:
         where = " and ".join(on) + (" (Triton's interpreter, not bfloat16)" if "CPU" in on else "")
         why = "MOLEFORGE_TRITON=1" if self.triton == "on" else "verified"
         return f"Triton kernels on {where} tensors of {dtypes} ({why}{note}), torch ops elsewhere"
+
+    def _grouped_text(self) -> str:
+        triton = self._triton_text("float32, float16 and bfloat16")
+        if self.cpu == "off" or self.cpu_built is False:
+            return triton
+        return f"{triton}; where Triton does not run, the compiled CPU kernel on CPU float32/float64 tensors " \
+               "(forward and backward)"
 
     def _decode_text(self) -> str:
         packed = ("without autograd, weights packed once and kept between calls; no aux losses in evaluation "

@@ -57,6 +57,7 @@ from ..runtime.siblings import SiblingGroup
 from . import lower_basics, lower_block, lower_dora, lower_kronecker
 from .lower_block import runs_as_routed_ffn
 from .lower_decode import pool_decode_form
+from .lower_routed import emit_routed_pool, routed_pool_of
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
 __all__ = ["lower", "counts_name", "runs_as_routed_ffn", "EMIT", "ROUTE"]
@@ -263,8 +264,14 @@ def _balanced(c: _Ctx, n: nodes.Route, op: Callable) -> fx.Node:
     return c.call(op, (c.env[n.src], bias, counts, g.k, c.training, c.mask), n.id)
 
 
-ROUTE.add(lambda c, n: c.call(ops.route_softmax_topk, (c.env[n.src], n.gate.k, n.gate.renormalize,
-                                                        n.gate.temperature), n.id), nodes.SoftmaxTopK)
+def _softmax_topk(c: _Ctx, n: nodes.Route) -> fx.Node:
+    mix = routed_pool_of(c.ir, n)
+    if mix is not None:  # router, gate and pool as one op (lower_routed)
+        return emit_routed_pool(c, n, mix)
+    return c.call(ops.route_softmax_topk, (c.env[n.src], n.gate.k, n.gate.renormalize, n.gate.temperature), n.id)
+
+
+ROUTE.add(_softmax_topk, nodes.SoftmaxTopK)
 ROUTE.add(lambda c, n: c.call(ops.route_dense, (c.env[n.src], n.gate.temperature), n.id), nodes.DenseSoftmax)
 ROUTE.add(lambda c, n: c.call(ops.route_static, (c.env[n.src], c.expr(n.gate.weights)), n.id), nodes.StaticGate)
 ROUTE.add(lambda c, n: c.call(ops_mixer.route_dense_train_topk, (c.env[n.src], n.gate.infer_k, n.gate.renormalize,
@@ -283,12 +290,12 @@ def _gates(c: _Ctx, rid: str) -> fx.Node:
 
 
 @EMIT.register(nodes.PoolMix, nodes.GroupedMix)
-def _pool(c: _Ctx, n) -> fx.Node:
+def _pool(c: _Ctx, n, acc: fx.Node | None = None) -> fx.Node:
     args = (c.env[n.src], _gates(c, n.routing))
     if isinstance(n, nodes.GroupedMix):
         idx = routing_field(c, n.routing, Routing, "index", f"{n.routing}_index")
         return c.call(ops.grouped_mix, args + (idx, c.expr(n.a), c.expr(n.b), n.scale), n.id,
-                      {**c.kernels, "cache": c.pack_cache, "name": n.id})
+                      {**c.kernels, "cache": c.pack_cache, "name": n.id, "acc": acc})
     return c.call(ops.pool_mix_loop, args + (c.expr(n.a), c.expr(n.b), n.scale), n.id)
 
 
@@ -391,10 +398,10 @@ def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> N
 def _build_cpu_kernel(graph: Graph, store: nn.Module, policy: KernelPolicy,
                       device: torch.device | str | None, decode_form: PoolDecode | None) -> KernelPolicy:
     """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks, a
-    residual tree or a pool's decode form, a module for a CPU (``device``, else the store's)
-    with float32/float64 tensors."""
-    trees = (nodes.TreeRoute, nodes.TreePropagate, nodes.TreeMix)
-    uses = decode_form is not None or any(runs_as_routed_ffn(graph, n) or isinstance(n, trees) for n in graph.nodes)
+    residual tree, a grouped pool or a pool's decode form, a module for a CPU (``device``, else
+    the store's) with float32/float64 tensors."""
+    kinds = (nodes.TreeRoute, nodes.TreePropagate, nodes.TreeMix, nodes.GroupedMix)
+    uses = decode_form is not None or any(runs_as_routed_ffn(graph, n) or isinstance(n, kinds) for n in graph.nodes)
     if not policy.wants_cpu_build() or not uses:
         return policy
     t = next(iter(list(store.parameters()) + list(store.buffers())), None)
@@ -434,10 +441,13 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
     c = _Ctx(graph, groups or {}, policy)
     last = graph.node(graph.output)
     into = isinstance(last, nodes.Linear) and (last.bias is None or last.scale == 1.0)
+    pool_into = isinstance(last, nodes.GroupedMix)  # the grouped mix adds into the frozen output itself
     for n in graph.nodes:
         if n.id in c.fused:  # already emitted as part of a fused group (lower_tree)
             c.env[n.id] = c.fused[n.id]
             into = into and n is not last
+            if not isinstance(n, nodes.GroupedMix):  # a fused grouped mix that is last added into acc
+                pool_into = pool_into and n is not last
             continue
         try:
             emit = EMIT[n]
@@ -446,9 +456,11 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
         if n is last and into:  # the last GEMM accumulates into the frozen output
             args = (c.acc, c.env[n.src], c.expr(n.weight), c.opt(n.bias), n.scale)
             c.env[n.id] = c.call(ops_linear.linear_into, args, n.id)
+        elif n is last and pool_into:
+            c.env[n.id] = _pool(c, n, c.acc)
         else:
             c.env[n.id] = emit(c, n)
-    if not into:
+    if not into and not pool_into:
         c.env[graph.output] = c.call(ops_linear.add_into, (c.acc, c.env[graph.output]), "output")
     aux = [c.env[a] for a in graph.aux]
     total = None if not aux else (aux[0] if len(aux) == 1 else c.call(ops.add_aux, tuple(aux), "aux"))
