@@ -50,13 +50,13 @@ from ...ir import (
 )
 from ..runtime import ops, ops_core, ops_linear, ops_mixer, ops_preserve, ops_task, ops_top_p, ops_xlora
 from ..runtime.dist import WORLD
-from ..runtime.ops_decode import PoolDecode
 from ..runtime.packed import PackCache, packed_cat, packed_columns
-from ..runtime.policy import CPU_KERNEL_DTYPES, KernelPolicy
+from ..runtime.policy import KernelPolicy
 from ..runtime.siblings import SiblingGroup
 from . import lower_basics, lower_block, lower_dora, lower_kronecker
 from .lower_block import runs_as_routed_ffn
 from .lower_decode import pool_decode_form
+from .lower_kernels import with_cpu_build
 from .lower_routed import emit_routed_pool, routed_pool_of
 from .lower_tree import emit_tree, emit_tree_aux, emit_tree_route, routing_field
 
@@ -395,22 +395,6 @@ def _keep_unread_tensors(gm: fx.GraphModule, root: nn.Module, graph: Graph) -> N
             gm.register_buffer(decl.name, t)
 
 
-def _build_cpu_kernel(graph: Graph, store: nn.Module, policy: KernelPolicy,
-                      device: torch.device | str | None, decode_form: PoolDecode | None) -> KernelPolicy:
-    """``policy`` with the CPU kernel built when it may choose it here: routed FFN blocks, a
-    residual tree, a grouped pool or a pool's decode form, a module for a CPU (``device``, else
-    the store's) with float32/float64 tensors."""
-    kinds = (nodes.TreeRoute, nodes.TreePropagate, nodes.TreeMix, nodes.GroupedMix)
-    uses = decode_form is not None or any(runs_as_routed_ffn(graph, n) or isinstance(n, kinds) for n in graph.nodes)
-    if not policy.wants_cpu_build() or not uses:
-        return policy
-    t = next(iter(list(store.parameters()) + list(store.buffers())), None)
-    where = torch.device(device) if device is not None else (t.device if t is not None else torch.device("cpu"))
-    if where.type != "cpu" or (t is not None and t.dtype not in CPU_KERNEL_DTYPES):
-        return policy
-    return policy.with_cpu_build()
-
-
 def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | None = None,
           policy: KernelPolicy | None = None, *, device: torch.device | str | None = None,
           plain: Graph | None = None) -> fx.GraphModule:
@@ -437,7 +421,7 @@ def lower(graph: Graph, store: nn.Module, groups: Mapping[str, SiblingGroup] | N
             else ``decode_form`` is ``None``.
     """
     form = pool_decode_form(graph if plain is None else plain)
-    policy = _build_cpu_kernel(graph, store, KernelPolicy.from_env() if policy is None else policy, device, form)
+    policy = with_cpu_build(graph, store, KernelPolicy.from_env() if policy is None else policy, device, form)
     c = _Ctx(graph, groups or {}, policy)
     last = graph.node(graph.output)
     into = isinstance(last, nodes.Linear) and (last.bias is None or last.scale == 1.0)
