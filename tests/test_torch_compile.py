@@ -1,5 +1,6 @@
 """``torch.compile`` of a compiled model: one graph for the whole forward (``fullgraph=True``
-raises on any graph break) on the dense paths, with the eager outputs and gradients.
+raises on any graph break) on the dense paths and the sparse pools' CPU kernel, with the eager
+outputs and gradients.
 
 Which spec features compile without graph breaks is stated in ``moleforge.backends.torch_fx``.
 The tests use the ``aot_eager`` backend: dynamo's capture and AOT autograd, the parts that see
@@ -31,7 +32,9 @@ DENSE = mf.AdapterSpec(aux_loss_coef=0.5, sites=[
             adapter=mf.ExpertPool(experts=4, rank=2, down=mf.Shared(), router=mf.DenseRouter())),
 ])
 
-SPECS = {"dense-pools": DENSE, "smore_dense": mf.presets.load("smore_dense")}
+SPECS = {"dense-pools": DENSE, "smore_dense": mf.presets.load("smore_dense"), "molora": mf.presets.load("molora")}
+"""``molora``: top-2 pools, grouped and run by the compiled CPU kernel where it builds (its outputs
+have fixed shapes), the dense block-gated form otherwise."""
 
 
 def _run(model, ids, mask=None):

@@ -277,9 +277,9 @@ void check_out(const at::Tensor& y, const at::Tensor& x, int64_t d_out) {
         "y must be a contiguous (T, d_out) CPU tensor of x's dtype");
 }
 
-// y = Σ (or y += Σ with accumulate, in place); returns h (T, k, r).
-at::Tensor pool_sparse(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& index,
-                       const at::Tensor& w, at::Tensor y, bool accumulate) {
+// y = acc + Σ (acc may be y itself, or undefined: y = Σ); returns h (T, k, r).
+at::Tensor pool_sparse_into(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& index,
+                            const at::Tensor& w, const at::Tensor& acc, at::Tensor y) {
   check_args(x, A, Bt, index, w);
   const int64_t T = x.size(0), E = A.size(0), r = A.size(1), d_in = x.size(1), d_out = Bt.size(2),
                 k = index.size(1);
@@ -291,9 +291,25 @@ at::Tensor pool_sparse(const at::Tensor& x, const at::Tensor& A, const at::Tenso
     rows_dot<S>(x.data_ptr<S>(), A.data_ptr<S>(), p, k, r, d_in, h.data_ptr<S>());
     at::Tensor wh = h * w.unsqueeze(-1);  // (T, k, r)
     rows_combine<S>(wh.data_ptr<S>(), Bt.data_ptr<S>(), index.data_ptr<int64_t>(),
-                    accumulate ? y.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
+                    acc.defined() ? acc.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
   });
   return h;
+}
+
+// The op: y = acc + Σ in a new tensor (the functional form, for torch.compile).
+std::tuple<at::Tensor, at::Tensor> pool_sparse(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt,
+                                               const at::Tensor& index, const at::Tensor& w,
+                                               const std::optional<at::Tensor>& acc) {
+  at::Tensor y = at::empty({x.size(0), Bt.size(2)}, x.options());
+  if (acc.has_value()) check_out(*acc, x, Bt.size(2));
+  at::Tensor h = pool_sparse_into(x, A, Bt, index, w, acc.has_value() ? *acc : at::Tensor(), y);
+  return {y, h};
+}
+
+// The op adding into y in place.
+at::Tensor pool_sparse_(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& index,
+                        const at::Tensor& w, at::Tensor& y) {
+  return pool_sparse_into(x, A, Bt, index, w, y, y);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_sparse_backward(
@@ -402,10 +418,10 @@ void check_routed(const at::Tensor& x, const at::Tensor& router_w, const at::Ten
   check(k >= 1 && k <= A.size(0), "k must be between 1 and the number of experts");
 }
 
-// y = Σ (or y += Σ with accumulate, in place); returns (probs, gates, index, w, h).
-std::vector<at::Tensor> routed_pool(const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A,
-                                    const at::Tensor& Bt, at::Tensor y, bool accumulate, int64_t k,
-                                    bool renormalize, double temperature, double scale) {
+// y = acc + Σ (acc may be y itself, or undefined: y = Σ); returns (probs, gates, index, w, h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool_into(
+    const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& acc,
+    at::Tensor y, int64_t k, bool renormalize, double temperature, double scale) {
   const int64_t T = x.size(0), E = A.size(0), r = A.size(1), d_in = x.size(1), d_out = Bt.size(2);
   at::Tensor index = at::empty({T, k}, x.options().dtype(at::kLong));
   at::Tensor w = at::empty({T, k}, x.options());
@@ -425,9 +441,28 @@ std::vector<at::Tensor> routed_pool(const at::Tensor& x, const at::Tensor& route
     rows_dot<S>(x.data_ptr<S>(), A.data_ptr<S>(), p, k, r, d_in, h.data_ptr<S>());
     const at::Tensor wh = h * w.unsqueeze(-1);  // (T, k, r)
     rows_combine<S>(wh.data_ptr<S>(), Bt.data_ptr<S>(), index.data_ptr<int64_t>(),
-                    accumulate ? y.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
+                    acc.defined() ? acc.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
   });
   return {probs, gates, index, w, h};
+}
+
+// The op: y = acc + Σ in a new tensor (the functional form, for torch.compile).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool(
+    const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt,
+    const std::optional<at::Tensor>& acc, int64_t k, bool renormalize, double temperature, double scale) {
+  at::Tensor y = at::empty({x.size(0), Bt.size(2)}, x.options());
+  if (acc.has_value()) check_out(*acc, x, Bt.size(2));
+  auto [probs, gates, index, w, h] =
+      routed_pool_into(x, router_w, A, Bt, acc.has_value() ? *acc : at::Tensor(), y, k, renormalize, temperature,
+                       scale);
+  return {y, probs, gates, index, w, h};
+}
+
+// The op adding into y in place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool_(
+    const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt, at::Tensor& y,
+    int64_t k, bool renormalize, double temperature, double scale) {
+  return routed_pool_into(x, router_w, A, Bt, y, y, k, renormalize, temperature, scale);
 }
 
 // dz (T, E) of the gate from dw (T, k) = u · h and the given gradients of probs and gates.
@@ -459,7 +494,7 @@ void gate_backward(const T* dw, const T* gprobs, const T* ggates, const T* probs
   });
 }
 
-std::vector<at::Tensor> routed_pool_backward(const at::Tensor& gy, const std::optional<at::Tensor>& gprobs,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool_backward(const at::Tensor& gy, const std::optional<at::Tensor>& gprobs,
                                              const std::optional<at::Tensor>& ggates, const at::Tensor& x,
                                              const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt,
                                              const at::Tensor& index, const at::Tensor& probs, const at::Tensor& w,
@@ -512,13 +547,17 @@ std::vector<at::Tensor> routed_pool_backward(const at::Tensor& gy, const std::op
 
 TORCH_LIBRARY_FRAGMENT(moleforge_cpu, m) {
   m.def(
-      "routed_pool(Tensor x, Tensor router_w, Tensor A, Tensor Bt, Tensor(a!) y, bool accumulate, int k, "
-      "bool renormalize, float temperature, float scale) -> Tensor[]");
+      "routed_pool(Tensor x, Tensor router_w, Tensor A, Tensor Bt, Tensor? acc, int k, bool renormalize, "
+      "float temperature, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "routed_pool_(Tensor x, Tensor router_w, Tensor A, Tensor Bt, Tensor(a!) y, int k, bool renormalize, "
+      "float temperature, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "routed_pool_backward(Tensor grad_y, Tensor? grad_probs, Tensor? grad_gates, Tensor x, Tensor router_w, "
       "Tensor A, Tensor Bt, Tensor index, Tensor probs, Tensor w, Tensor h, bool renormalize, float temperature, "
-      "float scale, bool need_x, bool need_router, bool need_a, bool need_b) -> Tensor[]");
-  m.def("pool_sparse(Tensor x, Tensor A, Tensor Bt, Tensor index, Tensor w, Tensor(a!) y, bool accumulate) -> Tensor");
+      "float scale, bool need_x, bool need_router, bool need_a, bool need_b) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("pool_sparse(Tensor x, Tensor A, Tensor Bt, Tensor index, Tensor w, Tensor? acc) -> (Tensor, Tensor)");
+  m.def("pool_sparse_(Tensor x, Tensor A, Tensor Bt, Tensor index, Tensor w, Tensor(a!) y) -> Tensor");
   m.def(
       "pool_sparse_backward(Tensor grad_y, Tensor x, Tensor A, Tensor Bt, Tensor index, Tensor w, Tensor h, "
       "bool need_x, bool need_a, bool need_b, bool need_w) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -526,7 +565,9 @@ TORCH_LIBRARY_FRAGMENT(moleforge_cpu, m) {
 
 TORCH_LIBRARY_IMPL(moleforge_cpu, CPU, m) {
   m.impl("pool_sparse", &pool_sparse);
+  m.impl("pool_sparse_", &pool_sparse_);
   m.impl("pool_sparse_backward", &pool_sparse_backward);
   m.impl("routed_pool", &routed_pool);
+  m.impl("routed_pool_", &routed_pool_);
   m.impl("routed_pool_backward", &routed_pool_backward);
 }

@@ -13,13 +13,15 @@ from torch import Tensor
 __all__ = ["SparsePool", "sparse_pool", "RoutedPool", "routed_pool", "register_fakes"]
 
 
-def _output(acc: Tensor | None, x: Tensor, d_out: int) -> tuple[Tensor, bool]:
-    """Where the op writes: ``acc`` itself (added to in place) when it is a contiguous
-    ``(T, d_out)`` tensor outside ``torch.compile``, else a new tensor."""
-    if acc is not None and acc.is_contiguous() and acc.shape == (x.shape[0], d_out) \
-            and not torch.compiler.is_compiling():
+def _accumulated(acc: Tensor | None, x: Tensor, d_out: int) -> tuple[Tensor | None, bool]:
+    """``acc`` as the ops read it, ``(T, d_out)`` contiguous, and whether the sum is added to it in
+    place: outside ``torch.compile`` when ``acc`` is that tensor itself (the frozen output); else a new
+    tensor holds ``acc`` plus the sum."""
+    if acc is None:
+        return None, False
+    if acc.is_contiguous() and acc.shape == (x.shape[0], d_out) and not torch.compiler.is_compiling():
         return acc, True
-    return x.new_empty(x.shape[0], d_out), False
+    return acc.reshape(x.shape[0], d_out).contiguous(), False
 
 
 def _factors(a: Tensor, b: Tensor, E: int) -> tuple[Tensor, Tensor]:
@@ -41,16 +43,19 @@ def _factor_grads(da: Tensor | None, dbt: Tensor | None, a: Tensor, b: Tensor) -
 
 
 class SparsePool(torch.autograd.Function):
-    """``y (+)= Σ_j w_tj B_e A_e x_t`` over token-major pairs; see ``pool_sparse.cpp``. With
-    ``acc`` the sum is added to it in place (the frozen output, which no backward reads)."""
+    """``y = acc + Σ_j w_tj B_e A_e x_t`` over token-major pairs; see ``pool_sparse.cpp``. With
+    ``in_place`` the sum is added to ``acc`` itself (the frozen output, which no backward reads)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, index: Tensor, w: Tensor, acc: Tensor | None):  # type: ignore[override]
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, index: Tensor, w: Tensor, acc: Tensor | None,  # type: ignore[override]
+                in_place: bool):
         ak, bt = _factors(a, b, max(a.shape[0], b.shape[0]))
-        y = x.new_empty(x.shape[0], bt.shape[2]) if acc is None else acc
-        h = torch.ops.moleforge_cpu.pool_sparse(x, ak, bt, index, w, y, acc is not None)
-        if acc is not None:
+        if in_place:
+            h = torch.ops.moleforge_cpu.pool_sparse_(x, ak, bt, index, w, acc)
             ctx.mark_dirty(acc)
+            y = acc
+        else:
+            y, h = torch.ops.moleforge_cpu.pool_sparse(x, ak, bt, index, w, acc)
         ctx.save_for_backward(x, a, b, ak, bt, index, w, h)
         return y
 
@@ -61,7 +66,7 @@ class SparsePool(torch.autograd.Function):
         dx, da, dbt, dw = torch.ops.moleforge_cpu.pool_sparse_backward(gy.contiguous(), x, ak, bt, index, w, h,
                                                                        need[0], need[1], need[2], need[4])
         da, db = _factor_grads(da if need[1] else None, dbt if need[2] else None, a, b)
-        return dx if need[0] else None, da, db, None, dw if need[4] else None, gy if need[5] else None
+        return dx if need[0] else None, da, db, None, dw if need[4] else None, gy if need[5] else None, None
 
 
 def sparse_pool(x: Tensor, index: Tensor, w: Tensor, a: Tensor, b: Tensor, acc: Tensor | None) -> Tensor:
@@ -71,10 +76,8 @@ def sparse_pool(x: Tensor, index: Tensor, w: Tensor, a: Tensor, b: Tensor, acc: 
     repeated). A contiguous ``(T, d_out)`` ``acc`` is added to in place. Needs the kernels loaded
     (:func:`moleforge.backends.cpu.build`, which lowering runs).
     """
-    out, in_place = _output(acc, x, b.shape[1])
-    y = SparsePool.apply(x.contiguous(), a, b, index.contiguous(), w.to(x.dtype).contiguous(),
-                         out if in_place else None)
-    return y if in_place or acc is None else acc.reshape(y.shape) + y
+    flat, in_place = _accumulated(acc, x, b.shape[1])
+    return SparsePool.apply(x.contiguous(), a, b, index.contiguous(), w.to(x.dtype).contiguous(), flat, in_place)
 
 
 class RoutedPool(torch.autograd.Function):
@@ -83,14 +86,17 @@ class RoutedPool(torch.autograd.Function):
     ``acc`` the pool's sum is added to it in place."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, router_w: Tensor, a: Tensor, b: Tensor, acc: Tensor | None, k: int,  # type: ignore[override]
-                renormalize: bool, temperature: float, scale: float):
+    def forward(ctx, x: Tensor, router_w: Tensor, a: Tensor, b: Tensor, acc: Tensor | None, in_place: bool,  # type: ignore[override]
+                k: int, renormalize: bool, temperature: float, scale: float):
         ak, bt = _factors(a, b, router_w.shape[0])
-        y = x.new_empty(x.shape[0], bt.shape[2]) if acc is None else acc
-        probs, gates, index, w, h = torch.ops.moleforge_cpu.routed_pool(x, router_w, ak, bt, y, acc is not None, k,
-                                                                        renormalize, temperature, scale)
-        if acc is not None:
+        if in_place:
+            probs, gates, index, w, h = torch.ops.moleforge_cpu.routed_pool_(x, router_w, ak, bt, acc, k, renormalize,
+                                                                             temperature, scale)
             ctx.mark_dirty(acc)
+            y = acc
+        else:
+            y, probs, gates, index, w, h = torch.ops.moleforge_cpu.routed_pool(x, router_w, ak, bt, acc, k, renormalize,
+                                                                               temperature, scale)
         ctx.save_for_backward(x, router_w, a, b, ak, bt, index, probs, w, h)
         ctx.meta = (renormalize, temperature, scale)
         ctx.mark_non_differentiable(index)
@@ -106,7 +112,7 @@ class RoutedPool(torch.autograd.Function):
             need[0], need[1], need[2], need[3])
         da, db = _factor_grads(da if need[2] else None, dbt if need[3] else None, a, b)
         return (dx if need[0] else None, dwr if need[1] else None, da, db, gy if need[4] else None, None, None, None,
-                None)
+                None, None)
 
 
 def routed_pool(x: Tensor, router_w: Tensor, a: Tensor, b: Tensor, acc: Tensor | None, k: int, renormalize: bool,
@@ -116,38 +122,36 @@ def routed_pool(x: Tensor, router_w: Tensor, a: Tensor, b: Tensor, acc: Tensor |
     and ``y = acc + Σ_j scale·g_j B_e A_e x`` (``acc`` may be ``None``; a contiguous ``(T, d_out)``
     one is added to in place). ``router_w (E, d_in)``, ``a (E|1, r, d_in)``, ``b (E|1, d_out, r)``.
     Needs the kernels loaded."""
-    out, in_place = _output(acc, x, b.shape[1])
-    y, probs, gates, index = RoutedPool.apply(x.contiguous(), router_w.contiguous(), a, b, out if in_place else None,
-                                              k, bool(renormalize), float(temperature), float(scale))
-    return (y if in_place or acc is None else acc.reshape(y.shape) + y), probs, gates, index
+    flat, in_place = _accumulated(acc, x, b.shape[1])
+    return RoutedPool.apply(x.contiguous(), router_w.contiguous(), a, b, flat, in_place, k, bool(renormalize),
+                            float(temperature), float(scale))
 
 
 def register_fakes() -> None:
-    """Shape-only implementations of the two ops, so ``torch.compile`` can trace them."""
+    """Shape-only implementations of the ops, so ``torch.compile`` can trace them (the functional ones;
+    the in-place forms run eagerly only)."""
 
     @torch.library.register_fake("moleforge_cpu::pool_sparse")
-    def _forward(x, A, Bt, index, w, y, accumulate):
+    def _sparse(x, A, Bt, index, w, acc=None):
         T, k = index.shape
-        return x.new_empty(T, k, A.shape[1])
+        return x.new_empty(T, Bt.shape[2]), x.new_empty(T, k, A.shape[1])
 
     @torch.library.register_fake("moleforge_cpu::routed_pool")
-    def _routed(x, router_w, A, Bt, y, accumulate, k, renormalize, temperature, scale):
+    def _routed(x, router_w, A, Bt, acc, k, renormalize, temperature, scale):
         T, E = x.shape[0], router_w.shape[0]
-        return [x.new_empty(T, E), x.new_empty(T, E), x.new_empty((T, k), dtype=torch.long), x.new_empty(T, k),
-                x.new_empty(T, k, A.shape[1])]
+        return (x.new_empty(T, Bt.shape[2]), x.new_empty(T, E), x.new_empty(T, E),
+                x.new_empty((T, k), dtype=torch.long), x.new_empty(T, k), x.new_empty(T, k, A.shape[1]))
+
+    def maybe(like: Tensor, shape, need: bool) -> Tensor:
+        return like.new_empty(shape if need else (0,))
 
     @torch.library.register_fake("moleforge_cpu::routed_pool_backward")
     def _routed_backward(grad_y, grad_probs, grad_gates, x, router_w, A, Bt, index, probs, w, h, renormalize,
                          temperature, scale, need_x, need_router, need_a, need_b):
-        def maybe(shape, need):
-            return x.new_empty(shape if need else (0,))
-
-        return [maybe(x.shape, need_x), maybe(router_w.shape, need_router), maybe(A.shape, need_a),
-                maybe(Bt.shape, need_b)]
+        return (maybe(x, x.shape, need_x), maybe(x, router_w.shape, need_router), maybe(x, A.shape, need_a),
+                maybe(x, Bt.shape, need_b))
 
     @torch.library.register_fake("moleforge_cpu::pool_sparse_backward")
-    def _backward(grad_y, x, A, Bt, index, w, h, need_x, need_a, need_b, need_w):
-        def maybe(shape, need):
-            return x.new_empty(shape if need else (0,))
-
-        return (maybe(x.shape, need_x), maybe(A.shape, need_a), maybe(Bt.shape, need_b), maybe(w.shape, need_w))
+    def _sparse_backward(grad_y, x, A, Bt, index, w, h, need_x, need_a, need_b, need_w):
+        return (maybe(x, x.shape, need_x), maybe(x, A.shape, need_a), maybe(x, Bt.shape, need_b),
+                maybe(x, w.shape, need_w))

@@ -11,13 +11,16 @@ forward and backward):
 - ``pool`` / ``rank_partition`` sites whose router is ``dense`` or ``static``, with per-expert or
   shared factors, a shared expert, frozen experts, and no aux loss or ``cv2_importance_load``;
 - the block-gated and outer-gated forms of pools (``BlockGate``, ``OuterGate``);
-- ``residual_tree`` sites with the ``dense`` gate.
+- ``residual_tree`` sites with the ``dense`` gate;
+- on CPU float32/float64 with the compiled CPU kernel, grouped pools (``GroupedMix``) under a
+  top-k router, their router and softmax top-k gate included (MoLoRA's sites: the kernel's
+  outputs have fixed shapes).
 
 Top-k routers (``topk``, ``sigmoid_topk``, ``implicit_topk``, switch / noisy tree gates) and
 ``switch_lb`` also trace as one graph with current PyTorch, but their selection counts
 (``bincount``) have data-dependent sizes, which makes compilation slow and is not guaranteed.
-Data-dependent code is allowed to break the graph, and does: the grouped per-expert form
-(``GroupedMix``: each expert runs on the tokens that chose it) and ``localized_balance`` (its
+Data-dependent code is allowed to break the graph, and does: the grouped per-expert form on the
+torch ops (``GroupedMix``: each expert runs on the tokens that chose it) and ``localized_balance`` (its
 number of samples is read from the data). Dynamo then splits the graph there and the result
 is still the eager one.
 
