@@ -255,6 +255,23 @@ void outer_sum(const T* C, const T* V, const Pairs& p, int64_t E, int64_t k, int
       }
 }
 
+// The factors' gradients asked for: dA_e = Σ_{q of e} dh_q x_tᵀ and dBt_e = Σ_{q of e} (w_q h_q) gy_tᵀ.
+template <typename S>
+void factor_grads(const at::Tensor& dh, const at::Tensor& h, const at::Tensor& w, const at::Tensor& x,
+                  const at::Tensor& gy, const Pairs& p, int64_t E, int64_t k, int64_t r, bool need_a, bool need_b,
+                  at::Tensor& da, at::Tensor& dbt) {
+  const int64_t d_in = x.size(1), d_out = gy.numel() / x.size(0);
+  if (need_a) {
+    da = at::empty({E, r, d_in}, x.options());
+    outer_sum<S>(dh.data_ptr<S>(), x.data_ptr<S>(), p, E, k, r, d_in, da.data_ptr<S>());
+  }
+  if (need_b) {
+    dbt = at::empty({E, r, d_out}, x.options());
+    const at::Tensor wh = h * w.unsqueeze(-1);
+    outer_sum<S>(wh.data_ptr<S>(), gy.data_ptr<S>(), p, E, k, r, d_out, dbt.data_ptr<S>());
+  }
+}
+
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "moleforge_cpu::pool_sparse: ", what); }
 
 void check_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& index,
@@ -334,15 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_sparse_backward(
       rows_combine<S>(dh.data_ptr<S>(), A.data_ptr<S>(), index.data_ptr<int64_t>(), nullptr, T, k, r, d_in,
                       dx.data_ptr<S>());
     }
-    if (need_a) {
-      da = at::empty({E, r, d_in}, x.options());
-      outer_sum<S>(dh.data_ptr<S>(), x.data_ptr<S>(), p, E, k, r, d_in, da.data_ptr<S>());
-    }
-    if (need_b) {
-      dbt = at::empty({E, r, d_out}, x.options());
-      const at::Tensor wh = h * w.unsqueeze(-1);
-      outer_sum<S>(wh.data_ptr<S>(), gy.data_ptr<S>(), p, E, k, r, d_out, dbt.data_ptr<S>());
-    }
+    factor_grads<S>(dh, h, w, x, gy, p, E, k, r, need_a, need_b, da, dbt);
   });
   auto none = at::empty({0}, x.options());
   return {need_x ? dx : none, need_a ? da : none, need_b ? dbt : none, need_w ? dw : none};
@@ -529,15 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool_backward(
       dwr = at::empty({E, d_in}, x.options());
       outer_sum<S>(dz.data_ptr<S>(), x.data_ptr<S>(), all_tokens(T), 1, 1, E, d_in, dwr.data_ptr<S>());
     }
-    if (need_a) {
-      da = at::empty({E, r, d_in}, x.options());
-      outer_sum<S>(dh.data_ptr<S>(), x.data_ptr<S>(), p, E, k, r, d_in, da.data_ptr<S>());
-    }
-    if (need_b) {
-      dbt = at::empty({E, r, d_out}, x.options());
-      const at::Tensor wh = h * w.unsqueeze(-1);
-      outer_sum<S>(wh.data_ptr<S>(), gy.data_ptr<S>(), p, E, k, r, d_out, dbt.data_ptr<S>());
-    }
+    factor_grads<S>(dh, h, w, x, gy, p, E, k, r, need_a, need_b, da, dbt);
   });
   auto none = at::empty({0}, x.options());
   return {need_x ? dx : none, need_router ? dwr : none, need_a ? da : none, need_b ? dbt : none};
