@@ -13,6 +13,8 @@ TOLERANCES: dict[str, tuple[float, float, str]] = {
     "mixlora_package": (1e-5, 0.0, "logits of an imported MixLoRA adapter against the mixlora package, float32"),
     "float16_kernel": (1e-2, 1e-2, "a Triton kernel on float16 tensors (float32 accumulation) against float64 on the "
                                    "same rounded inputs, scaled to the largest value: a few roundings of 2^-11"),
+    "float32_cpu_kernel": (1e-4, 1e-4, "the compiled CPU kernel on float32 tensors against the torch ops in float32, "
+                                       "scaled to the largest value: two float32 summation orders"),
     "bfloat16_kernel": (6e-2, 6e-2, "a Triton kernel on bfloat16 tensors against float64 on the same rounded inputs, "
                                     "scaled to the largest value: roundings of 2^-8 through up to three tree levels"),
 }
