@@ -113,7 +113,10 @@ def plan(spec: Any, model: nn.Module, passes: Sequence[Pass] | None = None, *,
             (default: with the default pipeline). The model is run once on its dummy inputs to
             find them.
         policy: the kernels to run (default: ``KernelPolicy.from_env()``, which reads
-            ``MOLEFORGE_TRITON`` and ``MOLEFORGE_CPU_KERNELS`` now, once).
+            ``MOLEFORGE_TRITON`` and ``MOLEFORGE_CPU_KERNELS`` now, once). Where it plans the
+            compiled CPU kernel for the model's device and dtype, the pipeline's pool-form choice is
+            priced for that kernel (``ChoosePoolKernels(kernel="cpu")``) and the routers it computes
+            stay out of sibling groups.
         check_sizes: refuse adapters too large for the model (``False`` to plan one anyway, e.g.
             to count its parameters).
         read_sources: read the PEFT LoRA folders of pools with ``experts_from`` (their ranks,
