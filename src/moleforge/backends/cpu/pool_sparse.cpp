@@ -255,6 +255,35 @@ void outer_sum(const T* C, const T* V, const Pairs& p, int64_t E, int64_t k, int
       }
 }
 
+// out[q, i] = w[q] · v[q, i] over the P pairs' r values (the gate applied to a pair's values).
+template <typename S>
+at::Tensor gated(const at::Tensor& v, const at::Tensor& w) {
+  at::Tensor out = at::empty_like(v);
+  const int64_t P = w.numel(), r = v.numel() / std::max<int64_t>(P, 1);
+  const S* vs = v.data_ptr<S>();
+  const S* ws = w.data_ptr<S>();
+  S* o = out.data_ptr<S>();
+  for (int64_t q = 0; q < P; ++q)
+    for (int64_t i = 0; i < r; ++i) o[q * r + i] = ws[q] * vs[q * r + i];
+  return out;
+}
+
+// out[q] = Σ_i u[q, i] h[q, i]: each pair's gate gradient, shaped like w.
+template <typename S>
+at::Tensor pair_dots(const at::Tensor& u, const at::Tensor& h, const at::Tensor& w) {
+  at::Tensor out = at::empty_like(w);
+  const int64_t P = w.numel(), r = u.numel() / std::max<int64_t>(P, 1);
+  const S* us = u.data_ptr<S>();
+  const S* hs = h.data_ptr<S>();
+  S* o = out.data_ptr<S>();
+  for (int64_t q = 0; q < P; ++q) {
+    S s = S(0);
+    for (int64_t i = 0; i < r; ++i) s += us[q * r + i] * hs[q * r + i];
+    o[q] = s;
+  }
+  return out;
+}
+
 // The factors' gradients asked for: dA_e = Σ_{q of e} dh_q x_tᵀ and dBt_e = Σ_{q of e} (w_q h_q) gy_tᵀ.
 template <typename S>
 void factor_grads(const at::Tensor& dh, const at::Tensor& h, const at::Tensor& w, const at::Tensor& x,
@@ -267,7 +296,7 @@ void factor_grads(const at::Tensor& dh, const at::Tensor& h, const at::Tensor& w
   }
   if (need_b) {
     dbt = at::empty({E, r, d_out}, x.options());
-    const at::Tensor wh = h * w.unsqueeze(-1);
+    const at::Tensor wh = gated<S>(h, w);
     outer_sum<S>(wh.data_ptr<S>(), gy.data_ptr<S>(), p, E, k, r, d_out, dbt.data_ptr<S>());
   }
 }
@@ -306,7 +335,7 @@ at::Tensor pool_sparse_into(const at::Tensor& x, const at::Tensor& A, const at::
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_sparse", [&] {
     using S = scalar_t;
     rows_dot<S>(x.data_ptr<S>(), A.data_ptr<S>(), p, k, r, d_in, h.data_ptr<S>());
-    at::Tensor wh = h * w.unsqueeze(-1);  // (T, k, r)
+    const at::Tensor wh = gated<S>(h, w);  // (T, k, r)
     rows_combine<S>(wh.data_ptr<S>(), Bt.data_ptr<S>(), index.data_ptr<int64_t>(),
                     acc.defined() ? acc.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
   });
@@ -344,8 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_sparse_backward(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_sparse_backward", [&] {
     using S = scalar_t;
     rows_dot<S>(gy.data_ptr<S>(), Bt.data_ptr<S>(), p, k, r, d_out, u.data_ptr<S>());
-    const at::Tensor dh = u * w.unsqueeze(-1);  // (T, k, r)
-    if (need_w) dw = (u * h).sum(-1);
+    const at::Tensor dh = gated<S>(u, w);  // (T, k, r)
+    if (need_w) dw = pair_dots<S>(u, h, w);
     if (need_x) {
       dx = at::empty({T, d_in}, x.options());
       rows_combine<S>(dh.data_ptr<S>(), A.data_ptr<S>(), index.data_ptr<int64_t>(), nullptr, T, k, r, d_in,
@@ -448,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_po
                     gates.data_ptr<S>(), index.data_ptr<int64_t>(), w.data_ptr<S>());
     const Pairs p = sort_pairs(index, E);
     rows_dot<S>(x.data_ptr<S>(), A.data_ptr<S>(), p, k, r, d_in, h.data_ptr<S>());
-    const at::Tensor wh = h * w.unsqueeze(-1);  // (T, k, r)
+    const at::Tensor wh = gated<S>(h, w);  // (T, k, r)
     rows_combine<S>(wh.data_ptr<S>(), Bt.data_ptr<S>(), index.data_ptr<int64_t>(),
                     acc.defined() ? acc.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
   });
@@ -524,8 +553,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool_backward(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "routed_pool_backward", [&] {
     using S = scalar_t;
     rows_dot<S>(gy.data_ptr<S>(), Bt.data_ptr<S>(), p, k, r, d_out, u.data_ptr<S>());
-    const at::Tensor dw = (u * h).sum(-1).contiguous();  // (T, k): dL/dw
-    const at::Tensor dh = u * w.unsqueeze(-1);            // (T, k, r)
+    const at::Tensor dw = pair_dots<S>(u, h, w);  // (T, k): dL/dw
+    const at::Tensor dh = gated<S>(u, w);         // (T, k, r)
     gate_backward<S>(dw.data_ptr<S>(), gprobs.has_value() ? gprobs->data_ptr<S>() : nullptr,
                      ggates.has_value() ? ggates->data_ptr<S>() : nullptr, probs.data_ptr<S>(), w.data_ptr<S>(),
                      index.data_ptr<int64_t>(), T, E, k, renormalize, temperature, scale, dz.data_ptr<S>());
