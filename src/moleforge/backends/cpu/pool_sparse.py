@@ -1,8 +1,11 @@
-"""A routed LoRA pool's sparse training step in the compiled CPU kernel (``pool_sparse.cpp``, ops
-``moleforge_cpu::pool_sparse`` and its backward): each (token, slot) pair runs its own expert's
-factors only, forward and backward, reading the token rows in place (no gathered copy, no
-scatter of per-pair results). ``ops.grouped_mix`` calls it where the kernel policy chooses it
-(``KernelPolicy.grouped_kernel``: CPU float32/float64 once built).
+"""A routed LoRA pool's sparse training step in the compiled CPU kernel (``pool_sparse.cpp``): each
+(token, slot) pair runs its own expert's factors only, forward and backward, reading the token rows
+in place (no gathered copy, no scatter of per-pair results). Two ops, each with its backward:
+``moleforge_cpu::pool_sparse`` (the pool under given gates; ``ops.grouped_mix`` calls it) and
+``moleforge_cpu::routed_pool`` (the router, its softmax top-k gate and the pool;
+``ops_routed.routed_grouped_mix`` calls it), where the kernel policy chooses them
+(``KernelPolicy.grouped_kernel``: CPU float32/float64 once built). Each forward has an in-place form
+that adds into the frozen output (eager) and a functional one (under ``torch.compile``).
 """
 
 from __future__ import annotations
