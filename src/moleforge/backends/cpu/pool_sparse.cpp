@@ -456,31 +456,26 @@ void check_routed(const at::Tensor& x, const at::Tensor& router_w, const at::Ten
   check(k >= 1 && k <= A.size(0), "k must be between 1 and the number of experts");
 }
 
-// y = acc + Σ (acc may be y itself, or undefined: y = Σ); returns (probs, gates, index, w, h).
+// The router and its gate, then the pool over the selected pairs (pool_sparse_into): y = acc + Σ (acc
+// may be y itself, or undefined: y = Σ); returns (probs, gates, index, w, h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_pool_into(
     const at::Tensor& x, const at::Tensor& router_w, const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& acc,
     at::Tensor y, int64_t k, bool renormalize, double temperature, double scale) {
-  const int64_t T = x.size(0), E = A.size(0), r = A.size(1), d_in = x.size(1), d_out = Bt.size(2);
+  const int64_t T = x.size(0), E = A.size(0), d_in = x.size(1);
   at::Tensor index = at::empty({T, k}, x.options().dtype(at::kLong));
   at::Tensor w = at::empty({T, k}, x.options());
   check_args(x, A, Bt, index, w);
   check_routed(x, router_w, A, k);
   check(temperature > 0, "temperature must be positive");
-  check_out(y, x, d_out);
   at::Tensor z = at::empty({T, E}, x.options()), probs = at::empty({T, E}, x.options()),
-             gates = at::empty({T, E}, x.options()), h = at::empty({T, k, r}, x.options());
+             gates = at::empty({T, E}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "routed_pool", [&] {
     using S = scalar_t;
-    const Pairs tokens = all_tokens(T);
-    rows_dot<S>(x.data_ptr<S>(), router_w.data_ptr<S>(), tokens, 1, E, d_in, z.data_ptr<S>());
+    rows_dot<S>(x.data_ptr<S>(), router_w.data_ptr<S>(), all_tokens(T), 1, E, d_in, z.data_ptr<S>());
     route_tokens<S>(z.data_ptr<S>(), T, E, k, renormalize, temperature, scale, probs.data_ptr<S>(),
                     gates.data_ptr<S>(), index.data_ptr<int64_t>(), w.data_ptr<S>());
-    const Pairs p = sort_pairs(index, E);
-    rows_dot<S>(x.data_ptr<S>(), A.data_ptr<S>(), p, k, r, d_in, h.data_ptr<S>());
-    const at::Tensor wh = gated<S>(h, w);  // (T, k, r)
-    rows_combine<S>(wh.data_ptr<S>(), Bt.data_ptr<S>(), index.data_ptr<int64_t>(),
-                    acc.defined() ? acc.data_ptr<S>() : nullptr, T, k, r, d_out, y.data_ptr<S>());
   });
+  at::Tensor h = pool_sparse_into(x, A, Bt, index, w, acc, y);
   return {probs, gates, index, w, h};
 }
 

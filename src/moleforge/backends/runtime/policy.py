@@ -169,11 +169,9 @@ class KernelPolicy:
         """Whether sparse pools on ``device`` of ``dtype`` will run the compiled CPU kernel once
         lowering has built it: what the planner prices their grouped form by
         (``passes.ChoosePoolKernels.kernel``), before the build."""
-        if self.cpu == "off" or self.cpu_built is False or not cpu_kernels.supported():
+        if self.cpu_built is False or not cpu_kernels.supported():
             return False
-        if dtype in TRITON_DTYPES and self._triton_for(device, dtype):
-            return False
-        return _device_type(device) == "cpu" and dtype in CPU_KERNEL_DTYPES
+        return dataclasses.replace(self, cpu_built=True).grouped_kernel(device, dtype) == "cpu"
 
     def tree_kernel(self, device: torch.device | str, dtype: torch.dtype) -> Literal["triton", "torch"]:
         """The residual tree's node step (``ops_tree_prop.propagate_all``) for hidden states on
